@@ -1,0 +1,62 @@
+"""The one prompt format: messages (+ retrieved context) -> chat template.
+
+Training on RAG-formatted prompts and answering with retrieval both go through `rag_messages`,
+so a model fine-tuned with context sees exactly the layout it will be served with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+DEFAULT_RAG_SYSTEM = (
+    "Answer the question using only the numbered sources below. Cite the sources you use as [n]. "
+    "If the sources do not contain the answer, say that you could not find it in the documents."
+)
+
+
+def format_sources(sources: Sequence[dict[str, Any]]) -> str:
+    """Numbered passages: `[n] title > heading (page p)` then the text."""
+    blocks = []
+    for i, s in enumerate(sources, 1):
+        label = s.get("title") or s.get("source") or "document"
+        if s.get("heading"):
+            label += f" > {s['heading']}"
+        if s.get("page"):
+            label += f" (page {s['page']})"
+        blocks.append(f"[{s.get('n', i)}] {label}\n{str(s.get('text', '')).strip()}")
+    return "\n\n".join(blocks)
+
+
+def rag_messages(
+    messages: Sequence[dict[str, str]],
+    sources: Sequence[dict[str, Any]],
+    system_prompt: str = "",
+) -> list[dict[str, str]]:
+    """Prepend an instruction + numbered sources as the system turn (merged with any given one)."""
+    msgs = [dict(m) for m in messages]
+    instruction = system_prompt or DEFAULT_RAG_SYSTEM
+    context = f"{instruction}\n\nSources:\n{format_sources(sources)}"
+    if msgs and msgs[0].get("role") == "system":
+        msgs[0]["content"] = f"{msgs[0]['content']}\n\n{context}"
+    else:
+        msgs.insert(0, {"role": "system", "content": context})
+    return msgs
+
+
+def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
+           chat_template: str | None = None) -> str:
+    """The prompt text for `messages`, through the model's (or the run card's) chat template."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "this model has no chat template; use an instruct/chat model or train one with a template "
+            "(the run card of an adapter carries the template it was trained with)"
+        )
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+    )
+
+
+def last_user_turns(messages: Sequence[dict[str, str]], n: int = 3) -> str:
+    """Retrieval query for follow-ups: the last few user turns, newest last."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return "\n".join(users[-n:])

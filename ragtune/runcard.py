@@ -1,0 +1,68 @@
+"""The run card: what training writes beside the adapter and serving reads back.
+
+`ragtune.json` records the base model (path and content hash), the chat template actually
+trained with (and its hash), the resolved config, data hashes, metrics and exports. Serving
+refuses an adapter whose base model or template does not match, and says which.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ragtune.errors import RagtuneError, UsageError
+from ragtune.io import atomic_write_json
+
+RUNCARD_NAME = "ragtune.json"
+SCHEMA_VERSION = 1
+
+
+class RunCardMismatch(UsageError):
+    pass
+
+
+def write_runcard(adapter_dir: str | Path, card: dict[str, Any]) -> Path:
+    data = {"schema_version": SCHEMA_VERSION, **card}
+    return atomic_write_json(Path(adapter_dir) / RUNCARD_NAME, data)
+
+
+def read_runcard(adapter_dir: str | Path) -> dict[str, Any]:
+    p = Path(adapter_dir) / RUNCARD_NAME
+    if not p.is_file():
+        raise UsageError(
+            f"adapter '{adapter_dir}' has no {RUNCARD_NAME}; it was not written by 'ragtune train' "
+            "(train it with ragtune, or load it without a run card check in your own code)"
+        )
+    try:
+        card = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise RagtuneError(f"{p}: not valid JSON ({exc}); the run card is damaged") from exc
+    version = card.get("schema_version", 0)
+    if version > SCHEMA_VERSION:
+        raise UsageError(
+            f"{p}: schema_version {version} is newer than this ragtune understands ({SCHEMA_VERSION}); upgrade ragtune"
+        )
+    return card
+
+
+def update_runcard(adapter_dir: str | Path, **fields: Any) -> Path:
+    card = read_runcard(adapter_dir)
+    card.update(fields)
+    return atomic_write_json(Path(adapter_dir) / RUNCARD_NAME, card)
+
+
+def check_compatible(card: dict[str, Any], base_hash: str, base_path: str, template_hash: str | None = None) -> None:
+    """Raise RunCardMismatch naming what differs between the card and the base about to be used."""
+    base = card.get("base_model", {})
+    if base.get("hash") and base["hash"] != base_hash:
+        raise RunCardMismatch(
+            f"adapter was trained on base model '{base.get('path')}' (hash {base['hash'][:12]}) but the base "
+            f"model given is '{base_path}' (hash {base_hash[:12]}); use the same base model the adapter was trained on"
+        )
+    tpl = card.get("chat_template", {})
+    if template_hash and tpl.get("hash") and tpl["hash"] != template_hash:
+        raise RunCardMismatch(
+            f"adapter was trained with chat template {tpl['hash'][:12]} but the one given is {template_hash[:12]}; "
+            "serve with the template stored in the run card"
+        )

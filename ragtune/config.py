@@ -87,6 +87,8 @@ class ChunkConfig:
 class StoreConfig:
     url: str = ""  # "" = embedded Qdrant Edge under $RAGTUNE_HOME/indexes; else a Qdrant server URL
     api_key: str = ""
+    collection_prefix: str = "ragtune_"  # server collection = prefix + index name
+    # ("local:PATH" or ":memory:" as url = qdrant-client's local mode: same API as a server, for tests)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class SearchConfig:
     mode: Literal["dense", "sparse", "hybrid"] = "hybrid"
     rerank_model: str = ""  # local cross-encoder dir; "" = no reranking
     rerank_candidates: int = 20
+    candidates: int = 50  # hits each arm (dense, sparse) fetches before rank fusion
+    rrf_k: int = 60  # reciprocal rank fusion constant: score = sum 1 / (rrf_k + rank)
+    hnsw_ef: int = 0  # HNSW search breadth; 0 = the store's default
 
 
 @dataclass(frozen=True)

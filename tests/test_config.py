@@ -1,0 +1,133 @@
+"""Config loading: YAML + overrides into frozen dataclasses; every problem reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from ragtune.config import Config, load_config
+from ragtune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_defaults_are_frozen() -> None:
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.index.name == "default"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 1  # type: ignore[misc]
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  epochs: 2\n  lora:\n    r: 8\nsearch:\n  mode: dense\n")
+    cfg = load_config(p, ["train.lora.r=4", "train.lora.target_modules=q_proj,v_proj", "rag.enabled=false"])
+    assert cfg.train.epochs == 2.0
+    assert cfg.train.lora.r == 4
+    assert cfg.train.lora.target_modules == ("q_proj", "v_proj")
+    assert cfg.search.mode == "dense"
+    assert cfg.rag.enabled is False
+
+
+def test_deployments_list(tmp_path: Path) -> None:
+    p = write(tmp_path, "serve:\n  deployments:\n    - {name: base}\n    - {name: policies+rag, adapter: runs/a, index: default}\n")
+    cfg = load_config(p)
+    assert [d.name for d in cfg.serve.deployments] == ["base", "policies+rag"]
+    assert cfg.serve.deployments[1].index == "default"
+
+
+def test_unknown_key_names_file_key_and_allowed(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  epoch: 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert msg.startswith(f"{p}: unknown key 'train.epoch' (allowed: output_dir, epochs,")
+    assert msg.endswith("did you mean 'epochs'?")
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    p = write(tmp_path, "trainer:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert f"{p}: unknown key 'trainer'" in str(exc.value)
+    assert "did you mean 'train'?" in str(exc.value)
+
+
+def test_bad_value_names_key_and_expected_type(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  batch_size: eight\nsearch:\n  mode: fuzzy\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert exc.value.problems == [
+        f"{p}: key 'train.batch_size': expected an integer, got 'eight'",
+        f"{p}: key 'search.mode': expected one of 'dense', 'sparse', 'hybrid', got 'fuzzy'",
+    ]
+
+
+def test_bad_override_is_reported_with_the_fix() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.epochs"])
+    assert exc.value.problems == ["override 'train.epochs': expected key.sub=value (for example train.epochs=2)"]
+
+
+def test_override_bad_value() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.epochs=many"])
+    assert exc.value.problems == ["<defaults>: key 'train.epochs': expected a number, got 'many'"]
+
+
+def test_all_problems_at_once(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  epoch: 2\n  batch_size: x\nmodel:\n  dtype: int3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert len(exc.value.problems) == 3
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert str(exc.value).startswith(f"{p}: line ")
+    assert "not valid YAML" in str(exc.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path / "nope.yaml")
+    assert str(exc.value) == f"{tmp_path / 'nope.yaml'}: config file not found"
+
+
+def test_cli_config_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = write(tmp_path, "model:\n  pathh: /x\n")
+    rc = main(["doctor", "--config", str(p)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"error: {p}: unknown key 'model.pathh'" in err
+    assert "did you mean 'path'?" in err
+
+
+def test_cli_bad_override_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["doctor", "train.batch_size=big"])
+    assert rc == 2
+    assert "key 'train.batch_size': expected an integer, got 'big'" in capsys.readouterr().err
+
+
+def shipped_configs() -> list[Path]:
+    return sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_loads(path: Path) -> None:
+    assert isinstance(load_config(path), Config)
+
+
+def test_there_are_shipped_configs() -> None:
+    assert shipped_configs(), "configs/ must hold at least one YAML"

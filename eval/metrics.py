@@ -234,6 +234,12 @@ def cited_numbers(text: str | None) -> set[int]:
     return out
 
 
+def strip_citations(text: str | None) -> str:
+    """The text without its [n] citation markers, so citing does not cost answer-metric points."""
+    bare = re.sub(r"[ \t]+", " ", _CITE.sub("", text or ""))
+    return re.sub(r" ([.,;:!?])", r"\1", bare).strip()
+
+
 def cited_sources(text: str | None, sources: Sequence[dict[str, Any]]) -> list[str | None]:
     """Map the numbers cited in `text` to source paths via each source's "n" (1-based by position
     when "n" is absent). A number with no such source maps to None: a citation to nothing."""

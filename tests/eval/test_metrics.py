@@ -127,6 +127,11 @@ def test_cited_numbers_formats() -> None:
     assert M.cited_numbers("") == set() and M.cited_numbers(None) == set()
 
 
+def test_strip_citations() -> None:
+    assert M.strip_citations("Fifteen days [1]. See [2,3] and [x](http://u) [4]") == "Fifteen days. See and [x](http://u)"
+    assert M.strip_citations(None) == ""
+
+
 def test_cited_sources_and_citation_accuracy() -> None:
     sources = [{"n": 1, "source": "docs/leave.md"}, {"n": 2, "source": "docs/travel.md"}]
     cited = M.cited_sources("Fifteen days [1][2], see also [9].", sources)

@@ -1,0 +1,144 @@
+"""Scoring one answer, and the report files from synthetic results of two modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.eval.questions import Question
+from ragtune.eval.report import CostRow, summarize, write_report
+from ragtune.eval.scoring import score_answer
+
+NOT_FOUND = "I could not find this in the documents."
+K = 2
+
+
+def questions() -> list[Question]:
+    return [
+        Question("remote", "How many days a week can I work remotely?", "3 days", ("remote.md",),
+                 meta={"changed_in_v2": True, "old_answer": "2 days"}),
+        Question("leave", "연차는 며칠인가요?", "15일", ("leave_ko.md",), meta={"lang": "ko"}),
+        Question("meal", "What is the meal limit?", "60 euros", ("expenses.md",)),
+        Question("shoe", "What is the CEO's shoe size?", "", (), answerable=False),
+    ]
+
+
+def src(n: int, path: str) -> dict[str, object]:
+    return {"n": n, "source": path, "title": path, "page": None, "heading": "", "score": 0.5, "text": "..."}
+
+
+def runs() -> dict[str, list]:
+    qs = questions()
+    base = [
+        score_answer(qs[0], "You can work remotely 2 days a week.", not_found_message=NOT_FOUND, k=K,
+                     latency_s=1.0, prompt_tokens=30, completion_tokens=10),
+        score_answer(qs[1], "연차는 15일입니다.", not_found_message=NOT_FOUND, k=K,
+                     latency_s=2.0, prompt_tokens=30, completion_tokens=10),
+        score_answer(qs[2], "The meal limit is 50 euros.", not_found_message=NOT_FOUND, k=K,
+                     latency_s=3.0, prompt_tokens=30, completion_tokens=10),
+        score_answer(qs[3], "It is 42.", not_found_message=NOT_FOUND, k=K,
+                     latency_s=4.0, prompt_tokens=30, completion_tokens=10),
+    ]
+    rag = [
+        score_answer(qs[0], "Up to 3 days a week [1].", [src(1, "docs/remote.md"), src(2, "docs/travel.md")],
+                     not_found_message=NOT_FOUND, k=K, latency_s=2.0, prompt_tokens=300, completion_tokens=20),
+        score_answer(qs[1], "15일입니다 [2].", [src(1, "docs/remote.md"), src(2, "docs/leave_ko.md")],
+                     not_found_message=NOT_FOUND, k=K, latency_s=2.0, prompt_tokens=300, completion_tokens=20),
+        score_answer(qs[2], "60 euros [1][2].", [src(1, "docs/expenses.md"), src(2, "docs/travel.md")],
+                     not_found_message=NOT_FOUND, k=K, latency_s=2.0, prompt_tokens=300, completion_tokens=20),
+        score_answer(qs[3], NOT_FOUND, [src(1, "docs/remote.md")], not_found_message=NOT_FOUND, k=K,
+                     latency_s=2.0, prompt_tokens=300, completion_tokens=20, abstained=True),
+    ]
+    return {"base": base, "rag": rag}
+
+
+def test_score_answer_by_hand() -> None:
+    r = runs()
+    b0, g0, g1, g2, g3 = r["base"][0], r["rag"][0], r["rag"][1], r["rag"][2], r["rag"][3]
+    # base answers the old policy: not correct, and it contains the old answer
+    assert b0.scores["correct"] == 0.0 and b0.scores["stale_answer"] == 1.0
+    assert b0.scores["recall_at_k"] is None and b0.scores["citation_accuracy"] is None  # no retrieval
+    # rag: citation stripped, tokens [up, to, 3, days, week] vs [3, days]: P=2/5 R=1 -> F1 = 4/7
+    assert g0.scores["correct"] == 1.0 and g0.scores["stale_answer"] == 0.0
+    assert g0.scores["token_f1"] == pytest.approx(4 / 7)
+    assert g0.cited == [1] and g0.scores["citation_accuracy"] == 1.0
+    assert g0.scores["recall_at_k"] == 1.0 and g0.scores["mrr"] == 1.0 and g0.scores["ndcg_at_k"] == 1.0
+    # Korean: [15, 일] vs [15, 일] after dropping the copula and ending -> exact match
+    assert g1.scores["exact_match"] == 1.0 and g1.scores["mrr"] == 0.5
+    # cites [1] (gold) and [2] (not gold)
+    assert g2.scores["citation_accuracy"] == 0.5
+    # unanswerable: answer metrics do not apply; abstaining is correct
+    assert g3.abstained and g3.scores["correct"] == 1.0 and g3.scores["abstention"] == 1.0
+    assert g3.scores["token_f1"] is None and g3.scores["false_abstention"] is None
+    assert r["base"][3].scores["abstention"] == 0.0
+
+
+def test_summary_numbers_by_hand() -> None:
+    n = summarize(questions(), runs(), n_boot=200)
+    s = n["summary"]
+    # base correct: [0, 1, 0, 0] -> 0.25; rag: [1, 1, 1, 1] -> 1.0
+    assert s["base"]["correct"]["mean"] == 0.25 and s["rag"]["correct"]["mean"] == 1.0
+    assert s["base"]["correct"]["n"] == 4 and s["base"]["token_f1"]["n"] == 3  # the unanswerable one skipped
+    assert s["base"]["recall_at_k"] is None and s["rag"]["recall_at_k"]["n"] == 3
+    assert s["base"]["stale_answer"]["mean"] == 1.0 and s["rag"]["stale_answer"]["mean"] == 0.0
+    assert n["best"]["correct"]["mode"] == "rag"
+    assert n["best"]["latency_p50_s"]["mode"] == "rag"  # base p50 = 2.5 s, rag 2.0 s
+    sp = n["speed"]["base"]
+    assert sp["latency_p50_s"] == 2.5 and sp["tokens_per_s"] == pytest.approx(40 / 10) and sp["prompt_tokens_mean"] == 30
+    # paired difference rag − base on correct: diffs [1, 0, 1, 1] -> 0.75; 4 questions are too few to call
+    d = next(d for d in n["diffs"] if d["metric"] == "correct")
+    assert (d["a"], d["b"], d["mean"], d["clear"]) == ("rag", "base", 0.75, None)
+    assert n["best"]["correct"]["clear"] is None and n["best"]["false_abstention"]["ties"] == ["base", "rag"]
+    assert n["disagreements"] == ["remote", "meal", "shoe"]
+    assert n["groups"]["changed_in_v2"]["True"]["base"]["correct"]["mean"] == 0.0
+    assert n["groups"]["lang"]["ko"]["rag"]["correct"]["n"] == 1
+
+
+def test_write_report_files(tmp_path: Path) -> None:
+    cost = [CostRow("train (LoRA, 3 epochs)", 600.0, "run card metrics.wall_seconds"),
+            CostRow("absorb a changed document: re-sync the index", 1.5, "ragtune index sync, timed")]
+    paths = write_report(tmp_path / "out", questions(), runs(), cost, k=K, meta={"model": "tiny"},
+                         notes=["a larger run would change little"], n_boot=200)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md", "report.png"]
+    data = json.loads(paths["json"].read_text(encoding="utf-8"))
+    assert data["schema_version"] == 1 and data["modes"] == ["base", "rag"]
+    assert data["cost"][0] == {"what": "train (LoRA, 3 epochs)", "seconds": 600.0, "detail": "run card metrics.wall_seconds"}
+    assert data["questions"][1]["answers"]["rag"]["answer"] == "15일입니다 [2]."
+    assert data["metrics"]["recall_at_k"]["label"] == "recall@2"
+    md = paths["md"].read_text(encoding="utf-8")
+    for heading in ("## Quality", "## Best mode per metric", "## Paired differences", "## Speed",
+                    "## Cost (measured on this machine)", "## Questions by `changed_in_v2`",
+                    "## Where the modes disagree (3 of 4 questions)", "## Notes"):
+        assert heading in md, heading
+    assert "| correct (↑) | 4 | 25 [" in md  # base 25% with its interval
+    assert "| train (LoRA, 3 epochs) | 10.0 min | run card metrics.wall_seconds |" in md
+    assert "✓ Up to 3 days a week [1]." in md and "✗ You can work remotely 2 days a week." in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "out").glob(".*tmp"))  # nothing half-written left behind
+
+
+def test_records_must_follow_questions() -> None:
+    r = runs()
+    r["rag"] = list(reversed(r["rag"]))
+    with pytest.raises(ValueError, match="one to one"):
+        summarize(questions(), r)
+
+
+def test_clear_winner_needs_enough_questions() -> None:
+    from ragtune.eval.scoring import AnswerRecord
+
+    qs = [Question(f"q{i}", f"question {i}", "yes") for i in range(6)]
+
+    def recs(correct: list[int]) -> list[AnswerRecord]:
+        return [AnswerRecord(q.id, "x", scores={"correct": float(c)}, latency_s=1.0) for q, c in zip(qs, correct)]
+
+    n = summarize(qs, {"base": recs([0, 0, 0, 0, 0, 1]), "rag": recs([1, 1, 1, 1, 1, 1]),
+                       "ft": recs([1, 0, 0, 0, 0, 1])}, n_boot=500)
+    # rag − base: diffs [1,1,1,1,1,0]: every resample has a positive mean -> clear
+    assert n["best"]["correct"] == {"mode": "rag", "ties": ["rag"], "runner_up": "ft", "clear": True}
+    d = {(d["a"], d["b"]): d for d in n["diffs"] if d["metric"] == "correct"}
+    assert d[("rag", "base")]["clear"] is True and d[("rag", "base")]["mean"] == pytest.approx(5 / 6)
+    # ft − base: diffs [1,0,0,0,0,0]: resamples without the first question give 0 -> not clear
+    assert d[("ft", "base")]["clear"] is False

@@ -67,6 +67,9 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = choose
     qlora: bool = False  # 4-bit base (bitsandbytes), CUDA only
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    chat_template: str = ""  # a .jinja file to train (and serve) with instead of the model's own
+    group_by_length: bool = True  # batch records of similar length together (little padding)
+    save_total_limit: int = 2  # checkpoints kept in output_dir/checkpoints
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -114,6 +117,7 @@ class GenerationConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"
+    cache: Literal["dynamic", "static"] = "dynamic"  # static: KV cache + transformers' compile path, CUDA only
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,143 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
-from ragtune.cli import _add_stub
+from ragtune.errors import EXIT_FAILED, EXIT_OK
+
+
+def _tokenizer_for_check(model: str, cfg: Any) -> tuple[Any, str | None, str]:
+    """(tokenizer, template, note): the --model's, else model.path's, else the prepared default's."""
+    from ragtune.errors import ModelPathError
+    from ragtune.modeling import default_chat_model_dir, load_tokenizer, resolve_model_path
+    from ragtune.train.template import template_of
+
+    path = model or cfg.model.path
+    if not path and not default_chat_model_dir().exists():
+        return None, None, "no model"
+    try:
+        base = resolve_model_path(path)
+    except ModelPathError:
+        if model:
+            raise
+        return None, None, "no model"
+    tok = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
+    tpl = Path(cfg.train.chat_template).read_text(encoding="utf-8") if cfg.train.chat_template else template_of(tok)
+    return tok, tpl, str(base)
+
+
+def _run_data(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.cli import print_json
+    from ragtune.train import data
+
+    if args.data_cmd == "check":
+        tok, tpl, model = _tokenizer_for_check(args.model, cfg)
+        max_len = args.max_length or cfg.data.max_length
+        rep = data.check_file(args.file, tok, tpl, max_len)
+        written = None
+        if args.write_clean:
+            written = data.write_clean(rep, args.write_clean)
+        if args.json:
+            d = rep.as_dict()
+            d["model"] = model
+            if written:
+                d["written"] = {"clean": str(written[0]), "rejected": str(written[1])}
+            print_json(d)
+        else:
+            print(rep.format())
+            if written:
+                print(f"wrote {len(rep.records)} valid records to {written[0]} and "
+                      f"{len(rep.rejected)} rejected lines with reasons to {written[1]}")
+        return EXIT_OK if rep.ok else EXIT_FAILED
+    if args.data_cmd == "convert":
+        out, n, skipped = data.convert(args.file, args.question_col, args.answer_col, args.system, args.out)
+        for s in skipped:
+            print(f"skipped {s}")
+        print(f"wrote {n} records to {out}")
+        return EXIT_OK
+    if args.data_cmd == "split":
+        tr, ev, ntr, nev = data.split(args.file, args.eval_fraction, args.seed, args.out_dir)
+        print(f"wrote {ntr} records to {tr} and {nev} to {ev}")
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _run_train(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.cli import print_json
+    from ragtune.config import replace
+    from ragtune.runcard import read_runcard
+    from ragtune.train.recipe import run_train
+
+    if args.skip_invalid:
+        cfg = replace(cfg, data=replace(cfg.data, skip_invalid=True))
+    if args.output_dir:
+        cfg = replace(cfg, train=replace(cfg.train, output_dir=args.output_dir))
+    out = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
+    card = read_runcard(out)
+    if args.json:
+        print_json({"output_dir": str(out), "metrics": card["metrics"], "data": card["data"]})
+    else:
+        m = card["metrics"]
+        ev = f", eval loss {m['eval_loss']:.4f}" if m.get("eval_loss") is not None else ""
+        print(f"adapter: {out} ({m['steps']} steps, train loss {m['train_loss']:.4f}{ev}, "
+              f"{m['tokens_per_second']:.0f} tokens/s, {m['wall_seconds']:.0f}s)")
+    return EXIT_OK
+
+
+def _run_merge(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.train.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, force=args.force, dtype=args.dtype)
+    print(f"merged model: {out}")
+    return EXIT_OK
 
 
 def register(sub: Any) -> None:
-    _add_stub(sub, "data", "check, convert and split chat JSONL", "issue 3")
-    _add_stub(sub, "train", "LoRA fine-tuning with TRL", "issue 3")
-    _add_stub(sub, "merge", "merge an adapter into its base model", "issue 3")
+    p = sub.add_parser("data", help="check, convert and split chat JSONL",
+                       description="Check chat JSONL before training (every problem with its line number), "
+                                   "convert question/answer tables to chat JSONL, split train/eval.")
+    dsub = p.add_subparsers(dest="data_cmd", metavar="{check,convert,split}", required=True)
+    pc = dsub.add_parser("check", help="report every problem with its line number; exit 1 if any")
+    pc.add_argument("file", help="chat JSONL file")
+    pc.add_argument("--model", default="", help="model dir whose tokenizer and chat template to check with "
+                                                 "(default: model.path, else the prepared SmolLM2)")
+    pc.add_argument("--max-length", type=int, default=0, help="tokens per record (default: data.max_length)")
+    pc.add_argument("--json", action="store_true", help="machine-readable report")
+    pc.add_argument("--write-clean", metavar="OUT", default="",
+                    help="write the valid records to OUT and rejected lines with reasons to OUT.rejected.jsonl")
+    pv = dsub.add_parser("convert", help="CSV/TSV/JSONL question-answer table -> chat JSONL")
+    pv.add_argument("file", help=".csv, .tsv or .jsonl file")
+    pv.add_argument("--question-col", required=True)
+    pv.add_argument("--answer-col", required=True)
+    pv.add_argument("--system", default="", help="system message to put first in every record")
+    pv.add_argument("--out", default="", help="output file (default: FILE.chat.jsonl beside the input)")
+    ps = dsub.add_parser("split", help="deterministic train/eval split")
+    ps.add_argument("file", help="chat JSONL file")
+    ps.add_argument("--eval-fraction", type=float, required=True)
+    ps.add_argument("--seed", type=int, default=42)
+    ps.add_argument("--out-dir", default="", help="where FILE.train.jsonl / FILE.eval.jsonl go (default: beside FILE)")
+    p.set_defaults(func=_run_data)
+
+    t = sub.add_parser("train", help="LoRA fine-tuning with TRL",
+                       description="LoRA SFT of a local base model on chat JSONL (loss on assistant tokens only). "
+                                   "Settings: --config configs/train/NAME.yaml plus key=value overrides, e.g. "
+                                   "data.train_file=train.jsonl train.epochs=2. Multi-GPU: "
+                                   "accelerate launch --config_file configs/accelerate/ddp.yaml -m ragtune.cli train ...",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir/checkpoints")
+    t.add_argument("--overwrite", action="store_true", help="start over when output_dir already holds a run")
+    t.add_argument("--skip-invalid", action="store_true", help="train on the valid records instead of stopping")
+    t.add_argument("--output-dir", default="", help="same as train.output_dir=DIR")
+    t.add_argument("--json", action="store_true", help="print output dir and metrics as JSON")
+    t.set_defaults(func=_run_train)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base model",
+                       description="Write base+adapter as one safetensors model dir with tokenizer and chat "
+                                   "template, loadable by plain transformers and vLLM.")
+    m.add_argument("adapter", help="adapter folder written by 'ragtune train'")
+    m.add_argument("--out", required=True, help="output folder")
+    m.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    m.set_defaults(func=_run_merge)

@@ -1,0 +1,424 @@
+"""Chat JSONL: check (every problem, with its line number), clean, convert and split.
+
+    ragtune data check train.jsonl [--model DIR] [--max-length 1024] [--json] [--write-clean OUT]
+    ragtune data convert faq.csv --question-col question --answer-col answer [--system TEXT]
+    ragtune data split train.jsonl --eval-fraction 0.1 --seed 42
+
+The format is OpenAI fine-tuning JSONL: one {"messages": [{"role", "content"}, ...]} per line,
+roles system/user/assistant; assistant messages may carry "weight": 0 or 1 (0 = not trained).
+Structural checks need no model; with a tokenizer and chat template the token checks run too
+(answers truncated away by max_length, records whose assistant mask is empty) and the stats
+report token counts. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ragtune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+RECORD_KEYS = ("messages",)
+MESSAGE_KEYS = ("role", "content", "weight")
+
+# kind -> heading, in the order reports list them
+KINDS: dict[str, str] = {
+    "not_utf8": "not valid UTF-8",
+    "invalid_json": "not valid JSON",
+    "not_object": "record is not a JSON object",
+    "messages_missing": "'messages' missing",
+    "messages_not_list": "'messages' is not a list",
+    "messages_empty": "'messages' is empty",
+    "message_not_object": "message is not an object",
+    "role_missing": "'role' missing",
+    "role_not_string": "'role' is not a string",
+    "content_missing": "'content' missing",
+    "content_not_string": "'content' is not a string",
+    "unknown_role": "unknown role",
+    "unknown_key": "unknown key",
+    "bad_weight": "'weight' is not 0 or 1",
+    "empty_content": "empty or whitespace-only content",
+    "no_assistant": "no assistant message",
+    "role_order": "roles out of order",
+    "duplicate": "exact duplicate record",
+    "template_error": "chat template cannot render the record",
+    "answer_truncated": "assistant answer truncated away by max_length",
+    "empty_assistant_mask": "assistant mask is empty (nothing to train on)",
+}
+
+
+@dataclass
+class Problem:
+    line: int
+    kind: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "kind": self.kind, "message": self.message}
+
+
+@dataclass
+class Record:
+    line: int
+    messages: list[dict[str, Any]]
+    raw: str
+    enc: Any = None  # template.Encoded, set by the token checks
+
+
+@dataclass
+class CheckReport:
+    path: str
+    lines: int = 0  # non-blank lines
+    records: list[Record] = field(default_factory=list)  # valid records
+    problems: list[Problem] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)  # line -> raw text of invalid records
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def by_kind(self) -> dict[str, list[Problem]]:
+        out: dict[str, list[Problem]] = {}
+        for kind in KINDS:
+            items = [p for p in self.problems if p.kind == kind]
+            if items:
+                out[kind] = items
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.path,
+            "ok": self.ok,
+            "lines": self.lines,
+            "valid_records": len(self.records),
+            "invalid_records": len(self.rejected),
+            "problems": {k: [p.as_dict() for p in v] for k, v in self.by_kind().items()},
+            "stats": self.stats,
+        }
+
+    def format(self, limit: int = 20) -> str:
+        """Human report: problems grouped by kind, each with its line number, then stats."""
+        out = [
+            f"{self.path}: {self.lines} records, {len(self.records)} valid, "
+            f"{len(self.rejected)} invalid ({len(self.problems)} problems)"
+        ]
+        for kind, items in self.by_kind().items():
+            out.append(f"{KINDS[kind]} ({len(items)}):")
+            for p in items[:limit]:
+                out.append(f"  line {p.line}: {p.message}")
+            if len(items) > limit:
+                out.append(f"  ... and {len(items) - limit} more (--json lists all)")
+        s = self.stats
+        if s:
+            out.append(f"stats: {s.get('records', 0)} valid records, {s.get('turns', 0)} turns "
+                       f"({s.get('assistant_turns', 0)} assistant)")
+            if s.get("tokens"):
+                t = s["tokens"]
+                out.append(
+                    f"  tokens per record: min {t['min']} / median {t['median']} / p95 {t['p95']} / max {t['max']}; "
+                    f"tokens per epoch {s['tokens_per_epoch']} ({s['trained_tokens_per_epoch']} trained); "
+                    f"{s['over_max_length']} records exceed max_length {s['max_length']}"
+                )
+            elif s.get("tokens_note"):
+                out.append(f"  {s['tokens_note']}")
+        return "\n".join(out)
+
+
+def _message_problems(i: int, m: Any) -> list[tuple[str, str]]:
+    where = f"message {i + 1}"
+    if not isinstance(m, dict):
+        return [("message_not_object", f"{where} is {type(m).__name__}, expected an object with role and content")]
+    probs: list[tuple[str, str]] = []
+    extra = [k for k in m if k not in MESSAGE_KEYS]
+    if extra:
+        probs.append(("unknown_key", f"{where} has unknown key(s) {', '.join(map(repr, extra))}; "
+                                     f"allowed: {', '.join(MESSAGE_KEYS)}"))
+    role = m.get("role")
+    if "role" not in m:
+        probs.append(("role_missing", f"{where} has no 'role'; use one of {', '.join(ROLES)}"))
+    elif not isinstance(role, str):
+        probs.append(("role_not_string", f"{where} 'role' is {role!r}, expected a string"))
+    elif role not in ROLES:
+        probs.append(("unknown_role", f"{where} role {role!r}; allowed: {', '.join(ROLES)}"))
+    content = m.get("content")
+    if "content" not in m:
+        probs.append(("content_missing", f"{where} has no 'content'"))
+    elif not isinstance(content, str):
+        probs.append(("content_not_string", f"{where} 'content' is {type(content).__name__}, expected a string"))
+    elif not content.strip():
+        probs.append(("empty_content", f"{where} ({role}) content is empty or whitespace only"))
+    if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or role != "assistant"):
+        probs.append(("bad_weight", f"{where} 'weight' is {m['weight']!r}; only assistant messages take weight 0 or 1"))
+    return probs
+
+
+def record_problems(obj: Any) -> list[tuple[str, str]]:
+    """Structural problems of one parsed record, as (kind, message)."""
+    if not isinstance(obj, dict):
+        return [("not_object", f"expected an object {{\"messages\": [...]}}, got {type(obj).__name__}")]
+    probs: list[tuple[str, str]] = []
+    extra = [k for k in obj if k not in RECORD_KEYS]
+    if extra:
+        probs.append(("unknown_key", f"record has unknown key(s) {', '.join(map(repr, extra))}; allowed: messages"))
+    if "messages" not in obj:
+        probs.append(("messages_missing", "no 'messages' key; expected {\"messages\": [{\"role\": ..., \"content\": ...}]}"))
+        return probs
+    msgs = obj["messages"]
+    if not isinstance(msgs, list):
+        probs.append(("messages_not_list", f"'messages' is {type(msgs).__name__}, expected a list"))
+        return probs
+    if not msgs:
+        probs.append(("messages_empty", "'messages' is an empty list"))
+        return probs
+    for i, m in enumerate(msgs):
+        probs.extend(_message_problems(i, m))
+    roles = [m.get("role") if isinstance(m, dict) else None for m in msgs]
+    if "assistant" not in roles:
+        probs.append(("no_assistant", "no assistant message: nothing to train on"))
+    late_system = [i + 1 for i, r in enumerate(roles) if r == "system" and i > 0]
+    if late_system:
+        probs.append(("role_order", f"system message at position {', '.join(map(str, late_system))}; "
+                                    "a system message may only come first"))
+    if roles and roles[-1] in ROLES and roles[-1] != "assistant" and "assistant" in roles:
+        probs.append(("role_order", f"the conversation ends with a {roles[-1]} turn; it must end with an assistant turn"))
+    return probs
+
+
+def read_lines(path: Path) -> list[tuple[int, bytes]]:
+    if not path.is_file():
+        raise UsageError(f"data file '{path}' does not exist")
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return [(n, line) for n, line in enumerate(data.split(b"\n"), 1)]
+
+
+def check_file(
+    path: str | Path,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+    max_length: int = 1024,
+    tokenize: Callable[..., Any] | None = None,
+) -> CheckReport:
+    """Check every line; with a tokenizer also the token-level problems and token stats."""
+    p = Path(path)
+    report = CheckReport(path=str(p))
+    seen: dict[str, int] = {}
+    for n, raw_bytes in read_lines(p):
+        if not raw_bytes.strip():
+            continue
+        report.lines += 1
+        try:
+            raw = raw_bytes.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            report.problems.append(Problem(n, "not_utf8", f"byte {exc.start}: {exc.reason}; save the file as UTF-8"))
+            report.rejected[n] = raw_bytes.decode("utf-8", errors="replace")
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            report.problems.append(Problem(n, "invalid_json", f"{exc.msg} at column {exc.colno}"))
+            report.rejected[n] = raw
+            continue
+        probs = record_problems(obj)
+        if not probs:
+            key = json.dumps(obj["messages"], sort_keys=True, ensure_ascii=False)
+            if key in seen:
+                probs.append(("duplicate", f"same messages as line {seen[key]}"))
+            else:
+                seen[key] = n
+        if probs:
+            report.problems.extend(Problem(n, k, m) for k, m in probs)
+            report.rejected[n] = raw
+            continue
+        report.records.append(Record(n, obj["messages"], raw))
+    _token_checks(report, tokenizer, chat_template, max_length, tokenize)
+    return report
+
+
+def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None, max_length: int,
+                  tokenize: Callable[..., Any] | None) -> None:
+    recs = report.records
+    stats: dict[str, Any] = {
+        "records": len(recs),
+        "turns": sum(len(r.messages) for r in recs),
+        "assistant_turns": sum(1 for r in recs for m in r.messages if m["role"] == "assistant"),
+        "max_length": max_length,
+    }
+    report.stats = stats
+    if tokenizer is None:
+        stats["tokens_note"] = "token checks skipped: no model (pass --model DIR or run 'ragtune models prepare')"
+        return
+    if tokenize is None:
+        from ragtune.train.template import tokenize_conversation as tokenize
+    lengths: list[int] = []
+    trained = 0
+    over = 0
+    keep: list[Record] = []
+    for r in recs:
+        try:
+            enc = tokenize(tokenizer, r.messages, chat_template)
+        except UsageError as exc:
+            report.problems.append(Problem(r.line, "template_error", str(exc)))
+            report.rejected[r.line] = r.raw
+            continue
+        n = len(enc.input_ids)
+        mask = enc.mask
+        if not any(mask):
+            report.problems.append(Problem(r.line, "empty_assistant_mask",
+                                           "no token of the assistant answer is trained (empty answer or weight 0 everywhere)"))
+            report.rejected[r.line] = r.raw
+            continue
+        if n > max_length:
+            over += 1
+            if not any(mask[:max_length]):
+                first = mask.index(1)
+                report.problems.append(Problem(
+                    r.line, "answer_truncated",
+                    f"{n} tokens; the first assistant token is at {first}, past max_length {max_length}: "
+                    "shorten the prompt or raise data.max_length"))
+                report.rejected[r.line] = r.raw
+                continue
+        r.enc = enc
+        lengths.append(n)
+        trained += sum(mask[:max_length])
+        keep.append(r)
+    report.records = keep
+    stats["records"] = len(keep)
+    if lengths:
+        s = sorted(lengths)
+        stats["tokens"] = {
+            "min": s[0],
+            "median": int(statistics.median(s)),
+            "p95": s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))],
+            "max": s[-1],
+        }
+    stats["tokens_per_epoch"] = sum(min(n, max_length) for n in lengths)
+    stats["trained_tokens_per_epoch"] = trained
+    stats["over_max_length"] = over
+
+
+def write_clean(report: CheckReport, out: str | Path) -> tuple[Path, Path]:
+    """Write the valid records to OUT and each rejected line with its reasons to OUT.rejected.jsonl."""
+    from ragtune.io import atomic_write_jsonl, atomic_write_text
+
+    out = Path(out)
+    quarantine = out.with_name(out.stem + ".rejected.jsonl")
+    atomic_write_text(out, "".join(json.dumps({"messages": r.messages}, ensure_ascii=False) + "\n"
+                                   for r in report.records))
+    reasons: dict[int, list[str]] = {}
+    for p in report.problems:
+        reasons.setdefault(p.line, []).append(f"{KINDS[p.kind]}: {p.message}")
+    rows = [{"line": n, "reasons": reasons.get(n, []), "text": text} for n, text in sorted(report.rejected.items())]
+    atomic_write_jsonl(quarantine, rows)
+    return out, quarantine
+
+
+def load_messages(path: str | Path) -> list[list[dict[str, Any]]]:
+    """Records of a file that passed the structural check (raises with the report otherwise)."""
+    from ragtune.errors import CheckFailed
+
+    rep = check_file(path)
+    if not rep.ok:
+        raise CheckFailed(rep.format())
+    return [r.messages for r in rep.records]
+
+
+# --- convert / split ------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    import csv
+
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in read_lines(path):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise UsageError(f"{path}: line {n}: not valid UTF-8 JSON ({exc})") from exc
+            if not isinstance(obj, dict):
+                raise UsageError(f"{path}: line {n}: expected a JSON object with the question and answer columns")
+            rows.append(obj)
+        cols = sorted({k for r in rows for k in r})
+        return cols, rows
+    if suffix not in (".csv", ".tsv"):
+        raise UsageError(f"'{path}': convert reads .csv, .tsv or .jsonl files")
+    text = path.read_bytes().decode("utf-8-sig")
+    reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
+    return list(reader.fieldnames or []), list(reader)
+
+
+def convert(path: str | Path, question_col: str, answer_col: str, system: str = "",
+            out: str | Path | None = None) -> tuple[Path, int, list[str]]:
+    """Question/answer table -> chat JSONL (UTF-8, non-ASCII kept). Returns (out, written, skipped notes)."""
+    from ragtune.io import atomic_write_jsonl
+
+    src = Path(path)
+    if not src.is_file():
+        raise UsageError(f"input file '{src}' does not exist")
+    cols, rows = _read_table(src)
+    missing = [c for c in (question_col, answer_col) if c not in cols]
+    if missing:
+        raise UsageError(f"{src}: no column {', '.join(map(repr, missing))}; columns are: {', '.join(cols) or '(none)'}")
+    dest = Path(out) if out else src.with_name(src.stem + ".chat.jsonl")
+    if dest.resolve() == src.resolve():
+        raise UsageError(f"output '{dest}' would overwrite the input; pass --out")
+    records, skipped = [], []
+    first_data_line = 2 if src.suffix.lower() in (".csv", ".tsv") else 1
+    for i, row in enumerate(rows):
+        q, a = row.get(question_col), row.get(answer_col)
+        q = "" if q is None else str(q).strip()
+        a = "" if a is None else str(a).strip()
+        if not q or not a:
+            skipped.append(f"row {i + first_data_line}: empty {'question' if not q else 'answer'}")
+            continue
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        records.append({"messages": msgs})
+    atomic_write_jsonl(dest, records)
+    return dest, len(records), skipped
+
+
+def split(path: str | Path, eval_fraction: float, seed: int = 42,
+          out_dir: str | Path | None = None) -> tuple[Path, Path, int, int]:
+    """Deterministic train/eval split of the file's lines (same file + fraction + seed = same split)."""
+    from ragtune.io import atomic_write_text
+
+    src = Path(path)
+    if not 0 < eval_fraction < 1:
+        raise UsageError(f"--eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
+    lines = [ln.decode("utf-8", errors="strict") for _, ln in read_lines(src) if ln.strip()]
+    train_lines, eval_lines = split_items(lines, eval_fraction, seed)
+    d = Path(out_dir) if out_dir else src.parent
+    stem = src.stem
+    tr, ev = d / f"{stem}.train.jsonl", d / f"{stem}.eval.jsonl"
+    atomic_write_text(tr, "".join(ln.rstrip("\r") + "\n" for ln in train_lines))
+    atomic_write_text(ev, "".join(ln.rstrip("\r") + "\n" for ln in eval_lines))
+    return tr, ev, len(train_lines), len(eval_lines)
+
+
+def split_items(items: list[Any], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out round(n * fraction) items (at least 1 when n > 1) chosen by a seeded shuffle; order kept."""
+    n = len(items)
+    k = int(round(n * eval_fraction))
+    if n > 1:
+        k = min(max(k, 1), n - 1)
+    else:
+        k = 0
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    held = set(idx[:k])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

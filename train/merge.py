@@ -1,0 +1,71 @@
+"""Merge a LoRA adapter into its base model: a plain safetensors model dir (transformers, vLLM).
+
+    ragtune merge runs/adapter --out runs/merged
+
+The base comes from the adapter's run card and must still hash the same; the merged folder
+carries the tokenizer (with the pad token used in training) and the chat template trained with,
+and the export is recorded in the run card's "exports".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ragtune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = False,
+                  dtype: str = "auto") -> Path:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.io import atomic_dir
+    from ragtune.modeling import check_model_dir, model_hash, text_sha256
+    from ragtune.runcard import check_compatible, read_runcard, update_runcard
+
+    adapter = Path(adapter_dir).expanduser().resolve()
+    if not (adapter / "adapter_config.json").is_file():
+        raise UsageError(f"'{adapter}' is not an adapter folder (no adapter_config.json); give the output_dir of 'ragtune train'")
+    out = Path(out_dir).expanduser().resolve()
+    if out == adapter:
+        raise UsageError("--out must be a new folder, not the adapter folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"output dir '{out}' exists and is not empty; pass --force to replace it")
+    card = read_runcard(adapter)
+    base = check_model_dir(card["base_model"]["path"], what="the adapter's base model")
+    check_compatible(card, model_hash(base), str(base))
+    template = card["chat_template"]["template"]
+    src_dtype = json.loads((base / "config.json").read_text()).get("dtype") or "float32"
+    torch_dtype = getattr(torch, src_dtype if dtype == "auto" else dtype, torch.float32)
+
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype, local_files_only=True,
+                                                 use_safetensors=True)
+    model = PeftModel.from_pretrained(model, str(adapter), local_files_only=True)
+    merged = model.merge_and_unload()
+    tok = AutoTokenizer.from_pretrained(str(adapter), local_files_only=True)
+    tok.chat_template = template
+    merged.config.pad_token_id = tok.pad_token_id
+    if merged.generation_config is not None:
+        merged.generation_config.pad_token_id = tok.pad_token_id
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        (tmp / "ragtune-model.json").write_text(json.dumps({
+            "merged_from": {"adapter": str(adapter), "base": str(base), "base_hash": card["base_model"]["hash"]},
+            "chat_template_hash": text_sha256(template),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, indent=2) + "\n")
+    exports: list[Any] = list(card.get("exports") or [])
+    exports.append({"kind": "merged", "path": str(out), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    update_runcard(adapter, exports=exports)
+    log.info("merged %s into %s -> %s in %.1fs", adapter, base, out, time.time() - t0)
+    return out

@@ -1,0 +1,585 @@
+"""LoRA SFT with TRL on chat JSONL: check the data, train, write adapter + run card.
+
+    ragtune train --config configs/train/smollm2-lora.yaml data.train_file=examples/train.jsonl
+    python -c "from ragtune.config import load_config; from ragtune.train.recipe import run_train; \
+               run_train(load_config('configs/train/smollm2-lora.yaml'))"
+
+What ragtune does on top of a plain `SFTTrainer`:
+- data checked first (every problem with its line number); invalid data stops the run unless
+  data.skip_invalid;
+- loss on assistant tokens only for any chat template (prefix rendering, see template.py), the
+  end-of-turn token trained, pad distinct from eos;
+- the LM head runs only at trained positions (the vocab projection is ~20% of a small model);
+- length-grouped batches (little padding); packing only where the attention honours boundaries;
+- device-aware defaults (CPU: fp32, no gradient checkpointing; CUDA: bf16 where supported);
+- checkpoints in output_dir/checkpoints, `resume` continues from the last one's step, and the
+  final folder (adapter, tokenizer + template, ragtune.json, metrics.jsonl, loss.png) appears at
+  once (temp + rename).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragtune.errors import CheckFailed, UsageError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|padding|>")
+
+
+@dataclass
+class Prepared:
+    """Everything resolved before the model is loaded (cheap; also used by the benchmark)."""
+
+    base: Path
+    tokenizer: Any
+    template: str
+    train_records: list[Any]
+    eval_records: list[Any]
+    train_report: Any
+    eval_report: Any | None
+    skipped: int
+
+
+def _read_template(cfg: Any, tokenizer: Any) -> str:
+    from ragtune.train.template import template_of
+
+    if cfg.train.chat_template:
+        p = Path(cfg.train.chat_template).expanduser()
+        if not p.is_file():
+            raise UsageError(f"train.chat_template '{p}' does not exist; give a .jinja file or leave it empty")
+        return p.read_text(encoding="utf-8")
+    return template_of(tokenizer)
+
+
+def prepare(cfg: Any) -> Prepared:
+    """Resolve the base model and tokenizer, check the data, split off eval records."""
+    from ragtune.modeling import load_tokenizer, resolve_model_path
+    from ragtune.train.data import check_file, split_items
+
+    if not cfg.data.train_file:
+        raise UsageError("no training data: set data.train_file=FILE.jsonl (chat JSONL, one {\"messages\": [...]} per line)")
+    base = resolve_model_path(cfg.model.path)
+    tok = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
+    template = _read_template(cfg, tok)
+    tok.chat_template = template
+    max_len = cfg.data.max_length
+    rep = check_file(cfg.data.train_file, tok, template, max_len)
+    skipped = len(rep.rejected)
+    if not rep.ok:
+        if not cfg.data.skip_invalid:
+            raise CheckFailed(
+                f"the training data has problems; nothing was trained:\n{rep.format()}\n"
+                f"fix the lines above (or 'ragtune data check {cfg.data.train_file} --write-clean OUT'), "
+                f"or pass --skip-invalid to train on the {len(rep.records)} valid records"
+            )
+        log.warning("skipping %d invalid records of %s (data.skip_invalid)", skipped, cfg.data.train_file)
+    train_records = rep.records
+    eval_records: list[Any] = []
+    eval_rep = None
+    if cfg.data.eval_file:
+        eval_rep = check_file(cfg.data.eval_file, tok, template, max_len)
+        if not eval_rep.ok and not cfg.data.skip_invalid:
+            raise CheckFailed(f"the eval data has problems; nothing was trained:\n{eval_rep.format()}")
+        eval_records = eval_rep.records
+    elif cfg.data.eval_fraction > 0:
+        train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed)
+    if not train_records:
+        raise CheckFailed(f"no valid training records in {cfg.data.train_file}")
+    return Prepared(base, tok, template, train_records, eval_records, rep, eval_rep, skipped)
+
+
+def choose_pad_token(tokenizer: Any, template: str) -> str:
+    """A pad token distinct from eos, taken from the existing vocabulary (no resize) when possible."""
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return tokenizer.pad_token
+    vocab = tokenizer.get_vocab()
+    for cand in PAD_CANDIDATES:
+        if cand in vocab and cand != eos:
+            return cand
+    used = {eos, tokenizer.bos_token}
+    sample = template_text_sample(tokenizer, template)
+    if tokenizer.unk_token and tokenizer.unk_token not in used and tokenizer.unk_token not in sample:
+        return tokenizer.unk_token
+    for tok_text in tokenizer.get_added_vocab():
+        if tok_text not in used and tok_text not in sample:
+            return tok_text
+    raise UsageError(
+        "the tokenizer has no token that can serve as padding distinct from its end-of-sequence token; "
+        "add a pad token to the base model's tokenizer (tokenizer.add_special_tokens({'pad_token': '<|pad|>'}) "
+        "and resize the embeddings), then train again"
+    )
+
+
+def template_text_sample(tokenizer: Any, template: str) -> str:
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template)
+    except Exception:  # noqa: BLE001 - only a heuristic
+        return ""
+
+
+def encode(records: list[Any], tokenizer: Any, template: str, max_length: int) -> dict[str, list[list[int]]]:
+    """input_ids and labels (-100 off the assistant answers), truncated to max_length."""
+    from ragtune.train.template import tokenize_conversation
+
+    ids_all, labels_all = [], []
+    for r in records:
+        enc = getattr(r, "enc", None) or tokenize_conversation(tokenizer, r.messages, template)
+        ids = enc.input_ids[:max_length]
+        labels = [t if m else -100 for t, m in zip(ids, enc.mask[:max_length])]
+        ids_all.append(ids)
+        labels_all.append(labels)
+    return {"input_ids": ids_all, "labels": labels_all}
+
+
+# --- device -----------------------------------------------------------------------------------
+
+
+def set_threads(threads: int) -> int:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    else:
+        try:
+            avail = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS
+            avail = os.cpu_count() or 1
+        if torch.get_num_threads() > avail:
+            torch.set_num_threads(avail)
+    return torch.get_num_threads()
+
+
+def _gradient_checkpointing(cfg: Any, device: str, n_params: int) -> bool:
+    mode = cfg.train.gradient_checkpointing
+    if mode != "auto":
+        return mode == "on"
+    # recomputing activations costs ~30% time: only worth it where memory is the limit
+    return device == "cuda" and (cfg.train.qlora or n_params > 1_000_000_000)
+
+
+def load_base_model(cfg: Any, base: Path, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.modeling import pick_dtype
+
+    kwargs: dict[str, Any] = {}
+    dtype = pick_dtype(device, cfg.model.dtype)
+    if cfg.train.qlora:
+        if device != "cuda":
+            raise UsageError(
+                f"train.qlora=true needs a CUDA GPU (bitsandbytes 4-bit), but training runs on '{device}'; "
+                "set train.qlora=false to train a LoRA adapter on the full-precision model"
+            )
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise UsageError("train.qlora=true needs bitsandbytes: pip install bitsandbytes") from exc
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base), local_files_only=True, use_safetensors=True, dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+    return model
+
+
+def packing_supported(model: Any, pad_id: int) -> bool:
+    """Does this model's attention keep packed sequences apart? Probe: packed logits == separate logits."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    was_training = model.training
+    model.eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    a = [(7 * i + 3) % vocab for i in range(6)]
+    b = [(11 * i + 5) % vocab for i in range(5)]
+    dev = next(model.parameters()).device
+    coll = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
+    batch = coll([{"input_ids": a}, {"input_ids": b}])
+    batch.pop("labels")
+    batch = {k: v.to(dev) if hasattr(v, "to") else v for k, v in batch.items()}
+    with torch.no_grad():
+        packed = model(**batch).logits[0, len(a):].float()
+        alone = model(input_ids=torch.tensor([b], device=dev)).logits[0].float()
+    model.train(was_training)
+    return bool(torch.allclose(packed, alone, atol=1e-3 * max(1.0, float(alone.abs().max())), rtol=1e-3))
+
+
+# --- loss: LM head only where there are labels ---------------------------------------------------
+
+
+_SCALED_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def install_compact_loss(model: Any) -> bool:
+    """Give `model.forward` a `ragtune_labels=` path: backbone, then the LM head on labelled positions only.
+
+    Returns False (and changes nothing) for models whose logits are scaled or soft-capped; those
+    train through TRL's own loss instead.
+    """
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    text_config = model.config.get_text_config()
+    if any(getattr(text_config, a, None) is not None for a in _SCALED_HEAD_ATTRS):
+        return False
+    previous = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self: Any, *args: Any, ragtune_labels: Any = None, **kwargs: Any) -> Any:
+        if ragtune_labels is None:
+            return previous(*args, **kwargs)
+        kwargs["use_cache"] = False
+        for k in ("labels", "num_items_in_batch", "shift_labels", "fused_lm_head"):
+            kwargs.pop(k, None)
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = ragtune_labels[:, 1:].to(hidden.device)
+        mask = labels != -100
+        logits = self.get_output_embeddings()(hidden[mask])
+        loss_sum = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
+        return CausalLMOutputWithPast(loss=loss_sum, logits=None)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+def make_trainer_class() -> type:
+    from trl import SFTTrainer
+
+    class RagtuneSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss runs the LM head on assistant positions only and counts tokens."""
+
+        compact_loss = True
+        tokens_seen = 0
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if self.model.training:
+                if "attention_mask" in inputs:
+                    self.tokens_seen += int(inputs["attention_mask"].sum())
+                else:
+                    self.tokens_seen += int(inputs["input_ids"].numel())
+            if not self.compact_loss:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs, ragtune_labels=labels)
+            n = (labels[:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            loss = outputs.loss / torch_as(n, outputs.loss).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return (loss, outputs) if return_outputs else loss
+
+    return RagtuneSFTTrainer
+
+
+def torch_as(n: Any, like: Any) -> Any:
+    import torch
+
+    return torch.as_tensor(n, device=like.device, dtype=like.dtype)
+
+
+# --- callbacks --------------------------------------------------------------------------------
+
+
+def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class MetricsFile(TrainerCallback):
+        """Append every log record to metrics.jsonl as it happens (kept across --resume)."""
+
+        def __init__(self) -> None:
+            self.rows: list[dict[str, Any]] = []
+            if metrics_path.is_file() and resume_step > 0:
+                for line in metrics_path.read_text(encoding="utf-8").splitlines():
+                    row = json.loads(line)
+                    if row.get("step", 0) <= resume_step:
+                        self.rows.append(row)
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
+            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            self.rows.append(row)
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    class Progress(TrainerCallback):
+        """One progress bar with the latest loss (a log line every 10 s when stderr is not a terminal)."""
+
+        def __init__(self) -> None:
+            self.bar: Any = None
+            self.last = 0.0
+            self.post: dict[str, str] = {}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            from tqdm.auto import tqdm
+
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                                file=sys.stderr, disable=None, dynamic_ncols=True)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if self.bar is None or not logs:
+                return
+            for k in ("loss", "eval_loss"):
+                if k in logs:
+                    self.post[k] = f"{logs[k]:.4f}"
+            self.bar.set_postfix(self.post, refresh=False)
+            if self.bar.disable and (time.time() - self.last > 10 or "eval_loss" in logs):
+                self.last = time.time()
+                log.info("step %d/%d %s", state.global_step, state.max_steps,
+                         " ".join(f"{k} {v}" for k, v in self.post.items()))
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    return [MetricsFile(), Progress()]
+
+
+# --- run --------------------------------------------------------------------------------------
+
+
+def _out_state(out: Path) -> tuple[bool, bool]:
+    finished = (out / "adapter_config.json").is_file()
+    ckpts = out / CHECKPOINTS
+    has_ckpt = ckpts.is_dir() and any(p.name.startswith("checkpoint-") for p in ckpts.iterdir())
+    return finished, has_ckpt
+
+
+def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a LoRA adapter per `cfg`; return the output folder (adapter + run card)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig
+
+    from ragtune import __version__
+    from ragtune.config import to_dict
+    from ragtune.io import atomic_dir
+    from ragtune.modeling import file_sha256, model_hash, pick_device, text_sha256
+    from ragtune.runcard import write_runcard
+    from ragtune.train.plots import plot_losses
+
+    t_start = time.time()
+    tc = cfg.train
+    out = Path(tc.output_dir).expanduser().resolve()
+    ckpt_dir = out / CHECKPOINTS
+    finished, has_ckpt = _out_state(out)
+    resume_from = None
+    if resume:
+        resume_from = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if resume_from is None:
+            raise UsageError(f"--resume: no checkpoint in '{ckpt_dir}'; train without --resume to start a new run")
+    elif (finished or has_ckpt) and not overwrite:
+        what = "a trained adapter" if finished else "checkpoints of an unfinished run"
+        raise UsageError(
+            f"train.output_dir '{out}' already holds {what}; pass --resume to continue it, --overwrite to start "
+            "over, or set train.output_dir to a new folder"
+        )
+    elif overwrite and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+
+    prep = prepare(cfg)
+    tok, template = prep.tokenizer, prep.template
+    device = pick_device(cfg.model.device)
+    threads = set_threads(tc.threads) if device == "cpu" else torch.get_num_threads()
+    model = load_base_model(cfg, prep.base, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    pad = choose_pad_token(tok, template)
+    tok.pad_token = pad
+    model.config.pad_token_id = tok.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if tc.packing and not packing_supported(model.to(device), tok.pad_token_id):
+        raise UsageError(
+            f"train.packing=true: this model's attention ({model.config._attn_implementation}) lets packed "
+            "examples attend to each other, which would train across examples; set train.packing=false "
+            "(length-grouped batches waste little padding) or use an attention implementation that honours "
+            "sequence boundaries (flash_attention_2 on CUDA)"
+        )
+    gc = _gradient_checkpointing(cfg, device, n_params)
+    bf16 = device == "cuda" and model.dtype == torch.bfloat16
+    fp16 = device == "cuda" and model.dtype == torch.float16
+    log.info("base %s (%.0fM params) on %s, %s, threads %d, gradient checkpointing %s",
+             prep.base, n_params / 1e6, device, str(model.dtype).replace("torch.", ""), threads, gc)
+
+    train_ds = Dataset.from_dict(encode(prep.train_records, tok, template, cfg.data.max_length))
+    eval_ds = (Dataset.from_dict(encode(prep.eval_records, tok, template, cfg.data.max_length))
+               if prep.eval_records else None)
+    has_eval = eval_ds is not None and len(eval_ds) > 0
+    steps_or_epoch = lambda n: ("steps", n) if n > 0 else ("epoch", 500)  # noqa: E731
+    eval_strategy, eval_steps = steps_or_epoch(tc.eval_steps) if has_eval else ("no", 500)
+    save_strategy, save_steps = steps_or_epoch(tc.save_steps)
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=tc.epochs,
+        max_steps=tc.max_steps,
+        learning_rate=tc.learning_rate,
+        lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=tc.warmup_ratio,
+        weight_decay=tc.weight_decay,
+        per_device_train_batch_size=tc.batch_size,
+        per_device_eval_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        max_length=cfg.data.max_length,
+        packing=tc.packing,
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        save_total_limit=tc.save_total_limit if tc.save_total_limit > 0 else None,
+        logging_steps=tc.logging_steps,
+        logging_first_step=True,
+        seed=tc.seed,
+        use_cpu=device == "cpu",
+        bf16=bf16,
+        fp16=fp16,
+        gradient_checkpointing=gc,
+        train_sampling_strategy="group_by_length" if tc.group_by_length and not tc.packing else "random",
+        prediction_loss_only=True,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    target = list(tc.lora.target_modules)
+    peft_config = PeftLoraConfig(
+        r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
+        target_modules="all-linear" if target == ["all-linear"] else target, task_type="CAUSAL_LM")
+    if cfg.train.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+
+    resume_step = _checkpoint_step(resume_from)
+    metrics_path = ckpt_dir / METRICS
+    callbacks = make_callbacks(metrics_path, resume_step)
+    trainer_cls = make_trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    inner = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    trainer.compact_loss = install_compact_loss(inner)
+
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_secs = time.time() - t0
+    state = trainer.state
+    if resume_from and state.global_step <= resume_step and (tc.max_steps <= 0 or tc.max_steps > resume_step):
+        raise UsageError(f"resume from step {resume_step} did not continue (now at step {state.global_step})")
+    eval_loss = None
+    if has_eval:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    tokens = _gather_sum(trainer, trainer.tokens_seen)
+    runtime = float(result.metrics.get("train_runtime", train_secs))
+    rows = callbacks[0].rows
+    train_losses = [r["loss"] for r in rows if "loss" in r]
+    tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else []
+
+    if not trainer.is_world_process_zero():
+        return out
+    card = {
+        "ragtune_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "base_model": {"path": str(prep.base), "hash": model_hash(prep.base)},
+        "chat_template": {"template": template, "hash": text_sha256(template)},
+        "config": to_dict(cfg),
+        "data": {
+            "train_file": str(Path(cfg.data.train_file).resolve()),
+            "train_sha256": file_sha256(cfg.data.train_file),
+            "train_records": len(prep.train_records),
+            "eval_file": str(Path(cfg.data.eval_file).resolve()) if cfg.data.eval_file else "",
+            "eval_records": len(prep.eval_records),
+            "skipped_records": prep.skipped,
+        },
+        "metrics": {
+            "train_loss": sum(tail) / len(tail) if tail else None,
+            "train_loss_mean": float(result.training_loss),
+            "eval_loss": eval_loss,
+            "train_tokens": tokens,
+            "tokens_per_second": tokens / runtime if runtime > 0 else None,
+            "wall_seconds": round(time.time() - t_start, 2),
+            "train_seconds": round(runtime, 2),
+            "steps": state.global_step,
+            "resumed_from_step": resume_step or None,
+        },
+        "training": {
+            "device": device,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "threads": threads,
+            "gradient_checkpointing": gc,
+            "pad_token": pad,
+            "assistant_only_loss": "prefix-rendered assistant spans (answer + end-of-turn token)",
+            "compact_lm_head": trainer.compact_loss,
+            "packing": tc.packing,
+            "group_by_length": tc.group_by_length and not tc.packing,
+        },
+        "exports": [],
+    }
+    with atomic_dir(out) as tmp:
+        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        _absolute_base(tmp / "adapter_config.json", prep.base)
+        tok.save_pretrained(str(tmp))
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        write_runcard(tmp, card)
+        shutil.copyfile(metrics_path, tmp / METRICS)
+        plot_losses(rows, tmp / "loss.png")
+        if ckpt_dir.exists():
+            os.replace(ckpt_dir, tmp / CHECKPOINTS)
+    log.info("wrote %s (%d steps, %.0f tokens/s)", out, state.global_step, card["metrics"]["tokens_per_second"] or 0)
+    return out
+
+
+def _checkpoint_step(path: str | None) -> int:
+    if not path:
+        return 0
+    try:
+        return int(json.loads((Path(path) / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError):
+        return int(Path(path).name.rsplit("-", 1)[-1])
+
+
+def _gather_sum(trainer: Any, n: int) -> int:
+    import torch
+
+    if trainer.accelerator.num_processes <= 1:
+        return n
+    t = torch.tensor([n], device=trainer.accelerator.device)
+    return int(trainer.accelerator.gather(t).sum())
+
+
+def _absolute_base(adapter_config: Path, base: Path) -> None:
+    data = json.loads(adapter_config.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = str(base)
+    adapter_config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,122 @@
+"""Assistant-only loss for any chat template, by rendering prefixes.
+
+TRL's `assistant_only_loss` needs `{% generation %}` markers, which most shipped templates lack
+(SmolLM2's included), and TRL only patches a fixed list of known templates. ragtune instead
+renders the conversation prefix by prefix with the model's own template:
+
+    P_i = render(messages[:i], add_generation_prompt=True)   # prompt up to assistant turn i
+    A_i = render(messages[:i+1])                              # ... plus that assistant turn
+
+The characters A_i[len(P_i):] (trailing whitespace dropped) are the assistant's answer *and* its
+end-of-turn token, so the model learns to stop; everything else is context. This works for any
+template whose renders are prefixes of each other (checked on every record; a template that is
+not prefix-preserving is refused with the fix). The template is used unchanged, so the one saved
+with the adapter is exactly the one serving renders prompts with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ragtune.errors import UsageError
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    mask: list[int]  # 1 = trained (assistant answer + its end-of-turn token)
+
+
+def has_generation_markers(template: str | None) -> bool:
+    return bool(template) and "{% generation %}" in template.replace("{%-", "{%").replace("-%}", "%}")
+
+
+def template_of(tokenizer: Any, override: str | None = None) -> str:
+    tpl = override or getattr(tokenizer, "chat_template", None)
+    if isinstance(tpl, dict):
+        tpl = tpl.get("default")
+    if not tpl:
+        raise UsageError(
+            "the base model has no chat template; use an instruct/chat model, or give one with "
+            "train.chat_template=FILE.jinja"
+        )
+    return tpl
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str, gen: bool) -> str:
+    from jinja2 import TemplateError
+
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
+    except (TemplateError, TypeError, ValueError, IndexError, KeyError) as exc:
+        raise UsageError(f"the chat template cannot render this conversation: {exc}") from exc
+
+
+def spans(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str) -> tuple[str, list[tuple[int, int]]]:
+    """Full rendered text and the character spans to train on."""
+    full = _render(tokenizer, messages, template, gen=False)
+    out: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+            continue
+        prompt = _render(tokenizer, messages[:i], template, gen=True) if i else _render_empty(tokenizer, template)
+        upto = _render(tokenizer, messages[: i + 1], template, gen=False)
+        if not upto.startswith(prompt) or not full.startswith(upto):
+            raise UsageError(
+                "the chat template is not prefix-preserving (rendering the conversation up to an assistant turn "
+                "is not a prefix of the whole conversation), so ragtune cannot tell which tokens are the answer; "
+                "give a template that renders earlier turns identically with train.chat_template=FILE.jinja"
+            )
+        end = len(upto.rstrip())
+        if end > len(prompt):
+            out.append((len(prompt), end))
+    return full, out
+
+
+def _render_empty(tokenizer: Any, template: str) -> str:
+    try:
+        return _render(tokenizer, [], template, gen=True)
+    except UsageError:
+        return ""
+
+
+def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str | None = None) -> Encoded:
+    """Token ids of the rendered conversation and the assistant mask (answer + end-of-turn token)."""
+    template = template_of(tokenizer, template)
+    text, trained = spans(tokenizer, messages, template)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [0] * len(ids)
+        j = 0
+        for t, (start, end) in enumerate(enc["offset_mapping"]):
+            if end <= start:  # zero-width tokens belong to nothing
+                continue
+            while j < len(trained) and trained[j][1] <= start:
+                j += 1
+            if j < len(trained) and trained[j][0] <= start < trained[j][1]:
+                mask[t] = 1
+        return Encoded(ids, mask)
+    # slow tokenizers have no offsets: tokenize the pieces separately
+    ids, mask, pos = [], [], 0
+    for s, e in trained + [(len(text), len(text))]:
+        for piece, bit in ((text[pos:s], 0), (text[s:e], 1)):
+            if piece:
+                toks = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += toks
+                mask += [bit] * len(toks)
+        pos = e
+    return Encoded(ids, mask)
+
+
+def last_trained_is_stop_token(tokenizer: Any, template: str) -> bool:
+    """Does the trained span of an assistant turn end on a special (end-of-turn) token?"""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    enc = tokenize_conversation(tokenizer, msgs, template)
+    trained = [i for i, b in zip(enc.input_ids, enc.mask) if b]
+    if not trained:
+        return False
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return trained[-1] in special

@@ -1,0 +1,107 @@
+"""Dense embeddings from a local sentence-transformers model directory (safetensors only).
+
+    emb = Embedder(cfg.embedder); emb.load()
+    vecs = emb.embed(["text", ...])      # float32 (n, dim), L2-normalised: dot = cosine
+
+The embedder's identity is a content hash (weights, tokenizer, config, pooling), recorded by the
+index that it builds; a query through a different embedder is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from ragtune.config import EmbedderConfig
+from ragtune.errors import ModelPathError
+
+log = logging.getLogger(__name__)
+
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def embedder_hash(path: Path) -> str:
+    """model_hash of the transformer plus the sentence-transformers module configs (pooling...)."""
+    from ragtune.modeling import model_hash
+
+    h = hashlib.sha256(model_hash(path).encode())
+    for f in sorted([*(path / n for n in ST_FILES), *path.glob("*_*/config.json")]):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+class Embedder:
+    def __init__(self, cfg: EmbedderConfig | None = None) -> None:
+        self.cfg = cfg or EmbedderConfig()
+        self.model: Any = None
+        self.path: Path | None = None
+        self.hash = ""
+        self.dim = 0
+        self.max_tokens = 0  # content tokens per text (model limit minus special tokens)
+
+    def resolve(self) -> Path:
+        from ragtune.models import resolve_embedder_path
+
+        p = resolve_embedder_path(self.cfg.path)
+        if not any(p.rglob("*.safetensors")):
+            pickles = [x.name for x in p.rglob("*.bin")] + [x.name for x in p.rglob("*.pt")]
+            found = f" (found only pickle files {', '.join(pickles[:3])}, which ragtune never loads)" if pickles else ""
+            raise ModelPathError(f"embedder.path '{p}' has no safetensors weights{found}; convert them to safetensors")
+        return p
+
+    def identity(self) -> dict[str, Any]:
+        """Path and hash without loading the model (cheap: hashes are cached by mtime)."""
+        p = self.path or self.resolve()
+        return {"path": str(p), "hash": self.hash or embedder_hash(p)}
+
+    def load(self) -> "Embedder":
+        if self.model is not None:
+            return self
+        from ragtune.modeling import pick_device
+
+        self.path = self.resolve()
+        self.hash = embedder_hash(self.path)
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every load
+
+        device = pick_device(self.cfg.device)
+        try:
+            self.model = SentenceTransformer(
+                str(self.path), device=device, local_files_only=True, trust_remote_code=False,
+                model_kwargs={"use_safetensors": True},
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelPathError(
+                f"embedder.path '{self.path}' could not be loaded as a sentence-transformers model: {exc}"
+            ) from exc
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+        limit = int(self.model.max_seq_length or 512)
+        specials = len(self.tokenizer("", add_special_tokens=True)["input_ids"])
+        self.max_tokens = max(8, limit - specials)
+        log.debug("embedder %s: dim %d, %d content tokens, device %s", self.path, self.dim, self.max_tokens, device)
+        return self
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    def embed(self, texts: list[str], batch_size: int | None = None) -> Any:
+        import numpy as np
+
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self.model.encode(
+            texts, batch_size=batch_size or self.cfg.batch_size, normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=False,
+        )
+        return np.asarray(vecs, dtype=np.float32)
+
+    def embed_query(self, text: str) -> Any:
+        return self.embed([text])[0]

@@ -1,0 +1,514 @@
+"""add / sync / remove: make an index hold exactly the chunks of the documents it was given.
+
+    res = ingest(cfg, ["docs/"], index="default", delete_missing=True)   # `ragtune index sync docs/`
+
+Identity: a document's id hashes its root, its path relative to that root, and its bytes (JSONL:
+each line is a document, keyed by its "id" or line number); a chunk's id is a UUID derived from
+(doc id, chunker signature, chunk number). Unchanged documents are never embedded again, and
+re-writing the same chunk overwrites the same point, so nothing is duplicated.
+
+The store itself is the manifest: every chunk carries doc_id, root, file, n_chunks; a document is
+complete when the store holds n_chunks points for it. The order of writes makes any interruption
+(kill -9 included) safe: new chunks are written first, then the replaced and removed documents'
+chunks are deleted; the next run re-writes incomplete documents and deletes leftovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ragtune.config import Config
+from ragtune.errors import UsageError
+from ragtune.retrieval.loaders import Document, Skip, is_supported, iter_jsonl, load_file
+from ragtune.retrieval.store import SCHEMA_VERSION, IndexLock, PointData, Store, open_store
+
+log = logging.getLogger(__name__)
+
+CHUNK_NS = uuid.UUID("6f1c9a52-3b7e-4c8e-9d51-2a7f0e4b8c11")
+EMBED_GROUP = 512  # chunks per embedding call (sentence-transformers sorts them by length inside)
+
+
+@dataclass
+class DocRef:
+    doc_id: str
+    root: str  # absolute folder the source is relative to
+    file: str  # relative path of the file
+    source: str  # file, or file#key for a JSONL line
+    doc_hash: str  # sha256 of the bytes (the file, or the JSONL line)
+    document: Document | None = None  # JSONL lines are parsed while planning
+
+
+@dataclass
+class Plan:
+    add: list[DocRef] = field(default_factory=list)  # new or changed (or incomplete) documents
+    unchanged: list[DocRef] = field(default_factory=list)
+    stale: dict[str, list[str]] = field(default_factory=dict)  # abs file -> doc ids it replaces
+    removed: list[dict[str, Any]] = field(default_factory=list)  # states of files gone from disk
+    orphans: list[str] = field(default_factory=list)  # doc ids of interrupted writes, no longer wanted
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    replaced_files: set[str] = field(default_factory=set)
+
+
+@dataclass
+class IngestResult:
+    index: str
+    added: list[str] = field(default_factory=list)  # sources written (new or replaced)
+    replaced: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    chunks_written: int = 0
+    chunks_deleted: int = 0
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "dry_run": self.dry_run, "added": self.added, "replaced": self.replaced,
+            "deleted": self.deleted, "unchanged": self.unchanged,
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "chunks_written": self.chunks_written, "chunks_deleted": self.chunks_deleted,
+            "seconds": round(self.seconds, 3), "embed_seconds": round(self.embed_seconds, 3),
+        }
+
+
+def doc_id_for(root: str, source: str, data: bytes) -> tuple[str, str]:
+    content = hashlib.sha256(data).hexdigest()
+    ident = hashlib.sha256(f"{root}\0{source}\0{content}".encode()).hexdigest()[:32]
+    return ident, content
+
+
+def chunk_id(doc_id: str, chunker: str, i: int) -> str:
+    return str(uuid.uuid5(CHUNK_NS, f"{doc_id}:{chunker}:{i}"))
+
+
+# --- walking and planning ---------------------------------------------------------------------
+
+
+def collect(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """(root, file) for every file under the given paths; hidden files and folders are ignored."""
+    out: list[tuple[Path, Path]] = []
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise UsageError(f"path '{raw}' does not exist; give files or folders of documents to index")
+        p = p.resolve()
+        if p.is_file():
+            out.append((p.parent, p))
+            continue
+        for dirpath, dirnames, filenames in os.walk(p):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if not name.startswith("."):
+                    out.append((p, Path(dirpath) / name))
+    return out
+
+
+def _state_file(state: dict[str, Any]) -> str | None:
+    if not state.get("root") or state.get("file") is None:
+        return None
+    return str(Path(state["root"]) / state["file"])
+
+
+def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path, Path]], chunker_sig: str,
+                sparse_version: int, sync_roots: list[Path] | None = None) -> Plan:
+    plan = Plan()
+    current_ids: set[str] = set()
+    by_file: dict[str, list[dict[str, Any]]] = {}
+    for st in store_states.values():
+        f = _state_file(st)
+        if f:
+            by_file.setdefault(f, []).append(st)
+    seen_files: set[str] = set()
+    for root, path in files:
+        abs_file = str(path)
+        seen_files.add(abs_file)
+        rel = path.relative_to(root).as_posix()
+        if not is_supported(path):
+            plan.skipped.append((rel, f"unsupported file type '{path.suffix or path.name}'"))
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            plan.skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
+            continue
+        if not data.strip():
+            plan.skipped.append((rel, "empty file"))
+            continue
+        refs: list[DocRef] = []
+        if path.suffix.lower() == ".jsonl" and data.strip():
+            try:
+                for line, doc in iter_jsonl(data, rel):
+                    d, h = doc_id_for(str(root), doc.source, line)
+                    refs.append(DocRef(d, str(root), rel, doc.source, h, doc))
+            except Skip as exc:
+                plan.skipped.append((rel, str(exc)))
+                continue
+        else:
+            d, h = doc_id_for(str(root), rel, data)
+            refs.append(DocRef(d, str(root), rel, rel, h))
+        ids = {r.doc_id for r in refs}
+        current_ids |= ids
+        for r in refs:
+            st = store_states.get(r.doc_id)
+            complete = (st is not None and st.get("count") == st.get("n_chunks")
+                        and st.get("chunker") == chunker_sig and st.get("sparse") == sparse_version)
+            (plan.unchanged if complete else plan.add).append(r)
+        old = [st["doc_id"] for st in by_file.get(abs_file, []) if st["doc_id"] not in ids]
+        if old:
+            plan.stale[abs_file] = old
+            plan.replaced_files.add(abs_file)
+    for st in store_states.values():
+        f = _state_file(st)
+        if f is None:
+            if st["doc_id"] not in current_ids:
+                plan.orphans.append(st["doc_id"])
+            continue
+        if sync_roots and f not in seen_files and any(Path(f).is_relative_to(r) for r in sync_roots):
+            plan.removed.append(st)
+    return plan
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Buffers chunks, embeds them in groups, upserts dense + sparse vectors with payloads."""
+
+    def __init__(self, store: Store, embedder: Any, sparse: Any, batch_size: int, progress: Any) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.sparse = sparse
+        self.batch_size = batch_size
+        self.progress = progress
+        self.pending: list[tuple[str, str, dict[str, Any]]] = []  # (id, text, payload)
+        self.written = 0
+        self.embed_seconds = 0.0
+
+    def add(self, pid: str, text: str, payload: dict[str, Any]) -> None:
+        self.pending.append((pid, text, payload))
+        if len(self.pending) >= EMBED_GROUP:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        texts = [t for _, t, _ in self.pending]
+        t0 = time.perf_counter()
+        dense = self.embedder.embed(texts, batch_size=self.batch_size)
+        self.embed_seconds += time.perf_counter() - t0
+        points = [PointData(pid, dense[i], self.sparse.document(text), payload)
+                  for i, (pid, text, payload) in enumerate(self.pending)]
+        for i in range(0, len(points), 256):
+            self.store.upsert(points[i : i + 256])
+        self.written += len(points)
+        if self.progress is not None:
+            self.progress.update(len(points))
+        self.pending = []
+
+
+def _check_meta(store: Store, meta: dict[str, Any], identity: dict[str, Any], name: str) -> None:
+    if not meta:
+        return
+    version = int(meta.get("schema_version", 0))
+    if version > SCHEMA_VERSION:
+        raise UsageError(
+            f"index '{name}' has schema_version {version}, newer than this ragtune reads ({SCHEMA_VERSION}); "
+            "upgrade ragtune"
+        )
+    built = meta.get("embedder", {})
+    if built.get("hash") and built["hash"] != identity["hash"]:
+        raise UsageError(
+            f"index '{name}' was built with the embedder at '{built.get('path')}' (hash {built['hash'][:12]}), "
+            f"but embedder.path is '{identity['path']}' (hash {identity['hash'][:12]}); set "
+            f"embedder.path={built.get('path')}, or index into a new index with --index NEW"
+        )
+
+
+def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missing: bool = False,
+           dry_run: bool = False, progress: bool = True) -> IngestResult:
+    """`index add` (delete_missing=False) and `index sync` (True) under the index's writer lock."""
+    from ragtune.retrieval.sparse import SPARSE_VERSION
+
+    name = index or cfg.index.name
+    t0 = time.perf_counter()
+    files = collect(paths)
+    roots = sorted({str(Path(p).expanduser().resolve()) for p in paths if Path(p).expanduser().is_dir()})
+    store = open_store(cfg, name)
+    res = IngestResult(name, dry_run=dry_run)
+    cmd = "ragtune index " + ("sync " if delete_missing else "add ") + " ".join(str(p) for p in paths)
+    with IndexLock(name, cmd):
+        if dry_run and not store.exists():
+            embedder, chunker, sig = None, None, "?"
+            states: dict[str, dict[str, Any]] = {}
+        else:
+            embedder, chunker = _load_embedder(cfg)
+            sig = chunker.signature()
+            store.open(create_dim=None if dry_run else embedder.dim)
+            identity = {"path": str(embedder.path), "hash": embedder.hash}
+            meta = store.read_meta()
+            _check_meta(store, meta, identity, name)
+            states = store.doc_states()
+        try:
+            plan = plan_ingest(states, files, sig, SPARSE_VERSION,
+                               [Path(r) for r in roots] if delete_missing else None)
+            res.skipped = list(plan.skipped)
+            res.unchanged = len(plan.unchanged)
+            if dry_run:
+                _fill_dry_run(res, plan)
+                return res
+            if not meta:
+                meta = _new_meta(embedder, sig)
+            meta["roots"] = sorted(set(meta.get("roots", [])) | set(roots) |
+                                   {str(r) for r, _ in files if not roots})
+            meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            store.write_meta(meta)
+            _run(cfg, store, embedder, chunker, plan, res, progress)
+        finally:
+            store.close()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _load_embedder(cfg: Config) -> tuple[Any, Any]:
+    from ragtune.retrieval.chunking import Chunker
+    from ragtune.retrieval.embedder import Embedder
+
+    embedder = Embedder(cfg.embedder).load()
+    size = min(cfg.chunk.size, embedder.max_tokens)
+    if size < cfg.chunk.size:
+        log.debug("chunk.size %d > the embedder's %d content tokens: using %d", cfg.chunk.size, size, size)
+    return embedder, Chunker(embedder.tokenizer, size, cfg.chunk.overlap)
+
+
+def _new_meta(embedder: Any, sig: str) -> dict[str, Any]:
+    from ragtune import __version__
+    from ragtune.retrieval.sparse import SPARSE_VERSION
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "ragtune_version": __version__,
+        "embedder": {"path": str(embedder.path), "hash": embedder.hash, "dim": embedder.dim,
+                     "max_tokens": embedder.max_tokens},
+        "chunker": sig,
+        "sparse": {"version": SPARSE_VERSION, "tokenizer": "kiwi+unicode", "weights": "bm25 tf, idf in store"},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "roots": [],
+    }
+
+
+def _fill_dry_run(res: IngestResult, plan: Plan) -> None:
+    replaced_files = plan.replaced_files
+    for r in plan.add:
+        abs_file = str(Path(r.root) / r.file)
+        (res.replaced if abs_file in replaced_files else res.added).append(r.source)
+    res.deleted = sorted({st.get("source", st["doc_id"]) for st in plan.removed})
+
+
+def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res: IngestResult,
+         progress: bool) -> None:
+    from ragtune.retrieval.sparse import SPARSE_VERSION, SparseEncoder
+
+    bar = None
+    if progress and plan.add:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="chunk", desc=f"indexing {len(plan.add)} documents", disable=None, leave=False)
+    sig = chunker.signature()
+    sparse = SparseEncoder(avg_len=0.6 * chunker.size)
+    writer = _Writer(store, embedder, sparse, cfg.embedder.batch_size, bar)
+    failed_files: set[str] = set()
+    by_file: dict[str, list[DocRef]] = {}
+    for r in plan.add:
+        by_file.setdefault(str(Path(r.root) / r.file), []).append(r)
+    try:
+        for abs_file, refs in by_file.items():
+            try:
+                docs = _load_docs(Path(abs_file), refs)
+            except Skip as exc:
+                res.skipped.append((refs[0].file, str(exc)))
+                failed_files.add(abs_file)
+                continue
+            for ref, doc in docs:
+                chunks = chunker.chunk(doc)
+                for i, ch in enumerate(chunks):
+                    payload = {
+                        "kind": "chunk", "doc_id": ref.doc_id, "doc_hash": ref.doc_hash, "root": ref.root,
+                        "file": ref.file, "source": ref.source, "title": doc.title,
+                        "heading": " > ".join(ch.heading), "heading_path": list(ch.heading), "page": ch.page,
+                        "start": ch.start, "end": ch.end, "text": ch.text, "tokens": ch.tokens,
+                        "chunk_index": i, "n_chunks": len(chunks), "chunker": sig, "sparse": SPARSE_VERSION,
+                        "meta": doc.meta,
+                    }
+                    writer.add(chunk_id(ref.doc_id, sig, i), ch.text, payload)
+                (res.replaced if abs_file in plan.replaced_files else res.added).append(ref.source)
+        writer.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    res.chunks_written = writer.written
+    res.embed_seconds = writer.embed_seconds
+    # only now: delete what the new chunks replace, what left the folder, and interrupted leftovers
+    doomed: list[str] = []
+    for abs_file, ids in plan.stale.items():
+        if abs_file not in failed_files:
+            doomed.extend(ids)
+    doomed.extend(st["doc_id"] for st in plan.removed)
+    doomed.extend(plan.orphans)
+    if doomed:
+        before = store.count()
+        store.delete_docs(sorted(set(doomed)))
+        res.chunks_deleted = before - store.count()
+    res.deleted = sorted({st.get("source", st["doc_id"]) for st in plan.removed})
+    store.flush()
+    if res.chunks_written or doomed:
+        store.optimize()
+
+
+def _load_docs(path: Path, refs: list[DocRef]) -> list[tuple[DocRef, Document]]:
+    if all(r.document is not None for r in refs):  # JSONL lines, parsed while planning
+        return [(r, r.document) for r in refs]  # type: ignore[misc]
+    docs = load_file(path, refs[0].source)
+    return [(refs[0], docs[0])]
+
+
+# --- remove, list, stats ----------------------------------------------------------------------
+
+
+def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[str, Any]:
+    """Delete the documents whose source, file, or absolute path (file or folder) matches."""
+    name = index or cfg.index.name
+    store = open_store(cfg, name)
+    if not store.exists():
+        raise UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'")
+    with IndexLock(name, "ragtune index remove " + " ".join(sources)):
+        store.open()
+        try:
+            states = store.doc_states()
+            doomed: dict[str, str] = {}
+            for want in sources:
+                p = Path(want).expanduser()
+                absolute = str(p.resolve()) if p.exists() or p.is_absolute() else None
+                hits = []
+                for st in states.values():
+                    f = _state_file(st)
+                    if want in (st.get("source"), st.get("file")) or (
+                        absolute and f and (f == absolute or Path(f).is_relative_to(absolute))
+                    ):
+                        hits.append(st)
+                if not hits:
+                    raise UsageError(
+                        f"no document in index '{name}' matches '{want}'; see 'ragtune index list --index {name}'"
+                    )
+                for st in hits:
+                    doomed[st["doc_id"]] = st.get("source", st["doc_id"])
+            before = store.count()
+            store.delete_docs(sorted(doomed))
+            after = store.count()
+            store.flush()
+        finally:
+            store.close()
+    return {"index": name, "removed": sorted(set(doomed.values())), "chunks_deleted": before - after}
+
+
+def list_documents(cfg: Config, index: str | None = None) -> list[dict[str, Any]]:
+    name = index or cfg.index.name
+    with _open_existing(cfg, name) as store:
+        states = store.doc_states()
+    rows = []
+    for st in states.values():
+        rows.append({
+            "source": st.get("source", "?"), "title": st.get("title", ""), "chunks": st["count"],
+            "root": st.get("root", ""), "complete": st["count"] == st.get("n_chunks"),
+        })
+    return sorted(rows, key=lambda r: (r["root"], r["source"]))
+
+
+def stats(cfg: Config, index: str | None = None) -> dict[str, Any]:
+    name = index or cfg.index.name
+    with _open_existing(cfg, name) as store:
+        meta = store.read_meta()
+        states = store.doc_states()
+        out = {
+            "index": name, "store": store.kind, "location": store.location(),
+            "documents": sum(1 for s in states.values() if s.get("file") is not None),
+            "chunks": store.count(), "incomplete": sum(1 for s in states.values() if s["count"] != s.get("n_chunks")),
+            "disk_bytes": store.disk_bytes(), "schema_version": meta.get("schema_version"),
+            "embedder": meta.get("embedder"), "chunker": meta.get("chunker"), "roots": meta.get("roots", []),
+            "created": meta.get("created"), "updated": meta.get("updated"),
+        }
+    return out
+
+
+def _open_existing(cfg: Config, name: str) -> Store:
+    store = open_store(cfg, name)
+    if not store.exists():
+        raise UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'")
+    return store.open()
+
+
+def migrate(cfg: Config, to_url: str, index: str | None = None, api_key: str = "", replace: bool = False,
+            batch: int = 512) -> dict[str, Any]:
+    """Copy every point (vectors, payloads, meta) of an index into another store."""
+    from ragtune.retrieval.store import META_ID, EdgeStore, ServerStore
+
+    name = index or cfg.index.name
+    src = open_store(cfg, name)
+    if not src.exists():
+        raise UsageError(f"index '{name}' does not exist at {src.location()}; nothing to migrate")
+    if to_url in ("edge", ""):
+        dst: Store = EdgeStore(name)
+    else:
+        dst = ServerStore(name, to_url, api_key or cfg.store.api_key, cfg.store.collection_prefix)
+    if dst.location() == src.location():
+        raise UsageError(f"index '{name}' is already at {src.location()}")
+    t0 = time.perf_counter()
+    with IndexLock(name, f"ragtune index migrate --to {to_url}"):
+        src.open()
+        try:
+            meta = src.read_meta()
+            dim = int(meta.get("embedder", {}).get("dim") or 0)
+            if not dim:
+                raise UsageError(f"index '{name}' has no metadata (embedder dimension); re-create it with 'ragtune index add'")
+            if dst.exists():
+                dst.open()
+                if dst.count() and not replace:
+                    dst.close()
+                    raise UsageError(
+                        f"the destination {dst.location()} already holds {dst.count()} chunks; pass --replace to overwrite it"
+                    )
+                dst.drop()
+            dst.open(create_dim=dim)
+            n = 0
+            buf: list[PointData] = []
+            for pid, payload, vec in src.scroll(None, True, with_vectors=True, batch=batch):
+                if pid == META_ID:
+                    continue
+                vec = vec or {}
+                sp = vec.get("sparse")
+                buf.append(PointData(pid, vec.get("dense"), (list(sp.indices), list(sp.values)) if sp else None, payload))
+                if len(buf) >= batch:
+                    dst.upsert(buf)
+                    n += len(buf)
+                    buf = []
+            dst.upsert(buf)
+            n += len(buf)
+            dst.write_meta({**meta, "migrated_from": src.location()})
+            dst.flush()
+            dst.optimize()
+            copied = dst.count()
+        finally:
+            src.close()
+            dst.close()
+    if copied != n:
+        raise UsageError(f"migration copied {n} chunks but the destination holds {copied}; run it again with --replace")
+    return {"index": name, "from": src.location(), "to": dst.location(), "chunks": n,
+            "seconds": round(time.perf_counter() - t0, 3)}

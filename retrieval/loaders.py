@@ -1,0 +1,373 @@
+"""Files -> documents: plain text split into blocks that carry heading path, page and offsets.
+
+    docs = load_file(Path("manual.pdf"), source="manual.pdf")   # list[Document]; raises Skip
+
+Supported: .txt, .md/.markdown, .html/.htm, .pdf (one page number per block), .docx, and .jsonl
+(one document per line: "text" plus optional "title", "id" and any other keys as metadata).
+A file that cannot be read (unsupported, empty, corrupt, scanned PDF without a text layer) raises
+`Skip` whose message is the reason the ingest summary prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+TEXT_SUFFIXES = {".txt", ".text"}
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
+HTML_SUFFIXES = {".html", ".htm"}
+SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx", ".jsonl"}
+
+_PARA_SPLIT = re.compile(r"\n[ \t]*\n+")
+
+
+class Skip(Exception):
+    """A file that is not indexed; str(exc) is the reason."""
+
+
+@dataclass
+class Block:
+    """A paragraph-level unit: chunks never cross a change of heading or page."""
+
+    text: str
+    heading: tuple[str, ...] = ()
+    page: int | None = None
+    start: int = 0  # char offset in Document.text
+
+
+@dataclass
+class Document:
+    source: str  # relative to the ingest root ("a/b.md", or "data.jsonl#id" for JSONL lines)
+    title: str
+    text: str = ""
+    blocks: list[Block] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class _Builder:
+    """Accumulates blocks and the document text so that text[start:start+len] == block.text."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.blocks: list[Block] = []
+
+    def add(self, text: str, heading: tuple[str, ...] = (), page: int | None = None) -> None:
+        text = text.strip()
+        if not text:
+            return
+        if self.parts:
+            self.parts.append("\n\n")
+            self.length += 2
+        self.blocks.append(Block(text, heading, page, self.length))
+        self.parts.append(text)
+        self.length += len(text)
+
+    def document(self, source: str, title: str, meta: dict[str, Any] | None = None) -> Document:
+        return Document(source, title, "".join(self.parts), self.blocks, meta or {})
+
+
+def is_supported(path: Path) -> bool:
+    return path.suffix.lower() in SUPPORTED
+
+
+def decode_text(data: bytes, what: str = "file") -> str:
+    if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise Skip(f"binary content in a {what} (NUL bytes); not a text file")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp949")  # legacy Korean files
+    except UnicodeDecodeError:
+        raise Skip("not valid UTF-8 (or CP949) text; convert it to UTF-8") from None
+
+
+def load_file(path: Path, source: str, data: bytes | None = None) -> list[Document]:
+    """Read one file into documents (JSONL: one per line). Raises Skip with the reason."""
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED:
+        raise Skip(f"unsupported file type '{suffix or path.name}' (supported: {', '.join(sorted(SUPPORTED))})")
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise Skip(f"cannot read: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise Skip("empty file")
+    if suffix in TEXT_SUFFIXES:
+        docs = [load_text(decode_text(data), source, path.stem)]
+    elif suffix in MARKDOWN_SUFFIXES:
+        docs = [load_markdown(decode_text(data), source, path.stem)]
+    elif suffix in HTML_SUFFIXES:
+        docs = [load_html(decode_text(data), source, path.stem)]
+    elif suffix == ".pdf":
+        docs = [load_pdf(data, source, path.stem)]
+    elif suffix == ".docx":
+        docs = [load_docx(data, source, path.stem)]
+    else:
+        docs = [doc for _, doc in iter_jsonl(data, source)]
+    docs = [d for d in docs if d.blocks]
+    if not docs:
+        raise Skip("no text found")
+    return docs
+
+
+# --- formats ----------------------------------------------------------------------------------
+
+
+def load_text(text: str, source: str, title: str) -> Document:
+    b = _Builder()
+    for para in _PARA_SPLIT.split(text):
+        b.add(para)
+    return b.document(source, title)
+
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def load_markdown(text: str, source: str, title: str) -> Document:
+    """Headings (#..######) make the heading path; paragraphs split on blank lines, not in fences."""
+    text = _strip_front_matter(text)
+    b = _Builder()
+    path: list[tuple[int, str]] = []
+    para: list[str] = []
+    in_fence = False
+    first_h1 = ""
+
+    def flush() -> None:
+        if para:
+            b.add("\n".join(para), tuple(h for _, h in path))
+            para.clear()
+
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            in_fence = not in_fence
+            para.append(line)
+            continue
+        m = None if in_fence else _HEADING.match(line)
+        if m:
+            flush()
+            level, name = len(m.group(1)), m.group(2).strip()
+            if level == 1 and not first_h1:
+                first_h1 = name
+            path = [(lv, h) for lv, h in path if lv < level] + [(level, name)]
+            continue
+        if not line.strip() and not in_fence:
+            flush()
+            continue
+        para.append(line)
+    flush()
+    return b.document(source, first_h1 or title)
+
+
+def _strip_front_matter(text: str) -> str:
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end != -1:
+            return text[end + 4 :].lstrip("\n")
+    return text
+
+
+class _HTMLText(HTMLParser):
+    BLOCK = {
+        "p", "div", "li", "ul", "ol", "pre", "table", "tr", "td", "th", "dd", "dt", "dl", "blockquote",
+        "section", "article", "main", "body", "br", "hr", "figure", "figcaption", "caption", "form",
+    }
+    HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
+    SKIP = {"script", "style", "nav", "header", "footer", "aside", "noscript", "template", "svg", "head", "button"}
+    SKIP_CLASSES = ("sphinxsidebar", "related", "headerlink", "navigation", "sidebar", "breadcrumb")
+    VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "source", "wbr", "param", "track"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.builder = _Builder()
+        self.stack: list[str] = []
+        self.skip_depth: int | None = None  # stack depth where a skipped element opened
+        self.buf: list[str] = []
+        self.pre = 0
+        self.heading_level = 0
+        self.heading_buf: list[str] = []
+        self.path: list[tuple[int, str]] = []
+        self.title = ""
+        self.in_title = False
+        self.first_h1 = ""
+
+    def _flush(self) -> None:
+        text = "".join(self.buf)
+        self.buf = []
+        if not self.pre:
+            text = re.sub(r"[ \t\r\f\v]+", " ", text)
+            text = re.sub(r" *\n *", "\n", text)
+        self.builder.add(text.replace("\u00b6", ""), tuple(h for _, h in self.path))
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "title":
+            self.in_title = True
+        if tag in self.VOID:
+            if tag == "br" and self.skip_depth is None:
+                self.buf.append("\n")
+            return
+        self.stack.append(tag)
+        if self.skip_depth is not None:
+            return
+        a = dict(attrs)
+        cls = a.get("class") or ""
+        if tag in self.SKIP or a.get("role") == "navigation" or any(c in cls for c in self.SKIP_CLASSES):
+            self.skip_depth = len(self.stack)
+            return
+        if tag in self.HEADINGS:
+            self._flush()
+            self.heading_level = self.HEADINGS[tag]
+            self.heading_buf = []
+        elif tag in self.BLOCK:
+            self._flush()
+            if tag == "pre":
+                self.pre += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "title":
+            self.in_title = False
+        if tag in self.VOID or tag not in self.stack:
+            return
+        while self.stack:
+            open_tag = self.stack.pop()
+            depth = len(self.stack) + 1
+            if self.skip_depth is not None:
+                if depth == self.skip_depth:
+                    self.skip_depth = None
+            elif open_tag in self.HEADINGS and self.heading_level:
+                name = re.sub(r"\s+", " ", "".join(self.heading_buf)).replace("\u00b6", "").strip()
+                level = self.heading_level
+                self.heading_level = 0
+                if name:
+                    if level == 1 and not self.first_h1:
+                        self.first_h1 = name
+                    self.path = [(lv, h) for lv, h in self.path if lv < level] + [(level, name)]
+            elif open_tag in self.BLOCK:
+                self._flush()
+                if open_tag == "pre":
+                    self.pre = max(0, self.pre - 1)
+            if open_tag == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self.in_title:
+            self.title += data
+            return
+        if self.skip_depth is not None:
+            return
+        if self.heading_level:
+            self.heading_buf.append(data)
+        else:
+            self.buf.append(data)
+
+
+def load_html(text: str, source: str, title: str) -> Document:
+    p = _HTMLText()
+    p.feed(text)
+    p.close()
+    p._flush()
+    name = p.first_h1 or re.sub(r"\s+", " ", p.title).strip() or title
+    return p.builder.document(source, name)
+
+
+def load_pdf(data: bytes, source: str, title: str) -> Document:
+    import io
+    import logging
+
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            try:
+                reader.decrypt("")
+            except Exception:  # noqa: BLE001 - any failure means we cannot read it
+                raise Skip("encrypted PDF; save an unencrypted copy") from None
+        pages = list(reader.pages)
+        meta_title = ""
+        try:
+            meta_title = str((reader.metadata or {}).get("/Title") or "").strip()
+        except Exception:  # noqa: BLE001 - metadata is optional
+            meta_title = ""
+        b = _Builder()
+        for number, page in enumerate(pages, 1):
+            text = page.extract_text() or ""
+            for para in _PARA_SPLIT.split(text):
+                b.add(para, (), number)
+    except Skip:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError, AssertionError) as exc:
+        raise Skip(f"corrupt or unreadable PDF ({type(exc).__name__}: {exc})") from None
+    if not b.blocks:
+        raise Skip(f"PDF has no text layer ({len(pages)} pages, scanned?); run OCR on it first")
+    return b.document(source, meta_title or title)
+
+
+def load_docx(data: bytes, source: str, title: str) -> Document:
+    import io
+    import zipfile
+
+    import docx
+
+    try:
+        d = docx.Document(io.BytesIO(data))
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise Skip(f"corrupt or unreadable DOCX ({type(exc).__name__}: {exc})") from None
+    b = _Builder()
+    path: list[tuple[int, str]] = []
+    doc_title = ""
+    for para in d.paragraphs:
+        style = (para.style.name if para.style is not None else "") or ""
+        text = para.text.strip()
+        if not text:
+            continue
+        if style == "Title":
+            doc_title = doc_title or text
+            continue
+        m = re.match(r"Heading (\d)", style)
+        if m:
+            level = int(m.group(1))
+            path = [(lv, h) for lv, h in path if lv < level] + [(level, text)]
+            continue
+        b.add(text, tuple(h for _, h in path))
+    for table in d.tables:
+        for row in table.rows:
+            b.add(" | ".join(c.text.strip() for c in row.cells), tuple(h for _, h in path))
+    return b.document(source, doc_title or (d.core_properties.title or "").strip() or title)
+
+
+def iter_jsonl(data: bytes, file_source: str) -> list[tuple[bytes, Document]]:
+    """(line bytes, document) for every JSONL line; bad lines raise Skip naming the line."""
+    out = []
+    seen: set[str] = set()
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(decode_text(raw, "JSONL line"))
+        except ValueError as exc:
+            raise Skip(f"line {lineno}: not valid JSON ({exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise Skip(f"line {lineno}: expected an object with a \"text\" string")
+        key = str(obj.get("id") if obj.get("id") is not None else f"L{lineno}")
+        if key in seen:
+            raise Skip(f"line {lineno}: duplicate id '{key}'")
+        seen.add(key)
+        meta = {k: v for k, v in obj.items() if k not in ("text", "title", "id")}
+        title = str(obj.get("title") or key)
+        doc = load_text(obj["text"], f"{file_source}#{key}", title)
+        doc.meta = meta
+        out.append((raw, doc))
+    return out

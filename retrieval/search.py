@@ -1,0 +1,174 @@
+"""Query an index: dense, sparse (BM25 with IDF) or hybrid (both, fused by reciprocal rank).
+
+    from ragtune.retrieval.search import Retriever
+
+    r = Retriever(cfg, index_name=None)     # cheap; index_name None = cfg.index.name
+    r.load()                                # opens the store, loads the embedder (and reranker)
+    hits = r.search("how many remote days?", top_k=5, mode="hybrid", filters={"source": "hr.md"})
+    best = r.best_dense_score(hits)         # what abstention compares with rag.min_score
+    r.close()
+
+Each hit is the sources shape `{"n", "source", "title", "page", "heading", "score", "text"}` plus
+`"dense_score"` (cosine of query and chunk, in every mode: RRF scores are ranks, not relevance)
+and `"chunk_id"`; with a reranker `score` is the reranker's and `"rerank_score"` is set too.
+`load()` raises UsageError when the index does not exist or was built by another embedder, and
+IndexBusy while another process writes an embedded (Edge) index.
+Filters: exact match on source, file, root, title, doc_id, page, or a JSONL metadata key
+(`meta.KEY`); a list value matches any of its items.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ragtune.config import Config
+from ragtune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+MODES = ("dense", "sparse", "hybrid")
+FILTER_KEYS = ("source", "file", "root", "title", "doc_id", "page")
+
+
+def parse_filters(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` strings -> filter dict; repeated keys become "any of"."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--filter '{item}': expected key=value, e.g. --filter source=handbook.md")
+        check_filter_key(key)
+        val: Any = int(value) if key == "page" and value.strip().isdigit() else value
+        if key in out:
+            prev = out[key] if isinstance(out[key], list) else [out[key]]
+            out[key] = prev + [val]
+        else:
+            out[key] = val
+    return out
+
+
+def check_filter_key(key: str) -> None:
+    if key not in FILTER_KEYS and not (key.startswith("meta.") and len(key) > 5):
+        raise UsageError(f"cannot filter on '{key}'; use one of {', '.join(FILTER_KEYS)}, or meta.KEY for JSONL metadata")
+
+
+class Retriever:
+    def __init__(self, cfg: Config, index_name: str | None = None) -> None:
+        self.cfg = cfg
+        self.name = index_name or cfg.index.name
+        self.store: Any = None
+        self.embedder: Any = None
+        self.sparse: Any = None
+        self.reranker: Any = None
+        self.meta: dict[str, Any] = {}
+
+    def load(self) -> "Retriever":
+        if self.store is not None:
+            return self
+        from ragtune.retrieval.embedder import Embedder
+        from ragtune.retrieval.sparse import SparseEncoder
+        from ragtune.retrieval.store import SCHEMA_VERSION, open_store
+
+        store = open_store(self.cfg, self.name)
+        if not store.exists():
+            raise UsageError(
+                f"index '{self.name}' does not exist; create it with 'ragtune index add PATH --index {self.name}'"
+            )
+        store.open()
+        try:
+            meta = store.read_meta()
+            version = int(meta.get("schema_version", 0) or 0)
+            if version > SCHEMA_VERSION:
+                raise UsageError(
+                    f"index '{self.name}' has schema_version {version}, newer than this ragtune reads "
+                    f"({SCHEMA_VERSION}); upgrade ragtune"
+                )
+            embedder = Embedder(self.cfg.embedder)
+            ident = embedder.identity()
+            built = meta.get("embedder") or {}
+            if built.get("hash") and built["hash"] != ident["hash"]:
+                raise UsageError(
+                    f"index '{self.name}' was built with the embedder at '{built.get('path')}' (hash "
+                    f"{built['hash'][:12]}) but embedder.path is '{ident['path']}' (hash {ident['hash'][:12]}); "
+                    f"query with embedder.path={built.get('path')} or rebuild the index with this embedder"
+                )
+            embedder.load()
+            if self.cfg.search.rerank_model:
+                from ragtune.retrieval.rerank import Reranker
+
+                self.reranker = Reranker(self.cfg.search.rerank_model, self.cfg.embedder.device).load()
+        except BaseException:
+            store.close()
+            raise
+        self.store, self.embedder, self.meta = store, embedder, meta
+        self.sparse = SparseEncoder()
+        return self
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> "Retriever":
+        return self.load()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def search(self, query: str, top_k: int | None = None, mode: str | None = None,
+               filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        import numpy as np
+
+        if self.store is None:
+            self.load()
+        if not query or not query.strip():
+            raise UsageError("the search query is empty")
+        mode = mode or self.cfg.search.mode
+        if mode not in MODES:
+            raise UsageError(f"search mode '{mode}' is not one of {', '.join(MODES)}")
+        top_k = int(top_k or self.cfg.search.top_k)
+        if top_k < 1:
+            raise UsageError(f"top_k must be at least 1, got {top_k}")
+        for key in filters or {}:
+            check_filter_key(key)
+        s = self.cfg.search
+        q = self.embedder.embed_query(query)
+        sparse_q = self.sparse.query(query) if mode != "dense" else None
+        limit = max(top_k, s.rerank_candidates) if self.reranker is not None else top_k
+        hits = self.store.query(
+            dense=q, sparse=sparse_q, mode=mode, limit=limit, candidates=max(s.candidates, limit),
+            rrf_k=s.rrf_k, filters=filters, hnsw_ef=s.hnsw_ef, with_vector=mode != "dense",
+        )
+        out = []
+        for h in hits:
+            if mode == "dense":
+                dense_score: float | None = h.score
+            elif h.vector is not None:
+                dense_score = float(np.dot(q, np.asarray(h.vector, dtype=np.float32)))
+            else:
+                dense_score = None
+            p = h.payload
+            out.append({
+                "n": 0, "source": p.get("source"), "title": p.get("title"), "page": p.get("page"),
+                "heading": p.get("heading") or "", "score": float(h.score), "text": p.get("text", ""),
+                "dense_score": dense_score, "chunk_id": h.id, "start": p.get("start"), "end": p.get("end"),
+                "meta": p.get("meta") or {},
+            })
+        if self.reranker is not None and out:
+            scores = self.reranker.score(query, [o["text"] for o in out])
+            for o, sc in zip(out, scores):
+                o["rerank_score"] = o["score"] = float(sc)
+            out.sort(key=lambda o: -o["score"])
+            out = out[:top_k]
+        for i, o in enumerate(out, 1):
+            o["n"] = i
+        return out
+
+    def best_dense_score(self, hits: list[dict[str, Any]]) -> float | None:
+        """What abstention compares with rag.min_score: the reranker's best score when one is
+        set, else the best dense cosine (None when there are no hits)."""
+        key = "rerank_score" if self.reranker is not None else "dense_score"
+        vals = [h[key] for h in hits if h.get(key) is not None]
+        return max(vals) if vals else None

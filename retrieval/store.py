@@ -1,0 +1,604 @@
+"""One small store interface over Qdrant: Edge in-process (default) or a server via qdrant-client.
+
+    store = open_store(cfg, "default")         # EdgeStore, or ServerStore when store.url is set
+    store.open(create_dim=384)                 # create if missing (writers) / store.open() (readers)
+    store.upsert([PointData(id, dense, (idx, val), payload), ...])
+    hits = store.query(dense=q, sparse=(idx, val), mode="hybrid", limit=5)
+    store.close()
+
+Both hold the same schema: named vectors "dense" (cosine) and "sparse" (IDF modifier), one point
+per chunk with its payload, payload indexes on the fields filters and sync use, and one vectorless
+meta point (schema_version, embedder identity, chunker) that travels with the data on migrate.
+`store.url` = "http(s)://host:port" for a server; "local:PATH" or ":memory:" for qdrant-client's
+local mode, which speaks the server API (tests and benchmarks; too slow as a product default).
+
+Writers take an exclusive fcntl lock on $RAGTUNE_HOME/indexes/NAME/.lock (IndexLock); Edge also
+locks its own WAL, so a reader cannot open an Edge index while a writer has it, and the other way
+round: both get IndexBusy with a clear message instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ragtune.errors import RagtuneError, UsageError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+META_ID = str(uuid.uuid5(uuid.NAMESPACE_URL, "ragtune:index-meta"))
+DENSE = "dense"
+SPARSE = "sparse"
+KEYWORD_FIELDS = ("doc_id", "source", "file", "root", "kind", "title")
+INTEGER_FIELDS = ("chunk_index", "page")
+STATE_FIELDS = ["doc_id", "doc_hash", "root", "file", "source", "title", "n_chunks", "chunker", "sparse"]
+
+
+class IndexBusy(RagtuneError):
+    """The index is open in another process (a writer, or a reader of an Edge index)."""
+
+
+@dataclass
+class PointData:
+    id: str
+    dense: Any  # sequence of floats (None for the meta point)
+    sparse: tuple[list[int], list[float]] | None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+    vector: list[float] | None = None  # the stored (normalised) dense vector, when asked for
+
+
+def index_dir(name: str) -> Path:
+    from ragtune.modeling import ragtune_home
+
+    return ragtune_home() / "indexes" / name
+
+
+def check_index_name(name: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
+        raise UsageError(
+            f"index name '{name}' is not valid; use letters, digits, '_', '.', '-' (up to 64, starting with a letter or digit)"
+        )
+    return name
+
+
+# --- the writer lock --------------------------------------------------------------------------
+
+
+class IndexLock:
+    """Exclusive, non-blocking fcntl lock on the index folder; released when the process dies."""
+
+    def __init__(self, name: str, what: str = "") -> None:
+        self.name = name
+        self.path = index_dir(name) / ".lock"
+        self.what = what or "ragtune"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "IndexLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            try:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+            except OSError:
+                pass
+            os.close(fd)
+            raise IndexBusy(
+                f"index '{self.name}' is in use by another process{f' ({holder})' if holder else ''}; "
+                "wait for it to finish and run the command again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {self.what}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+
+
+def lock_holder(name: str) -> str:
+    try:
+        return (index_dir(name) / ".lock").read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# --- interface --------------------------------------------------------------------------------
+
+
+class Store(ABC):
+    kind = ""
+
+    def __init__(self, name: str) -> None:
+        self.name = check_index_name(name)
+
+    @abstractmethod
+    def exists(self) -> bool: ...
+
+    @abstractmethod
+    def open(self, create_dim: int | None = None) -> "Store":
+        """Open an existing index; with create_dim, create it first when it does not exist."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def location(self) -> str: ...
+
+    @abstractmethod
+    def upsert(self, points: list[PointData]) -> None: ...
+
+    @abstractmethod
+    def delete_docs(self, doc_ids: list[str]) -> None: ...
+
+    @abstractmethod
+    def retrieve(self, ids: list[str]) -> list[Hit]: ...
+
+    @abstractmethod
+    def facet_doc_ids(self, limit: int) -> dict[str, int]: ...
+
+    @abstractmethod
+    def scroll(self, filters: dict[str, Any] | None, fields: list[str] | bool, with_vectors: bool,
+               batch: int = 1000) -> Iterator[tuple[str, dict[str, Any], Any]]: ...
+
+    @abstractmethod
+    def count(self) -> int: ...
+
+    @abstractmethod
+    def query(self, dense: Any = None, sparse: tuple[list[int], list[float]] | None = None,
+              mode: str = "hybrid", limit: int = 5, candidates: int = 50, rrf_k: int = 60,
+              filters: dict[str, Any] | None = None, hnsw_ef: int = 0, exact: bool = False,
+              with_vector: bool = False) -> list[Hit]: ...
+
+    def optimize(self) -> None:
+        """Build indexes (HNSW) where the backend needs it to be asked; a no-op elsewhere."""
+
+    def flush(self) -> None:
+        """Make written points durable where the backend buffers them."""
+
+    def disk_bytes(self) -> int | None:
+        return None
+
+    @abstractmethod
+    def drop(self) -> None: ...
+
+    # --- shared on top of the primitives ------------------------------------------------------
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def read_meta(self) -> dict[str, Any]:
+        hits = self.retrieve([META_ID])
+        return dict(hits[0].payload) if hits else {}
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        self.upsert([PointData(META_ID, None, None, {**meta, "kind": "meta"})])
+
+    def doc_states(self) -> dict[str, dict[str, Any]]:
+        """doc_id -> first chunk's identity fields plus `count` (points stored for it).
+
+        A document is complete when count == n_chunks; ids with points but no first chunk are
+        leftovers of an interrupted write (state without 'file')."""
+        total = self.count()
+        counts = self.facet_doc_ids(limit=total + 1) if total else {}
+        states: dict[str, dict[str, Any]] = {d: {"doc_id": d, "count": c} for d, c in counts.items() if c > 0}
+        for _pid, payload, _vec in self.scroll({"chunk_index": 0}, STATE_FIELDS, with_vectors=False):
+            d = payload.get("doc_id")
+            if d in states:
+                states[d].update(payload)
+        return states
+
+
+def open_store(cfg: Any, name: str) -> Store:
+    """The backend the config asks for: Edge by default, qdrant-client when store.url is set."""
+    url = cfg.store.url
+    if not url:
+        return EdgeStore(name)
+    return ServerStore(name, url, cfg.store.api_key, cfg.store.collection_prefix)
+
+
+# --- Qdrant Edge ------------------------------------------------------------------------------
+
+
+def _edge_filter(filters: dict[str, Any] | None) -> Any:
+    if not filters:
+        return None
+    from qdrant_edge import FieldCondition, Filter, MatchAny, MatchValue
+
+    conds = []
+    for key, value in filters.items():
+        if isinstance(value, (list, tuple)):
+            conds.append(FieldCondition(key, match=MatchAny(list(value))))
+        else:
+            conds.append(FieldCondition(key, match=MatchValue(value)))
+    return Filter(must=conds)
+
+
+class EdgeStore(Store):
+    """Qdrant Edge in-process: one folder ($RAGTUNE_HOME/indexes/NAME/shard), HNSW + payload indexes."""
+
+    kind = "edge"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.dir = index_dir(name)
+        self.shard_dir = self.dir / "shard"
+        self.shard: Any = None
+
+    def location(self) -> str:
+        return str(self.shard_dir)
+
+    def exists(self) -> bool:
+        return (self.shard_dir / "edge_config.json").is_file()
+
+    def _busy(self, exc: Exception) -> IndexBusy:
+        holder = lock_holder(self.name)
+        return IndexBusy(
+            f"index '{self.name}' is in use by another process ({holder or 'a writer, or a server that has it open'}); "
+            "wait for it to finish (or stop the server) and run the command again"
+        )
+
+    def open(self, create_dim: int | None = None) -> "EdgeStore":
+        from qdrant_edge import (
+            Distance,
+            EdgeConfig,
+            EdgeShard,
+            EdgeSparseVectorParams,
+            EdgeVectorParams,
+            Modifier,
+            PayloadSchemaType,
+            UpdateOperation,
+        )
+
+        try:
+            if self.exists():
+                self.shard = EdgeShard.load(str(self.shard_dir))
+                return self
+            if create_dim is None:
+                raise UsageError(
+                    f"index '{self.name}' does not exist; create it with 'ragtune index add PATH --index {self.name}'"
+                )
+            if self.shard_dir.exists():  # a creation killed before its config landed
+                shutil.rmtree(self.shard_dir)
+            config = EdgeConfig(
+                vectors={DENSE: EdgeVectorParams(size=create_dim, distance=Distance.Cosine)},
+                sparse_vectors={SPARSE: EdgeSparseVectorParams(modifier=Modifier.Idf)},
+            )
+            self.shard = EdgeShard.create(str(self.shard_dir), config)
+        except UsageError:
+            raise
+        except Exception as exc:  # the bindings raise plain Exception
+            if "WouldBlock" in str(exc) or "lock" in str(exc).lower():
+                raise self._busy(exc) from None
+            raise RagtuneError(f"cannot open index '{self.name}' at {self.shard_dir}: {exc}") from exc
+        for f in KEYWORD_FIELDS:
+            self.shard.update(UpdateOperation.create_field_index(f, PayloadSchemaType.Keyword))
+        for f in INTEGER_FIELDS:
+            self.shard.update(UpdateOperation.create_field_index(f, PayloadSchemaType.Integer))
+        return self
+
+    def close(self) -> None:
+        if self.shard is not None:
+            try:
+                self.shard.flush()
+            finally:
+                self.shard.close()
+                self.shard = None
+
+    def upsert(self, points: list[PointData]) -> None:
+        from qdrant_edge import Point, SparseVector, UpdateOperation
+
+        out = []
+        for p in points:
+            vec: dict[str, Any] = {}
+            if p.dense is not None:
+                vec[DENSE] = [float(x) for x in p.dense]
+            if p.sparse is not None and p.sparse[0]:
+                vec[SPARSE] = SparseVector(list(p.sparse[0]), [float(v) for v in p.sparse[1]])
+            out.append(Point(p.id, vec, p.payload))
+        if out:
+            self.shard.update(UpdateOperation.upsert_points(out))
+
+    def delete_docs(self, doc_ids: list[str]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        for i in range(0, len(doc_ids), 256):
+            self.shard.update(UpdateOperation.delete_points_by_filter(_edge_filter({"doc_id": doc_ids[i : i + 256]})))
+
+    def retrieve(self, ids: list[str]) -> list[Hit]:
+        recs = self.shard.retrieve(list(ids), with_payload=True, with_vector=False)
+        return [Hit(str(r.id), 0.0, dict(r.payload or {})) for r in recs]
+
+    def facet_doc_ids(self, limit: int) -> dict[str, int]:
+        from qdrant_edge import FacetRequest
+
+        res = self.shard.facet(FacetRequest(key="doc_id", limit=max(1, limit), exact=True))
+        return {str(h.value): int(h.count) for h in res.hits}
+
+    def scroll(self, filters: dict[str, Any] | None, fields: list[str] | bool, with_vectors: bool,
+               batch: int = 1000) -> Iterator[tuple[str, dict[str, Any], Any]]:
+        from qdrant_edge import PayloadSelector, ScrollRequest
+
+        with_payload: Any = PayloadSelector.Include(list(fields)) if isinstance(fields, list) else fields
+        offset = None
+        while True:
+            recs, offset = self.shard.scroll(ScrollRequest(
+                offset=offset, limit=batch, filter=_edge_filter(filters), with_payload=with_payload,
+                with_vector=with_vectors,
+            ))
+            for r in recs:
+                yield str(r.id), dict(r.payload or {}), r.vector
+            if offset is None or not recs:
+                return
+
+    def count(self) -> int:
+        from qdrant_edge import CountRequest
+
+        return int(self.shard.count(CountRequest(filter=_edge_filter({"kind": "chunk"}), exact=True)))
+
+    def query(self, dense: Any = None, sparse: tuple[list[int], list[float]] | None = None,
+              mode: str = "hybrid", limit: int = 5, candidates: int = 50, rrf_k: int = 60,
+              filters: dict[str, Any] | None = None, hnsw_ef: int = 0, exact: bool = False,
+              with_vector: bool = False) -> list[Hit]:
+        from qdrant_edge import Fusion, Prefetch, Query, QueryRequest, SearchParams, SparseVector
+
+        flt = _edge_filter(filters)
+        params = SearchParams(hnsw_ef=hnsw_ef or None, exact=exact) if (hnsw_ef or exact) else None
+        dense_q = Query.Nearest([float(x) for x in dense], using=DENSE) if dense is not None else None
+        sparse_q = (Query.Nearest(SparseVector(list(sparse[0]), [float(v) for v in sparse[1]]), using=SPARSE)
+                    if sparse is not None and sparse[0] else None)
+        wv: Any = [DENSE] if with_vector else False
+        if mode == "hybrid" and dense_q is not None and sparse_q is not None:
+            req = QueryRequest(
+                limit=limit,
+                prefetches=[Prefetch(limit=max(candidates, limit), query=dense_q, filter=flt, params=params),
+                            Prefetch(limit=max(candidates, limit), query=sparse_q, filter=flt)],
+                query=Fusion.Rrf(k=rrf_k), with_payload=True, with_vector=wv,
+            )
+        else:
+            q = sparse_q if mode == "sparse" else dense_q
+            if q is None:
+                return []
+            req = QueryRequest(limit=limit, query=q, filter=flt, params=params if q is dense_q else None,
+                               with_payload=True, with_vector=wv)
+        return [_edge_hit(p) for p in self.shard.query(req)]
+
+    def optimize(self) -> None:
+        self.shard.optimize()
+
+    def flush(self) -> None:
+        self.shard.flush()
+
+    def disk_bytes(self) -> int | None:
+        return sum(f.stat().st_blocks * 512 for f in self.shard_dir.rglob("*") if f.is_file())  # allocated
+
+    def drop(self) -> None:
+        self.close()
+        shutil.rmtree(self.shard_dir, ignore_errors=True)
+
+
+def _edge_hit(p: Any) -> Hit:
+    vec = p.vector.get(DENSE) if isinstance(p.vector, dict) else None
+    return Hit(str(p.id), float(p.score), dict(p.payload or {}), vec)
+
+
+# --- Qdrant server (and qdrant-client local mode) ----------------------------------------------
+
+
+def _qc_filter(filters: dict[str, Any] | None) -> Any:
+    if not filters:
+        return None
+    from qdrant_client import models as m
+
+    conds = []
+    for key, value in filters.items():
+        if isinstance(value, (list, tuple)):
+            conds.append(m.FieldCondition(key=key, match=m.MatchAny(any=list(value))))
+        else:
+            conds.append(m.FieldCondition(key=key, match=m.MatchValue(value=value)))
+    return m.Filter(must=conds)
+
+
+class ServerStore(Store):
+    """A Qdrant server or cluster through qdrant-client: one collection per index."""
+
+    kind = "server"
+
+    def __init__(self, name: str, url: str, api_key: str = "", prefix: str = "ragtune_") -> None:
+        super().__init__(name)
+        self.url = url
+        self.api_key = api_key
+        self.collection = f"{prefix}{name}"
+        self.client: Any = None
+
+    def location(self) -> str:
+        return f"{self.url} collection {self.collection}"
+
+    def _connect(self) -> Any:
+        if self.client is not None:
+            return self.client
+        try:
+            from qdrant_client import QdrantClient
+        except ImportError as exc:  # pragma: no cover - a dependency
+            raise RagtuneError("the server store needs qdrant-client: pip install qdrant-client") from exc
+        try:
+            if self.url == ":memory:":
+                self.client = QdrantClient(location=":memory:")
+            elif self.url.startswith("local:"):
+                self.client = QdrantClient(path=self.url[len("local:"):])
+            else:
+                self.client = QdrantClient(url=self.url, api_key=self.api_key or None, timeout=60)
+        except RuntimeError as exc:
+            if "already accessed" in str(exc):
+                raise IndexBusy(
+                    f"index '{self.name}' ({self.url}) is in use by another process; qdrant-client's local mode "
+                    "allows one process at a time: wait for it to finish, or use a Qdrant server"
+                ) from None
+            raise
+        return self.client
+
+    def exists(self) -> bool:
+        try:
+            return bool(self._connect().collection_exists(self.collection))
+        except IndexBusy:
+            raise
+        except Exception as exc:  # noqa: BLE001 - connection errors of every kind
+            raise RagtuneError(
+                f"cannot reach the Qdrant server at store.url '{self.url}': {exc}; start it or fix store.url"
+            ) from exc
+
+    def open(self, create_dim: int | None = None) -> "ServerStore":
+        from qdrant_client import models as m
+
+        if self.exists():
+            return self
+        if create_dim is None:
+            raise UsageError(
+                f"index '{self.name}' does not exist at {self.location()}; create it with "
+                f"'ragtune index add PATH --index {self.name}'"
+            )
+        c = self._connect()
+        c.create_collection(
+            self.collection,
+            vectors_config={DENSE: m.VectorParams(size=create_dim, distance=m.Distance.COSINE)},
+            sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
+        )
+        if not self.url.startswith("local:") and self.url != ":memory:":  # local mode ignores indexes
+            for f in KEYWORD_FIELDS:
+                c.create_payload_index(self.collection, f, m.PayloadSchemaType.KEYWORD)
+            for f in INTEGER_FIELDS:
+                c.create_payload_index(self.collection, f, m.PayloadSchemaType.INTEGER)
+        return self
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close()
+            finally:
+                self.client = None
+
+    def upsert(self, points: list[PointData]) -> None:
+        from qdrant_client import models as m
+
+        out = []
+        for p in points:
+            vec: dict[str, Any] = {}
+            if p.dense is not None:
+                vec[DENSE] = [float(x) for x in p.dense]
+            if p.sparse is not None and p.sparse[0]:
+                vec[SPARSE] = m.SparseVector(indices=list(p.sparse[0]), values=[float(v) for v in p.sparse[1]])
+            out.append(m.PointStruct(id=p.id, vector=vec, payload=p.payload))
+        if out:
+            self._connect().upsert(self.collection, out, wait=True)
+
+    def delete_docs(self, doc_ids: list[str]) -> None:
+        from qdrant_client import models as m
+
+        for i in range(0, len(doc_ids), 256):
+            self._connect().delete(
+                self.collection, m.FilterSelector(filter=_qc_filter({"doc_id": doc_ids[i : i + 256]})), wait=True
+            )
+
+    def retrieve(self, ids: list[str]) -> list[Hit]:
+        recs = self._connect().retrieve(self.collection, ids, with_payload=True, with_vectors=False)
+        return [Hit(str(r.id), 0.0, dict(r.payload or {})) for r in recs]
+
+    def facet_doc_ids(self, limit: int) -> dict[str, int]:
+        res = self._connect().facet(self.collection, key="doc_id", limit=max(1, limit), exact=True)
+        return {str(h.value): int(h.count) for h in res.hits}
+
+    def scroll(self, filters: dict[str, Any] | None, fields: list[str] | bool, with_vectors: bool,
+               batch: int = 1000) -> Iterator[tuple[str, dict[str, Any], Any]]:
+        from qdrant_client import models as m
+
+        with_payload: Any = m.PayloadSelectorInclude(include=list(fields)) if isinstance(fields, list) else fields
+        offset = None
+        while True:
+            recs, offset = self._connect().scroll(
+                self.collection, scroll_filter=_qc_filter(filters), limit=batch, offset=offset,
+                with_payload=with_payload, with_vectors=with_vectors,
+            )
+            for r in recs:
+                vec = r.vector
+                if isinstance(vec, dict) and SPARSE in vec and hasattr(vec[SPARSE], "indices"):
+                    vec = {**vec, SPARSE: _SparseView(vec[SPARSE].indices, vec[SPARSE].values)}
+                yield str(r.id), dict(r.payload or {}), vec
+            if offset is None or not recs:
+                return
+
+    def count(self) -> int:
+        return int(self._connect().count(self.collection, count_filter=_qc_filter({"kind": "chunk"}), exact=True).count)
+
+    def query(self, dense: Any = None, sparse: tuple[list[int], list[float]] | None = None,
+              mode: str = "hybrid", limit: int = 5, candidates: int = 50, rrf_k: int = 60,
+              filters: dict[str, Any] | None = None, hnsw_ef: int = 0, exact: bool = False,
+              with_vector: bool = False) -> list[Hit]:
+        from qdrant_client import models as m
+
+        flt = _qc_filter(filters)
+        params = m.SearchParams(hnsw_ef=hnsw_ef or None, exact=exact) if (hnsw_ef or exact) else None
+        dense_q = [float(x) for x in dense] if dense is not None else None
+        sparse_q = (m.SparseVector(indices=list(sparse[0]), values=[float(v) for v in sparse[1]])
+                    if sparse is not None and sparse[0] else None)
+        wv: Any = [DENSE] if with_vector else False
+        c = self._connect()
+        if mode == "hybrid" and dense_q is not None and sparse_q is not None:
+            res = c.query_points(
+                self.collection,
+                prefetch=[m.Prefetch(query=dense_q, using=DENSE, limit=max(candidates, limit), filter=flt, params=params),
+                          m.Prefetch(query=sparse_q, using=SPARSE, limit=max(candidates, limit), filter=flt)],
+                query=m.RrfQuery(rrf=m.Rrf(k=rrf_k)), limit=limit, with_payload=True, with_vectors=wv,
+            )
+        else:
+            q, using = (sparse_q, SPARSE) if mode == "sparse" else (dense_q, DENSE)
+            if q is None:
+                return []
+            res = c.query_points(self.collection, query=q, using=using, query_filter=flt, limit=limit,
+                                 search_params=params if using == DENSE else None, with_payload=True, with_vectors=wv)
+        out = []
+        for p in res.points:
+            vec = p.vector.get(DENSE) if isinstance(p.vector, dict) else None
+            out.append(Hit(str(p.id), float(p.score), dict(p.payload or {}), vec))
+        return out
+
+    def drop(self) -> None:
+        c = self._connect()
+        if c.collection_exists(self.collection):
+            c.delete_collection(self.collection)
+
+
+@dataclass
+class _SparseView:
+    indices: list[int]
+    values: list[float]

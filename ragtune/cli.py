@@ -147,6 +147,67 @@ def _add_models(sub: Any) -> None:
     p.set_defaults(func=_run_models, models_cmd="list", json=False)
 
 
+def _run_bundle(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune import bundle
+
+    if args.bundle_cmd == "create":
+        out = bundle.create_bundle(
+            args.out, models=args.model, adapters=args.adapter, indexes=args.index, configs=args.bundle_config,
+            platform=args.platform, deps=args.deps, default_models=not args.no_default_models,
+            extra_wheels=args.wheel, tar=args.tar, force=args.force,
+        )
+        print(f"bundle written: {out}" + (f" (and {out.with_suffix('.tar')})" if args.tar else ""))
+        print(f"on the air-gapped machine: {out.name}/install.sh   (or: ragtune bundle install {out.name})")
+        return 0
+    if args.bundle_cmd == "verify":
+        problems, n = bundle.verify_bundle(args.bundle)
+        if args.json:
+            print_json({"ok": not problems, "files": n, "problems": problems})
+        else:
+            for p in problems:
+                print(f"bundle check failed: {p}", file=sys.stderr)
+            print(f"bundle ok: {n} files verified" if not problems else f"{len(problems)} of {n} files failed")
+        return 1 if problems else 0
+    if args.bundle_cmd == "restore":
+        done = bundle.restore_bundle(args.bundle)
+        for kind, paths in done.items():
+            for p in paths:
+                print(f"restored {kind[:-1]}: {p}")
+        return 0
+    if args.bundle_cmd == "install":
+        return bundle.install_bundle(args.bundle, venv=args.venv)
+    raise NotImplementedYet("bundle")
+
+
+def _add_bundle(sub: Any) -> None:
+    p = sub.add_parser("bundle", help="carry ragtune, models, adapters and indexes to an air-gapped machine",
+                       description="Create, verify, install and restore offline bundles (sha256-verified).")
+    bsub = p.add_subparsers(dest="bundle_cmd", metavar="{create,verify,install,restore}", required=True)
+    c = bsub.add_parser("create", help="write a bundle folder (on a connected machine)")
+    c.add_argument("out", help="bundle folder to write")
+    c.add_argument("--model", action="append", default=[], metavar="DIR", help="extra model dir (repeatable)")
+    c.add_argument("--adapter", action="append", default=[], metavar="DIR", help="adapter dir (repeatable)")
+    c.add_argument("--index", action="append", default=[], metavar="NAME", help="index name (repeatable)")
+    c.add_argument("--config", dest="bundle_config", action="append", default=[], metavar="FILE",
+                   help="config file to carry (repeatable)")
+    c.add_argument("--platform", choices=["cpu", "cuda"], default="cpu", help="torch build for the target (cpu)")
+    c.add_argument("--deps", choices=["all", "none"], default="all",
+                   help="'none' carries only the ragtune wheel (target already has the dependencies)")
+    c.add_argument("--wheel", action="append", default=[], metavar="FILE", help="extra wheel to carry")
+    c.add_argument("--no-default-models", action="store_true", help="leave out the prepared SmolLM2")
+    c.add_argument("--tar", action="store_true", help="also write OUT.tar")
+    c.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    v = bsub.add_parser("verify", help="check every file's sha256 without installing")
+    v.add_argument("bundle")
+    v.add_argument("--json", action="store_true")
+    i = bsub.add_parser("install", help="verify, install into a venv with no network, restore, run doctor")
+    i.add_argument("bundle")
+    i.add_argument("--venv", default=None, help="virtual environment to create or reuse (default BUNDLE/venv)")
+    r = bsub.add_parser("restore", help="verify and copy models, adapters and indexes into $RAGTUNE_HOME")
+    r.add_argument("bundle")
+    p.set_defaults(func=_run_bundle)
+
+
 def _add_doctor(sub: Any) -> None:
     p = sub.add_parser("doctor", help="check this machine has what an offline run needs",
                        description="Check Python, torch and device, packages, default models, offline settings, disk.")
@@ -184,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.register(sub)
     eval_cli.register(sub)
     _add_stub(sub, "export", "export a model to GGUF for llama.cpp/Ollama", "issue 9")
-    _add_stub(sub, "bundle", "create, verify and install an offline bundle", "issue 7")
+    _add_bundle(sub)
     _add_doctor(sub)
     return parser
 

@@ -60,7 +60,7 @@ def test_unknown_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> N
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["export", "bundle"])
+@pytest.mark.parametrize("command", ["export"])
 def test_unbuilt_commands_say_so(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command]) == 2
     assert f"'ragtune {command}' is not implemented yet" in capsys.readouterr().err

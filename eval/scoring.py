@@ -73,6 +73,7 @@ def score_answer(
     text: str,
     sources: Sequence[dict[str, Any]] = (),
     *,
+    retrieved: Sequence[dict[str, Any]] | None = None,
     not_found_message: str,
     k: int,
     latency_s: float = 0.0,
@@ -83,6 +84,9 @@ def score_answer(
 ) -> AnswerRecord:
     """Score `text` (and the sources it was given) against question `q`.
 
+    `sources` are the numbered sources the answer was given (its [n] citations refer to them);
+    `retrieved` is the ranked list the retriever returned, when it differs from `sources` (the
+    generator drops the hits when it abstains): retrieval metrics use it, else `sources`.
     `abstained` is the generator's own verdict (it declined before generating because retrieval
     was below threshold); the text is checked for a refusal as well.
     """
@@ -103,8 +107,9 @@ def score_answer(
     else:
         s["abstention"] = float(did_abstain)
         s["correct"] = float(did_abstain)
-    if sources and q.sources:
-        ranked = [str(x.get("source", "")) for x in sources]
+    hits = sources if retrieved is None else retrieved
+    if hits and q.sources:
+        ranked = [str(x.get("source", "")) for x in hits]
         s["recall_at_k"] = M.recall_at_k(ranked, q.sources, k)
         s["mrr"] = M.mrr(ranked, q.sources)
         s["ndcg_at_k"] = M.ndcg_at_k(ranked, q.sources, k)

@@ -73,6 +73,12 @@ def test_score_answer_by_hand() -> None:
     assert g3.abstained and g3.scores["correct"] == 1.0 and g3.scores["abstention"] == 1.0
     assert g3.scores["token_f1"] is None and g3.scores["false_abstention"] is None
     assert r["base"][3].scores["abstention"] == 0.0
+    # the generator abstained (no sources given) but the retriever had ranked hits: retrieval still scored
+    q = questions()[0]
+    r = score_answer(q, NOT_FOUND, [], retrieved=[src(1, "docs/travel.md"), src(2, "docs/remote.md")],
+                     not_found_message=NOT_FOUND, k=K, abstained=True)
+    assert r.scores["mrr"] == 0.5 and r.scores["citation_accuracy"] is None
+    assert r.scores["correct"] == 0.0 and r.scores["false_abstention"] == 1.0
 
 
 def test_summary_numbers_by_hand() -> None:

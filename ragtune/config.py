@@ -155,7 +155,9 @@ class EvalConfig:
     modes: tuple[str, ...] = ("base", "ft", "rag", "ft+rag")
     out_dir: str = "runs/eval"
     max_new_tokens: int = 64
-    bootstrap: int = 1000
+    bootstrap: int = 1000  # resamples for the confidence intervals
+    system_prompt: str = ""  # system turn for every question in every mode (use the adapter's training one)
+    seed: int = 0  # bootstrap and generation seed
 
 
 @dataclass(frozen=True)

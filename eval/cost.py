@@ -1,0 +1,123 @@
+"""Measured costs for the eval report: training, indexing, absorbing a change, answering.
+
+    rows = training_cost("runs/adapter")                   # from the run card ragtune.json
+    rows += load_cost_file("runs/sync-v2.json")            # saved `ragtune index sync --json` output
+    with Timer() as t: do_something(); t.seconds
+
+Every number comes from a measurement on this machine: a run card's `metrics.wall_seconds`, an
+`index add/sync --json` result's `seconds`, or a timer around the work. Nothing is estimated;
+the row's `detail` says where its number came from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from ragtune.errors import UsageError
+from ragtune.eval.report import CostRow
+
+T = TypeVar("T")
+
+
+class Timer:
+    """`with Timer() as t: ...` then `t.seconds` (wall clock, perf_counter)."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+    """Call fn and return (its result, wall seconds)."""
+    with Timer() as t:
+        out = fn(*args, **kwargs)
+    return out, t.seconds
+
+
+def training_cost(adapter_dir: str | Path) -> list[CostRow]:
+    """Training wall time from the adapter's run card, and the re-train it takes to absorb a change."""
+    from ragtune.runcard import read_runcard
+
+    card = read_runcard(adapter_dir)
+    return _runcard_rows(card, f"{adapter_dir}/ragtune.json")
+
+
+def _runcard_rows(card: dict[str, Any], where: str) -> list[CostRow]:
+    metrics = card.get("metrics") or {}
+    secs = metrics.get("wall_seconds")
+    if secs is None:
+        raise UsageError(f"{where}: run card has no metrics.wall_seconds; was the adapter trained by 'ragtune train'?")
+    data = card.get("data") or {}
+    train_cfg = (card.get("config") or {}).get("train") or {}
+    device = (card.get("training") or {}).get("device", "")
+    parts = []
+    if data.get("train_records"):
+        parts.append(f"{data['train_records']} records")
+    if metrics.get("train_tokens"):
+        parts.append(f"{metrics['train_tokens']:,} tokens")
+    if train_cfg.get("max_steps", -1) and train_cfg.get("max_steps", -1) > 0:
+        parts.append(f"{train_cfg['max_steps']} steps")
+    elif train_cfg.get("epochs"):
+        parts.append(f"{train_cfg['epochs']:g} epochs")
+    if device:
+        parts.append(device)
+    what = "train: LoRA fine-tune" + (f" ({', '.join(parts)})" if parts else "")
+    return [
+        CostRow(what, float(secs), f"measured: metrics.wall_seconds in {where}"),
+        CostRow("absorb a changed document: re-train the adapter", float(secs),
+                "measured: a re-train repeats the training run above (same data size, same settings); "
+                "until then the fine-tuned model answers from what it learned"),
+    ]
+
+
+def ingest_cost(result: dict[str, Any], where: str = "") -> CostRow:
+    """One row from `ragtune index add/sync --json` output (an IngestResult dict)."""
+    if "seconds" not in result:
+        raise UsageError(f"{where or 'ingest result'}: no 'seconds' key; save the output of 'ragtune index sync --json'")
+    changed = len(result.get("replaced") or [])
+    added = len(result.get("added") or []) - changed
+    deleted = len(result.get("deleted") or [])
+    chunks = result.get("chunks_written", 0)
+    if changed or deleted or result.get("unchanged"):
+        what = (f"absorb a changed document: re-sync the index ({changed} replaced, {max(added, 0)} added, "
+                f"{deleted} deleted, {result.get('unchanged', 0)} unchanged; {chunks} chunks embedded)")
+    else:
+        what = f"index: embed and store {added} documents ({chunks} chunks)"
+    src = f" in {where}" if where else ""
+    return CostRow(what, float(result["seconds"]), f"measured: 'ragtune index --json' seconds{src}")
+
+
+def load_cost_file(path: str | Path) -> list[CostRow]:
+    """Rows from a JSON file: a run card, an `index add/sync --json` result, or a list of
+    {"what", "seconds", "detail"} rows measured some other way."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "ragtune.json"
+    if not p.is_file():
+        raise UsageError(f"--cost '{path}': file not found; give a run card (ragtune.json) or saved "
+                         "'ragtune index sync --json' output")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UsageError(f"--cost '{p}': not valid JSON ({exc})") from exc
+    if isinstance(data, dict) and "metrics" in data and "base_model" in data:
+        return _runcard_rows(data, str(p))
+    if isinstance(data, dict) and "chunks_written" in data:
+        return [ingest_cost(data, str(p))]
+    if isinstance(data, list) and all(isinstance(r, dict) and "what" in r and "seconds" in r for r in data):
+        return [CostRow(str(r["what"]), None if r["seconds"] is None else float(r["seconds"]),
+                        str(r.get("detail", f"from {p}"))) for r in data]
+    raise UsageError(
+        f"--cost '{p}': not a run card, an 'index add/sync --json' result, or a list of "
+        '{"what", "seconds", "detail"} rows'
+    )

@@ -144,3 +144,33 @@ def test_install_sh_into_fresh_venv_without_network(small_bundle: Path, tmp_path
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert listed.returncode == 0
     assert "tiny-llama" in {r["name"] for r in json.loads(listed.stdout)}
+
+
+@pytest.mark.slow
+def test_restored_index_answers_identically(tmp_path: Path, ragtune_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "remote.md").write_text("# Remote work\n\nYou may work remotely up to 3 days per week.\n")
+    (docs / "leave.md").write_text("# Leave\n\nAnnual leave is 25 days per year.\n\n## Carry-over\n\nUp to 5 days carry over.\n")
+    (docs / "seoul.md").write_text("# 재택근무\n\n서울 사무소 직원은 주 2일까지 재택근무를 할 수 있습니다.\n", encoding="utf-8")
+    assert main(["index", "add", str(docs), "--index", "pol"]) == 0
+    queries = ["how many remote days per week?", "carry over leave", "서울 재택근무"]
+
+    def run_queries() -> list[list[tuple[str, str]]]:
+        results = []
+        for q in queries:
+            capsys.readouterr()
+            assert main(["search", q, "--index", "pol", "--json", "--top-k", "3"]) == 0
+            hits = json.loads(capsys.readouterr().out)
+            results.append([(h["source"], h["chunk_id"]) for h in hits])
+        return results
+
+    before = run_queries()
+    bundle = create_bundle(tmp_path / "bundle", indexes=["pol"], deps="none", default_models=False)
+    far_home = tmp_path / "far-home"
+    monkeypatch.setenv("RAGTUNE_HOME", str(far_home))
+    restore_bundle(bundle)
+    assert (far_home / "indexes" / "pol").is_dir()
+    assert run_queries() == before
+    assert before[0][0][0] == "remote.md"

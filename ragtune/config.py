@@ -118,6 +118,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"
     cache: Literal["dynamic", "static"] = "dynamic"  # static: KV cache + transformers' compile path, CUDA only
+    threads: int = 0  # torch CPU threads while generating; 0 = torch's default
 
 
 @dataclass(frozen=True)

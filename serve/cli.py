@@ -1,13 +1,67 @@
-"""Argument parsers for `ragtune ask`, `ragtune chat`, `ragtune serve` (imports stay light)."""
+"""Argument parsers for `ragtune ask`, `ragtune chat`, `ragtune serve` (imports stay light).
+
+    ragtune ask "How many remote days?" --adapter runs/adapter --json
+    echo "question" | ragtune ask - --no-rag
+    ragtune chat --adapter runs/adapter
+    ragtune serve --port 8000 --config configs/serve/local.yaml
+"""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
-from ragtune.cli import _add_stub
+
+def _answer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", metavar="DIR", default="", help="LoRA adapter dir written by 'ragtune train' (default: model.adapter)")
+    p.add_argument("--index", metavar="NAME", default="", help="answer from this index (default: index.name, when it exists)")
+    p.add_argument("--no-rag", action="store_true", help="answer without retrieval")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", default=None, help="default: generation.max_new_tokens")
+    p.add_argument("--temperature", type=float, metavar="T", default=None, help="0 = greedy (default: generation.temperature)")
+    p.add_argument("--system", metavar="TEXT", default="", help="a system message before the question")
 
 
 def register(sub: Any) -> None:
-    _add_stub(sub, "ask", "answer one question, with or without retrieval", "issue 5")
-    _add_stub(sub, "chat", "interactive multi-turn chat", "issue 5")
-    _add_stub(sub, "serve", "OpenAI-compatible HTTP server", "issue 5")
+    p = sub.add_parser(
+        "ask", help="answer one question, with or without retrieval",
+        description="Answer one question and exit. Plain output is the answer only; --json adds sources, "
+                    "mode, token counts and timings. Errors go to stderr with a non-zero exit code.",
+    )
+    p.add_argument("question", help="the question; '-' reads it from stdin")
+    _answer_flags(p)
+    p.add_argument("--json", action="store_true", help="answer, sources, mode, token counts and timings as JSON")
+    p.set_defaults(func=_run_ask)
+
+    p = sub.add_parser(
+        "chat", help="interactive multi-turn chat",
+        description="Interactive chat with streamed tokens. Commands: /sources, /rag on|off, /reset, /exit.",
+    )
+    _answer_flags(p)
+    p.set_defaults(func=_run_chat)
+
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server",
+        description="OpenAI-compatible HTTP server (GET /v1/models, POST /v1/chat/completions, GET /health) "
+                    "with a chat page at /. Deployments come from serve.deployments in the config.",
+    )
+    p.add_argument("--host", default=None, help="bind address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_ask(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.serve.commands import run_ask
+
+    return run_ask(args, cfg)
+
+
+def _run_chat(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.serve.chat_repl import run_chat
+
+    return run_chat(args, cfg)
+
+
+def _run_serve(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.serve.server import run_serve
+
+    return run_serve(args, cfg)

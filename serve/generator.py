@@ -1,0 +1,515 @@
+"""The generator: one base model, any number of LoRA adapters, answers with or without retrieval.
+
+    from ragtune.config import load_config
+    from ragtune.serve.generator import Generator
+
+    gen = Generator(cfg)                                   # cheap: stores settings
+    gen.load(base=None, adapters={"policies": "runs/adapter"})   # base once, adapters on top
+    ans = gen.answer([{"role": "user", "content": "How many remote days?"}],
+                     adapter="policies", retriever=None, max_new_tokens=64, temperature=0.0)
+    ans.text, ans.sources, ans.mode, ans.prompt_tokens, ans.completion_tokens, ans.timings
+
+    s = gen.stream(messages, adapter=None, retriever=r)    # retrieval runs here: s.sources is ready
+    for delta in s: print(delta, end="")                   # text deltas, concatenating to s.answer.text
+    s.answer                                               # the Answer, once the stream is exhausted
+
+Interface (used by `ask`, `chat`, the server and eval):
+- `Generator(cfg, engine=None, lock=None)`; `load(base=None, adapters=None) -> self` with `base` a model
+  dir ("" / None = `model.path`, else the prepared default) and `adapters` {name: dir} (None =
+  `model.adapter` when set). `add_adapter(name, dir)` loads one more without reloading the base.
+- `answer(messages, adapter=None, retriever=None, max_new_tokens=None, temperature=None, top_p=None,
+  seed=None) -> Answer`; `stream(...)` takes the same arguments and returns an `AnswerStream`.
+  `adapter` is a loaded adapter's name (or its dir); None answers with the base model alone, which
+  gives the same tokens whether or not adapters are loaded (peft's adapters are disabled, not merged).
+  `retriever` is anything with `search(query, top_k=...) -> list[hit]` (a `ragtune.retrieval.search.Retriever`).
+- Greedy when temperature is 0. Generation holds `lock` (one model call at a time): concurrent
+  callers queue. Each adapter answers with the chat template from its run card.
+
+Device (cuda > mps > cpu) and dtype come from `model.device` / `model.dtype` ("auto" chooses).
+On CUDA, `generation.cache: static` uses transformers' static KV cache and its own compile path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ragtune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+ENGINES_IMPLEMENTED = ("auto", "transformers")
+PROBE_MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                  {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+
+
+class EngineNotImplemented(UsageError):
+    def __init__(self, engine: str):
+        super().__init__(
+            f"engine '{engine}' is not implemented yet (tracked in issue 9); use engine: transformers "
+            "(generation.engine, or the deployment's engine)"
+        )
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES_IMPLEMENTED:
+        raise EngineNotImplemented(engine)
+    return "transformers"
+
+
+@dataclass
+class Answer:
+    text: str
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    mode: str = "base"  # base | ft | rag | ft+rag
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    abstained: bool = False  # retrieval found nothing above rag.min_score: text is rag.not_found_message
+    finish_reason: str = "stop"  # stop | length | cancelled
+    timings: dict[str, float] = field(default_factory=dict)  # retrieval_s queue_s prefill_s ttft_s decode_s total_s decode_tokens_per_s
+    adapter: str | None = None
+    best_score: float | None = None  # best retrieval relevance (dense cosine or rerank score)
+    prompt: str = field(default="", repr=False)  # the rendered prompt, for debugging
+
+    def to_dict(self, with_prompt: bool = False) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d = {"answer": d.pop("text"), **d}
+        if not with_prompt:
+            d.pop("prompt")
+        return d
+
+
+@dataclass
+class _Adapter:
+    name: str
+    path: Path
+    template: str | None
+    card: dict[str, Any]
+
+
+@dataclass
+class _Job:
+    """Everything decided before the model runs: prompt ids, sampling, sources."""
+
+    messages: list[dict[str, str]]
+    adapter: str | None
+    mode: str
+    sources: list[dict[str, Any]]
+    abstained: bool
+    best_score: float | None
+    prompt: str
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    t_start: float
+    retrieval_s: float
+
+
+class _Decoder:
+    """Incremental detokenizer: deltas whose concatenation equals decoding all ids at once."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""  # an unfinished multi-byte character, or a merge that rewrites the tail: wait
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+    def finish(self) -> str:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted += delta
+        return delta
+
+
+class _Sink:
+    """A transformers streamer that hands each new token id to a callback (the prompt is skipped)."""
+
+    def __init__(self, on_token: Any):
+        self.on_token = on_token
+        self.seen_prompt = False
+
+    def put(self, value: Any) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.on_token(int(value.reshape(-1)[0]))
+
+    def end(self) -> None:
+        pass
+
+
+class Generator:
+    def __init__(self, cfg: Any, engine: str | None = None, lock: Any = None):
+        self.cfg = cfg
+        self.engine = check_engine(engine or cfg.generation.engine)
+        self.lock = lock or threading.Lock()
+        self._retrieval_lock = threading.Lock()
+        self.model: Any = None  # a PeftModel once an adapter is loaded
+        self.tokenizer: Any = None
+        self.base_path: Path | None = None
+        self.base_hash = ""
+        self.device = "cpu"
+        self.adapters: dict[str, _Adapter] = {}
+        self._eos: list[int] = []
+        self._max_positions = 0
+
+    # --- loading ------------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def load(self, base: str | None = None, adapters: dict[str, str] | None = None) -> "Generator":
+        """Load the base model once, then every adapter on top of it."""
+        import torch
+
+        from ragtune.modeling import load_model, load_tokenizer, model_hash, pick_device, resolve_model_path
+
+        mcfg = self.cfg.model
+        path = resolve_model_path(base if base else mcfg.path, "model.path")
+        self.device = pick_device(mcfg.device)
+        if self.device == "cpu" and self.cfg.generation.threads > 0:
+            torch.set_num_threads(self.cfg.generation.threads)
+        t0 = time.perf_counter()
+        self.tokenizer = load_tokenizer(path, trust_remote_code=mcfg.trust_remote_code)
+        self.model = load_model(path, device=self.device, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code)
+        self.base_path = path
+        self.base_hash = model_hash(path)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(self.tokenizer.eos_token_id)
+        self._eos = eos_ids
+        self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        log.info("loaded %s on %s (%s) in %.1fs", path, self.device, next(self.model.parameters()).dtype,
+                 time.perf_counter() - t0)
+        if adapters is None:
+            adapters = {Path(mcfg.adapter).name: mcfg.adapter} if mcfg.adapter else {}
+        for name, adir in adapters.items():
+            self.add_adapter(name, adir)
+        torch.set_grad_enabled(False)
+        return self
+
+    def add_adapter(self, name: str, path: str | Path) -> str:
+        """Load a LoRA adapter over the loaded base (checked against its run card); returns its name."""
+        from ragtune.modeling import text_sha256
+        from ragtune.runcard import RunCardMismatch, check_compatible, read_runcard
+
+        if not self.loaded:
+            raise UsageError("Generator.add_adapter: call load() first")
+        p = Path(path).expanduser()
+        if not (p / "adapter_config.json").is_file():
+            raise UsageError(
+                f"adapter '{p}' has no adapter_config.json; point --adapter / model.adapter at a directory "
+                "written by 'ragtune train'"
+            )
+        if not (p / "adapter_model.safetensors").is_file():
+            raise UsageError(f"adapter '{p}' has no adapter_model.safetensors (ragtune never loads pickle weights)")
+        p = p.resolve()
+        for a in self.adapters.values():
+            if a.path == p:
+                return a.name
+        if name in self.adapters:
+            raise UsageError(f"adapter name '{name}' is already used by '{self.adapters[name].path}'")
+        card = read_runcard(p)
+        tpl_info = card.get("chat_template") or {}
+        template = tpl_info.get("template") or None
+        if template and tpl_info.get("hash") and text_sha256(template) != tpl_info["hash"]:
+            raise RunCardMismatch(
+                f"adapter '{p}': the chat template in {p / 'ragtune.json'} does not match its recorded hash "
+                f"({tpl_info['hash'][:12]}); the run card was edited or damaged, train again or restore it"
+            )
+        check_compatible(card, self.base_hash, str(self.base_path), text_sha256(template) if template else None)
+        try:
+            self._render(PROBE_MESSAGES, template)
+        except Exception as exc:  # a template the base tokenizer cannot run
+            raise RunCardMismatch(
+                f"adapter '{p}': its chat template does not render with the base model's tokenizer ({exc}); "
+                "serve it with the base model it was trained on"
+            ) from exc
+        if template and template != self.tokenizer.chat_template:
+            log.info("adapter %s answers with the chat template it was trained with (not the base model's)", name)
+        from peft import PeftModel
+
+        t0 = time.perf_counter()
+        if not self.adapters:
+            self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name, is_trainable=False)
+        else:
+            self.model.load_adapter(str(p), adapter_name=name, is_trainable=False)
+        self.model.eval()
+        self.adapters[name] = _Adapter(name, p, template, card)
+        log.info("loaded adapter %s from %s in %.2fs", name, p, time.perf_counter() - t0)
+        return name
+
+    def resolve_adapter(self, adapter: str | None) -> str | None:
+        if not adapter:
+            return None
+        if adapter in self.adapters:
+            return adapter
+        p = Path(adapter).expanduser()
+        if p.exists():
+            for a in self.adapters.values():
+                if a.path == p.resolve():
+                    return a.name
+        loaded = ", ".join(self.adapters) or "none"
+        raise UsageError(f"adapter '{adapter}' is not loaded (loaded: {loaded}); pass it to Generator.load(adapters=...)")
+
+    # --- answering ----------------------------------------------------------------------------
+
+    def answer(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
+               max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Answer:
+        """One complete answer (runs in the calling thread, holding the generation lock)."""
+        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed)
+        if job.abstained:
+            return self._abstain_answer(job)
+        ids: list[int] = []
+        stats = self._run(job, ids.append, None)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._finish(job, text, ids, stats)
+
+    def stream(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
+               max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> "AnswerStream":
+        """Retrieve now (so `.sources` is ready), generate lazily in a worker thread as it is iterated."""
+        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed)
+        return AnswerStream(self, job)
+
+    def prepare(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
+                max_new_tokens: int | None = None, temperature: float | None = None,
+                top_p: float | None = None, seed: int | None = None) -> _Job:
+        from ragtune.chat import rag_messages
+        from ragtune.serve.answer import retrieve
+
+        if not self.loaded:
+            raise UsageError("Generator: call load() before answering")
+        t_start = time.perf_counter()
+        gcfg, rcfg = self.cfg.generation, self.cfg.rag
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not any(m["role"] == "user" for m in msgs):
+            raise UsageError("messages need at least one user turn")
+        name = self.resolve_adapter(adapter)
+        mode = "ft" if name else "base"
+        sources: list[dict[str, Any]] = []
+        abstained, best, retrieval_s = False, None, 0.0
+        if retriever is not None:
+            mode = "ft+rag" if name else "rag"
+            with self._retrieval_lock:
+                got = retrieve(retriever, msgs, rcfg.top_k, rcfg.min_score)
+            sources, abstained, best, retrieval_s = got.sources, got.abstain, got.best_score, got.seconds
+            if not abstained:
+                msgs = rag_messages(msgs, sources, rcfg.system_prompt)
+        template = self.adapters[name].template if name else None
+        prompt = self._render(msgs, template)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        new = int(gcfg.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        if new < 1:
+            raise UsageError(f"max_new_tokens must be at least 1, got {new}")
+        if self._max_positions:
+            if len(ids) >= self._max_positions:
+                raise UsageError(
+                    f"the prompt is {len(ids)} tokens but the model's context is {self._max_positions}; "
+                    f"shorten the conversation or lower rag.top_k ({rcfg.top_k})"
+                )
+            new = min(new, self._max_positions - len(ids))
+        temp = float(gcfg.temperature if temperature is None else temperature)
+        if temp < 0:
+            raise UsageError(f"temperature must be >= 0, got {temp}")
+        return _Job(
+            messages=msgs, adapter=name, mode=mode, sources=sources, abstained=abstained, best_score=best,
+            prompt=prompt, input_ids=ids, max_new_tokens=new, temperature=temp,
+            top_p=float(gcfg.top_p if top_p is None else top_p), seed=seed, t_start=t_start,
+            retrieval_s=retrieval_s,
+        )
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _render(self, messages: Sequence[dict[str, str]], template: str | None) -> str:
+        from ragtune.chat import render
+
+        try:
+            return render(self.tokenizer, messages, add_generation_prompt=True, chat_template=template)
+        except ValueError as exc:
+            raise UsageError(f"model '{self.base_path}': {exc}") from exc
+
+    @contextlib.contextmanager
+    def _adapter_ctx(self, name: str | None) -> Iterator[None]:
+        if not self.adapters:
+            yield
+        elif name is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(name)
+            yield
+
+    def _generation_kwargs(self, job: _Job) -> dict[str, Any]:
+        from transformers import GenerationConfig
+
+        g = self.cfg.generation
+        sample = job.temperature > 0
+        kw: dict[str, Any] = dict(
+            max_new_tokens=job.max_new_tokens,
+            do_sample=sample,
+            eos_token_id=self._eos,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos[0],
+            repetition_penalty=g.repetition_penalty,
+        )
+        if sample:
+            kw.update(temperature=job.temperature, top_p=job.top_p, top_k=0)
+        if g.cache == "static":
+            if self.device == "cuda":
+                kw["cache_implementation"] = "static"
+            else:
+                log.debug("generation.cache=static is CUDA-only; using the dynamic cache on %s", self.device)
+        return {"generation_config": GenerationConfig(**kw)}
+
+    def _run(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
+        """Run generate under the lock; returns timing and stop facts."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        times: dict[str, float] = {}
+        count = [0, -1]  # tokens, last id
+
+        def token(tid: int) -> None:
+            if count[0] == 0:
+                times["first"] = time.perf_counter()
+            count[0] += 1
+            count[1] = tid
+            on_token(tid)
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                flag = cancel is not None and cancel.is_set()
+                return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
+
+        t_wait = time.perf_counter()
+        with self.lock:
+            t0 = time.perf_counter()
+            if job.seed is not None:
+                torch.manual_seed(job.seed)
+            ids = torch.tensor([job.input_ids], device=self.model.device)
+            with self._adapter_ctx(job.adapter), torch.inference_mode():
+                self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_Sink(token),
+                    stopping_criteria=StoppingCriteriaList([_Cancel()]), **self._generation_kwargs(job),
+                )
+            t1 = time.perf_counter()
+        first = times.get("first", t1)
+        if cancel is not None and cancel.is_set():
+            reason = "cancelled"
+        elif count[1] in self._eos:
+            reason = "stop"
+        else:
+            reason = "length" if count[0] >= job.max_new_tokens else "stop"
+        return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
+                "end": t1, "tokens": count[0], "finish_reason": reason}
+
+    def _finish(self, job: _Job, text: str, ids: list[int], stats: dict[str, Any]) -> Answer:
+        n = stats["tokens"]
+        decode_s = stats["decode_s"]
+        timings = {
+            "retrieval_s": job.retrieval_s,
+            "queue_s": stats["queue_s"],
+            "prefill_s": stats["prefill_s"],
+            "ttft_s": stats["first"] - job.t_start - stats["queue_s"],
+            "decode_s": decode_s,
+            "total_s": stats["end"] - job.t_start,
+            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+        }
+        return Answer(text=text, sources=job.sources, mode=job.mode, prompt_tokens=len(job.input_ids),
+                      completion_tokens=n, abstained=False, finish_reason=stats["finish_reason"],
+                      timings={k: round(v, 6) for k, v in timings.items()}, adapter=job.adapter,
+                      best_score=job.best_score, prompt=job.prompt)
+
+    def _abstain_answer(self, job: _Job) -> Answer:
+        total = time.perf_counter() - job.t_start
+        return Answer(text=self.cfg.rag.not_found_message, sources=[], mode=job.mode, prompt_tokens=0,
+                      completion_tokens=0, abstained=True, finish_reason="stop",
+                      timings={"retrieval_s": round(job.retrieval_s, 6), "total_s": round(total, 6)},
+                      adapter=job.adapter, best_score=job.best_score, prompt="")
+
+
+_END = object()
+
+
+class AnswerStream:
+    """Iterate for text deltas; `.sources` is known from the start, `.answer` once exhausted.
+
+    Generation runs in a worker thread that holds the generator's lock; `close()` (or abandoning
+    the iterator) stops it at the next token, so a client that hangs up frees the model.
+    """
+
+    def __init__(self, gen: Generator, job: _Job):
+        self.gen = gen
+        self.job = job
+        self.sources = job.sources
+        self.mode = job.mode
+        self.abstained = job.abstained
+        self.prompt_tokens = 0 if job.abstained else len(job.input_ids)
+        self.answer: Answer | None = None
+        self._cancel = threading.Event()
+        self._it = self._run()
+
+    def __iter__(self) -> "AnswerStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._it.close()
+
+    def _run(self) -> Iterator[str]:
+        gen, job = self.gen, self.job
+        if job.abstained:
+            self.answer = gen._abstain_answer(job)
+            yield self.answer.text
+            return
+        q: queue.Queue[Any] = queue.Queue()
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result.update(gen._run(job, q.put, self._cancel))
+                q.put(_END)
+            except BaseException as exc:  # handed to the consumer
+                q.put(exc)
+
+        worker = threading.Thread(target=work, name="ragtune-generate", daemon=True)
+        worker.start()
+        dec = _Decoder(gen.tokenizer)
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                delta = dec.add(item)
+                if delta:
+                    yield delta
+            tail = dec.finish()
+            if tail:
+                yield tail
+            self.answer = gen._finish(job, dec.emitted, dec.ids, result)
+        finally:
+            self._cancel.set()  # no-op when finished; stops the worker when the consumer left early

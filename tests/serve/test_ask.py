@@ -1,0 +1,49 @@
+"""`ragtune ask` as a shell script uses it: main(argv), stdout, stderr, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from tests.serve.conftest import QA
+
+
+def test_ask_prints_the_trained_answer_only(tiny_llama: Path, tiny_adapter: Path, capsys) -> None:
+    rc = main(["-q", "ask", QA[0][0], f"model.path={tiny_llama}", "--adapter", str(tiny_adapter)])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out == QA[0][1] + "\n", err
+
+
+def test_ask_reads_stdin_and_gives_json(tiny_llama: Path, tiny_adapter: Path, capsys, monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(QA[1][0] + "\n"))
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model:\n  path: {tiny_llama}\n  adapter: {tiny_adapter}\n")
+    rc = main(["-q", "ask", "-", "--json", "--no-rag", "--max-new-tokens", "12", "--temperature", "0",
+               "--config", str(cfg)])
+    out, _ = capsys.readouterr()
+    data = json.loads(out)
+    assert rc == 0 and data["answer"] == QA[1][1] and data["mode"] == "ft" and data["sources"] == []
+    assert data["prompt_tokens"] > 0 and 0 < data["completion_tokens"] <= 12 and data["abstained"] is False
+    assert {"ttft_s", "decode_s", "total_s", "retrieval_s"} <= set(data["timings"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", ""], "question is empty"),
+    (["ask", "q", "--adapter", "/nonexistent/adapter"], "adapter_config.json"),
+    (["ask", "q", "--index", "nosuch"], "nosuch"),
+    (["ask", "q", "generation.engine=llama.cpp"], "engine 'llama.cpp' is not implemented yet"),
+    (["ask", "q", "--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_ask_errors_exit_2_with_the_reason_on_stderr(tiny_llama: Path, argv, message, capsys) -> None:
+    rc = main([*argv, f"model.path={tiny_llama}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and message in err and "Traceback" not in err
+
+
+def test_ask_without_a_prepared_model_says_how_to_prepare(capsys) -> None:
+    rc = main(["ask", "q", "--no-rag"])
+    assert rc == 2 and "ragtune models prepare" in capsys.readouterr().err

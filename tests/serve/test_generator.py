@@ -1,0 +1,137 @@
+"""Generator: trained answers through adapters, base identity, streaming, RAG prompt, abstention."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from ragtune.errors import UsageError
+from ragtune.runcard import RunCardMismatch
+from ragtune.serve.generator import EngineNotImplemented, Generator
+from tests.serve.conftest import QA, QA_OTHER, FakeRetriever
+
+SOURCE_KEYS = {"n", "source", "title", "page", "heading", "score", "text"}
+
+
+def user(q: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": q}]
+
+
+def test_adapter_gives_trained_answers_and_switches_without_reloading_base(loaded_gen: Generator) -> None:
+    base_module = loaded_gen.model.get_base_model()
+    for (q, a), (_, b) in zip(QA, QA_OTHER):
+        got = loaded_gen.answer(user(q), adapter="policies", max_new_tokens=16)
+        assert got.text == a and got.finish_reason == "stop" and got.mode == "ft"
+        assert loaded_gen.answer(user(q), adapter="other", max_new_tokens=16).text == b
+    assert loaded_gen.model.get_base_model() is base_module
+    # an adapter can also be named by its directory
+    assert loaded_gen.answer(user(QA[0][0]), adapter=str(loaded_gen.adapters["policies"].path)).text == QA[0][1]
+
+
+def test_base_answer_is_identical_with_or_without_adapters(loaded_gen: Generator, tiny_cfg_factory) -> None:
+    plain = Generator(tiny_cfg_factory()).load(adapters={})
+    assert not plain.adapters
+    for q in (QA[0][0], "Tell me about the office."):
+        for kw in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 7}):
+            a = plain.answer(user(q), max_new_tokens=12, **kw)
+            b = loaded_gen.answer(user(q), adapter=None, max_new_tokens=12, **kw)
+            assert a.text == b.text and a.completion_tokens == b.completion_tokens
+            assert b.mode == "base"
+    assert plain.answer(user(QA[0][0]), max_new_tokens=12).text != QA[0][1]
+
+
+def test_stream_deltas_concatenate_to_the_answer(loaded_gen: Generator) -> None:
+    s = loaded_gen.stream(user(QA[1][0]), adapter="policies", max_new_tokens=16)
+    deltas = list(s)
+    assert len(deltas) > 1 and "".join(deltas) == QA[1][1] == s.answer.text
+    assert s.answer.completion_tokens >= len(deltas)
+    t = s.answer.timings
+    assert t["ttft_s"] > 0 and t["total_s"] >= t["ttft_s"] and t["prefill_s"] > 0
+    sampled = loaded_gen.stream(user("office"), max_new_tokens=10, temperature=1.0, seed=3)
+    assert "".join(sampled) == loaded_gen.answer(user("office"), max_new_tokens=10, temperature=1.0, seed=3).text
+
+
+def test_length_limit_and_closing_a_stream_frees_the_model(loaded_gen: Generator) -> None:
+    got = loaded_gen.answer(user("office"), max_new_tokens=5)
+    assert got.completion_tokens == 5 and got.finish_reason == "length"
+    s = loaded_gen.stream(user("office"), max_new_tokens=400)
+    next(s)
+    s.close()
+    done = threading.Event()
+    threading.Thread(target=lambda: (loaded_gen.answer(user("x"), max_new_tokens=2), done.set()), daemon=True).start()
+    assert done.wait(30)
+
+
+def test_rag_prompt_has_numbered_sources_and_answers_return_them(loaded_gen: Generator) -> None:
+    r = FakeRetriever()
+    convo = [{"role": "user", "content": "remote work policy?"}, {"role": "assistant", "content": "Which part?"},
+             {"role": "user", "content": "the number of days"}]
+    s = loaded_gen.stream(convo, adapter="policies", retriever=r, max_new_tokens=8)
+    assert [x["n"] for x in s.sources] == [1, 2] and all(set(x) == SOURCE_KEYS for x in s.sources)
+    assert s.mode == "ft+rag"
+    "".join(s)
+    ans = s.answer
+    assert ans.sources == s.sources and ans.sources[1]["page"] == 2 and ans.best_score == pytest.approx(0.82)
+    assert "[1] Remote work > Remote > Days (page" not in ans.prompt  # page only when there is one
+    assert "[1] Remote work > Remote > Days\nEmployees may work remotely" in ans.prompt
+    assert "[2] Expenses > Deadlines (page 2)" in ans.prompt and "Cite the sources" in ans.prompt
+    assert r.queries == ["remote work policy?\nthe number of days"]  # follow-ups search with recent turns
+    assert loaded_gen.answer(user("q"), retriever=r, max_new_tokens=2).mode == "rag"
+    json.dumps(ans.to_dict())
+
+
+@pytest.mark.parametrize("hits", [
+    [],
+    [{"source": "a.md", "title": "A", "heading": "", "page": None, "score": 0.9, "dense_score": 0.1, "chunk_id": "x", "text": "t"}],
+    [{"source": "a.md", "title": "A", "heading": "", "page": None, "score": 0.9, "dense_score": 0.9,
+      "rerank_score": 0.05, "chunk_id": "x", "text": "t"}],
+])
+def test_abstains_when_nothing_relevant_is_found(tiny_cfg_factory, tiny_adapter: Path, hits) -> None:
+    cfg = tiny_cfg_factory("rag.min_score=0.3", "rag.not_found_message=Not in the documents.")
+    gen = Generator(cfg).load(adapters={"policies": str(tiny_adapter)})
+    ans = gen.answer(user(QA[0][0]), adapter="policies", retriever=FakeRetriever(hits))
+    assert ans.abstained and ans.text == "Not in the documents." and ans.sources == []
+    assert ans.completion_tokens == 0 and ans.mode == "ft+rag"
+    s = gen.stream(user(QA[0][0]), retriever=FakeRetriever(hits))
+    assert list(s) == ["Not in the documents."] and s.answer.abstained
+
+
+def test_refuses_adapter_with_other_base_or_damaged_template(tiny_cfg_factory, tiny_adapter: Path, tmp_path: Path) -> None:
+    gen = Generator(tiny_cfg_factory()).load(adapters={})
+    wrong_base = tmp_path / "wrong-base"
+    shutil.copytree(tiny_adapter, wrong_base)
+    card = json.loads((wrong_base / "ragtune.json").read_text())
+    card["base_model"]["hash"] = "0" * 64
+    (wrong_base / "ragtune.json").write_text(json.dumps(card))
+    with pytest.raises(RunCardMismatch, match="base model"):
+        gen.add_adapter("x", wrong_base)
+    wrong_tpl = tmp_path / "wrong-template"
+    shutil.copytree(tiny_adapter, wrong_tpl)
+    card = json.loads((wrong_tpl / "ragtune.json").read_text())
+    card["chat_template"]["template"] += "{{ 'edited' }}"
+    (wrong_tpl / "ragtune.json").write_text(json.dumps(card))
+    with pytest.raises(RunCardMismatch, match="chat template"):
+        gen.add_adapter("y", wrong_tpl)
+    no_card = tmp_path / "no-card"
+    shutil.copytree(tiny_adapter, no_card)
+    (no_card / "ragtune.json").unlink()
+    with pytest.raises(UsageError, match="ragtune.json"):
+        gen.add_adapter("z", no_card)
+    assert not gen.adapters
+    with pytest.raises(UsageError, match="not loaded"):
+        gen.answer(user("q"), adapter="nope")
+
+
+def test_engine_llama_cpp_is_a_clear_usage_error(tiny_cfg_factory) -> None:
+    with pytest.raises(EngineNotImplemented, match="engine 'llama.cpp' is not implemented yet"):
+        Generator(tiny_cfg_factory("generation.engine=llama.cpp"))
+    assert EngineNotImplemented("llama.cpp").exit_code == 2
+
+
+def test_prompt_longer_than_context_is_a_usage_error(loaded_gen: Generator) -> None:
+    with pytest.raises(UsageError, match="context"):
+        loaded_gen.answer(user("word " * 3000), max_new_tokens=2)

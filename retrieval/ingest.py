@@ -82,7 +82,8 @@ class IngestResult:
 
 def doc_id_for(root: str, source: str, data: bytes) -> tuple[str, str]:
     content = hashlib.sha256(data).hexdigest()
-    ident = hashlib.sha256(f"{root}\0{source}\0{content}".encode()).hexdigest()[:32]
+    # 40 hex digits: never mistaken for a UUID (qdrant-client's local mode re-formats those in facets)
+    ident = hashlib.sha256(f"{root}\0{source}\0{content}".encode()).hexdigest()[:40]
     return ident, content
 
 
@@ -368,8 +369,7 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
         store.delete_docs(sorted(set(doomed)))
         res.chunks_deleted = before - store.count()
     res.deleted = sorted({st.get("source", st["doc_id"]) for st in plan.removed})
-    store.flush()
-    if res.chunks_written or doomed:
+    if res.chunks_written or doomed:  # build HNSW / merge segments now, not on the first query
         store.optimize()
 
 

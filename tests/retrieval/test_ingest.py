@@ -1,0 +1,187 @@
+"""add / sync / remove on the embedded store: idempotent, local changes, recovery after kill -9."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from ragtune.config import Config
+from ragtune.retrieval.ingest import ingest, list_documents, remove
+from ragtune.retrieval.store import EdgeStore, IndexBusy, IndexLock
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def snapshot(name: str = "default") -> dict[str, tuple[str, str]]:
+    """chunk id -> (source, doc_id) for every chunk in an Edge index."""
+    with EdgeStore(name).open() as s:
+        return {pid: (p["source"], p["doc_id"]) for pid, p, _ in s.scroll({"kind": "chunk"}, ["source", "doc_id"], False)}
+
+
+def sources(snap: dict[str, tuple[str, str]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for src, _ in snap.values():
+        out[src] = out.get(src, 0) + 1
+    return out
+
+
+def test_sync_is_idempotent_and_local(cfg: Config, docs: Path) -> None:
+    first = ingest(cfg, [str(docs)], delete_missing=True, progress=False)
+    assert sorted(first.added) == ["faq.jsonl#L2", "faq.jsonl#expenses", "hr.md", "ko/seoul.txt", "security.html"]
+    snap = snapshot()
+    assert len(snap) == first.chunks_written > 0
+
+    again = ingest(cfg, [str(docs)], delete_missing=True, progress=False)
+    assert again.chunks_written == 0 and again.unchanged == 5 and not again.deleted
+    assert snapshot() == snap  # same ids, nothing duplicated
+
+    # change one file: only its chunks are replaced
+    (docs / "hr.md").write_text("# HR Handbook\n\nRemote work is allowed four days per week.\n", encoding="utf-8")
+    changed = ingest(cfg, [str(docs)], delete_missing=True, progress=False)
+    assert changed.replaced == ["hr.md"] and changed.unchanged == 4
+    after = snapshot()
+    untouched = {k: v for k, v in snap.items() if v[0] != "hr.md"}
+    assert {k: v for k, v in after.items() if v[0] != "hr.md"} == untouched
+    assert sources(after)["hr.md"] == changed.chunks_written
+    assert not set(k for k, v in snap.items() if v[0] == "hr.md") & set(after)  # old hr.md chunks gone
+
+    # change one JSONL line: only that line's document is replaced
+    (docs / "faq.jsonl").write_text(
+        (docs / "faq.jsonl").read_text(encoding="utf-8").replace("eight", "nine"), encoding="utf-8"
+    )
+    res = ingest(cfg, [str(docs)], delete_missing=True, progress=False)
+    assert res.replaced == ["faq.jsonl#L2"] and res.unchanged == 4
+
+    # delete a file: its chunks go, the rest stay
+    (docs / "security.html").unlink()
+    gone = ingest(cfg, [str(docs)], delete_missing=True, progress=False)
+    assert gone.deleted == ["security.html"] and gone.chunks_written == 0
+    final = snapshot()
+    assert "security.html" not in sources(final)
+    assert {k: v for k, v in final.items() if v[0] in ("ko/seoul.txt", "faq.jsonl#expenses")} == {
+        k: v for k, v in snap.items() if v[0] in ("ko/seoul.txt", "faq.jsonl#expenses")
+    }
+
+
+def test_sync_touches_only_its_root_and_add_never_deletes(cfg: Config, docs: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "note.txt").write_text("Parking is free on weekends.", encoding="utf-8")
+    ingest(cfg, [str(docs), str(other)], progress=False)
+    (docs / "hr.md").unlink()
+    res = ingest(cfg, [str(other)], delete_missing=True, progress=False)  # sync 'other' only
+    assert not res.deleted and "hr.md" in sources(snapshot())
+    res = ingest(cfg, [str(docs)], progress=False)  # add: never deletes
+    assert not res.deleted and "hr.md" in sources(snapshot())
+    res = ingest(cfg, [str(docs)], delete_missing=True, progress=False)
+    assert res.deleted == ["hr.md"] and "note.txt" in sources(snapshot())
+
+
+def test_dry_run_changes_nothing(cfg: Config, docs: Path) -> None:
+    ingest(cfg, [str(docs)], progress=False)
+    before = snapshot()
+    (docs / "hr.md").write_text("# HR\n\nNew text.\n", encoding="utf-8")
+    (docs / "new.md").write_text("# New\n\nA new page.\n", encoding="utf-8")
+    (docs / "security.html").unlink()
+    plan = ingest(cfg, [str(docs)], delete_missing=True, dry_run=True, progress=False)
+    assert (plan.added, plan.replaced, plan.deleted) == (["new.md"], ["hr.md"], ["security.html"])
+    assert snapshot() == before
+
+
+def test_remove_by_source_and_folder(cfg: Config, docs: Path) -> None:
+    ingest(cfg, [str(docs)], progress=False)
+    out = remove(cfg, ["hr.md"])
+    assert out["removed"] == ["hr.md"] and out["chunks_deleted"] > 0
+    remove(cfg, [str(docs / "ko")])
+    assert {r["source"] for r in list_documents(cfg)} == {"faq.jsonl#L2", "faq.jsonl#expenses", "security.html"}
+    with pytest.raises(Exception, match="no document in index 'default' matches 'nope.md'"):
+        remove(cfg, ["nope.md"])
+
+
+def test_second_writer_gets_a_clear_error(cfg: Config, docs: Path) -> None:
+    with IndexLock("default", "ragtune index sync elsewhere"):
+        with pytest.raises(IndexBusy, match=r"in use by another process \(pid \d+: ragtune index sync elsewhere\)"):
+            ingest(cfg, [str(docs)], progress=False)
+
+
+def test_edge_reader_while_open_elsewhere_gets_clear_error(cfg: Config, docs: Path) -> None:
+    ingest(cfg, [str(docs)], progress=False)
+    code = "from ragtune.retrieval.store import EdgeStore; import time; s = EdgeStore('default').open(); print('open', flush=True); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ))
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        with pytest.raises(IndexBusy, match="in use by another process"):
+            EdgeStore("default").open()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_embedder_mismatch_is_refused(cfg: Config, docs: Path, minilm_dir: Path) -> None:
+    from tests.retrieval.conftest import make_cfg
+
+    ingest(cfg, [str(docs / "hr.md")], progress=False)
+    with pytest.raises(Exception, match="was built with the embedder at"):
+        ingest(make_cfg(minilm_dir), [str(docs / "hr.md")], progress=False)
+
+
+def test_recovery_after_kill_9_midway(cfg: Config, docs: Path, tmp_path: Path, ragtune_home: Path) -> None:
+    for i in range(12):  # enough documents for several embedding groups
+        (docs / f"page{i:02d}.md").write_text(f"# Page {i}\n\n" + f"Paragraph {i} about topic {i}. " * 30, encoding="utf-8")
+    script = textwrap.dedent(f"""
+        import os, signal
+        from ragtune.config import load_config
+        from ragtune.retrieval import ingest as ing
+        from ragtune.retrieval.store import EdgeStore
+        ing.EMBED_GROUP = 4
+        calls = [0]
+        real = EdgeStore.upsert
+        def upsert(self, points):
+            real(self, points)
+            if points and points[0].dense is not None:
+                calls[0] += 1
+                if calls[0] == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        EdgeStore.upsert = upsert
+        cfg = load_config(None, ["embedder.path={cfg.embedder.path}", "embedder.device=cpu"])
+        ing.ingest(cfg, [{str(docs)!r}], delete_missing=True, progress=False)
+        print("not killed")
+    """)
+    env = dict(os.environ, RAGTUNE_HOME=str(ragtune_home))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partial = snapshot()
+    assert 0 < len(partial)
+
+    res = ingest(cfg, [str(docs)], delete_missing=True, progress=False)
+    assert res.chunks_written > 0
+    recovered = snapshot()
+    # the same chunks as a clean build in a fresh index, none duplicated, none missing
+    clean = ingest(cfg, [str(docs)], index="clean", delete_missing=True, progress=False)
+    fresh = snapshot("clean")
+    assert len(recovered) == len(fresh) == clean.chunks_written
+    assert sorted(recovered.values()) == sorted(fresh.values())
+    assert all(d["complete"] for d in list_documents(cfg))
+
+
+def test_cli_add_reports_skipped_files_and_exits_partial(cfg: Config, docs: Path, capsys: pytest.CaptureFixture) -> None:
+    (docs / "empty.txt").write_text("", encoding="utf-8")
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 garbage")
+    (docs / "logo.png").write_bytes(b"\x89PNG....")
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]
+    assert main(["index", "add", str(docs), "--no-progress", *args]) == 3
+    out = capsys.readouterr().out
+    assert "skipped 3 files" in out
+    assert "empty.txt: empty file" in out and "logo.png: unsupported file type '.png'" in out
+    assert "broken.pdf: corrupt or unreadable PDF" in out
+    assert main(["index", "list", "--json", *args]) == 0
+    assert main(["index", "stats", *args]) == 0
+    assert "documents  5" in capsys.readouterr().out
+    assert main(["index", "add", str(docs / "nope"), *args]) == 2
+    assert "path" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""Search: Korean through sparse, meaning through dense (real MiniLM), pages, filters, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from ragtune.config import Config
+from ragtune.errors import UsageError
+from ragtune.retrieval.ingest import ingest
+from ragtune.retrieval.search import Retriever, parse_filters
+from tests.retrieval.conftest import make_cfg, make_pdf
+
+
+def test_korean_query_finds_korean_document_through_sparse(cfg: Config, docs: Path) -> None:
+    ingest(cfg, [str(docs)], progress=False)
+    with Retriever(cfg) as r:
+        hits = r.search("서울", mode="sparse", top_k=3)  # the document says "서울은"
+        assert hits[0]["source"] == "ko/seoul.txt" and "서울은" in hits[0]["text"]
+        assert all(h["dense_score"] is not None for h in hits)  # abstention needs the cosine
+        hybrid = r.search("재택근무", top_k=3)
+        assert hybrid[0]["source"] == "ko/seoul.txt"
+        assert set(hybrid[0]) >= {"n", "source", "title", "page", "heading", "score", "text", "dense_score", "chunk_id"}
+        assert [h["n"] for h in hybrid] == list(range(1, len(hybrid) + 1))
+
+
+def test_dense_meaning_pages_and_filters_with_minilm(minilm_dir: Path, docs: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(minilm_dir)
+    make_pdf(docs / "manual.pdf", ["Welcome to the machine manual.",
+                                   "Safety: always wear protective gloves when handling the blade.",
+                                   "Warranty lasts two years."])
+    ingest(cfg, [str(docs)], progress=False)
+    with Retriever(cfg) as r:
+        hits = r.search("How many days can I work from home?", mode="dense", top_k=2)
+        assert hits[0]["source"] == "hr.md" and hits[0]["heading"] == "HR Handbook > Remote work"
+        assert hits[0]["dense_score"] == hits[0]["score"] > 0.3
+        pdf = r.search("what protection do I need for my hands", top_k=1, filters={"source": "manual.pdf"})
+        assert pdf[0]["page"] == 2 and "gloves" in pdf[0]["text"]
+        unrelated = r.search("the capital of Mongolia and its history", mode="dense", top_k=1)
+        assert r.best_dense_score(unrelated) < r.best_dense_score(hits)
+        meta = r.search("expenses", top_k=5, filters={"meta.dept": "finance"})
+        assert [h["source"] for h in meta] == ["faq.jsonl#expenses"]
+
+
+def test_search_errors(cfg: Config, docs: Path, minilm_dir: Path) -> None:
+    with pytest.raises(UsageError, match="index 'default' does not exist; create it with 'ragtune index add PATH --index default'"):
+        Retriever(cfg).load()
+    ingest(cfg, [str(docs / "hr.md")], progress=False)
+    with pytest.raises(UsageError, match="was built with the embedder at"):
+        Retriever(make_cfg(minilm_dir)).load()
+    with pytest.raises(UsageError, match="cannot filter on 'colour'"):
+        parse_filters(["colour=red"])
+    assert parse_filters(["source=a.md", "source=b.md", "page=3"]) == {"source": ["a.md", "b.md"], "page": 3}
+
+
+def test_cli_search_json(cfg: Config, docs: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]
+    assert main(["search", "anything", *args]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["index", "add", str(docs), "--no-progress", *args]) == 0
+    capsys.readouterr()
+    assert main(["search", "passwords", "--top-k", "2", "--mode", "sparse", "--filter", "source=security.html",
+                 "--json", *args]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 1 and hits[0]["heading"] == "Security > Passwords"
+    assert main(["search", "passwords", *args]) == 0
+    assert "security.html > Security > Passwords" in capsys.readouterr().out

@@ -147,6 +147,7 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     max_messages: int = 64
     max_tokens_limit: int = 2048
+    max_queue: int = 32  # requests waiting or running at once; more answer 429 (generation is one at a time)
     deployments: tuple[DeploymentConfig, ...] = ()
 
 

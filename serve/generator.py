@@ -18,7 +18,8 @@ Interface (used by `ask`, `chat`, the server and eval):
   dir ("" / None = `model.path`, else the prepared default) and `adapters` {name: dir} (None =
   `model.adapter` when set). `add_adapter(name, dir)` loads one more without reloading the base.
 - `answer(messages, adapter=None, retriever=None, max_new_tokens=None, temperature=None, top_p=None,
-  seed=None) -> Answer`; `stream(...)` takes the same arguments and returns an `AnswerStream`.
+  seed=None, rag=None) -> Answer`; `stream(...)` takes the same arguments and returns an `AnswerStream`.
+  `rag` is a RagConfig (top_k, min_score, not_found_message, system_prompt; None = `cfg.rag`).
   `adapter` is a loaded adapter's name (or its dir); None answers with the base model alone, which
   gives the same tokens whether or not adapters are loaded (peft's adapters are disabled, not merged).
   `retriever` is anything with `search(query, top_k=...) -> list[hit]` (a `ragtune.retrieval.search.Retriever`).
@@ -104,6 +105,7 @@ class _Job:
     sources: list[dict[str, Any]]
     abstained: bool
     best_score: float | None
+    not_found: str
     prompt: str
     input_ids: list[int]
     max_new_tokens: int
@@ -274,9 +276,9 @@ class Generator:
 
     def answer(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Answer:
+               top_p: float | None = None, seed: int | None = None, rag: Any = None) -> Answer:
         """One complete answer (runs in the calling thread, holding the generation lock)."""
-        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed)
+        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag)
         if job.abstained:
             return self._abstain_answer(job)
         ids: list[int] = []
@@ -286,21 +288,21 @@ class Generator:
 
     def stream(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None) -> "AnswerStream":
+               top_p: float | None = None, seed: int | None = None, rag: Any = None) -> "AnswerStream":
         """Retrieve now (so `.sources` is ready), generate lazily in a worker thread as it is iterated."""
-        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed)
+        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag)
         return AnswerStream(self, job)
 
     def prepare(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                 max_new_tokens: int | None = None, temperature: float | None = None,
-                top_p: float | None = None, seed: int | None = None) -> _Job:
+                top_p: float | None = None, seed: int | None = None, rag: Any = None) -> _Job:
         from ragtune.chat import rag_messages
         from ragtune.serve.answer import retrieve
 
         if not self.loaded:
             raise UsageError("Generator: call load() before answering")
         t_start = time.perf_counter()
-        gcfg, rcfg = self.cfg.generation, self.cfg.rag
+        gcfg, rcfg = self.cfg.generation, rag or self.cfg.rag
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
         if not any(m["role"] == "user" for m in msgs):
             raise UsageError("messages need at least one user turn")
@@ -333,7 +335,7 @@ class Generator:
             raise UsageError(f"temperature must be >= 0, got {temp}")
         return _Job(
             messages=msgs, adapter=name, mode=mode, sources=sources, abstained=abstained, best_score=best,
-            prompt=prompt, input_ids=ids, max_new_tokens=new, temperature=temp,
+            not_found=rcfg.not_found_message, prompt=prompt, input_ids=ids, max_new_tokens=new, temperature=temp,
             top_p=float(gcfg.top_p if top_p is None else top_p), seed=seed, t_start=t_start,
             retrieval_s=retrieval_s,
         )
@@ -441,7 +443,7 @@ class Generator:
 
     def _abstain_answer(self, job: _Job) -> Answer:
         total = time.perf_counter() - job.t_start
-        return Answer(text=self.cfg.rag.not_found_message, sources=[], mode=job.mode, prompt_tokens=0,
+        return Answer(text=job.not_found, sources=[], mode=job.mode, prompt_tokens=0,
                       completion_tokens=0, abstained=True, finish_reason="stop",
                       timings={"retrieval_s": round(job.retrieval_s, 6), "total_s": round(total, 6)},
                       adapter=job.adapter, best_score=job.best_score, prompt="")
@@ -475,8 +477,12 @@ class AnswerStream:
         return next(self._it)
 
     def close(self) -> None:
+        """Stop generating at the next token; safe from another thread while one is iterating."""
         self._cancel.set()
-        self._it.close()
+        try:
+            self._it.close()
+        except ValueError:  # being iterated in another thread: the cancel flag ends it
+            pass
 
     def _run(self) -> Iterator[str]:
         gen, job = self.gen, self.job

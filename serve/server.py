@@ -1,0 +1,523 @@
+"""`ragtune serve`: an OpenAI-compatible HTTP server over configured deployments.
+
+    ragtune serve --port 8000 --config configs/serve/local.yaml
+
+    GET  /v1/models               the deployments (`base`, `policies`, `policies+rag`, ...)
+    POST /v1/chat/completions     OpenAI chat completions, streaming (SSE, ends with [DONE]) or not;
+                                  the answer's sources come back in the extra field `sources`
+    GET  /health                  liveness and the deployments (no API key needed)
+    GET  /                        a small chat page
+
+A deployment is `{name, base, adapter, index, engine}` (config `serve.deployments`); one base model
+is loaded once and its adapters switch without reloading it. With no deployments configured the
+server offers `base` (+ the `model.adapter` one) and their `+rag` twins when the index exists.
+Generation runs one request at a time; others queue (up to `serve.max_queue`, then 429). Errors
+use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; a malformed request is a 400.
+When `serve.api_key` (or env RAGTUNE_API_KEY) is set, every /v1 route needs `Authorization: Bearer KEY`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ragtune.errors import RagtuneError, UsageError
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+API_KEY_ENV = "RAGTUNE_API_KEY"
+
+
+# --- request schema ---------------------------------------------------------------------------
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, metadata, ...)
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# --- deployments ------------------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    name: str
+    base: str  # model dir ("" = model.path)
+    adapter: str  # adapter dir ("" = none)
+    index: str  # index name ("" = no retrieval)
+    engine: str
+    generator: Any = None
+    adapter_name: str | None = None
+    retriever: Any = None
+    unavailable: str = ""  # why requests to it answer 400 (an engine not implemented yet)
+
+    def describe(self) -> dict[str, Any]:
+        return {"adapter": self.adapter_name or (Path(self.adapter).name if self.adapter else None),
+                "rag": bool(self.index), "index": self.index or None, "engine": self.engine,
+                "available": not self.unavailable}
+
+
+def plan_deployments(cfg: Any, extra_indexes: tuple[str, ...] = ()) -> list[Deployment]:
+    """The configured deployments, or the defaults: base (+ model.adapter) and their +rag twins."""
+    from ragtune.serve.answer import index_exists
+
+    problems: list[str] = []
+    out: list[Deployment] = []
+    if cfg.serve.deployments:
+        for i, d in enumerate(cfg.serve.deployments):
+            if not d.name:
+                problems.append(f"serve.deployments[{i}]: name is empty; give every deployment a name")
+            elif any(o.name == d.name for o in out):
+                problems.append(f"serve.deployments[{i}]: name '{d.name}' is used twice")
+            out.append(Deployment(d.name, d.base, d.adapter, d.index, d.engine))
+    else:
+        out.append(Deployment("base", "", "", "", cfg.generation.engine))
+        if cfg.model.adapter:
+            out.append(Deployment(Path(cfg.model.adapter).name, "", cfg.model.adapter, "", cfg.generation.engine))
+        name = cfg.index.name
+        if cfg.rag.enabled and (index_exists(cfg, name) or name in extra_indexes):
+            out += [Deployment(d.name + "+rag", d.base, d.adapter, name, d.engine) for d in list(out)]
+    if problems:
+        raise UsageError("\n".join(problems))
+    return out
+
+
+class Runtime:
+    """Loaded generators (one per base), retrievers (one per index) and the deployments over them."""
+
+    def __init__(self, cfg: Any, generator: Any = None, retrievers: dict[str, Any] | None = None):
+        self.cfg = cfg
+        self.lock = threading.Lock() if generator is None else generator.lock
+        self.generators: dict[str, Any] = {}
+        self.retrievers: dict[str, Any] = dict(retrievers or {})
+        self._owned_retrievers: list[Any] = []
+        self._given = generator
+        self.deployments: dict[str, Deployment] = {}
+        self.pending = 0
+        self._pending_lock = threading.Lock()
+
+    def load(self) -> "Runtime":
+        from ragtune.modeling import resolve_model_path
+        from ragtune.serve.answer import open_retriever
+        from ragtune.serve.generator import ENGINES_IMPLEMENTED, Generator
+
+        cfg = self.cfg
+        if self._given is not None:
+            self.generators[str(self._given.base_path)] = self._given
+        for d in plan_deployments(cfg, tuple(self.retrievers)):
+            self.deployments[d.name] = d
+            if d.engine not in ENGINES_IMPLEMENTED:
+                d.unavailable = (f"deployment '{d.name}': engine '{d.engine}' is not implemented yet (tracked in "
+                                 "issue 9); set its engine to transformers")
+                log.warning("%s", d.unavailable)
+                continue
+            key = str(resolve_model_path(d.base or cfg.model.path, f"deployment '{d.name}' base"))
+            gen = self.generators.get(key)
+            if gen is None:
+                gen = Generator(cfg, engine=d.engine, lock=self.lock).load(base=key, adapters={})
+                self.generators[key] = gen
+            d.generator = gen
+            if d.adapter:
+                d.adapter_name = gen.add_adapter(d.name, d.adapter)
+            if d.index:
+                if d.index not in self.retrievers:
+                    r = open_retriever(cfg, d.index)
+                    self.retrievers[d.index] = r
+                    self._owned_retrievers.append(r)
+                d.retriever = self.retrievers[d.index]
+        log.info("deployments: %s", ", ".join(self.deployments))
+        return self
+
+    def close(self) -> None:
+        for r in self._owned_retrievers:
+            try:
+                r.close()
+            except Exception:  # closing is best effort at shutdown
+                log.debug("closing a retriever failed", exc_info=True)
+
+    def enter(self) -> None:
+        with self._pending_lock:
+            if self.pending >= self.cfg.serve.max_queue:
+                raise APIError(429, f"the server is busy: {self.pending} requests are queued or running "
+                               f"(serve.max_queue={self.cfg.serve.max_queue}); retry later",
+                               "rate_limit_error", None, "server_busy")
+            self.pending += 1
+
+    def leave(self) -> None:
+        with self._pending_lock:
+            self.pending -= 1
+
+
+# --- the app ----------------------------------------------------------------------------------
+
+
+def api_key_of(cfg: Any) -> str:
+    return cfg.serve.api_key or os.environ.get(API_KEY_ENV, "")
+
+
+def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | None = None) -> Any:
+    """The FastAPI app. Loads every deployment now (errors surface before the port opens).
+
+    `generator`: an already loaded Generator to serve (its base is not loaded again);
+    `retrievers`: {index name: retriever} to use instead of opening those indexes.
+    """
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from ragtune import __version__
+
+    runtime = Runtime(cfg, generator, retrievers).load()
+    key = api_key_of(cfg)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        runtime.close()
+
+    app = FastAPI(title="ragtune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.runtime = runtime
+
+    def err(exc: APIError) -> Any:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Any:
+        return err(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Any:
+        return err(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            msg += " (routes: GET /v1/models, POST /v1/chat/completions, GET /health, GET /)"
+        return JSONResponse(error_body(msg, "invalid_request_error", None, code), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Any:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Any) -> Any:
+        if key and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            scheme, _, given = header.partition(" ")
+            if not header:
+                return err(APIError(401, "missing API key: send 'Authorization: Bearer <key>' (this server has "
+                                    "serve.api_key set)", code="invalid_api_key"))
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+                return err(APIError(401, "invalid API key", code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Any:
+        return {"status": "ok", "version": __version__, "deployments": list(runtime.deployments),
+                "queued": runtime.pending, "auth": bool(key)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> Any:
+        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [model_card(d, created) for d in runtime.deployments.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> Any:
+        d = runtime.deployments.get(name)
+        if d is None:
+            raise unknown_model(name, runtime)
+        return model_card(d, created)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
+        body = await read_body(request, cfg.serve.max_body_bytes)
+        req = parse_request(body, cfg)
+        d = runtime.deployments.get(req.model)
+        if d is None:
+            raise unknown_model(req.model, runtime)
+        if d.unavailable:
+            raise APIError(400, d.unavailable, param="model", code="engine_not_implemented")
+        messages = to_messages(req)
+        gcfg = cfg.generation
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(gcfg.max_new_tokens, cfg.serve.max_tokens_limit)
+        temperature = gcfg.temperature if req.temperature is None else req.temperature
+        kwargs = dict(adapter=d.adapter_name, retriever=d.retriever, max_new_tokens=max_tokens,
+                      temperature=temperature, top_p=req.top_p, seed=req.seed, rag=cfg.rag)
+        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        now = int(time.time())
+        runtime.enter()
+        if not req.stream:
+            try:
+                ans = await run_in_threadpool(d.generator.answer, messages, **kwargs)
+            except RagtuneError as exc:
+                raise APIError(400, str(exc), code=getattr(exc, "api_code", None)) from exc
+            finally:
+                runtime.leave()
+            return completion_body(cid, now, d, ans)
+        try:
+            stream = await run_in_threadpool(d.generator.stream, messages, **kwargs)
+        except RagtuneError as exc:
+            runtime.leave()
+            raise APIError(400, str(exc)) from exc
+        except BaseException:
+            runtime.leave()
+            raise
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(sse_events(stream, cid, now, d, include_usage, runtime),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {limit} (serve.max_body_bytes)",
+                       code="body_too_large")
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over {limit} bytes (serve.max_body_bytes)", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def validation_error(errors: list[Any]) -> APIError:
+    parts, param = [], None
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        param = param or loc or None
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    return APIError(400, "invalid request: " + "; ".join(parts), param=param, code="invalid_request")
+
+
+def parse_request(body: bytes, cfg: Any) -> ChatRequest:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        req = ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+    s = cfg.serve
+    if len(req.messages) > s.max_messages:
+        raise APIError(400, f"{len(req.messages)} messages; the limit is {s.max_messages} (serve.max_messages)",
+                       param="messages", code="too_many_messages")
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = getattr(req, name)
+        if v is not None and v > s.max_tokens_limit:
+            raise APIError(400, f"{name}={v} is over the limit {s.max_tokens_limit} (serve.max_tokens_limit)",
+                           param=name, code="max_tokens_too_large")
+    if req.n not in (None, 1):
+        raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
+    if req.stop:
+        raise APIError(400, "stop sequences are not supported yet; leave 'stop' empty", param="stop",
+                       code="unsupported")
+    return req
+
+
+def to_messages(req: ChatRequest) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, list):
+            texts = []
+            for part in m.content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{i}]: content part type '{part.type}' is not supported "
+                                   "(text only)", param=f"messages.{i}.content", code="unsupported")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        else:
+            content = m.content or ""
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    if not any(m["role"] == "user" for m in out):
+        raise APIError(400, "messages need at least one user message", param="messages", code="invalid_request")
+    return out
+
+
+def unknown_model(name: str, runtime: Runtime) -> APIError:
+    return APIError(404, f"model '{name}' is not a deployment of this server (available: "
+                    f"{', '.join(runtime.deployments)}); see GET /v1/models", param="model",
+                    code="model_not_found")
+
+
+def model_card(d: Deployment, created: int) -> dict[str, Any]:
+    return {"id": d.name, "object": "model", "created": created, "owned_by": "ragtune", "ragtune": d.describe()}
+
+
+def _meta(d: Deployment, ans: Any) -> dict[str, Any]:
+    return {"mode": ans.mode, "abstained": ans.abstained, "adapter": ans.adapter, "index": d.index or None,
+            "best_score": ans.best_score, "timings": ans.timings}
+
+
+def _usage(ans: Any) -> dict[str, int]:
+    return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
+            "total_tokens": ans.prompt_tokens + ans.completion_tokens}
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def completion_body(cid: str, created: int, d: Deployment, ans: Any) -> dict[str, Any]:
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": d.name, "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text, "refusal": None},
+                     "logprobs": None, "finish_reason": _finish(ans.finish_reason)}],
+        "usage": _usage(ans),
+        "sources": ans.sources,
+        "ragtune": _meta(d, ans),
+    }
+
+
+def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None,
+           include_usage: bool, **extra: Any) -> str:
+    body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "system_fingerprint": None,
+                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if include_usage:
+        body["usage"] = None
+    body.update(extra)
+    return "data: " + json.dumps(body, ensure_ascii=False) + "\n\n"
+
+
+_DONE = object()
+
+
+def _next(stream: Any) -> Any:
+    return next(stream, _DONE)
+
+
+async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include_usage: bool,
+                     runtime: Runtime) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: role (+ sources) first, content deltas, a finish chunk, usage, [DONE]."""
+    import anyio
+
+    try:
+        yield _chunk(cid, created, d.name, {"role": "assistant", "content": ""}, None, include_usage,
+                     sources=stream.sources)
+        try:
+            while True:
+                delta = await anyio.to_thread.run_sync(_next, stream, abandon_on_cancel=True)
+                if delta is _DONE:
+                    break
+                yield _chunk(cid, created, d.name, {"content": delta}, None, include_usage)
+        except Exception as exc:  # the headers are sent: report in-band, the way OpenAI does
+            log.exception("generation failed mid-stream")
+            kind = "invalid_request_error" if isinstance(exc, RagtuneError) else "server_error"
+            yield "data: " + json.dumps(error_body(str(exc), kind)) + "\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        ans = stream.answer
+        yield _chunk(cid, created, d.name, {}, _finish(ans.finish_reason), include_usage,
+                     sources=ans.sources, ragtune=_meta(d, ans))
+        if include_usage:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": d.name,
+                    "system_fingerprint": None, "choices": [], "usage": _usage(ans)}
+            yield "data: " + json.dumps(body) + "\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        stream.close()
+        runtime.leave()
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def run_serve(args: Any, cfg: Any) -> int:
+    import uvicorn
+
+    from ragtune.config import replace
+    from ragtune.serve.commands import quiet_libraries
+
+    serve = cfg.serve
+    host = args.host or serve.host
+    port = serve.port if args.port is None else args.port
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port} is not a TCP port (1-65535)")
+    cfg = replace(cfg, serve=replace(serve, host=host, port=port))
+    quiet_libraries()
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key_of(cfg):
+        log.warning("binding to %s without an API key: anyone who can reach this port can use the models; "
+                    "set serve.api_key or %s", host, API_KEY_ENV)
+    app = create_app(cfg)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"ragtune serve: http://{shown}:{port}/  (OpenAI base_url http://{shown}:{port}/v1; "
+          f"models: {', '.join(app.state.runtime.deployments)})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info" if args.verbose else "warning")
+    return 0

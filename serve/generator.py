@@ -205,7 +205,6 @@ class Generator:
             adapters = {Path(mcfg.adapter).name: mcfg.adapter} if mcfg.adapter else {}
         for name, adir in adapters.items():
             self.add_adapter(name, adir)
-        torch.set_grad_enabled(False)
         return self
 
     def add_adapter(self, name: str, path: str | Path) -> str:

@@ -1,0 +1,155 @@
+"""`ragtune chat`: an interactive multi-turn session with streamed tokens.
+
+    ragtune chat --adapter runs/adapter --index default
+
+Commands: /sources (the last answer's sources), /rag on|off, /reset (forget the conversation),
+/help, /exit (or Ctrl-D). Ctrl-C stops an answer mid-stream. With retrieval on, each question
+searches with the recent user turns (so follow-ups keep their topic) and the answer cites [n].
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, TextIO
+
+from ragtune.errors import RagtuneError
+
+HELP = "commands: /sources  /rag on|off  /reset  /help  /exit"
+
+
+class ChatSession:
+    def __init__(self, gen: Any, adapter: str | None = None, retriever: Any = None, system: str = "",
+                 open_retriever: Callable[[], Any] | None = None, out: TextIO | None = None,
+                 err: TextIO | None = None):
+        self.gen = gen
+        self.adapter = adapter
+        self.retriever = retriever
+        self.rag = retriever is not None
+        self.system = system
+        self._open_retriever = open_retriever
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.history: list[dict[str, str]] = []
+        self.last_sources: list[dict[str, Any]] = []
+        self.last_answer: Any = None
+
+    def messages(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False means exit."""
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip().lower()
+        if cmd in ("/exit", "/quit"):
+            return False
+        if cmd == "/reset":
+            self.history, self.last_sources = [], []
+            self.say("(conversation cleared)")
+        elif cmd == "/sources":
+            if not self.last_sources:
+                self.say("(no sources for the last answer)")
+            for s in self.last_sources:
+                where = s.get("title") or s.get("source")
+                if s.get("heading"):
+                    where += f" > {s['heading']}"
+                if s.get("page"):
+                    where += f" (page {s['page']})"
+                score = f"  score {s['score']:.3f}" if s.get("score") is not None else ""
+                self.say(f"[{s['n']}] {where} - {s.get('source')}{score}")
+        elif cmd == "/rag" and arg in ("on", "off"):
+            if arg == "on" and self.retriever is None:
+                try:
+                    self.retriever = self._open_retriever() if self._open_retriever else None
+                except RagtuneError as exc:
+                    self.err.write(f"error: {exc}\n")
+                if self.retriever is None:
+                    self.say("(retrieval stays off: no index could be opened)")
+                    return True
+            self.rag = arg == "on"
+            self.say(f"(retrieval {'on' if self.rag else 'off'})")
+        elif cmd == "/help":
+            self.say(HELP)
+        else:
+            self.say(f"(unknown command '{line}'; {HELP})")
+        return True
+
+    def ask(self, question: str) -> None:
+        self.history.append({"role": "user", "content": question})
+        try:
+            stream = self.gen.stream(self.messages(), adapter=self.adapter,
+                                     retriever=self.retriever if self.rag else None)
+        except RagtuneError as exc:
+            self.history.pop()
+            self.err.write(f"error: {exc}\n")
+            return
+        try:
+            for delta in stream:
+                self.out.write(delta)
+                self.out.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            self.history.pop()
+            self.say("\n(stopped)")
+            return
+        except RagtuneError as exc:
+            self.history.pop()
+            self.err.write(f"\nerror: {exc}\n")
+            return
+        self.out.write("\n")
+        ans = stream.answer
+        self.last_answer = ans
+        self.last_sources = ans.sources
+        if ans.sources:
+            self.say("sources: " + "  ".join(f"[{s['n']}] {s.get('title') or s.get('source')}" for s in ans.sources))
+        self.history.append({"role": "assistant", "content": ans.text})
+
+    def loop(self, inp: TextIO | None = None) -> int:
+        inp = inp or sys.stdin
+        interactive = inp.isatty()
+        if interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:  # pragma: no cover
+                pass
+            mode = ("ft" if self.adapter else "base") + ("+rag" if self.rag else "")
+            self.err.write(f"ragtune chat ({mode}); {HELP}\n")
+        while True:
+            try:
+                line = input("you> ") if interactive else inp.readline()
+            except EOFError:  # Ctrl-D
+                self.out.write("\n")
+                return 0
+            except KeyboardInterrupt:
+                self.out.write("\n")
+                continue
+            if not interactive and line == "":  # end of piped input
+                return 0
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return 0
+                continue
+            self.ask(line)
+
+
+def run_chat(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.serve.answer import open_retriever, retriever_for
+    from ragtune.serve.commands import generation_overrides, load_for_cli
+
+    cfg = generation_overrides(cfg, args)
+    gen, adapter = load_for_cli(cfg, args.adapter)
+    retriever = retriever_for(cfg, args.index or None, args.no_rag)
+    session = ChatSession(gen, adapter, retriever, system=args.system,
+                          open_retriever=lambda: open_retriever(cfg, args.index or cfg.index.name))
+    try:
+        return session.loop()
+    finally:
+        if session.retriever is not None and hasattr(session.retriever, "close"):
+            session.retriever.close()

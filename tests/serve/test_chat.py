@@ -1,0 +1,46 @@
+"""`ragtune chat`: streamed multi-turn answers, commands, retrieval on follow-ups."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from ragtune.cli import main
+from ragtune.serve.chat_repl import ChatSession
+from tests.serve.conftest import QA, FakeRetriever
+
+
+def test_chat_cli_streams_trained_answers_over_turns(tiny_llama: Path, tiny_adapter: Path, capsys, monkeypatch) -> None:
+    script = f"{QA[0][0]}\n/help\n/sources\n/reset\n{QA[1][0]}\n/rag on\n/bogus\n/exit\nnever asked\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    rc = main(["-q", "chat", f"model.path={tiny_llama}", "--adapter", str(tiny_adapter), "--no-rag"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == QA[0][1] and lines.index(QA[1][1]) > lines.index("(conversation cleared)")
+    assert "(no sources for the last answer)" in lines and "(conversation cleared)" in lines
+    assert "(retrieval stays off: no index could be opened)" in lines and any("unknown command" in x for x in lines)
+    assert "never asked" not in out
+
+
+def test_chat_session_rag_sources_and_follow_up_queries(loaded_gen: Any) -> None:
+    out, r = io.StringIO(), FakeRetriever()
+    s = ChatSession(loaded_gen, adapter="policies", retriever=r, out=out, err=io.StringIO())
+    s.loop(io.StringIO("remote work?\nhow many days\n/sources\n/rag off\n/reset\n" + QA[0][0] + "\n/rag on\n/exit\n"))
+    text = out.getvalue()
+    assert r.queries == ["remote work?", "remote work?\nhow many days"]  # follow-ups search with recent turns
+    assert "[1] Remote work > Remote > Days - policies/remote.md  score 0.033" in text
+    assert "[2] Expenses > Deadlines (page 2) - policies/expenses.pdf" in text
+    assert "(retrieval off)" in text and "(retrieval on)" in text
+    assert len(r.queries) == 2  # nothing searched while retrieval was off
+    assert s.last_answer.text == QA[0][1] and s.last_answer.mode == "ft"
+    assert [m["role"] for m in s.history] == ["user", "assistant"]
+
+
+def test_chat_reports_errors_and_keeps_going(loaded_gen: Any) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    s = ChatSession(loaded_gen, adapter="policies", out=out, err=err)
+    s.loop(io.StringIO("word " * 3000 + "\n" + QA[1][0] + "\n"))
+    assert "context" in err.getvalue() and QA[1][1] in out.getvalue().splitlines()
+    assert len(s.history) == 2

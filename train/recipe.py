@@ -150,18 +150,20 @@ def encode(records: list[Any], tokenizer: Any, template: str, max_length: int) -
 # --- device -----------------------------------------------------------------------------------
 
 
-def set_threads(threads: int) -> int:
+def set_threads(threads: int, n_params: int) -> int:
+    """train.threads, else: 1 for tiny models (thread sync costs more than it saves), else the usable cores."""
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
+    elif n_params < 20_000_000:
+        torch.set_num_threads(1)
     else:
         try:
             avail = len(os.sched_getaffinity(0))
         except AttributeError:  # macOS
             avail = os.cpu_count() or 1
-        if torch.get_num_threads() > avail:
-            torch.set_num_threads(avail)
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), avail)))
     return torch.get_num_threads()
 
 
@@ -219,8 +221,9 @@ def packing_supported(model: Any, pad_id: int) -> bool:
     batch.pop("labels")
     batch = {k: v.to(dev) if hasattr(v, "to") else v for k, v in batch.items()}
     with torch.no_grad():
-        packed = model(**batch).logits[0, len(a):].float()
-        alone = model(input_ids=torch.tensor([b], device=dev)).logits[0].float()
+        # use_cache=False as in training: with a cache, transformers does not derive packed masks
+        packed = model(**batch, use_cache=False).logits[0, len(a):].float()
+        alone = model(input_ids=torch.tensor([b], device=dev), use_cache=False).logits[0].float()
     model.train(was_training)
     return bool(torch.allclose(packed, alone, atol=1e-3 * max(1.0, float(alone.abs().max())), rtol=1e-3))
 
@@ -413,9 +416,9 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     prep = prepare(cfg)
     tok, template = prep.tokenizer, prep.template
     device = pick_device(cfg.model.device)
-    threads = set_threads(tc.threads) if device == "cpu" else torch.get_num_threads()
     model = load_base_model(cfg, prep.base, device)
     n_params = sum(p.numel() for p in model.parameters())
+    threads = set_threads(tc.threads, n_params) if device == "cpu" else torch.get_num_threads()
     pad = choose_pad_token(tok, template)
     tok.pad_token = pad
     model.config.pad_token_id = tok.pad_token_id

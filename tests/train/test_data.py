@@ -1,0 +1,138 @@
+"""`ragtune data check / convert / split`: every problem class caught with its line number."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from tests.train.conftest import chat, write_jsonl
+
+GOOD = chat("What is the capital of France?", "Paris is the capital of France.")
+U = {"role": "user", "content": "hi"}
+A = {"role": "assistant", "content": "hello"}
+
+# (kind, bad line) - each is put on line 3 of a file whose other lines are valid
+CASES = [
+    ("invalid_json", '{"messages": [{"role": "user", "content": "hi"}'),
+    ("not_object", json.dumps([U, A])),
+    ("messages_missing", json.dumps({"conversation": [U, A]})),
+    ("messages_not_list", json.dumps({"messages": {"role": "user"}})),
+    ("messages_empty", json.dumps({"messages": []})),
+    ("message_not_object", json.dumps({"messages": [U, "hello"]})),
+    ("role_missing", json.dumps({"messages": [U, {"content": "hello"}, A]})),
+    ("role_not_string", json.dumps({"messages": [U, {"role": 3, "content": "x"}, A]})),
+    ("content_missing", json.dumps({"messages": [U, {"role": "assistant"}]})),
+    ("content_not_string", json.dumps({"messages": [U, {"role": "assistant", "content": ["x"]}]})),
+    ("unknown_role", json.dumps({"messages": [U, {"role": "bot", "content": "x"}, A]})),
+    ("unknown_key", json.dumps({"messages": [U, A], "id": 7})),
+    ("unknown_key", json.dumps({"messages": [U, {**A, "name": "x"}]})),
+    ("empty_content", json.dumps({"messages": [U, {"role": "assistant", "content": " \n "}]})),
+    ("no_assistant", json.dumps({"messages": [U, {"role": "user", "content": "again"}]})),
+    ("role_order", json.dumps({"messages": [U, {"role": "system", "content": "late"}, A]})),
+    ("role_order", json.dumps({"messages": [U, A, {"role": "user", "content": "dangling"}]})),
+    ("duplicate", json.dumps(chat("first question", "first answer"))),
+    ("not_utf8", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'),
+]
+
+
+def _file(tmp_path: Path, bad: str | bytes) -> Path:
+    lines = [json.dumps(chat("first question", "first answer")).encode(), json.dumps(GOOD).encode(),
+             bad if isinstance(bad, bytes) else bad.encode(), json.dumps(chat("q4", "a4")).encode()]
+    p = tmp_path / "data.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    return p
+
+
+@pytest.mark.parametrize("kind,bad", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
+def test_each_problem_class_is_caught_with_its_line(tmp_path: Path, kind: str, bad: str, capsys) -> None:
+    from ragtune.train.data import check_file
+
+    path = _file(tmp_path, bad)
+    rep = check_file(path)
+    assert [(p.line, p.kind) for p in rep.problems if p.kind == kind] == [(3, kind)], rep.format()
+    assert {p.line for p in rep.problems} == {3}
+    assert [r.line for r in rep.records] == [1, 2, 4]
+    assert main(["data", "check", str(path), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"][kind][0]["line"] == 3
+
+
+def test_clean_korean_file_passes_with_stats(tmp_path: Path, tiny_llama: Path, capsys) -> None:
+    rows = [chat("서울은 어떤 도시입니까?", "서울은 한국의 수도입니다.", system="한국어로 답하세요."), GOOD]
+    path = write_jsonl(tmp_path / "ko.jsonl", rows)
+    assert main(["data", "check", str(path), "--model", str(tiny_llama)]) == 0
+    out = capsys.readouterr().out
+    assert "0 invalid" in out and "tokens per record: min" in out
+    assert main(["data", "check", str(path), "--model", str(tiny_llama), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    s = rep["stats"]
+    assert rep["ok"] and s["records"] == 2 and s["turns"] == 5 and s["over_max_length"] == 0
+    assert s["tokens"]["min"] <= s["tokens"]["median"] <= s["tokens"]["p95"] <= s["tokens"]["max"]
+    assert s["tokens_per_epoch"] > s["trained_tokens_per_epoch"] > 0
+
+
+def test_token_checks_truncation_and_empty_mask(tmp_path: Path, tiny_llama: Path, capsys) -> None:
+    long_prompt = " ".join(["question"] * 300)
+    rows = [
+        GOOD,
+        chat(long_prompt, "short answer"),  # line 2: answer starts past max_length
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": 0}]},
+        chat("short question", " ".join(["answer"] * 300)),  # line 4: over max_length, answer partly kept
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    assert main(["data", "check", str(path), "--model", str(tiny_llama), "--max-length", "64", "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert [p["line"] for p in rep["problems"]["answer_truncated"]] == [2]
+    assert [p["line"] for p in rep["problems"]["empty_assistant_mask"]] == [3]
+    assert rep["stats"]["over_max_length"] == 2 and rep["stats"]["records"] == 2
+
+
+def test_write_clean_and_quarantine(tmp_path: Path, capsys) -> None:
+    path = _file(tmp_path, '{"messages": oops')
+    out = tmp_path / "clean.jsonl"
+    assert main(["data", "check", str(path), "--write-clean", str(out)]) == 1
+    assert len(out.read_text().splitlines()) == 3
+    (rej,) = [json.loads(x) for x in (tmp_path / "clean.rejected.jsonl").read_text().splitlines()]
+    assert rej["line"] == 3 and rej["text"] == '{"messages": oops' and "not valid JSON" in rej["reasons"][0]
+    assert main(["data", "check", str(out)]) == 0
+
+
+def test_convert_csv_keeps_korean(tmp_path: Path) -> None:
+    src = tmp_path / "faq.csv"
+    src.write_text('질문,답변,other\n"서울은, 어디?",한국의 수도입니다.,1\nempty,,2\n', encoding="utf-8-sig")
+    out = tmp_path / "faq.jsonl"
+    assert main(["data", "convert", str(src), "--question-col", "질문", "--answer-col", "답변",
+                 "--system", "간단히 답하세요.", "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "서울은, 어디?" in text  # written as UTF-8, not \u escapes
+    (rec,) = [json.loads(x) for x in text.splitlines()]
+    assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]
+    assert main(["data", "check", str(out)]) == 0
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "답변"]) == 2
+
+
+def test_convert_tsv(tmp_path: Path) -> None:
+    src = tmp_path / "faq.tsv"
+    src.write_text("q\ta\nWhat?\tThat.\n", encoding="utf-8")
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]) == 0
+    assert json.loads((tmp_path / "faq.chat.jsonl").read_text())["messages"][1]["content"] == "That."
+
+
+def test_split_is_deterministic(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "all.jsonl", [chat(f"q{i}", f"a{i}") for i in range(50)])
+    results = []
+    for d in ("s1", "s2"):
+        assert main(["data", "split", str(path), "--eval-fraction", "0.2", "--seed", "7", "--out-dir",
+                     str(tmp_path / d)]) == 0
+        results.append(((tmp_path / d / "all.train.jsonl").read_text(), (tmp_path / d / "all.eval.jsonl").read_text()))
+    assert results[0] == results[1]
+    tr, ev = results[0]
+    assert len(ev.splitlines()) == 10 and len(tr.splitlines()) == 40
+    assert sorted(tr.splitlines() + ev.splitlines()) == sorted(path.read_text().splitlines())
+    assert main(["data", "split", str(path), "--eval-fraction", "0.2", "--seed", "8", "--out-dir",
+                 str(tmp_path / "s3")]) == 0
+    assert (tmp_path / "s3" / "all.eval.jsonl").read_text() != ev
+    assert main(["data", "split", str(path), "--eval-fraction", "1.5"]) == 2

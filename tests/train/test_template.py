@@ -1,0 +1,76 @@
+"""Assistant masks by prefix rendering: same answer tokens with or without {% generation %} markers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ragtune.errors import UsageError
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "서울은?"},
+    {"role": "assistant", "content": "한국의 수도."},
+]
+
+
+def _trained_text(tok, enc) -> str:
+    return tok.decode([t for t, m in zip(enc.input_ids, enc.mask) if m])
+
+
+def test_mask_covers_answers_and_end_of_turn(tiny_llama: Path, no_marker_llama: Path) -> None:
+    from ragtune.modeling import load_tokenizer
+    from ragtune.train.template import has_generation_markers, last_trained_is_stop_token, tokenize_conversation
+
+    with_markers = load_tokenizer(tiny_llama)
+    without = load_tokenizer(no_marker_llama)
+    assert has_generation_markers(with_markers.chat_template)
+    assert not has_generation_markers(without.chat_template)
+    a = tokenize_conversation(with_markers, CONV)
+    b = tokenize_conversation(without, CONV)
+    assert a.input_ids == b.input_ids and a.mask == b.mask
+    assert _trained_text(without, b) == "Paris.<|im_end|>한국의 수도.<|im_end|>"
+    # the rendered ids are the template's own tokenisation, and the mask agrees with the
+    # {% generation %} markers that transformers reads (which exclude the newline after <|im_end|>)
+    ref = with_markers.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert list(ref["input_ids"]) == a.input_ids
+    assert list(ref["assistant_masks"]) == a.mask
+    assert last_trained_is_stop_token(without, without.chat_template)
+
+
+def test_weight_zero_turn_is_not_trained(no_marker_llama: Path) -> None:
+    from ragtune.modeling import load_tokenizer
+    from ragtune.train.template import tokenize_conversation
+
+    tok = load_tokenizer(no_marker_llama)
+    conv = [dict(m) for m in CONV]
+    conv[2]["weight"] = 0
+    assert _trained_text(tok, tokenize_conversation(tok, conv)) == "한국의 수도.<|im_end|>"
+
+
+def test_non_prefix_preserving_template_is_refused(no_marker_llama: Path) -> None:
+    from ragtune.modeling import load_tokenizer
+    from ragtune.train.template import tokenize_conversation
+
+    tok = load_tokenizer(no_marker_llama)
+    # renders earlier assistant turns differently once a later turn exists (like "thinking" templates)
+    bad = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n[old]<|im_end|>\n"
+        "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(UsageError, match="not prefix-preserving"):
+        tokenize_conversation(tok, CONV, bad)
+
+
+def test_model_without_template_is_refused(no_marker_llama: Path) -> None:
+    from ragtune.modeling import load_tokenizer
+    from ragtune.train.template import template_of
+
+    tok = load_tokenizer(no_marker_llama)
+    tok.chat_template = None
+    with pytest.raises(UsageError, match="no chat template"):
+        template_of(tok)

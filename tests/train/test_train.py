@@ -1,0 +1,174 @@
+"""`ragtune train` / `ragtune merge` through the CLI on tiny models: memorise, resume, merge, refuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from tests.train.conftest import QA, chat, write_jsonl
+
+# 20 pairs, batch 10, 100 epochs = 200 optimizer steps: ~10 s on one core, memorises every answer
+MEMORIZE = ["train.epochs=100", "train.learning_rate=0.01", "train.batch_size=10", "train.lora.dropout=0.0",
+            "train.save_steps=100000", "train.logging_steps=10", "train.lr_scheduler=cosine"]
+QUICK = ["train.max_steps=2", "train.batch_size=4", "train.save_steps=100000"]
+
+
+def _greedy(model, tok, messages, template=None) -> str:
+    import torch
+
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def memorized(trainable_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Train once through the CLI on the 20 pairs; several tests read the result."""
+    root = tmp_path_factory.mktemp("memorize")
+    data = write_jsonl(root / "qa.jsonl", [chat(q, a) for q, a in QA])
+    out = root / "adapter"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAGTUNE_HOME", str(root / "home"))
+        rc = main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={data}",
+                   f"train.output_dir={out}", "data.eval_fraction=0.0", *MEMORIZE])
+    assert rc == 0
+    return {"out": out, "data": data, "base": trainable_llama, "root": root}
+
+
+def test_tiny_model_memorizes_20_answers(memorized: dict) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = memorized["out"]
+    card = json.loads((out / "ragtune.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(out))
+    base = AutoModelForCausalLM.from_pretrained(card["base_model"]["path"])
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    got = [_greedy(model, tok, [{"role": "user", "content": q}], card["chat_template"]["template"]) for q, _ in QA]
+    assert got == [a for _, a in QA]
+
+
+def test_output_folder_and_run_card(memorized: dict) -> None:
+    from ragtune.modeling import file_sha256, model_hash, text_sha256
+
+    out, base = memorized["out"], memorized["base"]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "ragtune.json", "metrics.jsonl", "loss.png",
+                 "tokenizer.json", "chat_template.jinja"):
+        assert (out / name).is_file(), name
+    assert Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]) == base.resolve()
+    card = json.loads((out / "ragtune.json").read_text())
+    assert card["base_model"] == {"path": str(base.resolve()), "hash": model_hash(base)}
+    tpl = (base / "chat_template.jinja").read_text()
+    assert card["chat_template"] == {"template": tpl, "hash": text_sha256(tpl)}
+    assert card["config"]["train"]["epochs"] == 100.0
+    d = card["data"]
+    assert d["train_sha256"] == file_sha256(memorized["data"]) and d["train_records"] == 20
+    assert d["eval_records"] == 0 and d["skipped_records"] == 0
+    m = card["metrics"]
+    assert m["steps"] == 200 and m["train_loss"] < 0.05 and m["tokens_per_second"] > 0
+    assert m["train_tokens"] > 0 and m["wall_seconds"] > 0 and m["eval_loss"] is None
+    assert card["exports"] == [] or card["exports"][0]["kind"] == "merged"
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["pad_token"] != tok_cfg["eos_token"]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps[-1] == 200
+
+
+def test_merged_model_equals_base_plus_adapter(memorized: dict, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, merged_dir = memorized["out"], tmp_path / "merged"
+    assert main(["merge", str(out), "--out", str(merged_dir)]) == 0
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "chat_template.jinja").is_file()
+    assert not list(merged_dir.glob("adapter_*"))
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), local_files_only=True).eval()
+    mtok = AutoTokenizer.from_pretrained(str(merged_dir), local_files_only=True)  # template comes with it
+    atok = AutoTokenizer.from_pretrained(str(out))
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(memorized["base"])), str(out)).eval()
+    for q, a in QA:
+        msgs = [{"role": "user", "content": q}]
+        assert _greedy(merged, mtok, msgs) == _greedy(adapter, atok, msgs) == a
+    ids = mtok(mtok.apply_chat_template([{"role": "user", "content": QA[0][0]}], tokenize=False,
+                                        add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        diff = (merged(**ids).logits - adapter(**ids).logits).abs().max().item()
+    assert diff < 1e-3
+    card = json.loads((out / "ragtune.json").read_text())
+    assert card["exports"][-1]["kind"] == "merged" and card["exports"][-1]["path"] == str(merged_dir.resolve())
+    assert main(["merge", str(out), "--out", str(merged_dir)]) == 2  # not empty, no --force
+
+
+def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import TrainerCallback
+
+    from ragtune.train import recipe
+
+    out = tmp_path / "run"
+    args = ["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}", f"train.output_dir={out}",
+            "train.max_steps=8", "train.save_steps=2", "train.batch_size=4", "train.save_total_limit=0"]
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if state.global_step == 5:  # checkpoint-4 was saved at the end of step 4
+                raise KeyboardInterrupt
+
+    real = recipe.make_callbacks
+    monkeypatch.setattr(recipe, "make_callbacks", lambda *a: real(*a) + [Interrupt()])
+    assert main(args) == 130
+    assert not (out / "adapter_config.json").exists()  # no half-written adapter
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    monkeypatch.setattr(recipe, "make_callbacks", real)
+    assert main(args) == 2  # refuses to silently start over
+    assert main(args + ["--resume"]) == 0
+    card = json.loads((out / "ragtune.json").read_text())
+    assert card["metrics"]["resumed_from_step"] == 4 and card["metrics"]["steps"] == 8
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 9))  # steps 1-4 from the first run, 5-8 from the resumed one
+    assert rows[4]["time"] > rows[3]["time"]
+    assert main(args + ["--resume", "train.max_steps=10"]) == 0  # a finished run can be extended too
+    assert json.loads((out / "ragtune.json").read_text())["metrics"]["steps"] == 10
+
+
+def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_path: Path) -> None:
+    rows = [chat(q, a) for q, a in QA] + ['{"messages": "broken"}']
+    data = write_jsonl(tmp_path / "qa.jsonl", rows)
+    out = tmp_path / "run"
+    base = ["-q", "train", f"model.path={no_marker_llama}", f"data.train_file={data}", f"train.output_dir={out}",
+            "data.eval_fraction=0.2", "train.eval_steps=1", *QUICK]
+    assert main(base) == 1  # invalid data stops training
+    assert not out.exists()
+    assert main(base + ["--skip-invalid"]) == 0
+    card = json.loads((out / "ragtune.json").read_text())
+    assert card["chat_template"]["template"] == (no_marker_llama / "chat_template.jinja").read_text()
+    assert card["data"]["skipped_records"] == 1 and card["data"]["eval_records"] == 4
+    assert card["data"]["train_records"] == 16 and card["metrics"]["eval_loss"] > 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in rows)
+
+
+def test_packing_trains_when_attention_honours_boundaries(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "packed"
+    assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+                 f"train.output_dir={out}", "train.packing=true", *QUICK]) == 0
+    assert json.loads((out / "ragtune.json").read_text())["training"]["packing"] is True
+
+
+def test_refusals(trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys) -> None:
+    common = ["train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+              f"train.output_dir={tmp_path / 'x'}", *QUICK]
+    assert main(common + ["train.qlora=true"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert main(common + ["--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["train", f"model.path={trainable_llama}"]) == 2
+    assert "data.train_file" in capsys.readouterr().err

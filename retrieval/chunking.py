@@ -40,16 +40,23 @@ class _Unit:
     tokens: int
 
 
+def chunker_signature(size: int, overlap: int) -> str:
+    """Recorded on every chunk: a document chunked with other settings is re-chunked on sync."""
+    return f"v{CHUNKER_VERSION}-s{size}-o{max(0, min(overlap, size // 2))}"
+
+
 class Chunker:
     def __init__(self, tokenizer: Any, size: int, overlap: int) -> None:
         if size < 8:
-            raise ValueError(f"chunk.size {size} is too small; use at least 8 tokens")
+            from ragtune.errors import UsageError
+
+            raise UsageError(f"chunk.size {size} is too small; use at least 8 tokens")
         self.tok = tokenizer
         self.size = size
         self.overlap = max(0, min(overlap, size // 2))
 
     def signature(self) -> str:
-        return f"v{CHUNKER_VERSION}-s{self.size}-o{self.overlap}"
+        return chunker_signature(self.size, self.overlap)
 
     def count(self, texts: list[str]) -> list[int]:
         if not texts:

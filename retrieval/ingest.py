@@ -247,18 +247,29 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
     res = IngestResult(name, dry_run=dry_run)
     cmd = "ragtune index " + ("sync " if delete_missing else "add ") + " ".join(str(p) for p in paths)
     with IndexLock(name, cmd):
-        if dry_run and not store.exists():
-            embedder, chunker, sig = None, None, "?"
-            states: dict[str, dict[str, Any]] = {}
-        else:
-            embedder, chunker = _load_embedder(cfg)
-            sig = chunker.signature()
-            store.open(create_dim=None if dry_run else embedder.dim)
-            identity = {"path": str(embedder.path), "hash": embedder.hash}
-            meta = store.read_meta()
-            _check_meta(store, meta, identity, name)
-            states = store.doc_states()
+        from ragtune.retrieval.chunking import Chunker, chunker_signature
+        from ragtune.retrieval.embedder import Embedder
+
+        embedder = Embedder(cfg.embedder)
+        identity = embedder.identity()  # content hash without loading the model
+        exists = store.exists()
+        meta: dict[str, Any] = {}
+        states: dict[str, dict[str, Any]] = {}
         try:
+            if exists:
+                store.open()
+                meta = store.read_meta()
+                _check_meta(store, meta, identity, name)
+                states = store.doc_states()
+            built = meta.get("embedder", {})
+            if built.get("hash") == identity["hash"] and built.get("max_tokens"):
+                max_tokens = int(built["max_tokens"])  # a no-op sync never loads the model
+            elif exists or not dry_run:
+                max_tokens = embedder.load().max_tokens
+            else:
+                max_tokens = cfg.chunk.size
+            size = min(cfg.chunk.size, max_tokens)
+            sig = chunker_signature(size, cfg.chunk.overlap) if (exists or not dry_run) else "?"
             plan = plan_ingest(states, files, sig, SPARSE_VERSION,
                                [Path(r) for r in roots] if delete_missing else None)
             res.skipped = list(plan.skipped)
@@ -266,28 +277,22 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             if dry_run:
                 _fill_dry_run(res, plan)
                 return res
-            if not meta:
-                meta = _new_meta(embedder, sig)
-            meta["roots"] = sorted(set(meta.get("roots", [])) | set(roots) |
-                                   {str(r) for r, _ in files if not roots})
-            meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            store.write_meta(meta)
+            if plan.add or not exists:
+                embedder.load()
+            if not exists:
+                store.open(create_dim=embedder.dim)
+            new_roots = set(roots) | ({str(r) for r, _ in files} if not roots else set())
+            if not meta or not new_roots <= set(meta.get("roots", [])) or plan.add or plan.removed:
+                meta = meta or _new_meta(embedder, sig)
+                meta["roots"] = sorted(set(meta.get("roots", [])) | new_roots)
+                meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                store.write_meta(meta)
+            chunker = Chunker(embedder.tokenizer, size, cfg.chunk.overlap) if plan.add else None
             _run(cfg, store, embedder, chunker, plan, res, progress)
         finally:
             store.close()
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _load_embedder(cfg: Config) -> tuple[Any, Any]:
-    from ragtune.retrieval.chunking import Chunker
-    from ragtune.retrieval.embedder import Embedder
-
-    embedder = Embedder(cfg.embedder).load()
-    size = min(cfg.chunk.size, embedder.max_tokens)
-    if size < cfg.chunk.size:
-        log.debug("chunk.size %d > the embedder's %d content tokens: using %d", cfg.chunk.size, size, size)
-    return embedder, Chunker(embedder.tokenizer, size, cfg.chunk.overlap)
 
 
 def _new_meta(embedder: Any, sig: str) -> dict[str, Any]:
@@ -323,8 +328,8 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
         from tqdm import tqdm
 
         bar = tqdm(unit="chunk", desc=f"indexing {len(plan.add)} documents", disable=None, leave=False)
-    sig = chunker.signature()
-    sparse = SparseEncoder(avg_len=0.6 * chunker.size)
+    sig = chunker.signature() if chunker is not None else ""
+    sparse = SparseEncoder(avg_len=0.6 * chunker.size) if chunker is not None else None
     writer = _Writer(store, embedder, sparse, cfg.embedder.batch_size, bar)
     failed_files: set[str] = set()
     by_file: dict[str, list[DocRef]] = {}

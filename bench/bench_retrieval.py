@@ -1,0 +1,231 @@
+"""Retrieval benchmark: ingest, re-sync and query latency/recall, Qdrant Edge vs qdrant-client local.
+
+    python bench/bench_retrieval.py                     # python3.11-doc subset, 100k synthetic points
+    python bench/bench_retrieval.py --max-files 0 --points 100000 --out /tmp/bench.json
+
+1. Full ingest of a real corpus (Debian's python3.11-doc HTML, fetched with `apt-get download` and
+   unpacked with `dpkg -x`; or --corpus DIR): chunks/s and the share of wall time outside the
+   embedder, through Qdrant Edge, then the same files through qdrant-client's local mode (that
+   second run reuses the first run's embeddings, so its time is all outside the embedder).
+2. Re-sync after changing one file: time as a share of the full ingest.
+3. Query latency p50/p95 at --points chunks of synthetic clustered 384-d vectors (plus sparse
+   vectors), query embedding excluded, dense HNSW and hybrid; recall@10 against exact search.
+Not a timed test: results go to docs/benchmarks.md with the machine and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def get_corpus(arg: str, workdir: Path) -> Path:
+    if arg:
+        return Path(arg)
+    target = workdir / "python3.11-doc"
+    html = target / "usr/share/doc/python3.11/html"
+    if html.is_dir():
+        return html
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=target, check=True, capture_output=True)
+    deb = next(target.glob("python3.11-doc_*.deb"))
+    subprocess.run(["dpkg", "-x", str(deb), str(target)], check=True)
+    return html
+
+
+def subset(src: Path, dst: Path, max_files: int) -> int:
+    files = sorted(p for p in src.rglob("*.html") if p.is_file() and not p.is_symlink())
+    if max_files:
+        files = files[:: max(1, len(files) // max_files)][:max_files]  # spread over the whole tree
+    if dst.exists():
+        shutil.rmtree(dst)
+    for f in files:
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out)
+    return len(files)
+
+
+def cache_embeddings() -> None:
+    """The second backend reuses the first one's vectors: its ingest time is all outside the embedder."""
+    import numpy as np
+
+    from ragtune.retrieval.embedder import Embedder
+
+    real = Embedder.embed
+    cache: dict[str, object] = {}
+
+    def embed(self, texts, batch_size=None):  # noqa: ANN001, ANN202
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        if missing:
+            for t, v in zip(missing, real(self, missing, batch_size=batch_size)):
+                cache[t] = v
+        return np.stack([cache[t] for t in texts])
+
+    Embedder.embed = embed
+
+
+def run_ingest(cfg, corpus: Path, index: str) -> dict:  # noqa: ANN001
+    from ragtune.retrieval.ingest import ingest
+
+    res = ingest(cfg, [str(corpus)], index=index, delete_missing=True, progress=False)
+    return {"documents": len(res.added), "chunks": res.chunks_written, "seconds": round(res.seconds, 2),
+            "embed_seconds": round(res.embed_seconds, 2),
+            "chunks_per_s": round(res.chunks_written / res.seconds, 1),
+            "outside_embedder_share": round(1 - res.embed_seconds / res.seconds, 3), "skipped": len(res.skipped)}
+
+
+def bench_ingest(args, workdir: Path) -> dict:  # noqa: ANN001
+    from ragtune.config import load_config, replace
+    from ragtune.retrieval import ingest as ing
+
+    src = get_corpus(args.corpus, workdir)
+    corpus = workdir / "corpus"
+    n_files = subset(src, corpus, args.max_files)
+    cfg = load_config(None, [f"embedder.batch_size={args.batch_size}"])
+    cache_embeddings()
+    out: dict = {"files": n_files, "corpus": str(src)}
+    out["edge_full"] = run_ingest(cfg, corpus, "bench-edge")
+    # re-sync after changing one file
+    victim = sorted(corpus.rglob("*.html"))[len(list(corpus.rglob("*.html"))) // 2]
+    victim.write_text(victim.read_text(encoding="utf-8").replace("</body>", "<p>An edited paragraph.</p></body>"),
+                      encoding="utf-8")
+    t0 = time.perf_counter()
+    res = ing.ingest(cfg, [str(corpus)], index="bench-edge", delete_missing=True, progress=False)
+    dt = time.perf_counter() - t0
+    out["edge_resync_one_file"] = {"seconds": round(dt, 3), "replaced": res.replaced,
+                                   "chunks_written": res.chunks_written,
+                                   "share_of_full": round(dt / out["edge_full"]["seconds"], 4)}
+    t0 = time.perf_counter()
+    res = ing.ingest(cfg, [str(corpus)], index="bench-edge", delete_missing=True, progress=False)
+    out["edge_resync_unchanged"] = {"seconds": round(time.perf_counter() - t0, 3), "chunks_written": res.chunks_written}
+    # the same files through qdrant-client local mode (embeddings cached: all of it is store + pipeline)
+    local = replace(cfg, store=replace(cfg.store, url=f"local:{workdir / 'qdrant-local'}"))
+    r = run_ingest(local, corpus, "bench-local")
+    out["local_full_cached_embeddings"] = r
+    edge_outside = out["edge_full"]["seconds"] - out["edge_full"]["embed_seconds"]
+    out["outside_embedder_seconds"] = {"edge": round(edge_outside, 2),
+                                       "local": round(r["seconds"] - r["embed_seconds"], 2)}
+    return out
+
+
+def synthetic(n: int, dim: int, seed: int):  # noqa: ANN201
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(max(16, n // 100), dim)).astype(np.float32)
+    x = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def bench_queries(args, workdir: Path) -> dict:  # noqa: ANN001
+    import numpy as np
+
+    from ragtune.retrieval.store import EdgeStore, PointData, ServerStore
+
+    n, dim = args.points, 384
+    vecs = synthetic(n, dim, 0)
+    queries = synthetic(args.queries, dim, 1)
+    rng = np.random.default_rng(2)
+    vocab = 20000
+    sparse_docs = [(sorted(set(rng.zipf(1.3, 40) % vocab)),) for _ in range(n)]
+    points = [PointData(f"00000000-0000-4000-8000-{i:012d}", vecs[i],
+                        (list(map(int, sparse_docs[i][0])), [1.0] * len(sparse_docs[i][0])),
+                        {"kind": "chunk", "doc_id": f"d{i // 20}", "source": f"s{i // 20}.html", "chunk_index": i % 20,
+                         "text": f"chunk {i}"})
+              for i in range(n)]
+    q_sparse = [(sorted(set(map(int, rng.zipf(1.3, 3) % vocab))), None) for _ in range(args.queries)]
+    out: dict = {"points": n, "queries": args.queries, "dim": dim}
+    stores = {"edge": lambda: EdgeStore("bench-q"), "qdrant_client_local_memory": lambda: ServerStore("bench-q", ":memory:")}
+    for label, make in stores.items():
+        s = make()
+        t0 = time.perf_counter()
+        s.open(create_dim=dim)
+        for i in range(0, n, 1000):
+            s.upsert(points[i : i + 1000])
+        t_up = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s.optimize()
+        t_opt = time.perf_counter() - t0
+        res: dict = {"upsert_s": round(t_up, 1), "optimize_s": round(t_opt, 1)}
+        for mode in ("dense", "hybrid"):
+            lat, recall = [], []
+            for qi, q in enumerate(queries):
+                sp = (q_sparse[qi][0], [1.0] * len(q_sparse[qi][0]))
+                t0 = time.perf_counter()
+                hits = s.query(dense=q, sparse=sp, mode=mode, limit=10, candidates=50)
+                lat.append((time.perf_counter() - t0) * 1000)
+                if mode == "dense":
+                    exact = s.query(dense=q, mode="dense", limit=10, exact=True)
+                    recall.append(len({h.id for h in hits} & {h.id for h in exact}) / 10)
+            lat.sort()
+            res[mode] = {"p50_ms": round(statistics.median(lat), 2), "p95_ms": round(lat[int(0.95 * len(lat)) - 1], 2)}
+            if recall:
+                res[mode]["recall_at_10"] = round(sum(recall) / len(recall), 4)
+        s.close()
+        out[label] = res
+        print(label, json.dumps(res), flush=True)
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", default="", help="folder of documents (default: python3.11-doc HTML)")
+    ap.add_argument("--max-files", type=int, default=120, help="files of the corpus to ingest (0 = all)")
+    ap.add_argument("--points", type=int, default=100_000, help="synthetic chunks for the latency/recall part")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--skip-queries", action="store_true")
+    ap.add_argument("--workdir", default="", help="scratch folder (default: a temp dir)")
+    ap.add_argument("--out", default="", help="write the results as JSON here too")
+    args = ap.parse_args()
+
+    from ragtune.modeling import set_offline_env
+
+    set_offline_env()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ragtune-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["RAGTUNE_HOME"] = str(workdir / "home")
+    shutil.rmtree(workdir / "home", ignore_errors=True)
+    shutil.rmtree(workdir / "qdrant-local", ignore_errors=True)
+    result: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                    "load_average_at_start": os.getloadavg()}
+    if not args.skip_ingest:
+        result["ingest"] = bench_ingest(args, workdir)
+        print(json.dumps(result["ingest"], indent=1), flush=True)
+    if not args.skip_queries:
+        result["queries"] = bench_queries(args, workdir)
+    result["load_average_at_end"] = os.getloadavg()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

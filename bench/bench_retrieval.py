@@ -159,9 +159,11 @@ def bench_queries(args, workdir: Path) -> dict:  # noqa: ANN001
         s.optimize()
         t_opt = time.perf_counter() - t0
         res: dict = {"upsert_s": round(t_up, 1), "optimize_s": round(t_opt, 1)}
+        nq = len(queries) if label == "edge" else min(len(queries), args.local_queries)  # local: brute force
+        res["queries"] = nq
         for mode in ("dense", "hybrid"):
             lat, recall = [], []
-            for qi, q in enumerate(queries):
+            for qi, q in enumerate(queries[:nq]):
                 sp = (q_sparse[qi][0], [1.0] * len(q_sparse[qi][0]))
                 t0 = time.perf_counter()
                 hits = s.query(dense=q, sparse=sp, mode=mode, limit=10, candidates=50)
@@ -197,6 +199,7 @@ def main() -> int:
     ap.add_argument("--max-files", type=int, default=120, help="files of the corpus to ingest (0 = all)")
     ap.add_argument("--points", type=int, default=100_000, help="synthetic chunks for the latency/recall part")
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--local-queries", type=int, default=30, help="queries for qdrant-client local mode (brute force)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-queries", action="store_true")

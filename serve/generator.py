@@ -258,6 +258,12 @@ class Generator:
         log.info("loaded adapter %s from %s in %.2fs", name, p, time.perf_counter() - t0)
         return name
 
+    def warmup(self) -> float:
+        """One short generation so the first real request does not pay kernel set-up; returns seconds."""
+        t0 = time.perf_counter()
+        self.answer([{"role": "user", "content": "Hi"}], max_new_tokens=2, temperature=0.0)
+        return time.perf_counter() - t0
+
     def resolve_adapter(self, adapter: str | None) -> str | None:
         if not adapter:
             return None

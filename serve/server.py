@@ -139,8 +139,10 @@ def plan_deployments(cfg: Any, extra_indexes: tuple[str, ...] = ()) -> list[Depl
 class Runtime:
     """Loaded generators (one per base), retrievers (one per index) and the deployments over them."""
 
-    def __init__(self, cfg: Any, generator: Any = None, retrievers: dict[str, Any] | None = None):
+    def __init__(self, cfg: Any, generator: Any = None, retrievers: dict[str, Any] | None = None,
+                 warmup: bool = False):
         self.cfg = cfg
+        self.warmup = warmup
         self.lock = threading.Lock() if generator is None else generator.lock
         self.generators: dict[str, Any] = {}
         self.retrievers: dict[str, Any] = dict(retrievers or {})
@@ -179,6 +181,9 @@ class Runtime:
                     self.retrievers[d.index] = r
                     self._owned_retrievers.append(r)
                 d.retriever = self.retrievers[d.index]
+        if self.warmup:
+            for gen in self.generators.values():
+                log.info("warmed up %s in %.1fs", gen.base_path, gen.warmup())
         log.info("deployments: %s", ", ".join(self.deployments))
         return self
 
@@ -209,11 +214,13 @@ def api_key_of(cfg: Any) -> str:
     return cfg.serve.api_key or os.environ.get(API_KEY_ENV, "")
 
 
-def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | None = None) -> Any:
+def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | None = None,
+               warmup: bool = False) -> Any:
     """The FastAPI app. Loads every deployment now (errors surface before the port opens).
 
     `generator`: an already loaded Generator to serve (its base is not loaded again);
-    `retrievers`: {index name: retriever} to use instead of opening those indexes.
+    `retrievers`: {index name: retriever} to use instead of opening those indexes;
+    `warmup`: run one tiny generation per base model so the first request is not slow.
     """
     from contextlib import asynccontextmanager
 
@@ -224,7 +231,7 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
 
     from ragtune import __version__
 
-    runtime = Runtime(cfg, generator, retrievers).load()
+    runtime = Runtime(cfg, generator, retrievers, warmup).load()
     key = api_key_of(cfg)
     created = int(time.time())
 
@@ -515,7 +522,7 @@ def run_serve(args: Any, cfg: Any) -> int:
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key_of(cfg):
         log.warning("binding to %s without an API key: anyone who can reach this port can use the models; "
                     "set serve.api_key or %s", host, API_KEY_ENV)
-    app = create_app(cfg)
+    app = create_app(cfg, warmup=True)
     shown = f"[{host}]" if ":" in host else host
     print(f"ragtune serve: http://{shown}:{port}/  (OpenAI base_url http://{shown}:{port}/v1; "
           f"models: {', '.join(app.state.runtime.deployments)})", flush=True)

@@ -264,6 +264,8 @@ def render_markdown(
     for key, b in best.items():
         if len(b["ties"]) > 1:
             verdict = "tie"
+        elif b["runner_up"] is None:
+            verdict = f"only {b['mode']} measures this"
         elif b["clear"] is None:
             verdict = "–" if key not in summary_keys else f"too few questions to tell (n < {MIN_N_CLEAR})"
         elif b["clear"]:
@@ -324,7 +326,7 @@ def render_markdown(
             if q.id not in ids:
                 continue
             ref = q.answer if q.answerable else "(unanswerable: should abstain)"
-            flags = [f for f in ("changed_in_v2",) if q.meta.get(f)]
+            flags = [key for key, v in q.meta.items() if v is True]  # e.g. changed_in_v2
             head = f"**{_cell(q.id)}**{' (' + ', '.join(flags) + ')' if flags else ''}: {_cell(q.question)}"
             answers = []
             for mode in modes:

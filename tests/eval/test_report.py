@@ -119,6 +119,8 @@ def test_write_report_files(tmp_path: Path) -> None:
                     "## Where the modes disagree (3 of 4 questions)", "## Notes"):
         assert heading in md, heading
     assert "| correct (↑) | 4 | 25 [" in md  # base 25% with its interval
+    assert "| recall@2 | rag | only rag measures this |" in md  # base has no retrieval
+    assert "| correct | rag | too few questions to tell (n < 5) |" in md
     assert "| train (LoRA, 3 epochs) | 10.0 min | run card metrics.wall_seconds |" in md
     assert "✓ Up to 3 days a week [1]." in md and "✗ You can work remotely 2 days a week." in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -74,3 +74,29 @@ def test_openai_client_models_completion_and_stream(server_url: str) -> None:
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_stream_whose_client_hangs_up_stops_generating(server_url: str, loaded_gen: Any, monkeypatch) -> None:
+    import httpx
+
+    finished: list[tuple[str, int]] = []
+    real_run = loaded_gen._run
+
+    def spy(job: Any, on_token: Any, cancel: Any) -> Any:
+        stats = real_run(job, on_token, cancel)
+        finished.append((stats["finish_reason"], stats["tokens"]))
+        return stats
+
+    monkeypatch.setattr(loaded_gen, "_run", spy)
+    auth = {"Authorization": "Bearer k-test"}
+    body = {"model": "base", "max_tokens": 900, "stream": True, "messages": [{"role": "user", "content": "office"}]}
+    with httpx.stream("POST", server_url + "/chat/completions", json=body, headers=auth, timeout=30) as r:
+        for line in r.iter_lines():
+            if '"content": "' in line and '"role"' not in line:
+                break  # one token arrived: hang up
+    deadline = time.time() + 30
+    while not finished and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(finished) == 1 and finished[0][0] == "cancelled" and finished[0][1] < 900
+    health = httpx.get(server_url.removesuffix("/v1") + "/health").json()
+    assert health["queued"] == 0

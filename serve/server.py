@@ -173,14 +173,18 @@ class Runtime:
                 gen = Generator(cfg, engine=d.engine, lock=self.lock).load(base=key, adapters={})
                 self.generators[key] = gen
             d.generator = gen
-            if d.adapter:
-                d.adapter_name = gen.add_adapter(d.name, d.adapter)
-            if d.index:
-                if d.index not in self.retrievers:
-                    r = open_retriever(cfg, d.index)
-                    self.retrievers[d.index] = r
-                    self._owned_retrievers.append(r)
-                d.retriever = self.retrievers[d.index]
+            try:
+                if d.adapter:
+                    d.adapter_name = gen.add_adapter(d.name, d.adapter)
+                if d.index:
+                    if d.index not in self.retrievers:
+                        r = open_retriever(cfg, d.index)
+                        self.retrievers[d.index] = r
+                        self._owned_retrievers.append(r)
+                    d.retriever = self.retrievers[d.index]
+            except RagtuneError as exc:
+                kind = UsageError if isinstance(exc, UsageError) else RagtuneError
+                raise kind(f"deployment '{d.name}': {exc}") from exc
         if self.warmup:
             for gen in self.generators.values():
                 log.info("warmed up %s in %.1fs", gen.base_path, gen.warmup())

@@ -1,0 +1,44 @@
+"""`ragtune serve` refuses bad settings before opening a port, with exit 2 and the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+
+
+def test_serve_rejects_a_bad_port_and_a_missing_model(capsys) -> None:
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
+    assert main(["serve", "model.path=/nonexistent/model"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_names_the_deployment_whose_adapter_does_not_match(tiny_llama: Path, tiny_adapter: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_adapter, bad)
+    card = json.loads((bad / "ragtune.json").read_text())
+    card["base_model"]["hash"] = "f" * 64
+    (bad / "ragtune.json").write_text(json.dumps(card))
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model:\n  path: {tiny_llama}\nserve:\n  deployments:\n    - {{name: good, adapter: {tiny_adapter}}}\n"
+                   f"    - {{name: wrong, adapter: {bad}}}\n    - {{name: good}}\n")
+    assert main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "name 'good' is used twice" in err
+    cfg.write_text(cfg.read_text().replace("    - {name: good}\n", ""))
+    assert main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "deployment 'wrong'" in err and "base model" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("yaml_file", sorted((Path(__file__).resolve().parents[2] / "configs" / "serve").glob("*.yaml")))
+def test_shipped_serve_configs_load(yaml_file: Path) -> None:
+    from ragtune.config import load_config
+
+    cfg = load_config(yaml_file)
+    assert cfg.serve.host == "127.0.0.1" and all(d.name for d in cfg.serve.deployments)

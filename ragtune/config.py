@@ -192,8 +192,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply_override(raw, item, problems)
     cfg = _build(Config, raw, "", where, problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([_blame_override(p, where, overrides) for p in problems])
     return cfg
+
+
+def _blame_override(problem: str, where: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """A problem caused by a command-line override names the override, not the file."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        for head in (f"{where}: key '{key}'", f"{where}: unknown key '{key}'"):
+            if problem.startswith(head) and (len(problem) == len(head) or problem[len(head)] in "'[ :"):
+                return f"override '{item}': " + problem[len(where) + 2:]
+    return problem
 
 
 def to_dict(cfg: Any) -> Any:

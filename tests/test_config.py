@@ -81,7 +81,16 @@ def test_bad_override_is_reported_with_the_fix() -> None:
 def test_override_bad_value() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["train.epochs=many"])
-    assert exc.value.problems == ["<defaults>: key 'train.epochs': expected a number, got 'many'"]
+    assert exc.value.problems == ["override 'train.epochs=many': key 'train.epochs': expected a number, got 'many'"]
+
+
+def test_unknown_override_key_blames_the_override(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, ["train.epoch=3"])
+    (msg,) = exc.value.problems
+    assert msg.startswith("override 'train.epoch=3': unknown key 'train.epoch' (allowed: output_dir, epochs,")
+    assert str(p) not in msg
 
 
 def test_all_problems_at_once(tmp_path: Path) -> None:

@@ -119,6 +119,7 @@ class GenerationConfig:
     engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"
     cache: Literal["dynamic", "static"] = "dynamic"  # static: KV cache + transformers' compile path, CUDA only
     threads: int = 0  # torch CPU threads while generating; 0 = torch's default
+    fast_lora: bool = True  # lean forwards for unmerged LoRA adapters (peft's own path when false)
 
 
 @dataclass(frozen=True)

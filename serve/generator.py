@@ -168,6 +168,7 @@ class Generator:
         self.base_hash = ""
         self.device = "cpu"
         self.adapters: dict[str, _Adapter] = {}
+        self._fast: Any = None  # FastLora over the peft model (generation.fast_lora)
         self._eos: list[int] = []
         self._max_positions = 0
 
@@ -254,6 +255,12 @@ class Generator:
         else:
             self.model.load_adapter(str(p), adapter_name=name, is_trainable=False)
         self.model.eval()
+        if self.cfg.generation.fast_lora:
+            from ragtune.serve.fast_lora import FastLora
+
+            if self._fast is None:
+                self._fast = FastLora(self.model)
+            self._fast.prepare(name)
         self.adapters[name] = _Adapter(name, p, template, card)
         log.info("loaded adapter %s from %s in %.2fs", name, p, time.perf_counter() - t0)
         return name
@@ -359,6 +366,9 @@ class Generator:
     def _adapter_ctx(self, name: str | None) -> Iterator[None]:
         if not self.adapters:
             yield
+        elif self._fast is not None and self._fast.supports(name):
+            with self._fast.active(name):
+                yield
         elif name is None:
             with self.model.disable_adapter():
                 yield

@@ -135,3 +135,26 @@ def test_engine_llama_cpp_is_a_clear_usage_error(tiny_cfg_factory) -> None:
 def test_prompt_longer_than_context_is_a_usage_error(loaded_gen: Generator) -> None:
     with pytest.raises(UsageError, match="context"):
         loaded_gen.answer(user("word " * 3000), max_new_tokens=2)
+
+
+def test_fast_lora_matches_peft_and_restores_its_forwards(loaded_gen: Generator, tiny_cfg_factory, tiny_adapter: Path, other_adapter: Path) -> None:
+    import torch
+
+    slow = Generator(tiny_cfg_factory("generation.fast_lora=false")).load(
+        adapters={"policies": str(tiny_adapter), "other": str(other_adapter)})
+    assert slow._fast is None and loaded_gen._fast is not None and loaded_gen._fast.supports("other")
+    keys = set(loaded_gen.model.state_dict())
+    for adapter in (None, "policies", "other"):
+        for q in (QA[0][0], "Tell me about the office."):
+            kw = dict(adapter=adapter, max_new_tokens=10, temperature=1.0, seed=5)
+            assert loaded_gen.answer(user(q), **kw).text == slow.answer(user(q), **kw).text
+    # the same logits, up to float rounding (the scale is folded into B)
+    ids = torch.tensor([loaded_gen.tokenizer("remote days", add_special_tokens=False)["input_ids"]])
+    with loaded_gen._fast.active("policies"), torch.inference_mode():
+        fast_logits = loaded_gen.model(input_ids=ids).logits
+    slow.model.set_adapter("policies")
+    with torch.inference_mode():
+        slow_logits = slow.model(input_ids=ids).logits
+    assert torch.allclose(fast_logits, slow_logits, atol=1e-5)
+    assert set(loaded_gen.model.state_dict()) == keys
+    assert all("forward" not in m.__dict__ for m in loaded_gen._fast.layers)

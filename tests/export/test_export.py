@@ -1,0 +1,243 @@
+"""`ragtune export gguf`: llama.cpp answers like transformers, the template travels, files are recorded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragtune.cli import main
+from ragtune.errors import RagtuneError, UsageError
+from ragtune.train import export
+from tests.export.conftest import NEEDS_LLAMA_CPP
+
+MARGIN = 0.05  # logits; the tiny model's f16 rounding error is far below this
+
+
+@NEEDS_LLAMA_CPP
+def test_f16_export_answers_like_transformers(tiny_f16: dict[str, Any]) -> None:
+    check = tiny_f16["result"].check
+    assert check is not None and check["ok"], export.describe_check(check)
+    assert check["prompt_ids_equal"]
+    assert check["diverged"] == 0
+    # most prompts must be compared in full; a near-tie is allowed but reported with its gap
+    assert check["equal"] >= len(check["prompts"]) - 1, export.describe_check(check)
+    for row in check["prompts"]:
+        assert row["transformers_ids"], row
+        if row["verdict"] == "near-tie":
+            assert row["gap_at_divergence"] < MARGIN
+
+
+@NEEDS_LLAMA_CPP
+def test_greedy_ids_equal_on_clear_margin_prompts(tiny_smol: Path, tiny_f16: dict[str, Any]) -> None:
+    """Independently of the export's own check: transformers greedy ids == llama.cpp greedy ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_smol))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_smol), dtype=torch.float32).eval()
+    eng = LlamaCppEngine(tiny_f16["path"], n_threads=1).load()
+    compared = 0
+    for q in ("Tell me a joke.", "What is 7 times 6?", "Name a fruit."):
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert eng.tokenize(prompt) == ids
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        hf = out.sequences[0, len(ids):].tolist()
+        margins = [float(lg[0].topk(2).values[0] - lg[0].topk(2).values[1]) for lg in out.logits]
+        if min(margins) < MARGIN:  # near-tie: reported by the export check, not asserted here
+            continue
+        got = eng.generate(prompt_text=prompt, max_new_tokens=16, temperature=0.0, stop_ids=[tok.eos_token_id])
+        assert got["ids"] == hf
+        assert got["prompt_tokens"] == len(ids) and got["completion_tokens"] == len(hf)
+        compared += 1
+    eng.close()
+    assert compared >= 2, "too few clear-margin prompts to compare"
+
+
+@NEEDS_LLAMA_CPP
+def test_chat_template_and_card_travel_with_the_file(tiny_smol: Path, tiny_f16: dict[str, Any]) -> None:
+    import gguf
+
+    from ragtune.modeling import chat_template_of, file_sha256, model_hash
+
+    path = tiny_f16["path"]
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["tokenizer.chat_template"].contents() == chat_template_of(tiny_smol)
+    assert reader.fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    card = json.loads(path.with_name(path.name + ".json").read_text())
+    assert card["sha256"] == file_sha256(path)
+    assert card["type"] == "f16" and card["kind"] == "gguf"
+    assert card["source"] == {"kind": "model", "path": str(tiny_smol), "hash": model_hash(tiny_smol)}
+    assert card["converter"]["llama_cpp_python"] == export.LLAMA_CPP_PYTHON_VERSION
+    assert card["converter"]["sdist_sha256"] == export.SDIST_SHA256
+    assert card["check"]["ok"] is True
+
+
+@NEEDS_LLAMA_CPP
+def test_modelfile_matches_the_chat_template(tiny_smol: Path, tiny_f16: dict[str, Any]) -> None:
+    from transformers import AutoTokenizer
+
+    path = tiny_f16["path"]
+    mf = path.parent / "Modelfile"
+    parsed = export.parse_modelfile(mf.read_text())
+    assert (mf.parent / parsed["FROM"]).resolve() == path.resolve()
+    assert "ADAPTER" not in parsed
+    assert ("stop", "<|im_end|>") in parsed["PARAMETER"]
+    tok = AutoTokenizer.from_pretrained(str(tiny_smol))
+    for conv in ([{"role": "user", "content": "Where is the office?"}],
+                 [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"},
+                  {"role": "assistant", "content": "Bonjour\nami"}, {"role": "user", "content": "Merci"}]):
+        want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert export.render_ollama_template(parsed["TEMPLATE"], conv, parsed.get("SYSTEM")) == want
+
+
+@NEEDS_LLAMA_CPP
+def test_lora_export_changes_output_as_the_merged_model_does(tiny_smol: Path, tiny_adapter: Path,
+                                                             tiny_f16: dict[str, Any], llama_home: Path,
+                                                             tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    out = tmp_path / "out" / "tiny-lora.gguf"
+    res = export.export_gguf(adapter, out, lora=True, base_gguf=tiny_f16["path"], margin=MARGIN)
+    assert res.check is not None and res.check["ok"], export.describe_check(res.check)
+    assert res.entry["kind"] == "gguf-lora"
+    import gguf
+
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.type"].contents() == "adapter"
+    assert r.fields["adapter.type"].contents() == "lora"
+    parsed = export.parse_modelfile((out.parent / "Modelfile").read_text())
+    assert (out.parent / parsed["FROM"]).resolve() == tiny_f16["path"].resolve()
+    assert (out.parent / parsed["ADAPTER"]).resolve() == out.resolve()
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_smol))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_smol), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+    eng = LlamaCppEngine(tiny_f16["path"], lora={"ft": out}, n_threads=1).load()
+    changed = compared = 0
+    for q in export.CHECK_PROMPTS:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            g = merged.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)
+        want = g.sequences[0, len(ids):].tolist()
+        margins = [float(lg[0].topk(2).values[0] - lg[0].topk(2).values[1]) for lg in g.logits]
+        with_lora = eng.generate(prompt_ids=ids, max_new_tokens=12, adapter="ft", stop_ids=[tok.eos_token_id])["ids"]
+        without = eng.generate(prompt_ids=ids, max_new_tokens=12, adapter=None, stop_ids=[tok.eos_token_id])["ids"]
+        changed += with_lora != without
+        if min(margins) >= MARGIN:
+            assert with_lora == want, q
+            compared += 1
+    eng.close()
+    assert changed >= 1, "the adapter did not change any answer"
+    assert compared >= 2, "too few clear-margin prompts to compare"
+    card = json.loads((adapter / "ragtune.json").read_text())
+    assert card["exports"][-1]["sha256"] == res.sha256 and card["exports"][-1]["kind"] == "gguf-lora"
+
+
+@NEEDS_LLAMA_CPP
+def test_adapter_source_is_merged_on_the_fly_and_recorded(tiny_adapter: Path, llama_home: Path,
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    out = tmp_path / "merged-q8.gguf"
+    rc = main(["export", "gguf", str(adapter), "--out", str(out), "--type", "q8_0", "--margin", str(MARGIN),
+               "--json"])
+    assert rc == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    card = json.loads((adapter / "ragtune.json").read_text())
+    entries = card["exports"]
+    assert [e["kind"] for e in entries] == ["gguf"], entries  # the temporary merge is not left in the card
+    e = entries[0]
+    assert e["path"] == str(out) and e["type"] == "q8_0" and e["sha256"] == printed["sha256"]
+    assert e["source"]["kind"] == "adapter" and e["source"]["hash"] == export.adapter_hash(adapter, card)
+    assert e["check"]["ok"] is True and "f16 intermediate" in e["check"]["checked_file"]
+    assert export.gguf_metadata(out, ["general.file_type"])["general.file_type"] == 7  # MOSTLY_Q8_0
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(out, n_threads=1).load()
+    assert eng.generate(prompt_text="<|im_start|>user\nHi<|im_end|>\n", max_new_tokens=3)["completion_tokens"] >= 1
+    eng.close()
+
+
+@NEEDS_LLAMA_CPP
+def test_q4_k_m_quantizes_to_a_loadable_file(tiny_f16: dict[str, Any], tmp_path: Path) -> None:
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    out = export.quantize(tiny_f16["path"], tmp_path / "tiny-q4.gguf", "q4_k_m")
+    assert export.gguf_metadata(out, ["general.file_type"])["general.file_type"] == 15  # MOSTLY_Q4_K_M
+    assert out.stat().st_size < tiny_f16["path"].stat().st_size
+    eng = LlamaCppEngine(out, n_threads=1).load()
+    assert len(eng.generate(prompt_text="<|im_start|>user\nHi<|im_end|>\n", max_new_tokens=4)["ids"]) >= 1
+    eng.close()
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_missing_sdist_says_how_to_fix(ragtune_home: Path) -> None:
+    with pytest.raises(UsageError) as exc:
+        export.converter_dir()
+    msg = str(exc.value)
+    assert export.SDIST_NAME in msg and "ragtune export setup" in msg and str(ragtune_home) in msg
+
+
+def test_wrong_sdist_is_refused(ragtune_home: Path) -> None:
+    p = ragtune_home / "llama.cpp" / export.SDIST_NAME
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"not the pinned sdist")
+    with pytest.raises(UsageError, match="sha256"):
+        export.converter_dir()
+
+
+def test_bad_type_is_a_usage_error(tiny_smol: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf"), "--type", "q5_x"]) == 2
+    assert "invalid choice: 'q5_x'" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="is not one of f16, q8_0, q4_k_m"):
+        export.export_gguf(tiny_smol, tmp_path / "x.gguf", "q5_x")
+
+
+def test_non_model_source_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    assert main(["export", "gguf", str(tmp_path / "notes"), "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json" in err and "adapter folder" in err
+    assert main(["export", "gguf", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_llama_cpp_names_the_install_line(tiny_smol: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    with pytest.raises(RagtuneError, match=r"pip install 'ragtune\[llamacpp\]'"):
+        export.export_gguf(tiny_smol, tmp_path / "x.gguf")
+
+
+def test_lora_needs_an_adapter(tiny_smol: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--lora needs an adapter folder"):
+        export.export_gguf(tiny_smol, tmp_path / "x.gguf", lora=True)
+
+
+def test_setup_sh_pins_the_same_sdist() -> None:
+    root = Path(__file__).resolve().parents[2]
+    sh = (root / "scripts" / "setup.sh").read_text()
+    assert f"LLAMA_CPP_PYTHON_VERSION={export.LLAMA_CPP_PYTHON_VERSION}" in sh
+    assert f"LLAMA_CPP_SDIST_SHA256={export.SDIST_SHA256}" in sh
+    assert f'llamacpp = ["llama-cpp-python=={export.LLAMA_CPP_PYTHON_VERSION}"]' in (root / "pyproject.toml").read_text()

@@ -1,0 +1,76 @@
+"""Argument parser for `ragtune export` (imports stay light: the work happens in ragtune.train.export)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ragtune.errors import EXIT_OK
+
+TYPES = ("f16", "q8_0", "q4_k_m")  # ragtune.train.export.TYPES, repeated to keep --help light
+
+
+def _run_export(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.cli import print_json
+    from ragtune.train import export
+
+    if args.export_cmd == "setup":
+        path = export.fetch_sdist()
+        conv = export.converter_dir()
+        if args.json:
+            print_json({"sdist": str(path), "sha256": export.SDIST_SHA256, "converter": str(conv)})
+        else:
+            print(f"llama.cpp converter ready: {conv} (from {path.name}, sha256 verified)")
+        return EXIT_OK
+    res = export.export_gguf(
+        args.source, args.out, args.type, lora=args.lora, base_gguf=args.base_gguf or None,
+        check=not args.no_check, margin=args.margin, force=args.force, modelfile=args.modelfile or None,
+        threads=args.threads,
+    )
+    if args.json:
+        print_json({**res.entry, "seconds": round(res.seconds, 2), "card": str(res.card_path), "check": res.check})
+        return EXIT_OK
+    print(f"wrote {res.path} ({res.type}, {res.size_bytes / 1e6:.1f} MB, sha256 {res.sha256[:16]}...) "
+          f"in {res.seconds:.0f}s")
+    if res.check is not None:
+        print(export.describe_check(res.check))
+    else:
+        print("not checked against transformers (--no-check)")
+    if res.modelfile is not None:
+        tpl = "" if res.entry.get("modelfile_template_verified") else " (no TEMPLATE: Ollama uses the GGUF's)"
+        print(f"Ollama: ollama create NAME -f {res.modelfile}{tpl}")
+    print(f"llama.cpp: ragtune ask --engine llama.cpp ... or llama-cli -m {res.path}")
+    return EXIT_OK
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a model or adapter to GGUF for llama.cpp/Ollama",
+                       description="Export to GGUF with llama.cpp's own converter (offline, pinned), checked "
+                                   "against transformers; writes a Modelfile for 'ollama create' beside it.")
+    esub = p.add_subparsers(dest="export_cmd", metavar="{gguf,setup}", required=True)
+    g = esub.add_parser(
+        "gguf", help="adapter folder, merged model or model dir -> one .gguf (+ Modelfile)",
+        description="SOURCE is an adapter folder (merged on the fly, or with --lora converted to llama.cpp's "
+                    "adapter format), a merged model or any local transformers model directory. The f16 file "
+                    "(the f16 intermediate for q8_0/q4_k_m) is checked: greedy ids and prompt ids from "
+                    "llama.cpp must equal transformers' on fixed prompts (near-ties are reported).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("source", help="adapter folder, merged model dir or transformers model dir")
+    g.add_argument("--out", required=True, help="output file, FILE.gguf")
+    g.add_argument("--type", default="f16", choices=TYPES, help="f16 (default), q8_0 or q4_k_m")
+    g.add_argument("--lora", action="store_true", help="write the adapter as a llama.cpp LoRA GGUF")
+    g.add_argument("--base-gguf", default="", metavar="FILE",
+                   help="with --lora: the base GGUF its Modelfile names (default: an f16 export of the base, "
+                        "written beside --out)")
+    g.add_argument("--modelfile", default="", metavar="FILE", help="where to write the Modelfile (default: "
+                                                                  "Modelfile beside --out)")
+    g.add_argument("--no-check", action="store_true", help="skip the comparison with transformers")
+    g.add_argument("--margin", type=float, default=0.5,
+                   help="logit gap under which a divergence counts as a near-tie (default 0.5)")
+    g.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = all usable cores)")
+    g.add_argument("--force", action="store_true", help="replace an existing --out")
+    g.add_argument("--json", action="store_true", help="print the export entry as JSON")
+    s = esub.add_parser("setup", help="fetch and verify the pinned llama.cpp converter (needs PyPI once)")
+    s.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_export)

@@ -241,3 +241,28 @@ def test_setup_sh_pins_the_same_sdist() -> None:
     assert f"LLAMA_CPP_PYTHON_VERSION={export.LLAMA_CPP_PYTHON_VERSION}" in sh
     assert f"LLAMA_CPP_SDIST_SHA256={export.SDIST_SHA256}" in sh
     assert f'llamacpp = ["llama-cpp-python=={export.LLAMA_CPP_PYTHON_VERSION}"]' in (root / "pyproject.toml").read_text()
+
+
+def test_modelfile_template_is_derived_and_checked(tiny_smol: Path) -> None:
+    """Without llama.cpp: the Ollama TEMPLATE renders every probe exactly like the Jinja template,
+    SmolLM2's default system prompt becomes SYSTEM, and a template that is not role-wrapped gets none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_smol))
+
+    def render(msgs: list[dict[str, str]], gen: bool, tpl: str | None = None) -> str:
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=tpl)
+
+    text, verified = export.modelfile_text("./m.gguf", render, tok.all_special_tokens, [tok.eos_token], "./a.gguf")
+    parsed = export.parse_modelfile(text)
+    assert verified and parsed["FROM"] == "./m.gguf" and parsed["ADAPTER"] == "./a.gguf"
+    assert parsed["SYSTEM"].startswith("You are a helpful AI assistant named SmolLM")
+    assert {v for k, v in parsed["PARAMETER"] if k == "stop"} == {"<|im_end|>", "<|im_start|>"}
+    conv = [{"role": "user", "content": "a {{ b }} c"}, {"role": "assistant", "content": "d"},
+            {"role": "user", "content": "e"}]
+    assert export.render_ollama_template(parsed["TEMPLATE"], conv, parsed["SYSTEM"]) == render(conv, True)
+
+    odd = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }};{% endfor %}"
+    text, verified = export.modelfile_text("./m.gguf", lambda m, g: render(m, g, odd), [], ["<|im_end|>"])
+    assert not verified and "TEMPLATE" not in export.parse_modelfile(text)
+    assert "No TEMPLATE" in text

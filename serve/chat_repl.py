@@ -141,11 +141,12 @@ class ChatSession:
 
 def run_chat(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.serve.answer import open_retriever, retriever_for
-    from ragtune.serve.commands import generation_overrides, load_for_cli
+    from ragtune.serve.commands import generation_overrides, load_for_cli, precheck
 
     cfg = generation_overrides(cfg, args)
-    gen, adapter = load_for_cli(cfg, args.adapter)
+    precheck(cfg)
     retriever = retriever_for(cfg, args.index or None, args.no_rag)
+    gen, adapter = load_for_cli(cfg, args.adapter)
     session = ChatSession(gen, adapter, retriever, system=args.system,
                           open_retriever=lambda: open_retriever(cfg, args.index or cfg.index.name))
     try:

@@ -49,6 +49,15 @@ def generation_overrides(cfg: Any, args: argparse.Namespace) -> Any:
     return replace(cfg, generation=replace(cfg.generation, **changes)) if changes else cfg
 
 
+def precheck(cfg: Any) -> None:
+    """The cheap checks (engine, model dir) before anything slow loads."""
+    from ragtune.modeling import resolve_model_path
+    from ragtune.serve.generator import check_engine
+
+    check_engine(cfg.generation.engine)
+    resolve_model_path(cfg.model.path, "model.path")
+
+
 def load_for_cli(cfg: Any, adapter_dir: str) -> tuple[Any, str | None]:
     """A loaded Generator for ask/chat and the name of the adapter to answer with."""
     from ragtune.serve.generator import Generator
@@ -74,8 +83,9 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
 
     question = read_question(args.question)
     cfg = generation_overrides(cfg, args)
-    gen, adapter = load_for_cli(cfg, args.adapter)
+    precheck(cfg)
     retriever = retriever_for(cfg, args.index or None, args.no_rag)
+    gen, adapter = load_for_cli(cfg, args.adapter)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": question}
     ]

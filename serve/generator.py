@@ -28,6 +28,7 @@ Interface (used by `ask`, `chat`, the server and eval):
 
 Device (cuda > mps > cpu) and dtype come from `model.device` / `model.dtype` ("auto" chooses).
 On CUDA, `generation.cache: static` uses transformers' static KV cache and its own compile path.
+Adapters answer through lean LoRA forwards (`ragtune.serve.fast_lora`, `generation.fast_lora`).
 """
 
 from __future__ import annotations

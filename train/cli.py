@@ -122,10 +122,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_run_data)
 
     t = sub.add_parser("train", help="LoRA fine-tuning with TRL",
-                       description="LoRA SFT of a local base model on chat JSONL (loss on assistant tokens only). "
+                       description="LoRA SFT of a local base model on chat JSONL (loss on assistant tokens only).\n"
                                    "Settings: --config configs/train/NAME.yaml plus key=value overrides, e.g. "
-                                   "data.train_file=train.jsonl train.epochs=2. Multi-GPU: "
-                                   "accelerate launch --config_file configs/accelerate/ddp.yaml -m ragtune.cli train ...",
+                                   "data.train_file=train.jsonl train.epochs=2.\nMulti-GPU: "
+                                   "accelerate launch --config_file configs/accelerate/multi-gpu-ddp.yaml $(which ragtune) train ... "
+                                   "(docs/training.md)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir/checkpoints")
     t.add_argument("--overwrite", action="store_true", help="start over when output_dir already holds a run")

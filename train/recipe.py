@@ -426,8 +426,23 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     elif overwrite and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)
 
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    if not log.isEnabledFor(logging.DEBUG):
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
     prep = prepare(cfg)
     tok, template = prep.tokenizer, prep.template
+    from ragtune.train.template import last_trained_is_stop_token
+
+    if not last_trained_is_stop_token(tok, template):
+        log.warning("the chat template ends assistant turns without a special end-of-turn token; the model "
+                    "may not learn to stop (give a template that closes turns with one: train.chat_template)")
     device = pick_device(cfg.model.device)
     model = load_base_model(cfg, prep.base, device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -158,3 +158,25 @@ def test_fast_lora_matches_peft_and_restores_its_forwards(loaded_gen: Generator,
     assert torch.allclose(fast_logits, slow_logits, atol=1e-5)
     assert set(loaded_gen.model.state_dict()) == keys
     assert all("forward" not in m.__dict__ for m in loaded_gen._fast.layers)
+
+
+def test_decoder_never_splits_a_multibyte_character(loaded_gen: Generator) -> None:
+    from ragtune.serve.generator import _Decoder
+
+    text = "서울은 한국의 수도입니다. Three days per week — 재택근무 OK."
+    ids = loaded_gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+    dec = _Decoder(loaded_gen.tokenizer)
+    deltas = [dec.add(i) for i in ids] + [dec.finish()]
+    assert "".join(deltas) == loaded_gen.tokenizer.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_static_cache_is_asked_for_on_cuda_only(tiny_cfg_factory, loaded_gen: Generator, monkeypatch) -> None:
+    gen = Generator(tiny_cfg_factory("generation.cache=static"))
+    gen.tokenizer, gen._eos = loaded_gen.tokenizer, loaded_gen._eos
+    job = loaded_gen.prepare(user("q"), max_new_tokens=4)
+    assert gen._generation_kwargs(job)["generation_config"].cache_implementation is None  # cpu
+    gen.device = "cuda"
+    assert gen._generation_kwargs(job)["generation_config"].cache_implementation == "static"
+    g = gen._generation_kwargs(loaded_gen.prepare(user("q"), max_new_tokens=4, temperature=0.7))["generation_config"]
+    assert g.do_sample and g.temperature == 0.7

@@ -544,6 +544,13 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     train_losses = [r["loss"] for r in rows if "loss" in r]
     tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else []
 
+    # Every rank takes part in saving (FSDP gathers the sharded weights); rank 0 writes the folder.
+    staging = out.parent / f".{out.name}.saving"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
         return out
     card = {
@@ -585,7 +592,10 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
         "exports": [],
     }
     with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        for item in staging.iterdir():
+            os.replace(item, tmp / item.name)
+        staging.rmdir()
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run card holds the config
         _absolute_base(tmp / "adapter_config.json", prep.base)
         tok.save_pretrained(str(tmp))
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")

@@ -61,6 +61,7 @@ def test_output_folder_and_run_card(memorized: dict) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors", "ragtune.json", "metrics.jsonl", "loss.png",
                  "tokenizer.json", "chat_template.jinja"):
         assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # no pickles beside the adapter
     assert Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]) == base.resolve()
     card = json.loads((out / "ragtune.json").read_text())
     assert card["base_model"] == {"path": str(base.resolve()), "hash": model_hash(base)}

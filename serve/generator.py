@@ -19,6 +19,7 @@ Interface (used by `ask`, `chat`, the server and eval):
   `model.adapter` when set). `add_adapter(name, dir)` loads one more without reloading the base.
 - `answer(messages, adapter=None, retriever=None, max_new_tokens=None, temperature=None, top_p=None,
   seed=None, rag=None) -> Answer`; `stream(...)` takes the same arguments and returns an `AnswerStream`.
+  `stop` is a list of strings that end the answer (not included in it).
   `rag` is a RagConfig (top_k, min_score, not_found_message, system_prompt; None = `cfg.rag`).
   `adapter` is a loaded adapter's name (or its dir); None answers with the base model alone, which
   gives the same tokens whether or not adapters are loaded (peft's adapters are disabled, not merged).
@@ -113,6 +114,7 @@ class _Job:
     temperature: float
     top_p: float
     seed: int | None
+    stop: list[str]
     t_start: float
     retrieval_s: float
 
@@ -155,6 +157,23 @@ class _Sink:
 
     def end(self) -> None:
         pass
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether one occurred."""
+    found = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still grow into a stop string."""
+    best = 0
+    for x in stops:
+        for n in range(min(len(x) - 1, len(text)), best, -1):
+            if text.endswith(x[:n]):
+                best = n
+                break
+    return best
 
 
 class Generator:
@@ -289,26 +308,31 @@ class Generator:
 
     def answer(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None, rag: Any = None) -> Answer:
+               top_p: float | None = None, seed: int | None = None, rag: Any = None,
+               stop: Sequence[str] | None = None) -> Answer:
         """One complete answer (runs in the calling thread, holding the generation lock)."""
-        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag)
+        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag, stop)
         if job.abstained:
             return self._abstain_answer(job)
         ids: list[int] = []
         stats = self._run(job, ids.append, None)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text, hit = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), job.stop)
+        if hit:
+            stats["finish_reason"] = "stop"
         return self._finish(job, text, ids, stats)
 
     def stream(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None,
-               top_p: float | None = None, seed: int | None = None, rag: Any = None) -> "AnswerStream":
+               top_p: float | None = None, seed: int | None = None, rag: Any = None,
+               stop: Sequence[str] | None = None) -> "AnswerStream":
         """Retrieve now (so `.sources` is ready), generate lazily in a worker thread as it is iterated."""
-        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag)
+        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag, stop)
         return AnswerStream(self, job)
 
     def prepare(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                 max_new_tokens: int | None = None, temperature: float | None = None,
-                top_p: float | None = None, seed: int | None = None, rag: Any = None) -> _Job:
+                top_p: float | None = None, seed: int | None = None, rag: Any = None,
+                stop: Sequence[str] | None = None) -> _Job:
         from ragtune.chat import rag_messages
         from ragtune.serve.answer import retrieve
 
@@ -349,7 +373,8 @@ class Generator:
         return _Job(
             messages=msgs, adapter=name, mode=mode, sources=sources, abstained=abstained, best_score=best,
             not_found=rcfg.not_found_message, prompt=prompt, input_ids=ids, max_new_tokens=new, temperature=temp,
-            top_p=float(gcfg.top_p if top_p is None else top_p), seed=seed, t_start=t_start,
+            top_p=float(gcfg.top_p if top_p is None else top_p), seed=seed, stop=[x for x in (stop or []) if x],
+            t_start=t_start,
             retrieval_s=retrieval_s,
         )
 
@@ -391,12 +416,17 @@ class Generator:
         )
         if sample:
             kw.update(temperature=job.temperature, top_p=job.top_p, top_k=0)
+        if job.stop:
+            kw["stop_strings"] = list(job.stop)
         if g.cache == "static":
             if self.device == "cuda":
                 kw["cache_implementation"] = "static"
             else:
                 log.debug("generation.cache=static is CUDA-only; using the dynamic cache on %s", self.device)
-        return {"generation_config": GenerationConfig(**kw)}
+        out: dict[str, Any] = {"generation_config": GenerationConfig(**kw)}
+        if job.stop:
+            out["tokenizer"] = self.tokenizer  # transformers matches stop strings through it
+        return out
 
     def _run(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
         """Run generate under the lock; returns timing and stop facts."""
@@ -519,6 +549,7 @@ class AnswerStream:
         worker = threading.Thread(target=work, name="ragtune-generate", daemon=True)
         worker.start()
         dec = _Decoder(gen.tokenizer)
+        sent, hit = 0, False
         try:
             while True:
                 item = q.get()
@@ -526,12 +557,20 @@ class AnswerStream:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                delta = dec.add(item)
-                if delta:
-                    yield delta
-            tail = dec.finish()
-            if tail:
-                yield tail
-            self.answer = gen._finish(job, dec.emitted, dec.ids, result)
+                if not dec.add(item) or hit:
+                    continue
+                text, hit = cut_at_stop(dec.emitted, job.stop)
+                if not hit:  # hold back what may be the start of a stop string
+                    text = text[: len(text) - held_back(text, job.stop)]
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+            dec.finish()
+            text, hit = cut_at_stop(dec.emitted, job.stop)
+            if len(text) > sent:
+                yield text[sent:]
+            if hit:
+                result["finish_reason"] = "stop"
+            self.answer = gen._finish(job, text, dec.ids, result)
         finally:
             self._cancel.set()  # no-op when finished; stops the worker when the consumer left early

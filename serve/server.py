@@ -322,7 +322,8 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
         max_tokens = req.max_completion_tokens or req.max_tokens or min(gcfg.max_new_tokens, cfg.serve.max_tokens_limit)
         temperature = gcfg.temperature if req.temperature is None else req.temperature
         kwargs = dict(adapter=d.adapter_name, retriever=d.retriever, max_new_tokens=max_tokens,
-                      temperature=temperature, top_p=req.top_p, seed=req.seed, rag=cfg.rag)
+                      temperature=temperature, top_p=req.top_p, seed=req.seed, rag=cfg.rag,
+                      stop=[req.stop] if isinstance(req.stop, str) else req.stop)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         now = int(time.time())
         runtime.enter()
@@ -396,9 +397,9 @@ def parse_request(body: bytes, cfg: Any) -> ChatRequest:
                            param=name, code="max_tokens_too_large")
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
-    if req.stop:
-        raise APIError(400, "stop sequences are not supported yet; leave 'stop' empty", param="stop",
-                       code="unsupported")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4 or any(not x for x in stops):
+        raise APIError(400, "stop: up to 4 non-empty strings", param="stop", code="invalid_request")
     return req
 
 

@@ -180,3 +180,20 @@ def test_static_cache_is_asked_for_on_cuda_only(tiny_cfg_factory, loaded_gen: Ge
     assert gen._generation_kwargs(job)["generation_config"].cache_implementation == "static"
     g = gen._generation_kwargs(loaded_gen.prepare(user("q"), max_new_tokens=4, temperature=0.7))["generation_config"]
     assert g.do_sample and g.temperature == 0.7
+
+
+@pytest.mark.parametrize("stop, expected", [(["days"], "Three "), ([" per w", "x"], "Three days"),
+                                            (["nowhere"], QA[0][1]), (["T"], "")])
+def test_stop_strings_cut_the_answer_in_both_paths(loaded_gen: Generator, stop, expected) -> None:
+    a = loaded_gen.answer(user(QA[0][0]), adapter="policies", max_new_tokens=16, stop=stop)
+    s = loaded_gen.stream(user(QA[0][0]), adapter="policies", max_new_tokens=16, stop=stop)
+    assert a.text == "".join(s) == s.answer.text == expected
+    assert a.finish_reason == s.answer.finish_reason == "stop"
+
+
+def test_held_back_keeps_possible_stop_prefixes() -> None:
+    from ragtune.serve.generator import cut_at_stop, held_back
+
+    assert held_back("abc ST", ["STOP"]) == 2 and held_back("abc", ["STOP"]) == 0 and held_back("x", []) == 0
+    assert cut_at_stop("one STOP two", ["STOP", "one"]) == ("", True)
+    assert cut_at_stop("one two", ["three"]) == ("one two", False)

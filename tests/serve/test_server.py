@@ -167,7 +167,8 @@ def test_abstention_streams_the_not_found_message(client: Any) -> None:
     (json.dumps(ask("base", "q", max_tokens=65)).encode(), 400, "max_tokens_too_large"),
     (json.dumps(ask("base", "q", max_completion_tokens=10_000)).encode(), 400, "max_tokens_too_large"),
     (json.dumps(ask("base", "q", n=2)).encode(), 400, "unsupported"),
-    (json.dumps(ask("base", "q", stop=["\n"])).encode(), 400, "unsupported"),
+    (json.dumps(ask("base", "q", stop=[""])).encode(), 400, "invalid_request"),
+    (json.dumps(ask("base", "q", stop=["a", "b", "c", "d", "e"])).encode(), 400, "invalid_request"),
     (json.dumps({"model": "base", "messages": [{"role": "user", "content": "q"}] * 5}).encode(), 400, "too_many_messages"),
     (json.dumps({"model": "base", "messages": [{"role": "system", "content": "only system"}]}).encode(), 400, "invalid_request"),
     (json.dumps({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(), 400, "unsupported"),
@@ -239,3 +240,12 @@ def test_concurrent_requests_queue_and_overflow_answers_429(module_tmp: Path, ti
     answers = sorted(r.json()["choices"][0]["message"]["content"] for r in results)
     assert [r.status_code for r in results] == [200, 200] and answers == sorted(a for _, a in QA)
     assert app.state.runtime.pending == 0
+
+
+def test_stop_sequences_end_the_answer(client: Any) -> None:
+    body = ask("policies", QA[0][0], stop=" per")
+    got = client.post("/v1/chat/completions", json=body).json()
+    assert got["choices"][0]["message"]["content"] == "Three days" and got["choices"][0]["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stop": [" per", "zzz"], "stream": True}) as r:
+        events = sse(r.read().decode())
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1]) == "Three days"

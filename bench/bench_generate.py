@@ -147,7 +147,6 @@ def bench_generation(cfg: Any, base: Path, work: Path, tokens: int, repeats: int
 
 
 def bench_retrieval(cfg: Any, base: Path, work: Path, queries: int) -> dict[str, Any]:
-    from ragtune.config import replace
     from ragtune.retrieval.ingest import ingest
     from ragtune.retrieval.search import Retriever
     from ragtune.serve.generator import Generator

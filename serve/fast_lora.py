@@ -33,15 +33,32 @@ class FastLora:
         self.model = model
         self.layers = _lora_layers(model)
         self.weights: dict[str, dict[int, tuple[Any, Any]]] = {}  # adapter -> {id(layer): (A^T, B^T*scale)}
+        self.blocked = ""  # why the lean path is off for every adapter and the base
 
     def supports(self, name: str | None) -> bool:
-        return name is None or name in self.weights
+        return not self.blocked and (name is None or name in self.weights)
+
+    def _find_blocker(self) -> str:
+        """Other peft layers (modules_to_save, trainable tokens, LoRA on embeddings, ...) switch only
+        through set_adapter/disable_adapter, so their presence sends everything through peft."""
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        for name, m in self.model.named_modules():
+            if isinstance(m, AuxiliaryTrainingWrapper) or (isinstance(m, BaseTunerLayer) and not isinstance(m, LoraLinear)):
+                return f"{name} is a {type(m).__name__}"
+        return ""
 
     def prepare(self, name: str) -> bool:
         """Precompute one adapter's matrices; False (peft's path) if any layer is not plain LoRA."""
         import torch
 
         self.layers = _lora_layers(self.model)  # a new adapter may wrap more layers
+        self.blocked = self._find_blocker()
+        if self.blocked:
+            log.info("adapter %s: %s; answering through peft's forward", name, self.blocked)
+            return False
         per_layer: dict[int, tuple[Any, Any]] = {}
         for m in self.layers:
             if name not in m.lora_A:

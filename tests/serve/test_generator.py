@@ -197,3 +197,31 @@ def test_held_back_keeps_possible_stop_prefixes() -> None:
     assert held_back("abc ST", ["STOP"]) == 2 and held_back("abc", ["STOP"]) == 0 and held_back("x", []) == 0
     assert cut_at_stop("one STOP two", ["STOP", "one"]) == ("", True)
     assert cut_at_stop("one two", ["three"]) == ("one two", False)
+
+
+def test_fast_lora_steps_aside_for_modules_to_save(tiny_llama: Path, tmp_path: Path, tiny_cfg_factory) -> None:
+    """An adapter that also trains whole modules switches them only through peft: no lean path then."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.modeling import chat_template_of, model_hash, text_sha256
+    from ragtune.runcard import write_runcard
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n:
+                p.mul_(0).add_(torch.randn_like(p))
+    out = tmp_path / "mts"
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    tpl = chat_template_of(tiny_llama)
+    write_runcard(out, {"base_model": {"path": str(tiny_llama), "hash": model_hash(tiny_llama)},
+                        "chat_template": {"template": tpl, "hash": text_sha256(tpl)}})
+    plain = Generator(tiny_cfg_factory()).load(adapters={})
+    gen = Generator(tiny_cfg_factory()).load(adapters={"mts": str(out)})
+    assert gen._fast is not None and not gen._fast.supports(None) and "ModulesToSaveWrapper" in gen._fast.blocked
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=3)
+    assert gen.answer(user("office"), **kw).text == plain.answer(user("office"), **kw).text
+    assert gen.answer(user("office"), adapter="mts", **kw).text != plain.answer(user("office"), **kw).text

@@ -144,6 +144,12 @@ def test_install_sh_into_fresh_venv_without_network(small_bundle: Path, tmp_path
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert listed.returncode == 0
     assert "tiny-llama" in {r["name"] for r in json.loads(listed.stdout)}
+    # and the first answer comes with the network gone, from the restored model
+    asked = subprocess.run(prefix + [str(venv / "bin" / "ragtune"), "ask", "What is the capital of France?", "--no-rag",
+                                     "--json", "--max-new-tokens", "4", f"model.path={home / 'models' / 'tiny-llama'}"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["completion_tokens"] >= 1
 
 
 @pytest.mark.slow

@@ -19,8 +19,11 @@ def format_sources(sources: Sequence[dict[str, Any]]) -> str:
     blocks = []
     for i, s in enumerate(sources, 1):
         label = s.get("title") or s.get("source") or "document"
-        if s.get("heading"):
-            label += f" > {s['heading']}"
+        heading = s.get("heading") or ""
+        if heading.startswith(label):  # heading paths usually start with the document title
+            label = heading
+        elif heading:
+            label += f" > {heading}"
         if s.get("page"):
             label += f" (page {s['page']})"
         blocks.append(f"[{s.get('n', i)}] {label}\n{str(s.get('text', '')).strip()}")

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| row | TTFT (s) | decode tok/s | x transformers | same greedy ids | file MB |")
+    print("| row | TTFT (s) | decode tok/s | x transformers | same greedy ids | file MB |")
     print("| --- | ---: | ---: | ---: | --- | ---: |")
     for r in table:
         same = "yes" if r["same_ids_as_transformers"] else f"no (from token {r['first_divergence']})"

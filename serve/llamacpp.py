@@ -138,7 +138,7 @@ class LlamaCppEngine:
         from llama_cpp import Llama
 
         t0 = time.perf_counter()
-        n_ctx_train = self._n_ctx_train(lc)
+        n_ctx_train = self._n_ctx_train()
         n_ctx = self.requested_ctx or min(n_ctx_train or 4096, 4096)
         try:
             self.llm = Llama(model_path=str(self.gguf_path), n_ctx=n_ctx, n_batch=min(self.n_batch, n_ctx),
@@ -158,15 +158,13 @@ class LlamaCppEngine:
                  self.n_threads, n_ctx, len(self._adapters), time.perf_counter() - t0)
         return self
 
-    def _n_ctx_train(self, lc: Any) -> int:
-        try:
-            import gguf
+    def _n_ctx_train(self) -> int:
+        from ragtune.train.export import gguf_metadata
 
-            r = gguf.GGUFReader(str(self.gguf_path))
-            arch = r.fields["general.architecture"].contents()
-            f = r.fields.get(f"{arch}.context_length")
-            return int(f.contents()) if f is not None else 0
-        except Exception:  # noqa: BLE001 - only a default size is at stake
+        try:
+            arch = gguf_metadata(self.gguf_path, ["general.architecture"]).get("general.architecture", "")
+            return int(gguf_metadata(self.gguf_path, [f"{arch}.context_length"]).get(f"{arch}.context_length", 0))
+        except Exception:  # noqa: BLE001 - only a default size is at stake; llama.cpp reports a bad file
             return 0
 
     def add_lora(self, name: str, gguf_path: str | Path) -> str:

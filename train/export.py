@@ -212,21 +212,61 @@ def quantize(src: Path, out: Path, type: str, threads: int = 0) -> Path:
 # --- metadata ----------------------------------------------------------------------------------
 
 
-def gguf_metadata(path: str | Path, keys: Sequence[str] | None = None) -> dict[str, Any]:
-    """Scalar and string metadata of a GGUF file (arrays left out), read with the `gguf` package."""
-    import gguf
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
 
-    r = gguf.GGUFReader(str(path))
+
+def gguf_metadata(path: str | Path, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """Scalar and string metadata of a GGUF file (arrays skipped), from its header alone.
+
+    The `gguf` package's GGUFReader builds every array (a 49k-token vocabulary: seconds); this
+    reads the key/value section once and stops when every wanted key is found.
+    """
+    import mmap
+    import struct
+
+    want = set(keys) if keys is not None else None
     out: dict[str, Any] = {}
-    for name, f in r.fields.items():
-        if keys is not None and name not in keys:
-            continue
-        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
-            continue
-        try:
-            out[name] = f.contents()
-        except Exception:  # noqa: BLE001 - an exotic field: skip
-            continue
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise RagtuneError(f"'{path}' is not a GGUF file (bad magic)")
+        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        if version < 2:
+            raise RagtuneError(f"'{path}' is GGUF version {version}; export it again with a current converter")
+        pos = 24
+
+        def string(p: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", m, p)
+            return m[p + 8: p + 8 + n].decode("utf-8", errors="replace"), p + 8 + n
+
+        def skip(t: int, p: int) -> int:
+            if t == 8:
+                (n,) = struct.unpack_from("<Q", m, p)
+                return p + 8 + n
+            if t == 9:
+                it, count = struct.unpack_from("<IQ", m, p)
+                p += 12
+                if it in _GGUF_SCALARS:
+                    return p + count * struct.calcsize(_GGUF_SCALARS[it])
+                for _ in range(count):
+                    p = skip(it, p)
+                return p
+            return p + struct.calcsize(_GGUF_SCALARS[t])
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (t,) = struct.unpack_from("<I", m, pos)
+            pos += 4
+            if (want is None or key in want) and t != 9:
+                if t == 8:
+                    out[key], pos = string(pos)
+                else:
+                    (out[key],) = struct.unpack_from(_GGUF_SCALARS[t], m, pos)
+                    pos += struct.calcsize(_GGUF_SCALARS[t])
+            else:
+                pos = skip(t, pos)
+            if want is not None and want <= out.keys():
+                break
     return out
 
 
@@ -767,7 +807,12 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
                     _link_or_copy(cached, base_file)
             elif not base_file.is_file():
                 raise UsageError(f"--base-gguf '{base_file}' does not exist")
-            if check:
+            base_type = gguf_metadata(base_file, ["general.file_type"]).get("general.file_type")
+            if check and base_type not in (0, 1):  # ALL_F32, MOSTLY_F16
+                log.warning("not comparing with transformers: base GGUF '%s' is quantized (file type %s); "
+                            "the adapter is checked to load only", base_file, base_type)
+                _check_loads(base_file, src.path, template, lora_gguf=produced, threads=threads)
+            elif check:
                 check_report = check_against_transformers(src.base_dir, base_file, adapter_dir=src.path,
                                                           lora_gguf=produced, template=template, margin=margin,
                                                           threads=threads)
@@ -794,7 +839,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
         if check_report is not None and type != "f16":
             check_report["checked_file"] = "the f16 intermediate (quantization is the only further loss)"
         if type != "f16" and not lora:
-            _check_loads(produced, model_for_tok, template)
+            _check_loads(produced, model_for_tok, template, threads=threads)
         mf, verified = _write_modelfile(out, model_for_tok, template, Path(modelfile) if modelfile else None,
                                         base_file if lora else out, out if lora else None)
         os.replace(produced, out)
@@ -857,17 +902,20 @@ def _check_template(gguf_file: Path, model_dir: Path) -> None:
         )
 
 
-def _check_loads(path: Path, tok_dir: Path, template: str | None) -> None:
-    """A quantized file must load in llama.cpp and tokenize prompts as transformers does."""
+def _check_loads(path: Path, tok_dir: Path, template: str | None, lora_gguf: Path | None = None,
+                 threads: int = 0) -> None:
+    """A quantized file (or an adapter over one) must load in llama.cpp, generate, and tokenize
+    prompts as transformers does."""
     from ragtune.serve.llamacpp import LlamaCppEngine
 
     tok, render, _, _ = _tokenizer_for_render(tok_dir, template)
-    eng = LlamaCppEngine(path, n_ctx=512).load()
+    eng = LlamaCppEngine(path, lora={"check": lora_gguf} if lora_gguf else None, n_threads=threads, n_ctx=512).load()
     try:
         for text in CHECK_PROMPTS:
             prompt = render([{"role": "user", "content": text}], True)
             if eng.tokenize(prompt) != tok(prompt, add_special_tokens=False)["input_ids"]:
                 raise CheckFailed(f"llama.cpp tokenizes {text!r} differently from transformers in '{path}'")
+        eng.generate(prompt, max_new_tokens=2, adapter="check" if lora_gguf else None)
     finally:
         eng.close()
 

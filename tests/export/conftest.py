@@ -160,7 +160,7 @@ def tiny_f16(tiny_smol: Path, converter_home: Path, tmp_path_factory: pytest.Tem
     mp = pytest.MonkeyPatch()
     mp.setenv("RAGTUNE_HOME", str(converter_home))
     try:
-        res = export.export_gguf(tiny_smol, out, "f16", margin=0.05)
+        res = export.export_gguf(tiny_smol, out, "f16", margin=0.05, threads=1)
     finally:
         mp.undo()
     return {"path": out, "result": res}

@@ -33,8 +33,9 @@ def test_f16_export_answers_like_transformers(tiny_f16: dict[str, Any]) -> None:
 
 
 @NEEDS_LLAMA_CPP
-def test_greedy_ids_equal_on_clear_margin_prompts(tiny_smol: Path, tiny_f16: dict[str, Any]) -> None:
-    """Independently of the export's own check: transformers greedy ids == llama.cpp greedy ids."""
+def test_greedy_ids_equal_while_margins_are_clear(tiny_smol: Path, tiny_f16: dict[str, Any]) -> None:
+    """Independently of the export's own check: llama.cpp's greedy ids equal transformers'; the only
+    divergence allowed is at a step whose top-2 logit margin is below MARGIN (a near-tie)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -44,7 +45,7 @@ def test_greedy_ids_equal_on_clear_margin_prompts(tiny_smol: Path, tiny_f16: dic
     model = AutoModelForCausalLM.from_pretrained(str(tiny_smol), dtype=torch.float32).eval()
     eng = LlamaCppEngine(tiny_f16["path"], n_threads=1).load()
     compared = 0
-    for q in ("Tell me a joke.", "What is 7 times 6?", "Name a fruit."):
+    for q in ("Tell me a joke.", "What is 7 times 6?", "Name a fruit.", "Where is Paris?"):
         prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         assert eng.tokenize(prompt) == ids
@@ -54,14 +55,17 @@ def test_greedy_ids_equal_on_clear_margin_prompts(tiny_smol: Path, tiny_f16: dic
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         hf = out.sequences[0, len(ids):].tolist()
         margins = [float(lg[0].topk(2).values[0] - lg[0].topk(2).values[1]) for lg in out.logits]
-        if min(margins) < MARGIN:  # near-tie: reported by the export check, not asserted here
-            continue
         got = eng.generate(prompt_text=prompt, max_new_tokens=16, temperature=0.0, stop_ids=[tok.eos_token_id])
-        assert got["ids"] == hf
-        assert got["prompt_tokens"] == len(ids) and got["completion_tokens"] == len(hf)
-        compared += 1
+        assert got["prompt_tokens"] == len(ids)
+        same = next((i for i, (a, b) in enumerate(zip(got["ids"], hf)) if a != b), None)
+        if same is None:
+            assert got["ids"] == hf, (q, got["ids"], hf)
+            compared += len(hf)
+        else:  # only a near-tie may flip; the two sequences are not comparable after it
+            assert margins[same] < MARGIN, (q, same, margins[same], got["ids"], hf)
+            compared += same
     eng.close()
-    assert compared >= 2, "too few clear-margin prompts to compare"
+    assert compared >= 40, f"only {compared} tokens compared before a near-tie"
 
 
 @NEEDS_LLAMA_CPP
@@ -74,6 +78,10 @@ def test_chat_template_and_card_travel_with_the_file(tiny_smol: Path, tiny_f16: 
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["tokenizer.chat_template"].contents() == chat_template_of(tiny_smol)
     assert reader.fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    # ragtune's fast header reader agrees with the gguf package on every scalar and string
+    fields = {k: f.contents() for k, f in reader.fields.items()
+              if not k.startswith("GGUF.") and f.types and f.types[0] != gguf.GGUFValueType.ARRAY}
+    assert export.gguf_metadata(path) == fields
     card = json.loads(path.with_name(path.name + ".json").read_text())
     assert card["sha256"] == file_sha256(path)
     assert card["type"] == "f16" and card["kind"] == "gguf"
@@ -113,14 +121,11 @@ def test_lora_export_changes_output_as_the_merged_model_does(tiny_smol: Path, ti
 
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     out = tmp_path / "out" / "tiny-lora.gguf"
-    res = export.export_gguf(adapter, out, lora=True, base_gguf=tiny_f16["path"], margin=MARGIN)
+    res = export.export_gguf(adapter, out, lora=True, base_gguf=tiny_f16["path"], margin=MARGIN, threads=1)
     assert res.check is not None and res.check["ok"], export.describe_check(res.check)
     assert res.entry["kind"] == "gguf-lora"
-    import gguf
-
-    r = gguf.GGUFReader(str(out))
-    assert r.fields["general.type"].contents() == "adapter"
-    assert r.fields["adapter.type"].contents() == "lora"
+    meta = export.gguf_metadata(out)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
     parsed = export.parse_modelfile((out.parent / "Modelfile").read_text())
     assert (out.parent / parsed["FROM"]).resolve() == tiny_f16["path"].resolve()
     assert (out.parent / parsed["ADAPTER"]).resolve() == out.resolve()
@@ -142,12 +147,16 @@ def test_lora_export_changes_output_as_the_merged_model_does(tiny_smol: Path, ti
         with_lora = eng.generate(prompt_ids=ids, max_new_tokens=12, adapter="ft", stop_ids=[tok.eos_token_id])["ids"]
         without = eng.generate(prompt_ids=ids, max_new_tokens=12, adapter=None, stop_ids=[tok.eos_token_id])["ids"]
         changed += with_lora != without
-        if min(margins) >= MARGIN:
+        first = next((i for i, (a, b) in enumerate(zip(with_lora, want)) if a != b), None)
+        if first is None:
             assert with_lora == want, q
-            compared += 1
+            compared += len(want)
+        else:  # only a near-tie may flip
+            assert margins[first] < MARGIN, (q, first, margins[first], with_lora, want)
+            compared += first
     eng.close()
     assert changed >= 1, "the adapter did not change any answer"
-    assert compared >= 2, "too few clear-margin prompts to compare"
+    assert compared >= 24, f"only {compared} tokens compared before a near-tie"
     card = json.loads((adapter / "ragtune.json").read_text())
     assert card["exports"][-1]["sha256"] == res.sha256 and card["exports"][-1]["kind"] == "gguf-lora"
 
@@ -158,7 +167,7 @@ def test_adapter_source_is_merged_on_the_fly_and_recorded(tiny_adapter: Path, ll
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     out = tmp_path / "merged-q8.gguf"
     rc = main(["export", "gguf", str(adapter), "--out", str(out), "--type", "q8_0", "--margin", str(MARGIN),
-               "--json"])
+               "--threads", "1", "--json"])
     assert rc == 0, capsys.readouterr().err
     printed = json.loads(capsys.readouterr().out)
     card = json.loads((adapter / "ragtune.json").read_text())
@@ -180,7 +189,7 @@ def test_adapter_source_is_merged_on_the_fly_and_recorded(tiny_adapter: Path, ll
 def test_q4_k_m_quantizes_to_a_loadable_file(tiny_f16: dict[str, Any], tmp_path: Path) -> None:
     from ragtune.serve.llamacpp import LlamaCppEngine
 
-    out = export.quantize(tiny_f16["path"], tmp_path / "tiny-q4.gguf", "q4_k_m")
+    out = export.quantize(tiny_f16["path"], tmp_path / "tiny-q4.gguf", "q4_k_m", threads=1)
     assert export.gguf_metadata(out, ["general.file_type"])["general.file_type"] == 15  # MOSTLY_Q4_K_M
     assert out.stat().st_size < tiny_f16["path"].stat().st_size
     eng = LlamaCppEngine(out, n_threads=1).load()

@@ -423,8 +423,6 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
             f"train.output_dir '{out}' already holds {what}; pass --resume to continue it, --overwrite to start "
             "over, or set train.output_dir to a new folder"
         )
-    elif overwrite and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
 
     import warnings
 
@@ -438,6 +436,8 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
 
     prep = prepare(cfg)
     tok, template = prep.tokenizer, prep.template
+    if overwrite and not resume and ckpt_dir.exists():  # only once the data has passed its check
+        shutil.rmtree(ckpt_dir)
     from ragtune.train.template import last_trained_is_stop_token
 
     if not last_trained_is_stop_token(tok, template):
@@ -452,7 +452,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     model.config.pad_token_id = tok.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    if tc.packing and not packing_supported(model.to(device), tok.pad_token_id):
+    if tc.packing and not packing_supported(model if tc.qlora else model.to(device), tok.pad_token_id):
         raise UsageError(
             f"train.packing=true: this model's attention ({model.config._attn_implementation}) lets packed "
             "examples attend to each other, which would train across examples; set train.packing=false "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -307,6 +308,7 @@ def _build(cls: type, raw: Any, prefix: str, where: str, problems: list[str]) ->
 
 
 _MISSING = object()
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> Any:
@@ -334,6 +336,8 @@ def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> A
     if tp is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else bad()
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-3 (no dot) as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return float(value) if ok else bad()
     if tp is str:

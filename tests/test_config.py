@@ -140,3 +140,12 @@ def test_every_shipped_config_loads(path: Path) -> None:
 
 def test_there_are_shipped_configs() -> None:
     assert shipped_configs(), "configs/ must hold at least one YAML"
+
+
+def test_scientific_notation_floats(tmp_path: Path) -> None:
+    """YAML 1.1 reads 5e-3 as a string; a float field takes it as the number it means."""
+    p = write(tmp_path, "train:\n  learning_rate: 5e-4\n")
+    assert load_config(p, []).train.learning_rate == 5e-4
+    assert load_config(None, ["train.learning_rate=2e-4"]).train.learning_rate == 2e-4
+    with pytest.raises(ConfigError):
+        load_config(None, ["train.learning_rate=fast"])

@@ -100,6 +100,17 @@ def _usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _default_threads(gguf_path: Path) -> int:
+    """Every usable core, except one for a tiny file (< 64 MB, a test model): its many small ops
+    make OpenMP barriers the cost, and on a shared CPU a descheduled thread stalls each one."""
+    try:
+        if gguf_path.stat().st_size < 64 * 2**20:
+            return 1
+    except OSError:
+        pass
+    return _usable_cpus()
+
+
 class LlamaCppEngine:
     """One GGUF model in llama.cpp, any number of LoRA adapter GGUFs switched per call.
 
@@ -111,7 +122,7 @@ class LlamaCppEngine:
                  n_ctx: int = 0, n_batch: int = 512, verbose: bool = False):
         self.gguf_path = Path(gguf_path).expanduser()
         self.lora_paths = {k: Path(v).expanduser() for k, v in (lora or {}).items()}
-        self.n_threads = int(n_threads) or _usable_cpus()
+        self.n_threads = int(n_threads) or _default_threads(self.gguf_path)
         self.requested_ctx = int(n_ctx)
         self.n_batch = int(n_batch)
         self.verbose = verbose

@@ -203,7 +203,11 @@ def quantize(src: Path, out: Path, type: str, threads: int = 0) -> Path:
     params = lc.llama_model_quantize_default_params()
     params.ftype = getattr(lc, LLAMA_FTYPES[type])
     params.nthread = threads
-    rc = lc.llama_model_quantize(str(src).encode(), str(out).encode(), params)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    # llama.cpp prints a line per tensor (fallback types for odd widths): only at -vv
+    with suppress_stdout_stderr(disable=log.isEnabledFor(logging.DEBUG)):
+        rc = lc.llama_model_quantize(str(src).encode(), str(out).encode(), params)
     if rc != 0 or not out.is_file():
         raise RagtuneError(f"llama.cpp could not quantize '{src}' to {type} (code {rc})")
     return out
@@ -565,7 +569,8 @@ def check_against_transformers(model_dir: str | Path, gguf_file: str | Path, *, 
     eng = LlamaCppEngine(gguf_file, lora={"check": str(lora_gguf)} if lora_gguf else None,
                          n_threads=threads).load()
     gcfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+                            output_logits=True, return_dict_in_generate=True)
     rows = []
     try:
         for text in prompts:
@@ -575,8 +580,7 @@ def check_against_transformers(model_dir: str | Path, gguf_file: str | Path, *, 
             ll_prompt = eng.tokenize(prompt)
             ids = torch.tensor([hf_prompt])
             with torch.inference_mode():
-                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gcfg,
-                                     output_logits=True, return_dict_in_generate=True)
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gcfg)
             hf_ids = gen.sequences[0, len(hf_prompt):].tolist()
             logits = [x[0].float() for x in gen.logits]
             ll = eng.generate(prompt_ids=hf_prompt, max_new_tokens=max_new_tokens, temperature=0.0,
@@ -765,7 +769,7 @@ def _record(src: Source, entry: dict[str, Any]) -> None:
 def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora: bool = False,
                 base_gguf: str | Path | None = None, check: bool = True, margin: float = DEFAULT_MARGIN,
                 force: bool = False, modelfile: str | Path | None = None, threads: int = 0,
-                record: bool = True) -> ExportResult:
+                record: bool = True, f16_gguf: str | Path | None = None) -> ExportResult:
     """Export SOURCE (adapter folder, merged model or model dir) to one GGUF file, checked.
 
     With `lora=True` the adapter becomes a llama.cpp LoRA GGUF; its Modelfile names a base GGUF
@@ -825,10 +829,17 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
                 _drop_temp_export(src.path, merged)
                 src.model_dir = merged
             assert src.model_dir is not None
-            f16 = convert_model(src.model_dir, tmp / "f16.gguf", "f16")
-            _check_template(f16, src.model_dir)
-            if check:
-                check_report = check_against_transformers(src.model_dir, f16, margin=margin, threads=threads)
+            if f16_gguf is not None:  # an f16 export of this very source, already checked: quantize it
+                f16 = Path(f16_gguf)
+                prior = json.loads(f16.with_name(f16.name + ".json").read_text())
+                if prior.get("source", {}).get("hash") != src.hash:
+                    raise UsageError(f"'{f16}' was not exported from '{src.path}'")
+                check_report = prior.get("check") if check else None
+            else:
+                f16 = convert_model(src.model_dir, tmp / "f16.gguf", "f16")
+                _check_template(f16, src.model_dir)
+                if check:
+                    check_report = check_against_transformers(src.model_dir, f16, margin=margin, threads=threads)
             produced = f16 if type == "f16" else quantize(f16, tmp / f"{type}.gguf", type, threads)
             model_for_tok = src.model_dir
         if check_report is not None and not check_report["ok"]:
@@ -968,6 +979,7 @@ def cached_gguf(model_dir: str | Path, adapter_dir: str | Path | None = None, ty
         if info.get("converter", {}).get("sdist_sha256") == SDIST_SHA256:
             return path
     log.info("exporting %s to GGUF once (cached in %s)", source, folder)
-    export_gguf(source, path, type, lora=lora, force=True, record=False,
-                base_gguf=cached_gguf(base, type="f16") if lora else None, modelfile=path.with_suffix(".Modelfile"))
+    f16 = cached_gguf(base, type="f16") if (lora or (adapter_dir is None and type != "f16")) else None
+    export_gguf(source, path, type, lora=lora, force=True, record=False, base_gguf=f16 if lora else None,
+                f16_gguf=f16 if not lora else None, modelfile=path.with_suffix(".Modelfile"))
     return path

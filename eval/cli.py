@@ -28,7 +28,8 @@ def _run_eval(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.eval.run import run_eval
 
     res = run_eval(cfg, questions=args.questions, adapter=args.adapter, index=args.index, modes=args.modes,
-                   out_dir=args.out, cost_files=args.cost or (), progress=not (args.no_progress or args.json))
+                   out_dir=args.out, cost_files=args.cost or (), progress=not (args.no_progress or args.json),
+                   engine=args.engine)
     rep = res.report
     if args.json:
         print_json({"out": str(res.out_dir), "files": {k: str(v) for k, v in res.paths.items()},
@@ -65,6 +66,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default eval.out_dir)")
     p.add_argument("--cost", action="append", metavar="FILE",
                    help="measured cost to include: a run card, or saved 'ragtune index add/sync --json' output (repeatable)")
+    p.add_argument("--engine", choices=("auto", "transformers", "llama.cpp"), default=None,
+                   help="answering engine for every mode (default generation.engine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (the full report is report.json)")
     p.set_defaults(func=_run_eval)

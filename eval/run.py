@@ -85,10 +85,16 @@ def run_eval(
     progress: bool = True,
     generator: Any = None,
     retriever: Any = None,
+    engine: str | None = None,
 ) -> EvalResult:
-    """Answer, score and report. `generator`/`retriever` may be passed in already loaded."""
+    """Answer, score and report. `generator`/`retriever` may be passed in already loaded.
+    `engine` ("auto" | "transformers" | "llama.cpp", None = generation.engine) answers every mode."""
     from ragtune.eval.cost import load_cost_file, training_cost
 
+    if engine and generator is None:
+        from ragtune.serve.generator import check_engine
+
+        check_engine(engine, cfg.model.device)  # before anything slow
     ecfg = cfg.eval
     qpath = questions or ecfg.questions
     if not qpath:
@@ -113,7 +119,7 @@ def run_eval(
     if generator is None:
         from ragtune.serve.generator import Generator
 
-        generator = Generator(cfg).load(adapters={FT_NAME: str(adapter)} if needs_ft else None)
+        generator = Generator(cfg, engine=engine).load(adapters={FT_NAME: str(adapter)} if needs_ft else None)
     if needs_rag and retriever is None:
         from ragtune.serve.answer import open_retriever
 

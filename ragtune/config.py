@@ -117,9 +117,9 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"
+    engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"  # auto: llama.cpp on the CPU when installed
     cache: Literal["dynamic", "static"] = "dynamic"  # static: KV cache + transformers' compile path, CUDA only
-    threads: int = 0  # torch CPU threads while generating; 0 = torch's default
+    threads: int = 0  # CPU threads while generating (torch or llama.cpp); 0 = the engine's default
     fast_lora: bool = True  # lean forwards for unmerged LoRA adapters (peft's own path when false)
 
 

@@ -19,6 +19,8 @@ def _answer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, metavar="N", default=None, help="default: generation.max_new_tokens")
     p.add_argument("--temperature", type=float, metavar="T", default=None, help="0 = greedy (default: generation.temperature)")
     p.add_argument("--system", metavar="TEXT", default="", help="a system message before the question")
+    p.add_argument("--engine", choices=("auto", "transformers", "llama.cpp"), default=None,
+                   help="answering engine (default: generation.engine); llama.cpp runs a cached GGUF on the CPU")
 
 
 def register(sub: Any) -> None:

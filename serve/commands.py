@@ -46,6 +46,8 @@ def generation_overrides(cfg: Any, args: argparse.Namespace) -> Any:
         if args.temperature < 0:
             raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
         changes["temperature"] = args.temperature
+    if getattr(args, "engine", None):
+        changes["engine"] = args.engine
     return replace(cfg, generation=replace(cfg.generation, **changes)) if changes else cfg
 
 
@@ -54,7 +56,7 @@ def precheck(cfg: Any) -> None:
     from ragtune.modeling import resolve_model_path
     from ragtune.serve.generator import check_engine
 
-    check_engine(cfg.generation.engine)
+    check_engine(cfg.generation.engine, cfg.model.device)
     resolve_model_path(cfg.model.path, "model.path")
 
 

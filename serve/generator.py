@@ -28,6 +28,11 @@ Interface (used by `ask`, `chat`, the server and eval):
   callers queue. Each adapter answers with the chat template from its run card.
 
 Device (cuda > mps > cpu) and dtype come from `model.device` / `model.dtype` ("auto" chooses).
+Engine (`generation.engine`, or `engine=`): "transformers" (torch, any device), "llama.cpp" (a GGUF
+exported once and cached by `ensure_gguf`, LoRA adapters converted to llama.cpp's format, CPU only;
+needs `pip install 'ragtune[llamacpp]'`), or "auto" (llama.cpp on the CPU when it is installed, else
+transformers). Both engines render prompts and decode ids with the transformers tokenizer, so text,
+streaming, citations and abstention are produced the same way.
 On CUDA, `generation.cache: static` uses transformers' static KV cache and its own compile path.
 Adapters answer through lean LoRA forwards (`ragtune.serve.fast_lora`, `generation.fast_lora`).
 """
@@ -48,22 +53,49 @@ from ragtune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-ENGINES_IMPLEMENTED = ("auto", "transformers")
+ENGINES_IMPLEMENTED = ("auto", "transformers", "llama.cpp")
 PROBE_MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                   {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
 
 
-class EngineNotImplemented(UsageError):
+class EngineUnavailable(UsageError):
     def __init__(self, engine: str):
-        super().__init__(
-            f"engine '{engine}' is not implemented yet (tracked in issue 9); use engine: transformers "
-            "(generation.engine, or the deployment's engine)"
-        )
+        if engine == "llama.cpp":
+            msg = ("engine 'llama.cpp' needs the llama-cpp-python package: pip install 'ragtune[llamacpp]' "
+                   "(./scripts/setup.sh does it), or use engine: transformers (generation.engine, "
+                   "--engine, or the deployment's engine)")
+        else:
+            msg = (f"engine '{engine}' is not one of {', '.join(ENGINES_IMPLEMENTED)} (generation.engine, "
+                   "--engine, or the deployment's engine)")
+        super().__init__(msg)
 
 
-def check_engine(engine: str) -> str:
+EngineNotImplemented = EngineUnavailable  # the name before issue 9's llama.cpp engine
+
+
+def llama_cpp_available() -> bool:
+    from ragtune.serve.llamacpp import llama_cpp_available as available
+
+    return available()
+
+
+def check_engine(engine: str, device: str = "auto") -> str:
+    """The engine that will run: "transformers" or "llama.cpp" ("auto": llama.cpp on the CPU when
+    llama-cpp-python is installed). Raises EngineUnavailable for llama.cpp without the package."""
     if engine not in ENGINES_IMPLEMENTED:
-        raise EngineNotImplemented(engine)
+        raise EngineUnavailable(engine)
+    if engine == "llama.cpp":
+        if not llama_cpp_available():
+            raise EngineUnavailable(engine)
+        return "llama.cpp"
+    if engine == "auto" and llama_cpp_available():
+        if device == "cpu":
+            return "llama.cpp"
+        if device == "auto":
+            from ragtune.modeling import pick_device
+
+            if pick_device("auto") == "cpu":
+                return "llama.cpp"
     return "transformers"
 
 
@@ -179,7 +211,8 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 class Generator:
     def __init__(self, cfg: Any, engine: str | None = None, lock: Any = None):
         self.cfg = cfg
-        self.engine = check_engine(engine or cfg.generation.engine)
+        self.engine = check_engine(engine or cfg.generation.engine, cfg.model.device)
+        self.engine_impl: Any = None  # the LlamaCppEngine when engine is llama.cpp
         self.lock = lock or threading.Lock()
         self._retrieval_lock = threading.Lock()
         self.model: Any = None  # a PeftModel once an adapter is loaded
@@ -196,7 +229,7 @@ class Generator:
 
     @property
     def loaded(self) -> bool:
-        return self.model is not None
+        return self.model is not None or self.engine_impl is not None
 
     def load(self, base: str | None = None, adapters: dict[str, str] | None = None) -> "Generator":
         """Load the base model once, then every adapter on top of it."""
@@ -206,6 +239,9 @@ class Generator:
 
         mcfg = self.cfg.model
         path = resolve_model_path(base if base else mcfg.path, "model.path")
+        if self.engine == "llama.cpp":
+            self._load_llama_cpp(path)
+            return self._load_adapters(adapters)
         self.device = pick_device(mcfg.device)
         if self.device == "cpu" and self.cfg.generation.threads > 0:
             torch.set_num_threads(self.cfg.generation.threads)
@@ -222,11 +258,45 @@ class Generator:
         self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         log.info("loaded %s on %s (%s) in %.1fs", path, self.device, next(self.model.parameters()).dtype,
                  time.perf_counter() - t0)
+        return self._load_adapters(adapters)
+
+    def _load_adapters(self, adapters: dict[str, str] | None) -> "Generator":
+        mcfg = self.cfg.model
         if adapters is None:
             adapters = {Path(mcfg.adapter).name: mcfg.adapter} if mcfg.adapter else {}
         for name, adir in adapters.items():
             self.add_adapter(name, adir)
         return self
+
+    def _load_llama_cpp(self, path: Path) -> None:
+        """The tokenizer from transformers (rendering, prompt ids, decoding); the model from a cached GGUF."""
+        from transformers import AutoConfig
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        from ragtune.modeling import load_tokenizer, model_hash
+        from ragtune.serve.llamacpp import LlamaCppEngine, ensure_gguf
+
+        mcfg = self.cfg.model
+        self.device = "cpu"
+        t0 = time.perf_counter()
+        self.tokenizer = load_tokenizer(path, trust_remote_code=mcfg.trust_remote_code)
+        self.base_path = path
+        self.base_hash = model_hash(path)
+        try:
+            eos = HFGenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(self.tokenizer.eos_token_id)
+        self._eos = eos_ids
+        mconf = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code, local_files_only=True)
+        positions = int(getattr(mconf, "max_position_embeddings", 0) or 0)
+        gguf = ensure_gguf(path, type="f16")
+        self.engine_impl = LlamaCppEngine(gguf, n_threads=self.cfg.generation.threads,
+                                          n_ctx=min(positions, 32768) if positions else 0).load()
+        self._max_positions = self.engine_impl.n_ctx
+        log.info("loaded %s with llama.cpp (%s) in %.1fs", path, gguf, time.perf_counter() - t0)
 
     def add_adapter(self, name: str, path: str | Path) -> str:
         """Load a LoRA adapter over the loaded base (checked against its run card); returns its name."""
@@ -267,9 +337,16 @@ class Generator:
             ) from exc
         if template and template != self.tokenizer.chat_template:
             log.info("adapter %s answers with the chat template it was trained with (not the base model's)", name)
+        t0 = time.perf_counter()
+        if self.engine_impl is not None:
+            from ragtune.serve.llamacpp import ensure_gguf
+
+            self.engine_impl.add_lora(name, ensure_gguf(self.base_path, adapter_dir=p))
+            self.adapters[name] = _Adapter(name, p, template, card)
+            log.info("loaded adapter %s from %s into llama.cpp in %.2fs", name, p, time.perf_counter() - t0)
+            return name
         from peft import PeftModel
 
-        t0 = time.perf_counter()
         if not self.adapters:
             self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name, is_trainable=False)
         else:
@@ -430,6 +507,8 @@ class Generator:
 
     def _run(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
         """Run generate under the lock; returns timing and stop facts."""
+        if self.engine_impl is not None:
+            return self._run_llama_cpp(job, on_token, cancel)
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -467,6 +546,43 @@ class Generator:
             reason = "stop"
         else:
             reason = "length" if count[0] >= job.max_new_tokens else "stop"
+        return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
+                "end": t1, "tokens": count[0], "finish_reason": reason}
+
+    def _run_llama_cpp(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
+        """`_run` on the llama.cpp engine: the same ids, callbacks and stats."""
+        times: dict[str, float] = {}
+        count = [0]
+        stopped = threading.Event()  # a stop string completed (transformers' stop_strings)
+        dec = _Decoder(self.tokenizer) if job.stop else None
+
+        def token(tid: int) -> None:
+            if count[0] == 0:
+                times["first"] = time.perf_counter()
+            count[0] += 1
+            on_token(tid)
+            if dec is not None:
+                dec.add(tid)
+                if cut_at_stop(dec.emitted, job.stop)[1]:
+                    stopped.set()
+
+        class _Either:
+            def is_set(self) -> bool:
+                return stopped.is_set() or (cancel is not None and cancel.is_set())
+
+        t_wait = time.perf_counter()
+        with self.lock:
+            t0 = time.perf_counter()
+            r = self.engine_impl.generate(
+                prompt_ids=job.input_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
+                top_p=job.top_p, seed=job.seed, on_token_id=token, cancel=_Either(), adapter=job.adapter,
+                stop_ids=self._eos or None, repeat_penalty=float(self.cfg.generation.repetition_penalty),
+            )
+            t1 = time.perf_counter()
+        first = times.get("first", t1)
+        reason = r["finish_reason"]
+        if reason == "cancelled" and stopped.is_set() and not (cancel is not None and cancel.is_set()):
+            reason = "stop"
         return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
                 "end": t1, "tokens": count[0], "finish_reason": reason}
 

@@ -16,8 +16,7 @@ with a numpy generator seeded by `seed` (transformers' order; llama.cpp's own ch
 before temperature). The KV cache keeps the longest common prefix of consecutive prompts with the
 same adapter (a chat's history, a RAG system prompt), and is dropped when the adapter changes.
 
-Integration recipe for `ragtune.serve.generator.Generator` (the lead wires it; nothing in serve/
-other than this file knows about llama.cpp yet):
+Integration with `ragtune.serve.generator.Generator` (`engine="llama.cpp"`, wired as follows):
 
 1. `check_engine`: accept "llama.cpp" (and "auto": llama.cpp when `pick_device(model.device)` is
    "cpu" and `llama_cpp_available()` is true, else transformers).

@@ -103,7 +103,7 @@ class Deployment:
     generator: Any = None
     adapter_name: str | None = None
     retriever: Any = None
-    unavailable: str = ""  # why requests to it answer 400 (an engine not implemented yet)
+    unavailable: str = ""  # why requests to it answer 400 (its engine is not installed)
 
     def describe(self) -> dict[str, Any]:
         return {"adapter": self.adapter_name or (Path(self.adapter).name if self.adapter else None),
@@ -155,22 +155,24 @@ class Runtime:
     def load(self) -> "Runtime":
         from ragtune.modeling import resolve_model_path
         from ragtune.serve.answer import open_retriever
-        from ragtune.serve.generator import ENGINES_IMPLEMENTED, Generator
+        from ragtune.serve.generator import EngineUnavailable, Generator, check_engine
 
         cfg = self.cfg
         if self._given is not None:
-            self.generators[str(self._given.base_path)] = self._given
+            self.generators[f"{self._given.base_path}|{self._given.engine}"] = self._given
         for d in plan_deployments(cfg, tuple(self.retrievers)):
             self.deployments[d.name] = d
-            if d.engine not in ENGINES_IMPLEMENTED:
-                d.unavailable = (f"deployment '{d.name}': engine '{d.engine}' is not implemented yet (tracked in "
-                                 "issue 9); set its engine to transformers")
+            try:
+                engine = check_engine(d.engine, cfg.model.device)
+            except EngineUnavailable as exc:
+                d.unavailable = f"deployment '{d.name}': {exc}"
                 log.warning("%s", d.unavailable)
                 continue
-            key = str(resolve_model_path(d.base or cfg.model.path, f"deployment '{d.name}' base"))
+            path = str(resolve_model_path(d.base or cfg.model.path, f"deployment '{d.name}' base"))
+            key = f"{path}|{engine}"  # one Generator per base and engine
             gen = self.generators.get(key)
             if gen is None:
-                gen = Generator(cfg, engine=d.engine, lock=self.lock).load(base=key, adapters={})
+                gen = Generator(cfg, engine=engine, lock=self.lock).load(base=path, adapters={})
                 self.generators[key] = gen
             d.generator = gen
             try:
@@ -316,7 +318,7 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
         if d is None:
             raise unknown_model(req.model, runtime)
         if d.unavailable:
-            raise APIError(400, d.unavailable, param="model", code="engine_not_implemented")
+            raise APIError(400, d.unavailable, param="model", code="engine_unavailable")
         messages = to_messages(req)
         gcfg = cfg.generation
         max_tokens = req.max_completion_tokens or req.max_tokens or min(gcfg.max_new_tokens, cfg.serve.max_tokens_limit)

@@ -37,9 +37,13 @@ def _one_torch_thread() -> Any:
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+def smol_tokenizer_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer files (tokenizer.json, config, chat template), from the bundled GGUF."""
-    cache = Path(request.config.cache.mkdir("ragtune-smollm2-tokenizer"))
+    if getattr(request.config, "cache", None) is not None:
+        cache = Path(request.config.cache.mkdir("ragtune-smollm2-tokenizer"))
+    else:  # -p no:cacheprovider: beside pytest's numbered temp folders, which it keeps across runs
+        cache = tmp_path_factory.getbasetemp().parent / "ragtune-smollm2-tokenizer"
+        cache.mkdir(parents=True, exist_ok=True)
     if all((cache / f).is_file() for f in TOKENIZER_FILES):
         return cache
     from transformers import AutoTokenizer

@@ -35,7 +35,7 @@ def test_ask_reads_stdin_and_gives_json(tiny_llama: Path, tiny_adapter: Path, ca
     (["ask", ""], "question is empty"),
     (["ask", "q", "--adapter", "/nonexistent/adapter"], "adapter_config.json"),
     (["ask", "q", "--index", "nosuch"], "nosuch"),
-    (["ask", "q", "generation.engine=llama.cpp"], "engine 'llama.cpp' is not implemented yet"),
+    (["ask", "q", "--engine", "vllm"], "invalid choice"),
     (["ask", "q", "--max-new-tokens", "0"], "--max-new-tokens"),
 ])
 def test_ask_errors_exit_2_with_the_reason_on_stderr(tiny_llama: Path, argv, message, capsys) -> None:
@@ -44,6 +44,26 @@ def test_ask_errors_exit_2_with_the_reason_on_stderr(tiny_llama: Path, argv, mes
     assert rc == 2 and out == "" and message in err and "Traceback" not in err
 
 
+def test_ask_engine_llama_cpp_without_the_package_says_how_to_install(tiny_llama: Path, capsys, monkeypatch) -> None:
+    import ragtune.serve.llamacpp as llamacpp
+
+    monkeypatch.setattr(llamacpp, "llama_cpp_available", lambda: False)
+    rc = main(["ask", "q", "--no-rag", "--engine", "llama.cpp", f"model.path={tiny_llama}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "pip install 'ragtune[llamacpp]'" in err and "Traceback" not in err
+
+
 def test_ask_without_a_prepared_model_says_how_to_prepare(capsys) -> None:
     rc = main(["ask", "q", "--no-rag"])
     assert rc == 2 and "ragtune models prepare" in capsys.readouterr().err
+
+
+def test_eval_engine_llama_cpp_without_the_package_says_how_to_install(tiny_llama: Path, tmp_path: Path, capsys,
+                                                                      monkeypatch) -> None:
+    import ragtune.serve.llamacpp as llamacpp
+
+    monkeypatch.setattr(llamacpp, "llama_cpp_available", lambda: False)
+    rc = main(["eval", "--engine", "llama.cpp", "--modes", "base", "--out", str(tmp_path / "ev"),
+               f"model.path={tiny_llama}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "pip install 'ragtune[llamacpp]'" in err and "Traceback" not in err

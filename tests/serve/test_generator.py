@@ -126,10 +126,15 @@ def test_refuses_adapter_with_other_base_or_damaged_template(tiny_cfg_factory, t
         gen.answer(user("q"), adapter="nope")
 
 
-def test_engine_llama_cpp_is_a_clear_usage_error(tiny_cfg_factory) -> None:
-    with pytest.raises(EngineNotImplemented, match="engine 'llama.cpp' is not implemented yet"):
+def test_engine_llama_cpp_without_the_package_is_a_clear_usage_error(tiny_cfg_factory, monkeypatch) -> None:
+    import ragtune.serve.llamacpp as llamacpp
+
+    monkeypatch.setattr(llamacpp, "llama_cpp_available", lambda: False)
+    with pytest.raises(EngineNotImplemented, match=r"pip install 'ragtune\[llamacpp\]'"):
         Generator(tiny_cfg_factory("generation.engine=llama.cpp"))
     assert EngineNotImplemented("llama.cpp").exit_code == 2
+    assert Generator(tiny_cfg_factory("generation.engine=auto")).engine == "transformers"  # auto falls back
+    assert Generator(tiny_cfg_factory()).engine == "transformers"  # the default stays transformers
 
 
 def test_prompt_longer_than_context_is_a_usage_error(loaded_gen: Generator) -> None:

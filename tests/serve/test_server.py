@@ -41,8 +41,14 @@ def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_app(module_tmp: Path, tiny_llama: Path, tiny_adapter: Path, other_adapter: Path, loaded_gen: Any, *extra: str) -> Any:
+    """The app, loaded as if llama-cpp-python were not installed: the 'cpp' deployment is listed but
+    unavailable (tests/serve/test_llamacpp_engine.py serves one that works)."""
+    import ragtune.serve.llamacpp as llamacpp
+
     cfg = serve_cfg(module_tmp, tiny_llama, tiny_adapter, other_adapter, *extra)
-    return create_app(cfg, generator=loaded_gen, retrievers={"docs": FakeRetriever(), "nothing": FakeRetriever([])})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llamacpp, "llama_cpp_available", lambda: False)
+        return create_app(cfg, generator=loaded_gen, retrievers={"docs": FakeRetriever(), "nothing": FakeRetriever([])})
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +179,14 @@ def test_abstention_streams_the_not_found_message(client: Any) -> None:
     (json.dumps({"model": "base", "messages": [{"role": "system", "content": "only system"}]}).encode(), 400, "invalid_request"),
     (json.dumps({"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(), 400, "unsupported"),
     (json.dumps(ask("nope", "q")).encode(), 404, "model_not_found"),
-    (json.dumps(ask("cpp", "q")).encode(), 400, "engine_not_implemented"),
+    (json.dumps(ask("cpp", "q")).encode(), 400, "engine_unavailable"),
     (json.dumps(ask("base", "q" * 5000)).encode(), 413, "body_too_large"),
 ])
 def test_malformed_requests_get_openai_errors_never_500(client: Any, body: bytes, status: int, code: str) -> None:
     r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     e = assert_error(r, status, code)
-    if code == "engine_not_implemented":
-        assert "engine 'llama.cpp' is not implemented yet" in e["message"]
+    if code == "engine_unavailable":
+        assert "pip install 'ragtune[llamacpp]'" in e["message"] and "deployment 'cpp'" in e["message"]
 
 
 def test_content_parts_and_developer_role_are_accepted(client: Any) -> None:

@@ -21,7 +21,6 @@ Layout of a bundle:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -37,6 +36,7 @@ from typing import Any
 from ragtune import __version__
 from ragtune.errors import CheckFailed, RagtuneError, UsageError
 from ragtune.io import atomic_write_json
+from ragtune.modeling import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,6 @@ echo "== ragtune doctor"
 "$venv/bin/ragtune" doctor || echo "install.sh: doctor reported problems (see above)" >&2
 echo "installed: activate with 'source $venv/bin/activate'"
 """
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _installed_versions() -> dict[str, str]:
@@ -279,7 +271,7 @@ def create_bundle(
             rel = f.relative_to(tmp).as_posix()
             if rel in UNHASHED:
                 continue
-            files.append({"path": rel, "size": f.stat().st_size, "sha256": sha256_file(f)})
+            files.append({"path": rel, "size": f.stat().st_size, "sha256": file_sha256(f)})
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "ragtune_version": __version__,
@@ -312,7 +304,7 @@ def _carry_llama_sdist(tmp: Path) -> list[dict[str, Any]]:
         log.warning("the llama.cpp converter (%s) is not in %s: the bundle cannot export GGUF on the far side; "
                     "run 'ragtune export setup' first to carry it", SDIST_NAME, src.parent)
         return []
-    if sha256_file(src) != SDIST_SHA256:
+    if file_sha256(src) != SDIST_SHA256:
         raise RagtuneError(f"{src} does not have the pinned sha256; delete it and run 'ragtune export setup'")
     (tmp / "llama.cpp").mkdir()
     shutil.copy2(src, tmp / "llama.cpp" / SDIST_NAME)
@@ -345,7 +337,7 @@ def verify_bundle(bundle: str | Path) -> tuple[list[str], int]:
             problems.append(f"missing: {entry['path']}")
         elif p.stat().st_size != entry["size"]:
             problems.append(f"wrong size: {entry['path']} ({p.stat().st_size} bytes, expected {entry['size']})")
-        elif sha256_file(p) != entry["sha256"]:
+        elif file_sha256(p) != entry["sha256"]:
             problems.append(f"corrupted (sha256 mismatch): {entry['path']}")
     return problems, len(manifest["files"])
 

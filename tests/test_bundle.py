@@ -196,6 +196,6 @@ def test_bundle_carries_the_llama_cpp_converter(tmp_path: Path, ragtune_home: Pa
     far = tmp_path / "far"
     monkeypatch.setenv("RAGTUNE_HOME", str(far))
     restore_bundle(bundle)
-    from ragtune.bundle import sha256_file
+    from ragtune.modeling import file_sha256
 
-    assert sha256_file(far / "llama.cpp" / SDIST_NAME) == SDIST_SHA256
+    assert file_sha256(far / "llama.cpp" / SDIST_NAME) == SDIST_SHA256

@@ -52,6 +52,15 @@ class PointData:
     sparse: tuple[list[int], list[float]] | None
     payload: dict[str, Any] = field(default_factory=dict)
 
+    def vectors(self, make_sparse: Any) -> dict[str, Any]:
+        """Named vectors in the shared schema; `make_sparse(indices, values)` builds the backend's type."""
+        vec: dict[str, Any] = {}
+        if self.dense is not None:
+            vec[DENSE] = [float(x) for x in self.dense]
+        if self.sparse is not None and self.sparse[0]:
+            vec[SPARSE] = make_sparse(list(self.sparse[0]), [float(v) for v in self.sparse[1]])
+        return vec
+
 
 @dataclass
 class Hit:
@@ -319,14 +328,7 @@ class EdgeStore(Store):
     def upsert(self, points: list[PointData]) -> None:
         from qdrant_edge import Point, SparseVector, UpdateOperation
 
-        out = []
-        for p in points:
-            vec: dict[str, Any] = {}
-            if p.dense is not None:
-                vec[DENSE] = [float(x) for x in p.dense]
-            if p.sparse is not None and p.sparse[0]:
-                vec[SPARSE] = SparseVector(list(p.sparse[0]), [float(v) for v in p.sparse[1]])
-            out.append(Point(p.id, vec, p.payload))
+        out = [Point(p.id, p.vectors(SparseVector), p.payload) for p in points]
         if out:
             self.shard.update(UpdateOperation.upsert_points(out))
 
@@ -511,14 +513,10 @@ class ServerStore(Store):
     def upsert(self, points: list[PointData]) -> None:
         from qdrant_client import models as m
 
-        out = []
-        for p in points:
-            vec: dict[str, Any] = {}
-            if p.dense is not None:
-                vec[DENSE] = [float(x) for x in p.dense]
-            if p.sparse is not None and p.sparse[0]:
-                vec[SPARSE] = m.SparseVector(indices=list(p.sparse[0]), values=[float(v) for v in p.sparse[1]])
-            out.append(m.PointStruct(id=p.id, vector=vec, payload=p.payload))
+        def sparse(indices: list[int], values: list[float]) -> Any:
+            return m.SparseVector(indices=indices, values=values)
+
+        out = [m.PointStruct(id=p.id, vector=p.vectors(sparse), payload=p.payload) for p in points]
         if out:
             self._connect().upsert(self.collection, out, wait=True)
 

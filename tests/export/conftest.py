@@ -28,12 +28,10 @@ _REAL_HOME = Path(os.environ.get("RAGTUNE_HOME") or Path.home() / ".cache" / "ra
 
 @pytest.fixture(scope="package", autouse=True)
 def _one_torch_thread() -> Any:
-    import torch
+    from tests.tinymodels import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -15,13 +15,10 @@ QA = [
 
 @pytest.fixture(scope="package", autouse=True)
 def _one_torch_thread() -> Any:
-    """Tiny models on a shared 2-core box run far faster on one thread (no OpenMP spinning)."""
-    import torch
+    from tests.tinymodels import torch_threads
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def train_adapter(base: Path, out: Path, qa: list[tuple[str, str]] = QA, steps: int = 120, seed: int = 0) -> Path:

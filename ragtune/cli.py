@@ -35,6 +35,7 @@ def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     config = None
     i = 0
     after_dashdash = False
+    words: list[str] = []  # the command words seen so far
     while i < len(argv):
         a = argv[i]
         if after_dashdash:
@@ -42,6 +43,8 @@ def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
         elif a == "--":
             after_dashdash = True
             rest.append(a)
+        elif words[:2] == ["bundle", "create"] and (a == "--config" or a.startswith("--config=")):
+            rest.append(a)  # `bundle create --config FILE` names a config file to carry, not ragtune's own
         elif a == "--config" and i + 1 < len(argv):
             config = argv[i + 1]
             i += 1
@@ -50,6 +53,8 @@ def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
         elif OVERRIDE_RE.match(a):
             overrides.append(a)
         else:
+            if not a.startswith("-"):
+                words.append(a)
             rest.append(a)
         i += 1
     return rest, config, overrides
@@ -170,9 +175,13 @@ def _run_bundle(args: argparse.Namespace, cfg: Any) -> int:
         return 1 if problems else 0
     if args.bundle_cmd == "restore":
         done = bundle.restore_bundle(args.bundle)
+        label = {"models": "model", "adapters": "adapter", "indexes": "index", "configs": "config",
+                 "llama.cpp": "llama.cpp converter"}
         for kind, paths in done.items():
             for p in paths:
-                print(f"restored {kind[:-1]}: {p}")
+                print(f"restored {label.get(kind, kind)}: {p}")
+        if done.get("adapters"):
+            print("use a restored adapter by name: ragtune ask --adapter NAME \"QUESTION\"")
         return 0
     if args.bundle_cmd == "install":
         return bundle.install_bundle(args.bundle, venv=args.venv)

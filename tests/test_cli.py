@@ -70,6 +70,15 @@ def test_globals_before_or_after_command() -> None:
     assert rest == ["ask", "is x=1 true?"] and ov == []
 
 
+def test_bundle_create_keeps_its_own_config_option() -> None:
+    # `bundle create --config FILE` carries FILE into the bundle; a --config before the command is ragtune's
+    argv = ["--config", "g.yaml", "bundle", "create", "out", "--config", "a.yaml", "--config=b.yaml"]
+    rest, cfg, _ = _split_globals(argv)
+    assert cfg == "g.yaml"
+    args = build_parser().parse_args(rest)
+    assert args.bundle_config == ["a.yaml", "b.yaml"]
+
+
 def test_offline_env_is_set_by_main(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)

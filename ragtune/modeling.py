@@ -51,6 +51,17 @@ def ragtune_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ragtune"
 
 
+def adapter_dir(path: str | Path) -> Path:
+    """An adapter folder; a bare name that is no folder here means $RAGTUNE_HOME/adapters/NAME, where
+    `ragtune bundle restore` puts carried adapters."""
+    p = Path(path).expanduser()
+    if not p.exists() and len(p.parts) == 1:
+        restored = ragtune_home() / "adapters" / p.name
+        if restored.is_dir():
+            return restored
+    return p
+
+
 def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
     """Return the resolved dir, or raise ModelPathError naming what is missing and the fix."""
     p = Path(path).expanduser()

@@ -13,7 +13,7 @@ from typing import Any
 
 
 def _answer_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", metavar="DIR", default="", help="LoRA adapter dir written by 'ragtune train' (default: model.adapter)")
+    p.add_argument("--adapter", metavar="DIR", default="", help="LoRA adapter dir written by 'ragtune train', or the name of one restored from a bundle (default: model.adapter)")
     p.add_argument("--index", metavar="NAME", default="", help="answer from this index (default: index.name, when it exists)")
     p.add_argument("--no-rag", action="store_true", help="answer without retrieval")
     p.add_argument("--max-new-tokens", type=int, metavar="N", default=None, help="default: generation.max_new_tokens")

@@ -300,12 +300,12 @@ class Generator:
 
     def add_adapter(self, name: str, path: str | Path) -> str:
         """Load a LoRA adapter over the loaded base (checked against its run card); returns its name."""
-        from ragtune.modeling import text_sha256
+        from ragtune.modeling import adapter_dir, text_sha256
         from ragtune.runcard import RunCardMismatch, check_compatible, read_runcard
 
         if not self.loaded:
             raise UsageError("Generator.add_adapter: call load() first")
-        p = Path(path).expanduser()
+        p = adapter_dir(path)
         if not (p / "adapter_config.json").is_file():
             raise UsageError(
                 f"adapter '{p}' has no adapter_config.json; point --adapter / model.adapter at a directory "

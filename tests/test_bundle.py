@@ -96,6 +96,23 @@ def test_restore_repoints_adapter_to_restored_base(small_bundle: Path, ragtune_h
     card = json.loads((adapter / "ragtune.json").read_text())
     assert card["base_model"]["path"] == str(base)
     assert model_hash(base) == card["base_model"]["hash"]
+    assert done["configs"] == [str(ragtune_home / "configs" / "default.yaml")]
+    assert (ragtune_home / "configs" / "default.yaml").read_bytes() == (ROOT / "configs" / "default.yaml").read_bytes()
+    # a restored adapter is found by its name
+    from ragtune.modeling import adapter_dir
+
+    assert adapter_dir("policies") == adapter
+    assert adapter_dir("elsewhere/policies") == Path("elsewhere/policies")
+
+
+def test_cli_create_carries_config_files(tiny_llama: Path, tmp_path: Path) -> None:
+    # --config after `bundle create` names a file to carry (ragtune's own --config goes before the command)
+    out = tmp_path / "b"
+    rc = main(["bundle", "create", str(out), "--model", str(tiny_llama), "--deps", "none", "--no-default-models",
+               "--config", str(ROOT / "configs" / "demo.yaml")])
+    assert rc == 0
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert [c["name"] for c in manifest["contents"]["configs"]] == ["demo.yaml"]
 
 
 def _deps_without_ragtune(tmp_path: Path) -> Path:

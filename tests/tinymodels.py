@@ -134,3 +134,20 @@ def build_tiny_embedder(out: str | Path, hidden: int = 32, seed: int = 0) -> Pat
     st = SentenceTransformer(modules=[word, pool], device="cpu")
     st.save(str(out))
     return out
+
+
+def build_tiny_cross_encoder(embedder_dir: str | Path, out: str | Path, seed: int = 1) -> Path:
+    """A tiny random cross-encoder (BERT with a one-logit head) sharing the tiny embedder's vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    out = Path(out)
+    tok = BertTokenizerFast.from_pretrained(str(Path(str(embedder_dir) + "-bert")))
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=1,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out

@@ -68,3 +68,40 @@ def test_cli_search_json(cfg: Config, docs: Path, capsys: pytest.CaptureFixture)
     assert len(hits) == 1 and hits[0]["heading"] == "Security > Passwords"
     assert main(["search", "passwords", *args]) == 0
     assert "security.html > Security > Passwords" in capsys.readouterr().out
+
+
+def test_reranker_reorders_candidates_and_drives_abstention(cfg: Config, docs: Path, tiny_embedder: Path,
+                                                            tmp_path: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    from tests.tinymodels import build_tiny_cross_encoder
+
+    ce_dir = build_tiny_cross_encoder(tiny_embedder, tmp_path / "tiny-ce")
+    ingest(cfg, [str(docs)], progress=False)
+    query = "remote work days per week"
+    with Retriever(cfg) as plain:
+        candidates = plain.search(query, top_k=20)
+    assert len(candidates) >= 4
+    rcfg = make_cfg(tiny_embedder, f"search.rerank_model={ce_dir}", "search.rerank_candidates=20")
+    with Retriever(rcfg) as r:
+        hits = r.search(query, top_k=3)
+        # the top 3 of all candidates by the cross-encoder's own scores, computed independently here
+        ce = CrossEncoder(str(ce_dir), device="cpu")
+        expected = sorted(((float(s), c["chunk_id"]) for s, c in
+                           zip(ce.predict([(query, c["text"]) for c in candidates]), candidates)), reverse=True)[:3]
+        assert [h["chunk_id"] for h in hits] == [cid for _, cid in expected]
+        assert [h["chunk_id"] for h in hits] != [c["chunk_id"] for c in candidates[:3]]  # it did reorder
+        assert [h["rerank_score"] for h in hits] == pytest.approx([s for s, _ in expected], abs=1e-5)
+        assert [h["n"] for h in hits] == [1, 2, 3]
+        assert r.best_dense_score(hits) == pytest.approx(expected[0][0], abs=1e-5)
+
+
+def test_reranker_path_errors(cfg: Config, docs: Path, tiny_embedder: Path, tmp_path: Path) -> None:
+    from ragtune.errors import ModelPathError
+
+    ingest(cfg, [str(docs / "hr.md")], progress=False)
+    with pytest.raises(ModelPathError, match="is not a model directory .no config.json."):
+        Retriever(make_cfg(tiny_embedder, f"search.rerank_model={tmp_path}")).load()
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelPathError, match="has no safetensors weights"):
+        Retriever(make_cfg(tiny_embedder, f"search.rerank_model={tmp_path}")).load()

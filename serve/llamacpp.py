@@ -164,7 +164,7 @@ class LlamaCppEngine:
         self._eog = frozenset(t for t in range(self.llm.n_vocab()) if lc.llama_vocab_is_eog(vocab, t))
         for name, path in list(self.lora_paths.items()):
             self._init_lora(name, path)
-        log.info("llama.cpp loaded %s (%d threads, n_ctx %d, %d adapters) in %.2fs", self.gguf_path,
+        log.info("llama.cpp loaded %s (%d threads, n_ctx %d, LoRA adapters: %d) in %.2fs", self.gguf_path,
                  self.n_threads, n_ctx, len(self._adapters), time.perf_counter() - t0)
         return self
 

@@ -61,8 +61,9 @@ class Chunker:
     def count(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
+        # verbose=False: counting a long block before splitting it is not "running it through the model"
         enc = self.tok(texts, add_special_tokens=False, return_attention_mask=False,
-                       return_token_type_ids=False)["input_ids"]
+                       return_token_type_ids=False, verbose=False)["input_ids"]
         return [len(ids) for ids in enc]
 
     def chunk(self, doc: Document) -> list[Chunk]:
@@ -108,7 +109,7 @@ class Chunker:
 
     def _windows(self, text: str, start: int, end: int) -> list[_Unit]:
         """Token windows of `size`, each starting `size - overlap` tokens after the previous."""
-        enc = self.tok(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tok(text[start:end], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         offsets = [o for o in enc["offset_mapping"] if o[1] > o[0]]
         step = max(1, self.size - self.overlap)
         out = []

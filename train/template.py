@@ -87,7 +87,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]], te
     template = template_of(tokenizer, template)
     text, trained = spans(tokenizer, messages, template)
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = list(enc["input_ids"])
         mask = [0] * len(ids)
         j = 0
@@ -104,7 +104,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]], te
     for s, e in trained + [(len(text), len(text))]:
         for piece, bit in ((text[pos:s], 0), (text[s:e], 1)):
             if piece:
-                toks = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                toks = tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
                 ids += toks
                 mask += [bit] * len(toks)
         pos = e

@@ -57,3 +57,13 @@ def test_sentence_overlap_between_chunks(tokenizer) -> None:
     _check(doc, chunks, tokenizer, 40)
     assert len(chunks) > 3
     assert all(b.start < a.end for a, b in zip(chunks, chunks[1:]))
+
+
+def test_long_blocks_chunk_without_the_too_long_sequence_warning(tokenizer) -> None:
+    # counting a 750-token paragraph before splitting it is not an overflow: no warning for the user
+    # (transformers records the warning in deprecation_warnings whether or not its logging shows it)
+    fresh = type(tokenizer).from_pretrained(tokenizer.name_or_path, local_files_only=True)
+    doc = load_text("alpha beta gamma delta. " * 150, "long.txt", "long")
+    chunks = Chunker(fresh, size=64, overlap=8).chunk(doc)
+    assert len(chunks) > 5
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in fresh.deprecation_warnings

@@ -145,7 +145,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def _copytree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", ".lock", "checkpoints", "__pycache__"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", ".lock", ".readers", "checkpoints", "__pycache__"))
 
 
 def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[Path]) -> None:
@@ -264,7 +264,10 @@ def create_bundle(
                 "base_hash": card.get("base_model", {}).get("hash"),
             })
         for idx in index_dirs:
-            _copytree(idx, tmp / "indexes" / idx.name)
+            from ragtune.retrieval.store import IndexLock
+
+            with IndexLock(idx.name, shared=True):  # no writer mid-way through it while it is copied
+                _copytree(idx, tmp / "indexes" / idx.name)
             contents["indexes"].append({"name": idx.name, "path": f"indexes/{idx.name}"})
         for c in config_files:
             (tmp / "configs").mkdir(exist_ok=True)

@@ -12,7 +12,9 @@ Each hit is the sources shape `{"n", "source", "title", "page", "heading", "scor
 `"dense_score"` (cosine of query and chunk, in every mode: RRF scores are ranks, not relevance)
 and `"chunk_id"`; with a reranker `score` is the reranker's and `"rerank_score"` is set too.
 `load()` raises UsageError when the index does not exist or was built by another embedder, and
-IndexBusy while another process writes an embedded (Edge) index.
+IndexBusy while another process writes an embedded (Edge) index. `Retriever(cfg, read_copy=True)`
+(servers, chat) reads a private copy of an Edge index, so writers are never blocked, and takes a
+fresh copy after a writer has had the index (checked at most once a second, before a search).
 Filters: exact match on source, file, root, title, doc_id, page, or a JSONL metadata key
 (`meta.KEY`); a list value matches any of its items.
 """
@@ -20,6 +22,8 @@ Filters: exact match on source, file, root, title, doc_id, page, or a JSONL meta
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from ragtune.config import Config
@@ -55,38 +59,67 @@ def check_filter_key(key: str) -> None:
 
 
 class Retriever:
-    def __init__(self, cfg: Config, index_name: str | None = None) -> None:
+    REFRESH_EVERY_S = 1.0
+
+    def __init__(self, cfg: Config, index_name: str | None = None, read_copy: bool = False) -> None:
         self.cfg = cfg
         self.name = index_name or cfg.index.name
+        self.read_copy = read_copy
         self.store: Any = None
         self.embedder: Any = None
         self.sparse: Any = None
         self.reranker: Any = None
         self.meta: dict[str, Any] = {}
+        self._store_lock = threading.Lock()  # a refresh swaps the store between searches, never during one
+        self._refresh_lock = threading.Lock()
+        self._checked = 0.0
 
-    def load(self) -> "Retriever":
-        if self.store is not None:
-            return self
-        from ragtune.retrieval.embedder import Embedder
-        from ragtune.retrieval.sparse import SparseEncoder
-        from ragtune.retrieval.store import SCHEMA_VERSION, open_store
+    def _open_store(self) -> Any:
+        from ragtune.retrieval.store import EdgeStore, open_store
 
         store = open_store(self.cfg, self.name)
         if not store.exists():
             raise UsageError(
                 f"index '{self.name}' does not exist; create it with 'ragtune index add PATH --index {self.name}'"
             )
-        store.open()
+        if isinstance(store, EdgeStore):
+            return store.open_copy() if self.read_copy else store.open_reader()
+        return store.open()
+
+    def refresh(self) -> bool:
+        """Take a fresh copy when a writer has had the index since ours; True when it did. A writer
+        still at work keeps the old copy in use until it is done."""
+        from ragtune.retrieval.store import IndexBusy
+
+        store = self.store
+        if store is None or not getattr(store, "is_stale", lambda: False)():
+            return False
         try:
-            meta = store.read_meta()
-            version = int(meta.get("schema_version", 0) or 0)
-            if version > SCHEMA_VERSION:
-                raise UsageError(
-                    f"index '{self.name}' has schema_version {version}, newer than this ragtune reads "
-                    f"({SCHEMA_VERSION}); upgrade ragtune"
-                )
-            embedder = Embedder(self.cfg.embedder)
-            ident = embedder.identity()
+            new = self._open_store()
+        except IndexBusy:
+            return False
+        try:
+            self._check_meta(new.read_meta())
+        except BaseException:
+            new.close()
+            raise
+        with self._store_lock:
+            old, self.store = self.store, new
+        old.close()
+        log.info("index '%s' changed: searching its new contents", self.name)
+        return True
+
+    def _check_meta(self, meta: dict[str, Any]) -> None:
+        from ragtune.retrieval.store import SCHEMA_VERSION
+
+        version = int(meta.get("schema_version", 0) or 0)
+        if version > SCHEMA_VERSION:
+            raise UsageError(
+                f"index '{self.name}' has schema_version {version}, newer than this ragtune reads "
+                f"({SCHEMA_VERSION}); upgrade ragtune"
+            )
+        if self.embedder is not None:
+            ident = self.embedder.identity()
             built = meta.get("embedder") or {}
             if built.get("hash") and built["hash"] != ident["hash"]:
                 raise UsageError(
@@ -94,22 +127,37 @@ class Retriever:
                     f"{built['hash'][:12]}) but embedder.path is '{ident['path']}' (hash {ident['hash'][:12]}); "
                     f"query with embedder.path={built.get('path')} or rebuild the index with this embedder"
                 )
-            embedder.load()
+
+    def load(self) -> "Retriever":
+        if self.store is not None:
+            return self
+        from ragtune.retrieval.embedder import Embedder
+        from ragtune.retrieval.sparse import SparseEncoder
+
+        store = self._open_store()
+        try:
+            meta = store.read_meta()
+            self.embedder = Embedder(self.cfg.embedder)
+            self._check_meta(meta)
+            self.embedder.load()
             if self.cfg.search.rerank_model:
                 from ragtune.retrieval.rerank import Reranker
 
                 self.reranker = Reranker(self.cfg.search.rerank_model, self.cfg.embedder.device).load()
         except BaseException:
+            self.embedder = None
             store.close()
             raise
-        self.store, self.embedder, self.meta = store, embedder, meta
+        self.store, self.meta = store, meta
         self.sparse = SparseEncoder()
+        self._checked = time.monotonic()
         return self
 
     def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        with self._store_lock:
+            store, self.store = self.store, None
+        if store is not None:
+            store.close()
 
     def __enter__(self) -> "Retriever":
         return self.load()
@@ -137,10 +185,18 @@ class Retriever:
         q = self.embedder.embed_query(query)
         sparse_q = self.sparse.query(query) if mode != "dense" else None
         limit = max(top_k, s.rerank_candidates) if self.reranker is not None else top_k
-        hits = self.store.query(
-            dense=q, sparse=sparse_q, mode=mode, limit=limit, candidates=max(s.candidates, limit),
-            rrf_k=s.rrf_k, filters=filters, hnsw_ef=s.hnsw_ef, with_vector=mode != "dense",
-        )
+        if (self.read_copy and time.monotonic() - self._checked >= self.REFRESH_EVERY_S
+                and self._refresh_lock.acquire(blocking=False)):  # one thread refreshes, the others search on
+            try:
+                self._checked = time.monotonic()
+                self.refresh()
+            finally:
+                self._refresh_lock.release()
+        with self._store_lock:
+            hits = self.store.query(
+                dense=q, sparse=sparse_q, mode=mode, limit=limit, candidates=max(s.candidates, limit),
+                rrf_k=s.rrf_k, filters=filters, hnsw_ef=s.hnsw_ef, with_vector=mode != "dense",
+            )
         out = []
         for h in hits:
             if mode == "dense":

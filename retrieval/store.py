@@ -12,9 +12,14 @@ meta point (schema_version, embedder identity, chunker) that travels with the da
 `store.url` = "http(s)://host:port" for a server; "local:PATH" or ":memory:" for qdrant-client's
 local mode, which speaks the server API (tests and benchmarks; too slow as a product default).
 
-Writers take an exclusive fcntl lock on $RAGTUNE_HOME/indexes/NAME/.lock (IndexLock); Edge also
-locks its own WAL, so a reader cannot open an Edge index while a writer has it, and the other way
-round: both get IndexBusy with a clear message instead of a stack trace.
+Writers take an exclusive fcntl lock on $RAGTUNE_HOME/indexes/NAME/.lock (IndexLock) and bump
+NAME/generation when they let go; a second writer gets IndexBusy with a clear message instead of a
+stack trace. Edge also locks its files for whoever has them open, reader or writer, so readers share:
+- a short reader (`search`, `ask`) holds the lock shared while it opens the live index; when another
+  reader has that open, it reads a private copy instead (`EdgeStore.open_copy`);
+- a long-lived reader (`serve`, `chat`) always reads a private copy, taken under the shared lock, and
+  takes a new one when the generation changes (`Retriever.refresh`), so `index sync` runs while a
+  server answers and the server sees the new documents after it.
 """
 
 from __future__ import annotations
@@ -86,38 +91,55 @@ def check_index_name(name: str) -> str:
     return name
 
 
-# --- the writer lock --------------------------------------------------------------------------
+# --- the index lock ---------------------------------------------------------------------------
 
 
 class IndexLock:
-    """Exclusive, non-blocking fcntl lock on the index folder; released when the process dies."""
+    """fcntl lock on the index folder, released when the process dies: exclusive for a writer (which
+    bumps the index's generation when it lets go), shared for readers. A writer that finds only
+    readers there waits up to `wait` seconds for them; one that finds a writer fails at once."""
 
-    def __init__(self, name: str, what: str = "") -> None:
+    def __init__(self, name: str, what: str = "", shared: bool = False, wait: float = 10.0) -> None:
         self.name = name
         self.path = index_dir(name) / ".lock"
         self.what = what or "ragtune"
+        self.shared = shared
+        self.wait = wait
         self.fd: int | None = None
 
     def __enter__(self) -> "IndexLock":
         import fcntl
+        import time
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
+        deadline = time.monotonic() + self.wait
+        while True:
             try:
-                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
-            except OSError:
-                pass
-            os.close(fd)
-            raise IndexBusy(
-                f"index '{self.name}' is in use by another process{f' ({holder})' if holder else ''}; "
-                "wait for it to finish and run the command again"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {self.what}".encode(), 0)
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = ""
+                try:
+                    holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+                except OSError:
+                    pass
+                if not self.shared and not holder and time.monotonic() < deadline:
+                    time.sleep(0.1)  # only readers: they let go within moments
+                    continue
+                os.close(fd)
+                if self.shared:
+                    raise IndexBusy(
+                        f"index '{self.name}' is being written by another process{f' ({holder})' if holder else ''}; "
+                        "wait for it to finish and run the command again"
+                    ) from None
+                raise IndexBusy(
+                    f"index '{self.name}' is in use by another process ({holder or 'a reader'}); "
+                    "wait for it to finish and run the command again"
+                ) from None
+        if not self.shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {self.what}".encode(), 0)
         self.fd = fd
         return self
 
@@ -126,11 +148,37 @@ class IndexLock:
 
         if self.fd is not None:
             try:
-                os.ftruncate(self.fd, 0)
+                if not self.shared:
+                    from ragtune.io import atomic_write_text
+
+                    atomic_write_text(self.path.parent / "generation", uuid.uuid4().hex + "\n")
+                    os.ftruncate(self.fd, 0)
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             finally:
                 os.close(self.fd)
                 self.fd = None
+
+
+def generation(name: str) -> str:
+    """Changes whenever a writer has had the index (readers of a copy compare it to theirs)."""
+    try:
+        return (index_dir(name) / "generation").read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+def remove_stale_copies(name: str) -> None:
+    """Read copies whose process is gone (killed servers) are deleted by the next reader."""
+    root = index_dir(name) / ".readers"
+    if not root.is_dir():
+        return
+    for d in root.iterdir():
+        try:
+            os.kill(int(d.name.split("-", 1)[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def lock_holder(name: str) -> str:
@@ -264,6 +312,9 @@ class EdgeStore(Store):
         self.dir = index_dir(name)
         self.shard_dir = self.dir / "shard"
         self.shard: Any = None
+        self.copy_dir: Path | None = None  # set when this reads a private copy
+        self.copy_generation = ""
+        self._reader_lock: IndexLock | None = None
 
     def location(self) -> str:
         return str(self.shard_dir)
@@ -317,13 +368,73 @@ class EdgeStore(Store):
             self.shard.update(UpdateOperation.create_field_index(f, PayloadSchemaType.Integer))
         return self
 
+    def open_reader(self) -> "EdgeStore":
+        """Open for a short read: the live index when no one else has it open, else a private copy.
+        The shared lock is held until close(), so a writer waits for this reader instead of failing."""
+        lock = IndexLock(self.name, shared=True).__enter__()
+        try:
+            try:
+                self.open()
+            except IndexBusy:
+                log.info("index '%s' is open in another reader; reading a copy of it", self.name)
+                self._copy_and_open()
+        except BaseException:
+            lock.__exit__()
+            raise
+        self._reader_lock = lock
+        return self
+
+    def open_copy(self) -> "EdgeStore":
+        """Open a private copy of the index (for long-lived readers: writers are never blocked)."""
+        with IndexLock(self.name, shared=True):
+            return self._copy_and_open()
+
+    def _copy_and_open(self) -> "EdgeStore":
+        import time
+
+        if not self.exists():
+            raise UsageError(
+                f"index '{self.name}' does not exist; create it with 'ragtune index add PATH --index {self.name}'"
+            )
+        remove_stale_copies(self.name)
+        t0 = time.perf_counter()
+        dest = self.dir / ".readers" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        gen = generation(self.name)
+        try:
+            shutil.copytree(self.shard_dir, dest / "shard")
+            from qdrant_edge import EdgeShard
+
+            self.shard = EdgeShard.load(str(dest / "shard"))
+        except BaseException as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            if isinstance(exc, Exception):
+                raise RagtuneError(f"cannot open a copy of index '{self.name}': {exc}") from exc
+            raise
+        self.copy_dir, self.copy_generation = dest, gen
+        log.info("reading a copy of index '%s' (%.1f MB, %.2fs)", self.name,
+                 sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 1e6, time.perf_counter() - t0)
+        return self
+
+    def is_stale(self) -> bool:
+        """A copy is stale once a writer has had the index since it was taken."""
+        return self.copy_dir is not None and generation(self.name) != self.copy_generation
+
     def close(self) -> None:
         if self.shard is not None:
             try:
-                self.shard.flush()
+                if self.copy_dir is None:
+                    self.shard.flush()
             finally:
                 self.shard.close()
                 self.shard = None
+        if self.copy_dir is not None:
+            shutil.rmtree(self.copy_dir, ignore_errors=True)
+            if self.copy_dir.parent.is_dir() and not any(self.copy_dir.parent.iterdir()):
+                self.copy_dir.parent.rmdir()
+            self.copy_dir = None
+        if self._reader_lock is not None:
+            self._reader_lock.__exit__()
+            self._reader_lock = None
 
     def upsert(self, points: list[PointData]) -> None:
         from qdrant_edge import Point, SparseVector, UpdateOperation

@@ -93,8 +93,9 @@ def index_exists(cfg: Any, name: str) -> bool:
     return bool(cfg.store.url) or index_dir(name).is_dir()
 
 
-def open_retriever(cfg: Any, index_name: str) -> Any:
-    """A loaded `ragtune.retrieval.search.Retriever` for `index_name`."""
+def open_retriever(cfg: Any, index_name: str, read_copy: bool = False) -> Any:
+    """A loaded `ragtune.retrieval.search.Retriever` for `index_name`; `read_copy` for long-lived
+    readers (server, chat): they read a private copy, refreshed after each write, and never block writers."""
     try:
         from ragtune.retrieval.search import Retriever
     except ImportError as exc:
@@ -107,20 +108,20 @@ def open_retriever(cfg: Any, index_name: str) -> Any:
             f"index '{index_name}' does not exist (looked in '{index_dir(index_name)}'); create it with "
             f"'ragtune index add DOCS --index {index_name}', or answer without retrieval (--no-rag)"
         )
-    r = Retriever(cfg, index_name=index_name)
+    r = Retriever(cfg, index_name=index_name, read_copy=read_copy)
     r.load()
     return r
 
 
-def retriever_for(cfg: Any, index: str | None = None, no_rag: bool = False) -> Any:
+def retriever_for(cfg: Any, index: str | None = None, no_rag: bool = False, read_copy: bool = False) -> Any:
     """The retriever `ask`/`chat` use: none with --no-rag (or rag.enabled=false and no --index);
     the named index (which must exist); else the configured one when it exists, quietly none when not."""
     if no_rag or (not cfg.rag.enabled and not index):
         return None
     if index:
-        return open_retriever(cfg, index)
+        return open_retriever(cfg, index, read_copy)
     name = cfg.index.name
     if not index_exists(cfg, name):
         log.info("no index '%s' yet (%s): answering without retrieval", name, index_dir(name))
         return None
-    return open_retriever(cfg, name)
+    return open_retriever(cfg, name, read_copy)

@@ -145,10 +145,10 @@ def run_chat(args: argparse.Namespace, cfg: Any) -> int:
 
     cfg = generation_overrides(cfg, args)
     precheck(cfg)
-    retriever = retriever_for(cfg, args.index or None, args.no_rag)
+    retriever = retriever_for(cfg, args.index or None, args.no_rag, read_copy=True)
     gen, adapter = load_for_cli(cfg, args.adapter)
     session = ChatSession(gen, adapter, retriever, system=args.system,
-                          open_retriever=lambda: open_retriever(cfg, args.index or cfg.index.name))
+                          open_retriever=lambda: open_retriever(cfg, args.index or cfg.index.name, read_copy=True))
     try:
         return session.loop()
     finally:

@@ -180,7 +180,7 @@ class Runtime:
                     d.adapter_name = gen.add_adapter(d.name, d.adapter)
                 if d.index:
                     if d.index not in self.retrievers:
-                        r = open_retriever(cfg, d.index)
+                        r = open_retriever(cfg, d.index, read_copy=True)  # `index sync` runs meanwhile
                         self.retrievers[d.index] = r
                         self._owned_retrievers.append(r)
                     d.retriever = self.retrievers[d.index]

@@ -255,3 +255,28 @@ def test_stop_sequences_end_the_answer(client: Any) -> None:
     with client.stream("POST", "/v1/chat/completions", json={**body, "stop": [" per", "zzz"], "stream": True}) as r:
         events = sse(r.read().decode())
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1]) == "Three days"
+
+
+def test_index_sync_while_serving_reaches_the_server_without_a_restart(tmp_path: Path, tiny_llama: Path,
+                                                                       tiny_embedder: Path, loaded_gen: Any) -> None:
+    from ragtune.retrieval.ingest import ingest
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "hr.md").write_text("# HR\n\nEmployees may work remotely three days per week.\n")
+    f = tmp_path / "serve.yaml"
+    f.write_text(
+        f"model:\n  path: {tiny_llama}\nembedder:\n  path: {tiny_embedder}\n  device: cpu\n"
+        "rag:\n  min_score: -1.0\n  top_k: 10\nserve:\n  max_tokens_limit: 8\n"
+        "  deployments:\n    - {name: base+rag, index: live}\n"
+    )
+    cfg = load_config(f, [])
+    ingest(cfg, [str(docs)], index="live", progress=False)
+    with TestClient(create_app(cfg, generator=loaded_gen)) as c:
+        first = c.post("/v1/chat/completions", json=ask("base+rag", "security badges", max_tokens=4)).json()
+        assert {s["source"] for s in first["sources"]} == {"hr.md"}
+        (docs / "security.md").write_text("# Security\n\nBadges must be worn visibly inside the building.\n")
+        ingest(cfg, [str(docs)], index="live", progress=False)  # the running server does not block it
+        time.sleep(1.1)  # the server looks for a newer index at most once a second
+        after = c.post("/v1/chat/completions", json=ask("base+rag", "security badges", max_tokens=4)).json()
+        assert {s["source"] for s in after["sources"]} == {"hr.md", "security.md"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,17 @@ def _run_train(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.runcard import read_runcard
     from ragtune.train.recipe import run_train
 
+    if int(os.environ.get("RANK", "0")) != 0:  # one log for a multi-process run, from its first process
+        import logging
+
+        logging.getLogger("ragtune").setLevel(logging.WARNING)
     if args.skip_invalid:
         cfg = replace(cfg, data=replace(cfg.data, skip_invalid=True))
     if args.output_dir:
         cfg = replace(cfg, train=replace(cfg.train, output_dir=args.output_dir))
     out = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return EXIT_OK  # under accelerate launch / torchrun, the first process reports for all
     card = read_runcard(out)
     if args.json:
         print_json({"output_dir": str(out), "metrics": card["metrics"], "data": card["data"]})

@@ -502,6 +502,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a graph walk
     )
     target = list(tc.lora.target_modules)
     peft_config = PeftLoraConfig(
@@ -552,6 +553,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()  # until rank 0 has written the folder
         return out
     card = {
         "ragtune_version": __version__,
@@ -605,6 +607,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
         if ckpt_dir.exists():
             os.replace(ckpt_dir, tmp / CHECKPOINTS)
     log.info("wrote %s (%d steps, %.0f tokens/s)", out, state.global_step, card["metrics"]["tokens_per_second"] or 0)
+    trainer.accelerator.wait_for_everyone()
     return out
 
 

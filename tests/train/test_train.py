@@ -173,3 +173,37 @@ def test_refusals(trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys) 
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["train", f"model.path={trainable_llama}"]) == 2
     assert "data.train_file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_writes_one_adapter(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
+    """The multi-process path (what `accelerate launch` runs on several GPUs) on CPU: torchrun with
+    gloo. Every rank trains and saves; rank 0 writes the folder and the others wait for it."""
+    import os
+    import subprocess
+    import sys
+
+    import socket
+
+    out = tmp_path / "ddp"
+    ragtune = Path(sys.executable).with_name("ragtune")
+    with socket.socket() as s:  # a free loopback port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
+           str(ragtune), "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+           f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=2", "train.save_steps=2",
+           "train.logging_steps=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter: ") == 1  # one report, from rank 0
+    card = json.loads((out / "ragtune.json").read_text())
+    m = card["metrics"]
+    assert m["steps"] == 4
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["epoch"] == pytest.approx(0.8)  # 2 ranks x batch 2 x 4 steps = 16 of 20 records
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "adapter_model.safetensors").is_file() and not (tmp_path / ".ddp.saving").exists()

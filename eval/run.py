@@ -156,6 +156,8 @@ def run_eval(
         "base model": cfg.model.path or "default (SmolLM2-135M-Instruct)",
         "adapter": str(adapter) if needs_ft else "–",
         "index": index_name if needs_rag else "–",
+        "engine": (f"llama.cpp ({cfg.generation.gguf_type} GGUF)" if generator.engine == "llama.cpp"
+                   else f"transformers ({getattr(generator, 'device', '') or 'cpu'})"),
         "decoding": f"greedy, max_new_tokens={max_new}, identical in every mode",
         "retrieval": f"top_k={cfg.rag.top_k}, min_score={cfg.rag.min_score}, search mode={cfg.search.mode}",
         "system prompt": ecfg.system_prompt or "(none)",

@@ -120,6 +120,7 @@ class GenerationConfig:
     engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"  # auto: llama.cpp on the CPU when installed
     cache: Literal["dynamic", "static"] = "dynamic"  # static: KV cache + transformers' compile path, CUDA only
     threads: int = 0  # CPU threads while generating (torch or llama.cpp); 0 = the engine's default
+    gguf_type: Literal["f16", "q8_0", "q4_k_m"] = "f16"  # the base model's GGUF for the llama.cpp engine
     fast_lora: bool = True  # lean forwards for unmerged LoRA adapters (peft's own path when false)
 
 

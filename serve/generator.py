@@ -292,7 +292,7 @@ class Generator:
         self._eos = eos_ids
         mconf = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code, local_files_only=True)
         positions = int(getattr(mconf, "max_position_embeddings", 0) or 0)
-        gguf = ensure_gguf(path, type="f16")
+        gguf = ensure_gguf(path, type=self.cfg.generation.gguf_type)
         self.engine_impl = LlamaCppEngine(gguf, n_threads=self.cfg.generation.threads,
                                           n_ctx=min(positions, 32768) if positions else 0).load()
         self._max_positions = self.engine_impl.n_ctx

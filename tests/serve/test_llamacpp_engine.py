@@ -160,6 +160,19 @@ def test_eval_engine_answers_every_mode_with_llama_cpp(cfg: Any, gens: dict[str,
     res = run_eval(cfg, questions=q, modes="base", out_dir=tmp_path / "ev", progress=False, engine="llama.cpp")
     assert res.exit_code == 0 and res.errors == 0 and res.paths["json"].is_file()
     assert len(calls) >= len(PROMPTS)  # every answer (and the warm-up) ran on llama.cpp
+    assert json.loads(res.paths["json"].read_text())["meta"]["engine"] == "llama.cpp (f16 GGUF)"
+
+
+def test_gguf_type_picks_the_quantized_base(tiny_smol: Path, cpp_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragtune.config import load_config
+    from ragtune.serve.generator import Generator
+
+    monkeypatch.setenv("RAGTUNE_HOME", str(cpp_home))
+    cfg = load_config(None, [f"model.path={tiny_smol}", "generation.threads=1", "generation.gguf_type=q8_0"])
+    gen = Generator(cfg, engine="llama.cpp").load(adapters={})
+    assert Path(gen.engine_impl.gguf_path).name == "model-q8_0.gguf"
+    ans = gen.answer(user(PROMPTS[0]), max_new_tokens=4, temperature=0.0)
+    assert ans.completion_tokens > 0
 
 
 def test_stop_strings_end_the_answer_like_transformers(gens: dict[str, Any]) -> None:

@@ -205,6 +205,8 @@ def cached_file_sha256(path: str | Path) -> str:
     if key in cache:
         return cache[key]
     digest = file_sha256(p)
+    prefix = f"{p}|"
+    cache = {k: v for k, v in cache.items() if not k.startswith(prefix)}  # this file's older versions
     cache[key] = digest
     try:
         from ragtune.io import atomic_write_text

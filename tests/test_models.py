@@ -118,3 +118,19 @@ def test_cli_missing_model_path_exit_code(tmp_path: Path, capsys: pytest.Capture
     rc = main(["models", "import", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_hash_cache_follows_a_changed_file_and_keeps_one_entry_per_file(ragtune_home: Path, tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from ragtune.modeling import _hash_cache_path, cached_file_sha256
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"one")
+    assert cached_file_sha256(f) == hashlib.sha256(b"one").hexdigest()
+    f.write_bytes(b"two!")
+    os.utime(f, ns=(1, 2))  # a new size and mtime: the cached digest must not be reused
+    assert cached_file_sha256(f) == hashlib.sha256(b"two!").hexdigest()
+    cache = json.loads(_hash_cache_path().read_text())
+    assert [k for k in cache if k.startswith(f"{f.resolve()}|")] == [f"{f.resolve()}|4|2"]

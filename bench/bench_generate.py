@@ -24,27 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import Stamps
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a robot who learns to paint. Use at least five sentences."
 QUESTIONS = ROOT / "examples" / "policies" / "questions.jsonl"
 DOCS = ROOT / "examples" / "policies" / "docs_v1"
-
-
-class Stamps:
-    """A transformers streamer that only records when each new token arrives."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
 
 
 def plain_generate(model: Any, ids: Any, tokens: int) -> dict[str, float]:

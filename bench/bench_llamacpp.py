@@ -23,28 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import Stamps, cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PROMPT = "Write a short story about a robot who learns to paint. Use at least five sentences."
-
-
-class Stamps:
-    """A transformers streamer that records when each new token arrives."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.ids: list[int] = []
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-        self.ids.append(int(value.reshape(-1)[0]))
-
-    def end(self) -> None:
-        pass
 
 
 def transformers_row(model: Any, ids: list[int], tokens: int) -> dict[str, Any]:
@@ -65,16 +48,6 @@ def llama_row(engine: Any, ids: list[int], tokens: int) -> dict[str, Any]:
     r = engine.generate(prompt_ids=ids, max_new_tokens=tokens, temperature=0.0, stop_ids=[-1], reuse_prefix=False)
     return {"ttft_s": r["ttft_s"], "decode_tok_s": r["decode_tokens_per_s"], "tokens": r["completion_tokens"],
             "ids": r["ids"]}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

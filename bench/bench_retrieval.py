@@ -1,12 +1,14 @@
 """Retrieval benchmark: ingest, re-sync and query latency/recall, Qdrant Edge vs qdrant-client local.
 
-    python bench/bench_retrieval.py                     # python3.11-doc subset, 100k synthetic points
-    python bench/bench_retrieval.py --max-files 0 --points 100000 --out /tmp/bench.json
+    python bench/bench_retrieval.py                                  # 5,471 Debian doc pages + 100k points
+    python bench/bench_retrieval.py --corpus python3.11-doc --max-files 200 --skip-queries
+    python bench/bench_retrieval.py --skip-ingest --out /tmp/bench.json
 
-1. Full ingest of a real corpus (Debian's python3.11-doc HTML, fetched with `apt-get download` and
-   unpacked with `dpkg -x`; or --corpus DIR): chunks/s and the share of wall time outside the
-   embedder, through Qdrant Edge, then the same files through qdrant-client's local mode (that
-   second run reuses the first run's embeddings, so its time is all outside the embedder).
+1. Full ingest of a real corpus (default: the HTML of Debian's python-scipy-doc and
+   postgresql-doc-15, 5,471 files, fetched with `apt-get download` and unpacked with `dpkg -x`; or
+   --corpus DIR... / PACKAGE...): chunks/s and the share of wall time outside the embedder,
+   through Qdrant Edge, then the same files through qdrant-client's local mode (that second run
+   reuses the first run's embeddings, so its time is all outside the embedder).
 2. Re-sync after changing one file: time as a share of the full ingest.
 3. Query latency p50/p95 at --points chunks of synthetic clustered 384-d vectors (plus sparse
    vectors), query embedding excluded, dense HNSW and hybrid; recall@10 against exact search.
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -27,31 +28,48 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import machine
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def get_corpus(arg: str, workdir: Path) -> Path:
-    if arg:
-        return Path(arg)
-    target = workdir / "python3.11-doc"
-    html = target / "usr/share/doc/python3.11/html"
-    if html.is_dir():
-        return html
-    target.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", "python3.11-doc"], cwd=target, check=True, capture_output=True)
-    deb = next(target.glob("python3.11-doc_*.deb"))
-    subprocess.run(["dpkg", "-x", str(deb), str(target)], check=True)
-    return html
+# Debian documentation packages whose HTML makes the default corpus: 4,304 SciPy reference pages
+# (one per function or class: many short documents) and 1,167 PostgreSQL manual pages = 5,471 files
+DEBIAN_DOCS = {
+    "python-scipy-doc": "usr/share/doc/python-scipy-doc/html",
+    "postgresql-doc-15": "usr/share/doc/postgresql-doc-15/html",
+    "python3.11-doc": "usr/share/doc/python3.11/html",
+}
+DEFAULT_PACKAGES = ["python-scipy-doc", "postgresql-doc-15"]
 
 
-def subset(src: Path, dst: Path, max_files: int) -> int:
-    files = sorted(p for p in src.rglob("*.html") if p.is_file() and not p.is_symlink())
+def get_corpus(args: list[str], workdir: Path) -> list[Path]:
+    """Folders of HTML: --corpus DIR... as given, else Debian doc packages (apt-get download + dpkg -x)."""
+    if args and all(Path(a).is_dir() for a in args):
+        return [Path(a) for a in args]
+    out = []
+    for pkg in args or DEFAULT_PACKAGES:
+        if pkg not in DEBIAN_DOCS:
+            raise SystemExit(f"--corpus: '{pkg}' is neither a folder nor one of {', '.join(DEBIAN_DOCS)}")
+        target = workdir / "debs" / pkg
+        html = target / DEBIAN_DOCS[pkg]
+        if not html.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["apt-get", "download", pkg], cwd=target, check=True, capture_output=True)
+            deb = next(target.glob(f"{pkg}_*.deb"))
+            subprocess.run(["dpkg", "-x", str(deb), str(target)], check=True)
+        out.append(html)
+    return out
+
+
+def subset(srcs: list[Path], dst: Path, max_files: int) -> int:
+    files = [(src, p) for src in srcs for p in sorted(src.rglob("*.html")) if p.is_file() and not p.is_symlink()]
     if max_files:
         files = files[:: max(1, len(files) // max_files)][:max_files]  # spread over the whole tree
     if dst.exists():
         shutil.rmtree(dst)
-    for f in files:
-        out = dst / f.relative_to(src)
+    for src, f in files:
+        out = dst / (src.parent.name if src.name == "html" else src.name) / f.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, out)
     return len(files)
@@ -95,7 +113,7 @@ def bench_ingest(args, workdir: Path) -> dict:  # noqa: ANN001
     n_files = subset(src, corpus, args.max_files)
     cfg = load_config(None, [f"embedder.batch_size={args.batch_size}"])
     cache_embeddings()
-    out: dict = {"files": n_files, "corpus": str(src)}
+    out: dict = {"files": n_files, "corpus": [str(p) for p in src]}
     out["edge_full"] = run_ingest(cfg, corpus, "bench-edge")
     # re-sync after changing one file
     victim = sorted(corpus.rglob("*.html"))[len(list(corpus.rglob("*.html"))) // 2]
@@ -191,22 +209,11 @@ def bench_queries(args, workdir: Path) -> dict:  # noqa: ANN001
     return out
 
 
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", default="", help="folder of documents (default: python3.11-doc HTML)")
-    ap.add_argument("--max-files", type=int, default=120, help="files of the corpus to ingest (0 = all)")
+    ap.add_argument("--corpus", nargs="*", default=[],
+                    help="folders of HTML, or Debian doc packages (default: python-scipy-doc postgresql-doc-15)")
+    ap.add_argument("--max-files", type=int, default=0, help="files of the corpus to ingest (0 = all)")
     ap.add_argument("--points", type=int, default=100_000, help="synthetic chunks for the latency/recall part")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--local-queries", type=int, default=30, help="queries for qdrant-client local mode (brute force)")

@@ -676,6 +676,8 @@ class ServerStore(Store):
         from qdrant_client import models as m
 
         flt = _qc_filter(filters)
+        if self.url == ":memory:" or self.url.startswith("local:"):
+            hnsw_ef, exact = 0, False  # local mode is always exact and warns about search params
         params = m.SearchParams(hnsw_ef=hnsw_ef or None, exact=exact) if (hnsw_ef or exact) else None
         dense_q = [float(x) for x in dense] if dense is not None else None
         sparse_q = (m.SparseVector(indices=list(sparse[0]), values=[float(v) for v in sparse[1]])

@@ -156,8 +156,7 @@ def run_eval(
         "base model": cfg.model.path or "default (SmolLM2-135M-Instruct)",
         "adapter": str(adapter) if needs_ft else "–",
         "index": index_name if needs_rag else "–",
-        "engine": (f"llama.cpp ({cfg.generation.gguf_type} GGUF)" if generator.engine == "llama.cpp"
-                   else f"transformers ({getattr(generator, 'device', '') or 'cpu'})"),
+        "engine": _engine_label(generator, cfg),
         "decoding": f"greedy, max_new_tokens={max_new}, identical in every mode",
         "retrieval": f"top_k={cfg.rag.top_k}, min_score={cfg.rag.min_score}, search mode={cfg.search.mode}",
         "system prompt": ecfg.system_prompt or "(none)",
@@ -176,6 +175,15 @@ def run_eval(
 
     report = json.loads(paths["json"].read_text(encoding="utf-8"))
     return EvalResult(out, paths, report, errors, runs)
+
+
+def _engine_label(generator: Any, cfg: Any) -> str:
+    engine = getattr(generator, "engine", None)
+    if engine == "llama.cpp":
+        return f"llama.cpp ({cfg.generation.gguf_type} GGUF)"
+    if engine == "transformers":
+        return f"transformers ({getattr(generator, 'device', None) or 'cpu'})"
+    return str(engine or type(generator).__name__)  # a generator the caller passed in
 
 
 def _p50(recs: Sequence[AnswerRecord]) -> float | None:

@@ -457,7 +457,9 @@ def _open_existing(cfg: Config, name: str) -> Store:
     store = open_store(cfg, name)
     if not store.exists():
         raise UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'")
-    return store.open()
+    from ragtune.retrieval.store import EdgeStore
+
+    return store.open_reader() if isinstance(store, EdgeStore) else store.open()  # a reader: shares the index
 
 
 def migrate(cfg: Config, to_url: str, index: str | None = None, api_key: str = "", replace: bool = False,

@@ -185,6 +185,9 @@ class Retriever:
         q = self.embedder.embed_query(query)
         sparse_q = self.sparse.query(query) if mode != "dense" else None
         limit = max(top_k, s.rerank_candidates) if self.reranker is not None else top_k
+        # RRF gives equal scores to hits with mirrored ranks (1st dense + 2nd sparse vs the opposite),
+        # which the store orders arbitrarily: fetch a few more, break ties by cosine, then cut
+        fetch = limit + 4 if mode == "hybrid" else limit
         if (self.read_copy and time.monotonic() - self._checked >= self.REFRESH_EVERY_S
                 and self._refresh_lock.acquire(blocking=False)):  # one thread refreshes, the others search on
             try:
@@ -194,7 +197,7 @@ class Retriever:
                 self._refresh_lock.release()
         with self._store_lock:
             hits = self.store.query(
-                dense=q, sparse=sparse_q, mode=mode, limit=limit, candidates=max(s.candidates, limit),
+                dense=q, sparse=sparse_q, mode=mode, limit=fetch, candidates=max(s.candidates, fetch),
                 rrf_k=s.rrf_k, filters=filters, hnsw_ef=s.hnsw_ef, with_vector=mode != "dense",
             )
         out = []
@@ -212,6 +215,10 @@ class Retriever:
                 "dense_score": dense_score, "chunk_id": h.id, "start": p.get("start"), "end": p.get("end"),
                 "meta": p.get("meta") or {},
             })
+        if mode == "hybrid":
+            out.sort(key=lambda o: (-round(o["score"], 9), -(o["dense_score"] if o["dense_score"] is not None else -2.0),
+                                    o["chunk_id"]))
+            out = out[:limit]
         if self.reranker is not None and out:
             scores = self.reranker.score(query, [o["text"] for o in out])
             for o, sc in zip(out, scores):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ragtune.config import Config
-from ragtune.retrieval.ingest import ingest
+from ragtune.retrieval.ingest import ingest, list_documents, stats
 from ragtune.retrieval.search import Retriever
 from ragtune.retrieval.store import EdgeStore, IndexBusy, IndexLock, generation, index_dir
 
@@ -66,6 +66,8 @@ def test_short_reader_reads_a_copy_when_another_reader_has_the_index_open(cfg: C
         with Retriever(cfg) as r:
             assert r.store.copy_dir is not None
             assert "hr.md" in sources_of(r.search("remote work days", top_k=3))
+        assert "hr.md" in {d["source"] for d in list_documents(cfg)}  # `index list` / `stats` too
+        assert stats(cfg)["documents"] == 5  # faq.jsonl holds two
     finally:
         proc.kill()
         proc.wait()

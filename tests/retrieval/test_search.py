@@ -105,3 +105,27 @@ def test_reranker_path_errors(cfg: Config, docs: Path, tiny_embedder: Path, tmp_
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelPathError, match="has no safetensors weights"):
         Retriever(make_cfg(tiny_embedder, f"search.rerank_model={tmp_path}")).load()
+
+
+def test_hybrid_ties_break_by_cosine_and_fetch_past_the_cut(cfg: Config, docs: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """RRF scores tie for mirrored ranks; the store orders such ties arbitrarily. ragtune asks for a
+    few more hits, orders ties by the query's cosine with each chunk, then cuts to top_k."""
+    from ragtune.retrieval.store import Hit
+
+    ingest(cfg, [str(docs / "hr.md")], progress=False)
+    with Retriever(cfg) as r:
+        q = r.embedder.embed_query("remote work")
+        tie = 1 / 61 + 1 / 62
+        made = [("a", 1 / 61, 0.9), ("b", tie, 0.2), ("c", tie, 0.7), ("d", tie, 0.5), ("e", 1 / 64, 0.99)]
+        asked: list[int] = []
+
+        def query(**kw):  # noqa: ANN003, ANN202
+            asked.append(kw["limit"])
+            return [Hit(i, sc, {"source": f"{i}.md", "text": i}, list(map(float, q * cos))) for i, sc, cos in made]
+
+        monkeypatch.setattr(r.store, "query", query)
+        hits = r.search("remote work", top_k=3)
+        assert asked == [7]  # top_k + 4
+        assert [h["chunk_id"] for h in hits] == ["c", "d", "b"]  # the tie, by cosine; then a; e is past the cut
+        assert [h["n"] for h in hits] == [1, 2, 3]

@@ -429,8 +429,10 @@ class EdgeStore(Store):
                 self.shard = None
         if self.copy_dir is not None:
             shutil.rmtree(self.copy_dir, ignore_errors=True)
-            if self.copy_dir.parent.is_dir() and not any(self.copy_dir.parent.iterdir()):
-                self.copy_dir.parent.rmdir()
+            try:
+                self.copy_dir.parent.rmdir()  # only when no other reader has a copy there
+            except OSError:
+                pass
             self.copy_dir = None
         if self._reader_lock is not None:
             self._reader_lock.__exit__()

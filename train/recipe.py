@@ -168,16 +168,38 @@ def set_threads(threads: int, n_params: int) -> int:
             avail = len(os.sched_getaffinity(0))
         except AttributeError:  # macOS
             avail = os.cpu_count() or 1
-        try:
-            busy = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            busy = 0.0
+        busy = other_busy_cores()
         idle = int(avail - busy + 0.5)
         torch.set_num_threads(max(1, min(torch.get_num_threads(), avail, idle)))
         if torch.get_num_threads() < avail:
-            log.info("using %d of %d cores: the others are busy (load average %.1f); set train.threads to choose",
+            log.info("using %d of %d cores: other processes keep %.1f cores busy; set train.threads to choose",
                      torch.get_num_threads(), avail, busy)
     return torch.get_num_threads()
+
+
+def other_busy_cores(window: float = 0.5) -> float:
+    """How many cores other processes use right now: /proc/stat's busy time over `window` seconds,
+    less this process's own. (The load average trails by a minute and counts this process, whose
+    data check and model load just ran: on an idle machine it made training take one core of two.)"""
+
+    def sample() -> tuple[float, float]:
+        # user nice system idle iowait irq softirq steal (guest time is already in user and nice)
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # all but idle and iowait
+        own = sum(float(x) for x in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+        return busy, own
+
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        b0, o0 = sample()
+        time.sleep(window)
+        b1, o1 = sample()
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / tick / window)
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS): the load average
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
 
 
 def _gradient_checkpointing(cfg: Any, device: str, n_params: int) -> bool:

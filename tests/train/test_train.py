@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,37 @@ def test_two_process_data_parallel_run_writes_one_adapter(trainable_llama: Path,
     assert rows[-1]["epoch"] == pytest.approx(0.8)  # 2 ranks x batch 2 x 4 steps = 16 of 20 records
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "adapter_model.safetensors").is_file() and not (tmp_path / ".ddp.saving").exists()
+
+
+def test_busy_cores_count_other_processes_but_not_this_one() -> None:
+    """train.threads=0 sizes torch's threads by the cores other processes use right now (the load
+    average trails a minute behind and counts ragtune's own data check and model load)."""
+    import subprocess
+    import sys
+    import threading
+
+    from ragtune.train.recipe import other_busy_cores
+
+    before = other_busy_cores(window=1.0)
+    stop = threading.Event()
+
+    def spin() -> None:  # this process's own work must not count
+        while not stop.is_set():
+            sum(range(1000))
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        own = other_busy_cores(window=1.0)
+    finally:
+        stop.set()
+        t.join()
+    assert own < before + 0.5
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        other = other_busy_cores(window=1.0)
+    finally:
+        child.kill()
+        child.wait()
+    assert other >= 0.6  # a busy process next door is seen

@@ -251,6 +251,22 @@ def count_parameters(path: str | Path) -> int:
     return total
 
 
+def eos_token_ids(tokenizer: Any, eos: Any = None, model_dir: str | Path | None = None) -> list[int]:
+    """The ids that end an answer: the generation config's eos (`eos`, else read from `model_dir`'s
+    generation_config.json) plus the tokenizer's own eos token."""
+    if eos is None and model_dir is not None:
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+    ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def chat_template_of(path: str | Path) -> str | None:
     """The chat template of a model dir without loading the tokenizer."""
     p = Path(path)

@@ -235,7 +235,14 @@ class Generator:
         """Load the base model once, then every adapter on top of it."""
         import torch
 
-        from ragtune.modeling import load_model, load_tokenizer, model_hash, pick_device, resolve_model_path
+        from ragtune.modeling import (
+            eos_token_ids,
+            load_model,
+            load_tokenizer,
+            model_hash,
+            pick_device,
+            resolve_model_path,
+        )
 
         mcfg = self.cfg.model
         path = resolve_model_path(base if base else mcfg.path, "model.path")
@@ -250,11 +257,7 @@ class Generator:
         self.model = load_model(path, device=self.device, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code)
         self.base_path = path
         self.base_hash = model_hash(path)
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos_ids:
-            eos_ids.append(self.tokenizer.eos_token_id)
-        self._eos = eos_ids
+        self._eos = eos_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         log.info("loaded %s on %s (%s) in %.1fs", path, self.device, next(self.model.parameters()).dtype,
                  time.perf_counter() - t0)
@@ -271,9 +274,8 @@ class Generator:
     def _load_llama_cpp(self, path: Path) -> None:
         """The tokenizer from transformers (rendering, prompt ids, decoding); the model from a cached GGUF."""
         from transformers import AutoConfig
-        from transformers import GenerationConfig as HFGenerationConfig
 
-        from ragtune.modeling import load_tokenizer, model_hash
+        from ragtune.modeling import eos_token_ids, load_tokenizer, model_hash
         from ragtune.serve.llamacpp import LlamaCppEngine, ensure_gguf
 
         mcfg = self.cfg.model
@@ -282,14 +284,7 @@ class Generator:
         self.tokenizer = load_tokenizer(path, trust_remote_code=mcfg.trust_remote_code)
         self.base_path = path
         self.base_hash = model_hash(path)
-        try:
-            eos = HFGenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
-        except OSError:  # no generation_config.json
-            eos = None
-        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos_ids:
-            eos_ids.append(self.tokenizer.eos_token_id)
-        self._eos = eos_ids
+        self._eos = eos_token_ids(self.tokenizer, model_dir=path)
         mconf = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code, local_files_only=True)
         positions = int(getattr(mconf, "max_position_embeddings", 0) or 0)
         gguf = ensure_gguf(path, type=self.cfg.generation.gguf_type)

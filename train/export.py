@@ -525,20 +525,6 @@ def parse_modelfile(text: str) -> dict[str, Any]:
 # --- equality check against transformers --------------------------------------------------------
 
 
-def _eos_ids(model_dir: Path, tok: Any) -> list[int]:
-    from transformers import GenerationConfig
-
-    ids: list[int] = []
-    try:
-        eos = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True).eos_token_id
-        ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-    except OSError:
-        pass
-    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)
-    return ids
-
-
 def check_against_transformers(model_dir: str | Path, gguf_file: str | Path, *, adapter_dir: str | Path | None = None,
                                lora_gguf: str | Path | None = None, template: str | None = None,
                                prompts: Sequence[str] = CHECK_PROMPTS, max_new_tokens: int = CHECK_TOKENS,
@@ -552,13 +538,14 @@ def check_against_transformers(model_dir: str | Path, gguf_file: str | Path, *, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from ragtune.modeling import eos_token_ids
     from ragtune.serve.llamacpp import LlamaCppEngine
 
     model_dir = Path(model_dir)
     tok_dir = Path(adapter_dir) if adapter_dir else model_dir
     tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     tpl = template or tok.chat_template
-    eos = _eos_ids(model_dir, tok)
+    eos = eos_token_ids(tok, model_dir=model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True,
                                                  use_safetensors=True)
     if adapter_dir:
@@ -658,7 +645,7 @@ class Source:
 def classify_source(source: str | Path) -> Source:
     from ragtune.errors import ModelPathError
     from ragtune.modeling import check_model_dir, model_hash
-    from ragtune.runcard import check_compatible, read_runcard
+    from ragtune.runcard import adapter_base
 
     p = Path(source).expanduser()
     if not p.exists():
@@ -671,9 +658,7 @@ def classify_source(source: str | Path) -> Source:
         p = p.resolve()
         if not (p / "adapter_model.safetensors").is_file():
             raise UsageError(f"adapter '{p}' has no adapter_model.safetensors (ragtune never loads pickle weights)")
-        card = read_runcard(p)
-        base = check_model_dir(card["base_model"]["path"], what="the adapter's base model")
-        check_compatible(card, model_hash(base), str(base))
+        card, base = adapter_base(p)
         return Source("adapter", p, adapter_hash(p, card), base_dir=base, card=card)
     try:
         d = check_model_dir(p, what="export source")

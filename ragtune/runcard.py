@@ -66,3 +66,14 @@ def check_compatible(card: dict[str, Any], base_hash: str, base_path: str, templ
             f"adapter was trained with chat template {tpl['hash'][:12]} but the one given is {template_hash[:12]}; "
             "serve with the template stored in the run card"
         )
+
+
+def adapter_base(adapter_dir: str | Path) -> tuple[dict[str, Any], Path]:
+    """An adapter's run card and its base model dir, checked to be the one it was trained on (by
+    content hash); raises ModelPathError or RunCardMismatch naming what is wrong."""
+    from ragtune.modeling import check_model_dir, model_hash
+
+    card = read_runcard(adapter_dir)
+    base = check_model_dir(card["base_model"]["path"], what="the adapter's base model")
+    check_compatible(card, model_hash(base), str(base))
+    return card, base

@@ -27,8 +27,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ragtune.io import atomic_dir
-    from ragtune.modeling import check_model_dir, model_hash, text_sha256
-    from ragtune.runcard import check_compatible, read_runcard, update_runcard
+    from ragtune.modeling import text_sha256
+    from ragtune.runcard import adapter_base, update_runcard
 
     adapter = Path(adapter_dir).expanduser().resolve()
     if not (adapter / "adapter_config.json").is_file():
@@ -38,9 +38,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
         raise UsageError("--out must be a new folder, not the adapter folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"output dir '{out}' exists and is not empty; pass --force to replace it")
-    card = read_runcard(adapter)
-    base = check_model_dir(card["base_model"]["path"], what="the adapter's base model")
-    check_compatible(card, model_hash(base), str(base))
+    card, base = adapter_base(adapter)
     template = card["chat_template"]["template"]
     src_dtype = json.loads((base / "config.json").read_text()).get("dtype") or "float32"
     torch_dtype = getattr(torch, src_dtype if dtype == "auto" else dtype, torch.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -151,3 +151,13 @@ def build_tiny_cross_encoder(embedder_dir: str | Path, out: str | Path, seed: in
     BertForSequenceClassification(cfg).save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     return out
+
+
+def write_adapter_card(out: str | Path, base: str | Path, template: str, **fields: Any) -> Path:
+    """The run card ragtune checks an adapter by (base model path and content hash, chat template
+    and its hash), plus any other `fields`, as `ragtune train` writes it."""
+    from ragtune.modeling import model_hash, text_sha256
+    from ragtune.runcard import write_runcard
+
+    return write_runcard(out, {"base_model": {"path": str(base), "hash": model_hash(base)},
+                               "chat_template": {"template": template, "hash": text_sha256(template)}, **fields})

@@ -23,8 +23,7 @@ def tiny_adapter(base: Path, out: Path, steps: int = 15) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ragtune.modeling import model_hash, text_sha256
-    from ragtune.runcard import write_runcard
+    from tests.tinymodels import write_adapter_card
 
     t0 = time.time()
     torch.manual_seed(0)
@@ -43,12 +42,9 @@ def tiny_adapter(base: Path, out: Path, steps: int = 15) -> Path:
         opt.step()
         opt.zero_grad()
     model.save_pretrained(str(out), safe_serialization=True)
-    write_runcard(out, {
-        "base_model": {"path": str(base), "hash": model_hash(base)},
-        "chat_template": {"template": tok.chat_template, "hash": text_sha256(tok.chat_template)},
-        "config": {"train": {"max_steps": steps}}, "data": {"train_records": 1},
-        "metrics": {"wall_seconds": round(time.time() - t0, 2)}, "training": {"device": "cpu"},
-    })
+    write_adapter_card(out, base, tok.chat_template, config={"train": {"max_steps": steps}},
+                       data={"train_records": 1}, metrics={"wall_seconds": round(time.time() - t0, 2)},
+                       training={"device": "cpu"})
     return out
 
 

@@ -93,8 +93,8 @@ def make_adapter(base: Path, out: Path, seed: int = 1, scale: float = 0.3) -> Pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ragtune.modeling import chat_template_of, model_hash, text_sha256
-    from ragtune.runcard import write_runcard
+    from ragtune.modeling import chat_template_of
+    from tests.tinymodels import write_adapter_card
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=torch.float32)
@@ -107,9 +107,7 @@ def make_adapter(base: Path, out: Path, seed: int = 1, scale: float = 0.3) -> Pa
     AutoTokenizer.from_pretrained(str(base), local_files_only=True).save_pretrained(str(out))
     tpl = chat_template_of(base) or ""
     (out / "chat_template.jinja").write_text(tpl, encoding="utf-8")
-    write_runcard(out, {"base_model": {"path": str(base), "hash": model_hash(base)},
-                        "chat_template": {"template": tpl, "hash": text_sha256(tpl)},
-                        "config": {"test": True}, "data": {}, "metrics": {}, "exports": []})
+    write_adapter_card(out, base, tpl, config={"test": True}, data={}, metrics={}, exports=[])
     return out
 
 

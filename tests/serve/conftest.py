@@ -38,8 +38,7 @@ def _train(base: Path, out: Path, qa: list[tuple[str, str]], steps: int, seed: i
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ragtune.modeling import model_hash, text_sha256
-    from ragtune.runcard import write_runcard
+    from tests.tinymodels import write_adapter_card
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
@@ -63,12 +62,8 @@ def _train(base: Path, out: Path, qa: list[tuple[str, str]], steps: int, seed: i
         opt.step()
         opt.zero_grad()
     model.save_pretrained(str(out), safe_serialization=True)
-    template = tok.chat_template
-    write_runcard(out, {
-        "base_model": {"path": str(base), "hash": model_hash(base)},
-        "chat_template": {"template": template, "hash": text_sha256(template)},
-        "config": {}, "data": {}, "metrics": {"final_loss": float(loss.detach())}, "exports": {},
-    })
+    write_adapter_card(out, base, tok.chat_template, config={}, data={},
+                       metrics={"final_loss": float(loss.detach())}, exports=[])
     return out
 
 

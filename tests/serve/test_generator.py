@@ -210,8 +210,8 @@ def test_fast_lora_steps_aside_for_modules_to_save(tiny_llama: Path, tmp_path: P
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ragtune.modeling import chat_template_of, model_hash, text_sha256
-    from ragtune.runcard import write_runcard
+    from ragtune.modeling import chat_template_of
+    from tests.tinymodels import write_adapter_card
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
@@ -222,8 +222,7 @@ def test_fast_lora_steps_aside_for_modules_to_save(tiny_llama: Path, tmp_path: P
     out = tmp_path / "mts"
     peft_model.save_pretrained(str(out), safe_serialization=True)
     tpl = chat_template_of(tiny_llama)
-    write_runcard(out, {"base_model": {"path": str(tiny_llama), "hash": model_hash(tiny_llama)},
-                        "chat_template": {"template": tpl, "hash": text_sha256(tpl)}})
+    write_adapter_card(out, tiny_llama, tpl)
     plain = Generator(tiny_cfg_factory()).load(adapters={})
     gen = Generator(tiny_cfg_factory()).load(adapters={"mts": str(out)})
     assert gen._fast is not None and not gen._fast.supports(None) and "ModulesToSaveWrapper" in gen._fast.blocked

@@ -54,6 +54,22 @@ def atomic_write_jsonl(path: str | Path, rows: list[Any]) -> Path:
     return atomic_write_text(path, text)
 
 
+def _unprivate(root: Path) -> None:
+    """Give files and folders that temp-file writers left private (0600/0700: mkstemp, mkdtemp and
+    safetensors' save_file) the mode a plain open() or mkdir() would, so another user (a service
+    account serving the adapter) can read them. Other modes are left as they are."""
+    umask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p) and os.stat(p).st_mode & 0o7777 == 0o700:
+                os.chmod(p, 0o777 & ~umask)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p) and os.stat(p).st_mode & 0o7777 == 0o600:
+                os.chmod(p, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp dir beside `path`; on success it replaces `path` (old content removed)."""
@@ -66,6 +82,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _unprivate(tmp)
     old = None
     if p.exists():
         old = p.with_name(f".{p.name}.old-{os.getpid()}")

@@ -29,6 +29,30 @@ def test_new_file_gets_the_umask_mode_not_mkstemps_0600(tmp_path: Path) -> None:
     assert p.read_text() == '{\n  "a": 1\n}\n'
 
 
+def test_files_left_private_by_temp_writers_become_ordinary(tmp_path: Path) -> None:
+    """safetensors' save_file writes 0600 (via a temp file): an adapter must be readable by the
+    service account that serves it, like any file the user's umask allows."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "adapter") as d:
+            save_file({"w": torch.zeros(2)}, str(d / "adapter_model.safetensors"))
+            (d / "sub").mkdir(mode=0o700)
+            (d / "sub" / "secret").write_text("s")
+            (d / "sub" / "secret").chmod(0o640)  # a deliberate mode is kept
+            (d / "run.sh").write_text("#!/bin/sh\n")
+            (d / "run.sh").chmod(0o755)
+    finally:
+        os.umask(old)
+    out = tmp_path / "adapter"
+    assert _mode(out / "adapter_model.safetensors") == 0o644
+    assert _mode(out / "sub") == 0o755
+    assert _mode(out / "sub" / "secret") == 0o640
+    assert _mode(out / "run.sh") == 0o755
+
+
 def test_replacing_keeps_the_old_files_mode(tmp_path: Path) -> None:
     p = tmp_path / "notes.txt"
     p.write_text("old")

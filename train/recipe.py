@@ -572,6 +572,10 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_fsdp_enabled:
+        # Trainer.save_model writes nothing under SHARDED_STATE_DICT (checkpoints keep using it):
+        # gather the full state for the adapter files
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     if not trainer.is_world_process_zero():

@@ -210,6 +210,53 @@ def test_two_process_data_parallel_run_writes_one_adapter(trainable_llama: Path,
     assert (out / "adapter_model.safetensors").is_file() and not (tmp_path / ".ddp.saving").exists()
 
 
+@pytest.mark.slow
+def test_fsdp_config_trains_resumes_and_writes_the_whole_adapter(trainable_llama: Path, qa_file: Path,
+                                                                   tmp_path: Path) -> None:
+    """The shipped FSDP config through `accelerate launch`, on two CPU processes (tests/train/cpu_fsdp.py).
+    Its checkpoints are sharded (SHARDED_STATE_DICT), for which Trainer.save_model writes nothing:
+    the adapter must still hold every LoRA weight, unsharded, and equal what a resumed run continues."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "fsdp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "configs/accelerate/fsdp.yaml"), "--mixed_precision", "no", "--num_processes", "2",
+               "--main_process_port", str(port), str(root / "tests/train/cpu_fsdp.py"),
+               "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}", f"train.output_dir={out}",
+               "train.batch_size=2", "train.save_steps=2", "train.logging_steps=1", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+
+    proc = launch("train.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("adapter: ") == 1
+    # FSDP really ran: its checkpoints hold sharded model and optimizer states
+    assert (out / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp_0").is_dir()
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
+    assert len(shapes) == 2 * 7 * 2  # lora_A and lora_B of 7 linear layers in each of 2 blocks
+    assert shapes["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"] == (16, 128)  # not a shard
+    assert shapes["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"] == (64, 16)
+
+    proc = launch("train.max_steps=6", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "ragtune.json").read_text())["metrics"]
+    assert (m["steps"], m["resumed_from_step"]) == (6, 4)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
 def test_busy_cores_count_other_processes_but_not_this_one() -> None:
     """train.threads=0 sizes torch's threads by the cores other processes use right now (the load
     average trails a minute behind and counts ragtune's own data check and model load)."""

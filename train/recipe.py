@@ -466,6 +466,10 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
         log.warning("the chat template ends assistant turns without a special end-of-turn token; the model "
                     "may not learn to stop (give a template that closes turns with one: train.chat_template)")
     device = pick_device(cfg.model.device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        # each process of a multi-GPU launch on its own GPU from the start: "cuda" would mean GPU 0 for
+        # all of them until the Trainer moves the model (the packing probe runs before that)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     model = load_base_model(cfg, prep.base, device)
     n_params = sum(p.numel() for p in model.parameters())
     threads = set_threads(tc.threads, n_params) if device == "cpu" else torch.get_num_threads()

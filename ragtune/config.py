@@ -281,6 +281,37 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+# What TRL, transformers, axolotl and LLaMA-Factory call our keys: a user's first guess.
+PEER_KEYS = {
+    "lr": "train.learning_rate",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "max_length": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "sample_packing": "train.packing",
+    "load_in_4bit": "train.qlora",
+    "lora_r": "train.lora.r",
+    "lora_rank": "train.lora.r",
+    "lora_alpha": "train.lora.alpha",
+    "lora_dropout": "train.lora.dropout",
+    "lora_target_modules": "train.lora.target_modules",
+    "lora_target": "train.lora.target_modules",
+    "target_modules": "train.lora.target_modules",
+    "val_set_size": "data.eval_fraction",
+    "model_name_or_path": "model.path",
+    "base_model": "model.path",
+    "dataset": "data.train_file",
+    "train_file": "data.train_file",
+    "eval_file": "data.eval_file",
+}
+
+
 def _build(cls: type, raw: Any, prefix: str, where: str, problems: list[str]) -> Any:
     label = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
@@ -290,7 +321,8 @@ def _build(cls: type, raw: Any, prefix: str, where: str, problems: list[str]) ->
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            guess = difflib.get_close_matches(str(key), names, n=1)
+            peer = PEER_KEYS.get(str(key), "")
+            guess = [peer] if peer else [prefix + g for g in difflib.get_close_matches(str(key), names, n=1)]
             hint = f"; did you mean '{guess[0]}'?" if guess else ""
             problems.append(
                 f"{where}: unknown key '{prefix}{key}' (allowed: {', '.join(names)}){hint}"

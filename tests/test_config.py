@@ -51,7 +51,28 @@ def test_unknown_key_names_file_key_and_allowed(tmp_path: Path) -> None:
         load_config(p)
     msg = str(exc.value)
     assert msg.startswith(f"{p}: unknown key 'train.epoch' (allowed: output_dir, epochs,")
-    assert msg.endswith("did you mean 'epochs'?")
+    assert msg.endswith("did you mean 'train.epochs'?")
+
+
+def test_peer_names_point_at_ours_across_sections() -> None:
+    """`train.lr` or `train.max_seq_length` (TRL's and axolotl's names) suggest ours, even in
+    another section, instead of the nearest spelling (`lora`, `max_steps`)."""
+    from ragtune.config import PEER_KEYS
+
+    for peer, ours in PEER_KEYS.items():
+        load_config(None, [f"{ours}={_sample(ours)}"])  # every target is a real key
+        with pytest.raises(ConfigError) as exc:
+            load_config(None, [f"train.{peer}=1"])
+        assert str(exc.value).endswith(f"did you mean '{ours}'?"), peer
+
+
+def _sample(key: str) -> str:
+    import ragtune.config as c
+
+    value: object = c.Config()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return {bool: "true", int: "1", float: "0.1", str: "x", tuple: "[q_proj]"}[type(value)]
 
 
 def test_unknown_section(tmp_path: Path) -> None:
@@ -120,7 +141,7 @@ def test_cli_config_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert rc == 2
     err = capsys.readouterr().err
     assert f"error: {p}: unknown key 'model.pathh'" in err
-    assert "did you mean 'path'?" in err
+    assert "did you mean 'model.path'?" in err
 
 
 def test_cli_bad_override_exit_code(capsys: pytest.CaptureFixture[str]) -> None:

@@ -353,7 +353,10 @@ def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> A
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".", where, problems)
     if origin is Literal:
-        return value if value in typing.get_args(tp) else bad()
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (and yes/no) as a boolean
+        return value if value in choices else bad()
     if origin is tuple:
         inner = typing.get_args(tp)[0]
         if isinstance(value, (str, int, float)) and not dataclasses.is_dataclass(inner):

@@ -170,3 +170,13 @@ def test_scientific_notation_floats(tmp_path: Path) -> None:
     assert load_config(None, ["train.learning_rate=2e-4"]).train.learning_rate == 2e-4
     with pytest.raises(ConfigError):
         load_config(None, ["train.learning_rate=fast"])
+
+
+def test_bare_on_off_is_the_choice_not_a_boolean(tmp_path: Path) -> None:
+    """YAML reads `on`/`off` as true/false; a key whose choices are on/off takes them as written."""
+    p = write(tmp_path, "train:\n  gradient_checkpointing: on\n")
+    assert load_config(p).train.gradient_checkpointing == "on"
+    assert load_config(None, ["train.gradient_checkpointing=off"]).train.gradient_checkpointing == "off"
+    assert load_config(None, ["train.gradient_checkpointing=auto"]).train.gradient_checkpointing == "auto"
+    with pytest.raises(ConfigError, match="expected one of 'auto', 'on', 'off'"):
+        load_config(None, ["train.gradient_checkpointing=maybe"])

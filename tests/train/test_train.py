@@ -165,6 +165,22 @@ def test_packing_trains_when_attention_honours_boundaries(trainable_llama: Path,
     assert json.loads((out / "ragtune.json").read_text())["training"]["packing"] is True
 
 
+def test_gradient_checkpointing_trains_the_same_steps(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
+    """Checkpointing (on by default for QLoRA and bases over 1B on CUDA) recomputes activations in
+    the backward pass; the LoRA weights must get the same gradients as without it."""
+    losses = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+                     f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=4", "train.learning_rate=0.005",
+                     "train.lora.dropout=0.0", "train.save_steps=100000", f"train.gradient_checkpointing={mode}"]) == 0
+        assert json.loads((out / "ragtune.json").read_text())["training"]["gradient_checkpointing"] is (mode == "on")
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        losses[mode] = [r["loss"] for r in rows]
+    assert len(losses["on"]) == 4 and losses["on"][-1] < losses["on"][0] - 0.05
+    assert losses["on"] == pytest.approx(losses["off"], abs=1e-4)
+
+
 def test_refusals(trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys) -> None:
     common = ["train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
               f"train.output_dir={tmp_path / 'x'}", *QUICK]

@@ -259,6 +259,8 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    if not isinstance(value, (str, dict, list)):
+        value = _Typed(value, text.strip())  # a string key takes the text as typed: No, 007, 1e3
     node = raw
     for p in parts[:-1]:
         child = node.get(p)
@@ -267,6 +269,17 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
             node[p] = child
         node = child
     node[parts[-1]] = value
+
+
+@dataclass(frozen=True)
+class _Typed:
+    """An override's scalar as YAML read it, and as it was typed."""
+
+    value: Any
+    text: str
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
 def _type_name(tp: Any) -> str:
@@ -345,8 +358,14 @@ _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> Any:
+    if isinstance(value, _Typed):
+        value = value.text if tp is str else value.value
+
     def bad() -> Any:
-        problems.append(f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+        hint = ""
+        if isinstance(value, bool) and tp is str:
+            hint = " (YAML reads a bare yes/no/on/off/true/false as a boolean: put the text in quotes)"
+        problems.append(f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}{hint}")
         return _MISSING
 
     origin = typing.get_origin(tp)

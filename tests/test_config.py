@@ -180,3 +180,12 @@ def test_bare_on_off_is_the_choice_not_a_boolean(tmp_path: Path) -> None:
     assert load_config(None, ["train.gradient_checkpointing=auto"]).train.gradient_checkpointing == "auto"
     with pytest.raises(ConfigError, match="expected one of 'auto', 'on', 'off'"):
         load_config(None, ["train.gradient_checkpointing=maybe"])
+
+
+def test_a_string_key_takes_an_override_as_typed(tmp_path: Path) -> None:
+    cfg = load_config(None, ["rag.not_found_message=No", "index.name=007", "serve.api_key=1e3", "train.epochs=2"])
+    assert (cfg.rag.not_found_message, cfg.index.name, cfg.serve.api_key) == ("No", "007", "1e3")
+    assert cfg.train.epochs == 2.0
+    p = write(tmp_path, "rag:\n  not_found_message: No\n")  # in a file, YAML has already read a boolean
+    with pytest.raises(ConfigError, match="got False .YAML reads a bare yes/no/on/off/true/false as a boolean"):
+        load_config(p)

@@ -401,7 +401,7 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42,
     if not 0 < eval_fraction < 1:
         raise UsageError(f"--eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     lines = [ln.decode("utf-8", errors="strict") for _, ln in read_lines(src) if ln.strip()]
-    train_lines, eval_lines = split_items(lines, eval_fraction, seed)
+    train_lines, eval_lines = split_items(lines, eval_fraction, seed, key=_line_prompt)
     d = Path(out_dir) if out_dir else src.parent
     stem = src.stem
     tr, ev = d / f"{stem}.train.jsonl", d / f"{stem}.eval.jsonl"
@@ -410,15 +410,45 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42,
     return tr, ev, len(train_lines), len(eval_lines)
 
 
-def split_items(items: list[Any], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Hold out round(n * fraction) items (at least 1 when n > 1) chosen by a seeded shuffle; order kept."""
+def prompt_key(messages: Any) -> str:
+    """What a record asks: its turns before the final assistant answer, case and spacing folded."""
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    return " ".join(json.dumps(messages, ensure_ascii=False, sort_keys=True).casefold().split())
+
+
+def _line_prompt(line: str) -> str:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return line
+    return prompt_key(obj.get("messages")) if isinstance(obj, dict) else line
+
+
+def record_prompt(record: Record) -> str:
+    return prompt_key(record.messages)
+
+
+def split_items(items: list[Any], eval_fraction: float, seed: int,
+                key: Callable[[Any], Any] | None = None) -> tuple[list[Any], list[Any]]:
+    """Hold out about round(n * fraction) items (at least 1 when n > 1) chosen by a seeded shuffle; order kept.
+
+    Items with the same `key` (records asking the same question) stay on one side, so the held-out
+    part never contains a question the model was trained on.
+    """
     n = len(items)
     k = int(round(n * eval_fraction))
-    if n > 1:
-        k = min(max(k, 1), n - 1)
-    else:
-        k = 0
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
-    held = set(idx[:k])
+    k = min(max(k, 1), n - 1) if n > 1 else 0
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(items):
+        groups.setdefault(key(x) if key else i, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)  # all singletons: the same draw as shuffling the indexes
+    held: set[int] = set()
+    for g in order:
+        if len(held) >= k:
+            break
+        if len(held) + len(g) < n:  # keep something to train on
+            held.update(g)
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

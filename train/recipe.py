@@ -68,7 +68,7 @@ def _read_template(cfg: Any, tokenizer: Any) -> str:
 def prepare(cfg: Any) -> Prepared:
     """Resolve the base model and tokenizer, check the data, split off eval records."""
     from ragtune.modeling import load_tokenizer, resolve_model_path
-    from ragtune.train.data import check_file, split_items
+    from ragtune.train.data import check_file, record_prompt, split_items
 
     if not cfg.data.train_file:
         raise UsageError("no training data: set data.train_file=FILE.jsonl (chat JSONL, one {\"messages\": [...]} per line)")
@@ -96,7 +96,8 @@ def prepare(cfg: Any) -> Prepared:
             raise CheckFailed(f"the eval data has problems; nothing was trained:\n{eval_rep.format()}")
         eval_records = eval_rep.records
     elif cfg.data.eval_fraction > 0:
-        train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed)
+        train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed,
+                                                  key=record_prompt)
     if not train_records:
         raise CheckFailed(f"no valid training records in {cfg.data.train_file}")
     return Prepared(base, tok, template, train_records, eval_records, rep, eval_rep, skipped)

@@ -136,3 +136,23 @@ def test_split_is_deterministic(tmp_path: Path) -> None:
                  str(tmp_path / "s3")]) == 0
     assert (tmp_path / "s3" / "all.eval.jsonl").read_text() != ev
     assert main(["data", "split", str(path), "--eval-fraction", "1.5"]) == 2
+
+
+def test_split_keeps_records_that_ask_the_same_question_together(tmp_path: Path) -> None:
+    """A question trained on must not come back in the held-out part (paraphrased answers, repeated
+    records, case or spacing changes alike), or eval loss flatters the adapter."""
+    rows = []
+    for i in range(40):
+        rows.append(chat(f"Question {i}?", f"answer {i}"))
+        if i % 4 == 0:
+            rows.append(chat(f"question  {i}?", f"another answer {i}"))
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    for seed in range(5):
+        assert main(["data", "split", str(path), "--eval-fraction", "0.25", "--seed", str(seed), "--out-dir",
+                     str(tmp_path / f"s{seed}")]) == 0
+        asked = [{" ".join(json.loads(x)["messages"][0]["content"].casefold().split())
+                  for x in (tmp_path / f"s{seed}" / f"all.{part}.jsonl").read_text().splitlines()}
+                 for part in ("train", "eval")]
+        assert asked[0] and asked[1] and not asked[0] & asked[1], seed
+        n_eval = len((tmp_path / f"s{seed}" / "all.eval.jsonl").read_text().splitlines())
+        assert 12 <= n_eval <= 13  # round(50 * 0.25) = 12, or one over when a pair closes the draw

@@ -294,6 +294,8 @@ def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None
         keep.append(r)
     report.records = keep
     stats["records"] = len(keep)
+    stats["turns"] = sum(len(r.messages) for r in keep)
+    stats["assistant_turns"] = sum(1 for r in keep for m in r.messages if m["role"] == "assistant")
     if lengths:
         s = sorted(lengths)
         stats["tokens"] = {

@@ -156,3 +156,29 @@ def test_split_keeps_records_that_ask_the_same_question_together(tmp_path: Path)
         assert asked[0] and asked[1] and not asked[0] & asked[1], seed
         n_eval = len((tmp_path / f"s{seed}" / "all.eval.jsonl").read_text().splitlines())
         assert 12 <= n_eval <= 13  # round(50 * 0.25) = 12, or one over when a pair closes the draw
+
+
+def test_template_that_refuses_a_record_names_its_line(tmp_path: Path, tiny_llama: Path, capsys) -> None:
+    """Gemma-style templates raise on a system turn or non-alternating roles: those records are
+    reported with their lines and the template's own message; the stats count the rest."""
+    import shutil
+
+    model = tmp_path / "gemma-like"
+    shutil.copytree(tiny_llama, model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((model / "tokenizer_config.json").read_text()).items() if k != "chat_template"}))
+    rows = [GOOD, chat("q", "a", system="be brief"), chat("x", "y"),
+            {"messages": [U, U, A]}]
+    path = write_jsonl(tmp_path / "g.jsonl", rows)
+    assert main(["data", "check", str(path), "--model", str(model), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    probs = rep["problems"]["template_error"]
+    assert [(p["line"], "System role not supported" in p["message"]) for p in probs] == [(2, True), (4, False)]
+    assert "must alternate" in probs[1]["message"]
+    assert (rep["stats"]["records"], rep["stats"]["turns"], rep["stats"]["assistant_turns"]) == (2, 4, 2)

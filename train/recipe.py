@@ -552,7 +552,20 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     trainer.compact_loss = install_compact_loss(inner)
 
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        if trainer.is_world_process_zero():
+            _say_how_to_resume(ckpt_dir, trainer.state.global_step, tc.save_steps)
+        raise
+    except torch.OutOfMemoryError as exc:
+        raise UsageError(
+            f"out of GPU memory at train.batch_size={tc.batch_size}, data.max_length={cfg.data.max_length}: lower "
+            "train.batch_size (raise train.grad_accum to keep the effective batch), lower data.max_length, or set "
+            "train.gradient_checkpointing=on" + ("" if tc.qlora else " or train.qlora=true")
+            + ("; continue from the last checkpoint with --resume"
+               if ckpt_dir.is_dir() and get_last_checkpoint(str(ckpt_dir)) else "")
+        ) from exc
     train_secs = time.time() - t0
     state = trainer.state
     if resume_from and state.global_step <= resume_step and (tc.max_steps <= 0 or tc.max_steps > resume_step):
@@ -640,6 +653,19 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     log.info("wrote %s (%d steps, %.0f tokens/s)", out, state.global_step, card["metrics"]["tokens_per_second"] or 0)
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def _say_how_to_resume(ckpt_dir: Path, step: int, save_steps: int) -> None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last:
+        log.warning("stopped at step %d; %s is kept: run the same command with --resume to continue from it",
+                    step, last)
+    else:
+        every = f"every {save_steps} steps" if save_steps > 0 else "at the end of each epoch"
+        log.warning("stopped at step %d, before the first checkpoint (saved %s: train.save_steps); nothing to resume",
+                    step, every)
 
 
 def _checkpoint_step(path: str | None) -> int:

@@ -109,7 +109,7 @@ def test_merged_model_equals_base_plus_adapter(memorized: dict, tmp_path: Path) 
 
 
 def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     from transformers import TrainerCallback
 
     from ragtune.train import recipe
@@ -126,6 +126,8 @@ def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: P
     real = recipe.make_callbacks
     monkeypatch.setattr(recipe, "make_callbacks", lambda *a: real(*a) + [Interrupt()])
     assert main(args) == 130
+    assert f"stopped at step 5; {out / 'checkpoints' / 'checkpoint-4'} is kept" in caplog.text
+    assert "--resume" in caplog.text
     assert not (out / "adapter_config.json").exists()  # no half-written adapter
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     monkeypatch.setattr(recipe, "make_callbacks", real)
@@ -139,6 +141,29 @@ def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: P
     assert rows[4]["time"] > rows[3]["time"]
     assert main(args + ["--resume", "train.max_steps=10"]) == 0  # a finished run can be extended too
     assert json.loads((out / "ragtune.json").read_text())["metrics"]["steps"] == 10
+
+
+def test_out_of_memory_says_which_settings_to_lower(trainable_llama: Path, qa_file: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import torch
+    from transformers import TrainerCallback
+
+    from ragtune.train import recipe
+
+    class OutOfMemory(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if state.global_step == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    real = recipe.make_callbacks
+    monkeypatch.setattr(recipe, "make_callbacks", lambda *a: real(*a) + [OutOfMemory()])
+    out = tmp_path / "oom"
+    assert main(["train", f"model.path={trainable_llama}", f"data.train_file={qa_file}", f"train.output_dir={out}",
+                 "train.max_steps=8", "train.save_steps=2", "train.batch_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "out of GPU memory at train.batch_size=4, data.max_length=1024: lower train.batch_size" in err
+    assert "train.qlora=true; continue from the last checkpoint with --resume" in err
+    assert "Traceback" not in err
 
 
 def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_path: Path) -> None:

@@ -220,6 +220,11 @@ def load_base_model(cfg: Any, base: Path, device: str) -> Any:
     kwargs: dict[str, Any] = {}
     dtype = pick_dtype(device, cfg.model.dtype)
     if cfg.train.qlora:
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            raise UsageError(
+                "train.qlora=true under FSDP: ragtune shards full-precision bases only; launch 4-bit training with "
+                "configs/accelerate/multi-gpu-ddp.yaml (every GPU holds the 4-bit base) or set train.qlora=false"
+            )
         if device != "cuda":
             raise UsageError(
                 f"train.qlora=true needs a CUDA GPU (bitsandbytes 4-bit), but training runs on '{device}'; "

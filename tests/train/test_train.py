@@ -206,11 +206,15 @@ def test_gradient_checkpointing_trains_the_same_steps(trainable_llama: Path, qa_
     assert losses["on"] == pytest.approx(losses["off"], abs=1e-4)
 
 
-def test_refusals(trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys) -> None:
+def test_refusals(trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     common = ["train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
               f"train.output_dir={tmp_path / 'x'}", *QUICK]
     assert main(common + ["train.qlora=true"]) == 2
-    assert "CUDA" in capsys.readouterr().err
+    assert "train.qlora=true needs a CUDA GPU" in capsys.readouterr().err
+    with monkeypatch.context() as mp:
+        mp.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --config_file fsdp.yaml sets
+        assert main(common + ["train.qlora=true"]) == 2
+        assert "multi-gpu-ddp.yaml" in capsys.readouterr().err
     assert main(common + ["--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["train", f"model.path={trainable_llama}"]) == 2

@@ -117,7 +117,10 @@ def run_eval(
         cost += load_cost_file(f)
 
     if generator is None:
+        from ragtune.serve.commands import quiet_libraries
         from ragtune.serve.generator import Generator
+
+        quiet_libraries()
 
         generator = Generator(cfg, engine=engine).load(adapters={FT_NAME: str(adapter)} if needs_ft else None)
     if needs_rag and retriever is None:
@@ -136,13 +139,16 @@ def run_eval(
     try:
         for mode in mode_list:
             recs = []
+            t_mode = time.perf_counter()
+            bar.set_description(f"eval {mode}")
             for q in qs:
-                bar.set_description(f"eval {mode}")
                 rec = _answer_one(generator, recorder if "rag" in mode else None, q, mode, cfg, max_new)
                 errors += bool(rec.error)
                 recs.append(rec)
                 bar.update(1)
             runs[mode] = recs
+            if progress and bar.disable:  # stderr is a file or pipe: a line per mode, not a redrawn bar
+                log.info("eval %s: %d answers in %.0fs", mode, len(recs), time.perf_counter() - t_mode)
     finally:
         bar.close()
 
@@ -215,6 +221,8 @@ def _answer_one(gen: Any, recorder: _RecordingRetriever | None, q: Question, mod
 
 
 class _NoBar:
+    disable = True
+
     def update(self, n: int) -> None: ...
     def set_description(self, s: str) -> None: ...
     def close(self) -> None: ...
@@ -225,4 +233,4 @@ def _progress(total: int, enabled: bool) -> Any:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="answer", dynamic_ncols=True)
+    return tqdm(total=total, unit="answer", dynamic_ncols=True, disable=None)  # None: off unless a terminal

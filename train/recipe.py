@@ -265,8 +265,14 @@ def packing_supported(model: Any, pad_id: int) -> bool:
         # use_cache=False as in training: with a cache, transformers does not derive packed masks
         packed = model(**batch, use_cache=False).logits[0, len(a):].float()
         alone = model(input_ids=torch.tensor([b], device=dev), use_cache=False).logits[0].float()
+        # what attending across the boundary changes: b read right after a, as one sequence
+        joined = model(input_ids=torch.tensor([a + b], device=dev), use_cache=False).logits[0, len(a):].float()
     model.train(was_training)
-    return bool(torch.allclose(packed, alone, atol=1e-3 * max(1.0, float(alone.abs().max())), rtol=1e-3))
+    err = float((packed - alone).abs().max())
+    leak = float((joined - alone).abs().max())
+    # fp32 agrees to rounding; in bf16/fp16 the two shapes round differently (about 2% of a leak's change
+    # on SmolLM2 in bf16), while an attention that ignores the boundary changes as much as `joined` does
+    return err <= 1e-3 * max(1.0, float(alone.abs().max())) or err <= 0.1 * leak
 
 
 # --- loss: LM head only where there are labels ---------------------------------------------------

@@ -183,6 +183,23 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
     assert any("eval_loss" in r for r in rows)
 
 
+def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama: Path) -> None:
+    """bf16 (the CUDA default) rounds packed and separate rows differently; that is not a leak. An
+    attention that ignores the packed boundaries (here: a forward that drops position_ids) is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.train.recipe import packing_supported
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = AutoModelForCausalLM.from_pretrained(str(trainable_llama), dtype=dtype)
+        assert packing_supported(model, 0), dtype
+    leaky = AutoModelForCausalLM.from_pretrained(str(trainable_llama))
+    forward = leaky.forward
+    leaky.forward = lambda input_ids=None, **kw: forward(input_ids=input_ids, use_cache=False)
+    assert not packing_supported(leaky, 0)
+
+
 def test_packing_trains_when_attention_honours_boundaries(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "packed"
     assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",

@@ -500,8 +500,11 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     gc = _gradient_checkpointing(cfg, device, n_params)
     bf16 = device == "cuda" and model.dtype == torch.bfloat16
     fp16 = device == "cuda" and model.dtype == torch.float16
+    dtype = str(model.dtype).replace("torch.", "")  # before QLoRA's preparation casts norms to float32
+    if tc.qlora:
+        dtype = f"nf4 4-bit, {dtype} compute"
     log.info("base %s (%.0fM params) on %s, %s, threads %d, gradient checkpointing %s",
-             prep.base, n_params / 1e6, device, str(model.dtype).replace("torch.", ""), threads, gc)
+             prep.base, n_params / 1e6, device, dtype, threads, gc)
 
     train_ds = Dataset.from_dict(encode(prep.train_records, tok, template, cfg.data.max_length))
     eval_ds = (Dataset.from_dict(encode(prep.eval_records, tok, template, cfg.data.max_length))
@@ -637,7 +640,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
         },
         "training": {
             "device": device,
-            "dtype": str(model.dtype).replace("torch.", ""),
+            "dtype": dtype,
             "threads": threads,
             "gradient_checkpointing": gc,
             "pad_token": pad,

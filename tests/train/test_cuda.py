@@ -32,3 +32,4 @@ def test_qlora_trains_on_cuda(trainable_llama: Path, qa_file: Path, tmp_path: Pa
     assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
                  f"train.output_dir={out}", "train.qlora=true", *QUICK]) == 0
     assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "ragtune.json").read_text())["training"]["dtype"].startswith("nf4 4-bit, ")

@@ -200,11 +200,17 @@ def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama:
     assert not packing_supported(leaky, 0)
 
 
-def test_packing_trains_when_attention_honours_boundaries(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the CUDA default, here on CPU
+def test_packing_trains_when_attention_honours_boundaries(trainable_llama: Path, qa_file: Path, tmp_path: Path,
+                                                          dtype: str) -> None:
     out = tmp_path / "packed"
     assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
-                 f"train.output_dir={out}", "train.packing=true", *QUICK]) == 0
-    assert json.loads((out / "ragtune.json").read_text())["training"]["packing"] is True
+                 f"train.output_dir={out}", "train.packing=true", f"model.dtype={dtype}", "train.max_steps=4",
+                 "train.batch_size=4", "train.learning_rate=0.005", "train.save_steps=100000"]) == 0
+    t = json.loads((out / "ragtune.json").read_text())["training"]
+    assert t["packing"] is True and t["dtype"] == dtype
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05
 
 
 def test_gradient_checkpointing_trains_the_same_steps(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:

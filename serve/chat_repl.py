@@ -144,7 +144,7 @@ def run_chat(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.serve.commands import generation_overrides, load_for_cli, precheck
 
     cfg = generation_overrides(cfg, args)
-    precheck(cfg)
+    precheck(cfg, args.adapter)
     retriever = retriever_for(cfg, args.index or None, args.no_rag, read_copy=True)
     gen, adapter = load_for_cli(cfg, args.adapter)
     session = ChatSession(gen, adapter, retriever, system=args.system,

@@ -51,13 +51,15 @@ def generation_overrides(cfg: Any, args: argparse.Namespace) -> Any:
     return replace(cfg, generation=replace(cfg.generation, **changes)) if changes else cfg
 
 
-def precheck(cfg: Any) -> None:
-    """The cheap checks (engine, model dir) before anything slow loads."""
+def precheck(cfg: Any, adapter: str = "") -> None:
+    """The cheap checks (engine, model dir) before anything slow loads. With an adapter and no
+    model.path, the base comes from the adapter's run card when the model loads."""
     from ragtune.modeling import resolve_model_path
     from ragtune.serve.generator import check_engine
 
     check_engine(cfg.generation.engine, cfg.model.device)
-    resolve_model_path(cfg.model.path, "model.path")
+    if cfg.model.path or not (adapter or cfg.model.adapter):
+        resolve_model_path(cfg.model.path, "model.path")
 
 
 def load_for_cli(cfg: Any, adapter_dir: str) -> tuple[Any, str | None]:
@@ -85,7 +87,7 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
 
     question = read_question(args.question)
     cfg = generation_overrides(cfg, args)
-    precheck(cfg)
+    precheck(cfg, args.adapter)
     retriever = retriever_for(cfg, args.index or None, args.no_rag)
     gen, adapter = load_for_cli(cfg, args.adapter)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

@@ -125,9 +125,13 @@ def plan_deployments(cfg: Any, extra_indexes: tuple[str, ...] = ()) -> list[Depl
                 problems.append(f"serve.deployments[{i}]: name '{d.name}' is used twice")
             out.append(Deployment(d.name, d.base, d.adapter, d.index, d.engine))
     else:
-        out.append(Deployment("base", "", "", "", cfg.generation.engine))
+        from ragtune.serve.generator import trained_base
+
+        # no model.path but an adapter: "base" is the model the adapter was trained on, as ft's base
+        base = "" if cfg.model.path or not cfg.model.adapter else trained_base([cfg.model.adapter])
+        out.append(Deployment("base", base, "", "", cfg.generation.engine))
         if cfg.model.adapter:
-            out.append(Deployment(Path(cfg.model.adapter).name, "", cfg.model.adapter, "", cfg.generation.engine))
+            out.append(Deployment(Path(cfg.model.adapter).name, base, cfg.model.adapter, "", cfg.generation.engine))
         name = cfg.index.name
         if cfg.rag.enabled and (index_exists(cfg, name) or name in extra_indexes):
             out += [Deployment(d.name + "+rag", d.base, d.adapter, name, d.engine) for d in list(out)]
@@ -155,7 +159,7 @@ class Runtime:
     def load(self) -> "Runtime":
         from ragtune.modeling import resolve_model_path
         from ragtune.serve.answer import open_retriever
-        from ragtune.serve.generator import EngineUnavailable, Generator, check_engine
+        from ragtune.serve.generator import EngineUnavailable, Generator, check_engine, trained_base
 
         cfg = self.cfg
         if self._given is not None:
@@ -168,7 +172,8 @@ class Runtime:
                 d.unavailable = f"deployment '{d.name}': {exc}"
                 log.warning("%s", d.unavailable)
                 continue
-            path = str(resolve_model_path(d.base or cfg.model.path, f"deployment '{d.name}' base"))
+            base = d.base or cfg.model.path or (trained_base([d.adapter]) if d.adapter else "")
+            path = str(resolve_model_path(base, f"deployment '{d.name}' base"))
             key = f"{path}|{engine}"  # one Generator per base and engine
             gen = self.generators.get(key)
             if gen is None:

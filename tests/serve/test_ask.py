@@ -18,6 +18,14 @@ def test_ask_prints_the_trained_answer_only(tiny_llama: Path, tiny_adapter: Path
     assert rc == 0 and out == QA[0][1] + "\n", err
 
 
+def test_ask_with_an_adapter_loads_the_base_it_was_trained_on(tiny_adapter: Path, capsys, caplog) -> None:
+    """No model.path (and no default model prepared in this RAGTUNE_HOME): the run card names the base."""
+    rc = main(["ask", QA[0][0], "--adapter", str(tiny_adapter)])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out == QA[0][1] + "\n", err
+    assert "using the adapter's base model" in caplog.text
+
+
 def test_ask_reads_stdin_and_gives_json(tiny_llama: Path, tiny_adapter: Path, capsys, monkeypatch, tmp_path) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO(QA[1][0] + "\n"))
     cfg = tmp_path / "serve.yaml"

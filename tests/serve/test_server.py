@@ -280,3 +280,16 @@ def test_index_sync_while_serving_reaches_the_server_without_a_restart(tmp_path:
         time.sleep(1.1)  # the server looks for a newer index at most once a second
         after = c.post("/v1/chat/completions", json=ask("base+rag", "security badges", max_tokens=4)).json()
         assert {s["source"] for s in after["sources"]} == {"hr.md", "security.md"}
+
+
+def test_default_deployments_take_the_adapters_base_without_model_path(tiny_llama: Path, tiny_adapter: Path) -> None:
+    """`serve model.adapter=X` with no model.path: both "base" and the adapter's deployment run on
+    the base X was trained on (so base vs fine-tuned compare the same model), not the default model."""
+    from ragtune.serve.server import plan_deployments
+
+    deps = plan_deployments(load_config(None, [f"model.adapter={tiny_adapter}", "rag.enabled=false"]))
+    assert [(d.name, Path(d.base).resolve(), d.adapter) for d in deps] == [
+        ("base", tiny_llama.resolve(), ""), (tiny_adapter.name, tiny_llama.resolve(), str(tiny_adapter))]
+    deps = plan_deployments(load_config(None, [f"model.adapter={tiny_adapter}", "rag.enabled=false",
+                                               "model.path=/elsewhere"]))
+    assert [d.base for d in deps] == ["", ""]  # an explicit model.path wins (and the hash check judges it)

@@ -117,7 +117,7 @@ def run_eval(
         cost += load_cost_file(f)
 
     if generator is None:
-        from ragtune.serve.commands import quiet_libraries
+        from ragtune.modeling import quiet_libraries
         from ragtune.serve.generator import Generator
 
         quiet_libraries()

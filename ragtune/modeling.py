@@ -117,6 +117,20 @@ def resolve_model_path(path: str = "", what: str = "model.path") -> Path:
 # --- device / dtype ---------------------------------------------------------------------------
 
 
+def quiet_libraries() -> None:
+    """No progress bars on stderr from loading or saving weights, no library deprecation notes:
+    stdout/stderr belong to the command."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def pick_device(pref: str = "auto") -> str:
     import torch
 

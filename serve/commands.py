@@ -21,19 +21,6 @@ from ragtune.errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def quiet_libraries() -> None:
-    """No progress bars on stderr from weight loading: stdout/stderr belong to the command."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not for users
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def generation_overrides(cfg: Any, args: argparse.Namespace) -> Any:
     from ragtune.config import replace
 
@@ -64,6 +51,7 @@ def precheck(cfg: Any, adapter: str = "") -> None:
 
 def load_for_cli(cfg: Any, adapter_dir: str) -> tuple[Any, str | None]:
     """A loaded Generator for ask/chat and the name of the adapter to answer with."""
+    from ragtune.modeling import quiet_libraries
     from ragtune.serve.generator import Generator
 
     quiet_libraries()

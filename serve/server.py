@@ -522,7 +522,7 @@ def run_serve(args: Any, cfg: Any) -> int:
     import uvicorn
 
     from ragtune.config import replace
-    from ragtune.serve.commands import quiet_libraries
+    from ragtune.modeling import quiet_libraries
 
     serve = cfg.serve
     host = args.host or serve.host

@@ -95,7 +95,10 @@ def _run_train(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _run_merge(args: argparse.Namespace, cfg: Any) -> int:
+    from ragtune.modeling import quiet_libraries
     from ragtune.train.merge import merge_adapter
+
+    quiet_libraries()
 
     out = merge_adapter(args.adapter, args.out, force=args.force, dtype=args.dtype)
     print(f"merged model: {out}")

@@ -22,6 +22,9 @@ def _run_export(args: argparse.Namespace, cfg: Any) -> int:
         else:
             print(f"llama.cpp converter ready: {conv} (from {path.name}, sha256 verified)")
         return EXIT_OK
+    from ragtune.modeling import quiet_libraries
+
+    quiet_libraries()
     res = export.export_gguf(
         args.source, args.out, args.type, lora=args.lora, base_gguf=args.base_gguf or None,
         check=not args.no_check, margin=args.margin, force=args.force, modelfile=args.modelfile or None,

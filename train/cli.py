@@ -54,10 +54,11 @@ def _run_data(args: argparse.Namespace, cfg: Any) -> int:
                       f"{len(rep.rejected)} rejected lines with reasons to {written[1]}")
         return EXIT_OK if rep.ok else EXIT_FAILED
     if args.data_cmd == "convert":
-        out, n, skipped = data.convert(args.file, args.question_col, args.answer_col, args.system, args.out)
+        out, n, skipped = data.convert(args.file, args.question_col, args.answer_col, args.system, args.out,
+                                       encoding=args.encoding)
         for s in skipped:
             print(f"skipped {s}")
-        print(f"wrote {n} records to {out}")
+        print(f"wrote {n} record{'' if n == 1 else 's'} to {out}")
         return EXIT_OK
     if args.data_cmd == "split":
         tr, ev, ntr, nev = data.split(args.file, args.eval_fraction, args.seed, args.out_dir)
@@ -124,6 +125,9 @@ def register(sub: Any) -> None:
     pv.add_argument("--answer-col", required=True)
     pv.add_argument("--system", default="", help="system message to put first in every record")
     pv.add_argument("--out", default="", help="output file (default: FILE.chat.jsonl beside the input)")
+    pv.add_argument("--encoding", default="auto",
+                    help="the table's text encoding, e.g. cp949 (Korean Excel) or cp1252 (Western Excel); "
+                         "auto = UTF-8, or UTF-16 when the file starts with its byte-order mark")
     ps = dsub.add_parser("split", help="deterministic train/eval split")
     ps.add_argument("file", help="chat JSONL file")
     ps.add_argument("--eval-fraction", type=float, required=True)

@@ -194,12 +194,35 @@ def record_problems(obj: Any) -> list[tuple[str, str]]:
 
 
 def read_lines(path: Path) -> list[tuple[int, bytes]]:
+    """The file's lines as UTF-8 bytes, numbered from 1 (a UTF-8 BOM dropped; UTF-16 with its BOM,
+    as Windows tools save "Unicode" text, re-encoded)."""
     if not path.is_file():
         raise UsageError(f"data file '{path}' does not exist")
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        data = decode_text(path, data).encode("utf-8")
     return [(n, line) for n, line in enumerate(data.split(b"\n"), 1)]
+
+
+def decode_text(path: Path, data: bytes, encoding: str = "auto") -> str:
+    """Text of a file: UTF-8 (BOM or not), UTF-16 with a BOM, or the encoding named; a clear error
+    with the line of the first undecodable byte otherwise."""
+    if encoding == "auto":
+        encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except LookupError:
+        raise UsageError(f"--encoding {encoding!r}: no such text encoding (try utf-8, cp949, cp1252, utf-16)") from None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        name = "UTF-8" if encoding == "utf-8-sig" else encoding
+        raise UsageError(
+            f"{path}: line {line}: byte 0x{data[exc.start]:02x} is not {name} text; save the file as UTF-8 "
+            "(Excel: 'CSV UTF-8'), or name its encoding, e.g. --encoding cp949 (Korean Windows/Excel) or "
+            "--encoding cp1252 (Western Windows/Excel)"
+        ) from None
 
 
 def check_file(
@@ -338,13 +361,15 @@ def load_messages(path: str | Path) -> list[list[dict[str, Any]]]:
 # --- convert / split ------------------------------------------------------------------------
 
 
-def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dict[str, Any]]]:
     import csv
 
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for n, line in read_lines(path):
+        lines = (read_lines(path) if encoding == "auto" else
+                 enumerate(decode_text(path, path.read_bytes(), encoding).encode("utf-8").split(b"\n"), 1))
+        for n, line in lines:
             if not line.strip():
                 continue
             try:
@@ -358,20 +383,20 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         return cols, rows
     if suffix not in (".csv", ".tsv"):
         raise UsageError(f"'{path}': convert reads .csv, .tsv or .jsonl files")
-    text = path.read_bytes().decode("utf-8-sig")
+    text = decode_text(path, path.read_bytes(), encoding)
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
     return list(reader.fieldnames or []), list(reader)
 
 
 def convert(path: str | Path, question_col: str, answer_col: str, system: str = "",
-            out: str | Path | None = None) -> tuple[Path, int, list[str]]:
+            out: str | Path | None = None, encoding: str = "auto") -> tuple[Path, int, list[str]]:
     """Question/answer table -> chat JSONL (UTF-8, non-ASCII kept). Returns (out, written, skipped notes)."""
     from ragtune.io import atomic_write_jsonl
 
     src = Path(path)
     if not src.is_file():
         raise UsageError(f"input file '{src}' does not exist")
-    cols, rows = _read_table(src)
+    cols, rows = _read_table(src, encoding)
     missing = [c for c in (question_col, answer_col) if c not in cols]
     if missing:
         raise UsageError(f"{src}: no column {', '.join(map(repr, missing))}; columns are: {', '.join(cols) or '(none)'}")

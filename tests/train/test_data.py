@@ -114,6 +114,33 @@ def test_convert_csv_keeps_korean(tmp_path: Path) -> None:
     assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "답변"]) == 2
 
 
+def test_convert_reads_excel_encodings(tmp_path: Path, capsys) -> None:
+    """Korean Excel saves CSV as cp949 and "Unicode text" as UTF-16: the first is an error naming the
+    line and the --encoding to pass (not a traceback), the second just works."""
+    src = tmp_path / "faq.csv"
+    src.write_bytes("q,a\nWhat?,That.\n연차는 며칠?,15일입니다.\n".encode("cp949"))
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "faq.csv: line 3: byte 0xbf is not UTF-8 text" in err and "--encoding cp949" in err and "Traceback" not in err
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a", "--encoding", "cp949"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "faq.chat.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows[1]["messages"][0]["content"] == "연차는 며칠?"
+    tsv = tmp_path / "unicode.tsv"
+    tsv.write_bytes("q\ta\r\n연차는 며칠?\t15일입니다.\r\n".encode("utf-16"))
+    assert main(["data", "convert", str(tsv), "--question-col", "q", "--answer-col", "a"]) == 0
+    assert json.loads((tmp_path / "unicode.chat.jsonl").read_text())["messages"][1]["content"] == "15일입니다."
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a", "--encoding", "nope"]) == 2
+    assert "no such text encoding" in capsys.readouterr().err
+
+
+def test_check_reads_utf16_jsonl(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "u16.jsonl"
+    path.write_bytes(("\n".join(json.dumps(r, ensure_ascii=False) for r in [GOOD, chat("서울?", "수도.")]) + "\n")
+                     .encode("utf-16"))
+    assert main(["data", "check", str(path)]) == 0
+    assert "2 records, 2 valid, 0 invalid" in capsys.readouterr().out
+
+
 def test_convert_tsv(tmp_path: Path) -> None:
     src = tmp_path / "faq.tsv"
     src.write_text("q\ta\nWhat?\tThat.\n", encoding="utf-8")

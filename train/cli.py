@@ -59,7 +59,7 @@ def _run_data(args: argparse.Namespace, cfg: Any) -> int:
         for s in skipped:
             print(f"skipped {s}")
         print(f"wrote {n} record{'' if n == 1 else 's'} to {out}")
-        return EXIT_OK
+        return EXIT_OK if n else EXIT_FAILED  # an empty training file is no result
     if args.data_cmd == "split":
         tr, ev, ntr, nev = data.split(args.file, args.eval_fraction, args.seed, args.out_dir)
         print(f"wrote {ntr} records to {tr} and {nev} to {ev}")

@@ -84,7 +84,7 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and self.lines > 0
 
     def by_kind(self) -> dict[str, list[Problem]]:
         out: dict[str, list[Problem]] = {}
@@ -111,6 +111,8 @@ class CheckReport:
             f"{self.path}: {self.lines} records, {len(self.records)} valid, "
             f"{len(self.rejected)} invalid ({len(self.problems)} problems)"
         ]
+        if not self.lines:
+            out.append("the file holds no records (it is empty, or every line is blank)")
         for kind, items in self.by_kind().items():
             out.append(f"{KINDS[kind]} ({len(items)}):")
             for p in items[:limit]:
@@ -197,7 +199,7 @@ def read_lines(path: Path) -> list[tuple[int, bytes]]:
     """The file's lines as UTF-8 bytes, numbered from 1 (a UTF-8 BOM dropped; UTF-16 with its BOM,
     as Windows tools save "Unicode" text, re-encoded)."""
     if not path.is_file():
-        raise UsageError(f"data file '{path}' does not exist")
+        raise UsageError(f"data file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -406,6 +408,10 @@ def convert(path: str | Path, question_col: str, answer_col: str, system: str = 
     records, skipped = [], []
     first_data_line = 2 if src.suffix.lower() in (".csv", ".tsv") else 1
     for i, row in enumerate(rows):
+        if row.get(None):  # csv.DictReader keeps fields beyond the header's under None
+            skipped.append(f"row {i + first_data_line}: {len(cols) + len(row[None])} fields, the header has "
+                           f"{len(cols)} (a comma or tab inside an unquoted field? quote it)")
+            continue
         q, a = row.get(question_col), row.get(answer_col)
         q = "" if q is None else str(q).strip()
         a = "" if a is None else str(a).strip()
@@ -428,6 +434,8 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42,
     if not 0 < eval_fraction < 1:
         raise UsageError(f"--eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     lines = [ln.decode("utf-8", errors="strict") for _, ln in read_lines(src) if ln.strip()]
+    if len(lines) < 2:
+        raise UsageError(f"'{src}' holds {len(lines)} record(s); a split needs at least 2")
     train_lines, eval_lines = split_items(lines, eval_fraction, seed, key=_line_prompt)
     d = Path(out_dir) if out_dir else src.parent
     stem = src.stem

@@ -133,6 +133,25 @@ def test_convert_reads_excel_encodings(tmp_path: Path, capsys) -> None:
     assert "no such text encoding" in capsys.readouterr().err
 
 
+def test_empty_inputs_and_ragged_rows_are_reported(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert main(["data", "check", str(empty)]) == 1
+    assert "holds no records" in capsys.readouterr().out
+    assert main(["data", "split", str(empty), "--eval-fraction", "0.2"]) == 2
+    assert "a split needs at least 2" in capsys.readouterr().err
+    assert main(["data", "check", str(tmp_path)]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    src = tmp_path / "ragged.csv"
+    src.write_text("q,a\nWhat is 1,000 times 2?,2000\nok?,yes\n")  # an unquoted comma splits the question
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped row 2: 3 fields, the header has 2" in out and "wrote 1 record to" in out
+    src.write_text("q,a\nx,\n")
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]) == 1
+    assert "wrote 0 records" in capsys.readouterr().out
+
+
 def test_check_reads_utf16_jsonl(tmp_path: Path, capsys) -> None:
     path = tmp_path / "u16.jsonl"
     path.write_bytes(("\n".join(json.dumps(r, ensure_ascii=False) for r in [GOOD, chat("서울?", "수도.")]) + "\n")

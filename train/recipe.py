@@ -79,6 +79,8 @@ def prepare(cfg: Any) -> Prepared:
     max_len = cfg.data.max_length
     rep = check_file(cfg.data.train_file, tok, template, max_len)
     skipped = len(rep.rejected)
+    if not rep.records:
+        raise CheckFailed(f"no valid training records in {cfg.data.train_file}; nothing was trained:\n{rep.format()}")
     if not rep.ok:
         if not cfg.data.skip_invalid:
             raise CheckFailed(

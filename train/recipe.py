@@ -362,6 +362,8 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
 
         def __init__(self) -> None:
             self.rows: list[dict[str, Any]] = []
+            if int(os.environ.get("RANK", "0")) != 0:
+                return  # the first process alone reads and writes the file (others raced it empty on resume)
             if metrics_path.is_file() and resume_step > 0:
                 for line in metrics_path.read_text(encoding="utf-8").splitlines():
                     row = json.loads(line)

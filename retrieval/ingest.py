@@ -27,7 +27,15 @@ from typing import Any, Iterable
 from ragtune.config import Config
 from ragtune.errors import UsageError
 from ragtune.retrieval.loaders import Document, Skip, is_supported, iter_jsonl, load_file
-from ragtune.retrieval.store import SCHEMA_VERSION, IndexLock, PointData, Store, open_store
+from ragtune.retrieval.store import (
+    SCHEMA_VERSION,
+    IndexLock,
+    PointData,
+    Store,
+    missing_index,
+    open_for_reading,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +401,7 @@ def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[st
     name = index or cfg.index.name
     store = open_store(cfg, name)
     if not store.exists():
-        raise UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'")
+        raise missing_index(name)
     with IndexLock(name, "ragtune index remove " + " ".join(sources)):
         store.open()
         try:
@@ -426,7 +434,7 @@ def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[st
 
 def list_documents(cfg: Config, index: str | None = None) -> list[dict[str, Any]]:
     name = index or cfg.index.name
-    with _open_existing(cfg, name) as store:
+    with open_for_reading(cfg, name) as store:
         states = store.doc_states()
     rows = []
     for st in states.values():
@@ -439,7 +447,7 @@ def list_documents(cfg: Config, index: str | None = None) -> list[dict[str, Any]
 
 def stats(cfg: Config, index: str | None = None) -> dict[str, Any]:
     name = index or cfg.index.name
-    with _open_existing(cfg, name) as store:
+    with open_for_reading(cfg, name) as store:
         meta = store.read_meta()
         states = store.doc_states()
         out = {
@@ -451,15 +459,6 @@ def stats(cfg: Config, index: str | None = None) -> dict[str, Any]:
             "created": meta.get("created"), "updated": meta.get("updated"),
         }
     return out
-
-
-def _open_existing(cfg: Config, name: str) -> Store:
-    store = open_store(cfg, name)
-    if not store.exists():
-        raise UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'")
-    from ragtune.retrieval.store import EdgeStore
-
-    return store.open_reader() if isinstance(store, EdgeStore) else store.open()  # a reader: shares the index
 
 
 def migrate(cfg: Config, to_url: str, index: str | None = None, api_key: str = "", replace: bool = False,

@@ -75,16 +75,9 @@ class Retriever:
         self._checked = 0.0
 
     def _open_store(self) -> Any:
-        from ragtune.retrieval.store import EdgeStore, open_store
+        from ragtune.retrieval.store import open_for_reading
 
-        store = open_store(self.cfg, self.name)
-        if not store.exists():
-            raise UsageError(
-                f"index '{self.name}' does not exist; create it with 'ragtune index add PATH --index {self.name}'"
-            )
-        if isinstance(store, EdgeStore):
-            return store.open_copy() if self.read_copy else store.open_reader()
-        return store.open()
+        return open_for_reading(self.cfg, self.name, copy=self.read_copy)
 
     def refresh(self) -> bool:
         """Take a fresh copy when a writer has had the index since ours; True when it did. A writer

@@ -285,6 +285,21 @@ def open_store(cfg: Any, name: str) -> Store:
     return ServerStore(name, url, cfg.store.api_key, cfg.store.collection_prefix)
 
 
+def missing_index(name: str) -> UsageError:
+    return UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'")
+
+
+def open_for_reading(cfg: Any, name: str, copy: bool = False) -> Store:
+    """An existing index, opened to read: an Edge index shared with other short readers, or as a
+    private copy (`copy`, for long-lived readers); a server collection as usual."""
+    store = open_store(cfg, name)
+    if not store.exists():
+        raise missing_index(name)
+    if isinstance(store, EdgeStore):
+        return store.open_copy() if copy else store.open_reader()
+    return store.open()
+
+
 # --- Qdrant Edge ------------------------------------------------------------------------------
 
 
@@ -346,9 +361,7 @@ class EdgeStore(Store):
                 self.shard = EdgeShard.load(str(self.shard_dir))
                 return self
             if create_dim is None:
-                raise UsageError(
-                    f"index '{self.name}' does not exist; create it with 'ragtune index add PATH --index {self.name}'"
-                )
+                raise missing_index(self.name)
             if self.shard_dir.exists():  # a creation killed before its config landed
                 shutil.rmtree(self.shard_dir)
             config = EdgeConfig(
@@ -393,9 +406,7 @@ class EdgeStore(Store):
         import time
 
         if not self.exists():
-            raise UsageError(
-                f"index '{self.name}' does not exist; create it with 'ragtune index add PATH --index {self.name}'"
-            )
+            raise missing_index(self.name)
         remove_stale_copies(self.name)
         t0 = time.perf_counter()
         dest = self.dir / ".readers" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -8,11 +8,14 @@ refuses an adapter whose base model or template does not match, and says which.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ragtune.errors import RagtuneError, UsageError
 from ragtune.io import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 RUNCARD_NAME = "ragtune.json"
 SCHEMA_VERSION = 1
@@ -77,3 +80,21 @@ def adapter_base(adapter_dir: str | Path) -> tuple[dict[str, Any], Path]:
     base = check_model_dir(card["base_model"]["path"], what="the adapter's base model")
     check_compatible(card, model_hash(base), str(base))
     return card, base
+
+
+def trained_base(adapter_dirs: Iterable[str | Path]) -> str:
+    """For a command given adapters and no base: the base they were trained on, if it is on this
+    machine and their run cards agree; else "" (the default model, which the hash check then judges).
+    Unlike adapter_base() it never raises: loading the adapter reports what is wrong with it."""
+    from ragtune.modeling import adapter_dir
+
+    bases = set()
+    for adir in adapter_dirs:
+        try:
+            bases.add(str(read_runcard(adapter_dir(adir))["base_model"]["path"]))
+        except (RagtuneError, KeyError, TypeError):
+            return ""
+    if len(bases) != 1 or not Path(next(iter(bases))).is_dir():
+        return ""
+    log.info("model.path not set: using the adapter's base model %s", next(iter(bases)))
+    return next(iter(bases))

@@ -79,25 +79,6 @@ def llama_cpp_available() -> bool:
     return available()
 
 
-def trained_base(adapter_dirs: Any) -> str:
-    """For a command given adapters and no base: the base they were trained on, if it is on this
-    machine and their run cards agree; else "" (the default model, which the hash check then judges)."""
-    from ragtune.errors import RagtuneError
-    from ragtune.modeling import adapter_dir
-    from ragtune.runcard import read_runcard
-
-    bases = set()
-    for adir in adapter_dirs:
-        try:
-            bases.add(str(read_runcard(adapter_dir(adir))["base_model"]["path"]))
-        except (RagtuneError, KeyError, TypeError):
-            return ""  # loading the adapter says what is wrong with it
-    if len(bases) != 1 or not Path(next(iter(bases))).is_dir():
-        return ""
-    log.info("model.path not set: using the adapter's base model %s", next(iter(bases)))
-    return next(iter(bases))
-
-
 def check_engine(engine: str, device: str = "auto") -> str:
     """The engine that will run: "transformers" or "llama.cpp" ("auto": llama.cpp on the CPU when
     llama-cpp-python is installed). Raises EngineUnavailable for llama.cpp without the package."""
@@ -285,6 +266,8 @@ class Generator:
     def _adapters_base(self, adapters: dict[str, str] | None) -> str:
         if adapters is None:
             adapters = {"": self.cfg.model.adapter} if self.cfg.model.adapter else {}
+        from ragtune.runcard import trained_base
+
         return trained_base(adapters.values())
 
     def _load_adapters(self, adapters: dict[str, str] | None) -> "Generator":

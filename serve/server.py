@@ -125,7 +125,7 @@ def plan_deployments(cfg: Any, extra_indexes: tuple[str, ...] = ()) -> list[Depl
                 problems.append(f"serve.deployments[{i}]: name '{d.name}' is used twice")
             out.append(Deployment(d.name, d.base, d.adapter, d.index, d.engine))
     else:
-        from ragtune.serve.generator import trained_base
+        from ragtune.runcard import trained_base
 
         # no model.path but an adapter: "base" is the model the adapter was trained on, as ft's base
         base = "" if cfg.model.path or not cfg.model.adapter else trained_base([cfg.model.adapter])
@@ -159,7 +159,8 @@ class Runtime:
     def load(self) -> "Runtime":
         from ragtune.modeling import resolve_model_path
         from ragtune.serve.answer import open_retriever
-        from ragtune.serve.generator import EngineUnavailable, Generator, check_engine, trained_base
+        from ragtune.runcard import trained_base
+        from ragtune.serve.generator import EngineUnavailable, Generator, check_engine
 
         cfg = self.cfg
         if self._given is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +70,9 @@ def _run_train(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.cli import print_json
     from ragtune.config import replace
     from ragtune.runcard import read_runcard
-    from ragtune.train.recipe import run_train
+    from ragtune.train.recipe import first_process, run_train
 
-    if int(os.environ.get("RANK", "0")) != 0:  # one log for a multi-process run, from its first process
+    if not first_process():  # one log for a multi-process run, from its first process
         import logging
 
         logging.getLogger("ragtune").setLevel(logging.WARNING)
@@ -82,7 +81,7 @@ def _run_train(args: argparse.Namespace, cfg: Any) -> int:
     if args.output_dir:
         cfg = replace(cfg, train=replace(cfg.train, output_dir=args.output_dir))
     out = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not first_process():
         return EXIT_OK  # under accelerate launch / torchrun, the first process reports for all
     card = read_runcard(out)
     if args.json:

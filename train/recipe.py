@@ -100,8 +100,6 @@ def prepare(cfg: Any) -> Prepared:
     elif cfg.data.eval_fraction > 0:
         train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed,
                                                   key=record_prompt)
-    if not train_records:
-        raise CheckFailed(f"no valid training records in {cfg.data.train_file}")
     return Prepared(base, tok, template, train_records, eval_records, rep, eval_rep, skipped)
 
 
@@ -178,6 +176,11 @@ def set_threads(threads: int, n_params: int) -> int:
             log.info("using %d of %d cores: other processes keep %.1f cores busy; set train.threads to choose",
                      torch.get_num_threads(), avail, busy)
     return torch.get_num_threads()
+
+
+def first_process() -> bool:
+    """True but in the second and later processes of a multi-process launch (torchrun, accelerate)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def other_busy_cores(window: float = 0.5) -> float:
@@ -362,7 +365,7 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
 
         def __init__(self) -> None:
             self.rows: list[dict[str, Any]] = []
-            if int(os.environ.get("RANK", "0")) != 0:
+            if not first_process():
                 return  # the first process alone reads and writes the file (others raced it empty on resume)
             if metrics_path.is_file() and resume_step > 0:
                 for line in metrics_path.read_text(encoding="utf-8").splitlines():

@@ -195,16 +195,20 @@ def record_problems(obj: Any) -> list[tuple[str, str]]:
     return probs
 
 
-def read_lines(path: Path) -> list[tuple[int, bytes]]:
-    """The file's lines as UTF-8 bytes, numbered from 1 (a UTF-8 BOM dropped; UTF-16 with its BOM,
-    as Windows tools save "Unicode" text, re-encoded)."""
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_lines(path: Path, encoding: str = "auto") -> list[tuple[int, bytes]]:
+    """The file's lines as UTF-8 bytes, numbered from 1: a UTF-8 BOM dropped; UTF-16 with its BOM (as
+    Windows tools save "Unicode" text) or a named `encoding` re-encoded. Undecodable UTF-8 stays as
+    bytes, for the check to report line by line."""
     if not path.is_file():
         raise UsageError(f"data file '{path}' " + ("is not a file" if path.exists() else "does not exist"))
     data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
+    if encoding != "auto" or data.startswith(UTF16_BOMS):
+        data = decode_text(path, data, encoding).encode("utf-8")
+    elif data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    elif data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        data = decode_text(path, data).encode("utf-8")
     return [(n, line) for n, line in enumerate(data.split(b"\n"), 1)]
 
 
@@ -212,7 +216,7 @@ def decode_text(path: Path, data: bytes, encoding: str = "auto") -> str:
     """Text of a file: UTF-8 (BOM or not), UTF-16 with a BOM, or the encoding named; a clear error
     with the line of the first undecodable byte otherwise."""
     if encoding == "auto":
-        encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+        encoding = "utf-16" if data.startswith(UTF16_BOMS) else "utf-8-sig"
     try:
         return data.decode(encoding)
     except LookupError:
@@ -369,9 +373,7 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        lines = (read_lines(path) if encoding == "auto" else
-                 enumerate(decode_text(path, path.read_bytes(), encoding).encode("utf-8").split(b"\n"), 1))
-        for n, line in lines:
+        for n, line in read_lines(path, encoding):
             if not line.strip():
                 continue
             try:

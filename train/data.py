@@ -274,15 +274,15 @@ def check_file(
     return report
 
 
+def _turn_stats(recs: list[Record]) -> dict[str, int]:
+    return {"records": len(recs), "turns": sum(len(r.messages) for r in recs),
+            "assistant_turns": sum(1 for r in recs for m in r.messages if m["role"] == "assistant")}
+
+
 def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None, max_length: int,
                   tokenize: Callable[..., Any] | None) -> None:
     recs = report.records
-    stats: dict[str, Any] = {
-        "records": len(recs),
-        "turns": sum(len(r.messages) for r in recs),
-        "assistant_turns": sum(1 for r in recs for m in r.messages if m["role"] == "assistant"),
-        "max_length": max_length,
-    }
+    stats: dict[str, Any] = {**_turn_stats(recs), "max_length": max_length}
     report.stats = stats
     if tokenizer is None:
         stats["tokens_note"] = "token checks skipped: no model (pass --model DIR or run 'ragtune models prepare')"
@@ -322,9 +322,7 @@ def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None
         trained += sum(mask[:max_length])
         keep.append(r)
     report.records = keep
-    stats["records"] = len(keep)
-    stats["turns"] = sum(len(r.messages) for r in keep)
-    stats["assistant_turns"] = sum(1 for r in keep for m in r.messages if m["role"] == "assistant")
+    stats.update(_turn_stats(keep))
     if lengths:
         s = sorted(lengths)
         stats["tokens"] = {

@@ -60,14 +60,11 @@ def _unprivate(root: Path) -> None:
     account serving the adapter) can read them. Other modes are left as they are."""
     umask = _umask()
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p) and os.stat(p).st_mode & 0o7777 == 0o700:
-                os.chmod(p, 0o777 & ~umask)
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            if not os.path.islink(p) and os.stat(p).st_mode & 0o7777 == 0o600:
-                os.chmod(p, 0o666 & ~umask)
+        for names, private, ordinary in ((dirnames, 0o700, 0o777), (filenames, 0o600, 0o666)):
+            for name in names:
+                p = os.path.join(dirpath, name)
+                if not os.path.islink(p) and os.stat(p).st_mode & 0o7777 == private:
+                    os.chmod(p, ordinary & ~umask)
 
 
 @contextmanager

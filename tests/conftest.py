@@ -15,6 +15,13 @@ set_offline_env()
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A free loopback port (for a test server or a multi-process rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Outbound sockets fail; loopback (the test server, local Qdrant) is allowed."""

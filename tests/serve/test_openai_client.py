@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,13 +11,8 @@ import pytest
 
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
+from tests.conftest import free_port
 from tests.serve.conftest import QA, FakeRetriever
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

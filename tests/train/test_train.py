@@ -9,12 +9,19 @@ from pathlib import Path
 import pytest
 
 from ragtune.cli import main
+from tests.conftest import free_port
 from tests.train.conftest import QA, chat, write_jsonl
 
 # 20 pairs, batch 10, 100 epochs = 200 optimizer steps: ~10 s on one core, memorises every answer
 MEMORIZE = ["train.epochs=100", "train.learning_rate=0.01", "train.batch_size=10", "train.lora.dropout=0.0",
             "train.save_steps=100000", "train.logging_steps=10", "train.lr_scheduler=cosine"]
 QUICK = ["train.max_steps=2", "train.batch_size=4", "train.save_steps=100000"]
+
+
+def metric_rows(out: Path, having: str = "") -> list[dict]:
+    """The rows of an output folder's metrics.jsonl (only those with the key `having`, if given)."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if not having or having in r]
 
 
 def _greedy(model, tok, messages, template=None) -> str:
@@ -78,7 +85,7 @@ def test_output_folder_and_run_card(memorized: dict) -> None:
     assert card["exports"] == [] or card["exports"][0]["kind"] == "merged"
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg["pad_token"] != tok_cfg["eos_token"]
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in metric_rows(out)]
     assert steps[0] == 1 and steps[-1] == 200
 
 
@@ -135,7 +142,7 @@ def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: P
     assert main(args + ["--resume"]) == 0
     card = json.loads((out / "ragtune.json").read_text())
     assert card["metrics"]["resumed_from_step"] == 4 and card["metrics"]["steps"] == 8
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 9))  # steps 1-4 from the first run, 5-8 from the resumed one
     assert rows[4]["time"] > rows[3]["time"]
@@ -179,7 +186,7 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
     assert card["chat_template"]["template"] == (no_marker_llama / "chat_template.jinja").read_text()
     assert card["data"]["skipped_records"] == 1 and card["data"]["eval_records"] == 4
     assert card["data"]["train_records"] == 16 and card["metrics"]["eval_loss"] > 0
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert any("eval_loss" in r for r in rows)
 
 
@@ -209,7 +216,7 @@ def test_packing_trains_when_attention_honours_boundaries(trainable_llama: Path,
                  "train.batch_size=4", "train.learning_rate=0.005", "train.save_steps=100000"]) == 0
     t = json.loads((out / "ragtune.json").read_text())["training"]
     assert t["packing"] is True and t["dtype"] == dtype
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [r["loss"] for r in metric_rows(out, "loss")]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.05
 
 
@@ -223,7 +230,7 @@ def test_gradient_checkpointing_trains_the_same_steps(trainable_llama: Path, qa_
                      f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=4", "train.learning_rate=0.005",
                      "train.lora.dropout=0.0", "train.save_steps=100000", f"train.gradient_checkpointing={mode}"]) == 0
         assert json.loads((out / "ragtune.json").read_text())["training"]["gradient_checkpointing"] is (mode == "on")
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        rows = metric_rows(out, "loss")
         losses[mode] = [r["loss"] for r in rows]
     assert len(losses["on"]) == 4 and losses["on"][-1] < losses["on"][0] - 0.05
     assert losses["on"] == pytest.approx(losses["off"], abs=1e-4)
@@ -252,15 +259,10 @@ def test_two_process_data_parallel_run_writes_one_adapter(trainable_llama: Path,
     import subprocess
     import sys
 
-    import socket
-
     out = tmp_path / "ddp"
     ragtune = Path(sys.executable).with_name("ragtune")
-    with socket.socket() as s:  # a free loopback port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port),
+           "--master_port", str(free_port()),
            str(ragtune), "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
            f"train.output_dir={out}", "train.max_steps=4", "train.batch_size=2", "train.save_steps=2",
            "train.logging_steps=1"]
@@ -271,7 +273,7 @@ def test_two_process_data_parallel_run_writes_one_adapter(trainable_llama: Path,
     card = json.loads((out / "ragtune.json").read_text())
     m = card["metrics"]
     assert m["steps"] == 4
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    rows = metric_rows(out, "loss")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["epoch"] == pytest.approx(0.8)  # 2 ranks x batch 2 x 4 steps = 16 of 20 records
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -285,7 +287,6 @@ def test_fsdp_config_trains_resumes_and_writes_the_whole_adapter(trainable_llama
     Its checkpoints are sharded (SHARDED_STATE_DICT), for which Trainer.save_model writes nothing:
     the adapter must still hold every LoRA weight, unsharded, and equal what a resumed run continues."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -293,9 +294,7 @@ def test_fsdp_config_trains_resumes_and_writes_the_whole_adapter(trainable_llama
 
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "fsdp"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
 
     def launch(*extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -321,7 +320,7 @@ def test_fsdp_config_trains_resumes_and_writes_the_whole_adapter(trainable_llama
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "ragtune.json").read_text())["metrics"]
     assert (m["steps"], m["resumed_from_step"]) == (6, 4)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    rows = metric_rows(out, "loss")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 

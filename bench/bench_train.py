@@ -114,7 +114,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from ragtune.modeling import load_tokenizer, resolve_model_path
-    from ragtune.train.data import check_file, split_items
+    from ragtune.train.data import check_file, record_prompt, split_items
 
     if args.threads <= 0:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -123,7 +123,8 @@ def main() -> int:
     tok = load_tokenizer(base)
     template = tok.chat_template
     rep = check_file(args.data, tok, template, 1024)
-    train, held = split_items(rep.records, 0.1, args.seed)
+    # held-out records ask no trained question (the default data has none repeated: the split is unchanged)
+    train, held = split_items(rep.records, 0.1, args.seed, key=record_prompt)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     train_file = work / "train.jsonl"
     train_file.write_text("".join(json.dumps({"messages": r.messages}, ensure_ascii=False) + "\n" for r in train),

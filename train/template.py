@@ -8,10 +8,15 @@ renders the conversation prefix by prefix with the model's own template:
     A_i = render(messages[:i+1])                              # ... plus that assistant turn
 
 The characters A_i[len(P_i):] (trailing whitespace dropped) are the assistant's answer *and* its
-end-of-turn token, so the model learns to stop; everything else is context. This works for any
-template whose renders are prefixes of each other (checked on every record; a template that is
-not prefix-preserving is refused with the fix). The template is used unchanged, so the one saved
-with the adapter is exactly the one serving renders prompts with.
+end-of-turn token, so the model learns to stop; everything else is context.
+
+Some templates render an earlier turn differently once a later turn exists, so A_i is not a
+prefix of the whole conversation: Qwen3 gives only the last answer an empty <think></think>
+block, Mistral's newer templates move the system prompt into the last user turn. For such a turn
+the answer is located in the whole rendering instead: its content, followed by the end-of-turn
+text that follows it in A_i, searched after the previous turns. A template that rewrites the
+content itself is refused with the fix. The template is used unchanged, so the one saved with
+the adapter is exactly the one serving renders prompts with.
 """
 
 from __future__ import annotations
@@ -58,21 +63,40 @@ def spans(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str) -> 
     """Full rendered text and the character spans to train on."""
     full = _render(tokenizer, messages, template, gen=False)
     out: list[tuple[int, int]] = []
+    cursor = 0  # where the next turn can start in `full`
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or m.get("weight", 1) == 0:
+        if m["role"] != "assistant":
+            if m["role"] == "user":  # system prompts may be moved (to the last user turn, say)
+                found = full.find(m["content"].strip(), cursor)
+                cursor = found + len(m["content"].strip()) if found >= 0 else cursor
             continue
         prompt = _render(tokenizer, messages[:i], template, gen=True) if i else _render_empty(tokenizer, template)
         upto = _render(tokenizer, messages[: i + 1], template, gen=False)
-        if not upto.startswith(prompt) or not full.startswith(upto):
-            raise UsageError(
-                "the chat template is not prefix-preserving (rendering the conversation up to an assistant turn "
-                "is not a prefix of the whole conversation), so ragtune cannot tell which tokens are the answer; "
-                "give a template that renders earlier turns identically with train.chat_template=FILE.jinja"
-            )
-        end = len(upto.rstrip())
-        if end > len(prompt):
-            out.append((len(prompt), end))
+        if upto.startswith(prompt) and full.startswith(upto):
+            start, end = len(prompt), len(upto.rstrip())
+        else:
+            start, end = _locate(full, upto, m["content"], cursor)
+        cursor = max(cursor, end)
+        if end > start and m.get("weight", 1) != 0:
+            out.append((start, end))
     return full, out
+
+
+def _locate(full: str, upto: str, content: str, cursor: int) -> tuple[int, int]:
+    """Span of an assistant turn in `full` when the template renders it differently there than in `upto`."""
+    text = content.strip()
+    at = upto.rfind(text) if text else -1
+    found = -1
+    if at >= 0:
+        turn = text + upto[at + len(text):].rstrip()  # the answer and its end-of-turn text
+        found = full.find(turn, cursor)
+    if found < 0:
+        raise UsageError(
+            "the chat template is not prefix-preserving (an assistant turn renders differently once a later "
+            "turn exists) and changes the answer's text, so ragtune cannot tell which tokens are the answer; "
+            "give a template that renders earlier answers as they are with train.chat_template=FILE.jinja"
+        )
+    return found, found + len(turn)
 
 
 def _render_empty(tokenizer: Any, template: str) -> str:

@@ -66,6 +66,52 @@ def test_non_prefix_preserving_template_is_refused(no_marker_llama: Path) -> Non
         tokenize_conversation(tok, CONV, bad)
 
 
+# Qwen3's logic: only an answer after the last user turn that is the last message gets the (empty)
+# <think> block, so an earlier answer renders differently once a later turn exists
+QWEN3_LIKE = (
+    "{% set ns = namespace(last_query=0) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_query = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% if loop.index0 > ns.last_query and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Mistral's newer logic: the system prompt goes into the last user turn
+MISTRAL_LIKE = (
+    "{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "<s>{% for m in messages %}"
+    "{% if m['role'] == 'user' %}[INST] {% if loop.index0 == ns.last_user and system %}{{ system }}\n\n{% endif %}"
+    "{{ m['content'] }}[/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template, expected", [
+    (QWEN3_LIKE, "Paris.<|im_end|><think>\n\n</think>\n\n한국의 수도.<|im_end|>"),
+    (MISTRAL_LIKE, "Paris.<|im_end|>한국의 수도.<|im_end|>"),
+])
+def test_turns_rendered_differently_later_are_found_in_the_whole_conversation(
+        no_marker_llama: Path, template: str, expected: str) -> None:
+    from ragtune.modeling import load_tokenizer
+    from ragtune.train.template import spans, tokenize_conversation
+
+    tok = load_tokenizer(no_marker_llama)
+    full, found = spans(tok, CONV, template)
+    assert full == tok.apply_chat_template(CONV, tokenize=False, chat_template=template)
+    assert "".join(full[s:e] for s, e in found) == expected
+    enc = tokenize_conversation(tok, CONV, template)
+    assert tok.decode(enc.input_ids) == full
+    assert _trained_text(tok, enc) == expected
+    # a user turn that quotes the answer before it is given does not take the answer's place
+    quoted = [dict(m) for m in CONV]
+    quoted[1]["content"] = "Is it Paris.<|im_end|>? What is the capital of France?"
+    assert _trained_text(tok, tokenize_conversation(tok, quoted, template)) == expected
+
+
 def test_model_without_template_is_refused(no_marker_llama: Path) -> None:
     from ragtune.modeling import load_tokenizer
     from ragtune.train.template import template_of

@@ -400,6 +400,8 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
                                 file=sys.stderr, disable=None, dynamic_ncols=True)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last steps' loss, not the last logging_steps multiple's
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
 

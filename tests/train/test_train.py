@@ -178,7 +178,7 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
     data = write_jsonl(tmp_path / "qa.jsonl", rows)
     out = tmp_path / "run"
     base = ["-q", "train", f"model.path={no_marker_llama}", f"data.train_file={data}", f"train.output_dir={out}",
-            "data.eval_fraction=0.2", "train.eval_steps=1", *QUICK]
+            "data.eval_fraction=0.2", "train.eval_steps=1", "train.logging_steps=5", *QUICK]
     assert main(base) == 1  # invalid data stops training
     assert not out.exists()
     assert main(base + ["--skip-invalid"]) == 0
@@ -188,6 +188,7 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
     assert card["data"]["train_records"] == 16 and card["metrics"]["eval_loss"] > 0
     rows = metric_rows(out)
     assert any("eval_loss" in r for r in rows)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # the last step's loss is logged (logging_steps 5)
 
 
 def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama: Path) -> None:

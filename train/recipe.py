@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+RUN_SETTINGS = "ragtune-run.json"  # in checkpoints/: the settings --resume must keep
+# what --resume may change; everything else in model/data/train would make the restored optimizer,
+# scheduler and data order silently disagree with the run it continues
+RESUME_MAY_CHANGE = frozenset({
+    "model.device", "model.adapter", "data.skip_invalid", "train.output_dir", "train.epochs", "train.max_steps",
+    "train.eval_steps", "train.save_steps", "train.logging_steps", "train.save_total_limit", "train.threads",
+    "train.gradient_checkpointing",
+})
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|padding|>")
 
 
@@ -101,6 +109,48 @@ def prepare(cfg: Any) -> Prepared:
         train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed,
                                                   key=record_prompt)
     return Prepared(base, tok, template, train_records, eval_records, rep, eval_rep, skipped)
+
+
+def run_settings(cfg: Any, prep: Prepared) -> dict[str, Any]:
+    """The settings a run's checkpoints belong to, flattened (files by content, not by name)."""
+    from ragtune.config import to_dict
+    from ragtune.modeling import cached_file_sha256, text_sha256
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            flat[prefix] = value
+
+    for section in ("model", "data", "train"):
+        walk(section, to_dict(getattr(cfg, section)))
+    flat = {k: v for k, v in flat.items() if k not in RESUME_MAY_CHANGE}
+    flat["model.path"] = str(prep.base)
+    flat["data.train_file"] = "sha256:" + cached_file_sha256(cfg.data.train_file)
+    flat["data.eval_file"] = "sha256:" + cached_file_sha256(cfg.data.eval_file) if cfg.data.eval_file else ""
+    flat["train.chat_template"] = "sha256:" + text_sha256(prep.template)
+    return json.loads(json.dumps(flat))
+
+
+def check_resume_settings(ckpt_dir: Path, now: dict[str, Any]) -> None:
+    """Refuse --resume under settings other than the checkpoints' own (older checkpoints carry none: not checked)."""
+    path = ckpt_dir / RUN_SETTINGS
+    if not path.is_file():
+        return
+    then = json.loads(path.read_text(encoding="utf-8"))
+    show = lambda v: "(none)" if v is None else (v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:")  # noqa: E731
+                                                else json.dumps(v, ensure_ascii=False))
+    diffs = [f"{k}: {show(then.get(k))} in the checkpoints, {show(now.get(k))} now"
+             for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    if diffs:
+        raise UsageError(
+            f"--resume: the checkpoints in '{ckpt_dir}' belong to a run with other settings:\n  " + "\n  ".join(diffs)
+            + "\nresume with the original settings (only epochs, max_steps, eval/save/logging steps, save_total_limit, "
+            "threads, gradient checkpointing and the device may change), or start a new run with --overwrite"
+        )
 
 
 def choose_pad_token(tokenizer: Any, template: str) -> str:
@@ -481,6 +531,14 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     tok, template = prep.tokenizer, prep.template
     if overwrite and not resume and ckpt_dir.exists():  # only once the data has passed its check
         shutil.rmtree(ckpt_dir)
+    settings = run_settings(cfg, prep)
+    if resume:
+        check_resume_settings(ckpt_dir, settings)
+    elif first_process():
+        from ragtune.io import atomic_write_json
+
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ckpt_dir / RUN_SETTINGS, settings)
     from ragtune.train.template import last_trained_is_stop_token
 
     if not last_trained_is_stop_token(tok, template):

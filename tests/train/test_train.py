@@ -116,7 +116,7 @@ def test_merged_model_equals_base_plus_adapter(memorized: dict, tmp_path: Path) 
 
 
 def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+                                               monkeypatch: pytest.MonkeyPatch, caplog, capsys) -> None:
     from transformers import TrainerCallback
 
     from ragtune.train import recipe
@@ -139,6 +139,13 @@ def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: P
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     monkeypatch.setattr(recipe, "make_callbacks", real)
     assert main(args) == 2  # refuses to silently start over
+    # the restored optimizer, scheduler and data order belong to these settings and this data
+    assert main(args + ["--resume", "train.learning_rate=0.001", "train.batch_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size: 4 in the checkpoints, 2 now" in err and "train.learning_rate: 0.0002" in err
+    changed = write_jsonl(tmp_path / "changed.jsonl", [chat(q, a + "!") for q, a in QA])
+    assert main([*args[:3], f"data.train_file={changed}", *args[4:], "--resume"]) == 2
+    assert "data.train_file: sha256:" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0
     card = json.loads((out / "ragtune.json").read_text())
     assert card["metrics"]["resumed_from_step"] == 4 and card["metrics"]["steps"] == 8

@@ -22,6 +22,7 @@ from ragtune.errors import EXIT_USAGE, NotImplementedYet, RagtuneError
 log = logging.getLogger("ragtune")
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+BARE_OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*=")  # lr=1e-4: a setting without its section
 
 EPILOG = """exit codes: 0 ok, 1 failed checks, 2 usage or config error, 3 partial success.
 config: --config FILE.yaml plus key.sub=value overrides, e.g. train.epochs=2 model.path=/models/x.
@@ -269,6 +270,18 @@ def setup_logging(verbose: int, quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _bare_override_message(items: list[str]) -> str:
+    from ragtune.config import guess_setting
+
+    lines = []
+    for item in items:
+        name, value = item.split("=", 1)
+        guess = guess_setting(name)
+        lines.append(f"'{item}' is not a setting: settings are section.key=value"
+                     + (f"; did you mean '{guess}={value}'?" if guess else " (see configs/ for the keys)"))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ragtune.modeling import set_offline_env
 
@@ -276,7 +289,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list, config_path, overrides = _split_globals(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     try:
-        args = parser.parse_args(args_list)
+        args, unknown = parser.parse_known_args(args_list)
+        bare = [a for a in unknown if BARE_OVERRIDE_RE.match(a)]
+        if bare:
+            print(f"error: {_bare_override_message(bare)}", file=sys.stderr)
+            return EXIT_USAGE
+        if unknown:
+            args = parser.parse_args(args_list)  # argparse's own message for the rest
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
         return int(exc.code or 0)
     config_path = config_path or args.config

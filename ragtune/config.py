@@ -325,6 +325,27 @@ PEER_KEYS = {
 }
 
 
+def setting_keys(cls: type = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Every dotted setting name (model.path, train.lora.r, ...)."""
+    out: list[str] = []
+    for f in dataclasses.fields(cls or Config):
+        tp = typing.get_type_hints(cls or Config)[f.name]
+        out += setting_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+    return out
+
+
+def guess_setting(name: str) -> str:
+    """The dotted setting a bare or misspelt name most likely means ("" when nothing is close)."""
+    if name in PEER_KEYS:
+        return PEER_KEYS[name]
+    keys = setting_keys()
+    leaves: dict[str, str] = {}
+    for k in keys:  # the first section wins for leaves that repeat (model.device before embedder.device)
+        leaves.setdefault(k.rsplit(".", 1)[-1], k)
+    close = difflib.get_close_matches(name, list(leaves), n=1) or difflib.get_close_matches(name, keys, n=1)
+    return leaves.get(close[0], close[0]) if close else ""
+
+
 def _build(cls: type, raw: Any, prefix: str, where: str, problems: list[str]) -> Any:
     label = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):

@@ -150,6 +150,22 @@ def test_cli_bad_override_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert "key 'train.batch_size': expected an integer, got 'big'" in capsys.readouterr().err
 
 
+def test_cli_setting_without_its_section_names_the_full_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "lr=1e-4", "epochs=2", "--resume", "top_k=3", "zzzqq=1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "error: 'lr=1e-4' is not a setting: settings are section.key=value; did you mean 'train.learning_rate=1e-4'?",
+        "'epochs=2' is not a setting: settings are section.key=value; did you mean 'train.epochs=2'?",
+        "'top_k=3' is not a setting: settings are section.key=value; did you mean 'search.top_k=3'?",
+        "'zzzqq=1' is not a setting: settings are section.key=value (see configs/ for the keys)",
+    ]
+    # a question that happens to look like one is still the question
+    from ragtune.cli import build_parser, _split_globals
+
+    rest, _, overrides = _split_globals(["ask", "E=mc2"])
+    assert overrides == [] and build_parser().parse_known_args(rest)[0].question == "E=mc2"
+
+
 def shipped_configs() -> list[Path]:
     return sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
 

@@ -462,10 +462,12 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
                 if k in logs:
                     self.post[k] = f"{logs[k]:.4f}"
             self.bar.set_postfix(self.post, refresh=False)
-            if self.bar.disable and (time.time() - self.last > 10 or "eval_loss" in logs):
+            now = {k: self.post[k] for k in ("loss", "eval_loss") if k in logs}  # this step's, not stale ones
+            last_step = state.global_step >= state.max_steps
+            if self.bar.disable and now and (time.time() - self.last > 10 or "eval_loss" in logs or last_step):
                 self.last = time.time()
                 log.info("step %d/%d %s", state.global_step, state.max_steps,
-                         " ".join(f"{k} {v}" for k, v in self.post.items()))
+                         " ".join(f"{k} {v}" for k, v in now.items()))
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if self.bar is not None:

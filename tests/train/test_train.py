@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def test_out_of_memory_says_which_settings_to_lower(trainable_llama: Path, qa_fi
     assert "Traceback" not in err
 
 
-def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_path: Path) -> None:
+def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_path: Path, caplog) -> None:
     rows = [chat(q, a) for q, a in QA] + ['{"messages": "broken"}']
     data = write_jsonl(tmp_path / "qa.jsonl", rows)
     out = tmp_path / "run"
@@ -188,6 +189,7 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
             "data.eval_fraction=0.2", "train.eval_steps=1", "train.logging_steps=5", *QUICK]
     assert main(base) == 1  # invalid data stops training
     assert not out.exists()
+    caplog.set_level(logging.INFO, logger="ragtune.train.recipe")
     assert main(base + ["--skip-invalid"]) == 0
     card = json.loads((out / "ragtune.json").read_text())
     assert card["chat_template"]["template"] == (no_marker_llama / "chat_template.jinja").read_text()
@@ -196,6 +198,11 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
     rows = metric_rows(out)
     assert any("eval_loss" in r for r in rows)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # the last step's loss is logged (logging_steps 5)
+    # off a terminal, progress lines carry each step's own losses (never a stale earlier one)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert said == [f"step {r['step']}/2 " + " ".join(f"{k} {r[k]:.4f}" for k in ("loss", "eval_loss") if k in r)
+                    for r in rows if "loss" in r or "eval_loss" in r]
+    assert len(said) == 4  # loss and eval loss at steps 1 and 2
 
 
 def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama: Path) -> None:

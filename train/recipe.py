@@ -105,6 +105,13 @@ def prepare(cfg: Any) -> Prepared:
         if not eval_rep.ok and not cfg.data.skip_invalid:
             raise CheckFailed(f"the eval data has problems; nothing was trained:\n{eval_rep.format()}")
         eval_records = eval_rep.records
+        seen = {record_prompt(r) for r in train_records}
+        shared = [r.line for r in eval_records if record_prompt(r) in seen]
+        if shared:
+            lines = ", ".join(map(str, shared[:5])) + (", ..." if len(shared) > 5 else "")
+            log.warning("%d of %d eval records ask a question the training data also asks (%s line %s): their eval "
+                        "loss measures memory, not generalisation; remove them from one of the files",
+                        len(shared), len(eval_records), cfg.data.eval_file, lines)
     elif cfg.data.eval_fraction > 0:
         train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed,
                                                   key=record_prompt)

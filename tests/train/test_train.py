@@ -205,6 +205,19 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
     assert len(said) == 4  # loss and eval loss at steps 1 and 2
 
 
+def test_eval_file_questions_also_in_training_are_named(trainable_llama: Path, qa_file: Path, tmp_path: Path,
+                                                        caplog) -> None:
+    evals = write_jsonl(tmp_path / "eval.jsonl", [chat("What is code 99?", "Code 99 means zero."),
+                                                  chat(QA[3][0].upper(), "another answer")])
+    out = tmp_path / "run"
+    assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+                 f"data.eval_file={evals}", f"train.output_dir={out}", *QUICK]) == 0
+    assert f"1 of 2 eval records ask a question the training data also asks ({evals} line 2)" in caplog.text
+    card = json.loads((out / "ragtune.json").read_text())
+    assert card["data"]["eval_records"] == 2 and card["data"]["eval_file"] == str(evals)
+    assert card["metrics"]["eval_loss"] > 0
+
+
 def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama: Path) -> None:
     """bf16 (the CUDA default) rounds packed and separate rows differently; that is not a leak. An
     attention that ignores the packed boundaries (here: a forward that drops position_ids) is one."""

@@ -111,8 +111,10 @@ def run_eval(
             "or leave them out, e.g. --modes base,rag"
         )
     cost: list[CostRow] = []
+    seen_note = ""
     if adapter and needs_ft:
         cost += training_cost(adapter)  # also checks the run card before any model loads
+        seen_note = _seen_in_training(adapter, qs)
     for f in cost_files:
         cost += load_cost_file(f)
 
@@ -174,13 +176,43 @@ def run_eval(
         "Training time grows with the training set and epochs; re-syncing grows only with the changed "
         "documents, so the gap in 'absorb a changed document' widens as the corpus grows.",
         "Latency and tokens/s depend on this machine and engine; compare modes within one report.",
-    ]
+    ] + ([seen_note] if seen_note else [])
     paths = write_report(out, qs, runs, cost, k=cfg.rag.top_k, meta=meta, notes=notes,
                          n_boot=int(ecfg.bootstrap), seed=int(ecfg.seed))
     import json
 
     report = json.loads(paths["json"].read_text(encoding="utf-8"))
     return EvalResult(out, paths, report, errors, runs)
+
+
+def _fold(text: str) -> str:
+    return " ".join(str(text).casefold().split())
+
+
+def _seen_in_training(adapter: str | Path, qs: Sequence[Question]) -> str:
+    """A report note (and a warning) naming the questions the adapter was trained on, if any."""
+    import json
+
+    from ragtune.runcard import read_runcard
+
+    train_file = Path(read_runcard(adapter).get("data", {}).get("train_file") or "")
+    if not train_file.is_file():
+        return ""  # a carried adapter: its training data stayed behind
+    asked: set[str] = set()
+    for line in train_file.read_text(encoding="utf-8-sig", errors="replace").splitlines():
+        try:
+            msgs = json.loads(line).get("messages")
+            asked.update(_fold(m["content"]) for m in msgs if m.get("role") == "user")
+        except (ValueError, AttributeError, TypeError, KeyError):
+            continue  # data check reported these lines when the adapter was trained
+    seen = [q for q in qs if _fold(q.question) in asked]
+    if not seen:
+        return ""
+    ids = ", ".join(q.id for q in seen[:8]) + (", ..." if len(seen) > 8 else "")
+    note = (f"{len(seen)} of {len(qs)} questions are also asked in the adapter's training data ({train_file}: {ids}): "
+            "on them ft and ft+rag measure memory, not generalisation; hold them out of training for a fair comparison.")
+    log.warning(note)
+    return note
 
 
 def _engine_label(generator: Any, cfg: Any) -> str:

@@ -163,6 +163,26 @@ def test_run_eval_modes_errors_and_partial(tmp_path: Path) -> None:
     assert res.report["speed"]["base"]["errors"] == 1
 
 
+def test_questions_the_adapter_was_trained_on_are_named(tmp_path: Path, caplog) -> None:
+    cfg = load_config(None, ["eval.bootstrap=50"])
+    q = write_questions(tmp_path / "q.jsonl")
+    adapter = make_adapter(tmp_path)
+    run = lambda out: run_eval(cfg, questions=q, adapter=str(adapter), modes="base,ft", out_dir=tmp_path / out,  # noqa: E731
+                               progress=False, generator=ScriptedGenerator(TABLE))
+    assert not any("training data" in n for n in run("clean").report["notes"])  # no train_file in the card
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": t}, {"role": "assistant",
+                                                                                       "content": "x"}]}) + "\n"
+                             for t in ("What is the meal  LIMIT?", " meal limit? ", "Remote?")) + "not json\n")
+    card = json.loads((adapter / "ragtune.json").read_text())
+    card["data"]["train_file"] = str(train)
+    write_runcard(adapter, card)
+    res = run("seen")
+    note = f"1 of 3 questions are also asked in the adapter's training data ({train}: meals)"
+    assert [n for n in res.report["notes"] if "training data" in n][0].startswith(note)
+    assert note in res.paths["md"].read_text(encoding="utf-8") and note in caplog.text
+
+
 def test_cost_helpers(tmp_path: Path) -> None:
     with Timer() as t:
         pass

@@ -120,7 +120,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, Any]], te
                 continue
             while j < len(trained) and trained[j][1] <= start:
                 j += 1
-            if j < len(trained) and trained[j][0] <= start < trained[j][1]:
+            if j < len(trained) and trained[j][0] < end:  # overlaps: " Paris" after "[/INST]" is the answer's
                 mask[t] = 1
         return Encoded(ids, mask)
     # slow tokenizers have no offsets: tokenize the pieces separately

@@ -86,23 +86,26 @@ MISTRAL_LIKE = (
     "<s>{% for m in messages %}"
     "{% if m['role'] == 'user' %}[INST] {% if loop.index0 == ns.last_user and system %}{{ system }}\n\n{% endif %}"
     "{{ m['content'] }}[/INST]"
-    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
 )
 
 
-@pytest.mark.parametrize("template, expected", [
-    (QWEN3_LIKE, "Paris.<|im_end|><think>\n\n</think>\n\n한국의 수도.<|im_end|>"),
-    (MISTRAL_LIKE, "Paris.<|im_end|>한국의 수도.<|im_end|>"),
+@pytest.mark.parametrize("template, chars, expected", [
+    (QWEN3_LIKE, "Paris.<|im_end|><think>\n\n</think>\n\n한국의 수도.<|im_end|>",
+     "Paris.<|im_end|><think>\n\n</think>\n\n한국의 수도.<|im_end|>"),
+    # the first answer is found by its text, the last by prefixes (with the space before it); the
+    # tokens trained are the same kind: " Paris" overlaps the answer, so it is trained whole
+    (MISTRAL_LIKE, "Paris.<|im_end|> 한국의 수도.<|im_end|>", " Paris.<|im_end|> 한국의 수도.<|im_end|>"),
 ])
 def test_turns_rendered_differently_later_are_found_in_the_whole_conversation(
-        no_marker_llama: Path, template: str, expected: str) -> None:
+        no_marker_llama: Path, template: str, chars: str, expected: str) -> None:
     from ragtune.modeling import load_tokenizer
     from ragtune.train.template import spans, tokenize_conversation
 
     tok = load_tokenizer(no_marker_llama)
     full, found = spans(tok, CONV, template)
     assert full == tok.apply_chat_template(CONV, tokenize=False, chat_template=template)
-    assert "".join(full[s:e] for s, e in found) == expected
+    assert "".join(full[s:e] for s, e in found) == chars
     enc = tokenize_conversation(tok, CONV, template)
     assert tok.decode(enc.input_ids) == full
     assert _trained_text(tok, enc) == expected

@@ -372,7 +372,32 @@ def install_compact_loss(model: Any) -> bool:
         return CausalLMOutputWithPast(loss=loss_sum, logits=None)
 
     model.forward = types.MethodType(forward, model)
+    if not _compact_loss_matches(model, previous):
+        model.forward = previous  # a head this path does not reproduce (custom scaling, say): TRL's loss
+        log.info("the model's LM head is not a plain projection: training with the full-vocabulary loss")
+        return False
     return True
+
+
+def _compact_loss_matches(model: Any, full_forward: Any) -> bool:
+    """Probe on 16 tokens: does the compact loss equal the model's own (full-logits) loss?"""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(p.device for p in model.parameters() if p.device.type != "meta")
+        gen = torch.Generator().manual_seed(0)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ids = torch.randint(0, vocab, (1, 16), generator=gen).to(device)
+        labels = ids.clone()
+        labels[:, :8] = -100
+        with torch.no_grad():
+            ref = float(full_forward(input_ids=ids, labels=labels, use_cache=False).loss)
+            got = float(model(input_ids=ids, ragtune_labels=labels).loss) / int((labels[:, 1:] != -100).sum())
+    finally:
+        model.train(was_training)
+    return abs(got - ref) <= 2e-2 * max(1.0, abs(ref))  # bf16 rounding passes; a scaled head does not
 
 
 def make_trainer_class() -> type:

@@ -218,6 +218,40 @@ def test_eval_file_questions_also_in_training_are_named(trainable_llama: Path, q
     assert card["metrics"]["eval_loss"] > 0
 
 
+def test_compact_loss_equals_the_full_loss_or_stands_aside(trainable_llama: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.train.recipe import install_compact_loss
+
+    model = AutoModelForCausalLM.from_pretrained(str(trainable_llama))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :5] = labels[1, 7:] = -100
+    with torch.no_grad():
+        full = float(model(input_ids=ids, labels=labels).loss)
+        assert install_compact_loss(model)
+        compact = float(model(input_ids=ids, ragtune_labels=labels).loss) / int((labels[:, 1:] != -100).sum())
+    assert compact == pytest.approx(full, rel=1e-5)
+
+    # a head the compact path would not reproduce (scaled logits, as some architectures have)
+    scaled = AutoModelForCausalLM.from_pretrained(str(trainable_llama))
+    plain = scaled.forward
+
+    def scaled_forward(*a, **kw):  # noqa: ANN002, ANN003
+        labels = kw.pop("labels", None)
+        out = plain(*a, **kw)
+        logits = out.logits * 4
+        if labels is not None:
+            out.loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        out.logits = logits
+        return out
+
+    scaled.forward = scaled_forward
+    assert not install_compact_loss(scaled)
+    assert scaled.forward is scaled_forward
+
+
 def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama: Path) -> None:
     """bf16 (the CUDA default) rounds packed and separate rows differently; that is not a leak. An
     attention that ignores the packed boundaries (here: a forward that drops position_ids) is one."""

@@ -100,6 +100,27 @@ def build_tiny_llama(out: str | Path, vocab_size: int = 1024, hidden: int = 64, 
     return out
 
 
+def build_tiny_causal_lm(arch: str, out: str | Path, tokenizer_dir: str | Path, template: str | None = None,
+                         seed: int = 0) -> Path:
+    """A tiny random model of another architecture (model_type `arch`: qwen3, gemma3_text, phi3, ...)
+    with tiny_llama's tokenizer and, if given, another chat template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(str(out))
+    cfg = AutoConfig.for_model(
+        arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
 def build_tiny_embedder(out: str | Path, hidden: int = 32, seed: int = 0) -> Path:
     import torch
     from sentence_transformers import SentenceTransformer

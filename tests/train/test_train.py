@@ -116,6 +116,38 @@ def test_merged_model_equals_base_plus_adapter(memorized: dict, tmp_path: Path) 
     assert main(["merge", str(out), "--out", str(merged_dir)]) == 2  # not empty, no --force
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "phi3"])
+def test_other_architectures_train_multi_turn_and_merge(arch: str, tiny_llama: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tinymodels import build_tiny_causal_lm
+    from tests.train.test_template import QWEN3_LIKE
+
+    base = build_tiny_causal_lm(arch, tmp_path / arch, tiny_llama, QWEN3_LIKE if arch == "qwen3" else None)
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": a}, {"role": "user", "content": "Again?"},
+                          {"role": "assistant", "content": a}]} for q, a in QA]
+    data = write_jsonl(tmp_path / "multi.jsonl", rows)
+    out, merged_dir = tmp_path / "run", tmp_path / "merged"
+    assert main(["-q", "data", "check", str(data), "--model", str(base)]) == 0
+    assert main(["-q", "train", f"model.path={base}", f"data.train_file={data}", f"train.output_dir={out}",
+                 "train.learning_rate=0.01", "train.threads=1", *QUICK]) == 0
+    card = json.loads((out / "ragtune.json").read_text())
+    assert card["training"]["compact_lm_head"] and card["metrics"]["steps"] == 2
+    assert main(["-q", "merge", str(out), "--out", str(merged_dir)]) == 0
+    tok = AutoTokenizer.from_pretrained(str(merged_dir))
+    ids = tok(tok.apply_chat_template(rows[0]["messages"][:2], tokenize=False, add_generation_prompt=True),
+              return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(base)).eval()(**ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(out)).eval()(**ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()(**ids).logits
+    assert (adapted - plain).abs().max() > 1e-2  # the adapter learned something
+    assert (merged - adapted).abs().max() < 1e-3
+
+
 def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch, caplog, capsys) -> None:
     from transformers import TrainerCallback

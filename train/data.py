@@ -19,7 +19,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ragtune.errors import UsageError
 
@@ -33,6 +33,7 @@ MESSAGE_KEYS = ("role", "content", "weight")
 KINDS: dict[str, str] = {
     "not_utf8": "not valid UTF-8",
     "invalid_json": "not valid JSON",
+    "not_jsonl": "not JSON Lines",
     "not_object": "record is not a JSON object",
     "messages_missing": "'messages' missing",
     "messages_not_list": "'messages' is not a list",
@@ -242,22 +243,18 @@ def check_file(
     p = Path(path)
     report = CheckReport(path=str(p))
     seen: dict[str, int] = {}
-    for n, raw_bytes in read_lines(p):
-        if not raw_bytes.strip():
-            continue
-        report.lines += 1
-        try:
-            raw = raw_bytes.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as exc:
-            report.problems.append(Problem(n, "not_utf8", f"byte {exc.start}: {exc.reason}; save the file as UTF-8"))
-            report.rejected[n] = raw_bytes.decode("utf-8", errors="replace")
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            report.problems.append(Problem(n, "invalid_json", f"{exc.msg} at column {exc.colno}"))
-            report.rejected[n] = raw
-            continue
+    lines = read_lines(p)
+    items = list(_line_items(lines, report))
+    whole = _whole_file_values(lines) if report.problems else None
+    if whole is not None:  # a JSON array, or records pretty-printed over several lines
+        shape = "one JSON array" if whole[0] == "array" else "JSON spread over several lines"
+        report.problems = [Problem(1, "not_jsonl", (
+            f"the file is {shape} ({len(whole[1])} records), not JSON Lines (one record per line); "
+            f"'ragtune data check {p} --write-clean OUT.jsonl' writes the valid ones one per line"))]
+        report.rejected.clear()
+        report.lines = len(whole[1])
+        items = [(n, json.dumps(obj, ensure_ascii=False), obj) for n, obj in whole[1]]
+    for n, raw, obj in items:
         probs = record_problems(obj)
         if not probs:
             key = json.dumps(obj["messages"], sort_keys=True, ensure_ascii=False)
@@ -272,6 +269,87 @@ def check_file(
         report.records.append(Record(n, obj["messages"], raw))
     _token_checks(report, tokenizer, chat_template, max_length, tokenize)
     return report
+
+
+_NO_VALUE = object()
+
+
+def _line_items(lines: list[tuple[int, bytes]], report: CheckReport) -> Iterator[tuple[int, str, Any]]:
+    """(line number, text, parsed value) of each JSON line; undecodable and invalid lines are reported."""
+    for n, raw_bytes in lines:
+        if not raw_bytes.strip():
+            continue
+        report.lines += 1
+        try:
+            raw = raw_bytes.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            report.problems.append(Problem(n, "not_utf8", f"byte {exc.start}: {exc.reason}; save the file as UTF-8"))
+            report.rejected[n] = raw_bytes.decode("utf-8", errors="replace")
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            report.problems.append(Problem(n, "invalid_json", f"{exc.msg} at column {exc.colno}{json_hint(raw, exc)}"))
+            report.rejected[n] = raw
+            continue
+        yield n, raw, obj
+
+
+def json_hint(raw: str, exc: json.JSONDecodeError) -> str:
+    """What a hand-edited line most likely got wrong, and the text near the error."""
+    at = exc.pos
+    before = raw[:at].rstrip()
+    hint = ""
+    if any(q in raw for q in "\u201c\u201d\u201e"):
+        hint = "curly quotes (\u201c \u201d) where JSON needs straight double quotes (\")"
+    elif at < len(raw) and raw[at] == "'" or raw.lstrip().startswith("{'"):
+        hint = "single quotes: JSON keys and strings need double quotes (a Python dict? write records with json.dumps)"
+    elif at < len(raw) and raw[at] in "]}" and before.endswith(","):
+        hint = f"a comma before '{raw[at]}': JSON allows no trailing comma"
+    elif exc.msg.startswith("Invalid control character"):
+        hint = "a tab or line break inside a string: write it as \\t or \\n"
+    elif exc.msg.startswith("Extra data") and raw[at:].lstrip().startswith("{"):
+        hint = "two records on one line: put each on its own line"
+    elif exc.msg.startswith(("Expecting property name", "Expecting value")) and raw.strip() in ("{", "[", "}", "]", "},"):
+        hint = "a record spread over several lines: JSON Lines needs one whole record per line"
+    near = raw[max(0, at - 20):at + 20].replace("\t", " ")
+    return f" ({hint}; near: {near!r})" if hint else f" (near: {near!r})"
+
+
+def _whole_file_values(lines: list[tuple[int, bytes]]) -> tuple[str, list[tuple[int, Any]]] | None:
+    """The records of a file that is one JSON array or holds values spread over several lines (each with
+    the line it starts on), or None when the file is not such a file (or is proper JSON Lines)."""
+    try:
+        text = b"\n".join(line for _, line in lines).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    body = text.strip()
+    if not body or (body[0] != "[" and "\n" not in body):
+        return None
+    dec = json.JSONDecoder()
+    line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
+    skip = lambda pos: len(text) - len(text[pos:].lstrip())  # noqa: E731
+    out: list[tuple[int, Any]] = []
+    pos = skip(0)
+    try:
+        if text[pos] == "[":
+            pos = skip(pos + 1)
+            while text[pos] != "]":
+                obj, end = dec.raw_decode(text, pos)
+                out.append((line_of(pos), obj))
+                pos = skip(end)
+                if text[pos] == ",":
+                    pos = skip(pos + 1)
+            return ("array", out) if not text[pos + 1:].strip() else None
+        multiline = False
+        while pos < len(text):
+            obj, end = dec.raw_decode(text, pos)
+            multiline |= "\n" in text[pos:end]
+            out.append((line_of(pos), obj))
+            pos = skip(end)
+    except (ValueError, IndexError):
+        return None
+    return ("lines", out) if multiline else None
 
 
 def _turn_stats(recs: list[Record]) -> dict[str, int]:

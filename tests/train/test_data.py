@@ -100,6 +100,41 @@ def test_write_clean_and_quarantine(tmp_path: Path, capsys) -> None:
     assert main(["data", "check", str(out)]) == 0
 
 
+@pytest.mark.parametrize("line, hint", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},]}',
+     "a comma before ']': JSON allows no trailing comma; near: '\", \"content\": \"yo\"},]}'"),
+    ("{'messages': [{'role': 'user', 'content': 'hi'}]}", "single quotes: JSON keys and strings need double quotes"),
+    ('{\u201cmessages\u201d: []}', "curly quotes (\u201c \u201d) where JSON needs straight double quotes"),
+    ('{"messages": []} {"messages": []}', "two records on one line: put each on its own line"),
+    ('{"messages": [{"role": "user", "content": "a\tb"}]}', "a tab or line break inside a string"),
+])
+def test_hand_edited_json_mistakes_are_named(tmp_path: Path, line: str, hint: str) -> None:
+    from ragtune.train.data import check_file
+
+    (problem,) = check_file(_file(tmp_path, line)).problems
+    assert problem.line == 3 and problem.kind == "invalid_json" and hint in problem.message, problem.message
+
+
+@pytest.mark.parametrize("shape", ["array", "pretty"])
+def test_json_array_or_pretty_printed_file_is_named_and_cleaned(tmp_path: Path, shape: str, capsys) -> None:
+    rows = [GOOD, chat("Q2?", "A2."), {"messages": [U]}, chat("Q4?", "A4.")]
+    text = json.dumps(rows, indent=2) if shape == "array" else "\n".join(json.dumps(r, indent=2) for r in rows)
+    path = tmp_path / "data.json"
+    path.write_text(text, encoding="utf-8")
+    out = tmp_path / "clean.jsonl"
+    assert main(["data", "check", str(path), "--write-clean", str(out)]) == 1
+    printed = capsys.readouterr().out
+    what = "one JSON array (4 records)" if shape == "array" else "JSON spread over several lines (4 records)"
+    assert f"line 1: the file is {what}, not JSON Lines (one record per line)" in printed
+    # the record without an answer is named by the line it starts on
+    start = text.count("\n", 0, text.rindex("{", 0, text.rindex('"messages"', 0, text.index('"hi"')))) + 1
+    assert f"line {start}: no assistant message" in printed
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [GOOD, rows[1], rows[3]]
+    (rej,) = [json.loads(x) for x in (tmp_path / "clean.rejected.jsonl").read_text().splitlines()]
+    assert rej["line"] == start and json.loads(rej["text"]) == rows[2]
+    assert main(["data", "check", str(out)]) == 0
+
+
 def test_convert_csv_keeps_korean(tmp_path: Path) -> None:
     src = tmp_path / "faq.csv"
     src.write_text('질문,답변,other\n"서울은, 어디?",한국의 수도입니다.,1\nempty,,2\n', encoding="utf-8-sig")

@@ -118,10 +118,13 @@ def register(sub: Any) -> None:
     pc.add_argument("--json", action="store_true", help="machine-readable report")
     pc.add_argument("--write-clean", metavar="OUT", default="",
                     help="write the valid records to OUT and rejected lines with reasons to OUT.rejected.jsonl")
-    pv = dsub.add_parser("convert", help="CSV/TSV/JSONL question-answer table -> chat JSONL")
-    pv.add_argument("file", help=".csv, .tsv or .jsonl file")
-    pv.add_argument("--question-col", required=True)
-    pv.add_argument("--answer-col", required=True)
+    pv = dsub.add_parser("convert", help="question/answer table, ShareGPT, Alpaca or prompt/completion -> chat JSONL",
+                         description="Write chat JSONL from a question/answer table (.csv, .tsv, .jsonl, .json; "
+                                     "name the columns) or, without column names, from ShareGPT, Alpaca or "
+                                     "prompt/completion records (.jsonl, or a .json array), recognised by their keys.")
+    pv.add_argument("file", help=".csv, .tsv, .jsonl or .json (an array) file")
+    pv.add_argument("--question-col", default="", help="the question column (tables)")
+    pv.add_argument("--answer-col", default="", help="the answer column (tables)")
     pv.add_argument("--system", default="", help="system message to put first in every record")
     pv.add_argument("--out", default="", help="output file (default: FILE.chat.jsonl beside the input)")
     pv.add_argument("--encoding", default="auto",

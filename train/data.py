@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "invalid_json": "not valid JSON",
     "not_jsonl": "not JSON Lines",
     "not_object": "record is not a JSON object",
+    "other_format": "another tool's record format",
     "messages_missing": "'messages' missing",
     "messages_not_list": "'messages' is not a list",
     "messages_empty": "'messages' is empty",
@@ -168,6 +169,10 @@ def record_problems(obj: Any) -> list[tuple[str, str]]:
     """Structural problems of one parsed record, as (kind, message)."""
     if not isinstance(obj, dict):
         return [("not_object", f"expected an object {{\"messages\": [...]}}, got {type(obj).__name__}")]
+    fmt = detect_format(obj)
+    if fmt and "messages" not in obj:
+        return [("other_format", f"{FORMATS[fmt][0]} format {FORMATS[fmt][1]}, not chat {{\"messages\": [...]}}: "
+                                 "'ragtune data convert FILE' writes the file as chat JSONL")]
     probs: list[tuple[str, str]] = []
     extra = [k for k in obj if k not in RECORD_KEYS]
     if extra:
@@ -447,6 +452,15 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
     import csv
 
     suffix = path.suffix.lower()
+    if suffix == ".json":  # a JSON array of objects (alpaca_data.json and most hub exports)
+        try:
+            rows = json.loads(decode_text(path, path.read_bytes(), encoding))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg}); .json input must be one "
+                             "array of objects (name JSON Lines files .jsonl)") from exc
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise UsageError(f"{path}: expected a JSON array of objects (name JSON Lines files .jsonl)")
+        return sorted({k for r in rows for k in r}), rows
     if suffix == ".jsonl":
         rows = []
         for n, line in read_lines(path, encoding):
@@ -462,22 +476,88 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
         cols = sorted({k for r in rows for k in r})
         return cols, rows
     if suffix not in (".csv", ".tsv"):
-        raise UsageError(f"'{path}': convert reads .csv, .tsv or .jsonl files")
+        raise UsageError(f"'{path}': convert reads .csv, .tsv, .jsonl or .json files")
     text = decode_text(path, path.read_bytes(), encoding)
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
     return list(reader.fieldnames or []), list(reader)
 
 
-def convert(path: str | Path, question_col: str, answer_col: str, system: str = "",
+# Other tools' record shapes that convert turns into chat records (named in check's hints too)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
+FORMATS = {  # name, shape
+    "sharegpt": ("ShareGPT", '{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}'),
+    "alpaca": ("Alpaca", '{"instruction": ..., "input"?: ..., "output": ...}'),
+    "prompt-completion": ("prompt/completion", '{"prompt": ..., "completion": ...}'),
+}
+
+
+def detect_format(row: Any) -> str:
+    """The other tool's format a record is in ("" when none is recognised)."""
+    if not isinstance(row, dict):
+        return ""
+    if isinstance(row.get("conversations"), list):
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return "prompt-completion"
+    return ""
+
+
+def _format_messages(fmt: str, row: dict[str, Any], system: str) -> tuple[list[dict[str, str]], str]:
+    """One record of a recognised format as chat messages, or ([], why it was skipped)."""
+    if fmt == "sharegpt":
+        msgs = []
+        for j, turn in enumerate(row["conversations"], 1):
+            if not isinstance(turn, dict):
+                return [], f"turn {j} is not an object"
+            role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+            if role is None:
+                return [], f"turn {j} is from {turn.get('from')!r}, which has no chat role (allowed: human, gpt, system)"
+            msgs.append({"role": role, "content": str(turn.get("value") or "").strip()})
+        sys_text = str(row.get("system") or system).strip()
+        if sys_text and not (msgs and msgs[0]["role"] == "system"):
+            msgs.insert(0, {"role": "system", "content": sys_text})
+        return msgs, ""
+    if fmt == "alpaca":
+        q = "\n\n".join(str(row.get(k) or "").strip() for k in ("instruction", "input") if str(row.get(k) or "").strip())
+        pairs = [("user", q), ("assistant", str(row.get("output") or "").strip())]
+        sys_text = str(row.get("system") or system).strip()
+    else:
+        pairs = [("user", row["prompt"].strip()), ("assistant", row["completion"].strip())]
+        sys_text = system
+    if not pairs[0][1] or not pairs[1][1]:
+        return [], f"empty {'question' if not pairs[0][1] else 'answer'}"
+    return ([{"role": "system", "content": sys_text}] if sys_text else []) + [
+        {"role": r, "content": c} for r, c in pairs], ""
+
+
+def convert(path: str | Path, question_col: str = "", answer_col: str = "", system: str = "",
             out: str | Path | None = None, encoding: str = "auto") -> tuple[Path, int, list[str]]:
-    """Question/answer table -> chat JSONL (UTF-8, non-ASCII kept). Returns (out, written, skipped notes)."""
+    """Question/answer table, or ShareGPT / Alpaca / prompt-completion records -> chat JSONL (UTF-8,
+    non-ASCII kept). Returns (out, written, skipped notes)."""
     from ragtune.io import atomic_write_jsonl
 
     src = Path(path)
     if not src.is_file():
         raise UsageError(f"input file '{src}' does not exist")
     cols, rows = _read_table(src, encoding)
-    missing = [c for c in (question_col, answer_col) if c not in cols]
+    fmt = ""
+    if not (question_col or answer_col):
+        fmt = detect_format(rows[0]) if rows else ""
+        if rows and "messages" in rows[0]:
+            raise UsageError(f"{src} already holds chat records {{\"messages\": [...]}}; check it with "
+                             f"'ragtune data check {src}'")
+        if not fmt:
+            raise UsageError(
+                f"{src}: name the columns with --question-col and --answer-col (columns are: "
+                f"{', '.join(cols) or '(none)'}); without them convert reads "
+                + "; ".join(f"{name} records {shape}" for name, shape in FORMATS.values()))
+    elif not (question_col and answer_col):
+        raise UsageError("give both --question-col and --answer-col (or neither, for ShareGPT, Alpaca or "
+                         "prompt/completion records)")
+    missing = [c for c in (question_col, answer_col) if c and c not in cols]
     if missing:
         raise UsageError(f"{src}: no column {', '.join(map(repr, missing))}; columns are: {', '.join(cols) or '(none)'}")
     dest = Path(out) if out else src.with_name(src.stem + ".chat.jsonl")
@@ -486,15 +566,26 @@ def convert(path: str | Path, question_col: str, answer_col: str, system: str = 
     records, skipped = [], []
     first_data_line = 2 if src.suffix.lower() in (".csv", ".tsv") else 1
     for i, row in enumerate(rows):
+        where = f"{'record' if src.suffix.lower() == '.json' else 'row'} {i + first_data_line}"
         if row.get(None):  # csv.DictReader keeps fields beyond the header's under None
-            skipped.append(f"row {i + first_data_line}: {len(cols) + len(row[None])} fields, the header has "
+            skipped.append(f"{where}: {len(cols) + len(row[None])} fields, the header has "
                            f"{len(cols)} (a comma or tab inside an unquoted field? quote it)")
+            continue
+        if fmt:
+            if detect_format(row) != fmt:
+                skipped.append(f"{where}: not a {FORMATS[fmt][0]} record like the first")
+                continue
+            msgs, why = _format_messages(fmt, row, system)
+            if not msgs:
+                skipped.append(f"{where}: {why}")
+                continue
+            records.append({"messages": msgs})
             continue
         q, a = row.get(question_col), row.get(answer_col)
         q = "" if q is None else str(q).strip()
         a = "" if a is None else str(a).strip()
         if not q or not a:
-            skipped.append(f"row {i + first_data_line}: empty {'question' if not q else 'answer'}")
+            skipped.append(f"{where}: empty {'question' if not q else 'answer'}")
             continue
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": q}, {"role": "assistant", "content": a}]

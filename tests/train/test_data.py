@@ -149,6 +149,49 @@ def test_convert_csv_keeps_korean(tmp_path: Path) -> None:
     assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "답변"]) == 2
 
 
+def test_other_tools_formats_are_named_by_check_and_converted(tmp_path: Path, capsys) -> None:
+    sharegpt = write_jsonl(tmp_path / "sg.jsonl", [
+        {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "서울은?"},
+                           {"from": "gpt", "value": "한국의 수도."}, {"from": "human", "value": "Why?"},
+                           {"from": "gpt", "value": "History."}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]},
+        {"instruction": "not like the first", "output": "x"},
+    ])
+    assert main(["data", "check", str(sharegpt)]) == 1
+    out = capsys.readouterr().out
+    assert "another tool's record format (3):" in out and "line 1: ShareGPT format {" in out and "line 3: Alpaca format" in out
+    assert "'ragtune data convert FILE' writes the file as chat JSONL" in out
+    assert main(["data", "convert", str(sharegpt)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped row 2: turn 2 is from 'function_call', which has no chat role" in out
+    assert "skipped row 3: not a ShareGPT record like the first" in out
+    (rec,) = [json.loads(x) for x in (tmp_path / "sg.chat.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rec["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "서울은?"},
+                               {"role": "assistant", "content": "한국의 수도."}, {"role": "user", "content": "Why?"},
+                               {"role": "assistant", "content": "History."}]
+
+    alpaca = tmp_path / "alpaca_data.json"  # the classic file is one JSON array
+    alpaca.write_text(json.dumps([{"instruction": "Translate", "input": "cat", "output": "고양이"},
+                                  {"instruction": "Say hi", "input": "", "output": "hi"},
+                                  {"instruction": "x", "input": "", "output": ""}], ensure_ascii=False), encoding="utf-8")
+    assert main(["data", "convert", str(alpaca), "--system", "Be brief."]) == 0
+    assert "skipped record 3: empty answer" in capsys.readouterr().out
+    recs = [json.loads(x)["messages"] for x in (tmp_path / "alpaca_data.chat.jsonl").read_text().splitlines()]
+    assert recs == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Translate\n\ncat"},
+                     {"role": "assistant", "content": "고양이"}],
+                    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
+                     {"role": "assistant", "content": "hi"}]]
+
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "p?", "completion": "c."}])
+    assert main(["data", "convert", str(pc), "--out", str(tmp_path / "pc.out.jsonl")]) == 0
+    assert main(["data", "check", str(tmp_path / "pc.out.jsonl")]) == 0
+    # chat JSONL is not converted again, and tables need both columns
+    assert main(["data", "convert", str(tmp_path / "pc.out.jsonl")]) == 2
+    assert "already holds chat records" in capsys.readouterr().err
+    assert main(["data", "convert", str(alpaca), "--question-col", "instruction"]) == 2
+    assert "give both --question-col and --answer-col" in capsys.readouterr().err
+
+
 def test_convert_reads_excel_encodings(tmp_path: Path, capsys) -> None:
     """Korean Excel saves CSV as cp949 and "Unicode text" as UTF-16: the first is an error naming the
     line and the --encoding to pass (not a traceback), the second just works."""

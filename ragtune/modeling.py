@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ragtune.errors import ModelPathError
+from ragtune.errors import ModelPathError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ def load_model(
 
     p = check_model_dir(path)
     dev = pick_device(device)
+    check_memory(p, dev, pick_dtype(dev, dtype), purpose="load the model")
     model = AutoModelForCausalLM.from_pretrained(
         str(p),
         local_files_only=True,
@@ -188,6 +189,54 @@ def load_model(
     model.to(dev)
     model.eval()
     return model
+
+
+def _available_memory(device: str) -> int | None:
+    """Bytes free for a model on `device` (None where unknown)."""
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    if device == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    return None
+
+
+def check_memory(base: str | Path, device: str, dtype: Any, qlora: bool = False, purpose: str = "train") -> None:
+    """Refuse, before loading, a model whose weights alone do not fit in free memory (the kernel's OOM
+    killer says only 'Killed'); warn when they take more than 80% of it."""
+    import torch
+
+    free = _available_memory(device)
+    if free is None:
+        return
+    n = count_parameters(base)
+    per_param = 0.56 if qlora else torch.finfo(dtype).bits / 8  # nf4 with double quantisation ~ 4.5 bits
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1  # CPU processes share the RAM
+    need = n * per_param * procs
+    gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
+    what = "nf4 4-bit" if qlora else str(dtype).replace("torch.", "")
+    say = (f"the model's {n / 1e9:.2f}B parameters take {gb(need)} in {what}"
+           + (f" in {procs} processes" if procs > 1 else "")
+           + f", and {'the GPU has' if device == 'cuda' else 'this machine has'} {gb(free)} free")
+    if need <= 0.8 * free:
+        return
+    if need > free:
+        fixes = []
+        if device == "cpu" and per_param == 4:
+            fixes.append(f"model.dtype=bfloat16 ({gb(need / 2)})")
+        if device == "cuda" and not qlora and purpose == "train":
+            fixes.append(f"train.qlora=true (about {gb(n * 0.56)})")
+        if device == "cpu" and purpose != "train":
+            fixes.append("the llama.cpp engine with a quantised GGUF (generation.engine=llama.cpp "
+                         "generation.gguf_type=q4_k_m)")
+        if procs > 1:
+            fixes.append("fewer processes")
+        fixes.append("a smaller model.path")
+        raise UsageError(f"not enough memory to {purpose}: {say}; use " + " or ".join(fixes))
+    log.warning("%s: %s may run out of memory", say, "training" if purpose == "train" else "it")
 
 
 # --- identity ---------------------------------------------------------------------------------

@@ -134,3 +134,17 @@ def test_hash_cache_follows_a_changed_file_and_keeps_one_entry_per_file(ragtune_
     assert cached_file_sha256(f) == hashlib.sha256(b"two!").hexdigest()
     cache = json.loads(_hash_cache_path().read_text())
     assert [k for k in cache if k.startswith(f"{f.resolve()}|")] == [f"{f.resolve()}|4|2"]
+
+
+def test_a_model_too_big_for_memory_is_refused_before_loading(tiny_llama: Path, monkeypatch) -> None:
+    from ragtune import modeling
+    from ragtune.errors import UsageError
+
+    need = modeling.count_parameters(tiny_llama) * 4
+    monkeypatch.setattr(modeling, "_available_memory", lambda device: need // 2)
+    with pytest.raises(UsageError, match="not enough memory to load the model: the model's 0.00B parameters take "
+                                         r"0.0 GB in float32, and this machine has 0.0 GB free; use model.dtype="
+                                         r"bfloat16 \(0.0 GB\) or the llama.cpp engine with a quantised GGUF"):
+        modeling.load_model(tiny_llama, device="cpu")
+    monkeypatch.setattr(modeling, "_available_memory", lambda device: need * 3)
+    assert modeling.load_model(tiny_llama, device="cpu").dtype.is_floating_point

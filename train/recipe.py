@@ -277,7 +277,7 @@ def load_base_model(cfg: Any, base: Path, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ragtune.modeling import pick_dtype
+    from ragtune.modeling import check_memory, pick_dtype
 
     kwargs: dict[str, Any] = {}
     dtype = pick_dtype(device, cfg.model.dtype)
@@ -302,57 +302,11 @@ def load_base_model(cfg: Any, base: Path, device: str) -> Any:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    check_memory(base, device, dtype, cfg.train.qlora)
+    check_memory(base, device, dtype, qlora=cfg.train.qlora)
     model = AutoModelForCausalLM.from_pretrained(
         str(base), local_files_only=True, use_safetensors=True, dtype=dtype,
         trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     return model
-
-
-def _available_memory(device: str) -> int | None:
-    """Bytes free for the model on `device` (None where unknown)."""
-    import torch
-
-    if device == "cuda":
-        return int(torch.cuda.mem_get_info()[0])
-    if device == "cpu":
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    return None
-
-
-def check_memory(base: Path, device: str, dtype: Any, qlora: bool) -> None:
-    """Refuse, before loading, a base model whose weights alone do not fit (the OOM killer says only 'Killed')."""
-    import torch
-
-    from ragtune.modeling import count_parameters
-
-    free = _available_memory(device)
-    if free is None:
-        return
-    n = count_parameters(base)
-    per_param = 0.56 if qlora else torch.finfo(dtype).bits / 8  # nf4 with double quantisation ~ 4.5 bits
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1  # CPU processes share the RAM
-    need = n * per_param * procs
-    gb = lambda b: f"{b / 2**30:.1f} GB"  # noqa: E731
-    what = "nf4 4-bit" if qlora else str(dtype).replace("torch.", "")
-    say = (f"the base model's {n / 1e9:.2f}B parameters take {gb(need)} in {what}"
-           + (f" in {procs} processes" if procs > 1 else "")
-           + f", and {'the GPU has' if device == 'cuda' else 'this machine has'} {gb(free)} free")
-    if need <= 0.8 * free:
-        return
-    if need > free:
-        fixes = []
-        if device == "cpu" and per_param == 4:
-            fixes.append(f"model.dtype=bfloat16 ({gb(need / 2)})")
-        if device == "cuda" and not qlora:
-            fixes.append(f"train.qlora=true (about {gb(n * 0.56)})")
-        if procs > 1:
-            fixes.append("fewer processes")
-        fixes.append("a smaller model.path")
-        raise UsageError(f"not enough memory to train: {say}; use " + " or ".join(fixes))
-    log.warning("%s: training may run out of memory (activations and optimizer state come on top)", say)
 
 
 def packing_supported(model: Any, pad_id: int) -> bool:

@@ -192,23 +192,23 @@ def test_interrupted_run_resumes_from_its_step(trainable_llama: Path, qa_file: P
 
 def test_a_base_model_too_big_for_memory_is_refused_before_loading(trainable_llama: Path, qa_file: Path,
                                                                    tmp_path: Path, monkeypatch, capsys, caplog) -> None:
+    from ragtune import modeling
     from ragtune.modeling import count_parameters
-    from ragtune.train import recipe
 
     need = count_parameters(trainable_llama) * 4  # float32 on the CPU
     args = ["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
             f"train.output_dir={tmp_path / 'run'}", *QUICK]
-    monkeypatch.setattr(recipe, "_available_memory", lambda device: need - 1)
+    monkeypatch.setattr(modeling, "_available_memory", lambda device: need - 1)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "not enough memory to train: the base model's 0.00B parameters take 0.0 GB in float32" in err
+    assert "not enough memory to train: the model's 0.00B parameters take 0.0 GB in float32" in err
     assert "use model.dtype=bfloat16 (0.0 GB) or a smaller model.path" in err
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # CPU processes each hold a copy
-    monkeypatch.setattr(recipe, "_available_memory", lambda device: 2 * need - 1)
+    monkeypatch.setattr(modeling, "_available_memory", lambda device: 2 * need - 1)
     assert main(args) == 2 and "in 2 processes" in capsys.readouterr().err
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    monkeypatch.setattr(recipe, "_available_memory", lambda device: int(need * 1.1))  # tight: a warning
+    monkeypatch.setattr(modeling, "_available_memory", lambda device: int(need * 1.1))  # tight: a warning
     assert main(args) == 0
     assert "training may run out of memory" in caplog.text
 

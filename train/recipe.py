@@ -479,6 +479,15 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
             from tqdm.auto import tqdm
 
             if state.is_world_process_zero:
+                model = kw.get("model")
+                lora = ""
+                if hasattr(model, "get_nb_trainable_parameters"):
+                    trainable, total = model.get_nb_trainable_parameters()
+                    lora = f"; LoRA trains {trainable / 1e6:.2f}M parameters ({100 * trainable / max(total, 1):.2f}%)"
+                per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+                span = "train.max_steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+                log.info("training %d step%s (%s, %d records per step)%s", state.max_steps,
+                         "" if state.max_steps == 1 else "s", span, per_step, lora)
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                                 file=sys.stderr, disable=None, dynamic_ncols=True)
 
@@ -604,6 +613,11 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
              prep.base, n_params / 1e6, device, dtype, threads, gc)
 
     train_ds = Dataset.from_dict(encode(prep.train_records, tok, template, cfg.data.max_length))
+    n_tokens = sum(map(len, train_ds["input_ids"]))
+    n_trained = sum(sum(x != -100 for x in row) for row in train_ds["labels"])
+    log.info("data: %d training records (%s tokens per epoch, %s of them trained), %d eval records%s",
+             len(prep.train_records), f"{n_tokens:,}", f"{n_trained:,}", len(prep.eval_records),
+             f", {prep.skipped} invalid skipped" if prep.skipped else "")
     eval_ds = (Dataset.from_dict(encode(prep.eval_records, tok, template, cfg.data.max_length))
                if prep.eval_records else None)
     has_eval = eval_ds is not None and len(eval_ds) > 0

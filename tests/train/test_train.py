@@ -258,6 +258,8 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
     assert said == [f"step {r['step']}/2 " + " ".join(f"{k} {r[k]:.4f}" for k in ("loss", "eval_loss") if k in r)
                     for r in rows if "loss" in r or "eval_loss" in r]
     assert len(said) == 4  # loss and eval loss at steps 1 and 2
+    assert "data: 16 training records (" in caplog.text and "), 4 eval records, 1 invalid skipped" in caplog.text
+    assert "training 2 steps (train.max_steps, 4 records per step); LoRA trains 0." in caplog.text
 
 
 def test_eval_file_questions_also_in_training_are_named(trainable_llama: Path, qa_file: Path, tmp_path: Path,

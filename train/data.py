@@ -246,6 +246,10 @@ def check_file(
 ) -> CheckReport:
     """Check every line; with a tokenizer also the token-level problems and token stats."""
     p = Path(path)
+    if p.suffix.lower() in TABLE_SUFFIXES and p.is_file():
+        raise UsageError(
+            f"'{p}' is a {p.suffix.lower()[1:].upper()} file, not chat JSONL: write chat records from it with "
+            f"'ragtune data convert {p}' (naming --question-col and --answer-col for a question/answer table)")
     report = CheckReport(path=str(p))
     seen: dict[str, int] = {}
     lines = read_lines(p)
@@ -276,7 +280,7 @@ def check_file(
     return report
 
 
-_NO_VALUE = object()
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")  # what convert reads and check does not
 
 
 def _line_items(lines: list[tuple[int, bytes]], report: CheckReport) -> Iterator[tuple[int, str, Any]]:
@@ -452,6 +456,14 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
     import csv
 
     suffix = path.suffix.lower()
+    if suffix == ".parquet":  # as the Hugging Face hub serves datasets
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several kinds for a damaged file
+            raise UsageError(f"{path}: not a readable Parquet file ({exc})") from exc
+        return sorted({k for r in rows for k in r}), rows
     if suffix == ".json":  # a JSON array of objects (alpaca_data.json and most hub exports)
         try:
             rows = json.loads(decode_text(path, path.read_bytes(), encoding))
@@ -476,7 +488,7 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
         cols = sorted({k for r in rows for k in r})
         return cols, rows
     if suffix not in (".csv", ".tsv"):
-        raise UsageError(f"'{path}': convert reads .csv, .tsv, .jsonl or .json files")
+        raise UsageError(f"'{path}': convert reads .csv, .tsv, .jsonl, .json or .parquet files")
     text = decode_text(path, path.read_bytes(), encoding)
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
     return list(reader.fieldnames or []), list(reader)
@@ -547,8 +559,10 @@ def convert(path: str | Path, question_col: str = "", answer_col: str = "", syst
     if not (question_col or answer_col):
         fmt = detect_format(rows[0]) if rows else ""
         if rows and "messages" in rows[0]:
-            raise UsageError(f"{src} already holds chat records {{\"messages\": [...]}}; check it with "
-                             f"'ragtune data check {src}'")
+            if src.suffix.lower() == ".jsonl":
+                raise UsageError(f"{src} already holds chat records {{\"messages\": [...]}}; check it with "
+                                 f"'ragtune data check {src}'")
+            fmt = "messages"  # chat records in a JSON array or Parquet: written out as JSON Lines
         if not fmt:
             raise UsageError(
                 f"{src}: name the columns with --question-col and --answer-col (columns are: "
@@ -570,6 +584,15 @@ def convert(path: str | Path, question_col: str = "", answer_col: str = "", syst
         if row.get(None):  # csv.DictReader keeps fields beyond the header's under None
             skipped.append(f"{where}: {len(cols) + len(row[None])} fields, the header has "
                            f"{len(cols)} (a comma or tab inside an unquoted field? quote it)")
+            continue
+        if fmt == "messages":
+            msgs = row.get("messages")
+            if not isinstance(msgs, list):
+                skipped.append(f"{where}: no 'messages' list")
+                continue
+            # Parquet gives every message every key any message has, as None where it had none
+            records.append({"messages": [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                                         for m in msgs]})
             continue
         if fmt:
             if detect_format(row) != fmt:

@@ -192,6 +192,31 @@ def test_other_tools_formats_are_named_by_check_and_converted(tmp_path: Path, ca
     assert "give both --question-col and --answer-col" in capsys.readouterr().err
 
 
+def test_parquet_and_tables_are_pointed_at_convert(tmp_path: Path, tiny_llama: Path, capsys) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "weight": 1}]},
+            {"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}]
+    src = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)  # gives every message a 'weight' (None where absent)
+    assert main(["data", "check", str(src)]) == 2
+    assert f"'{src}' is a PARQUET file, not chat JSONL: write chat records from it with 'ragtune data convert" \
+        in capsys.readouterr().err
+    assert main(["data", "convert", str(src)]) == 0
+    out = tmp_path / "chat.chat.jsonl"
+    assert [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()] == rows
+    assert main(["data", "check", str(out)]) == 0
+    table = tmp_path / "faq.parquet"
+    pq.write_table(pa.Table.from_pylist([{"q": "Why?", "a": "Because."}]), table)
+    assert main(["data", "convert", str(table), "--question-col", "q", "--answer-col", "a"]) == 0
+    csv = tmp_path / "faq.csv"
+    csv.write_text("q,a\nWhy?,Because.\n", encoding="utf-8")
+    assert main(["-q", "train", f"model.path={tiny_llama}", f"data.train_file={csv}",
+                 f"train.output_dir={tmp_path / 'run'}"]) == 2
+    assert "is a CSV file, not chat JSONL" in capsys.readouterr().err
+
+
 def test_convert_reads_excel_encodings(tmp_path: Path, capsys) -> None:
     """Korean Excel saves CSV as cp949 and "Unicode text" as UTF-16: the first is an error naming the
     line and the --encoding to pass (not a traceback), the second just works."""

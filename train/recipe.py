@@ -612,9 +612,10 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     log.info("base %s (%.0fM params) on %s, %s, threads %d, gradient checkpointing %s",
              prep.base, n_params / 1e6, device, dtype, threads, gc)
 
-    train_ds = Dataset.from_dict(encode(prep.train_records, tok, template, cfg.data.max_length))
-    n_tokens = sum(map(len, train_ds["input_ids"]))
-    n_trained = sum(sum(x != -100 for x in row) for row in train_ds["labels"])
+    train_enc = encode(prep.train_records, tok, template, cfg.data.max_length)
+    train_ds = Dataset.from_dict(train_enc)
+    n_tokens = sum(map(len, train_enc["input_ids"]))
+    n_trained = sum(len(row) - row.count(-100) for row in train_enc["labels"])
     log.info("data: %d training records (%s tokens per epoch, %s of them trained), %d eval records%s",
              len(prep.train_records), f"{n_tokens:,}", f"{n_trained:,}", len(prep.eval_records),
              f", {prep.skipped} invalid skipped" if prep.skipped else "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,8 +254,11 @@ def check_file(
     report = CheckReport(path=str(p))
     seen: dict[str, int] = {}
     lines = read_lines(p)
-    items = list(_line_items(lines, report))
-    whole = _whole_file_values(lines) if report.problems else None
+    first = next((line.strip() for _, line in lines if line.strip()), b"")
+    whole = _whole_file_values(lines) if first in (b"[", b"{") else None  # plainly not one record per line
+    items = list(_line_items(lines, report)) if whole is None else []
+    if whole is None and report.problems:
+        whole = _whole_file_values(lines)
     if whole is not None:  # a JSON array, or records pretty-printed over several lines
         shape = "one JSON array" if whole[0] == "array" else "JSON spread over several lines"
         report.problems = [Problem(1, "not_jsonl", (
@@ -311,7 +315,7 @@ def json_hint(raw: str, exc: json.JSONDecodeError) -> str:
     hint = ""
     if any(q in raw for q in "\u201c\u201d\u201e"):
         hint = "curly quotes (\u201c \u201d) where JSON needs straight double quotes (\")"
-    elif at < len(raw) and raw[at] == "'" or raw.lstrip().startswith("{'"):
+    elif (at < len(raw) and raw[at] == "'") or raw.lstrip().startswith("{'"):
         hint = "single quotes: JSON keys and strings need double quotes (a Python dict? write records with json.dumps)"
     elif at < len(raw) and raw[at] in "]}" and before.endswith(","):
         hint = f"a comma before '{raw[at]}': JSON allows no trailing comma"
@@ -336,8 +340,15 @@ def _whole_file_values(lines: list[tuple[int, bytes]]) -> tuple[str, list[tuple[
     if not body or (body[0] != "[" and "\n" not in body):
         return None
     dec = json.JSONDecoder()
-    line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
-    skip = lambda pos: len(text) - len(text[pos:].lstrip())  # noqa: E731
+    spaces = re.compile(r"\s*")
+    skip = lambda pos: spaces.match(text, pos).end()  # noqa: E731
+    counted = [0, 1]  # position, line: counted on from the last value (files can be large)
+
+    def line_of(pos: int) -> int:
+        counted[1] += text.count("\n", counted[0], pos)
+        counted[0] = pos
+        return counted[1]
+
     out: list[tuple[int, Any]] = []
     pos = skip(0)
     try:

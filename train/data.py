@@ -84,6 +84,8 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)  # line -> raw text of invalid records
     stats: dict[str, Any] = field(default_factory=dict)
+    # valid records that ask the same question with different answers: [[line, line, ...], ...]
+    conflicts: list[list[int]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -105,8 +107,19 @@ class CheckReport:
             "valid_records": len(self.records),
             "invalid_records": len(self.rejected),
             "problems": {k: [p.as_dict() for p in v] for k, v in self.by_kind().items()},
+            "conflicting_answers": self.conflicts,
             "stats": self.stats,
         }
+
+    def conflict_note(self) -> str:
+        """What to say about questions asked with different answers ("" when there are none)."""
+        if not self.conflicts:
+            return ""
+        shown = "; ".join("lines " + ", ".join(map(str, c)) for c in self.conflicts[:5])
+        more = f"; and {len(self.conflicts) - 5} more (--json lists all)" if len(self.conflicts) > 5 else ""
+        return (f"{len(self.conflicts)} question{'s are' if len(self.conflicts) > 1 else ' is'} asked with different "
+                f"answers in {self.path} ({shown}{more}): the model learns a mix of them; keep one answer per "
+                "question unless the answers are meant as paraphrases")
 
     def format(self, limit: int = 20) -> str:
         """Human report: problems grouped by kind, each with its line number, then stats."""
@@ -122,6 +135,8 @@ class CheckReport:
                 out.append(f"  line {p.line}: {p.message}")
             if len(items) > limit:
                 out.append(f"  ... and {len(items) - limit} more (--json lists all)")
+        if self.conflicts:
+            out.append(f"note: {self.conflict_note()}")
         s = self.stats
         if s:
             out.append(f"stats: {s.get('records', 0)} valid records, {s.get('turns', 0)} turns "
@@ -280,8 +295,18 @@ def check_file(
             report.rejected[n] = raw
             continue
         report.records.append(Record(n, obj["messages"], raw))
+    report.conflicts = _conflicting_answers(report.records)
     _token_checks(report, tokenizer, chat_template, max_length, tokenize)
     return report
+
+
+def _conflicting_answers(records: list[Record]) -> list[list[int]]:
+    """Lines of records that ask the same question (case and spacing folded) with different final answers."""
+    groups: dict[str, dict[str, int]] = {}
+    for r in records:
+        answer = " ".join(str(r.messages[-1].get("content", "")).casefold().split())
+        groups.setdefault(record_prompt(r), {}).setdefault(answer, r.line)
+    return [sorted(answers.values()) for answers in groups.values() if len(answers) > 1]
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")  # what convert reads and check does not

@@ -97,6 +97,8 @@ def prepare(cfg: Any) -> Prepared:
                 f"or pass --skip-invalid to train on the {len(rep.records)} valid records"
             )
         log.warning("skipping %d invalid records of %s (data.skip_invalid)", skipped, cfg.data.train_file)
+    if rep.conflicts:
+        log.warning("%s", rep.conflict_note())
     train_records = rep.records
     eval_records: list[Any] = []
     eval_rep = None

@@ -192,6 +192,19 @@ def test_other_tools_formats_are_named_by_check_and_converted(tmp_path: Path, ca
     assert "give both --question-col and --answer-col" in capsys.readouterr().err
 
 
+def test_questions_asked_with_different_answers_are_noted_not_failed(tmp_path: Path, capsys) -> None:
+    path = write_jsonl(tmp_path / "conf.jsonl", [
+        chat("How many remote days?", "2 days."), chat("What is X?", "Y."), chat("how many  REMOTE days?", "3 days."),
+        chat("What is X?", "y. "),  # the same answer, spaced and cased differently
+        chat("How many remote days?", "Two days.", system="Be brief."),  # another conversation: its own question
+    ])
+    assert main(["data", "check", str(path)]) == 0  # a note, not a problem: paraphrases can be meant
+    assert (f"note: 1 question is asked with different answers in {path} (lines 1, 3): the model learns a mix"
+            in capsys.readouterr().out)
+    assert main(["data", "check", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["conflicting_answers"] == [[1, 3]]
+
+
 def test_parquet_and_tables_are_pointed_at_convert(tmp_path: Path, tiny_llama: Path, capsys) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -226,15 +226,16 @@ def check_memory(base: str | Path, device: str, dtype: Any, qlora: bool = False,
     if need > free:
         fixes = []
         if device == "cpu" and per_param == 4:
-            fixes.append(f"model.dtype=bfloat16 ({gb(need / 2)})")
+            flag = "--dtype bfloat16" if purpose == "merge" else "model.dtype=bfloat16"
+            fixes.append(f"{flag} ({gb(need / 2)})")
         if device == "cuda" and not qlora and purpose == "train":
             fixes.append(f"train.qlora=true (about {gb(n * 0.56)})")
-        if device == "cpu" and purpose != "train":
+        if device == "cpu" and purpose == "load the model":
             fixes.append("the llama.cpp engine with a quantised GGUF (generation.engine=llama.cpp "
                          "generation.gguf_type=q4_k_m)")
         if procs > 1:
             fixes.append("fewer processes")
-        fixes.append("a smaller model.path")
+        fixes.append("a machine with more memory" if purpose == "merge" else "a smaller model.path")
         raise UsageError(f"not enough memory to {purpose}: {say}; use " + " or ".join(fixes))
     log.warning("%s: %s may run out of memory", say, "training" if purpose == "train" else "it")
 

@@ -27,7 +27,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ragtune.io import atomic_dir
-    from ragtune.modeling import text_sha256
+    from ragtune.modeling import check_memory, text_sha256
     from ragtune.runcard import adapter_base, update_runcard
 
     adapter = Path(adapter_dir).expanduser().resolve()
@@ -43,6 +43,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     src_dtype = json.loads((base / "config.json").read_text()).get("dtype") or "float32"
     torch_dtype = getattr(torch, src_dtype if dtype == "auto" else dtype, torch.float32)
 
+    check_memory(base, "cpu", torch_dtype, purpose="merge")
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype, local_files_only=True,
                                                  use_safetensors=True)

@@ -211,6 +211,10 @@ def test_a_base_model_too_big_for_memory_is_refused_before_loading(trainable_lla
     monkeypatch.setattr(modeling, "_available_memory", lambda device: int(need * 1.1))  # tight: a warning
     assert main(args) == 0
     assert "training may run out of memory" in caplog.text
+    monkeypatch.setattr(modeling, "_available_memory", lambda device: need // 3)
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 2
+    assert "not enough memory to merge: the model's 0.00B parameters take 0.0 GB in float32" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
 
 
 def test_out_of_memory_says_which_settings_to_lower(trainable_llama: Path, qa_file: Path, tmp_path: Path,

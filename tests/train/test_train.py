@@ -313,6 +313,21 @@ def test_compact_loss_equals_the_full_loss_or_stands_aside(trainable_llama: Path
     assert scaled.forward is scaled_forward
 
 
+def test_same_command_same_adapter(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    def run(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+                     f"train.output_dir={out}", "data.eval_fraction=0.2", "train.learning_rate=0.01", *QUICK,
+                     *extra]) == 0
+        return load_file(str(out / "adapter_model.safetensors"))
+
+    a, b, c = run("a"), run("b"), run("c", "train.seed=7")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # reproducible on the CPU
+    assert any(not a[k].equal(c[k]) for k in a)  # the seed matters (initialisation, split, order)
+
+
 def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama: Path) -> None:
     """bf16 (the CUDA default) rounds packed and separate rows differently; that is not a leak. An
     attention that ignores the packed boundaries (here: a forward that drops position_ids) is one."""

@@ -1,11 +1,13 @@
 """Training throughput: `ragtune train` against a plain TRL `SFTTrainer` script, side by side.
 
-    python bench/bench_train.py [--data examples/policies/train_v1.jsonl] [--epochs 1] [--threads 0]
+    python bench/bench_train.py [--data examples/policies/train_v1.jsonl] [--epochs 1] [--threads 0] [--ragtune-fp32]
 
 Same base model (the prepared SmolLM2-135M-Instruct), same records (90% of --data; the other 10%
 held out), same LoRA (r16, alpha 32, dropout 0.05, all-linear), batch 8, max_length 1024, learning
 rate, epochs, seed, device and thread count. The baseline is TRL's defaults plus what a CPU needs
 (`use_cpu=True, bf16=False`): gradient checkpointing on, random batches, loss on every token.
+ragtune runs with its own device-aware defaults, which on a CPU with native bf16 (avx512_bf16/AMX)
+include bf16 autocast over fp32 weights; `--ragtune-fp32` also runs it with train.mixed_precision=no.
 
 tokens/s = non-padding tokens of the training records x epochs / train_runtime (Trainer's own
 clock, excluding model load and data preparation), counted the same way for both. "Final loss"
@@ -46,7 +48,7 @@ def heldout_loss(model, tok, template, records, max_length=1024) -> float:
     return total / count
 
 
-def run_ragtune(args, train_file: Path, out: Path) -> dict:
+def run_ragtune(args, train_file: Path, out: Path, precision: str = "auto") -> dict:
     from ragtune.config import load_config
     from ragtune.runcard import read_runcard
     from ragtune.train.recipe import run_train
@@ -57,6 +59,7 @@ def run_ragtune(args, train_file: Path, out: Path) -> dict:
         "train.batch_size=8", "train.lora.r=16", "train.lora.alpha=32", "train.lora.dropout=0.05",
         "train.save_steps=100000", "train.logging_steps=5", f"train.seed={args.seed}",
         f"train.threads={args.threads}", "train.warmup_ratio=0.0", "train.lr_scheduler=linear",
+        f"train.mixed_precision={precision}",
     ])
     t0 = time.time()
     run_train(cfg)
@@ -64,7 +67,7 @@ def run_ragtune(args, train_file: Path, out: Path) -> dict:
     m = card["metrics"]
     return {"train_seconds": m["train_seconds"], "train_tokens": m["train_tokens"],
             "tokens_per_second": m["tokens_per_second"], "steps": m["steps"], "wall_seconds": time.time() - t0,
-            "final_train_loss": m["train_loss"], "loss_kind": "assistant tokens"}
+            "final_train_loss": m["train_loss"], "loss_kind": "assistant tokens", "dtype": card["training"]["dtype"]}
 
 
 def run_trl_baseline(args, records, base: Path, out: Path) -> dict:
@@ -104,6 +107,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = all usable cores)")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--ragtune-fp32", action="store_true",
+                    help="also run ragtune with train.mixed_precision=no (where its default autocasts to bf16)")
     args = ap.parse_args()
 
     from ragtune.modeling import set_offline_env
@@ -133,7 +138,13 @@ def main() -> int:
           f"{args.threads} threads", flush=True)
 
     rt = run_ragtune(args, train_file, work / "ragtune")
-    print(f"ragtune: {rt['tokens_per_second']:.1f} tokens/s ({rt['train_seconds']:.0f}s)", flush=True)
+    print(f"ragtune ({rt['dtype']}): {rt['tokens_per_second']:.1f} tokens/s ({rt['train_seconds']:.0f}s)", flush=True)
+    fp32 = None
+    if args.ragtune_fp32:
+        torch.set_num_threads(args.threads)
+        fp32 = run_ragtune(args, train_file, work / "ragtune-fp32", precision="no")
+        print(f"ragtune ({fp32['dtype']}): {fp32['tokens_per_second']:.1f} tokens/s ({fp32['train_seconds']:.0f}s)",
+              flush=True)
     torch.set_num_threads(args.threads)
     bl = run_trl_baseline(args, train, base, work / "trl")
     print(f"TRL baseline: {bl['tokens_per_second']:.1f} tokens/s ({bl['train_seconds']:.0f}s)", flush=True)
@@ -143,6 +154,10 @@ def main() -> int:
                                       tok, template, held)
     bl["heldout_loss"] = heldout_loss(PeftModel.from_pretrained(base_model(), str(work / "trl" / "adapter")),
                                       tok, template, held)
+    if fp32:
+        fp32["heldout_loss"] = heldout_loss(PeftModel.from_pretrained(base_model(), str(work / "ragtune-fp32")),
+                                            tok, template, held)
+        fp32["speedup"] = fp32["tokens_per_second"] / bl["tokens_per_second"]
     before = heldout_loss(base_model(), tok, template, held)
     ratio = rt["tokens_per_second"] / bl["tokens_per_second"]
     result = {
@@ -152,10 +167,13 @@ def main() -> int:
         "cpu_flags_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else None,
         "data": args.data, "train_records": len(train), "heldout_records": len(held), "epochs": args.epochs,
         "heldout_loss_before": before, "ragtune": rt, "trl_baseline": bl, "speedup": ratio,
+        **({"ragtune_fp32": fp32} if fp32 else {}),
     }
     print(json.dumps(result, indent=2))
     print(f"\nspeedup {ratio:.2f}x; held-out assistant-token loss: ragtune {rt['heldout_loss']:.4f}, "
           f"TRL {bl['heldout_loss']:.4f} (base model {before:.4f})")
+    if fp32:
+        print(f"ragtune float32: {fp32['speedup']:.2f}x, held-out loss {fp32['heldout_loss']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

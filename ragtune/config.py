@@ -68,6 +68,9 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = choose
     qlora: bool = False  # 4-bit base (bitsandbytes), CUDA only
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    # bf16 autocast over fp32 weights: auto = on CUDA for bf16 models, and on CPUs with native bf16
+    # (avx512_bf16 / AMX) for models over 20M parameters
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     chat_template: str = ""  # a .jinja file to train (and serve) with instead of the model's own
     group_by_length: bool = True  # batch records of similar length together (little padding)
     save_total_limit: int = 2  # checkpoints kept in output_dir/checkpoints
@@ -396,6 +399,8 @@ def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> A
         choices = typing.get_args(tp)
         if isinstance(value, bool) and {"on", "off"} <= set(choices):
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (and yes/no) as a boolean
+        elif value is False and "no" in choices:
+            value = "no"  # mixed_precision: no
         return value if value in choices else bad()
     if origin is tuple:
         inner = typing.get_args(tp)[0]

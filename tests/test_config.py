@@ -196,6 +196,11 @@ def test_bare_on_off_is_the_choice_not_a_boolean(tmp_path: Path) -> None:
     assert load_config(None, ["train.gradient_checkpointing=auto"]).train.gradient_checkpointing == "auto"
     with pytest.raises(ConfigError, match="expected one of 'auto', 'on', 'off'"):
         load_config(None, ["train.gradient_checkpointing=maybe"])
+    # and a bare `no` where "no" is a choice
+    assert load_config(write(tmp_path, "train:\n  mixed_precision: no\n")).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="expected one of 'auto', 'bf16', 'no'"):
+        load_config(None, ["train.mixed_precision=yes"])
 
 
 def test_a_string_key_takes_an_override_as_typed(tmp_path: Path) -> None:

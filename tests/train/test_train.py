@@ -328,6 +328,39 @@ def test_same_command_same_adapter(trainable_llama: Path, qa_file: Path, tmp_pat
     assert any(not a[k].equal(c[k]) for k in a)  # the seed matters (initialisation, split, order)
 
 
+def test_bf16_autocast_on_the_cpu_where_it_is_native(monkeypatch, caplog) -> None:
+    import torch
+
+    from ragtune.config import load_config
+    from ragtune.train import recipe
+
+    def decide(mode: str, native: bool, n_params: int = 135_000_000, dtype=torch.float32) -> bool:
+        monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: native)
+        return recipe._bf16_autocast(load_config(None, [f"train.mixed_precision={mode}"]), "cpu", dtype, n_params)
+
+    assert decide("auto", native=True) is True
+    assert decide("auto", native=False) is False  # emulated bf16 is slower than float32
+    assert decide("auto", native=True, n_params=100_000) is False  # tiny models gain nothing
+    assert decide("auto", native=True, dtype=torch.bfloat16) is False  # bf16 weights: nothing to autocast
+    assert decide("no", native=True) is False
+    assert decide("bf16", native=False) is True and "emulated and likely slower" in caplog.text
+    assert recipe._bf16_autocast(load_config(None, []), "mps", torch.float32, 135_000_000) is False
+
+
+def test_bf16_autocast_trains_like_float32(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
+    cards = {}
+    for mode in ("bf16", "no"):
+        out = tmp_path / mode
+        assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+                     f"train.output_dir={out}", "data.eval_fraction=0.2", f"train.mixed_precision={mode}",
+                     "train.learning_rate=0.01", *QUICK]) == 0
+        cards[mode] = json.loads((out / "ragtune.json").read_text())
+    assert cards["bf16"]["training"]["dtype"] == "float32 weights, bfloat16 autocast"
+    assert cards["no"]["training"]["dtype"] == "float32"
+    bf16, fp32 = (cards[m]["metrics"]["eval_loss"] for m in ("bf16", "no"))
+    assert bf16 == pytest.approx(fp32, rel=0.02) and bf16 != fp32  # bf16 rounding, not another computation
+
+
 def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama: Path) -> None:
     """bf16 (the CUDA default) rounds packed and separate rows differently; that is not a leak. An
     attention that ignores the packed boundaries (here: a forward that drops position_ids) is one."""

@@ -148,6 +148,11 @@ class CheckReport:
                     f"tokens per epoch {s['tokens_per_epoch']} ({s['trained_tokens_per_epoch']} trained); "
                     f"{s['over_max_length']} records exceed max_length {s['max_length']}"
                 )
+                if s.get("cut_lines"):
+                    lines = ", ".join(map(str, s["cut_lines"][:10])) + (", ..." if len(s["cut_lines"]) > 10 else "")
+                    out.append(f"note: the answers of {len(s['cut_lines'])} record(s) are cut at max_length (lines "
+                               f"{lines}): their ends and stop tokens are not trained; raise data.max_length "
+                               "(--max-length) or shorten them")
             elif s.get("tokens_note"):
                 out.append(f"  {s['tokens_note']}")
         return "\n".join(out)
@@ -415,6 +420,7 @@ def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None
     lengths: list[int] = []
     trained = 0
     over = 0
+    cut: list[int] = []
     keep: list[Record] = []
     for r in recs:
         try:
@@ -440,11 +446,14 @@ def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None
                     "shorten the prompt or raise data.max_length"))
                 report.rejected[r.line] = r.raw
                 continue
+        if n > max_length and len(mask) - mask[::-1].index(1) > max_length:
+            cut.append(r.line)  # kept, but the answer's end (and its stop token) falls past max_length
         r.enc = enc
         lengths.append(n)
         trained += sum(mask[:max_length])
         keep.append(r)
     report.records = keep
+    stats["cut_lines"] = cut
     stats.update(_turn_stats(keep))
     if lengths:
         s = sorted(lengths)

@@ -100,6 +100,11 @@ def prepare(cfg: Any) -> Prepared:
         log.warning("skipping %d invalid records of %s (data.skip_invalid)", skipped, cfg.data.train_file)
     if rep.conflicts:
         log.warning("%s", rep.conflict_note())
+    cut = rep.stats.get("cut_lines") or []
+    if cut:
+        log.warning("the answers of %d record(s) of %s are cut at data.max_length=%d (lines %s): their ends and stop "
+                    "tokens are not trained", len(cut), cfg.data.train_file, max_len,
+                    ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else ""))
     train_records = rep.records
     eval_records: list[Any] = []
     eval_rep = None

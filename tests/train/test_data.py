@@ -88,6 +88,10 @@ def test_token_checks_truncation_and_empty_mask(tmp_path: Path, tiny_llama: Path
     assert [p["line"] for p in rep["problems"]["answer_truncated"]] == [2]
     assert [p["line"] for p in rep["problems"]["empty_assistant_mask"]] == [3]
     assert rep["stats"]["over_max_length"] == 2 and rep["stats"]["records"] == 2
+    assert rep["stats"]["cut_lines"] == [4]  # kept, but its end and stop token are not trained
+    assert main(["data", "check", str(path), "--model", str(tiny_llama), "--max-length", "64"]) == 1
+    assert "note: the answers of 1 record(s) are cut at max_length (lines 4): their ends and stop tokens" \
+        in capsys.readouterr().out
 
 
 def test_write_clean_and_quarantine(tmp_path: Path, capsys) -> None:

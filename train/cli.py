@@ -80,6 +80,11 @@ def _run_train(args: argparse.Namespace, cfg: Any) -> int:
         cfg = replace(cfg, data=replace(cfg.data, skip_invalid=True))
     if args.output_dir:
         cfg = replace(cfg, train=replace(cfg.train, output_dir=args.output_dir))
+    if args.dry_run:
+        plan = run_train(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=True)
+        if first_process():
+            _print_plan(plan, cfg, args.json)
+        return EXIT_OK
     out = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
     if not first_process():
         return EXIT_OK  # under accelerate launch / torchrun, the first process reports for all
@@ -92,6 +97,26 @@ def _run_train(args: argparse.Namespace, cfg: Any) -> int:
         print(f"adapter: {out} ({m['steps']} steps, train loss {m['train_loss']:.4f}{ev}, "
               f"{m['tokens_per_second']:.0f} tokens/s, {m['wall_seconds']:.0f}s)")
     return EXIT_OK
+
+
+def _print_plan(plan: dict[str, Any], cfg: Any, as_json: bool) -> None:
+    from ragtune.cli import print_json
+
+    if as_json:
+        print_json({"dry_run": True, "output_dir": cfg.train.output_dir, **plan})
+        return
+    t = plan["training"]
+    est = plan["estimated_train_seconds"]
+    when = (f"about {est / 60:.0f} min" if est >= 90 else f"about {est:.0f} s") if est is not None else "not timed"
+    print(f"dry run: nothing trained, nothing written to {cfg.train.output_dir}\n"
+          f"  data: {plan['train_records']} training records ({plan['tokens_per_epoch']:,} tokens per epoch, "
+          f"{plan['trained_tokens_per_epoch']:,} trained), {plan['eval_records']} eval records\n"
+          f"  steps: {plan['steps']} ({plan['epochs']:g} epochs, {plan['records_per_step']} records per step)"
+          + (f", resuming at step {plan['resume_from_step']}" if plan["resume_from_step"] else "") + "\n"
+          f"  LoRA: {plan['trainable_parameters'] / 1e6:.2f}M trainable parameters of "
+          f"{plan['total_parameters'] / 1e6:.0f}M\n"
+          f"  on {t['device']}, {t['dtype']}, {t['threads']} threads, gradient checkpointing {t['gradient_checkpointing']}\n"
+          f"  estimated training time: {when} (from two timed batches; evaluation and saving come on top)")
 
 
 def _run_merge(args: argparse.Namespace, cfg: Any) -> int:
@@ -149,6 +174,9 @@ def register(sub: Any) -> None:
     t.add_argument("--skip-invalid", action="store_true", help="train on the valid records instead of stopping")
     t.add_argument("--output-dir", default="", help="same as train.output_dir=DIR")
     t.add_argument("--json", action="store_true", help="print output dir and metrics as JSON")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the data and settings, load the model, time two batches and print the plan "
+                        "(steps, tokens, trainable parameters, estimated time); train and write nothing")
     t.set_defaults(func=_run_train)
 
     m = sub.add_parser("merge", help="merge an adapter into its base model",

@@ -569,8 +569,10 @@ def _out_state(out: Path) -> tuple[bool, bool]:
     return finished, has_ckpt
 
 
-def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train a LoRA adapter per `cfg`; return the output folder (adapter + run card)."""
+def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> Any:
+    """Train a LoRA adapter per `cfg`; return the output folder (adapter + run card). With `dry_run`,
+    check and prepare everything, time one batch, and return the plan (a dict) without training or
+    writing anything."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig as PeftLoraConfig
@@ -589,6 +591,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     tc = cfg.train
     out = Path(tc.output_dir).expanduser().resolve()
     ckpt_dir = out / CHECKPOINTS
+    existed = {d for d in (out, ckpt_dir) if d.exists()}
     finished, has_ckpt = _out_state(out)
     resume_from = None
     if resume:
@@ -614,7 +617,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
 
     prep = prepare(cfg)
     tok, template = prep.tokenizer, prep.template
-    if overwrite and not resume and ckpt_dir.exists():  # only once the data has passed its check
+    if overwrite and not resume and not dry_run and ckpt_dir.exists():  # only once the data has passed its check
         shutil.rmtree(ckpt_dir)
     settings = run_settings(cfg, prep)
     if resume:
@@ -711,7 +714,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
 
     resume_step = _checkpoint_step(resume_from)
     metrics_path = ckpt_dir / METRICS
-    callbacks = make_callbacks(metrics_path, resume_step)
+    callbacks = [] if dry_run else make_callbacks(metrics_path, resume_step)
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tok, peft_config=peft_config, callbacks=callbacks)
@@ -719,6 +722,15 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     trainer.remove_callback(ProgressCallback)
     inner = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     trainer.compact_loss = install_compact_loss(inner)
+    if dry_run:
+        try:
+            return _dry_run_plan(trainer, tc, train_enc, n_tokens, n_trained, len(prep.eval_records), resume_step,
+                                 {"device": device, "dtype": dtype, "threads": threads, "gradient_checkpointing": gc,
+                                  "compact_lm_head": trainer.compact_loss})
+        finally:
+            for d in (ckpt_dir, out):  # the Trainer makes its output folder on creation: leave no trace
+                if d not in existed and d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
 
     if not resume and first_process():  # written once the run is sure to start: a refusal leaves no folder
         from ragtune.io import atomic_write_json
@@ -827,6 +839,43 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False) -> Path:
     log.info("wrote %s (%d steps, %.0f tokens/s)", out, state.global_step, card["metrics"]["tokens_per_second"] or 0)
     trainer.accelerator.wait_for_everyone()
     return out
+
+
+def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_tokens: int, n_trained: int,
+                  n_eval: int, resume_step: int, training: dict[str, Any]) -> dict[str, Any]:
+    """What `train` would do: steps, tokens, trainable parameters, and a time estimate from one timed batch."""
+    import math
+
+    args = trainer.args
+    loader = trainer.get_train_dataloader()
+    updates_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
+    steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * updates_per_epoch)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    batches = iter(loader)
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by the training loop
+    seconds_per_token = None
+    if trainer.args.world_size == 1:  # time forward + backward on real batches (the first warms up)
+        for i in range(2):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+            t0 = time.perf_counter()
+            trainer.training_step(trainer.model, batch)
+            trainer.model.zero_grad(set_to_none=True)
+            if i == 1 or seconds_per_token is None:
+                seconds_per_token = (time.perf_counter() - t0) / max(tokens, 1)
+    epochs = steps / updates_per_epoch
+    estimate = seconds_per_token * n_tokens * epochs * (1 - resume_step / steps) if seconds_per_token else None
+    return {
+        "train_records": len(enc["input_ids"]), "eval_records": n_eval, "tokens_per_epoch": n_tokens,
+        "trained_tokens_per_epoch": n_trained, "steps": steps, "resume_from_step": resume_step or None,
+        "epochs": round(epochs, 3), "records_per_step": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps * args.world_size,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "estimated_train_seconds": round(estimate, 1) if estimate is not None else None,
+        "training": training,
+    }
 
 
 def _say_how_to_resume(ckpt_dir: Path, step: int, save_steps: int) -> None:

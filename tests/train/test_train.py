@@ -313,6 +313,28 @@ def test_compact_loss_equals_the_full_loss_or_stands_aside(trainable_llama: Path
     assert scaled.forward is scaled_forward
 
 
+def test_dry_run_plans_and_times_without_training_or_writing(trainable_llama: Path, qa_file: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    out = tmp_path / "run"
+    args = ["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}", f"train.output_dir={out}",
+            "train.batch_size=4", "train.epochs=2", "data.eval_fraction=0.2"]
+    assert main(args + ["--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dry_run"] and plan["train_records"] == 16 and plan["eval_records"] == 4
+    assert plan["steps"] == 8 and plan["epochs"] == 2 and plan["records_per_step"] == 4  # 16 / 4 x 2 epochs
+    assert 0 < plan["trainable_parameters"] < plan["total_parameters"]
+    assert plan["estimated_train_seconds"] > 0 and plan["tokens_per_epoch"] > plan["trained_tokens_per_epoch"] > 0
+    assert not out.exists()  # nothing written, not even the Trainer's output folder
+    assert main(args + ["--dry-run"]) == 0
+    assert "dry run: nothing trained" in capsys.readouterr().out
+    # a real run, then a dry run with --overwrite: it reports, and deletes nothing
+    assert main(args + ["train.max_steps=2", "train.save_steps=1"]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(args + ["--dry-run"]) == 2  # would be refused: the folder holds a run
+    assert main(args + ["--dry-run", "--overwrite"]) == 0
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_same_command_same_adapter(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

@@ -571,7 +571,7 @@ def _out_state(out: Path) -> tuple[bool, bool]:
 
 def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> Any:
     """Train a LoRA adapter per `cfg`; return the output folder (adapter + run card). With `dry_run`,
-    check and prepare everything, time one batch, and return the plan (a dict) without training or
+    check and prepare everything, time two batches, and return the plan (a dict) without training or
     writing anything."""
     import torch
     from datasets import Dataset
@@ -843,8 +843,12 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
 
 def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_tokens: int, n_trained: int,
                   n_eval: int, resume_step: int, training: dict[str, Any]) -> dict[str, Any]:
-    """What `train` would do: steps, tokens, trainable parameters, and a time estimate from one timed batch."""
+    """What `train` would do: steps, tokens, trainable parameters, and a time estimate from timed batches."""
     import math
+
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU work is asynchronous
 
     args = trainer.args
     loader = trainer.get_train_dataloader()
@@ -860,13 +864,16 @@ def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_toke
             if batch is None:
                 break
             tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+            sync()
             t0 = time.perf_counter()
             trainer.training_step(trainer.model, batch)
+            sync()
             trainer.model.zero_grad(set_to_none=True)
             if i == 1 or seconds_per_token is None:
                 seconds_per_token = (time.perf_counter() - t0) / max(tokens, 1)
     epochs = steps / updates_per_epoch
-    estimate = seconds_per_token * n_tokens * epochs * (1 - resume_step / steps) if seconds_per_token else None
+    left = max(0, steps - resume_step) / steps
+    estimate = seconds_per_token * n_tokens * epochs * left if seconds_per_token else None
     return {
         "train_records": len(enc["input_ids"]), "eval_records": n_eval, "tokens_per_epoch": n_tokens,
         "trained_tokens_per_epoch": n_trained, "steps": steps, "resume_from_step": resume_step or None,

@@ -880,7 +880,7 @@ def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_toke
         "epochs": round(epochs, 3), "records_per_step": args.per_device_train_batch_size
         * args.gradient_accumulation_steps * args.world_size,
         "trainable_parameters": trainable, "total_parameters": total,
-        "estimated_train_seconds": round(estimate, 1) if estimate is not None else None,
+        "estimated_train_seconds": estimate,
         "training": training,
     }
 

@@ -275,10 +275,13 @@ def check_file(
     seen: dict[str, int] = {}
     lines = read_lines(p)
     first = next((line.strip() for _, line in lines if line.strip()), b"")
-    whole = _whole_file_values(lines) if first in (b"[", b"{") else None  # plainly not one record per line
-    items = list(_line_items(lines, report)) if whole is None else []
-    if whole is None and report.problems:
-        whole = _whole_file_values(lines)
+    opens_alone = first in (b"[", b"{")  # plainly not one record per line: try the whole file first
+    whole = _whole_file_values(lines) if opens_alone else None
+    items: list[tuple[int, str, Any]] = []
+    if whole is None:
+        items = list(_line_items(lines, report))
+        if report.problems and not opens_alone:
+            whole = _whole_file_values(lines)
     if whole is not None:  # a JSON array, or records pretty-printed over several lines
         shape = "one JSON array" if whole[0] == "array" else "JSON spread over several lines"
         report.problems = [Problem(1, "not_jsonl", (
@@ -309,7 +312,7 @@ def _conflicting_answers(records: list[Record]) -> list[list[int]]:
     """Lines of records that ask the same question (case and spacing folded) with different final answers."""
     groups: dict[str, dict[str, int]] = {}
     for r in records:
-        answer = " ".join(str(r.messages[-1].get("content", "")).casefold().split())
+        answer = fold(r.messages[-1].get("content", ""))
         groups.setdefault(record_prompt(r), {}).setdefault(answer, r.line)
     return [sorted(answers.values()) for answers in groups.values() if len(answers) > 1]
 
@@ -497,6 +500,10 @@ def load_messages(path: str | Path) -> list[list[dict[str, Any]]]:
 # --- convert / split ------------------------------------------------------------------------
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({k for r in rows for k in r})
+
+
 def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dict[str, Any]]]:
     import csv
 
@@ -508,7 +515,7 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
             rows = pq.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow raises several kinds for a damaged file
             raise UsageError(f"{path}: not a readable Parquet file ({exc})") from exc
-        return sorted({k for r in rows for k in r}), rows
+        return _columns(rows), rows
     if suffix == ".json":  # a JSON array of objects (alpaca_data.json and most hub exports)
         try:
             rows = json.loads(decode_text(path, path.read_bytes(), encoding))
@@ -517,7 +524,7 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
                              "array of objects (name JSON Lines files .jsonl)") from exc
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise UsageError(f"{path}: expected a JSON array of objects (name JSON Lines files .jsonl)")
-        return sorted({k for r in rows for k in r}), rows
+        return _columns(rows), rows
     if suffix == ".jsonl":
         rows = []
         for n, line in read_lines(path, encoding):
@@ -530,8 +537,7 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
             if not isinstance(obj, dict):
                 raise UsageError(f"{path}: line {n}: expected a JSON object with the question and answer columns")
             rows.append(obj)
-        cols = sorted({k for r in rows for k in r})
-        return cols, rows
+        return _columns(rows), rows
     if suffix not in (".csv", ".tsv"):
         raise UsageError(f"'{path}': convert reads .csv, .tsv, .jsonl, .json or .parquet files")
     text = decode_text(path, path.read_bytes(), encoding)
@@ -682,12 +688,17 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42,
     return tr, ev, len(train_lines), len(eval_lines)
 
 
+def fold(text: Any) -> str:
+    """Text with case and spacing folded, for telling whether two questions or answers are the same."""
+    return " ".join(str(text).casefold().split())
+
+
 def prompt_key(messages: Any) -> str:
     """What a record asks: its turns before the final assistant answer, case and spacing folded."""
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
             and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
-    return " ".join(json.dumps(messages, ensure_ascii=False, sort_keys=True).casefold().split())
+    return fold(json.dumps(messages, ensure_ascii=False, sort_keys=True))
 
 
 def _line_prompt(line: str) -> str:

@@ -185,27 +185,16 @@ def run_eval(
     return EvalResult(out, paths, report, errors, runs)
 
 
-def _fold(text: str) -> str:
-    return " ".join(str(text).casefold().split())
-
-
 def _seen_in_training(adapter: str | Path, qs: Sequence[Question]) -> str:
     """A report note (and a warning) naming the questions the adapter was trained on, if any."""
-    import json
-
     from ragtune.runcard import read_runcard
+    from ragtune.train.data import check_file, fold
 
     train_file = Path(read_runcard(adapter).get("data", {}).get("train_file") or "")
     if not train_file.is_file():
         return ""  # a carried adapter: its training data stayed behind
-    asked: set[str] = set()
-    for line in train_file.read_text(encoding="utf-8-sig", errors="replace").splitlines():
-        try:
-            msgs = json.loads(line).get("messages")
-            asked.update(_fold(m["content"]) for m in msgs if m.get("role") == "user")
-        except (ValueError, AttributeError, TypeError, KeyError):
-            continue  # data check reported these lines when the adapter was trained
-    seen = [q for q in qs if _fold(q.question) in asked]
+    asked = {fold(m["content"]) for r in check_file(train_file).records for m in r.messages if m["role"] == "user"}
+    seen = [q for q in qs if fold(q.question) in asked]
     if not seen:
         return ""
     ids = ", ".join(q.id for q in seen[:8]) + (", ..." if len(seen) > 8 else "")

@@ -328,13 +328,23 @@ PEER_KEYS = {
 }
 
 
-def setting_keys(cls: type = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
-    """Every dotted setting name (model.path, train.lora.r, ...)."""
-    out: list[str] = []
-    for f in dataclasses.fields(cls or Config):
-        tp = typing.get_type_hints(cls or Config)[f.name]
-        out += setting_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+def flat_settings(cfg: Any = None, prefix: str = "") -> dict[str, Any]:
+    """Every setting by dotted name (model.path, train.lora.r, ...), valued as to_dict gives it
+    (default: the defaults)."""
+    cfg = Config() if cfg is None else cfg
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_settings(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = to_dict(value)
     return out
+
+
+def setting_keys() -> list[str]:
+    """Every dotted setting name."""
+    return list(flat_settings())
 
 
 def guess_setting(name: str) -> str:

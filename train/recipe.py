@@ -128,21 +128,11 @@ def prepare(cfg: Any) -> Prepared:
 
 def run_settings(cfg: Any, prep: Prepared) -> dict[str, Any]:
     """The settings a run's checkpoints belong to, flattened (files by content, not by name)."""
-    from ragtune.config import to_dict
+    from ragtune.config import flat_settings
     from ragtune.modeling import cached_file_sha256, text_sha256
 
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        else:
-            flat[prefix] = value
-
-    for section in ("model", "data", "train"):
-        walk(section, to_dict(getattr(cfg, section)))
-    flat = {k: v for k, v in flat.items() if k not in RESUME_MAY_CHANGE}
+    flat = {k: v for k, v in flat_settings(cfg).items()
+            if k.split(".", 1)[0] in ("model", "data", "train") and k not in RESUME_MAY_CHANGE}
     flat["model.path"] = str(prep.base)
     flat["data.train_file"] = "sha256:" + cached_file_sha256(cfg.data.train_file)
     flat["data.eval_file"] = "sha256:" + cached_file_sha256(cfg.data.eval_file) if cfg.data.eval_file else ""

@@ -471,6 +471,11 @@ def torch_as(n: Any, like: Any) -> Any:
 # --- callbacks --------------------------------------------------------------------------------
 
 
+def records_per_step(args: Any) -> int:
+    """Records in one optimizer step, over every process."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
 def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
     from transformers import TrainerCallback
 
@@ -515,10 +520,9 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
                 if hasattr(model, "get_nb_trainable_parameters"):
                     trainable, total = model.get_nb_trainable_parameters()
                     lora = f"; LoRA trains {trainable / 1e6:.2f}M parameters ({100 * trainable / max(total, 1):.2f}%)"
-                per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
                 span = "train.max_steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
                 log.info("training %d step%s (%s, %d records per step)%s", state.max_steps,
-                         "" if state.max_steps == 1 else "s", span, per_step, lora)
+                         "" if state.max_steps == 1 else "s", span, records_per_step(args), lora)
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                                 file=sys.stderr, disable=None, dynamic_ncols=True)
 
@@ -867,8 +871,7 @@ def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_toke
     return {
         "train_records": len(enc["input_ids"]), "eval_records": n_eval, "tokens_per_epoch": n_tokens,
         "trained_tokens_per_epoch": n_trained, "steps": steps, "resume_from_step": resume_step or None,
-        "epochs": round(epochs, 3), "records_per_step": args.per_device_train_batch_size
-        * args.gradient_accumulation_steps * args.world_size,
+        "epochs": round(epochs, 3), "records_per_step": records_per_step(args),
         "trainable_parameters": trainable, "total_parameters": total,
         "estimated_train_seconds": estimate,
         "training": training,

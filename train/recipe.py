@@ -716,11 +716,21 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     trainer.remove_callback(ProgressCallback)
     inner = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     trainer.compact_loss = install_compact_loss(inner)
+    training = {  # how it trains: the run card's "training", and the dry run's plan
+        "device": device,
+        "dtype": dtype,
+        "threads": threads,
+        "gradient_checkpointing": gc,
+        "pad_token": pad,
+        "assistant_only_loss": "prefix-rendered assistant spans (answer + end-of-turn token)",
+        "compact_lm_head": trainer.compact_loss,
+        "packing": tc.packing,
+        "group_by_length": tc.group_by_length and not tc.packing,
+    }
     if dry_run:
         try:
             return _dry_run_plan(trainer, tc, train_enc, n_tokens, n_trained, len(prep.eval_records), resume_step,
-                                 {"device": device, "dtype": dtype, "threads": threads, "gradient_checkpointing": gc,
-                                  "compact_lm_head": trainer.compact_loss})
+                                 training)
         finally:
             for d in (ckpt_dir, out):  # the Trainer makes its output folder on creation: leave no trace
                 if d not in existed and d.is_dir() and not any(d.iterdir()):
@@ -804,17 +814,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
             "steps": state.global_step,
             "resumed_from_step": resume_step or None,
         },
-        "training": {
-            "device": device,
-            "dtype": dtype,
-            "threads": threads,
-            "gradient_checkpointing": gc,
-            "pad_token": pad,
-            "assistant_only_loss": "prefix-rendered assistant spans (answer + end-of-turn token)",
-            "compact_lm_head": trainer.compact_loss,
-            "packing": tc.packing,
-            "group_by_length": tc.group_by_length and not tc.packing,
-        },
+        "training": training,
         "exports": [],
     }
     with atomic_dir(out) as tmp:

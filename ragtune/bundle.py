@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +137,64 @@ def _project_root() -> Path | None:
     return here if (here / "pyproject.toml").is_file() and (here / "ragtune").is_dir() else None
 
 
-def _run(cmd: list[str], what: str) -> None:
+def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> None:
     log.info("%s: %s", what, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise RagtuneError(f"{what} failed (exit {proc.returncode}):\n{tail}")
+
+
+# pip's own progress lines worth showing while it downloads (its bars need a terminal)
+_PIP_PROGRESS = ("Collecting ", "Processing ", "Downloading ", "Saved ", "File was already downloaded", "Using cached ")
+
+
+def _run_showing_progress(cmd: list[str], what: str) -> None:
+    """Run pip with its output streamed: each package it collects and each file it saves is logged
+    as it happens, so a long download is never silent."""
+    log.info("%s: %s", what, " ".join(cmd))
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            tail = (tail + [line])[-15:]
+            if line.startswith(_PIP_PROGRESS):
+                log.info("  %s", line)
+    if proc.returncode != 0:
+        raise RagtuneError(f"{what} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def torch_index_url() -> str:
+    """Where a CPU bundle's torch comes from: RAGTUNE_TORCH_INDEX, else PyTorch's CPU index ("" = pip's own)."""
+    return os.environ.get("RAGTUNE_TORCH_INDEX", CPU_TORCH_INDEX)
+
+
+def check_index_reachable(url: str, timeout: float = 20.0) -> None:
+    """Fail fast, naming RAGTUNE_TORCH_INDEX, when the torch wheel index does not answer: pip would
+    retry each unreachable index for many minutes in silence."""
+    import urllib.error
+    import urllib.request
+
+    target = url.rstrip("/") + "/torch/"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(target, method="HEAD"), timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500 and exc.code != 404:  # it answers (405 to HEAD, 403 to a robot): pip can talk to it
+            return
+        why = f"HTTP {exc.code}" + (" (it has no torch)" if exc.code == 404 else "")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        why = "no answer" if "timed out" in str(reason) else str(reason)
+    raise UsageError(
+        f"PyTorch's wheel index {url} cannot be reached ({why}), so the CPU torch wheel cannot be downloaded; "
+        "check the network or proxy, set RAGTUNE_TORCH_INDEX to an index (or mirror) that serves torch, or "
+        "RAGTUNE_TORCH_INDEX= (empty) to take torch from pip's own index (on Linux that is the CUDA build, "
+        "several GB)"
+    )
 
 
 def _copytree(src: Path, dst: Path) -> None:
@@ -164,13 +217,14 @@ def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[
         return
     ragtune_wheel = next(wheels.glob("ragtune-*.whl"))
     constraints = root / "constraints.txt"
-    cmd = pip + ["download", "-q", "--dest", str(wheels), "-c", str(constraints), str(ragtune_wheel)]
+    cmd = pip + ["download", "--dest", str(wheels), "-c", str(constraints), str(ragtune_wheel)]
     # PyPI's Linux torch wheel is the CUDA build (plus ~3 GB of nvidia-* wheels); a CPU target takes
     # torch from PyTorch's CPU index unless RAGTUNE_TORCH_INDEX says otherwise ("" = the pip config's)
-    torch_index = os.environ.get("RAGTUNE_TORCH_INDEX", CPU_TORCH_INDEX)
+    torch_index = torch_index_url()
     if platform == "cpu" and torch_index:
         cmd += ["--extra-index-url", torch_index]
-    _run(cmd, "downloading dependency wheels")
+    _run_showing_progress(cmd + ["--progress-bar", "off", "--timeout", "30", "--retries", "2"],
+                          "downloading dependency wheels")
     if platform == "cpu" and any(wheels.glob("nvidia_*.whl")):
         log.warning("the wheelhouse holds CUDA torch and nvidia-* wheels although --platform is cpu: the "
                     "index that served torch has no CPU build; set RAGTUNE_TORCH_INDEX to one that does")
@@ -194,6 +248,17 @@ def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[
          "downloading llama-cpp-python's dependencies")
 
 
+@dataclass
+class BundleInputs:
+    """Everything a bundle carries, checked to exist before anything is written."""
+
+    models: list[Path]
+    adapters: list[Path]
+    indexes: list[Path]
+    configs: list[Path]
+    wheels: list[Path]
+
+
 def create_bundle(
     out: str | Path,
     models: list[str] = (),  # type: ignore[assignment]
@@ -207,15 +272,34 @@ def create_bundle(
     tar: bool = False,
     force: bool = False,
 ) -> Path:
+    """Check every input, then write the bundle folder at once (temp + rename), and OUT.tar with `tar`."""
     from ragtune.io import atomic_dir
-    from ragtune.modeling import check_model_dir, default_chat_model_dir, model_hash, ragtune_home
 
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"bundle dir '{out}' exists and is not empty; pass --force to replace it")
     if platform not in ("cpu", "cuda"):
         raise UsageError(f"--platform must be cpu or cuda, got '{platform}'")
-    # check every input before writing anything
+    inputs = check_inputs(models, adapters, indexes, configs, extra_wheels, default_models)
+    if deps == "all" and platform == "cpu" and torch_index_url():
+        check_index_reachable(torch_index_url())  # before copying anything: pip would wait for minutes
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        contents = copy_contents(tmp, inputs)
+        build_wheelhouse(tmp / "wheels", deps, platform, inputs.wheels)
+        contents["llama_cpp"] = _carry_llama_sdist(tmp)
+        write_installer(tmp)
+        manifest = write_manifest(tmp, contents, platform, deps)
+    log.info("bundle written to %s in %.1fs (%d files)", out, time.perf_counter() - t0, len(manifest["files"]))
+    if tar:
+        write_tar(out)
+    return out
+
+
+def check_inputs(models: list[str], adapters: list[str], indexes: list[str], configs: list[str],
+                 extra_wheels: list[str], default_models: bool) -> BundleInputs:
+    from ragtune.modeling import check_model_dir, default_chat_model_dir, ragtune_home
+
     model_dirs = [check_model_dir(m, "--model") for m in models]
     if default_models:
         d = default_chat_model_dir()
@@ -244,69 +328,82 @@ def create_bundle(
     for w in wheel_files:
         if not w.is_file() or w.suffix != ".whl":
             raise UsageError(f"--wheel '{w}' is not a wheel file")
+    return BundleInputs(model_dirs, adapter_dirs, index_dirs, config_files, wheel_files)
 
-    t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
-        contents: dict[str, list[dict[str, Any]]] = {"models": [], "adapters": [], "indexes": [], "configs": []}
-        seen: set[str] = set()
-        for m in model_dirs:
-            name = m.name if m.name not in seen else f"{m.name}-{len(seen)}"
-            seen.add(name)
-            _copytree(m, tmp / "models" / name)
-            contents["models"].append({"name": name, "path": f"models/{name}", "hash": model_hash(m), "source": str(m)})
-        for a in adapter_dirs:
-            _copytree(a, tmp / "adapters" / a.name)
-            card = {}
-            if (a / "ragtune.json").is_file():
-                card = json.loads((a / "ragtune.json").read_text(encoding="utf-8"))
-            contents["adapters"].append({
-                "name": a.name, "path": f"adapters/{a.name}", "source": str(a),
-                "base_hash": card.get("base_model", {}).get("hash"),
-            })
-        for idx in index_dirs:
-            from ragtune.retrieval.store import IndexLock
 
-            with IndexLock(idx.name, shared=True):  # no writer mid-way through it while it is copied
-                _copytree(idx, tmp / "indexes" / idx.name)
-            contents["indexes"].append({"name": idx.name, "path": f"indexes/{idx.name}"})
-        for c in config_files:
-            (tmp / "configs").mkdir(exist_ok=True)
-            shutil.copy2(c, tmp / "configs" / c.name)
-            contents["configs"].append({"name": c.name, "path": f"configs/{c.name}"})
-        build_wheelhouse(tmp / "wheels", deps, platform, wheel_files)
-        contents["llama_cpp"] = _carry_llama_sdist(tmp)
-        root = _project_root()
-        shutil.copy2(root / "constraints.txt" if root else Path(__file__).with_name("constraints.txt"), tmp / "constraints.txt")
-        (tmp / "verify.py").write_text(VERIFY_PY, encoding="utf-8")
-        (tmp / "install.sh").write_text(INSTALL_SH, encoding="utf-8")
-        os.chmod(tmp / "install.sh", 0o755)
-        files = []
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = f.relative_to(tmp).as_posix()
-            if rel in UNHASHED:
-                continue
-            files.append({"path": rel, "size": f.stat().st_size, "sha256": file_sha256(f)})
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "ragtune_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "platform": platform,
-            "deps": deps,
-            "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-            "machine": os.uname().machine,
-            "versions": _installed_versions(),
-            "contents": contents,
-            "files": files,
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
-    log.info("bundle written to %s in %.1fs (%d files)", out, time.perf_counter() - t0, len(files))
-    if tar:
-        tar_path = out.with_suffix(".tar")
-        tmp_tar = tar_path.with_name(f".{tar_path.name}.tmp")
-        with tarfile.open(tmp_tar, "w") as tf:
-            tf.add(out, arcname=out.name)
-        os.replace(tmp_tar, tar_path)
-    return out
+def copy_contents(tmp: Path, inputs: BundleInputs) -> dict[str, list[dict[str, Any]]]:
+    """Copy models, adapters, index snapshots and configs into the bundle; what went where."""
+    from ragtune.modeling import model_hash
+
+    contents: dict[str, list[dict[str, Any]]] = {"models": [], "adapters": [], "indexes": [], "configs": []}
+    seen: set[str] = set()
+    for m in inputs.models:
+        name = m.name if m.name not in seen else f"{m.name}-{len(seen)}"
+        seen.add(name)
+        _copytree(m, tmp / "models" / name)
+        contents["models"].append({"name": name, "path": f"models/{name}", "hash": model_hash(m), "source": str(m)})
+    for a in inputs.adapters:
+        _copytree(a, tmp / "adapters" / a.name)
+        card = {}
+        if (a / "ragtune.json").is_file():
+            card = json.loads((a / "ragtune.json").read_text(encoding="utf-8"))
+        contents["adapters"].append({
+            "name": a.name, "path": f"adapters/{a.name}", "source": str(a),
+            "base_hash": card.get("base_model", {}).get("hash"),
+        })
+    for idx in inputs.indexes:
+        from ragtune.retrieval.store import IndexLock
+
+        with IndexLock(idx.name, shared=True):  # no writer mid-way through it while it is copied
+            _copytree(idx, tmp / "indexes" / idx.name)
+        contents["indexes"].append({"name": idx.name, "path": f"indexes/{idx.name}"})
+    for c in inputs.configs:
+        (tmp / "configs").mkdir(exist_ok=True)
+        shutil.copy2(c, tmp / "configs" / c.name)
+        contents["configs"].append({"name": c.name, "path": f"configs/{c.name}"})
+    return contents
+
+
+def write_installer(tmp: Path) -> None:
+    """constraints.txt, the stdlib checker and install.sh: what the far side runs first."""
+    root = _project_root()
+    shutil.copy2(root / "constraints.txt" if root else Path(__file__).with_name("constraints.txt"), tmp / "constraints.txt")
+    (tmp / "verify.py").write_text(VERIFY_PY, encoding="utf-8")
+    (tmp / "install.sh").write_text(INSTALL_SH, encoding="utf-8")
+    os.chmod(tmp / "install.sh", 0o755)
+
+
+def write_manifest(tmp: Path, contents: dict[str, Any], platform: str, deps: str) -> dict[str, Any]:
+    """bundle.json: every file's sha256 and size, and the versions it was built with."""
+    files = []
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        rel = f.relative_to(tmp).as_posix()
+        if rel in UNHASHED:
+            continue
+        files.append({"path": rel, "size": f.stat().st_size, "sha256": file_sha256(f)})
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "ragtune_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "platform": platform,
+        "deps": deps,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "machine": os.uname().machine,
+        "versions": _installed_versions(),
+        "contents": contents,
+        "files": files,
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def write_tar(out: Path) -> Path:
+    tar_path = out.with_suffix(".tar")
+    tmp_tar = tar_path.with_name(f".{tar_path.name}.tmp")
+    with tarfile.open(tmp_tar, "w") as tf:
+        tf.add(out, arcname=out.name)
+    os.replace(tmp_tar, tar_path)
+    return tar_path
 
 
 def _carry_llama_sdist(tmp: Path) -> list[dict[str, Any]]:
@@ -326,12 +423,21 @@ def _carry_llama_sdist(tmp: Path) -> list[dict[str, Any]]:
 
 
 def _unpack_if_tar(bundle: Path) -> Path:
-    if bundle.is_file() and tarfile.is_tarfile(bundle):
-        dest = bundle.with_suffix("")
-        with tarfile.open(bundle) as tf:
-            tf.extractall(dest.parent, filter="data")
-        return dest
-    return bundle
+    """A bundle .tar unpacked beside itself (the folder it holds), or the bundle folder as given."""
+    if not bundle.is_file():
+        return bundle
+    if not tarfile.is_tarfile(bundle):
+        raise UsageError(f"'{bundle}' is a file but not a bundle .tar; give the bundle folder or the .tar "
+                         "'ragtune bundle create --tar' wrote")
+    with tarfile.open(bundle) as tf:
+        tops = {Path(m.name).parts[0] for m in tf.getmembers() if Path(m.name).parts}
+        if len(tops) != 1 or f"{next(iter(tops))}/{MANIFEST}" not in tf.getnames():
+            raise UsageError(f"'{bundle}' does not hold one bundle folder with {MANIFEST}; it was not written by "
+                             "'ragtune bundle create --tar'")
+        dest = bundle.parent / next(iter(tops))
+        log.info("unpacking %s into %s", bundle, dest)
+        tf.extractall(bundle.parent, filter="data")
+    return dest
 
 
 def verify_bundle(bundle: str | Path) -> tuple[list[str], int]:
@@ -361,7 +467,7 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
     from ragtune.io import atomic_dir
     from ragtune.modeling import ragtune_home
 
-    root = Path(bundle).expanduser().resolve()
+    root = _unpack_if_tar(Path(bundle).expanduser().resolve())
     problems, _ = verify_bundle(root)
     if problems:
         raise CheckFailed("bundle check failed:\n" + "\n".join(problems))

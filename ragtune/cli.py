@@ -17,7 +17,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from ragtune import __version__
-from ragtune.errors import EXIT_USAGE, NotImplementedYet, RagtuneError
+from ragtune.errors import EXIT_FAILED, EXIT_USAGE, NotImplementedYet, RagtuneError
 
 log = logging.getLogger("ragtune")
 
@@ -282,6 +282,32 @@ def _bare_override_message(items: list[str]) -> str:
     return "\n".join(lines)
 
 
+def os_error_message(exc: OSError) -> str:
+    """What the operating system refused, on which path, and what to do about it."""
+    import errno
+
+    paths = " -> ".join(f"'{p}'" for p in (exc.filename, exc.filename2) if p is not None)
+    where = f" {paths}" if paths else ""
+    what = exc.strerror or str(exc)
+    fixes = {
+        errno.ENOSPC: "the disk is full: free space there, or write somewhere else (RAGTUNE_HOME, --out, "
+                      "train.output_dir)",
+        errno.EDQUOT: "the disk quota is exhausted: free space, or write somewhere else",
+        errno.EACCES: "no permission: choose a folder you can write (RAGTUNE_HOME, --out, train.output_dir) or "
+                      "fix the permissions",
+        errno.EPERM: "not permitted: choose a folder you own or fix the permissions",
+        errno.EROFS: "the file system is read-only: write somewhere else",
+        errno.ENOENT: "it does not exist: check the path",
+        errno.ENOTDIR: "a file is where a folder is expected: check the path (a .tar or file given for a folder?)",
+        errno.EISDIR: "a folder is where a file is expected: check the path",
+        errno.EEXIST: "it already exists: remove it or choose another name",
+        errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+        errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+    }
+    fix = fixes.get(exc.errno or -1, "check the path and try again")
+    return f"{what}:{where or ' (no path given)'}; {fix}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ragtune.modeling import set_offline_env
 
@@ -311,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RagtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # unwritable folder, full disk, a file where a folder belongs...
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,7 @@ import pytest
 
 from ragtune.bundle import create_bundle, install_bundle, restore_bundle, verify_bundle
 from ragtune.cli import main
-from ragtune.errors import CheckFailed, UsageError
+from ragtune.errors import CheckFailed, RagtuneError, UsageError
 from ragtune.modeling import model_hash
 from ragtune.runcard import write_runcard
 
@@ -200,7 +200,7 @@ def test_restored_index_answers_identically(tmp_path: Path, ragtune_home: Path, 
 
 
 def test_bundle_carries_the_llama_cpp_converter(tmp_path: Path, ragtune_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ragtune.train.export import SDIST_NAME, SDIST_SHA256
+    from ragtune.export.pin import SDIST_NAME, SDIST_SHA256
 
     real = Path.home() / ".cache" / "ragtune" / "llama.cpp" / SDIST_NAME
     if not real.is_file():
@@ -216,3 +216,96 @@ def test_bundle_carries_the_llama_cpp_converter(tmp_path: Path, ragtune_home: Pa
     from ragtune.modeling import file_sha256
 
     assert file_sha256(far / "llama.cpp" / SDIST_NAME) == SDIST_SHA256
+
+
+def test_restore_and_verify_take_the_tar(tiny_llama: Path, tmp_path: Path, ragtune_home: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # 'bundle restore X.tar' died with NotADirectoryError: the tar is unpacked beside itself first
+    made = tmp_path / "made"
+    made.mkdir()
+    create_bundle(made / "bundle", models=[str(tiny_llama)], deps="none", default_models=False, tar=True)
+    carried = tmp_path / "usb"
+    carried.mkdir()
+    tar = carried / "renamed.tar"  # a user may rename the file: the folder inside is what counts
+    shutil.copy2(made / "bundle.tar", tar)
+    assert main(["bundle", "restore", str(tar)]) == 0
+    assert "restored model:" in capsys.readouterr().out
+    assert (ragtune_home / "models" / "tiny-llama" / "model.safetensors").is_file()
+    assert (carried / "bundle" / "bundle.json").is_file()
+    not_tar = carried / "notes.txt"
+    not_tar.write_text("hello")
+    assert main(["bundle", "restore", str(not_tar)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file but not a bundle .tar" in err and "Traceback" not in err
+
+
+def test_unreachable_torch_index_fails_fast_naming_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/whl/cpu"  # nothing listens there
+    monkeypatch.setenv("RAGTUNE_TORCH_INDEX", url)
+    rc = main(["bundle", "create", str(tmp_path / "b"), "--no-default-models"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "RAGTUNE_TORCH_INDEX" in err and url in err and "cannot be reached" in err
+    assert not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_torch_index_that_never_answers_is_given_up_on(tmp_path: Path) -> None:
+    # a proxy that accepts and then says nothing: pip waited for it for more than 11 minutes
+    import socket
+
+    from ragtune.bundle import check_index_reachable
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/whl/cpu"
+        with pytest.raises(UsageError, match=r"no answer.*RAGTUNE_TORCH_INDEX"):
+            check_index_reachable(url, timeout=0.5)
+
+
+def test_index_that_answers_passes_the_probe() -> None:
+    import http.server
+    import threading
+
+    from ragtune.bundle import check_index_reachable
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.send_response(200 if self.path == "/whl/cpu/torch/" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        check_index_reachable(f"http://127.0.0.1:{srv.server_port}/whl/cpu")
+        with pytest.raises(UsageError, match="it has no torch"):
+            check_index_reachable(f"http://127.0.0.1:{srv.server_port}/other")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_downloads_show_progress(small_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # pip download with its output streamed: each package it collects and saves is logged as it happens
+    import logging
+
+    from ragtune.bundle import _run_showing_progress
+
+    wheels = small_bundle / "wheels"
+    dest = tmp_path / "dest"
+    caplog.set_level(logging.INFO, logger="ragtune.bundle")
+    _run_showing_progress([sys.executable, "-m", "pip", "download", "--no-index", "--no-deps", "--find-links",
+                           str(wheels), "--dest", str(dest), "--progress-bar", "off", "ragtune"], "downloading")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.strip().startswith(("Collecting ragtune", "Processing ")) for line in lines), lines
+    assert any(line.strip().startswith("Saved ") for line in lines), lines
+    assert list(dest.glob("ragtune-*.whl"))
+    with pytest.raises(RagtuneError, match="No matching distribution"):
+        _run_showing_progress([sys.executable, "-m", "pip", "download", "--no-index", "--dest", str(dest),
+                               "no-such-package-anywhere"], "downloading")

@@ -104,3 +104,32 @@ def test_doctor_ok_when_prepared(ragtune_home, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "all required checks passed" in out
+
+
+def test_os_errors_become_messages_with_the_path_and_the_fix(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an output folder that cannot be made (a file stands where it would go) was a raw traceback
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(4)))
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    rc = main(["data", "split", str(data), "--eval-fraction", "0.5", "--out-dir", str(blocker / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert err.startswith("error: Not a directory:") and str(blocker / "out") in err
+    assert "a file is where a folder is expected" in err and "Traceback" not in err
+
+
+def test_full_disk_and_permission_messages_name_the_fix() -> None:
+    import errno
+
+    from ragtune.cli import os_error_message
+
+    full = os_error_message(OSError(errno.ENOSPC, "No space left on device", "/data/runs/adapter/x.safetensors"))
+    assert full == ("No space left on device: '/data/runs/adapter/x.safetensors'; the disk is full: free space "
+                    "there, or write somewhere else (RAGTUNE_HOME, --out, train.output_dir)")
+    denied = os_error_message(PermissionError(errno.EACCES, "Permission denied", "/srv/out"))
+    assert denied.startswith("Permission denied: '/srv/out'; no permission: choose a folder you can write")
+    moved = os_error_message(OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"))
+    assert moved == "Invalid cross-device link: '/a' -> '/b'; check the path and try again"

@@ -25,8 +25,23 @@ def _tokenizer_for_check(model: str, cfg: Any) -> tuple[Any, str | None, str]:
             raise
         return None, None, "no model"
     tok = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
-    tpl = Path(cfg.train.chat_template).read_text(encoding="utf-8") if cfg.train.chat_template else template_of(tok)
-    return tok, tpl, str(base)
+    return tok, _chat_template(cfg, tok, template_of), str(base)
+
+
+def _chat_template(cfg: Any, tok: Any, template_of: Any) -> str:
+    """train.chat_template's text (checked to be a readable file), else the tokenizer's own template."""
+    from ragtune.errors import UsageError
+
+    if not cfg.train.chat_template:
+        return template_of(tok)
+    p = Path(cfg.train.chat_template).expanduser()
+    if not p.is_file():
+        raise UsageError(f"train.chat_template '{p}' " + ("is not a file" if p.exists() else "does not exist")
+                         + "; give a .jinja file, or leave it empty to use the model's own template")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"train.chat_template '{p}' is not UTF-8 text; save the template as UTF-8") from None
 
 
 def _run_data(args: argparse.Namespace, cfg: Any) -> int:
@@ -36,7 +51,7 @@ def _run_data(args: argparse.Namespace, cfg: Any) -> int:
     if args.data_cmd == "check":
         tok, tpl, model = _tokenizer_for_check(args.model, cfg)
         max_len = args.max_length or cfg.data.max_length
-        rep = data.check_file(args.file, tok, tpl, max_len)
+        rep = data.check_file(args.file, tok, tpl, max_len, dedupe=cfg.data.dedupe)
         written = None
         if args.write_clean:
             written = data.write_clean(rep, args.write_clean)

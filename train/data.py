@@ -18,6 +18,7 @@ import logging
 import random
 import re
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,7 +52,6 @@ KINDS: dict[str, str] = {
     "empty_content": "empty or whitespace-only content",
     "no_assistant": "no assistant message",
     "role_order": "roles out of order",
-    "duplicate": "exact duplicate record",
     "template_error": "chat template cannot render the record",
     "answer_truncated": "assistant answer truncated away by max_length",
     "empty_assistant_mask": "assistant mask is empty (nothing to train on)",
@@ -86,6 +86,10 @@ class CheckReport:
     stats: dict[str, Any] = field(default_factory=dict)
     # valid records that ask the same question with different answers: [[line, line, ...], ...]
     conflicts: list[list[int]] = field(default_factory=list)
+    # exact repeats of an earlier record: [[first line, repeat, ...], ...]; kept unless dedupe
+    duplicates: list[list[int]] = field(default_factory=list)
+    deduped: int = 0  # repeats dropped (dedupe=True)
+    tool_lines: list[int] = field(default_factory=list)  # records that use tools or function calling (skipped)
 
     @property
     def ok(self) -> bool:
@@ -108,6 +112,9 @@ class CheckReport:
             "invalid_records": len(self.rejected),
             "problems": {k: [p.as_dict() for p in v] for k, v in self.by_kind().items()},
             "conflicting_answers": self.conflicts,
+            "duplicates": self.duplicates,
+            "deduplicated": self.deduped,
+            "tool_records": self.tool_lines,
             "stats": self.stats,
         }
 
@@ -120,6 +127,26 @@ class CheckReport:
         return (f"{len(self.conflicts)} question{'s are' if len(self.conflicts) > 1 else ' is'} asked with different "
                 f"answers in {self.path} ({shown}{more}): the model learns a mix of them; keep one answer per "
                 "question unless the answers are meant as paraphrases")
+
+    def duplicate_note(self) -> str:
+        """What to say about exact repeats ("" when there are none)."""
+        if not self.duplicates:
+            return ""
+        n = sum(len(g) - 1 for g in self.duplicates)
+        shown = "; ".join("lines " + ", ".join(map(str, g)) for g in self.duplicates[:5])
+        more = f"; and {len(self.duplicates) - 5} more (--json lists all)" if len(self.duplicates) > 5 else ""
+        what = (f"dropped ({n} record{'s' if n > 1 else ''}, data.dedupe)" if self.deduped else
+                "kept (repeats weigh a record more; set data.dedupe=true to drop them)")
+        return f"{n} record{'s repeat' if n > 1 else ' repeats'} an earlier one exactly in {self.path} ({shown}{more}): {what}"
+
+    def tool_note(self) -> str:
+        """One line on the records that use tools ("" when there are none)."""
+        if not self.tool_lines:
+            return ""
+        n = len(self.tool_lines)
+        lines = ", ".join(map(str, self.tool_lines[:10])) + (", ..." if n > 10 else "")
+        return (f"{self.path}: {n} record{'s use' if n > 1 else ' uses'} tools or function calling (lines {lines}), "
+                "which ragtune does not train yet: skipped")
 
     def format(self, limit: int = 20) -> str:
         """Human report: problems grouped by kind, each with its line number, then stats."""
@@ -135,6 +162,10 @@ class CheckReport:
                 out.append(f"  line {p.line}: {p.message}")
             if len(items) > limit:
                 out.append(f"  ... and {len(items) - limit} more (--json lists all)")
+        if self.tool_lines:
+            out.append(f"note: {self.tool_note()}")
+        if self.duplicates:
+            out.append(f"note: {self.duplicate_note()}")
         if self.conflicts:
             out.append(f"note: {self.conflict_note()}")
         s = self.stats
@@ -197,7 +228,8 @@ def record_problems(obj: Any) -> list[tuple[str, str]]:
     probs: list[tuple[str, str]] = []
     extra = [k for k in obj if k not in RECORD_KEYS]
     if extra:
-        probs.append(("unknown_key", f"record has unknown key(s) {', '.join(map(repr, extra))}; allowed: messages"))
+        probs.append(("unknown_key", f"record has unknown key(s) {', '.join(map(repr, extra))}; allowed: "
+                                     f"{', '.join(RECORD_KEYS)}"))
     if "messages" not in obj:
         probs.append(("messages_missing", "no 'messages' key; expected {\"messages\": [{\"role\": ..., \"content\": ...}]}"))
         return probs
@@ -265,7 +297,10 @@ def check_file(
     max_length: int = 1024,
     tokenize: Callable[..., Any] | None = None,
 ) -> CheckReport:
-    """Check every line; with a tokenizer also the token-level problems and token stats."""
+    """Check every line; with a tokenizer also the token-level problems and token stats.
+
+    Exact repeats are noted and kept (users upsample on purpose), or dropped with `dedupe`; records
+    that use tools are noted and left out."""
     p = Path(path)
     if p.suffix.lower() in TABLE_SUFFIXES and p.is_file():
         raise UsageError(
@@ -279,6 +314,7 @@ def check_file(
     whole = _whole_file_values(lines) if opens_alone else None
     items: list[tuple[int, str, Any]] = []
     if whole is None:
+    dedupe: bool = False,
         items = list(_line_items(lines, report))
         if report.problems and not opens_alone:
             whole = _whole_file_values(lines)
@@ -292,12 +328,6 @@ def check_file(
         items = [(n, json.dumps(obj, ensure_ascii=False), obj) for n, obj in whole[1]]
     for n, raw, obj in items:
         probs = record_problems(obj)
-        if not probs:
-            key = json.dumps(obj["messages"], sort_keys=True, ensure_ascii=False)
-            if key in seen:
-                probs.append(("duplicate", f"same messages as line {seen[key]}"))
-            else:
-                seen[key] = n
         if probs:
             report.problems.extend(Problem(n, k, m) for k, m in probs)
             report.rejected[n] = raw
@@ -305,7 +335,11 @@ def check_file(
         report.records.append(Record(n, obj["messages"], raw))
     report.conflicts = _conflicting_answers(report.records)
     _token_checks(report, tokenizer, chat_template, max_length, tokenize)
+    repeats: dict[int, list[int]] = {}  # first line -> [first line, repeats...]
     return report
+        if uses_tools(obj):
+            report.tool_lines.append(n)
+            continue
 
 
 def _conflicting_answers(records: list[Record]) -> list[list[int]]:
@@ -317,7 +351,16 @@ def _conflicting_answers(records: list[Record]) -> list[list[int]]:
     return [sorted(answers.values()) for answers in groups.values() if len(answers) > 1]
 
 
+        key = json.dumps(obj, sort_keys=True, ensure_ascii=False)  # the whole record: its sources too
+        if key in seen:
+            repeats.setdefault(seen[key], [seen[key]]).append(n)
+            if dedupe:
+                report.deduped += 1
+                continue
+        else:
+            seen[key] = n
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")  # what convert reads and check does not
+    report.duplicates = list(repeats.values())
 
 
 def _line_items(lines: list[tuple[int, bytes]], report: CheckReport) -> Iterator[tuple[int, str, Any]]:
@@ -542,7 +585,11 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
         raise UsageError(f"'{path}': convert reads .csv, .tsv, .jsonl, .json or .parquet files")
     text = decode_text(path, path.read_bytes(), encoding)
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
-    return list(reader.fieldnames or []), list(reader)
+    try:
+        return list(reader.fieldnames or []), list(reader)
+    except csv.Error as exc:
+        raise UsageError(f"{path}: line {reader.line_num}: not readable as {suffix[1:].upper()} ({exc}); check the "
+                         "quoting on that line, or convert from .jsonl") from None
 
 
 # Other tools' record shapes that convert turns into chat records (named in check's hints too)
@@ -556,6 +603,9 @@ FORMATS = {  # name, shape
 
 
 def detect_format(row: Any) -> str:
+    # the csv module refuses fields over 128 KiB by default; the text is in memory already, so a long
+    # answer is no risk: allow any size (the largest the C long takes)
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     """The other tool's format a record is in ("" when none is recognised)."""
     if not isinstance(row, dict):
         return ""
@@ -676,7 +726,15 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42,
     src = Path(path)
     if not 0 < eval_fraction < 1:
         raise UsageError(f"--eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
-    lines = [ln.decode("utf-8", errors="strict") for _, ln in read_lines(src) if ln.strip()]
+    lines = []
+    for n, ln in read_lines(src):
+        if not ln.strip():
+            continue
+        try:
+            lines.append(ln.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{src}: line {n}: byte 0x{ln[exc.start]:02x} is not UTF-8 text; save the file as "
+                             f"UTF-8 ('ragtune data check {src}' lists every such line)") from None
     if len(lines) < 2:
         raise UsageError(f"'{src}' holds {len(lines)} record(s); a split needs at least 2")
     train_lines, eval_lines = split_items(lines, eval_fraction, seed, key=_line_prompt)

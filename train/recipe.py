@@ -86,7 +86,10 @@ def prepare(cfg: Any) -> Prepared:
     template = _read_template(cfg, tok)
     tok.chat_template = template
     max_len = cfg.data.max_length
-    rep = check_file(cfg.data.train_file, tok, template, max_len)
+    rep = check_file(cfg.data.train_file, tok, template, max_len, dedupe=cfg.data.dedupe)
+    for note in (rep.tool_note(), rep.duplicate_note()):
+        if note:
+            log.warning("%s", note)
     skipped = len(rep.rejected)
     if not rep.records:
         raise CheckFailed(f"no valid training records in {cfg.data.train_file}; nothing was trained:\n{rep.format()}")
@@ -109,7 +112,9 @@ def prepare(cfg: Any) -> Prepared:
     eval_records: list[Any] = []
     eval_rep = None
     if cfg.data.eval_file:
-        eval_rep = check_file(cfg.data.eval_file, tok, template, max_len)
+        eval_rep = check_file(cfg.data.eval_file, tok, template, max_len, dedupe=cfg.data.dedupe)
+        if eval_rep.tool_lines:
+            log.warning("%s", eval_rep.tool_note())
         if not eval_rep.ok and not cfg.data.skip_invalid:
             raise CheckFailed(f"the eval data has problems; nothing was trained:\n{eval_rep.format()}")
         eval_records = eval_rep.records

@@ -28,12 +28,11 @@ CASES = [
     ("content_not_string", json.dumps({"messages": [U, {"role": "assistant", "content": ["x"]}]})),
     ("unknown_role", json.dumps({"messages": [U, {"role": "bot", "content": "x"}, A]})),
     ("unknown_key", json.dumps({"messages": [U, A], "id": 7})),
-    ("unknown_key", json.dumps({"messages": [U, {**A, "name": "x"}]})),
+    ("unknown_key", json.dumps({"messages": [U, {**A, "note": "x"}]})),
     ("empty_content", json.dumps({"messages": [U, {"role": "assistant", "content": " \n "}]})),
     ("no_assistant", json.dumps({"messages": [U, {"role": "user", "content": "again"}]})),
     ("role_order", json.dumps({"messages": [U, {"role": "system", "content": "late"}, A]})),
     ("role_order", json.dumps({"messages": [U, A, {"role": "user", "content": "dangling"}]})),
-    ("duplicate", json.dumps(chat("first question", "first answer"))),
     ("not_utf8", b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'),
 ]
 
@@ -348,3 +347,74 @@ def test_template_that_refuses_a_record_names_its_line(tmp_path: Path, tiny_llam
     assert [(p["line"], "System role not supported" in p["message"]) for p in probs] == [(2, True), (4, False)]
     assert "must alternate" in probs[1]["message"]
     assert (rep["stats"]["records"], rep["stats"]["turns"], rep["stats"]["assistant_turns"]) == (2, 4, 2)
+
+
+def test_exact_duplicates_are_a_warning_and_kept_unless_dedupe(tmp_path: Path, capsys) -> None:
+    # users upsample on purpose: repeats used to stop training (and --skip-invalid then dropped them)
+    from ragtune.train.data import check_file
+
+    rows = [chat("q1", "a1"), chat("q2", "a2"), chat("q1", "a1"), chat("q3", "a3"), chat("q1", "a1"), chat("q2", "a2")]
+    path = write_jsonl(tmp_path / "up.jsonl", rows)
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "6 records, 6 valid, 0 invalid" in out
+    assert (f"note: 3 records repeat an earlier one exactly in {path} (lines 1, 3, 5; lines 2, 6): kept "
+            "(repeats weigh a record more; set data.dedupe=true to drop them)") in out
+    assert main(["data", "check", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["duplicates"] == [[1, 3, 5], [2, 6]]
+    rep = check_file(path, dedupe=True)
+    assert [r.line for r in rep.records] == [1, 2, 4] and rep.ok and rep.deduped == 3
+    assert "dropped (3 records, data.dedupe)" in rep.duplicate_note()
+    assert main(["data", "check", str(path), "data.dedupe=true", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["valid_records"] == 3
+
+
+TOOL_RECORDS = [
+    {"messages": [U, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}],
+     "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]},
+    {"messages": [U, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+                  {"role": "function", "name": "f", "content": "42"}, A]},
+    {"messages": [{"role": "user", "name": "ann", "content": "hi"}, A]},
+]
+
+
+def test_tool_records_are_named_in_one_line_and_skipped(tmp_path: Path, capsys) -> None:
+    # OpenAI-valid records with tools were rejected as unknown keys, one problem per key
+    path = write_jsonl(tmp_path / "tools.jsonl", [GOOD, *TOOL_RECORDS, chat("q4", "a4")])
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "tools or function calling" in line]
+    assert notes == [f"note: {path}: 3 records use tools or function calling (lines 2, 3, 4), which ragtune does "
+                     "not train yet: skipped"]
+    assert "unknown key" not in out and "5 records, 2 valid, 0 invalid" in out
+    assert main(["data", "check", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tool_records"] == [2, 3, 4]
+
+
+def test_missing_chat_template_file_is_named(tmp_path: Path, tiny_llama: Path, capsys) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    missing = tmp_path / "nope.jinja"
+    rc = main(["data", "check", str(path), "--model", str(tiny_llama), f"train.chat_template={missing}"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"train.chat_template '{missing}' does not exist" in err and "Traceback" not in err
+
+
+def test_split_names_the_line_that_is_not_utf8(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"messages": [{"role": "user", "content": "café"}]}'
+                     .encode("cp1252") + b"\n")
+    assert main(["data", "split", str(path), "--eval-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: line 2: byte 0xe9 is not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_convert_takes_a_csv_field_over_the_csv_modules_limit(tmp_path: Path, capsys) -> None:
+    long_answer = "word " * 40_000  # 200 KB; csv's default field limit is 128 KiB
+    src = tmp_path / "long.csv"
+    src.write_text(f'q,a\nWhat is long?,"{long_answer}"\n', encoding="utf-8")
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]) == 0
+    rec = json.loads((tmp_path / "long.chat.jsonl").read_text())
+    assert rec["messages"][1]["content"] == long_answer.strip()

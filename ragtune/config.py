@@ -51,7 +51,6 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    rag: RagDataConfig = field(default_factory=RagDataConfig)
     dedupe: bool = False  # drop exact repeats of a record (kept by default: repeats upsample on purpose)
     output_dir: str = "runs/adapter"
     epochs: float = 3.0

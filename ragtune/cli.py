@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ragtune.retrieval import cli as retrieval_cli
     from ragtune.serve import cli as serve_cli
     from ragtune.train import cli as train_cli
-    from ragtune.train import export_cli
+    from ragtune.export import cli as export_cli
 
     parser = argparse.ArgumentParser(
         prog="ragtune",

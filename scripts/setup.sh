@@ -15,7 +15,7 @@ fi
 source "$VENV/bin/activate"
 
 # llama.cpp's GGUF converter ships only in the llama-cpp-python sdist: keep the pinned one, sha256-checked,
-# in $RAGTUNE_HOME/llama.cpp (ragtune.train.export pins the same version and hash; a test checks they agree).
+# in $RAGTUNE_HOME/llama.cpp (ragtune.export.pin pins the same version and hash; a test checks they agree).
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 LLAMA_CPP_SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 llama_dir="${RAGTUNE_HOME:-$HOME/.cache/ragtune}/llama.cpp"

@@ -87,7 +87,7 @@ def ensure_gguf(model_dir: str | Path, adapter_dir: str | Path | None = None, ty
     GGUF, so one base serves every adapter); with `merged=True` instead, the adapter merged into
     its base and exported as one model GGUF. Cached under $RAGTUNE_HOME/gguf/<source-hash>/.
     """
-    from ragtune.train.export import cached_gguf
+    from ragtune.export.cache import cached_gguf
 
     return cached_gguf(model_dir, adapter_dir=adapter_dir, type=type, merged=merged)
 
@@ -169,7 +169,7 @@ class LlamaCppEngine:
         return self
 
     def _n_ctx_train(self) -> int:
-        from ragtune.train.export import gguf_metadata
+        from ragtune.export.header import gguf_metadata
 
         try:
             arch = gguf_metadata(self.gguf_path, ["general.architecture"]).get("general.architecture", "")

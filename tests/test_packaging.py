@@ -1,4 +1,4 @@
-"""The wheel holds only ragtune/...: nothing bare named train, serve or retrieval."""
+"""The wheel holds only ragtune/...: nothing bare named train, export, serve, retrieval or eval."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_wheel_contains_only_the_ragtune_namespace(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheels[0]).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"ragtune", next(t for t in tops if t.endswith(".dist-info"))}
-    for pkg in ("train", "serve", "retrieval", "eval"):
+    for pkg in ("train", "export", "serve", "retrieval", "eval"):
         assert f"ragtune/{pkg}/__init__.py" in names
         assert f"ragtune/{pkg}/cli.py" in names
     meta = zipfile.ZipFile(wheels[0]).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -1,1 +1,1 @@
-"""ragtune.train: chat-data checks, LoRA SFT with TRL, merge/export."""
+"""ragtune.train: chat-data checks, LoRA SFT with TRL, merge (GGUF export lives in ragtune.export)."""

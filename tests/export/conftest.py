@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from ragtune.export.build import export_gguf
+from ragtune.export.pin import SDIST_NAME, converter_dir
 from ragtune.serve.llamacpp import llama_cpp_available
-from ragtune.train import export
 
 NEEDS_LLAMA_CPP = pytest.mark.skipif(
     not llama_cpp_available(),
@@ -119,7 +120,7 @@ def tiny_smol(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def real_sdist() -> Path:
     """The pinned llama-cpp-python sdist kept by ./scripts/setup.sh (skip when it is not there)."""
-    p = _REAL_HOME / "llama.cpp" / export.SDIST_NAME
+    p = _REAL_HOME / "llama.cpp" / SDIST_NAME
     if not p.is_file():
         pytest.skip(f"the pinned converter sdist is not at {p}: run ./scripts/setup.sh or 'ragtune export setup'")
     return p
@@ -130,11 +131,11 @@ def converter_home(real_sdist: Path, tmp_path_factory: pytest.TempPathFactory) -
     """A RAGTUNE_HOME with the sdist linked in and the converter unpacked once for the session."""
     home = tmp_path_factory.mktemp("converter-home")
     (home / "llama.cpp").mkdir()
-    os.symlink(real_sdist, home / "llama.cpp" / export.SDIST_NAME)
+    os.symlink(real_sdist, home / "llama.cpp" / SDIST_NAME)
     mp = pytest.MonkeyPatch()
     mp.setenv("RAGTUNE_HOME", str(home))
     try:
-        export.converter_dir()
+        converter_dir()
     finally:
         mp.undo()
     return home
@@ -160,7 +161,7 @@ def tiny_f16(tiny_smol: Path, converter_home: Path, tmp_path_factory: pytest.Tem
     mp = pytest.MonkeyPatch()
     mp.setenv("RAGTUNE_HOME", str(converter_home))
     try:
-        res = export.export_gguf(tiny_smol, out, "f16", margin=0.05, threads=1)
+        res = export_gguf(tiny_smol, out, "f16", margin=0.05, threads=1)
     finally:
         mp.undo()
     return {"path": out, "result": res}

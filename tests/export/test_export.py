@@ -12,7 +12,13 @@ import pytest
 
 from ragtune.cli import main
 from ragtune.errors import RagtuneError, UsageError
-from ragtune.train import export
+from ragtune.export.build import export_gguf
+from ragtune.export.header import gguf_metadata
+from ragtune.export.ollama import modelfile_text, parse_modelfile, render_ollama_template
+from ragtune.export.parity import CHECK_PROMPTS, describe_check
+from ragtune.export.pin import LLAMA_CPP_PYTHON_VERSION, SDIST_NAME, SDIST_SHA256, converter_dir
+from ragtune.export.quantize import quantize
+from ragtune.export.source import adapter_hash
 from tests.export.conftest import NEEDS_LLAMA_CPP
 
 MARGIN = 0.05  # logits; the tiny model's f16 rounding error is far below this
@@ -21,11 +27,11 @@ MARGIN = 0.05  # logits; the tiny model's f16 rounding error is far below this
 @NEEDS_LLAMA_CPP
 def test_f16_export_answers_like_transformers(tiny_f16: dict[str, Any]) -> None:
     check = tiny_f16["result"].check
-    assert check is not None and check["ok"], export.describe_check(check)
+    assert check is not None and check["ok"], describe_check(check)
     assert check["prompt_ids_equal"]
     assert check["diverged"] == 0
     # most prompts must be compared in full; a near-tie is allowed but reported with its gap
-    assert check["equal"] >= len(check["prompts"]) - 1, export.describe_check(check)
+    assert check["equal"] >= len(check["prompts"]) - 1, describe_check(check)
     for row in check["prompts"]:
         assert row["transformers_ids"], row
         if row["verdict"] == "near-tie":
@@ -81,13 +87,13 @@ def test_chat_template_and_card_travel_with_the_file(tiny_smol: Path, tiny_f16: 
     # ragtune's fast header reader agrees with the gguf package on every scalar and string
     fields = {k: f.contents() for k, f in reader.fields.items()
               if not k.startswith("GGUF.") and f.types and f.types[0] != gguf.GGUFValueType.ARRAY}
-    assert export.gguf_metadata(path) == fields
+    assert gguf_metadata(path) == fields
     card = json.loads(path.with_name(path.name + ".json").read_text())
     assert card["sha256"] == file_sha256(path)
     assert card["type"] == "f16" and card["kind"] == "gguf"
     assert card["source"] == {"kind": "model", "path": str(tiny_smol), "hash": model_hash(tiny_smol)}
-    assert card["converter"]["llama_cpp_python"] == export.LLAMA_CPP_PYTHON_VERSION
-    assert card["converter"]["sdist_sha256"] == export.SDIST_SHA256
+    assert card["converter"]["llama_cpp_python"] == LLAMA_CPP_PYTHON_VERSION
+    assert card["converter"]["sdist_sha256"] == SDIST_SHA256
     assert card["check"]["ok"] is True
 
 
@@ -97,7 +103,7 @@ def test_modelfile_matches_the_chat_template(tiny_smol: Path, tiny_f16: dict[str
 
     path = tiny_f16["path"]
     mf = path.parent / "Modelfile"
-    parsed = export.parse_modelfile(mf.read_text())
+    parsed = parse_modelfile(mf.read_text())
     assert (mf.parent / parsed["FROM"]).resolve() == path.resolve()
     assert "ADAPTER" not in parsed
     assert ("stop", "<|im_end|>") in parsed["PARAMETER"]
@@ -106,7 +112,7 @@ def test_modelfile_matches_the_chat_template(tiny_smol: Path, tiny_f16: dict[str
                  [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"},
                   {"role": "assistant", "content": "Bonjour\nami"}, {"role": "user", "content": "Merci"}]):
         want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        assert export.render_ollama_template(parsed["TEMPLATE"], conv, parsed.get("SYSTEM")) == want
+        assert render_ollama_template(parsed["TEMPLATE"], conv, parsed.get("SYSTEM")) == want
 
 
 @NEEDS_LLAMA_CPP
@@ -121,12 +127,12 @@ def test_lora_export_changes_output_as_the_merged_model_does(tiny_smol: Path, ti
 
     adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
     out = tmp_path / "out" / "tiny-lora.gguf"
-    res = export.export_gguf(adapter, out, lora=True, base_gguf=tiny_f16["path"], margin=MARGIN, threads=1)
-    assert res.check is not None and res.check["ok"], export.describe_check(res.check)
+    res = export_gguf(adapter, out, lora=True, base_gguf=tiny_f16["path"], margin=MARGIN, threads=1)
+    assert res.check is not None and res.check["ok"], describe_check(res.check)
     assert res.entry["kind"] == "gguf-lora"
-    meta = export.gguf_metadata(out)
+    meta = gguf_metadata(out)
     assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
-    parsed = export.parse_modelfile((out.parent / "Modelfile").read_text())
+    parsed = parse_modelfile((out.parent / "Modelfile").read_text())
     assert (out.parent / parsed["FROM"]).resolve() == tiny_f16["path"].resolve()
     assert (out.parent / parsed["ADAPTER"]).resolve() == out.resolve()
 
@@ -135,7 +141,7 @@ def test_lora_export_changes_output_as_the_merged_model_does(tiny_smol: Path, ti
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
     eng = LlamaCppEngine(tiny_f16["path"], lora={"ft": out}, n_threads=1).load()
     changed = compared = 0
-    for q in export.CHECK_PROMPTS:
+    for q in CHECK_PROMPTS:
         prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
@@ -175,9 +181,9 @@ def test_adapter_source_is_merged_on_the_fly_and_recorded(tiny_adapter: Path, ll
     assert [e["kind"] for e in entries] == ["gguf"], entries  # the temporary merge is not left in the card
     e = entries[0]
     assert e["path"] == str(out) and e["type"] == "q8_0" and e["sha256"] == printed["sha256"]
-    assert e["source"]["kind"] == "adapter" and e["source"]["hash"] == export.adapter_hash(adapter, card)
+    assert e["source"]["kind"] == "adapter" and e["source"]["hash"] == adapter_hash(adapter, card)
     assert e["check"]["ok"] is True and "f16 intermediate" in e["check"]["checked_file"]
-    assert export.gguf_metadata(out, ["general.file_type"])["general.file_type"] == 7  # MOSTLY_Q8_0
+    assert gguf_metadata(out, ["general.file_type"])["general.file_type"] == 7  # MOSTLY_Q8_0
     from ragtune.serve.llamacpp import LlamaCppEngine
 
     eng = LlamaCppEngine(out, n_threads=1).load()
@@ -189,8 +195,8 @@ def test_adapter_source_is_merged_on_the_fly_and_recorded(tiny_adapter: Path, ll
 def test_q4_k_m_quantizes_to_a_loadable_file(tiny_f16: dict[str, Any], tmp_path: Path) -> None:
     from ragtune.serve.llamacpp import LlamaCppEngine
 
-    out = export.quantize(tiny_f16["path"], tmp_path / "tiny-q4.gguf", "q4_k_m", threads=1)
-    assert export.gguf_metadata(out, ["general.file_type"])["general.file_type"] == 15  # MOSTLY_Q4_K_M
+    out = quantize(tiny_f16["path"], tmp_path / "tiny-q4.gguf", "q4_k_m", threads=1)
+    assert gguf_metadata(out, ["general.file_type"])["general.file_type"] == 15  # MOSTLY_Q4_K_M
     assert out.stat().st_size < tiny_f16["path"].stat().st_size
     eng = LlamaCppEngine(out, n_threads=1).load()
     assert len(eng.generate(prompt_text="<|im_start|>user\nHi<|im_end|>\n", max_new_tokens=4)["ids"]) >= 1
@@ -202,24 +208,24 @@ def test_q4_k_m_quantizes_to_a_loadable_file(tiny_f16: dict[str, Any], tmp_path:
 
 def test_missing_sdist_says_how_to_fix(ragtune_home: Path) -> None:
     with pytest.raises(UsageError) as exc:
-        export.converter_dir()
+        converter_dir()
     msg = str(exc.value)
-    assert export.SDIST_NAME in msg and "ragtune export setup" in msg and str(ragtune_home) in msg
+    assert SDIST_NAME in msg and "ragtune export setup" in msg and str(ragtune_home) in msg
 
 
 def test_wrong_sdist_is_refused(ragtune_home: Path) -> None:
-    p = ragtune_home / "llama.cpp" / export.SDIST_NAME
+    p = ragtune_home / "llama.cpp" / SDIST_NAME
     p.parent.mkdir(parents=True)
     p.write_bytes(b"not the pinned sdist")
     with pytest.raises(UsageError, match="sha256"):
-        export.converter_dir()
+        converter_dir()
 
 
 def test_bad_type_is_a_usage_error(tiny_smol: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf"), "--type", "q5_x"]) == 2
     assert "invalid choice: 'q5_x'" in capsys.readouterr().err
     with pytest.raises(UsageError, match="is not one of f16, q8_0, q4_k_m"):
-        export.export_gguf(tiny_smol, tmp_path / "x.gguf", "q5_x")
+        export_gguf(tiny_smol, tmp_path / "x.gguf", "q5_x")
 
 
 def test_non_model_source_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,20 +242,20 @@ def test_missing_llama_cpp_names_the_install_line(tiny_smol: Path, tmp_path: Pat
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
     with pytest.raises(RagtuneError, match=r"pip install 'ragtune\[llamacpp\]'"):
-        export.export_gguf(tiny_smol, tmp_path / "x.gguf")
+        export_gguf(tiny_smol, tmp_path / "x.gguf")
 
 
 def test_lora_needs_an_adapter(tiny_smol: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="--lora needs an adapter folder"):
-        export.export_gguf(tiny_smol, tmp_path / "x.gguf", lora=True)
+        export_gguf(tiny_smol, tmp_path / "x.gguf", lora=True)
 
 
 def test_setup_sh_pins_the_same_sdist() -> None:
     root = Path(__file__).resolve().parents[2]
     sh = (root / "scripts" / "setup.sh").read_text()
-    assert f"LLAMA_CPP_PYTHON_VERSION={export.LLAMA_CPP_PYTHON_VERSION}" in sh
-    assert f"LLAMA_CPP_SDIST_SHA256={export.SDIST_SHA256}" in sh
-    assert f'llamacpp = ["llama-cpp-python=={export.LLAMA_CPP_PYTHON_VERSION}"]' in (root / "pyproject.toml").read_text()
+    assert f"LLAMA_CPP_PYTHON_VERSION={LLAMA_CPP_PYTHON_VERSION}" in sh
+    assert f"LLAMA_CPP_SDIST_SHA256={SDIST_SHA256}" in sh
+    assert f'llamacpp = ["llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]' in (root / "pyproject.toml").read_text()
 
 
 def test_modelfile_template_is_derived_and_checked(tiny_smol: Path) -> None:
@@ -262,16 +268,16 @@ def test_modelfile_template_is_derived_and_checked(tiny_smol: Path) -> None:
     def render(msgs: list[dict[str, str]], gen: bool, tpl: str | None = None) -> str:
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=tpl)
 
-    text, verified = export.modelfile_text("./m.gguf", render, tok.all_special_tokens, [tok.eos_token], "./a.gguf")
-    parsed = export.parse_modelfile(text)
+    text, verified = modelfile_text("./m.gguf", render, tok.all_special_tokens, [tok.eos_token], "./a.gguf")
+    parsed = parse_modelfile(text)
     assert verified and parsed["FROM"] == "./m.gguf" and parsed["ADAPTER"] == "./a.gguf"
     assert parsed["SYSTEM"].startswith("You are a helpful AI assistant named SmolLM")
     assert {v for k, v in parsed["PARAMETER"] if k == "stop"} == {"<|im_end|>", "<|im_start|>"}
     conv = [{"role": "user", "content": "a {{ b }} c"}, {"role": "assistant", "content": "d"},
             {"role": "user", "content": "e"}]
-    assert export.render_ollama_template(parsed["TEMPLATE"], conv, parsed["SYSTEM"]) == render(conv, True)
+    assert render_ollama_template(parsed["TEMPLATE"], conv, parsed["SYSTEM"]) == render(conv, True)
 
     odd = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }};{% endfor %}"
-    text, verified = export.modelfile_text("./m.gguf", lambda m, g: render(m, g, odd), [], ["<|im_end|>"])
-    assert not verified and "TEMPLATE" not in export.parse_modelfile(text)
+    text, verified = modelfile_text("./m.gguf", lambda m, g: render(m, g, odd), [], ["<|im_end|>"])
+    assert not verified and "TEMPLATE" not in parse_modelfile(text)
     assert "No TEMPLATE" in text

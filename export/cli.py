@@ -1,4 +1,8 @@
-"""Argument parser for `ragtune export` (imports stay light: the work happens in ragtune.train.export)."""
+"""`ragtune export gguf|setup`: the argument parser and the command (heavy imports inside the command).
+
+    ragtune export gguf runs/adapter --out runs/gguf/policies-f16.gguf
+    ragtune export setup
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,21 @@ import argparse
 from typing import Any
 
 from ragtune.errors import EXIT_OK
-
-TYPES = ("f16", "q8_0", "q4_k_m")  # ragtune.train.export.TYPES, repeated to keep --help light
+from ragtune.export.parity import DEFAULT_MARGIN
+from ragtune.export.quantize import TYPES
 
 
 def _run_export(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.cli import print_json
-    from ragtune.train import export
 
     if args.export_cmd == "setup":
-        path = export.fetch_sdist()
-        conv = export.converter_dir()
-        if args.json:
-            print_json({"sdist": str(path), "sha256": export.SDIST_SHA256, "converter": str(conv)})
-        else:
-            print(f"llama.cpp converter ready: {conv} (from {path.name}, sha256 verified)")
-        return EXIT_OK
+        return _run_setup(args)
+    from ragtune.export.build import export_gguf
+    from ragtune.export.parity import describe_check
     from ragtune.modeling import quiet_libraries
 
     quiet_libraries()
-    res = export.export_gguf(
+    res = export_gguf(
         args.source, args.out, args.type, lora=args.lora, base_gguf=args.base_gguf or None,
         check=not args.no_check, margin=args.margin, force=args.force, modelfile=args.modelfile or None,
         threads=args.threads,
@@ -36,13 +35,26 @@ def _run_export(args: argparse.Namespace, cfg: Any) -> int:
     print(f"wrote {res.path} ({res.type}, {res.size_bytes / 1e6:.1f} MB, sha256 {res.sha256[:16]}...) "
           f"in {res.seconds:.0f}s")
     if res.check is not None:
-        print(export.describe_check(res.check))
+        print(describe_check(res.check))
     else:
         print("not checked against transformers (--no-check)")
     if res.modelfile is not None:
         tpl = "" if res.entry.get("modelfile_template_verified") else " (no TEMPLATE: Ollama uses the GGUF's)"
         print(f"Ollama: ollama create NAME -f {res.modelfile}{tpl}")
     print(f"Python: LlamaCppEngine('{res.path}').load() (ragtune.serve.llamacpp)")
+    return EXIT_OK
+
+
+def _run_setup(args: argparse.Namespace) -> int:
+    from ragtune.cli import print_json
+    from ragtune.export.pin import SDIST_SHA256, converter_dir, fetch_sdist
+
+    path = fetch_sdist()
+    conv = converter_dir()
+    if args.json:
+        print_json({"sdist": str(path), "sha256": SDIST_SHA256, "converter": str(conv)})
+    else:
+        print(f"llama.cpp converter ready: {conv} (from {path.name}, sha256 verified)")
     return EXIT_OK
 
 
@@ -61,7 +73,7 @@ def register(sub: Any) -> None:
     )
     g.add_argument("source", help="adapter folder, merged model dir or transformers model dir")
     g.add_argument("--out", required=True, help="output file, FILE.gguf")
-    g.add_argument("--type", default="f16", choices=TYPES, help="f16 (default), q8_0 or q4_k_m")
+    g.add_argument("--type", default="f16", choices=TYPES, help="GGUF type (default f16)")
     g.add_argument("--lora", action="store_true", help="write the adapter as a llama.cpp LoRA GGUF")
     g.add_argument("--base-gguf", default="", metavar="FILE",
                    help="with --lora: the base GGUF its Modelfile names (default: an f16 export of the base, "
@@ -69,8 +81,8 @@ def register(sub: Any) -> None:
     g.add_argument("--modelfile", default="", metavar="FILE", help="where to write the Modelfile (default: "
                                                                   "Modelfile beside --out)")
     g.add_argument("--no-check", action="store_true", help="skip the comparison with transformers")
-    g.add_argument("--margin", type=float, default=0.5,
-                   help="logit gap under which a divergence counts as a near-tie (default 0.5)")
+    g.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"logit gap under which a divergence counts as a near-tie (default {DEFAULT_MARGIN})")
     g.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = all usable cores; 1 for files under 64 MB)")
     g.add_argument("--force", action="store_true", help="replace an existing --out")
     g.add_argument("--json", action="store_true", help="print the export entry as JSON")

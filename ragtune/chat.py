@@ -1,12 +1,17 @@
 """The one prompt format: messages (+ retrieved context) -> chat template.
 
-Training on RAG-formatted prompts and answering with retrieval both go through `rag_messages`,
-so a model fine-tuned with context sees exactly the layout it will be served with.
+Training on retrieval-built prompts (`ragtune.train.rag`) and answering with retrieval (`ask --index`,
+chat, the server, eval) all go through `rag_messages`, so a model fine-tuned with sources sees exactly
+the layout it will be served with (tests/train/test_rag.py checks the rendered text byte for byte).
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+# The layout rag_messages and format_sources produce; bump it when their output changes, so run cards
+# of adapters trained on retrieval-built prompts (ragtune.train.rag) say which layout they learned.
+RAG_PROMPT_FORMAT = 1
 
 DEFAULT_RAG_SYSTEM = (
     "Answer the question using only the numbered sources below. Cite the sources you use as [n]. "

@@ -33,12 +33,26 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class RagDataConfig:
+    """Training on retrieval-built prompts (RAFT-style; ragtune.train.rag): each record's question is
+    retrieved for and rendered with its sources exactly as `ask --index` serves it."""
+
+    index: str = ""  # index to retrieve from ("" = train on the records as they are)
+    top_k: int = 0  # sources retrieved per question; 0 = rag.top_k (what serving retrieves)
+    distractors: int = -1  # non-gold sources kept beside the gold one; -1 = all of the top_k others
+    withheld: float = 0.0  # share of records whose gold source is left out (they learn to answer anyway)
+    cite: bool = False  # end the target answer with [n], the gold source's number
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train_file: str = ""  # chat JSONL ({"messages": [...]} per line)
     eval_file: str = ""
     eval_fraction: float = 0.0  # split this share off train_file when eval_file is empty
     max_length: int = 1024  # tokens per record after the chat template
     skip_invalid: bool = False  # train on the valid records instead of stopping on bad ones
+    rag: RagDataConfig = field(default_factory=RagDataConfig)
+    dedupe: bool = False  # drop exact repeats of a record (kept by default: repeats upsample on purpose)
 
 
 @dataclass(frozen=True)
@@ -51,7 +65,6 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dedupe: bool = False  # drop exact repeats of a record (kept by default: repeats upsample on purpose)
     output_dir: str = "runs/adapter"
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
@@ -143,7 +156,7 @@ class DeploymentConfig:
     base: str = ""  # model dir; "" = model.path
     adapter: str = ""
     index: str = ""  # "" = no retrieval
-    engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"
+    engine: Literal["", "auto", "transformers", "llama.cpp"] = ""  # "" = generation.engine
 
 
 @dataclass(frozen=True)
@@ -154,7 +167,8 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     max_messages: int = 64
     max_tokens_limit: int = 2048
-    max_queue: int = 32  # requests waiting or running at once; more answer 429 (generation is one at a time)
+    max_queue: int = 32  # requests waiting or running at once; more answer 429
+    max_batch: int = 8  # requests decoded together per model (sequence slots); 1 = one at a time
     deployments: tuple[DeploymentConfig, ...] = ()
 
 

@@ -28,7 +28,7 @@ from ragtune.errors import UsageError
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-RECORD_KEYS = ("messages",)
+RECORD_KEYS = ("messages", "sources")  # sources: the documents an answer is grounded in (train/rag.py)
 MESSAGE_KEYS = ("role", "content", "weight")
 
 # kind -> heading, in the order reports list them
@@ -217,6 +217,21 @@ def _message_problems(i: int, m: Any) -> list[tuple[str, str]]:
     return probs
 
 
+TOOL_ROLES = ("tool", "function")
+TOOL_MESSAGE_KEYS = ("tool_calls", "function_call", "tool_call_id", "name")
+TOOL_RECORD_KEYS = ("tools", "functions", "parallel_tool_calls")
+
+
+def uses_tools(obj: Any) -> bool:
+    """An OpenAI fine-tuning record with tools or function calling (tool role, tool_calls, tools, name...)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        return False
+    if any(k in obj for k in TOOL_RECORD_KEYS):
+        return True
+    return any(isinstance(m, dict) and (m.get("role") in TOOL_ROLES or any(k in m for k in TOOL_MESSAGE_KEYS))
+               for m in obj["messages"])
+
+
 def record_problems(obj: Any) -> list[tuple[str, str]]:
     """Structural problems of one parsed record, as (kind, message)."""
     if not isinstance(obj, dict):
@@ -296,6 +311,7 @@ def check_file(
     chat_template: str | None = None,
     max_length: int = 1024,
     tokenize: Callable[..., Any] | None = None,
+    dedupe: bool = False,
 ) -> CheckReport:
     """Check every line; with a tokenizer also the token-level problems and token stats.
 
@@ -314,7 +330,6 @@ def check_file(
     whole = _whole_file_values(lines) if opens_alone else None
     items: list[tuple[int, str, Any]] = []
     if whole is None:
-    dedupe: bool = False,
         items = list(_line_items(lines, report))
         if report.problems and not opens_alone:
             whole = _whole_file_values(lines)
@@ -326,20 +341,29 @@ def check_file(
         report.rejected.clear()
         report.lines = len(whole[1])
         items = [(n, json.dumps(obj, ensure_ascii=False), obj) for n, obj in whole[1]]
+    repeats: dict[int, list[int]] = {}  # first line -> [first line, repeats...]
     for n, raw, obj in items:
+        if uses_tools(obj):
+            report.tool_lines.append(n)
+            continue
         probs = record_problems(obj)
         if probs:
             report.problems.extend(Problem(n, k, m) for k, m in probs)
             report.rejected[n] = raw
             continue
+        key = json.dumps(obj, sort_keys=True, ensure_ascii=False)  # the whole record: its sources too
+        if key in seen:
+            repeats.setdefault(seen[key], [seen[key]]).append(n)
+            if dedupe:
+                report.deduped += 1
+                continue
+        else:
+            seen[key] = n
         report.records.append(Record(n, obj["messages"], raw))
+    report.duplicates = list(repeats.values())
     report.conflicts = _conflicting_answers(report.records)
     _token_checks(report, tokenizer, chat_template, max_length, tokenize)
-    repeats: dict[int, list[int]] = {}  # first line -> [first line, repeats...]
     return report
-        if uses_tools(obj):
-            report.tool_lines.append(n)
-            continue
 
 
 def _conflicting_answers(records: list[Record]) -> list[list[int]]:
@@ -351,16 +375,7 @@ def _conflicting_answers(records: list[Record]) -> list[list[int]]:
     return [sorted(answers.values()) for answers in groups.values() if len(answers) > 1]
 
 
-        key = json.dumps(obj, sort_keys=True, ensure_ascii=False)  # the whole record: its sources too
-        if key in seen:
-            repeats.setdefault(seen[key], [seen[key]]).append(n)
-            if dedupe:
-                report.deduped += 1
-                continue
-        else:
-            seen[key] = n
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")  # what convert reads and check does not
-    report.duplicates = list(repeats.values())
 
 
 def _line_items(lines: list[tuple[int, bytes]], report: CheckReport) -> Iterator[tuple[int, str, Any]]:
@@ -584,6 +599,9 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
     if suffix not in (".csv", ".tsv"):
         raise UsageError(f"'{path}': convert reads .csv, .tsv, .jsonl, .json or .parquet files")
     text = decode_text(path, path.read_bytes(), encoding)
+    # the csv module refuses fields over 128 KiB by default; the text is in memory already, so a long
+    # answer is no risk: allow any size (the largest the C long takes)
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
     try:
         return list(reader.fieldnames or []), list(reader)
@@ -603,9 +621,6 @@ FORMATS = {  # name, shape
 
 
 def detect_format(row: Any) -> str:
-    # the csv module refuses fields over 128 KiB by default; the text is in memory already, so a long
-    # answer is no risk: allow any size (the largest the C long takes)
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     """The other tool's format a record is in ("" when none is recognised)."""
     if not isinstance(row, dict):
         return ""
@@ -744,6 +759,15 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42,
     atomic_write_text(tr, "".join(ln.rstrip("\r") + "\n" for ln in train_lines))
     atomic_write_text(ev, "".join(ln.rstrip("\r") + "\n" for ln in eval_lines))
     return tr, ev, len(train_lines), len(eval_lines)
+
+
+def shared_system_prompt(records: list[Record]) -> str | None:
+    """The system message every record opens with, when all carry the same one; else None."""
+    prompts = {r.messages[0]["content"] if r.messages and r.messages[0].get("role") == "system" else None
+               for r in records}
+    if len(prompts) != 1:
+        return None
+    return next(iter(prompts))
 
 
 def fold(text: Any) -> str:

@@ -61,6 +61,7 @@ class Prepared:
     train_report: Any
     eval_report: Any | None
     skipped: int
+    rag: Any = None  # ragtune.train.rag.RagBuild: the records rebuilt with retrieved sources (data.rag.index)
 
 
 def _read_template(cfg: Any, tokenizer: Any) -> str:
@@ -74,8 +75,9 @@ def _read_template(cfg: Any, tokenizer: Any) -> str:
     return template_of(tokenizer)
 
 
-def prepare(cfg: Any) -> Prepared:
-    """Resolve the base model and tokenizer, check the data, split off eval records."""
+def prepare(cfg: Any, rag_cache: Path | None = None) -> Prepared:
+    """Resolve the base model and tokenizer, check the data, split off eval records; with data.rag.index,
+    rebuild them as served prompts with retrieved sources (reusing `rag_cache` when it matches)."""
     from ragtune.modeling import load_tokenizer, resolve_model_path
     from ragtune.train.data import check_file, record_prompt, split_items
 
@@ -128,7 +130,12 @@ def prepare(cfg: Any) -> Prepared:
     elif cfg.data.eval_fraction > 0:
         train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed,
                                                   key=record_prompt)
-    return Prepared(base, tok, template, train_records, eval_records, rep, eval_rep, skipped)
+    rag = None
+    if cfg.data.rag.index:
+        from ragtune.train.rag import apply_rag
+
+        train_records, eval_records, rag = apply_rag(cfg, tok, template, rep, train_records, eval_records, rag_cache)
+    return Prepared(base, tok, template, train_records, eval_records, rep, eval_rep, skipped, rag)
 
 
 def run_settings(cfg: Any, prep: Prepared) -> dict[str, Any]:
@@ -142,6 +149,8 @@ def run_settings(cfg: Any, prep: Prepared) -> dict[str, Any]:
     flat["data.train_file"] = "sha256:" + cached_file_sha256(cfg.data.train_file)
     flat["data.eval_file"] = "sha256:" + cached_file_sha256(cfg.data.eval_file) if cfg.data.eval_file else ""
     flat["train.chat_template"] = "sha256:" + text_sha256(prep.template)
+    if prep.rag is not None:  # the sources the prompts were built from: a changed index is a changed input
+        flat["data.rag.index_identity"] = prep.rag.index["identity"]
     return json.loads(json.dumps(flat))
 
 
@@ -386,8 +395,11 @@ def install_compact_loss(model: Any) -> bool:
     Returns False (and changes nothing) for models whose logits are scaled or soft-capped; those
     train through TRL's own loss instead.
     """
+    import torch
     import torch.nn.functional as F
     from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ragtune.train.loss import linear_cross_entropy, should_chunk
 
     text_config = model.config.get_text_config()
     if any(getattr(text_config, a, None) is not None for a in _SCALED_HEAD_ATTRS):
@@ -404,8 +416,12 @@ def install_compact_loss(model: Any) -> bool:
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = ragtune_labels[:, 1:].to(hidden.device)
         mask = labels != -100
-        logits = self.get_output_embeddings()(hidden[mask])
-        loss_sum = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
+        head, picked, targets = self.get_output_embeddings(), hidden[mask], labels[mask]
+        if type(head) is torch.nn.Linear and should_chunk(picked.shape[0], head.weight.shape[0]):
+            # large vocabulary x many labelled tokens: never hold the whole logits (train/loss.py)
+            loss_sum = linear_cross_entropy(picked, head.weight, targets, bias=head.bias)
+        else:
+            loss_sum = F.cross_entropy(head(picked).float(), targets, reduction="sum")
         return CausalLMOutputWithPast(loss=loss_sum, logits=None)
 
     model.forward = types.MethodType(forward, model)
@@ -576,7 +592,6 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     from datasets import Dataset
     from peft import LoraConfig as PeftLoraConfig
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig
 
     from ragtune import __version__
@@ -585,6 +600,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     from ragtune.modeling import file_sha256, model_hash, pick_device, text_sha256
     from ragtune.runcard import write_runcard
     from ragtune.train.plots import plot_losses
+    from ragtune.train.data import shared_system_prompt
 
     t_start = time.time()
     tc = cfg.train
@@ -594,7 +610,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     finished, has_ckpt = _out_state(out)
     resume_from = None
     if resume:
-        resume_from = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        resume_from = last_complete_checkpoint(ckpt_dir, remove_incomplete=first_process())
         if resume_from is None:
             raise UsageError(f"--resume: no checkpoint in '{ckpt_dir}'; train without --resume to start a new run")
     elif (finished or has_ckpt) and not overwrite:
@@ -614,7 +630,9 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
 
-    prep = prepare(cfg)
+    from ragtune.train.rag import RAG_PROMPTS
+
+    prep = prepare(cfg, rag_cache=ckpt_dir / RAG_PROMPTS if resume else None)
     tok, template = prep.tokenizer, prep.template
     if overwrite and not resume and not dry_run and ckpt_dir.exists():  # only once the data has passed its check
         shutil.rmtree(ckpt_dir)
@@ -697,6 +715,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         gradient_checkpointing=gc,
         train_sampling_strategy="group_by_length" if tc.group_by_length and not tc.packing else "random",
         prediction_loss_only=True,
+        include_num_input_tokens_seen="non_padding",  # kept in trainer_state.json: --resume counts the whole run
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -746,6 +765,8 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(ckpt_dir / RUN_SETTINGS, settings)
+        if prep.rag is not None:
+            prep.rag.write(ckpt_dir / RAG_PROMPTS)  # cached with the run: --resume reuses them
     t0 = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -759,7 +780,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
             "train.batch_size (raise train.grad_accum to keep the effective batch), lower data.max_length, or set "
             "train.gradient_checkpointing=on" + ("" if tc.qlora else " or train.qlora=true")
             + ("; continue from the last checkpoint with --resume"
-               if ckpt_dir.is_dir() and get_last_checkpoint(str(ckpt_dir)) else "")
+               if last_complete_checkpoint(ckpt_dir) else "")
         ) from exc
     train_secs = time.time() - t0
     state = trainer.state
@@ -776,7 +797,8 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
             eval_loss = float(last[-1]["eval_loss"])
         else:
             eval_loss = float(trainer.evaluate()["eval_loss"])
-    tokens = _gather_sum(trainer, trainer.tokens_seen)
+    tokens = _gather_sum(trainer, trainer.tokens_seen)  # this segment's (the rate); the whole run's below
+    run_tokens = int(state.num_input_tokens_seen or 0) or tokens
     train_losses = [r["loss"] for r in rows if "loss" in r]
     tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else []
 
@@ -799,6 +821,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "base_model": {"path": str(prep.base), "hash": model_hash(prep.base)},
         "chat_template": {"template": template, "hash": text_sha256(template)},
+        "system_prompt": shared_system_prompt(prep.train_report.records),  # as in the file; serving adds it by default
         "config": to_dict(cfg),
         "data": {
             "train_file": str(Path(cfg.data.train_file).resolve()),
@@ -810,9 +833,9 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         },
         "metrics": {
             "train_loss": sum(tail) / len(tail) if tail else None,
-            "train_loss_mean": float(result.training_loss),
+            "train_loss_mean": _run_loss_mean(rows, resume_step, float(result.training_loss), state.global_step),
             "eval_loss": eval_loss,
-            "train_tokens": tokens,
+            "train_tokens": run_tokens,
             "tokens_per_second": tokens / runtime if runtime > 0 else None,
             "wall_seconds": round(time.time() - t_start, 2),
             "train_seconds": round(runtime, 2),
@@ -822,6 +845,8 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         "training": training,
         "exports": [],
     }
+    if prep.rag is not None:
+        card["rag"] = prep.rag.block()
     with atomic_dir(out) as tmp:
         for item in staging.iterdir():
             os.replace(item, tmp / item.name)
@@ -831,6 +856,8 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         tok.save_pretrained(str(tmp))
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         write_runcard(tmp, card)
+        if prep.rag is not None:
+            prep.rag.write(tmp / RAG_PROMPTS)
         shutil.copyfile(metrics_path, tmp / METRICS)
         plot_losses(rows, tmp / "loss.png")
         if ckpt_dir.exists():
@@ -884,9 +911,7 @@ def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_toke
 
 
 def _say_how_to_resume(ckpt_dir: Path, step: int, save_steps: int) -> None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = last_complete_checkpoint(ckpt_dir)
     if last:
         log.warning("stopped at step %d; %s is kept: run the same command with --resume to continue from it",
                     step, last)
@@ -894,6 +919,47 @@ def _say_how_to_resume(ckpt_dir: Path, step: int, save_steps: int) -> None:
         every = f"every {save_steps} steps" if save_steps > 0 else "at the end of each epoch"
         log.warning("stopped at step %d, before the first checkpoint (saved %s: train.save_steps); nothing to resume",
                     step, every)
+
+
+def last_complete_checkpoint(ckpt_dir: Path, remove_incomplete: bool = False) -> str | None:
+    """The newest checkpoint that was saved to the end, or None.
+
+    The Trainer writes a checkpoint's trainer_state.json after its weights, optimizer, scheduler and RNG
+    state: a folder without a readable one was cut off while saving (kill -9, a full disk). Those are
+    skipped with a warning (and removed with `remove_incomplete`, as --resume does: the run saves them
+    again when it gets there)."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = []
+    for p in ckpt_dir.iterdir():
+        step = p.name.removeprefix("checkpoint-")
+        if p.is_dir() and p.name.startswith("checkpoint-") and step.isdigit():
+            found.append((int(step), p))
+    for _, p in sorted(found, reverse=True):
+        try:
+            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+            return str(p)
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("checkpoint %s is incomplete (interrupted while it was being saved)%s", p,
+                        ": removed; resuming from the one before it" if remove_incomplete else "; skipped")
+            if remove_incomplete:
+                shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
+def _run_loss_mean(rows: list[dict[str, Any]], resume_step: int, segment_mean: float, last_step: int) -> float:
+    """Mean training loss over every step of the run: after --resume, the steps before it (from the
+    logged losses, each weighing the steps it averages) with this segment's exact mean."""
+    if not resume_step:
+        return segment_mean
+    done, prev = 0.0, 0
+    for r in rows:
+        if "loss" in r and prev < r["step"] <= resume_step:
+            done += float(r["loss"]) * (r["step"] - prev)
+            prev = r["step"]
+    if prev == 0 or last_step <= 0:
+        return segment_mean
+    return (done + segment_mean * (last_step - resume_step)) / (prev + last_step - resume_step)
 
 
 def _checkpoint_step(path: str | None) -> int:

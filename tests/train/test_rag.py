@@ -1,0 +1,126 @@
+"""Training on retrieval-built prompts (train/rag.py): the gold-finding rule, served-prompt parity, the run card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from ragtune.config import load_config
+from ragtune.errors import UsageError
+from ragtune.train.rag import cite, find_gold, match_score
+from tests.train.conftest import chat, write_jsonl
+
+HITS = [
+    {"source": "travel.md", "text": "Book flights through Atlas at least 14 days ahead.", "chunk_id": "a"},
+    {"source": "hr/remote_work.md", "text": "You may work remotely up to 2 days per week.", "chunk_id": "b"},
+    {"source": "hr/remote_work.md", "text": "Core hours are 10:00 to 15:00.", "chunk_id": "c"},
+    {"source": "leave_ko.md", "text": "연차는 1년 이상 근무한 직원에게 15일이 주어집니다.", "chunk_id": "d"},
+]
+
+
+def test_gold_given_by_the_record_s_sources_is_its_best_matching_chunk() -> None:
+    assert find_gold("Up to 2 days per week.", HITS, ["remote_work.md"]) == (1, "sources")
+    # a named document wins over a better-matching chunk elsewhere; within it, the best match
+    assert find_gold("Core hours start at 10:00.", HITS, ["hr/remote_work.md"]) == (2, "sources")
+    assert find_gold("Up to 2 days per week.", HITS, ["security.md"]) == (None, "its sources were not retrieved")
+
+
+def test_gold_found_by_matching_the_answer_needs_its_numbers() -> None:
+    assert find_gold("You can work remotely up to 2 days per week.", HITS) == (1, "match")
+    assert find_gold("연차는 15일입니다.", HITS) == (3, "match")  # Hangul syllable pairs, not whole words
+    # the words match but the number does not: not grounded in that chunk
+    assert match_score("You can work remotely up to 3 days per week.", HITS[1]["text"]) == 0.0
+    assert find_gold("You can work remotely up to 3 days per week.", HITS) == (None, "no retrieved chunk holds the answer")
+    assert find_gold("I could not find this in the documents.", HITS)[0] is None
+
+
+def test_cite_puts_the_number_before_the_closing_punctuation() -> None:
+    assert cite("Up to 3 days per week.", 2) == "Up to 3 days per week [2]."
+    assert cite("Yes", 1) == "Yes [1]"
+
+
+DOCS = {
+    "remote.md": "# Remote Work\n\n## How often\n\nYou may work remotely up to 2 days per week.\n",
+    "expenses.md": "# Expenses\n\n## Deadline\n\nFile expense claims within 30 days of the purchase.\n",
+    "badges.md": "# Security\n\n## Badges\n\nWear your badge visibly at all times inside the building.\n",
+}
+SYS = "You are the policy assistant."
+
+
+def _index(tmp_path: Path, embedder: Path, name: str = "pol", docs: dict[str, str] = DOCS) -> tuple[Path, list[str]]:
+    root = tmp_path / "docs"
+    root.mkdir(exist_ok=True)
+    for f, text in docs.items():
+        (root / f).write_text(text, encoding="utf-8")
+    emb = [f"embedder.path={embedder}", "embedder.device=cpu", f"index.name={name}"]
+    assert main(["-q", "index", "sync", str(root), "--index", name, "--no-progress", *emb]) == 0
+    return root, emb
+
+
+def _data(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", [
+        chat("How many days per week can I work remotely?", "You can work remotely up to 2 days per week.", SYS),
+        {**chat("When must I file my expenses?", "Within 30 days of the purchase.", SYS), "sources": ["expenses.md"]},
+        chat("Who approves the budget?", "I could not find this in the documents.", SYS),
+    ])
+
+
+def test_training_prompts_equal_the_served_prompts_byte_for_byte(tmp_path: Path, tiny_llama: Path,
+                                                                  tiny_embedder: Path) -> None:
+    from ragtune.serve.answer import open_retriever
+    from ragtune.serve.generator import Generator
+    from ragtune.train.recipe import prepare
+    from ragtune.train.template import spans
+
+    _, emb = _index(tmp_path, tiny_embedder)
+    data = _data(tmp_path)
+    cfg = load_config(None, [f"model.path={tiny_llama}", f"data.train_file={data}", "data.rag.index=pol",
+                             "rag.top_k=2", "rag.min_score=-1", *emb])
+    prep = prepare(cfg)
+    assert prep.rag.block()["gold_found"] == 2 and prep.rag.missing == [3]
+    assert prep.rag.gold[2]["how"] == "sources" and prep.rag.gold[1]["how"] == "match"
+    gen = Generator(cfg).load()
+    retriever = open_retriever(cfg, "pol")
+    try:
+        for rec in prep.train_records:
+            question = [m for m in rec.messages if m["role"] != "assistant"]
+            served = gen.prepare([{"role": "system", "content": SYS}, question[-1]], retriever=retriever)
+            text, _ = spans(prep.tokenizer, rec.messages, prep.template)
+            assert text.startswith(served.prompt), (text, served.prompt)
+            answer = rec.messages[-1]["content"]
+            assert text[len(served.prompt):].startswith(answer)
+            assert len(served.sources) == 2 and "Sources:\n[1] " in served.prompt
+    finally:
+        retriever.close()
+
+
+def test_run_card_records_the_retrieval_and_resume_refuses_a_changed_index(
+        tmp_path: Path, trainable_llama: Path, tiny_embedder: Path, capsys) -> None:
+    from ragtune.runcard import read_runcard
+    from ragtune.train.recipe import run_train
+
+    root, emb = _index(tmp_path, tiny_embedder)
+    data = _data(tmp_path)
+    out = tmp_path / "run"
+    over = [f"model.path={trainable_llama}", f"data.train_file={data}", "data.rag.index=pol", "data.rag.top_k=3",
+            "data.rag.distractors=1", "data.rag.cite=true", "rag.min_score=-1", f"train.output_dir={out}",
+            "train.max_steps=2", "train.save_steps=1", "train.batch_size=2", *emb]
+    adapter = run_train(load_config(None, over))
+    card = read_runcard(adapter)
+    rag = card["rag"]
+    assert (rag["index"], rag["top_k"], rag["distractors"], rag["withheld"], rag["cite"]) == ("pol", 3, 1, 0.0, True)
+    assert rag["index_identity"].startswith("sha256:") and rag["prompt_format"] == 1 and rag["records"] == 3
+    rows = [json.loads(x) for x in (adapter / "rag_prompts.jsonl").read_text(encoding="utf-8").splitlines()[1:]]
+    first = rows[0]["messages"]
+    assert first[-1]["content"] == f"You can work remotely up to 2 days per week [{rows[0]['gold']['n']}]."
+    assert first[0]["content"].count("\n[") == 2  # the gold source and one distractor
+
+    # the index changes (one document's answer): --resume must not continue on other sources
+    (root / "remote.md").write_text(DOCS["remote.md"].replace("2 days", "3 days"), encoding="utf-8")
+    assert main(["-q", "index", "sync", str(root), "--index", "pol", "--no-progress", *emb]) == 0
+    more = [x for x in over if not x.startswith("train.max_steps")] + ["train.max_steps=3"]
+    with pytest.raises(UsageError, match="data.rag.index_identity"):
+        run_train(load_config(None, more), resume=True)

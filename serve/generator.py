@@ -73,6 +73,21 @@ class EngineUnavailable(UsageError):
 EngineNotImplemented = EngineUnavailable  # the name before issue 9's llama.cpp engine
 
 
+_RAG_WARNED: set[str] = set()
+
+
+def warn_rag_trained_without_index(card: dict[str, Any], name: str) -> None:
+    """One warning per adapter trained on retrieval-built prompts (its run card's `rag` block) that
+    answers without an index: it learned to read sources and now gets none."""
+    rag = card.get("rag") if isinstance(card, dict) else None
+    if not rag or name in _RAG_WARNED:
+        return
+    _RAG_WARNED.add(name)
+    log.warning("adapter '%s' was trained with sources retrieved from index '%s' (data.rag) but answers without "
+                "an index here; give it one (--index %s, or the deployment's index) for the answers it was trained "
+                "to give", name, rag.get("index", "?"), rag.get("index", "NAME"))
+
+
 def llama_cpp_available() -> bool:
     from ragtune.serve.llamacpp import llama_cpp_available as available
 
@@ -424,6 +439,8 @@ class Generator:
             raise UsageError("messages need at least one user turn")
         name = self.resolve_adapter(adapter)
         mode = "ft" if name else "base"
+        if name and retriever is None:
+            warn_rag_trained_without_index(self.adapters[name].card, name)
         sources: list[dict[str, Any]] = []
         abstained, best, retrieval_s = False, None, 0.0
         if retriever is not None:

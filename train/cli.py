@@ -44,6 +44,36 @@ def _chat_template(cfg: Any, tok: Any, template_of: Any) -> str:
         raise UsageError(f"train.chat_template '{p}' is not UTF-8 text; save the template as UTF-8") from None
 
 
+def _rag_check(index: str, rep: Any, tok: Any, tpl: str | None, max_len: int, cfg: Any) -> tuple[str, dict[str, Any]]:
+    """`data check --rag INDEX`: the records as retrieval would build them (train/rag.py), before training."""
+    from ragtune.config import replace
+    from ragtune.train.rag import build_rag, check_with_rag
+
+    rcfg = replace(cfg, data=replace(cfg.data, rag=replace(cfg.data.rag, index=index)))
+    built = build_rag(rcfg, rep.records)
+    rrep = check_with_rag(rep, built, tok, tpl, max_len)
+    st = rrep.stats
+    out = {**built.block(), "ok": rrep.ok, "tokens": st.get("tokens"), "tokens_per_epoch": st.get("tokens_per_epoch"),
+           "over_max_length": st.get("over_max_length"), "cut_lines": st.get("cut_lines", []),
+           "answer_truncated_lines": sorted(rrep.rejected), "max_length": max_len}
+    lines = [built.note()]
+    if st.get("tokens"):
+        t = st["tokens"]
+        lines.append(f"with sources: tokens per record min {t['min']}, median {t['median']}, p95 {t['p95']}, "
+                     f"max {t['max']}; {st['tokens_per_epoch']:,} tokens per epoch; {st['over_max_length']} over "
+                     f"max_length {max_len}")
+    elif st.get("tokens_note"):
+        lines.append(st["tokens_note"])
+    if st.get("cut_lines"):
+        lines.append(f"answers cut at max_length {max_len} (end and stop token not trained): lines "
+                     + ", ".join(map(str, st["cut_lines"])))
+    if rrep.rejected:
+        lines.append(f"answers truncated away by their sources (not trainable): lines "
+                     + ", ".join(map(str, sorted(rrep.rejected)))
+                     + "; raise data.max_length or lower data.rag.distractors / data.rag.top_k")
+    return "\n".join(lines), out
+
+
 def _run_data(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.cli import print_json
     from ragtune.train import data
@@ -52,6 +82,7 @@ def _run_data(args: argparse.Namespace, cfg: Any) -> int:
         tok, tpl, model = _tokenizer_for_check(args.model, cfg)
         max_len = args.max_length or cfg.data.max_length
         rep = data.check_file(args.file, tok, tpl, max_len, dedupe=cfg.data.dedupe)
+        rag = _rag_check(args.rag, rep, tok, tpl, max_len, cfg) if args.rag else None
         written = None
         if args.write_clean:
             written = data.write_clean(rep, args.write_clean)
@@ -60,13 +91,17 @@ def _run_data(args: argparse.Namespace, cfg: Any) -> int:
             d["model"] = model
             if written:
                 d["written"] = {"clean": str(written[0]), "rejected": str(written[1])}
+            if rag:
+                d["rag"] = rag[1]
             print_json(d)
         else:
             print(rep.format())
             if written:
                 print(f"wrote {len(rep.records)} valid records to {written[0]} and "
                       f"{len(rep.rejected)} rejected lines with reasons to {written[1]}")
-        return EXIT_OK if rep.ok else EXIT_FAILED
+            if rag:
+                print(rag[0])
+        return EXIT_OK if rep.ok and (rag is None or rag[1]["ok"]) else EXIT_FAILED
     if args.data_cmd == "convert":
         out, n, skipped = data.convert(args.file, args.question_col, args.answer_col, args.system, args.out,
                                        encoding=args.encoding)
@@ -156,6 +191,9 @@ def register(sub: Any) -> None:
                                                  "(default: model.path, else the prepared SmolLM2)")
     pc.add_argument("--max-length", type=int, default=0, help="tokens per record (default: data.max_length)")
     pc.add_argument("--json", action="store_true", help="machine-readable report")
+    pc.add_argument("--rag", metavar="INDEX", default="",
+                    help="also build the records as retrieval-built training prompts from INDEX (data.rag.*): how "
+                         "many have their gold source in the top k, token lengths with the sources, truncation")
     pc.add_argument("--write-clean", metavar="OUT", default="",
                     help="write the valid records to OUT and rejected lines with reasons to OUT.rejected.jsonl")
     pv = dsub.add_parser("convert", help="question/answer table, ShareGPT, Alpaca or prompt/completion -> chat JSONL",

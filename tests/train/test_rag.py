@@ -98,7 +98,7 @@ def test_training_prompts_equal_the_served_prompts_byte_for_byte(tmp_path: Path,
 
 
 def test_run_card_records_the_retrieval_and_resume_refuses_a_changed_index(
-        tmp_path: Path, trainable_llama: Path, tiny_embedder: Path, capsys) -> None:
+        tmp_path: Path, trainable_llama: Path, tiny_embedder: Path, caplog) -> None:
     from ragtune.runcard import read_runcard
     from ragtune.train.recipe import run_train
 
@@ -118,9 +118,38 @@ def test_run_card_records_the_retrieval_and_resume_refuses_a_changed_index(
     assert first[-1]["content"] == f"You can work remotely up to 2 days per week [{rows[0]['gold']['n']}]."
     assert first[0]["content"].count("\n[") == 2  # the gold source and one distractor
 
+    # serving it without an index: one warning, however many answers
+    import logging
+
+    from ragtune.serve.generator import Generator
+
+    gen = Generator(load_config(None, [f"model.path={trainable_llama}", *emb])).load(adapters={"rag-t": str(adapter)})
+    with caplog.at_level(logging.WARNING, logger="ragtune.serve.generator"):
+        for _ in range(2):
+            gen.answer([{"role": "user", "content": "How many remote days?"}], adapter="rag-t", max_new_tokens=2)
+    assert sum("trained with sources retrieved from index 'pol'" in r.getMessage() for r in caplog.records) == 1
+
     # the index changes (one document's answer): --resume must not continue on other sources
     (root / "remote.md").write_text(DOCS["remote.md"].replace("2 days", "3 days"), encoding="utf-8")
     assert main(["-q", "index", "sync", str(root), "--index", "pol", "--no-progress", *emb]) == 0
     more = [x for x in over if not x.startswith("train.max_steps")] + ["train.max_steps=3"]
     with pytest.raises(UsageError, match="data.rag.index_identity"):
         run_train(load_config(None, more), resume=True)
+
+
+def test_data_check_rag_reports_gold_lengths_and_truncation(tmp_path: Path, tiny_llama: Path, tiny_embedder: Path,
+                                                            capsys) -> None:
+    _, emb = _index(tmp_path, tiny_embedder)
+    capsys.readouterr()
+    data = _data(tmp_path)
+    common = ["data", "check", str(data), "--model", str(tiny_llama), "--rag", "pol", "rag.top_k=2", *emb]
+    assert main(["-q", *common, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rag, plain = report["rag"], report["stats"]["tokens"]
+    assert (rag["records"], rag["gold_found"], rag["gold_given"], rag["gold_missing_lines"]) == (3, 2, 1, [3])
+    assert rag["tokens"]["min"] > 2 * plain["max"] and rag["over_max_length"] == 0 and rag["answer_truncated_lines"] == []
+    # a max_length the sources fill: the answers are cut away, named by line, and the check fails
+    assert main(["-q", *common, "--max-length", str(plain["max"] + 10)]) == 1
+    out = capsys.readouterr().out
+    assert "gold source found for 2 of 3 records" in out and "answers truncated away by their sources" in out
+    assert "lines 1, 2, 3" in out

@@ -16,6 +16,10 @@ lists after `normalize_tokens`:
   하다 (XSV/XSA). So "서울은", "서울이" and "서울" all become ["서울"]. Non-Hangul tokens in that
   text go through the same word rule as above, so mixed text matches plain text.
 
+`contains_answer` (the `correct` and `contains` metrics of every mode) also accepts an answer
+that leaves out the words its question already states: "3" is right for "How many days per
+week can I work remotely?" when the reference is "3 days per week".
+
 Retrieval metrics take a ranked list of source paths (one per retrieved chunk, so a document
 can appear several times) and the set of gold source paths:
 
@@ -45,6 +49,9 @@ import numpy as np
 # --- normalisation and tokens --------------------------------------------------------------------
 
 ARTICLES = frozenset({"a", "an", "the"})
+# Glue words an answer may word differently ("3 days a week" for "3 days per week"): ignored by
+# `contains_answer` only. Never negations or quantities ("not", "no", "only", "more", "least").
+FUNCTION_WORDS = frozenset({"per", "to", "of", "in", "on", "at", "for", "by", "from", "up", "each", "every"})
 _HANGUL = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff"
 _HAS_HANGUL = re.compile(f"[{_HANGUL}]")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -139,16 +146,44 @@ def rouge_l(prediction: str, reference: str, beta: float = 1.0) -> float:
     return (1 + beta**2) * p * r / (r + beta**2 * p)
 
 
+def _has_run(seq: Sequence[str], run: Sequence[str]) -> bool:
+    n = len(run)
+    return 0 < n <= len(seq) and any(list(seq[i : i + n]) == list(run) for i in range(len(seq) - n + 1))
+
+
 def contains_reference(prediction: str, reference: str) -> float:
     """1.0 when the reference's token sequence appears contiguously in the prediction's.
 
     An empty reference contains nothing (0.0), so a blank reference never scores as correct.
     """
-    pred, ref = normalize_tokens(prediction), normalize_tokens(reference)
-    if not ref or len(ref) > len(pred):
-        return 0.0
-    n = len(ref)
-    return float(any(pred[i : i + n] == ref for i in range(len(pred) - n + 1)))
+    return float(_has_run(normalize_tokens(prediction), normalize_tokens(reference)))
+
+
+def content_tokens(text: str | None) -> list[str]:
+    """`normalize_tokens` without FUNCTION_WORDS ("3 days per week" -> [3, days, week])."""
+    return [t for t in normalize_tokens(text) if t not in FUNCTION_WORDS]
+
+
+def answer_key(reference: str, question: str = "") -> list[str]:
+    """The part of the reference an answer must state: its content tokens, less those the
+    question already states ("3 days per week" asked as "How many days per week ...?" -> [3])."""
+    asked = set(normalize_tokens(question))
+    return [t for t in content_tokens(reference) if t not in asked]
+
+
+def contains_answer(prediction: str, reference: str, question: str = "") -> float:
+    """1.0 when the prediction contains the reference (`contains_reference`) or, failing that, the
+    reference's key (`answer_key`) as a contiguous run of the prediction's content tokens.
+
+    So a short answer that leaves out what the question says is right ("3" to "How many days per
+    week can I work remotely?" with reference "3 days per week"), and so is one that words the
+    reference's glue differently ("3 days a week", "10:00-15:00" for "10:00 to 15:00"). A key
+    that is empty (the question states the whole reference) never matches: the answer must then
+    contain the reference itself. The rule is the same for every mode and for old answers.
+    """
+    if contains_reference(prediction, reference):
+        return 1.0
+    return float(_has_run(content_tokens(prediction), answer_key(reference, question)))
 
 
 # --- retrieval ------------------------------------------------------------------------------------

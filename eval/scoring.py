@@ -28,18 +28,21 @@ class Metric:
 # Per-question metrics, in report order. `correct` is the headline: for an answerable question
 # the answer contains the reference and does not abstain; for an unanswerable one it abstains.
 METRICS: tuple[Metric, ...] = (
-    Metric("correct", "correct", True, "answerable: contains the reference; unanswerable: abstains"),
+    Metric("correct", "correct", True, "answerable: contains the reference (words the question states may be "
+           "left out) and does not abstain; unanswerable: abstains"),
     Metric("exact_match", "exact match", True, "normalised tokens identical to the reference"),
     Metric("token_f1", "token F1", True, "token overlap F1 (Korean by morphemes)"),
     Metric("rouge_l", "ROUGE-L", True, "longest-common-subsequence F-measure"),
-    Metric("contains", "contains ref.", True, "the reference's tokens appear, in order, in the answer"),
+    Metric("contains", "contains ref.", True, "the reference's tokens appear, in order, in the answer; "
+           "words the question already states may be left out"),
     Metric("recall_at_k", "recall@k", True, "share of gold documents among the top k retrieved"),
     Metric("mrr", "MRR", True, "1 / rank of the first gold document"),
     Metric("ndcg_at_k", "nDCG@k", True, "binary-relevance nDCG over the top k"),
     Metric("citation_accuracy", "citation acc.", True, "share of cited sources that are gold"),
     Metric("abstention", "abstains when unanswerable", True, "on unanswerable questions"),
     Metric("false_abstention", "abstains when answerable", False, "on answerable questions"),
-    Metric("stale_answer", "gives the old answer", False, "questions with an old_answer: it contains it"),
+    Metric("stale_answer", "gives the old answer", False, "questions with an old_answer: it contains it "
+           "(the same rule as contains ref.)"),
 )
 METRIC_KEYS = tuple(m.key for m in METRICS)
 
@@ -98,12 +101,12 @@ def score_answer(
         s["exact_match"] = M.exact_match(bare, ref)
         s["token_f1"] = M.token_f1(bare, ref)
         s["rouge_l"] = M.rouge_l(bare, ref)
-        s["contains"] = M.contains_reference(bare, ref)
+        s["contains"] = M.contains_answer(bare, ref, q.question)
         s["correct"] = float(bool(s["contains"]) and not did_abstain)
         s["false_abstention"] = float(did_abstain)
         old = q.meta.get("old_answer")
         if isinstance(old, str) and old.strip():
-            s["stale_answer"] = M.contains_reference(bare, old)
+            s["stale_answer"] = M.contains_answer(bare, old, q.question)
     else:
         s["abstention"] = float(did_abstain)
         s["correct"] = float(did_abstain)

@@ -76,6 +76,36 @@ def test_contains_reference() -> None:
     assert M.contains_reference("anything", "") == 0.0  # an empty reference is never contained
 
 
+def test_contains_answer_accepts_a_short_answer_the_question_frames() -> None:
+    q = "How many days per week can I work remotely?"
+    # the strict rule misjudges the short answer: [3] does not contain [3, days, per, week]
+    assert M.contains_reference("3", "3 days per week") == 0.0
+    # the key is [3, days, week] less what the question states {days, per, week, ...} -> [3]
+    assert M.answer_key("3 days per week", q) == ["3"]
+    assert M.contains_answer("3", "3 days per week", q) == 1.0
+    assert M.contains_answer("Three.", "3 days per week", q) == 0.0  # digits are not spelt numbers
+    assert M.contains_answer("2", "3 days per week", q) == 0.0
+    assert M.contains_answer("13", "3 days per week", q) == 0.0  # tokens, not substrings
+    # without the question nothing may be left out but glue words: [3] lacks [days, week]
+    assert M.contains_answer("3", "3 days per week") == 0.0
+    # glue words worded differently: content [3, days, week] in [up, 3, days, week] ("a" is an article)
+    assert M.contains_answer("Up to 3 days a week", "3 days per week") == 1.0
+    # "10:00-15:00": content [10, 00, 15, 00] == the reference's without "to"
+    assert M.contains_answer("Core hours are 10:00-15:00.", "10:00 to 15:00") == 1.0
+    # the key must be contiguous and in order: [3, days] is not a run of [days, 3]
+    assert M.contains_answer("days: 3", "3 days", "What is the limit?") == 0.0
+    # a question that states the whole reference leaves an empty key: only the reference counts
+    assert M.answer_key("Tuesday", "Is Tuesday the office day?") == []
+    assert M.contains_answer("Yes", "Tuesday", "Is Tuesday the office day?") == 0.0
+    assert M.contains_answer("Yes, on Tuesday", "Tuesday", "Is Tuesday the office day?") == 1.0
+    # negations are content: key [not, reimbursed] is not in [reimbursed]
+    assert M.contains_answer("Fines are reimbursed.", "not reimbursed", "Are parking fines paid back?") == 0.0
+    # Korean: [8, 일] less the question's morphemes [연차, 이월, 한도, 며칠] -> [8, 일], a run of
+    # [최대, 8, 일, 이월, 수, 있] (the particle 까지 and the endings are dropped)
+    assert M.answer_key("8일", "연차 이월 한도는 며칠인가요?") == ["8", "일"]
+    assert M.contains_answer("최대 8일까지 이월할 수 있습니다.", "8일", "연차 이월 한도는 며칠인가요?") == 1.0
+
+
 # --- retrieval ------------------------------------------------------------------------------------
 
 

@@ -81,6 +81,21 @@ def test_score_answer_by_hand() -> None:
     assert r.scores["correct"] == 0.0 and r.scores["false_abstention"] == 1.0
 
 
+def test_a_short_answer_the_question_frames_is_correct_in_every_mode() -> None:
+    q = Question("remote", "How many days per week can I work remotely?", "3 days per week", ("remote.md",),
+                 meta={"old_answer": "2 days per week"})
+    # the same rule whatever the mode: with sources and citations, or a bare answer
+    rag = score_answer(q, "3 [1].", [src(1, "docs/remote.md")], not_found_message=NOT_FOUND, k=K)
+    base = score_answer(q, "3", not_found_message=NOT_FOUND, k=K)
+    for r in (rag, base):
+        # key [3] (days, per, week are in the question) is in [3]; exact match still wants every token
+        assert r.scores["correct"] == 1.0 and r.scores["contains"] == 1.0 and r.scores["exact_match"] == 0.0
+        assert r.scores["stale_answer"] == 0.0
+    # the old answer by the same rule: key [2]
+    old = score_answer(q, "2.", not_found_message=NOT_FOUND, k=K)
+    assert old.scores["correct"] == 0.0 and old.scores["stale_answer"] == 1.0
+
+
 def test_summary_numbers_by_hand() -> None:
     n = summarize(questions(), runs(), n_boot=200)
     s = n["summary"]

@@ -181,6 +181,7 @@ class EvalConfig:
     bootstrap: int = 1000  # resamples for the confidence intervals
     system_prompt: str = ""  # system turn for every question in every mode (use the adapter's training one)
     seed: int = 0  # bootstrap and generation seed
+    engine: Literal["auto", "transformers", "llama.cpp"] = "auto"  # auto: llama.cpp on the CPU when installed
 
 
 @dataclass(frozen=True)

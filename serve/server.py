@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEY_ENV = "RAGTUNE_API_KEY"
+MIN_TEMPERATURE = 0.01  # 0 < t below this divides logits into inf/nan probabilities; 0 is greedy
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256  # transformers' stop-string tables grow with a stop's length times the vocabulary
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 
 
 # --- request schema ---------------------------------------------------------------------------
@@ -66,12 +71,12 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
 
 
@@ -123,7 +128,7 @@ def plan_deployments(cfg: Any, extra_indexes: tuple[str, ...] = ()) -> list[Depl
                 problems.append(f"serve.deployments[{i}]: name is empty; give every deployment a name")
             elif any(o.name == d.name for o in out):
                 problems.append(f"serve.deployments[{i}]: name '{d.name}' is used twice")
-            out.append(Deployment(d.name, d.base, d.adapter, d.index, d.engine))
+            out.append(Deployment(d.name, d.base, d.adapter, d.index, d.engine or cfg.generation.engine))
     else:
         from ragtune.runcard import trained_base
 
@@ -237,15 +242,10 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from ragtune import __version__
 
     runtime = Runtime(cfg, generator, retrievers, warmup).load()
-    key = api_key_of(cfg)
-    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -253,20 +253,52 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
         runtime.close()
 
     app = FastAPI(title="ragtune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None, redirect_slashes=False)
     app.state.runtime = runtime
+    add_error_handlers(app)
+    add_auth(app, api_key_of(cfg))
+    add_info_routes(app, runtime, api_key_of(cfg))
+    add_chat_route(app, runtime)
+    app.add_middleware(TrailingSlash)  # /v1/models/ is /v1/models, served without a redirect
+    return app
 
-    def err(exc: APIError) -> Any:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+class TrailingSlash:
+    """Serve `/path/` as `/path` in place. Starlette's redirect would build its Location from the
+    request's Host header (reflected to the client); there is nothing to redirect to."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            scope = dict(scope, path=scope["path"].rstrip("/") or "/")
+            scope.pop("raw_path", None)
+        await self.app(scope, receive, send)
+
+
+def json_error(exc: APIError) -> Any:
+    from fastapi.responses import JSONResponse
+
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    if exc.status == 429:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def add_error_handlers(app: Any) -> None:
+    """Every error in OpenAI's shape; a 500 only for a fault of the server's own."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Any:
-        return err(exc)
+        return json_error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Any:
-        return err(validation_error(exc.errors()))
+        return json_error(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Any:
@@ -282,24 +314,48 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
                             status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            scheme, _, given = header.partition(" ")
-            if not header:
-                return err(APIError(401, "missing API key: send 'Authorization: Bearer <key>' (this server has "
-                                    "serve.api_key set)", code="invalid_api_key"))
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-                return err(APIError(401, "invalid API key", code="invalid_api_key"))
-        return await call_next(request)
 
-    @app.get("/health")
+def add_auth(app: Any, key: str) -> None:
+    """With an API key set, every /v1 route needs `Authorization: Bearer KEY` (compared in constant time).
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect."""
+    if key:
+        app.add_middleware(ApiKey, key=key)
+
+
+class ApiKey:
+    def __init__(self, app: Any, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = header.partition(" ")
+            refusal = None
+            if not header:
+                refusal = APIError(401, "missing API key: send 'Authorization: Bearer <key>' (this server has "
+                                   "serve.api_key set)", code="invalid_api_key")
+            elif scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.key):
+                refusal = APIError(401, "invalid API key", code="invalid_api_key")
+            if refusal is not None:
+                await json_error(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def add_info_routes(app: Any, runtime: Runtime, key: str) -> None:
+    """/health (GET and HEAD, for load balancers), the chat page, and the model list."""
+    from fastapi.responses import HTMLResponse
+
+    from ragtune import __version__
+
+    created = int(time.time())
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Any:
         return {"status": "ok", "version": __version__, "deployments": list(runtime.deployments),
                 "queued": runtime.pending, "auth": bool(key)}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page() -> Any:
         return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
 
@@ -314,10 +370,13 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
             raise unknown_model(name, runtime)
         return model_card(d, created)
 
+
+def add_chat_route(app: Any, runtime: Runtime) -> None:
+    """POST /v1/chat/completions: parse and check, then answer whole or as a stream."""
+    cfg = runtime.cfg
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
         body = await read_body(request, cfg.serve.max_body_bytes)
         req = parse_request(body, cfg)
         d = runtime.deployments.get(req.model)
@@ -326,37 +385,107 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
         if d.unavailable:
             raise APIError(400, d.unavailable, param="model", code="engine_unavailable")
         messages = to_messages(req)
-        gcfg = cfg.generation
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(gcfg.max_new_tokens, cfg.serve.max_tokens_limit)
-        temperature = gcfg.temperature if req.temperature is None else req.temperature
-        kwargs = dict(adapter=d.adapter_name, retriever=d.retriever, max_new_tokens=max_tokens,
-                      temperature=temperature, top_p=req.top_p, seed=req.seed, rag=cfg.rag,
-                      stop=[req.stop] if isinstance(req.stop, str) else req.stop)
+        kwargs = generation_kwargs(req, d, cfg)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         now = int(time.time())
         runtime.enter()
         if not req.stream:
             try:
-                ans = await run_in_threadpool(d.generator.answer, messages, **kwargs)
-            except RagtuneError as exc:
-                raise APIError(400, str(exc), code=getattr(exc, "api_code", None)) from exc
+                ans = await answer_unless_disconnected(request, d, messages, kwargs)
             finally:
                 runtime.leave()
             return completion_body(cid, now, d, ans)
-        try:
-            stream = await run_in_threadpool(d.generator.stream, messages, **kwargs)
-        except RagtuneError as exc:
-            runtime.leave()
-            raise APIError(400, str(exc)) from exc
-        except BaseException:
-            runtime.leave()
-            raise
+        stream = await start_stream(d, messages, kwargs, runtime)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        from fastapi.responses import StreamingResponse
+
         return StreamingResponse(sse_events(stream, cid, now, d, include_usage, runtime),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    return app
+
+def generation_kwargs(req: ChatRequest, d: Deployment, cfg: Any) -> dict[str, Any]:
+    gcfg = cfg.generation
+    max_tokens = req.max_completion_tokens or req.max_tokens or min(gcfg.max_new_tokens, cfg.serve.max_tokens_limit)
+    temperature = gcfg.temperature if req.temperature is None else req.temperature
+    seed = None if req.seed is None else req.seed % 2**64  # negative seeds as their unsigned twin
+    return dict(adapter=d.adapter_name, retriever=d.retriever, max_new_tokens=max_tokens,
+                temperature=temperature, top_p=req.top_p, seed=seed, rag=cfg.rag,
+                stop=[req.stop] if isinstance(req.stop, str) else req.stop)
+
+
+def request_error(exc: RagtuneError) -> APIError:
+    """A generator's refusal as a 400; a prompt over the model's context gets OpenAI's code for it."""
+    code = getattr(exc, "api_code", None)
+    if code is None and re.match(r"the prompt is \d+ tokens but the model's context is \d+", str(exc)):
+        code = "context_length_exceeded"
+    return APIError(400, str(exc), param="messages" if code == "context_length_exceeded" else None, code=code)
+
+
+DISCONNECT_POLL_S = 0.1
+
+
+async def answer_unless_disconnected(request: Any, d: Deployment, messages: list[dict[str, str]],
+                                     kwargs: dict[str, Any]) -> Any:
+    """The whole answer, generated as a stream that is cancelled when the client hangs up
+    (the same cancellation a streaming request gets), so a gone client frees the model."""
+    import anyio
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        stream = await run_in_threadpool(d.generator.stream, messages, **kwargs)
+    except RagtuneError as exc:
+        raise request_error(exc) from exc
+    result: dict[str, Any] = {}
+
+    def drain() -> None:
+        try:
+            for _ in stream:
+                pass
+        except BaseException as exc:  # handed to the request below
+            result["error"] = exc
+
+    done = anyio.Event()
+
+    async def run() -> None:
+        await anyio.to_thread.run_sync(drain)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        while not done.is_set():
+            with anyio.move_on_after(DISCONNECT_POLL_S):
+                await done.wait()
+            gone = not done.is_set() and await request.is_disconnected()
+            if gone:
+                stream.close()  # the worker stops at its next token; drain() then returns
+                log.info("client disconnected from a %s request: generation cancelled", d.name)
+                await done.wait()
+    stream.close()
+    if "error" in result:
+        exc = result["error"]
+        if isinstance(exc, RagtuneError):
+            raise request_error(exc) from exc
+        raise exc
+    ans = stream.answer
+    if ans is not None and ans.finish_reason == "cancelled":
+        log.info("cancelled after %d of %d tokens", ans.completion_tokens, kwargs["max_new_tokens"])
+    return ans
+
+
+async def start_stream(d: Deployment, messages: list[dict[str, str]], kwargs: dict[str, Any],
+                       runtime: Runtime) -> Any:
+    """The AnswerStream (retrieval has run); the queue slot is released when it ends or fails here."""
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        return await run_in_threadpool(d.generator.stream, messages, **kwargs)
+    except RagtuneError as exc:
+        runtime.leave()
+        raise request_error(exc) from exc
+    except BaseException:
+        runtime.leave()
+        raise
 
 
 async def read_body(request: Any, limit: int) -> bytes:
@@ -384,12 +513,7 @@ def validation_error(errors: list[Any]) -> APIError:
 
 
 def parse_request(body: bytes, cfg: Any) -> ChatRequest:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    data = read_json(body)
     try:
         req = ChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -405,10 +529,41 @@ def parse_request(body: bytes, cfg: Any) -> ChatRequest:
                            param=name, code="max_tokens_too_large")
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
+    if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
+        raise APIError(400, f"temperature={req.temperature} is too small to sample with (its probabilities "
+                       f"overflow); use 0 for greedy decoding or at least {MIN_TEMPERATURE}",
+                       param="temperature", code="invalid_request")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > 4 or any(not x for x in stops):
-        raise APIError(400, "stop: up to 4 non-empty strings", param="stop", code="invalid_request")
+    if len(stops) > MAX_STOPS or any(not x or len(x) > MAX_STOP_CHARS for x in stops):
+        raise APIError(400, f"stop: up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                       param="stop", code="invalid_request")
+    for i, x in enumerate(stops):
+        check_text(x, "stop" if isinstance(req.stop, str) else f"stop.{i}")
     return req
+
+
+def read_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; too deep, malformed or not an object is a 400."""
+    try:
+        data = json.loads(body)
+    except RecursionError as exc:
+        raise APIError(400, "request body is nested too deeply to parse", code="invalid_json") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def check_text(text: str, param: str) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate such as \\ud800 from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param}: character {exc.start} is a lone surrogate "
+                       f"({text[exc.start]!r}), which is not valid Unicode; send well-formed text",
+                       param=param, code="invalid_request") from exc
+    return text
 
 
 def to_messages(req: ChatRequest) -> list[dict[str, str]]:
@@ -424,6 +579,10 @@ def to_messages(req: ChatRequest) -> list[dict[str, str]]:
             content = "\n".join(texts)
         else:
             content = m.content or ""
+        if m.role in ("user", "system", "developer") and (m.content is None or m.content == []):
+            raise APIError(400, f"messages[{i}]: a {m.role} message needs content (a string or text parts); "
+                           "it is missing, null or empty", param=f"messages.{i}.content", code="invalid_request")
+        check_text(content, f"messages.{i}.content")
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     if not any(m["role"] == "user" for m in out):
         raise APIError(400, "messages need at least one user message", param="messages", code="invalid_request")

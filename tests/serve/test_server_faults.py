@@ -1,0 +1,186 @@
+"""Faults an adversarial pass found in the server, each answered as OpenAI would (4xx, never 500)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ragtune.config import load_config
+from ragtune.serve.server import MAX_STOP_CHARS, create_app, plan_deployments
+from tests.conftest import free_port
+from tests.serve.test_server import assert_error, ask, make_app
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def client(module_tmp: Path, tiny_llama: Path, tiny_adapter: Path, other_adapter: Path, loaded_gen: Any) -> Any:
+    with TestClient(make_app(module_tmp, tiny_llama, tiny_adapter, other_adapter, loaded_gen)) as c:
+        yield c
+
+
+def post(client: Any, body: Any) -> Any:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return client.post("/v1/chat/completions", content=data, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("temperature", [1e-300, 1e-5])
+def test_tiny_temperature_is_refused_before_generation(client: Any, temperature: float, stream: bool) -> None:
+    e = assert_error(post(client, ask("base", "hi", temperature=temperature, stream=stream)), 400, "invalid_request")
+    assert e["param"] == "temperature" and "0 for greedy" in e["message"]
+
+
+def test_seed_outside_64_bits_is_a_400_and_inside_answers(client: Any) -> None:
+    for seed in (2**64, -(2**63) - 1, 10**30):
+        assert_error(post(client, ask("base", "hi", seed=seed, max_tokens=2)), 400, "invalid_request")
+    for seed in (2**64 - 1, -1):
+        r = post(client, ask("base", "hi", seed=seed, temperature=1.0, max_tokens=2))
+        assert r.status_code == 200, r.text
+
+
+def test_deeply_nested_json_is_a_400(client: Any) -> None:
+    deep = b'{"model": "base", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with TestClient(client.app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
+    # the body limit (serve.max_body_bytes=4000 here) may answer first; either way not a 500
+    assert r.status_code in (400, 413), r.text
+    small = b'{"model": "base", "messages": ' + b"[" * 1900 + b"]" * 1900 + b"}"
+    assert_error(post(client, small), 400)
+
+
+def test_deep_json_under_the_body_limit_is_a_400(module_tmp: Path, tiny_llama: Path, tiny_adapter: Path,
+                                                  other_adapter: Path, loaded_gen: Any) -> None:
+    app = make_app(module_tmp, tiny_llama, tiny_adapter, other_adapter, loaded_gen, "serve.max_body_bytes=400000")
+    deep = b'{"model": "base", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with TestClient(app, raise_server_exceptions=False) as c:
+        e = assert_error(c.post("/v1/chat/completions", content=deep, headers={"content-type": "application/json"}),
+                         400, "invalid_json")
+    assert "nested too deeply" in e["message"]
+
+
+@pytest.mark.parametrize("where", ["content", "stop", "part"])
+def test_lone_surrogates_are_refused(client: Any, where: str) -> None:
+    lone = '"a\\ud800b"'
+    if where == "content":
+        raw = '{"model": "base", "messages": [{"role": "user", "content": %s}]}' % lone
+        param = "messages.0.content"
+    elif where == "part":
+        raw = '{"model": "base", "messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}' % lone
+        param = "messages.0.content"
+    else:
+        raw = '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "stop": [%s]}' % lone
+        param = "stop.0"
+    e = assert_error(post(client, raw.encode()), 400, "invalid_request")
+    assert e["param"] == param and "surrogate" in e["message"]
+
+
+@pytest.mark.parametrize("content", ["missing", None, []])
+def test_user_message_without_content_is_refused(client: Any, content: Any) -> None:
+    msg: dict[str, Any] = {"role": "user"}
+    if content != "missing":
+        msg["content"] = content
+    e = assert_error(post(client, {"model": "base", "messages": [msg]}), 400, "invalid_request")
+    assert e["param"] == "messages.0.content"
+
+
+def test_head_health_and_page(client: Any) -> None:
+    assert client.head("/health").status_code == 200
+    assert client.head("/").status_code == 200
+
+
+def test_trailing_slash_is_served_without_reflecting_the_host(client: Any) -> None:
+    r = client.get("/v1/models/", headers={"host": "evil.example"}, follow_redirects=False)
+    assert r.status_code == 200 and "evil" not in r.headers.get("location", "")
+    assert [m["id"] for m in r.json()["data"]][0] == "base"
+    assert client.get("/health/", follow_redirects=False).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def big_client(module_tmp: Path, tiny_llama: Path, tiny_adapter: Path, other_adapter: Path, loaded_gen: Any) -> Any:
+    app = make_app(module_tmp, tiny_llama, tiny_adapter, other_adapter, loaded_gen, "serve.max_body_bytes=400000",
+                   "serve.max_queue=1")
+    with TestClient(app) as c:
+        yield c
+
+
+def test_context_overflow_code_and_429_retry_after(big_client: Any, loaded_gen: Any) -> None:
+    e = assert_error(big_client.post("/v1/chat/completions", json=ask("base", "word " * 20_000)), 400,
+                     "context_length_exceeded")
+    assert "context" in e["message"]
+    runtime = big_client.app.state.runtime
+    runtime.enter()  # the one queue place is taken
+    try:
+        r = big_client.post("/v1/chat/completions", json=ask("base", "hi"))
+        assert_error(r, 429, "server_busy")
+        assert int(r.headers["retry-after"]) >= 1
+    finally:
+        runtime.leave()
+
+
+def test_stop_strings_are_capped(big_client: Any) -> None:
+    client = big_client
+    assert_error(post(client, ask("base", "hi", stop=["x" * 20_000])), 400, "invalid_request")
+    assert_error(post(client, ask("base", "hi", stop=["a", "b", "c", "d", "e"])), 400, "invalid_request")
+    r = post(client, ask("base", "hi", stop=["z" * MAX_STOP_CHARS], max_tokens=3))
+    assert r.status_code == 200, r.text
+
+
+def test_deployment_without_engine_inherits_generation_engine(tmp_path: Path, tiny_llama: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text(f"model:\n  path: {tiny_llama}\ngeneration:\n  engine: llama.cpp\nserve:\n  deployments:\n"
+                 "    - {name: a}\n    - {name: b, engine: transformers}\n")
+    got = {d.name: d.engine for d in plan_deployments(load_config(f))}
+    assert got == {"a": "llama.cpp", "b": "transformers"}
+
+
+def test_non_streaming_client_that_disconnects_cancels_its_generation(tmp_path: Path, tiny_llama: Path,
+                                                                      loaded_gen: Any, caplog: Any) -> None:
+    """The lock is held while the client sends and hangs up; once released, the generation stops
+    within a token instead of running to max_tokens."""
+    import uvicorn
+
+    f = tmp_path / "s.yaml"
+    f.write_text(f"model:\n  path: {tiny_llama}\nserve:\n  max_tokens_limit: 200\n  deployments:\n    - {{name: base}}\n")
+    app = create_app(load_config(f), generator=loaded_gen)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    runtime = app.state.runtime
+    caplog.set_level(logging.INFO, logger="ragtune.serve.server")
+    try:
+        with loaded_gen.lock:
+            body = json.dumps(ask("base", "Tell me a long story", max_tokens=200, temperature=0)).encode()
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            while runtime.pending == 0 and time.time() < deadline:
+                time.sleep(0.02)
+            s.close()
+            while "generation cancelled" not in caplog.text and time.time() < deadline + 30:
+                time.sleep(0.02)
+            assert "generation cancelled" in caplog.text
+        while runtime.pending and time.time() < deadline + 60:
+            time.sleep(0.02)
+        assert runtime.pending == 0
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cancelled after"))
+        assert int(line.split()[2]) < 200, line
+    finally:
+        server.should_exit = True
+        t.join(10)

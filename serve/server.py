@@ -5,6 +5,8 @@
     GET  /v1/models               the deployments (`base`, `policies`, `policies+rag`, ...)
     POST /v1/chat/completions     OpenAI chat completions, streaming (SSE, ends with [DONE]) or not;
                                   the answer's sources come back in the extra field `sources`
+    POST /v1/embeddings           OpenAI embeddings with the configured embedder (the query vectors)
+    POST /v1/search               {"query", "index"?, "top_k"?, "mode"?, "filters"?} -> {"sources": [...]}
     GET  /health                  liveness and the deployments (no API key needed)
     GET  /                        a small chat page
 
@@ -259,6 +261,7 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
     add_auth(app, api_key_of(cfg))
     add_info_routes(app, runtime, api_key_of(cfg))
     add_chat_route(app, runtime)
+    add_retrieval_routes(app, runtime)
     app.add_middleware(TrailingSlash)  # /v1/models/ is /v1/models, served without a redirect
     return app
 
@@ -305,7 +308,8 @@ def add_error_handlers(app: Any) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         msg = f"{request.method} {request.url.path}: {exc.detail}"
         if exc.status_code == 404:
-            msg += " (routes: GET /v1/models, POST /v1/chat/completions, GET /health, GET /)"
+            msg += (" (routes: GET /v1/models, POST /v1/chat/completions, POST /v1/embeddings, POST /v1/search, "
+                    "GET /health, GET /)")
         return JSONResponse(error_body(msg, "invalid_request_error", None, code), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
@@ -486,6 +490,118 @@ async def start_stream(d: Deployment, messages: list[dict[str, str]], kwargs: di
     except BaseException:
         runtime.leave()
         raise
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # `user` and other fields clients send
+    model: str = Field(default="", max_length=200)
+    input: str | list[str] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1, max_length=10_000)
+    index: str | None = None
+    top_k: int | None = Field(default=None, ge=1, le=100)
+    mode: Literal["dense", "sparse", "hybrid"] | None = None
+    filters: dict[str, str | int | list[str | int]] | None = None
+
+
+MAX_EMBED_INPUTS = 2048
+
+
+def parse_body(body: bytes, schema: Any) -> Any:
+    try:
+        return schema.model_validate(read_json(body))
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+
+
+class Embeddings:
+    """The configured embedder (the one the indexes were built with), loaded on first use unless a
+    served index already holds it: its vectors are the retriever's query vectors."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self._lock = threading.Lock()
+        self._own: Any = None
+
+    def get(self) -> Any:
+        for r in self.runtime.retrievers.values():
+            if getattr(r, "embedder", None) is not None:
+                return r.embedder
+        with self._lock:
+            if self._own is None:
+                from ragtune.retrieval.embedder import Embedder
+
+                self._own = Embedder(self.runtime.cfg.embedder).load()
+            return self._own
+
+
+def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
+    """POST /v1/embeddings (OpenAI's shape) and POST /v1/search (ragtune's hybrid search, sources shape)."""
+    from starlette.concurrency import run_in_threadpool
+
+    cfg = runtime.cfg
+    embeddings = Embeddings(runtime)
+
+    @app.post("/v1/embeddings")
+    async def embed(request: Request) -> Any:
+        req = parse_body(await read_body(request, cfg.serve.max_body_bytes), EmbeddingsRequest)
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        if len(texts) > MAX_EMBED_INPUTS:
+            raise APIError(400, f"{len(texts)} inputs; the limit is {MAX_EMBED_INPUTS}", param="input",
+                           code="invalid_request")
+        for i, t in enumerate(texts):
+            where = "input" if isinstance(req.input, str) else f"input.{i}"
+            if not t.strip():
+                raise APIError(400, f"{where} is empty; send text to embed", param=where, code="invalid_request")
+            check_text(t, where)
+        try:
+            emb = await run_in_threadpool(embeddings.get)
+        except RagtuneError as exc:
+            raise APIError(400, f"the embedder could not be loaded: {exc}", code="embedder_unavailable") from exc
+        if req.dimensions is not None and req.dimensions != emb.dim:
+            raise APIError(400, f"dimensions={req.dimensions}: this embedder gives {emb.dim}-d vectors and does not "
+                           f"shorten them; leave dimensions out or send {emb.dim}", param="dimensions",
+                           code="unsupported")
+        vecs = await run_in_threadpool(emb.embed, texts)
+        tokens = sum(len(ids) for ids in emb.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
+                for i, v in enumerate(vecs)]
+        return {"object": "list", "data": data, "model": req.model or Path(str(emb.path)).name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/search")
+    async def search(request: Request) -> Any:
+        from ragtune.serve.answer import to_source
+
+        req = parse_body(await read_body(request, cfg.serve.max_body_bytes), SearchRequest)
+        check_text(req.query, "query")
+        name = req.index or (cfg.index.name if cfg.index.name in runtime.retrievers else
+                             next(iter(runtime.retrievers), ""))
+        r = runtime.retrievers.get(name)
+        if r is None:
+            raise APIError(404, f"index '{name}' is not served here (served: {', '.join(runtime.retrievers) or 'none'}"
+                           "; a deployment's `index` opens one)", param="index", code="index_not_found")
+        try:
+            hits = await run_in_threadpool(r.search, req.query, req.top_k, req.mode, req.filters)
+        except RagtuneError as exc:
+            raise APIError(400, str(exc), code="invalid_request") from exc
+        return {"index": name, "sources": [to_source(h, i) for i, h in enumerate(hits, 1)]}
+
+
+def encode_vector(v: Any, fmt: str) -> Any:
+    """float: a list; base64: little-endian float32 bytes, as the openai client decodes them."""
+    import base64
+
+    import numpy as np
+
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
+    return [float(x) for x in v]
 
 
 async def read_body(request: Any, limit: int) -> bytes:

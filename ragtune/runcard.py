@@ -3,6 +3,11 @@
 `ragtune.json` records the base model (path and content hash), the chat template actually
 trained with (and its hash), the resolved config, data hashes, metrics and exports. Serving
 refuses an adapter whose base model or template does not match, and says which.
+
+An adapter trained on retrieval-built prompts (`data.rag`, ragtune/train/rag.py) has a `rag` block:
+index name, identity and generation, top_k, distractors, withheld share, cite flag, prompt format
+version, and what was found (gold sources, records whose gold was missing); `describe_recipe`
+names it in one line for eval reports.
 """
 
 from __future__ import annotations
@@ -47,6 +52,17 @@ def read_runcard(adapter_dir: str | Path) -> dict[str, Any]:
             f"{p}: schema_version {version} is newer than this ragtune understands ({SCHEMA_VERSION}); upgrade ragtune"
         )
     return card
+
+
+def describe_recipe(card: dict[str, Any]) -> str:
+    """How an adapter was trained, in one line: 'question -> answer' or the retrieval settings."""
+    rag = card.get("rag") if isinstance(card, dict) else None
+    if not rag:
+        return "trained on question -> answer (no sources in the prompt)"
+    withheld = f", gold withheld for {rag.get('withheld', 0):.0%}" if rag.get("withheld") else ""
+    return (f"trained on retrieved sources: index '{rag.get('index')}', {rag.get('distractors', 0)} distractor(s) beside "
+            f"the gold source (top_k {rag.get('top_k')}){withheld}{', cites [n]' if rag.get('cite') else ''}, "
+            f"prompt format {rag.get('prompt_format')}")
 
 
 def update_runcard(adapter_dir: str | Path, **fields: Any) -> Path:

@@ -153,3 +153,12 @@ def test_data_check_rag_reports_gold_lengths_and_truncation(tmp_path: Path, tiny
     out = capsys.readouterr().out
     assert "gold source found for 2 of 3 records" in out and "answers truncated away by their sources" in out
     assert "lines 1, 2, 3" in out
+
+
+def test_describe_recipe_names_the_retrieval_settings() -> None:
+    from ragtune.runcard import describe_recipe
+
+    assert describe_recipe({}) == "trained on question -> answer (no sources in the prompt)"
+    card = {"rag": {"index": "pol", "top_k": 3, "distractors": 1, "withheld": 0.2, "cite": True, "prompt_format": 1}}
+    assert describe_recipe(card) == ("trained on retrieved sources: index 'pol', 1 distractor(s) beside the gold source "
+                                     "(top_k 3), gold withheld for 20%, cites [n], prompt format 1")

@@ -369,7 +369,9 @@ def guess_setting(name: str) -> str:
         return PEER_KEYS[name]
     keys = setting_keys()
     leaves: dict[str, str] = {}
-    for k in keys:  # the first section wins for leaves that repeat (model.device before embedder.device)
+    # A leaf that repeats means its top-level section's key (search.top_k, not data.rag.top_k);
+    # among equals the first section wins (model.device before embedder.device).
+    for k in sorted(keys, key=lambda k: k.count(".")):
         leaves.setdefault(k.rsplit(".", 1)[-1], k)
     close = difflib.get_close_matches(name, list(leaves), n=1) or difflib.get_close_matches(name, keys, n=1)
     return leaves.get(close[0], close[0]) if close else ""

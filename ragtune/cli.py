@@ -14,10 +14,10 @@ import json
 import logging
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ragtune import __version__
-from ragtune.errors import EXIT_FAILED, EXIT_USAGE, NotImplementedYet, RagtuneError
+from ragtune.errors import EXIT_FAILED, EXIT_USAGE, RagtuneError, UsageError
 
 log = logging.getLogger("ragtune")
 
@@ -51,6 +51,8 @@ def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             i += 1
         elif a.startswith("--config="):
             config = a.split("=", 1)[1]
+        elif a == "--config":  # the last word, with no file after it
+            raise UsageError("--config needs a file: --config FILE.yaml (before or after the command)")
         elif OVERRIDE_RE.match(a):
             overrides.append(a)
         else:
@@ -59,13 +61,6 @@ def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             rest.append(a)
         i += 1
     return rest, config, overrides
-
-
-def not_implemented(command: str, issue: str) -> Callable[[argparse.Namespace, Any], int]:
-    def run(args: argparse.Namespace, cfg: Any) -> int:
-        raise NotImplementedYet(command, issue)
-
-    return run
 
 
 def print_json(obj: Any) -> None:
@@ -91,7 +86,7 @@ def human_size(n: int | None) -> str:
     return str(n)
 
 
-# --- core commands: models, doctor, and not-yet-built ones --------------------------------------
+# --- core commands: models, bundle, doctor ------------------------------------------------------
 
 
 def _run_models(args: argparse.Namespace, cfg: Any) -> int:
@@ -184,9 +179,7 @@ def _run_bundle(args: argparse.Namespace, cfg: Any) -> int:
         if done.get("adapters"):
             print("use a restored adapter by name: ragtune ask --adapter NAME \"QUESTION\"")
         return 0
-    if args.bundle_cmd == "install":
-        return bundle.install_bundle(args.bundle, venv=args.venv)
-    raise NotImplementedYet("bundle")
+    return bundle.install_bundle(args.bundle, venv=args.venv)  # "install": argparse allows no other
 
 
 def _add_bundle(sub: Any) -> None:
@@ -225,13 +218,6 @@ def _add_doctor(sub: Any) -> None:
     p.set_defaults(func=_run_doctor)
 
 
-def _add_stub(sub: Any, name: str, help_text: str, issue: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=f"{help_text} (not implemented yet)", description=f"{help_text}. Not implemented yet.")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(func=not_implemented(name, issue))
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ragtune.eval import cli as eval_cli
     from ragtune.retrieval import cli as retrieval_cli
@@ -246,7 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ragtune {__version__}")
-    parser.add_argument("--config", metavar="FILE.yaml", help="config file (also accepted after the command)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug for libraries too)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
@@ -312,7 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ragtune.modeling import set_offline_env
 
     set_offline_env()  # before any Hugging Face import, in this process and its children
-    args_list, config_path, overrides = _split_globals(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args_list, config_path, overrides = _split_globals(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(args_list)
@@ -324,7 +313,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = parser.parse_args(args_list)  # argparse's own message for the rest
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
         return int(exc.code or 0)
-    config_path = config_path or args.config
     setup_logging(args.verbose, args.quiet)
     if not args.command:
         parser.print_help()

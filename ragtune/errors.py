@@ -31,11 +31,5 @@ class ModelPathError(UsageError):
     """A model path that does not exist or is not a loadable model directory."""
 
 
-class NotImplementedYet(UsageError):
-    def __init__(self, command: str, issue: str = ""):
-        hint = f" (tracked in {issue})" if issue else ""
-        super().__init__(f"'ragtune {command}' is not implemented yet{hint}")
-
-
 class CheckFailed(RagtuneError):
     exit_code = EXIT_FAILED

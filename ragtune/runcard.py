@@ -8,6 +8,9 @@ An adapter trained on retrieval-built prompts (`data.rag`, ragtune/train/rag.py)
 index name, identity and generation, top_k, distractors, withheld share, cite flag, prompt format
 version, and what was found (gold sources, records whose gold was missing); `describe_recipe`
 names it in one line for eval reports.
+
+`system_prompt` is the system message every training record shared (null when they did not all
+share one): wherever the adapter answers, a conversation without its own system message gets it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ def read_runcard(adapter_dir: str | Path) -> dict[str, Any]:
             f"{p}: schema_version {version} is newer than this ragtune understands ({SCHEMA_VERSION}); upgrade ragtune"
         )
     return card
+
+
+def trained_system_prompt(card: dict[str, Any]) -> str:
+    """The system prompt every training record carried ("" when none was shared, or an older card)."""
+    value = card.get("system_prompt")
+    return value if isinstance(value, str) else ""
 
 
 def describe_recipe(card: dict[str, Any]) -> str:

@@ -34,6 +34,12 @@ class ChatSession:
         self.last_sources: list[dict[str, Any]] = []
         self.last_answer: Any = None
 
+    def trained_system_prompt(self) -> str:
+        """The system prompt the adapter's run card records, which the generator adds by default."""
+        adapters = getattr(self.gen, "adapters", {}) or {}
+        a = adapters.get(self.adapter) if self.adapter else None
+        return getattr(a, "system_prompt", "") or ""
+
     def messages(self) -> list[dict[str, str]]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
 
@@ -118,6 +124,9 @@ class ChatSession:
                 pass
             mode = ("ft" if self.adapter else "base") + ("+rag" if self.rag else "")
             self.err.write(f"ragtune chat ({mode}); {HELP}\n")
+            trained = self.trained_system_prompt()
+            if trained and not self.system:
+                self.err.write(f"system prompt (the adapter was trained with it; --system replaces it): {trained}\n")
         while True:
             try:
                 line = input("you> ") if interactive else inp.readline()

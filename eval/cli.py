@@ -5,19 +5,24 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-DESCRIPTION = """Answer held-out questions four ways -- base model, fine-tuned (base + adapter), RAG
-(base + retrieved sources) and fine-tuned + RAG -- with identical greedy decoding, and compare
-them: exact match, token F1, ROUGE-L, contains-reference, retrieval recall/MRR/nDCG, citation and
-abstention accuracy, latency and tokens, each with 95% bootstrap intervals; plus a cost table
-measured on this machine (training time from the adapter's run card, and any saved
-'ragtune index add/sync --json' results passed with --cost). Writes report.md, report.json and
+DESCRIPTION = """Answer held-out questions in every mode -- base model, RAG (base + retrieved sources),
+and for each adapter NAME (base + adapter) and NAME+rag -- with identical greedy decoding through
+one engine, and compare them: exact match, token F1, ROUGE-L, contains-reference, retrieval
+recall/MRR/nDCG, citation and abstention accuracy, latency, tokens and each mode's time, with 95%
+bootstrap intervals and paired differences between every pair of modes; plus a cost table
+measured on this machine (training time from each adapter's run card, and any saved
+'ragtune index add/sync --json' results passed with --cost). Each adapter's training recipe
+(plain, or trained with retrieval) is read from its run card. Writes report.md, report.json and
 report.png into --out."""
 
 EXAMPLE = """example (the policies changed: docs_v2 copied over the indexed folder work/docs):
   ragtune index sync work/docs --index policies --json > runs/sync.json
-  ragtune eval --questions examples/policies/questions.jsonl --adapter runs/adapter \\
+  ragtune eval --questions examples/policies/questions.jsonl \\
+      --adapter plain=runs/plain --adapter rag-trained=runs/rag-trained \\
       --index policies --cost runs/sync.json --out runs/eval \\
       eval.system_prompt="You are the Northwind Robotics policy assistant. Answer in one short sentence."
+modes: base, rag, NAME and NAME+rag per adapter (a bare --adapter DIR is named ft); in --modes,
+ft and ft+rag stand for every adapter's modes, so the default base,ft,rag,ft+rag compares all.
 questions: JSONL, {"question", "answer", "sources"?: [path], "answerable"?: false} per line,
 or chat records {"messages": [...]} (last user turn = question, last assistant turn = answer)."""
 
@@ -33,7 +38,8 @@ def _run_eval(args: argparse.Namespace, cfg: Any) -> int:
     rep = res.report
     if args.json:
         print_json({"out": str(res.out_dir), "files": {k: str(v) for k, v in res.paths.items()},
-                    "errors": res.errors, "modes": rep["modes"], "summary": rep["summary"],
+                    "errors": res.errors, "modes": rep["modes"], "adapters": rep["adapters"],
+                    "engine": rep["meta"].get("engine"), "summary": rep["summary"],
                     "speed": rep["speed"], "best": rep["best"], "cost": rep["cost"]})
         return res.exit_code
     rows = []
@@ -46,8 +52,9 @@ def _run_eval(args: argparse.Namespace, cfg: Any) -> int:
 
         rows.append({"mode": mode, "correct%": pct("correct"), "F1%": pct("token_f1"), "ROUGE-L%": pct("rouge_l"),
                      "recall@k%": pct("recall_at_k"), "old answer%": pct("stale_answer"),
-                     "p50": human_seconds(sp["latency_p50_s"])})
-    print_table(rows, ["mode", "correct%", "F1%", "ROUGE-L%", "recall@k%", "old answer%", "p50"])
+                     "p50": human_seconds(sp["latency_p50_s"]), "time": human_seconds(sp.get("mode_s"))})
+    print_table(rows, ["mode", "correct%", "F1%", "ROUGE-L%", "recall@k%", "old answer%", "p50", "time"])
+    print(f"engine: {rep['meta'].get('engine', '?')}")
     if res.errors:
         print(f"{res.errors} answer(s) failed; see report.md")
     print(f"report: {res.paths['md']} (+ report.json, report.png)")
@@ -59,15 +66,19 @@ def register(sub: Any) -> None:
                        description=DESCRIPTION, epilog=EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", default=None, metavar="FILE.jsonl", help="held-out questions (default eval.questions)")
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="adapter from 'ragtune train' for the ft modes (default model.adapter)")
+    p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                   help="adapter from 'ragtune train', repeatable: NAME=DIR gives modes NAME and NAME+rag; "
+                        "a bare DIR is named ft (default model.adapter)")
     p.add_argument("--index", default=None, metavar="NAME", help="index for the rag modes (default index.name)")
-    p.add_argument("--modes", default=None, metavar="LIST", help="comma-separated subset of base,ft,rag,ft+rag (default eval.modes)")
+    p.add_argument("--modes", default=None, metavar="LIST",
+                   help="comma-separated modes: base, rag, NAME, NAME+rag; ft / ft+rag = every adapter's "
+                        "(default eval.modes: base,ft,rag,ft+rag)")
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default eval.out_dir)")
     p.add_argument("--cost", action="append", metavar="FILE",
                    help="measured cost to include: a run card, or saved 'ragtune index add/sync --json' output (repeatable)")
     p.add_argument("--engine", choices=("auto", "transformers", "llama.cpp"), default=None,
-                   help="answering engine for every mode (default generation.engine)")
+                   help="answering engine for every mode (default eval.engine: auto = llama.cpp on the CPU "
+                        "when installed, from the f16 GGUF export; transformers otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (the full report is report.json)")
     p.set_defaults(func=_run_eval)

@@ -1,12 +1,13 @@
 """Measured costs for the eval report: training, indexing, absorbing a change, answering.
 
-    rows = training_cost("runs/adapter")                   # from the run card ragtune.json
+    rows = training_cost("runs/adapter", name="plain")     # from the run card ragtune.json
     rows += load_cost_file("runs/sync-v2.json")            # saved `ragtune index sync --json` output
     with Timer() as t: do_something(); t.seconds
 
 Every number comes from a measurement on this machine: a run card's `metrics.wall_seconds`, an
-`index add/sync --json` result's `seconds`, or a timer around the work. Nothing is estimated;
-the row's `detail` says where its number came from.
+`index add/sync --json` result's `seconds`, or a timer around the work. The one derived row, the
+re-train that absorbing a change takes, is the training time and says so. The row's `detail`
+says where its number came from.
 """
 
 from __future__ import annotations
@@ -44,15 +45,15 @@ def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
     return out, t.seconds
 
 
-def training_cost(adapter_dir: str | Path) -> list[CostRow]:
-    """Training wall time from the adapter's run card, and the re-train it takes to absorb a change."""
+def training_cost(adapter_dir: str | Path, name: str = "") -> list[CostRow]:
+    """Training wall time from the adapter's run card, and what absorbing a change costs it (a re-train)."""
     from ragtune.runcard import read_runcard
 
     card = read_runcard(adapter_dir)
-    return _runcard_rows(card, f"{adapter_dir}/ragtune.json")
+    return _runcard_rows(card, f"{adapter_dir}/ragtune.json", name)
 
 
-def _runcard_rows(card: dict[str, Any], where: str) -> list[CostRow]:
+def _runcard_rows(card: dict[str, Any], where: str, name: str = "") -> list[CostRow]:
     metrics = card.get("metrics") or {}
     secs = metrics.get("wall_seconds")
     if secs is None:
@@ -71,11 +72,14 @@ def _runcard_rows(card: dict[str, Any], where: str) -> list[CostRow]:
         parts.append(f"{train_cfg['epochs']:g} epochs")
     if device:
         parts.append(device)
-    what = "train: LoRA fine-tune" + (f" ({', '.join(parts)})" if parts else "")
+    who = f" of adapter '{name}'" if name else ""
+    how = " on retrieval-built prompts" if card.get("rag") else ""
+    what = f"train: LoRA fine-tune{who}{how}" + (f" ({', '.join(parts)})" if parts else "")
     return [
         CostRow(what, float(secs), f"measured: metrics.wall_seconds in {where}"),
-        CostRow("absorb a changed document: re-train the adapter", float(secs),
-                "measured: a re-train repeats the training run above (same data size, same settings); "
+        CostRow(f"absorb a changed document: re-train {f'adapter {name!r}' if name else 'the adapter'} "
+                "(= its training time, not measured)", float(secs),
+                "not measured: the training time above, which a re-train with the same data and settings repeats; "
                 "until then the fine-tuned model answers from what it learned"),
     ]
 

@@ -75,6 +75,7 @@ def speed(records: Sequence[AnswerRecord]) -> dict[str, float | None]:
 
 
 SPEED_COLUMNS = (
+    ("mode_s", "time for the mode", None),  # all its answers, start to end
     ("latency_p50_s", "latency p50 (s)", False),
     ("latency_p95_s", "latency p95 (s)", False),
     ("tokens_per_s", "tokens/s", True),
@@ -105,8 +106,10 @@ def summarize(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    mode_seconds: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """All the numbers of a report (JSON-able), without the per-answer detail."""
+    """All the numbers of a report (JSON-able), without the per-answer detail. `mode_seconds`: the
+    wall clock each mode took, start to end (else the sum of its answers' latencies)."""
     modes = list(runs)
     ids = [q.id for q in questions]
     for mode, recs in runs.items():
@@ -138,6 +141,9 @@ def summarize(
         best[m.key] = {"mode": top, "ties": ties, "runner_up": scored[1][1] if len(scored) > 1 else None,
                        "clear": clear}
     speeds = {mode: speed(recs) for mode, recs in runs.items()}
+    for mode, recs in runs.items():
+        total = (mode_seconds or {}).get(mode)
+        speeds[mode]["mode_s"] = float(total) if total is not None else sum(r.latency_s for r in recs)
     for key, _label, higher in SPEED_COLUMNS:
         if higher is None:
             continue
@@ -237,17 +243,42 @@ def render_markdown(
     meta: Mapping[str, Any] | None = None,
     notes: Sequence[str] = (),
 ) -> str:
+    """report.md: one section after another, each a function below."""
     modes = list(numbers["modes"])
-    summary, best = numbers["summary"], numbers["best"]
-    lines = ["# ragtune eval report", ""]
-    lines.append(
-        f"{numbers['n_questions']} questions ({numbers['n_unanswerable']} unanswerable), "
-        f"modes: {', '.join(modes)}. Scores are percentages over the questions a metric applies to, "
-        f"with 95% bootstrap intervals ({numbers['bootstrap']['resamples']} resamples) in brackets."
-    )
+    labels = {m.key: _label(m, k) for m in METRICS} | {key: label for key, label, _ in SPEED_COLUMNS}
+    lines = _md_header(numbers, modes, meta)
+    lines += _md_adapters(numbers.get("adapters") or [])
+    lines += _md_quality(numbers["summary"], modes, k)
+    lines += _md_best(numbers["best"], labels)
+    lines += _md_diffs(numbers["diffs"], labels)
+    lines += _md_speed(numbers["speed"], modes)
+    lines += _md_cost(cost)
+    lines += _md_groups(numbers["groups"], modes, labels)
+    lines += _md_disagreements(questions, runs, numbers, modes)
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    lines += ["", "Files: report.json (all numbers and every answer), report.png (chart).", ""]
+    return "\n".join(lines)
+
+
+def _md_header(numbers: Mapping[str, Any], modes: Sequence[str], meta: Mapping[str, Any] | None) -> list[str]:
+    lines = ["# ragtune eval report", "",
+             f"{numbers['n_questions']} questions ({numbers['n_unanswerable']} unanswerable), "
+             f"modes: {', '.join(modes)}. Scores are percentages over the questions a metric applies to, "
+             f"with 95% bootstrap intervals ({numbers['bootstrap']['resamples']} resamples) in brackets."]
     if meta:
         lines += ["", *[f"- {key}: {_cell(v, 300)}" for key, v in meta.items()]]
-    lines += ["", "## Quality", ""]
+    return lines
+
+
+def _md_adapters(adapters: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not adapters:
+        return []
+    rows = [[_cell(a["name"]), _cell(a.get("path", "")), _cell(a.get("recipe", ""), 300)] for a in adapters]
+    return ["", "## Adapters", "", *_table(["adapter", "folder", "training recipe (from its run card)"], rows)]
+
+
+def _md_quality(summary: Mapping[str, Any], modes: Sequence[str], k: int) -> list[str]:
     rows = []
     for m in METRICS:
         if all(summary[mode][m.key] is None for mode in modes):
@@ -255,57 +286,66 @@ def render_markdown(
         n = max((summary[mode][m.key] or {}).get("n", 0) for mode in modes)
         rows.append([f"{_label(m, k)} ({'↑' if m.higher_is_better else '↓'})", str(n)]
                     + [_ci_cell(summary[mode][m.key]) for mode in modes])
-    lines += _table(["metric", "n", *modes], rows)
+    return ["", "## Quality", "", *_table(["metric", "n", *modes], rows)]
 
-    lines += ["", "## Best mode per metric", ""]
+
+def _verdict(key: str, b: Mapping[str, Any]) -> str:
+    if len(b["ties"]) > 1:
+        return "tie"
+    if b["runner_up"] is None:
+        return f"only {b['mode']} measures this"
+    if b["clear"] is None:
+        return "–" if key not in METRIC_KEYS else f"too few questions to tell (n < {MIN_N_CLEAR})"
+    if b["clear"]:
+        return f"yes, ahead of {b['runner_up']} (paired CI excludes 0)"
+    return f"no: within noise of {b['runner_up']}"
+
+
+def _md_best(best: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    rows = [[labels.get(key, key), " = ".join(b["ties"]) if len(b["ties"]) > 1 else b["mode"], _verdict(key, b)]
+            for key, b in best.items()]
+    return ["", "## Best mode per metric", "", *_table(["metric", "best", "clear winner?"], rows)]
+
+
+def _md_diffs(diffs: Sequence[Mapping[str, Any]], labels: Mapping[str, str]) -> list[str]:
+    if not diffs:
+        return []
     rows = []
-    summary_keys = set(METRIC_KEYS)
-    labels = {m.key: _label(m, k) for m in METRICS} | {key: label for key, label, _ in SPEED_COLUMNS}
-    for key, b in best.items():
-        if len(b["ties"]) > 1:
-            verdict = "tie"
-        elif b["runner_up"] is None:
-            verdict = f"only {b['mode']} measures this"
-        elif b["clear"] is None:
-            verdict = "–" if key not in summary_keys else f"too few questions to tell (n < {MIN_N_CLEAR})"
-        elif b["clear"]:
-            verdict = f"yes, ahead of {b['runner_up']} (paired CI excludes 0)"
-        else:
-            verdict = f"no: within noise of {b['runner_up']}"
-        mode = " = ".join(b["ties"]) if len(b["ties"]) > 1 else b["mode"]
-        rows.append([labels.get(key, key), mode, verdict])
-    lines += _table(["metric", "best", "clear winner?"], rows)
+    for d in diffs:
+        if d["metric"] not in ("correct", "token_f1"):
+            continue
+        sig = " *" if d["clear"] else ""
+        rows.append([labels[d["metric"]], f"{d['a']} − {d['b']}",
+                     f"{100 * d['mean']:+.0f} [{100 * d['low']:+.0f}, {100 * d['high']:+.0f}]{sig}", str(d["n"])])
+    return ["", "## Paired differences (a − b, percentage points, 95% CI)", "",
+            *_table(["metric", "modes", "difference", "n"], rows),
+            "", f"`*`: the interval excludes 0 (and n ≥ {MIN_N_CLEAR}). Every metric's differences are in report.json."]
 
-    if numbers["diffs"]:
-        lines += ["", "## Paired differences (a − b, percentage points, 95% CI)", ""]
-        rows = []
-        for d in numbers["diffs"]:
-            if d["metric"] not in ("correct", "token_f1"):
-                continue
-            sig = " *" if d["clear"] else ""
-            rows.append([labels[d["metric"]], f"{d['a']} − {d['b']}",
-                         f"{100 * d['mean']:+.0f} [{100 * d['low']:+.0f}, {100 * d['high']:+.0f}]{sig}", str(d["n"])])
-        lines += _table(["metric", "modes", "difference", "n"], rows)
-        lines += ["", f"`*`: the interval excludes 0 (and n ≥ {MIN_N_CLEAR}). "
-                  "Every metric's differences are in report.json."]
 
-    lines += ["", "## Speed (measured here)", ""]
+def _md_speed(speeds: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
     rows = []
     for key, label, _ in SPEED_COLUMNS:
+        if key == "mode_s":
+            rows.append([label] + [human_seconds(speeds[mode].get(key)) for mode in modes])
+            continue
         digits = 0 if "tokens" in key and "per_s" not in key else (1 if key == "tokens_per_s" else 2)
-        rows.append([label] + [_num(numbers["speed"][mode][key], digits) for mode in modes])
-    errors = [numbers["speed"][mode]["errors"] for mode in modes]
+        rows.append([label] + [_num(speeds[mode][key], digits) for mode in modes])
+    errors = [speeds[mode]["errors"] for mode in modes]
     if any(errors):
         rows.append(["failed answers"] + [str(e) for e in errors])
-    lines += _table(["", *modes], rows)
+    return ["", "## Speed (measured here)", "", *_table(["", *modes], rows)]
 
-    if cost:
-        lines += ["", "## Cost (measured on this machine)", ""]
-        lines += _table(["what", "time", "how measured"],
-                        [[_cell(c.what), human_seconds(c.seconds), _cell(c.detail, 300)] for c in cost])
 
-    for gk, by_value in numbers["groups"].items():
-        lines += ["", f"## Questions by `{gk}`", ""]
+def _md_cost(cost: Sequence[CostRow]) -> list[str]:
+    if not cost:
+        return []
+    rows = [[_cell(c.what), human_seconds(c.seconds), _cell(c.detail, 300)] for c in cost]
+    return ["", "## Cost (measured on this machine)", "", *_table(["what", "time", "how measured"], rows)]
+
+
+def _md_groups(groups: Mapping[str, Any], modes: Sequence[str], labels: Mapping[str, str]) -> list[str]:
+    lines: list[str] = []
+    for gk, by_value in groups.items():
         rows = []
         for val, per_mode in by_value.items():
             for key in ("correct", "stale_answer"):
@@ -314,34 +354,31 @@ def render_markdown(
                     continue
                 n = max((c or {}).get("n", 0) for c in cells)
                 rows.append([f"{gk}={val}", labels[key], str(n)] + [_ci_cell(c) for c in cells])
-        lines += _table(["questions", "metric", "n", *modes], rows)
+        lines += ["", f"## Questions by `{gk}`", "", *_table(["questions", "metric", "n", *modes], rows)]
+    return lines
 
+
+def _md_disagreements(questions: Sequence[Question], runs: Mapping[str, Sequence[AnswerRecord]],
+                      numbers: Mapping[str, Any], modes: Sequence[str]) -> list[str]:
     ids = set(numbers["disagreements"])
-    lines += ["", f"## Where the modes disagree ({len(ids)} of {numbers['n_questions']} questions)", ""]
-    if ids:
-        lines.append("✓ = correct (contains the reference, or abstains on an unanswerable question).")
-        lines.append("")
-        rows = []
-        for i, q in enumerate(questions):
-            if q.id not in ids:
-                continue
-            ref = q.answer if q.answerable else "(unanswerable: should abstain)"
-            flags = [key for key, v in q.meta.items() if v is True]  # e.g. changed_in_v2
-            head = f"**{_cell(q.id)}**{' (' + ', '.join(flags) + ')' if flags else ''}: {_cell(q.question)}"
-            answers = []
-            for mode in modes:
-                r = runs[mode][i]
-                mark = "✓" if r.scores.get("correct") else "✗"
-                answers.append(f"{mark} {_cell(r.error and 'ERROR: ' + r.error or r.answer)}")
-            rows.append([head, _cell(ref), *answers])
-        lines += _table(["question", "reference", *modes], rows)
-    else:
-        lines.append("Every mode got the same questions right.")
-
-    if notes:
-        lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
-    lines += ["", "Files: report.json (all numbers and every answer), report.png (chart).", ""]
-    return "\n".join(lines)
+    lines = ["", f"## Where the modes disagree ({len(ids)} of {numbers['n_questions']} questions)", ""]
+    if not ids:
+        return lines + ["Every mode got the same questions right."]
+    lines += ["✓ = correct (contains the reference, or abstains on an unanswerable question).", ""]
+    rows = []
+    for i, q in enumerate(questions):
+        if q.id not in ids:
+            continue
+        ref = q.answer if q.answerable else "(unanswerable: should abstain)"
+        flags = [key for key, v in q.meta.items() if v is True]  # e.g. changed_in_v2
+        head = f"**{_cell(q.id)}**{' (' + ', '.join(flags) + ')' if flags else ''}: {_cell(q.question)}"
+        answers = []
+        for mode in modes:
+            r = runs[mode][i]
+            mark = "✓" if r.scores.get("correct") else "✗"
+            answers.append(f"{mark} {_cell(r.error and 'ERROR: ' + r.error or r.answer)}")
+        rows.append([head, _cell(ref), *answers])
+    return lines + _table(["question", "reference", *modes], rows)
 
 
 # --- chart --------------------------------------------------------------------------------------
@@ -402,13 +439,16 @@ def build_report(
     notes: Sequence[str] = (),
     n_boot: int = 1000,
     seed: int = 0,
+    mode_seconds: Mapping[str, float] | None = None,
+    adapters: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The report.json object."""
-    numbers = summarize(questions, runs, n_boot=n_boot, seed=seed)
+    numbers = summarize(questions, runs, n_boot=n_boot, seed=seed, mode_seconds=mode_seconds)
     return {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "meta": dict(meta or {}),
+        "adapters": [dict(a) for a in adapters],
         "k": k,
         "metrics": {m.key: {"label": _label(m, k), "higher_is_better": m.higher_is_better, "help": m.help}
                     for m in METRICS},
@@ -435,12 +475,16 @@ def write_report(
     notes: Sequence[str] = (),
     n_boot: int = 1000,
     seed: int = 0,
+    mode_seconds: Mapping[str, float] | None = None,
+    adapters: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Path]:
-    """Write report.json, report.md and report.png into `out_dir`; return their paths."""
+    """Write report.json, report.md and report.png into `out_dir`; return their paths.
+    `adapters`: {"name", "path", "recipe", ...} of each adapter a mode used."""
     if not runs:
         raise ValueError("no modes to report")
     out = Path(out_dir)
-    report = build_report(questions, runs, cost, k=k, meta=meta, notes=notes, n_boot=n_boot, seed=seed)
+    report = build_report(questions, runs, cost, k=k, meta=meta, notes=notes, n_boot=n_boot, seed=seed,
+                          mode_seconds=mode_seconds, adapters=adapters)
     md = render_markdown(questions, runs, report, cost, k=k, meta=meta, notes=notes)
     png = render_chart(report, k=k)
     paths = {

@@ -1,34 +1,41 @@
-"""`ragtune eval`: the same held-out questions answered four ways, scored side by side, with costs.
+"""`ragtune eval`: the same held-out questions answered in every mode, scored side by side, with costs.
 
-    ragtune eval --questions examples/policies/questions.jsonl --adapter runs/adapter \
-        --index policies --modes base,ft,rag,ft+rag --out runs/eval --cost runs/sync-v2.json
+    ragtune eval --questions examples/policies/questions.jsonl --index policies \
+        --adapter plain=runs/plain --adapter rag-trained=runs/raft --out runs/eval --cost runs/sync-v2.json
 
-    res = run_eval(cfg, questions="q.jsonl", adapter="runs/adapter", index="policies")
+    res = run_eval(cfg, questions="q.jsonl", adapter=["plain=runs/plain", "rag-trained=runs/raft"], index="policies")
 
-Modes: base (the base model alone), ft (base + adapter), rag (base + retrieved sources),
-ft+rag (both). Every mode answers every question with identical decoding: greedy,
-`eval.max_new_tokens`, the same system prompt (`eval.system_prompt`, e.g. the one the adapter
-was trained with). Latency is the wall clock of one answer, retrieval included, after one
-untimed warm-up answer per model. Writes report.json, report.md and report.png into the out dir.
+Modes (ragtune.eval.modes): base (the base model alone), rag (base + retrieved sources), and for
+each adapter NAME (base + adapter) and NAME+rag (both); a bare adapter DIR is named `ft`. Every
+mode answers every question with identical decoding: greedy, `eval.max_new_tokens`, the same
+system prompt (`eval.system_prompt`, e.g. the one the adapters were trained with), through one
+engine (`eval.engine`/--engine; auto = llama.cpp on the CPU when installed, which answers from the
+f16 GGUF export with transformers' greedy ids). Latency is the wall clock of one answer, retrieval
+included, after one untimed warm-up answer per model; each mode's total time is reported too.
+Writes report.json, report.md and report.png into the out dir.
+
+Steps: plan (questions, adapters, modes, engine) -> costs and notes from the run cards -> load
+the generator and the retriever -> answer every mode -> report.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from ragtune.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from ragtune.errors import EXIT_OK, EXIT_PARTIAL, RagtuneError, UsageError
+from ragtune.eval.modes import EvalAdapter, adapter_of, parse_adapters, parse_modes, uses_retrieval
 from ragtune.eval.questions import Question, load_questions
 from ragtune.eval.report import CostRow, human_seconds, write_report
 from ragtune.eval.scoring import AnswerRecord, score_answer
 
 log = logging.getLogger(__name__)
 
-MODES = ("base", "ft", "rag", "ft+rag")
-FT_NAME = "ft"  # the adapter's name inside the generator
+AdapterSpecs = str | Sequence[str] | Mapping[str, str] | None
 
 
 @dataclass
@@ -44,12 +51,28 @@ class EvalResult:
         return EXIT_PARTIAL if self.errors else EXIT_OK
 
 
-def parse_modes(modes: str | Sequence[str]) -> list[str]:
-    items = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
-    bad = [m for m in items if m not in MODES]
-    if bad or not items:
-        raise UsageError(f"--modes: unknown mode(s) {', '.join(bad) or '(none given)'}; choose from {','.join(MODES)}")
-    return list(dict.fromkeys(items))
+@dataclass
+class _Plan:
+    """Everything decided before a model loads."""
+
+    questions_path: str
+    questions: list[Question]
+    modes: list[str]
+    adapters: dict[str, EvalAdapter]  # those the modes use, in the order given
+    index: str
+    engine: str  # as asked: auto | transformers | llama.cpp
+    max_new_tokens: int
+
+    @property
+    def needs_rag(self) -> bool:
+        return any(uses_retrieval(m) for m in self.modes)
+
+
+@dataclass
+class _Answers:
+    runs: dict[str, list[AnswerRecord]]
+    seconds: dict[str, float]  # wall clock of each mode, start to end
+    errors: int
 
 
 class _RecordingRetriever:
@@ -66,18 +89,11 @@ class _RecordingRetriever:
         return hits
 
 
-def _messages(q: Question, system_prompt: str) -> list[dict[str, str]]:
-    msgs = q.messages()
-    if system_prompt and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": system_prompt})
-    return msgs
-
-
 def run_eval(
     cfg: Any,
     *,
     questions: str | Path | None = None,
-    adapter: str | None = None,
+    adapter: AdapterSpecs = None,
     index: str | None = None,
     modes: str | Sequence[str] | None = None,
     out_dir: str | Path | None = None,
@@ -87,110 +103,81 @@ def run_eval(
     retriever: Any = None,
     engine: str | None = None,
 ) -> EvalResult:
-    """Answer, score and report. `generator`/`retriever` may be passed in already loaded.
-    `engine` ("auto" | "transformers" | "llama.cpp", None = generation.engine) answers every mode."""
-    from ragtune.eval.cost import load_cost_file, training_cost
+    """Answer, score and report. `adapter`: "DIR", "NAME=DIR", a list of them or {name: dir}
+    (None = model.adapter). `generator`/`retriever` may be passed in already loaded.
+    `engine` ("auto" | "transformers" | "llama.cpp", None = eval.engine) answers every mode."""
+    plan = _plan(cfg, questions, adapter, index, modes, engine, check=generator is None)
+    cost, notes = _run_card_costs(plan, cost_files)
+    engine_note = ""
+    if generator is None:
+        generator, engine_note = _load_generator(cfg, plan)
+    if plan.needs_rag and retriever is None:
+        from ragtune.serve.answer import open_retriever
 
-    if engine and generator is None:
+        retriever = open_retriever(cfg, plan.index)
+    answers = _answer_all(cfg, plan, generator, _RecordingRetriever(retriever) if plan.needs_rag else None, progress)
+    cost += _answer_costs(answers)
+    out = Path(out_dir or cfg.eval.out_dir)
+    paths = write_report(out, plan.questions, answers.runs, cost, k=cfg.rag.top_k,
+                         meta=_meta(cfg, plan, generator, engine_note),
+                         notes=_notes(plan) + notes + ([engine_note] if engine_note else []),
+                         n_boot=int(cfg.eval.bootstrap), seed=int(cfg.eval.seed), mode_seconds=answers.seconds,
+                         adapters=[{"name": a.name, "path": a.path, "recipe": a.recipe, "rag": a.card.get("rag")}
+                                   for a in plan.adapters.values()])
+    report = json.loads(paths["json"].read_text(encoding="utf-8"))
+    return EvalResult(out, paths, report, answers.errors, answers.runs)
+
+
+# --- plan -----------------------------------------------------------------------------------------
+
+
+def _plan(cfg: Any, questions: str | Path | None, adapter: AdapterSpecs, index: str | None,
+          modes: str | Sequence[str] | None, engine: str | None, check: bool) -> _Plan:
+    """Check every input before anything slow: questions, adapters and their run cards, modes, engine."""
+    from ragtune.runcard import read_runcard
+
+    ecfg = cfg.eval
+    engine = engine or ecfg.engine
+    if check:
         from ragtune.serve.generator import check_engine
 
-        check_engine(engine, cfg.model.device)  # before anything slow
-    ecfg = cfg.eval
+        check_engine(engine, cfg.model.device)
     qpath = questions or ecfg.questions
     if not qpath:
         raise UsageError("no questions file: pass --questions FILE.jsonl (or set eval.questions)")
-    mode_list = parse_modes(modes if modes is not None else ecfg.modes)
-    qs = load_questions(qpath)
-    adapter = adapter if adapter is not None else (cfg.model.adapter or None)
-    index_name = index or cfg.index.name
-    needs_ft = any(m.startswith("ft") for m in mode_list)
-    needs_rag = any("rag" in m for m in mode_list)
-    if needs_ft and not adapter:
-        raise UsageError(
-            "modes ft and ft+rag need an adapter: pass --adapter DIR (a 'ragtune train' output) "
-            "or leave them out, e.g. --modes base,rag"
-        )
+    given = parse_adapters(adapter if adapter else (cfg.model.adapter or None))
+    mode_list = parse_modes(modes if modes is not None else ecfg.modes, list(given))
+    used = {adapter_of(m) for m in mode_list}
+    adapters = {name: EvalAdapter(name, path, read_runcard(path)) for name, path in given.items() if name in used}
+    return _Plan(str(qpath), load_questions(qpath), mode_list, adapters, index or cfg.index.name, engine,
+                 int(ecfg.max_new_tokens))
+
+
+def _run_card_costs(plan: _Plan, cost_files: Sequence[str | Path]) -> tuple[list[CostRow], list[str]]:
+    """Training rows of every adapter, the given cost files, and notes on trained-on questions."""
+    from ragtune.eval.cost import load_cost_file, training_cost
+
     cost: list[CostRow] = []
-    seen_note = ""
-    if adapter and needs_ft:
-        cost += training_cost(adapter)  # also checks the run card before any model loads
-        seen_note = _seen_in_training(adapter, qs)
+    notes: list[str] = []
+    for a in plan.adapters.values():
+        if (a.card.get("metrics") or {}).get("wall_seconds") is None:
+            notes.append(f"adapter '{a.name}' ({a.path}): its run card records no training time "
+                         "(metrics.wall_seconds), so the cost table has no training row for it.")
+        else:
+            cost += training_cost(a.path, name=a.name)
+        note = _seen_in_training(a, plan.questions)
+        if note:
+            notes.append(note)
     for f in cost_files:
         cost += load_cost_file(f)
-
-    if generator is None:
-        from ragtune.modeling import quiet_libraries
-        from ragtune.serve.generator import Generator
-
-        quiet_libraries()
-
-        generator = Generator(cfg, engine=engine).load(adapters={FT_NAME: str(adapter)} if needs_ft else None)
-    if needs_rag and retriever is None:
-        from ragtune.serve.answer import open_retriever
-
-        retriever = open_retriever(cfg, index_name)
-    recorder = _RecordingRetriever(retriever) if needs_rag else None
-
-    max_new = int(ecfg.max_new_tokens)
-    for ad in ([None, FT_NAME] if needs_ft else [None]):  # warm-up: first-call costs are not latency
-        generator.answer([{"role": "user", "content": "Hello"}], adapter=ad, max_new_tokens=2, temperature=0.0)
-
-    runs: dict[str, list[AnswerRecord]] = {}
-    errors = 0
-    bar = _progress(len(mode_list) * len(qs), progress)
-    try:
-        for mode in mode_list:
-            recs = []
-            t_mode = time.perf_counter()
-            bar.set_description(f"eval {mode}")
-            for q in qs:
-                rec = _answer_one(generator, recorder if "rag" in mode else None, q, mode, cfg, max_new)
-                errors += bool(rec.error)
-                recs.append(rec)
-                bar.update(1)
-            runs[mode] = recs
-            if progress and bar.disable:  # stderr is a file or pipe: a line per mode, not a redrawn bar
-                log.info("eval %s: %d answers in %.0fs", mode, len(recs), time.perf_counter() - t_mode)
-    finally:
-        bar.close()
-
-    for mode, recs in runs.items():
-        total = sum(r.latency_s for r in recs)
-        cost.append(CostRow(f"answer {len(recs)} questions: {mode}", total,
-                            f"measured: sum of per-answer wall clock (p50 {human_seconds(_p50(recs))})"))
-    out = Path(out_dir or ecfg.out_dir)
-    meta = {
-        "questions": str(qpath),
-        "base model": cfg.model.path or "default (SmolLM2-135M-Instruct)",
-        "adapter": str(adapter) if needs_ft else "–",
-        "index": index_name if needs_rag else "–",
-        "engine": _engine_label(generator, cfg),
-        "decoding": f"greedy, max_new_tokens={max_new}, identical in every mode",
-        "retrieval": f"top_k={cfg.rag.top_k}, min_score={cfg.rag.min_score}, search mode={cfg.search.mode}",
-        "system prompt": ecfg.system_prompt or "(none)",
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    notes = [
-        f"{len(qs)} questions: intervals are wide at this size; a difference whose paired interval includes 0 "
-        "is not evidence that one mode is better.",
-        "Training time grows with the training set and epochs; re-syncing grows only with the changed "
-        "documents, so the gap in 'absorb a changed document' widens as the corpus grows.",
-        "Latency and tokens/s depend on this machine and engine; compare modes within one report.",
-    ] + ([seen_note] if seen_note else [])
-    paths = write_report(out, qs, runs, cost, k=cfg.rag.top_k, meta=meta, notes=notes,
-                         n_boot=int(ecfg.bootstrap), seed=int(ecfg.seed))
-    import json
-
-    report = json.loads(paths["json"].read_text(encoding="utf-8"))
-    return EvalResult(out, paths, report, errors, runs)
+    return cost, notes
 
 
-def _seen_in_training(adapter: str | Path, qs: Sequence[Question]) -> str:
+def _seen_in_training(adapter: EvalAdapter, qs: Sequence[Question]) -> str:
     """A report note (and a warning) naming the questions the adapter was trained on, if any."""
-    from ragtune.runcard import read_runcard
     from ragtune.train.data import check_file, fold
 
-    train_file = Path(read_runcard(adapter).get("data", {}).get("train_file") or "")
+    train_file = Path((adapter.card.get("data") or {}).get("train_file") or "")
     if not train_file.is_file():
         return ""  # a carried adapter: its training data stayed behind
     asked = {fold(m["content"]) for r in check_file(train_file).records for m in r.messages if m["role"] == "user"}
@@ -198,10 +185,150 @@ def _seen_in_training(adapter: str | Path, qs: Sequence[Question]) -> str:
     if not seen:
         return ""
     ids = ", ".join(q.id for q in seen[:8]) + (", ..." if len(seen) > 8 else "")
-    note = (f"{len(seen)} of {len(qs)} questions are also asked in the adapter's training data ({train_file}: {ids}): "
-            "on them ft and ft+rag measure memory, not generalisation; hold them out of training for a fair comparison.")
+    note = (f"{len(seen)} of {len(qs)} questions are also asked in adapter '{adapter.name}''s training data "
+            f"({train_file}: {ids}): on them its modes measure memory, not generalisation; hold them out of "
+            "training for a fair comparison.")
     log.warning(note)
     return note
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def _load_generator(cfg: Any, plan: _Plan) -> tuple[Any, str]:
+    """The Generator with every adapter the modes use; with engine auto, a model llama.cpp cannot
+    take (its GGUF export fails) answers through transformers, and the note says why."""
+    from ragtune.modeling import quiet_libraries
+    from ragtune.serve.generator import Generator
+
+    quiet_libraries()
+    adapters = {a.name: a.path for a in plan.adapters.values()} or None
+    gen = Generator(cfg, engine=plan.engine)
+    if plan.engine != "auto" or gen.engine != "llama.cpp":
+        return gen.load(adapters=adapters), ""
+    try:
+        return gen.load(adapters=adapters), ""
+    except RagtuneError as exc:
+        from ragtune.runcard import RunCardMismatch
+
+        if isinstance(exc, RunCardMismatch):
+            raise
+        note = (f"engine auto: llama.cpp could not load this model ({exc}); every mode answered through "
+                "transformers instead (pass --engine transformers to skip the attempt)")
+        log.warning(note)
+        return Generator(cfg, engine="transformers").load(adapters=adapters), note
+
+
+def _generator_names(generator: Any, plan: _Plan) -> dict[str, str]:
+    """Each adapter's name inside the generator (a loaded Generator names a folder given twice once)."""
+    resolve = getattr(generator, "resolve_adapter", None)
+    if resolve is None:
+        return {name: name for name in plan.adapters}
+    return {name: resolve(str(a.path)) for name, a in plan.adapters.items()}
+
+
+# --- answering ------------------------------------------------------------------------------------
+
+
+def _answer_all(cfg: Any, plan: _Plan, generator: Any, recorder: _RecordingRetriever | None,
+                progress: bool) -> _Answers:
+    names = _generator_names(generator, plan)
+    for ad in [None, *names.values()]:  # warm-up: first-call costs are not latency
+        generator.answer([{"role": "user", "content": "Hello"}], adapter=ad, max_new_tokens=2, temperature=0.0)
+    runs: dict[str, list[AnswerRecord]] = {}
+    seconds: dict[str, float] = {}
+    errors = 0
+    bar = _progress(len(plan.modes) * len(plan.questions), progress)
+    try:
+        for mode in plan.modes:
+            bar.set_description(f"eval {mode}")
+            ad = adapter_of(mode)
+            rec = recorder if uses_retrieval(mode) else None
+            t_mode = time.perf_counter()
+            recs = []
+            for q in plan.questions:
+                r = _answer_one(generator, rec, q, mode, names.get(ad) if ad else None, cfg, plan.max_new_tokens)
+                errors += bool(r.error)
+                recs.append(r)
+                bar.update(1)
+            runs[mode], seconds[mode] = recs, time.perf_counter() - t_mode
+            if progress and bar.disable:  # stderr is a file or pipe: a line per mode, not a redrawn bar
+                log.info("eval %s: %d answers in %.0fs", mode, len(recs), seconds[mode])
+    finally:
+        bar.close()
+    return _Answers(runs, seconds, errors)
+
+
+def _messages(q: Question, system_prompt: str) -> list[dict[str, str]]:
+    msgs = q.messages()
+    if system_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return msgs
+
+
+def _answer_one(gen: Any, recorder: _RecordingRetriever | None, q: Question, mode: str, adapter: str | None,
+                cfg: Any, max_new: int) -> AnswerRecord:
+    msgs = _messages(q, cfg.eval.system_prompt)
+    if recorder is not None:
+        recorder.last = None
+    t0 = time.perf_counter()
+    try:
+        ans = gen.answer(msgs, adapter=adapter, retriever=recorder, max_new_tokens=max_new, temperature=0.0,
+                         seed=int(cfg.eval.seed))
+    except UsageError as exc:  # e.g. the prompt does not fit the context: score as an empty answer
+        log.warning("question %s (%s): %s", q.id, mode, exc)
+        return score_answer(q, "", not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k,
+                            latency_s=time.perf_counter() - t0, error=str(exc))
+    latency = time.perf_counter() - t0
+    return score_answer(
+        q, ans.text, ans.sources,
+        retrieved=recorder.last if recorder is not None else None,
+        not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k, latency_s=latency,
+        prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, abstained=ans.abstained,
+    )
+
+
+# --- report inputs --------------------------------------------------------------------------------
+
+
+def _answer_costs(answers: _Answers) -> list[CostRow]:
+    rows = []
+    for mode, recs in answers.runs.items():
+        rows.append(CostRow(f"answer {len(recs)} questions: {mode}", answers.seconds[mode],
+                            f"measured: wall clock of the mode (p50 {human_seconds(_p50(recs))} per answer)"))
+    return rows
+
+
+def _meta(cfg: Any, plan: _Plan, generator: Any, engine_note: str) -> dict[str, str]:
+    return {
+        "questions": plan.questions_path,
+        "base model": _base_label(generator, cfg),
+        "adapters": "; ".join(f"{a.name} = {a.path} ({a.recipe})" for a in plan.adapters.values()) or "–",
+        "index": plan.index if plan.needs_rag else "–",
+        "engine": _engine_label(generator, cfg) + (" (llama.cpp failed: see the notes)" if engine_note else ""),
+        "decoding": f"greedy, max_new_tokens={plan.max_new_tokens}, identical in every mode",
+        "retrieval": f"top_k={cfg.rag.top_k}, min_score={cfg.rag.min_score}, search mode={cfg.search.mode}",
+        "system prompt": cfg.eval.system_prompt or "(none)",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _notes(plan: _Plan) -> list[str]:
+    n = len(plan.questions)
+    return [
+        f"{n} questions: a difference whose paired interval includes 0 is not evidence that one mode is better.",
+        "Training time grows with the training set and epochs; re-syncing grows only with the changed "
+        "documents, so the gap in 'absorb a changed document' widens as the corpus grows.",
+        "Latency and tokens/s depend on this machine and engine; compare modes within one report.",
+    ]
+
+
+def _base_label(generator: Any, cfg: Any) -> str:
+    """The model actually loaded (a Generator knows its path), else what the config names."""
+    path = getattr(generator, "base_path", None)
+    if path:
+        return str(path)
+    return cfg.model.path or "the default model (SmolLM2-135M-Instruct)"
 
 
 def _engine_label(generator: Any, cfg: Any) -> str:
@@ -217,28 +344,6 @@ def _p50(recs: Sequence[AnswerRecord]) -> float | None:
     from ragtune.eval.metrics import percentile
 
     return percentile([r.latency_s for r in recs if not r.error], 50)
-
-
-def _answer_one(gen: Any, recorder: _RecordingRetriever | None, q: Question, mode: str, cfg: Any,
-                max_new: int) -> AnswerRecord:
-    msgs = _messages(q, cfg.eval.system_prompt)
-    if recorder is not None:
-        recorder.last = None
-    t0 = time.perf_counter()
-    try:
-        ans = gen.answer(msgs, adapter=FT_NAME if mode.startswith("ft") else None, retriever=recorder,
-                         max_new_tokens=max_new, temperature=0.0, seed=int(cfg.eval.seed))
-    except UsageError as exc:  # e.g. the prompt does not fit the context: score as an empty answer
-        log.warning("question %s (%s): %s", q.id, mode, exc)
-        return score_answer(q, "", not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k,
-                            latency_s=time.perf_counter() - t0, error=str(exc))
-    latency = time.perf_counter() - t0
-    return score_answer(
-        q, ans.text, ans.sources,
-        retrieved=recorder.last if recorder is not None else None,
-        not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k, latency_s=latency,
-        prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, abstained=ans.abstained,
-    )
 
 
 class _NoBar:

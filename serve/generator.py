@@ -24,8 +24,10 @@ Interface (used by `ask`, `chat`, the server and eval):
   `adapter` is a loaded adapter's name (or its dir); None answers with the base model alone, which
   gives the same tokens whether or not adapters are loaded (peft's adapters are disabled, not merged).
   `retriever` is anything with `search(query, top_k=...) -> list[hit]` (a `ragtune.retrieval.search.Retriever`).
-- Greedy when temperature is 0. Generation holds `lock` (one model call at a time): concurrent
-  callers queue. Each adapter answers with the chat template from its run card.
+- Greedy when temperature is 0. Generation holds `lock` (one model call at a time): on the
+  transformers engine concurrent callers queue; on llama.cpp up to `serve.max_batch` of them decode
+  together in one batch (`ragtune.serve.batching`), the lock held around each step. Each adapter answers with the chat template from its run card, and with the system
+  prompt its training records all shared (the run card's `system_prompt`) unless the messages bring one.
 
 Device (cuda > mps > cpu) and dtype come from `model.device` / `model.dtype` ("auto" chooses).
 Engine (`generation.engine`, or `engine=`): "transformers" (torch, any device), "llama.cpp" (a GGUF
@@ -142,6 +144,7 @@ class _Adapter:
     path: Path
     template: str | None
     card: dict[str, Any]
+    system_prompt: str = ""  # the one every training record carried: the default for this adapter
 
 
 @dataclass
@@ -311,14 +314,15 @@ class Generator:
         positions = int(getattr(mconf, "max_position_embeddings", 0) or 0)
         gguf = ensure_gguf(path, type=self.cfg.generation.gguf_type)
         self.engine_impl = LlamaCppEngine(gguf, n_threads=self.cfg.generation.threads,
-                                          n_ctx=min(positions, 32768) if positions else 0).load()
+                                          n_ctx=min(positions, 32768) if positions else 0,
+                                          max_batch=self.cfg.serve.max_batch, lock=self.lock).load()
         self._max_positions = self.engine_impl.n_ctx
         log.info("loaded %s with llama.cpp (%s) in %.1fs", path, gguf, time.perf_counter() - t0)
 
     def add_adapter(self, name: str, path: str | Path) -> str:
         """Load a LoRA adapter over the loaded base (checked against its run card); returns its name."""
         from ragtune.modeling import adapter_dir, text_sha256
-        from ragtune.runcard import RunCardMismatch, check_compatible, read_runcard
+        from ragtune.runcard import RunCardMismatch, check_compatible, read_runcard, trained_system_prompt
 
         if not self.loaded:
             raise UsageError("Generator.add_adapter: call load() first")
@@ -359,7 +363,7 @@ class Generator:
             from ragtune.serve.llamacpp import ensure_gguf
 
             self.engine_impl.add_lora(name, ensure_gguf(self.base_path, adapter_dir=p))
-            self.adapters[name] = _Adapter(name, p, template, card)
+            self.adapters[name] = _Adapter(name, p, template, card, trained_system_prompt(card))
             log.info("loaded adapter %s from %s into llama.cpp in %.2fs", name, p, time.perf_counter() - t0)
             return name
         from peft import PeftModel
@@ -375,7 +379,7 @@ class Generator:
             if self._fast is None:
                 self._fast = FastLora(self.model)
             self._fast.prepare(name)
-        self.adapters[name] = _Adapter(name, p, template, card)
+        self.adapters[name] = _Adapter(name, p, template, card, trained_system_prompt(card))
         log.info("loaded adapter %s from %s in %.2fs", name, p, time.perf_counter() - t0)
         return name
 
@@ -439,6 +443,9 @@ class Generator:
             raise UsageError("messages need at least one user turn")
         name = self.resolve_adapter(adapter)
         mode = "ft" if name else "base"
+        if name and self.adapters[name].system_prompt and not any(m["role"] == "system" for m in msgs):
+            # the adapter learned its answers under this system prompt: without it, it answers worse
+            msgs.insert(0, {"role": "system", "content": self.adapters[name].system_prompt})
         if name and retriever is None:
             warn_rag_trained_without_index(self.adapters[name].card, name)
         sources: list[dict[str, Any]] = []
@@ -589,15 +596,14 @@ class Generator:
             def is_set(self) -> bool:
                 return stopped.is_set() or (cancel is not None and cancel.is_set())
 
-        t_wait = time.perf_counter()
-        with self.lock:
-            t0 = time.perf_counter()
-            r = self.engine_impl.generate(
-                prompt_ids=job.input_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-                top_p=job.top_p, seed=job.seed, on_token_id=token, cancel=_Either(), adapter=job.adapter,
-                stop_ids=self._eos or None, repeat_penalty=float(self.cfg.generation.repetition_penalty),
-            )
-            t1 = time.perf_counter()
+        t_wait = time.perf_counter()  # the engine's scheduler batches concurrent calls (serve.max_batch slots)
+        r = self.engine_impl.generate(
+            prompt_ids=job.input_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
+            top_p=job.top_p, seed=job.seed, on_token_id=token, cancel=_Either(), adapter=job.adapter,
+            stop_ids=self._eos or None, repeat_penalty=float(self.cfg.generation.repetition_penalty),
+        )
+        t1 = time.perf_counter()
+        t0 = t_wait + r["queue_s"]
         first = times.get("first", t1)
         reason = r["finish_reason"]
         if reason == "cancelled" and stopped.is_set() and not (cancel is not None and cancel.is_set()):

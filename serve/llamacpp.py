@@ -1,46 +1,29 @@
-"""The llama.cpp engine: answers from a GGUF file on the CPU, with LoRA adapters switched per request.
+"""The llama.cpp engine: answers from a GGUF file on the CPU, concurrent requests decoded together.
 
     from ragtune.serve.llamacpp import LlamaCppEngine, ensure_gguf
 
     base = ensure_gguf("~/.cache/ragtune/models/SmolLM2-135M-Instruct")          # exported once, cached
     lora = {"policies": ensure_gguf(base_dir, adapter_dir="runs/adapter")}        # llama.cpp adapter GGUF
-    eng = LlamaCppEngine(base, lora=lora, n_threads=2).load()
+    eng = LlamaCppEngine(base, lora=lora, n_threads=2, max_batch=8).load()
     out = eng.generate(prompt_text, max_new_tokens=64, temperature=0.0, adapter="policies",
                        on_token=lambda delta: print(delta, end=""))
     out["ids"], out["text"], out["prompt_tokens"], out["completion_tokens"], out["ttft_s"], out["decode_s"]
 
+`generate` may be called from many threads at once: every call is a sequence in one llama.cpp
+context with `max_batch` sequence slots, and `ragtune.serve.batching.Scheduler` decodes the
+running ones together, one batch per step (requests on different adapters never share a batch).
+The Generator (`engine="llama.cpp"`) renders prompts and decodes ids with the transformers
+tokenizer and calls `generate(prompt_ids=..., on_token_id=...)`, so text, streaming, citations and
+abstention are produced as on the transformers engine.
+
 Greedy decoding is an argmax over llama.cpp's logits, so an f16 export gives the ids that
 transformers' greedy `generate` gives wherever the top-2 logit margin is clear (checked by
 `ragtune export gguf` and tests/export). Sampling applies temperature, then top-p, then draws
-with a numpy generator seeded by `seed` (transformers' order; llama.cpp's own chain applies top-p
-before temperature). The KV cache keeps the longest common prefix of consecutive prompts with the
-same adapter (a chat's history, a RAG system prompt), and is dropped when the adapter changes.
-
-Integration with `ragtune.serve.generator.Generator` (`engine="llama.cpp"`, wired as follows):
-
-1. `check_engine`: accept "llama.cpp" (and "auto": llama.cpp when `pick_device(model.device)` is
-   "cpu" and `llama_cpp_available()` is true, else transformers).
-2. `Generator.load(base, adapters)`: keep loading the *tokenizer* with transformers (rendering the
-   chat template, `prepare()`'s prompt ids, the context check and the `_Decoder` stay as they are);
-   instead of `load_model`, call `gguf = ensure_gguf(path, type="f16")` (or a new `generation.gguf_type` setting)
-   and `self.engine_impl = LlamaCppEngine(gguf, n_threads=cfg.generation.threads, n_ctx=max_positions).load()`.
-   Set `self._eos` from `generation_config.json` as today (read it with `GenerationConfig.from_pretrained`)
-   and `self._max_positions` from config.json. `self.model` stays None, so use a separate "loaded" flag.
-3. `Generator.add_adapter(name, dir)`: keep every run-card check as is; replace the peft part with
-   `self.engine_impl.add_lora(name, ensure_gguf(self.base_path, adapter_dir=p))`.
-4. `Generator._run(job, on_token, cancel)`: under `self.lock`, call
-   `r = self.engine_impl.generate(prompt_ids=job.input_ids, max_new_tokens=job.max_new_tokens,
-   temperature=job.temperature, top_p=job.top_p, seed=job.seed, on_token_id=token, cancel=cancel,
-   adapter=job.adapter, stop_ids=self._eos, repeat_penalty=cfg.generation.repetition_penalty)` where
-   `token` is the existing closure (first-token time, count, last id); return the same stats dict
-   (`queue_s`, `prefill_s` = time to first token, `first`, `decode_s`, `end`, `tokens`,
-   `finish_reason` = `r["finish_reason"]`). `answer()` and `AnswerStream` need no change: they decode
-   the ids with the transformers tokenizer, so text, streaming deltas, citations and abstention are
-   identical between engines. (`on_token` here is a text-delta callback for standalone use.)
-5. `warmup()` works unchanged. `ragtune eval --engine` only passes `engine=` to `Generator`.
-
-Repetition penalty: llama.cpp penalises the last 64 tokens, transformers the whole context; the
-engine implements transformers' rule itself (over prompt + output) so both engines agree.
+with a numpy generator seeded by `seed`, per request (transformers' order; llama.cpp's own chain
+applies top-p before temperature). Each slot keeps the KV cache of its last sequence, and a new
+request takes the slot that shares the longest prefix with its prompt on the same adapter (a
+chat's history, a RAG system prompt). Repetition penalty follows transformers' rule (over prompt
+and output; llama.cpp's own penalises the last 64 tokens only), so both engines agree.
 """
 
 from __future__ import annotations
@@ -110,33 +93,54 @@ def _default_threads(gguf_path: Path) -> int:
     return _usable_cpus()
 
 
-class LlamaCppEngine:
-    """One GGUF model in llama.cpp, any number of LoRA adapter GGUFs switched per call.
+_BACKEND = threading.Lock()
+_backend_ready = False
 
-    Construct cheaply, `load()` explicitly. Calls are serialised by an internal lock (llama.cpp
-    contexts are not re-entrant); the Generator's own lock sits above it.
+
+def _init_backend(lc: Any) -> None:
+    global _backend_ready
+    with _BACKEND:
+        if not _backend_ready:
+            lc.llama_backend_init()
+            _backend_ready = True
+
+
+class LlamaCppEngine:
+    """One GGUF model in llama.cpp, any number of LoRA adapter GGUFs, `max_batch` sequence slots.
+
+    Construct cheaply, `load()` explicitly. One scheduler thread owns the llama.cpp context (it is
+    not re-entrant); `generate` hands it a sequence and waits. `lock` (the Generator's) is held
+    around each decode step, so generators that share it never run the CPU at the same time.
     """
 
     def __init__(self, gguf_path: str | Path, lora: dict[str, str | Path] | None = None, n_threads: int = 0,
-                 n_ctx: int = 0, n_batch: int = 512, verbose: bool = False):
+                 n_ctx: int = 0, n_batch: int = 512, max_batch: int = 1, lock: Any = None, verbose: bool = False):
         self.gguf_path = Path(gguf_path).expanduser()
         self.lora_paths = {k: Path(v).expanduser() for k, v in (lora or {}).items()}
         self.n_threads = int(n_threads) or _default_threads(self.gguf_path)
         self.requested_ctx = int(n_ctx)
         self.n_batch = int(n_batch)
+        if not 1 <= int(max_batch) <= 256:
+            raise UsageError(f"max_batch must be between 1 and 256 (llama.cpp's sequence limit), got {max_batch}")
+        self.n_seq = int(max_batch)
+        self.lock = lock
         self.verbose = verbose
-        self.llm: Any = None
+        self.model: Any = None  # llama_cpp._internals.LlamaModel
+        self.ctx: Any = None  # llama_cpp._internals.LlamaContext
+        self.scheduler: Any = None
         self._lc: Any = None
+        self._batch: Any = None
         self._adapters: dict[str, Any] = {}
         self._active: str | None = None
         self._eog: frozenset[int] = frozenset()
+        self.n_vocab = 0
         self._lock = threading.RLock()
 
     # --- loading ------------------------------------------------------------------------------
 
     @property
     def loaded(self) -> bool:
-        return self.llm is not None
+        return self.ctx is not None
 
     def load(self) -> "LlamaCppEngine":
         lc = import_llama_cpp()
@@ -145,37 +149,49 @@ class LlamaCppEngine:
                 f"GGUF file '{self.gguf_path}' does not exist; make one with "
                 "'ragtune export gguf MODEL_DIR --out FILE.gguf' (or ensure_gguf(model_dir))"
             )
-        from llama_cpp import Llama
+        from llama_cpp import _internals
+        from llama_cpp._logger import set_verbose
+
+        from ragtune.serve.batching import Scheduler
 
         t0 = time.perf_counter()
-        n_ctx_train = self._n_ctx_train()
-        n_ctx = self.requested_ctx or min(n_ctx_train or 4096, 4096)
+        set_verbose(self.verbose)
+        _init_backend(lc)
+        mp = lc.llama_model_default_params()
+        mp.n_gpu_layers = 0
         try:
-            self.llm = Llama(model_path=str(self.gguf_path), n_ctx=n_ctx, n_batch=min(self.n_batch, n_ctx),
-                             n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=0,
-                             verbose=self.verbose)
+            self.model = _internals.LlamaModel(path_model=str(self.gguf_path), params=mp, verbose=self.verbose)
         except ValueError as exc:
             raise RagtuneError(
                 f"llama.cpp cannot load '{self.gguf_path}' ({exc}); export it again with 'ragtune export gguf' "
                 "(the file may be damaged or from an incompatible llama.cpp version)"
             ) from exc
+        n_ctx = self.requested_ctx or min(self.model.n_ctx_train() or 4096, 4096)
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = self.n_batch = min(self.n_batch, n_ctx)
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        cp.n_seq_max = self.n_seq
+        cp.kv_unified = True  # one buffer of n_ctx cells shared by the slots: memory does not grow with max_batch
+        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama-cpp-python's Llama (the raw baseline)
+        try:
+            self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=self.verbose)
+        except ValueError as exc:
+            self.model.close()
+            self.model = None
+            raise RagtuneError(f"llama.cpp cannot create a context of {n_ctx} tokens for '{self.gguf_path}' "
+                               f"({exc}); lower the context or serve.max_batch ({self.n_seq})") from exc
         self._lc = lc
-        vocab = self.llm._model.vocab
-        self._eog = frozenset(t for t in range(self.llm.n_vocab()) if lc.llama_vocab_is_eog(vocab, t))
+        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self.n_vocab = self.model.n_vocab()
+        vocab = self.model.vocab
+        self._eog = frozenset(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(vocab, t))
         for name, path in list(self.lora_paths.items()):
             self._init_lora(name, path)
-        log.info("llama.cpp loaded %s (%d threads, n_ctx %d, LoRA adapters: %d) in %.2fs", self.gguf_path,
-                 self.n_threads, n_ctx, len(self._adapters), time.perf_counter() - t0)
+        self.scheduler = Scheduler(self, lock=self.lock)
+        log.info("llama.cpp loaded %s (%d threads, n_ctx %d, %d slots, LoRA adapters: %d) in %.2fs", self.gguf_path,
+                 self.n_threads, n_ctx, self.n_seq, len(self._adapters), time.perf_counter() - t0)
         return self
-
-    def _n_ctx_train(self) -> int:
-        from ragtune.export.header import gguf_metadata
-
-        try:
-            arch = gguf_metadata(self.gguf_path, ["general.architecture"]).get("general.architecture", "")
-            return int(gguf_metadata(self.gguf_path, [f"{arch}.context_length"]).get(f"{arch}.context_length", 0))
-        except Exception:  # noqa: BLE001 - only a default size is at stake; llama.cpp reports a bad file
-            return 0
 
     def add_lora(self, name: str, gguf_path: str | Path) -> str:
         """Load one more LoRA adapter GGUF over the loaded base (no reload of the base)."""
@@ -193,7 +209,7 @@ class LlamaCppEngine:
                 f"LoRA GGUF '{path}' (adapter '{name}') does not exist; make it with "
                 "'ragtune export gguf ADAPTER_DIR --lora --out FILE.gguf'"
             )
-        ptr = self._lc.llama_adapter_lora_init(self.llm._model.model, str(path).encode("utf-8"))
+        ptr = self._lc.llama_adapter_lora_init(self.model.model, str(path).encode("utf-8"))
         if not ptr:
             raise RagtuneError(
                 f"llama.cpp cannot load LoRA '{path}' over '{self.gguf_path}'; the adapter must be converted for "
@@ -207,21 +223,30 @@ class LlamaCppEngine:
 
     @property
     def n_ctx(self) -> int:
-        return int(self.llm.n_ctx()) if self.loaded else 0
+        return int(self._lc.llama_n_ctx(self.ctx.ctx)) if self.loaded else 0
 
     @property
     def eog_ids(self) -> frozenset[int]:
         return self._eog
 
     def metadata(self) -> dict[str, str]:
-        return dict(self.llm.metadata) if self.loaded else {}
+        return dict(self.model.metadata()) if self.loaded else {}
 
     def close(self) -> None:
         with self._lock:
-            if self.llm is not None:
-                self.llm.close()
-            self.llm = None
+            if self.scheduler is not None:
+                self.scheduler.close()
+                self.scheduler = None
+            if self._batch is not None:
+                self._lc.llama_batch_free(self._batch)
+                self._batch = None
+            if self.ctx is not None:
+                self.ctx.close()
+            if self.model is not None:
+                self.model.close()
+            self.ctx = self.model = None
             self._adapters.clear()
+            self._active = None
 
     # --- tokens -------------------------------------------------------------------------------
 
@@ -233,66 +258,75 @@ class LlamaCppEngine:
         """Ids of `text` as a chat prompt: special tokens parsed, no BOS added (like transformers'
         `tokenizer(prompt, add_special_tokens=False)` on a rendered chat template)."""
         self._need_loaded()
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        return list(self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of `ids` without special tokens (transformers' `skip_special_tokens=True`)."""
         self._need_loaded()
-        return self.llm.detokenize(list(ids), special=False).decode("utf-8", errors="replace")
+        return self.model.detokenize(list(ids), special=False).decode("utf-8", errors="replace")
 
-    # --- generation ---------------------------------------------------------------------------
+    # --- the scheduler's step primitives (called from its thread only) -------------------------
 
-    def _set_adapter(self, adapter: str | None) -> None:
+    def set_adapter(self, adapter: str | None) -> None:
         if adapter == self._active:
             return
         lc = self._lc
         if adapter is None:
-            rc = lc.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+            rc = lc.llama_set_adapters_lora(self.ctx.ctx, None, 0, None)
         else:
-            if adapter not in self._adapters:
-                loaded = ", ".join(self._adapters) or "none"
-                raise UsageError(f"adapter '{adapter}' is not loaded in the llama.cpp engine (loaded: {loaded})")
             arr = (lc.llama_adapter_lora_p_ctypes * 1)(self._adapters[adapter])
             scales = (ctypes.c_float * 1)(1.0)
-            rc = lc.llama_set_adapters_lora(self.llm._ctx.ctx, arr, 1, scales)
+            rc = lc.llama_set_adapters_lora(self.ctx.ctx, arr, 1, scales)
         if rc != 0:
             raise RagtuneError(f"llama.cpp could not switch to adapter '{adapter}' (code {rc})")
         self._active = adapter
-        self.llm.n_tokens = 0  # the cached prefix was computed with other weights
 
-    def _logits(self) -> Any:
+    def seq_rm(self, seq: int, keep: int) -> None:
+        """Drop sequence `seq`'s cached tokens from position `keep` on."""
+        self._lc.llama_memory_seq_rm(self.ctx.memory, seq, keep, -1)
+
+    def decode(self, items: Sequence[tuple[int, Sequence[int], int, bool]]) -> list[Any]:
+        """One llama_decode of `items` = (sequence, tokens, first position, logits for the last token?);
+        returns the logits rows asked for, in order (views, valid until the next decode)."""
         import numpy as np
 
-        ptr = self.llm._ctx.get_logits_ith(-1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),))
+        lc, b = self._lc, self._batch
+        n, rows = 0, []
+        for seq, toks, pos0, want in items:
+            for j, t in enumerate(toks):
+                b.token[n] = t
+                b.pos[n] = pos0 + j
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq
+                b.logits[n] = 0
+                n += 1
+            if want:
+                b.logits[n - 1] = 1
+                rows.append(n - 1)
+        b.n_tokens = n
+        rc = lc.llama_decode(self.ctx.ctx, b)
+        if rc != 0:
+            raise RagtuneError(f"llama.cpp could not decode a batch of {n} tokens (code {rc}"
+                               + (": no room in the KV cache" if rc == 1 else "") + ")")
+        return [np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx.ctx, i), shape=(self.n_vocab,)) for i in rows]
 
-    def _prefill(self, ids: list[int], reuse_prefix: bool) -> None:
-        llm = self.llm
-        keep = 0
-        if reuse_prefix and llm.n_tokens > 0:
-            cached = llm.input_ids[: llm.n_tokens]
-            for a, b in zip(cached, ids):
-                if a != b:
-                    break
-                keep += 1
-            keep = min(keep, len(ids) - 1)  # at least one token to evaluate, for fresh logits
-        llm.n_tokens = keep
-        llm.eval(ids[keep:])
+    # --- generation ---------------------------------------------------------------------------
 
     def generate(self, prompt_text: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, on_token: Callable[[str], Any] | None = None,
-                 cancel: threading.Event | None = None, adapter: str | None = None, *,
+                 cancel: Any = None, adapter: str | None = None, *,
                  prompt_ids: Sequence[int] | None = None, on_token_id: Callable[[int], Any] | None = None,
                  stop_ids: Sequence[int] | None = None, repeat_penalty: float = 1.0,
                  reuse_prefix: bool = True) -> dict[str, Any]:
-        """Generate after `prompt_text` (tokenized with `tokenize`) or `prompt_ids`.
+        """Generate after `prompt_text` (tokenized with `tokenize`) or `prompt_ids`; thread-safe.
 
         Greedy when temperature is 0. `on_token(text_delta)` streams text (deltas concatenate to
-        the returned text); `on_token_id(id)` streams ids. Stops at an end-of-generation token
-        (`stop_ids`, default: the GGUF vocabulary's EOG tokens; the stop token is in `ids`, not in
-        `text`), at `max_new_tokens`, or when `cancel` is set.
+        the returned text); `on_token_id(id)` streams ids; both run in the scheduler thread. Stops
+        at an end-of-generation token (`stop_ids`, default: the GGUF vocabulary's EOG tokens; the
+        stop token is in `ids`, not in `text`), at `max_new_tokens`, or when `cancel` is set
+        (checked every step: a cancelled request leaves its slot at once).
         """
-        import numpy as np
+        from ragtune.serve.batching import SeqRequest
 
         self._need_loaded()
         if (prompt_text is None) == (prompt_ids is None):
@@ -301,76 +335,56 @@ class LlamaCppEngine:
             raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if temperature < 0:
             raise UsageError(f"temperature must be >= 0, got {temperature}")
-        with self._lock:
-            t0 = time.perf_counter()
-            ids_in = self.tokenize(prompt_text) if prompt_ids is None else [int(i) for i in prompt_ids]
-            if not ids_in:
-                raise UsageError("LlamaCppEngine.generate: the prompt is empty")
-            n_ctx = self.n_ctx
-            if len(ids_in) >= n_ctx:
-                raise UsageError(
-                    f"the prompt is {len(ids_in)} tokens but the llama.cpp context is {n_ctx}; shorten it or "
-                    "load the engine with a larger n_ctx"
-                )
-            budget = min(int(max_new_tokens), n_ctx - len(ids_in))
-            stops = frozenset(int(s) for s in stop_ids) if stop_ids else self._eog
-            rng = np.random.default_rng(seed)
-            self._set_adapter(adapter)
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            out: list[int] = []
-            text_parts: list[str] = []
-            seen = np.zeros(self.llm.n_vocab(), dtype=bool)
-            if repeat_penalty != 1.0:
-                seen[np.asarray(ids_in)] = True
-            t_first = None
-            finish = "length"
-            self._prefill(ids_in, reuse_prefix)
-            while len(out) < budget:
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
-                logits = self._logits()
-                if repeat_penalty != 1.0:
-                    logits = logits.copy()
-                    sel = logits[seen]
-                    logits[seen] = np.where(sel > 0, sel / repeat_penalty, sel * repeat_penalty)
-                tok = _pick(logits, temperature, top_p, rng)
-                out.append(tok)
-                seen[tok] = True
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if on_token_id is not None:
-                    on_token_id(tok)
-                if tok in stops:
-                    finish = "stop"
-                    break
-                piece = self.llm.detokenize([tok], special=False)
-                delta = decoder.decode(piece)
-                if delta:
-                    text_parts.append(delta)
-                    if on_token is not None:
-                        on_token(delta)
-                if len(out) >= budget:
-                    break
-                self.llm.eval([tok])
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                text_parts.append(tail)
+        if adapter is not None and adapter not in self._adapters:
+            loaded = ", ".join(self._adapters) or "none"
+            raise UsageError(f"adapter '{adapter}' is not loaded in the llama.cpp engine (loaded: {loaded})")
+        t0 = time.perf_counter()
+        ids_in = self.tokenize(prompt_text) if prompt_ids is None else [int(i) for i in prompt_ids]
+        if not ids_in:
+            raise UsageError("LlamaCppEngine.generate: the prompt is empty")
+        n_ctx = self.n_ctx
+        if len(ids_in) >= n_ctx:
+            raise UsageError(
+                f"the prompt is {len(ids_in)} tokens but the llama.cpp context is {n_ctx}; shorten it or "
+                "load the engine with a larger n_ctx"
+            )
+        text_parts: list[str] = []
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = frozenset(int(s) for s in stop_ids) if stop_ids else self._eog
+
+        def token(tok: int) -> None:
+            if on_token_id is not None:
+                on_token_id(tok)
+            if tok in stops:
+                return
+            delta = decoder.decode(self.model.detokenize([tok], special=False))
+            if delta:
+                text_parts.append(delta)
                 if on_token is not None:
-                    on_token(tail)
-            t_end = time.perf_counter()
-        first = t_first if t_first is not None else t_end
-        n = len(out)
-        decode_s = t_end - first
+                    on_token(delta)
+
+        req = SeqRequest(prompt=ids_in, budget=min(int(max_new_tokens), n_ctx - len(ids_in)),
+                         temperature=float(temperature), top_p=float(top_p), seed=seed, adapter=adapter, stops=stops,
+                         repeat_penalty=float(repeat_penalty), reuse_prefix=reuse_prefix, on_token=token, cancel=cancel)
+        self.scheduler.submit(req).wait()
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            text_parts.append(tail)
+            if on_token is not None:
+                on_token(tail)
+        first = req.t_first if req.t_first is not None else req.t_end
+        n = len(req.ids)
+        decode_s = req.t_end - first
         return {
-            "ids": out,
+            "ids": list(req.ids),
             "text": "".join(text_parts),
             "prompt_tokens": len(ids_in),
             "completion_tokens": n,
+            "queue_s": req.t_admit - t0,
             "ttft_s": first - t0,
             "decode_s": decode_s,
             "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            "finish_reason": finish,
+            "finish_reason": req.finish,
             "adapter": adapter,
         }
 

@@ -1,0 +1,328 @@
+"""Continuous batching for the llama.cpp engine: concurrent requests decoded in one llama.cpp batch.
+
+    sched = Scheduler(engine, lock=gen.lock)     # engine: a loaded LlamaCppEngine (its step primitives)
+    req = sched.submit(SeqRequest(prompt=ids, budget=64, temperature=0.0, on_token=q.put))
+    req.wait()                                   # req.ids, req.finish, req.t_first, ... once done
+    sched.close()
+
+One thread owns the llama.cpp context. Each step it (1) retires cancelled sequences, (2) admits
+waiting requests into free sequence slots (`engine.n_seq`, from `serve.max_batch`), reusing the
+longest cached prefix a slot holds for the same adapter, (3) picks one adapter group — llama.cpp
+applies LoRA to the whole context, so one batch never mixes adapters; groups with running
+sequences take turns every `quantum` steps and paused ones keep their KV cache — (4) builds one
+batch of every running sequence of that group (a prompt chunk for a new one, one token for a
+decoding one, at most `engine.n_batch` tokens), decodes it, and (5) samples each sequence from its
+own logits row with its own settings. New requests join at the next step boundary; a finished or
+cancelled one leaves at once and its slot serves the next. Greedy is the argmax of the sequence's
+own row, so a batched request gets the ids it gets alone wherever the top-2 margin is clear of the
+float rounding that a different batch shape brings.
+
+The KV cache is one buffer of `engine.n_ctx` cells shared by the slots (llama.cpp's unified cache):
+memory does not grow with `max_batch`. A request is admitted only when its prompt plus its token
+budget fits beside the running ones (idle slots' cached prefixes are evicted first), so a decode
+never runs out of cells mid-answer; a lone request may use the whole context.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ragtune.errors import RagtuneError
+
+log = logging.getLogger(__name__)
+
+QUANTUM = 16  # steps an adapter group decodes before another group with running sequences gets its turn
+
+
+@dataclass
+class SeqRequest:
+    """One sequence to generate; the scheduler fills in the results and sets `done`."""
+
+    prompt: list[int]
+    budget: int  # new tokens at most
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    adapter: str | None = None
+    stops: frozenset[int] = frozenset()  # end-of-generation ids (kept in `ids`)
+    repeat_penalty: float = 1.0
+    reuse_prefix: bool = True
+    on_token: Callable[[int], Any] | None = None  # called in the scheduler thread: keep it cheap
+    cancel: Any = None  # anything with is_set(); checked at every step boundary
+    ids: list[int] = field(default_factory=list)
+    finish: str = "length"  # stop | length | cancelled
+    error: BaseException | None = None
+    t_submit: float = 0.0
+    t_admit: float = 0.0
+    t_first: float | None = None
+    t_end: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self) -> "SeqRequest":
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+class _Seq:
+    """A running sequence in a slot: what its KV holds and what it still has to feed."""
+
+    def __init__(self, req: SeqRequest, slot: int, keep: int, vocab: int):
+        import numpy as np
+
+        self.req = req
+        self.slot = slot
+        self.pos = keep  # tokens of this sequence already in the KV cache
+        self.feed = list(req.prompt[keep:])  # tokens to put in the KV cache next
+        self.tokens = list(req.prompt[:keep])  # what the KV cache holds, token by token
+        self.rng = np.random.default_rng(req.seed)
+        self.seen = None
+        if req.repeat_penalty != 1.0:
+            self.seen = np.zeros(vocab, dtype=bool)
+            self.seen[np.asarray(req.prompt)] = True
+
+
+@dataclass
+class _Slot:
+    adapter: str | None = None
+    tokens: list[int] = field(default_factory=list)  # cached prefix (idle) or the running sequence's KV
+    last_used: float = 0.0
+    busy: bool = False
+
+
+class Scheduler:
+    """Decodes every submitted request in shared llama.cpp batches, in a thread it starts lazily."""
+
+    def __init__(self, engine: Any, lock: Any = None, quantum: int = QUANTUM):
+        self.engine = engine
+        self.lock = lock  # held around each step (the Generator's lock: one model call at a time)
+        self.quantum = max(1, int(quantum))
+        self.slots = [_Slot() for _ in range(engine.n_seq)]
+        self._waiting: collections.deque[SeqRequest] = collections.deque()
+        self._running: list[_Seq] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._group: str | None = None
+        self._group_steps = 0
+        self.steps = 0  # decode calls made (for tests and benchmarks)
+        self.max_seen_batch = 0  # the most sequences decoded in one call
+
+    # --- public -------------------------------------------------------------------------------
+
+    def submit(self, req: SeqRequest) -> SeqRequest:
+        req.t_submit = time.perf_counter()
+        with self._cv:
+            if self._closed:
+                raise RagtuneError("the llama.cpp engine is closed")
+            self._waiting.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="ragtune-llama-batch", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return req
+
+    @property
+    def active(self) -> int:
+        """Sequences running now (slots in use)."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._closed:
+                    self._fail_all(RagtuneError("the llama.cpp engine was closed while generating"))
+                    return
+            try:
+                if self.lock is not None:
+                    with self.lock:
+                        self._step()
+                else:
+                    self._step()
+            except BaseException as exc:  # never leave a caller waiting forever
+                log.exception("llama.cpp batch step failed")
+                self._fail_all(exc if isinstance(exc, RagtuneError) else RagtuneError(f"llama.cpp failed: {exc}"))
+
+    def _step(self) -> None:
+        now = time.perf_counter()
+        for s in list(self._running):
+            if s.req.cancel is not None and s.req.cancel.is_set():
+                self._retire(s, "cancelled", now)
+        self._admit(now)
+        batch = self._choose_group()
+        if not batch:
+            return
+        items, owners = self._build(batch)
+        self.engine.set_adapter(self._group)
+        rows = self.engine.decode(items)
+        self.steps += 1
+        self._group_steps += 1
+        self.max_seen_batch = max(self.max_seen_batch, len(owners))
+        t = time.perf_counter()
+        for s, fed in zip(batch, (it[1] for it in items)):
+            s.tokens.extend(fed)
+            s.pos += len(fed)
+        for s, row in zip(owners, rows):
+            self._sample(s, row, t)
+
+    def _admit(self, now: float) -> None:
+        n_ctx = self.engine.n_ctx
+        while True:
+            with self._cv:
+                if not self._waiting:
+                    return
+                req = self._waiting[0]
+            free = [i for i, s in enumerate(self.slots) if not s.busy]
+            if not free:
+                return
+            slot, keep = self._pick_slot(req, free)
+            need = len(req.prompt) + req.budget
+            reserved = sum(len(s.req.prompt) + s.req.budget for s in self._running)
+            idle = sorted((i for i in free if i != slot and self.slots[i].tokens), key=lambda i: self.slots[i].last_used)
+            cached = sum(len(self.slots[i].tokens) for i in idle)
+            while reserved + cached + need > n_ctx and idle:
+                i = idle.pop(0)
+                cached -= len(self.slots[i].tokens)
+                self.slots[i].tokens, self.slots[i].adapter = [], None
+                self.engine.seq_rm(i, 0)
+            if reserved + cached + need > n_ctx:
+                return  # waits until a running sequence frees cells
+            with self._cv:
+                self._waiting.popleft()
+            sl = self.slots[slot]
+            self.engine.seq_rm(slot, keep)
+            sl.busy, sl.adapter, sl.tokens = True, req.adapter, sl.tokens[:keep]
+            req.t_admit = now
+            self._running.append(_Seq(req, slot, keep, self.engine.n_vocab))
+
+    def _pick_slot(self, req: SeqRequest, free: list[int]) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with the prompt (same adapter)."""
+        best, best_keep = None, -1
+        for i in free:
+            s = self.slots[i]
+            keep = 0
+            if req.reuse_prefix and s.tokens and s.adapter == req.adapter:
+                for a, b in zip(s.tokens, req.prompt):
+                    if a != b:
+                        break
+                    keep += 1
+            keep = min(keep, len(req.prompt) - 1)  # evaluate at least one token for fresh logits
+            if keep > best_keep or (keep == best_keep and not s.tokens and best is not None and self.slots[best].tokens):
+                best, best_keep = i, keep
+        assert best is not None
+        return best, max(best_keep, 0)
+
+    def _choose_group(self) -> list[_Seq]:
+        groups: list[str | None] = []
+        for s in self._running:
+            if s.req.adapter not in groups:
+                groups.append(s.req.adapter)
+        if not groups:
+            return []
+        if self._group not in groups:
+            self._group, self._group_steps = groups[0], 0
+        elif len(groups) > 1 and self._group_steps >= self.quantum:
+            self._group = groups[(groups.index(self._group) + 1) % len(groups)]
+            self._group_steps = 0
+        return [s for s in self._running if s.req.adapter == self._group]
+
+    def _build(self, batch: list[_Seq]) -> tuple[list[tuple[int, list[int], int, bool]], list[_Seq]]:
+        """Decoding sequences first (one token each), then prompt chunks in arrival order."""
+        room = self.engine.n_batch
+        order = sorted(batch, key=lambda s: (len(s.feed) > 1, s.req.t_submit))
+        items, owners, kept = [], [], []
+        for s in order:
+            if room <= 0:
+                break
+            chunk = s.feed[:room]
+            room -= len(chunk)
+            want = len(chunk) == len(s.feed)
+            items.append((s.slot, chunk, s.pos, want))
+            kept.append(s)
+            s.feed = s.feed[len(chunk):]
+            if want:
+                owners.append(s)
+        batch[:] = kept
+        return items, owners
+
+    def _sample(self, s: _Seq, logits: Any, t: float) -> None:
+        import numpy as np
+
+        from ragtune.serve.llamacpp import _pick
+
+        req = s.req
+        if s.seen is not None:
+            logits = logits.copy()
+            sel = logits[s.seen]
+            logits[s.seen] = np.where(sel > 0, sel / req.repeat_penalty, sel * req.repeat_penalty)
+            tok = _pick(logits, req.temperature, req.top_p, s.rng)
+            s.seen[tok] = True
+        else:
+            tok = _pick(logits, req.temperature, req.top_p, s.rng)
+        req.ids.append(tok)
+        if req.t_first is None:
+            req.t_first = t
+        if req.on_token is not None:
+            try:
+                req.on_token(tok)
+            except BaseException as exc:  # the caller's callback failed: end its request only
+                req.error = exc
+                self._retire(s, "cancelled", t)
+                return
+        if tok in req.stops:
+            self._retire(s, "stop", t)
+        elif len(req.ids) >= req.budget:
+            self._retire(s, "length", t)
+        elif req.cancel is not None and req.cancel.is_set():
+            self._retire(s, "cancelled", t)
+        else:
+            s.feed = [tok]
+
+    def _retire(self, s: _Seq, finish: str, t: float) -> None:
+        self._running.remove(s)
+        sl = self.slots[s.slot]
+        sl.busy, sl.tokens, sl.last_used = False, s.tokens, t
+        if len(sl.tokens) != s.pos:  # a prompt chunk was in flight: keep only what the KV holds
+            sl.tokens = sl.tokens[: s.pos]
+        s.req.finish = finish
+        s.req.t_end = t
+        s.req.done.set()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        t = time.perf_counter()
+        for s in list(self._running):
+            s.req.error = exc
+            self._retire(s, "cancelled", t)
+            self.slots[s.slot].tokens = []
+            try:
+                self.engine.seq_rm(s.slot, 0)
+            except Exception:  # noqa: BLE001 - the context may be gone; the slot is dropped anyway
+                log.debug("clearing slot %d failed", s.slot, exc_info=True)
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for r in waiting:
+            r.error, r.finish, r.t_end = exc, "cancelled", t
+            r.done.set()

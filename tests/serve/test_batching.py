@@ -1,0 +1,147 @@
+"""Continuous batching on the llama.cpp engine: concurrent requests share decode steps and get the
+ids they get alone; a cancelled request frees its slot; adapters are never mixed in one batch.
+
+Uses tests/export's tiny SmolLM2-tokenizer Llama and its f16 GGUF export.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
+    NEEDS_LLAMA_CPP,
+    converter_home,
+    make_adapter,
+    real_sdist,
+    smol_tokenizer_dir,
+    tiny_f16,
+    tiny_smol,
+)
+
+pytestmark = NEEDS_LLAMA_CPP
+QUESTIONS = ["What is the capital of France?", "How many remote days do I get?", "Name three colours.",
+             "Why is the sky blue?", "Count to five.", "Who wrote Hamlet?"]
+
+
+def chat(q: str) -> str:
+    return f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def lora_gguf(tiny_smol: Path, converter_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ragtune.serve.llamacpp import ensure_gguf
+
+    adapter = make_adapter(tiny_smol, tmp_path_factory.mktemp("batch-adapters") / "ft")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAGTUNE_HOME", str(converter_home))
+        return ensure_gguf(tiny_smol, adapter_dir=adapter)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_f16: dict[str, Any], lora_gguf: Path) -> Any:
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(tiny_f16["path"], lora={"ft": lora_gguf}, n_threads=1, n_ctx=1024, max_batch=4).load()
+    yield eng
+    eng.close()
+
+
+def together(engine: Any, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Start every call in its own thread at once; the results in call order."""
+    out: list[Any] = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        start.wait()
+        out[i] = engine.generate(**calls[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None for r in out)
+    return out
+
+
+def test_concurrent_greedy_requests_get_the_ids_they_get_alone(engine: Any) -> None:
+    calls = [dict(prompt_text=chat(q), max_new_tokens=8 + 3 * i, stop_ids=[-1], reuse_prefix=False)
+             for i, q in enumerate(QUESTIONS)]  # 6 requests, 4 slots: two join when others leave
+    alone = [engine.generate(**c)["ids"] for c in calls]
+    steps = engine.scheduler.steps
+    got = together(engine, calls)
+    assert [r["ids"] for r in got] == alone
+    assert [r["completion_tokens"] for r in got] == [8 + 3 * i for i in range(len(calls))]
+    assert engine.scheduler.max_seen_batch == 4  # they really shared decode steps
+    assert engine.scheduler.steps - steps < sum(len(a) for a in alone)  # fewer steps than one at a time
+
+
+def test_per_request_sampling_settings_hold_inside_a_batch(engine: Any) -> None:
+    # a seeded draw is only reproducible across batch shapes where rounding cannot move it (a tiny
+    # random model's near-flat distribution moves it), so sampling is checked through what it must do
+    calls = [dict(prompt_text=chat(QUESTIONS[0]), max_new_tokens=12, stop_ids=[-1]),
+             dict(prompt_text=chat(QUESTIONS[0]), max_new_tokens=12, temperature=1.2, top_p=1e-9, seed=7,
+                  stop_ids=[-1]),  # top-p keeps only the best token: greedy
+             dict(prompt_text=chat(QUESTIONS[0]), max_new_tokens=12, temperature=1.2, seed=7, stop_ids=[-1]),
+             dict(prompt_text=chat(QUESTIONS[1]), max_new_tokens=12, stop_ids=[-1], repeat_penalty=1.3)]
+    alone = [engine.generate(**c)["ids"] for c in calls]
+    got = [r["ids"] for r in together(engine, calls)]
+    assert got[0] == got[1] == alone[0] == alone[1]
+    assert got[2] != got[0] and alone[2] != alone[0]  # temperature 1.2 without top-p really samples
+    assert got[3] == alone[3]
+
+
+def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(tiny_f16: dict[str, Any]) -> None:
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(tiny_f16["path"], n_threads=1, n_ctx=1024, max_batch=1).load()
+    try:
+        cancel = threading.Event()
+        seen: list[int] = []
+        first: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: first.update(eng.generate(
+            chat(QUESTIONS[0]), max_new_tokens=400, stop_ids=[-1], cancel=cancel, on_token_id=seen.append)))
+        t.start()
+        deadline = time.time() + 30
+        while len(seen) < 3 and time.time() < deadline:
+            time.sleep(0.005)
+        second: dict[str, Any] = {}
+        t2 = threading.Thread(target=lambda: second.update(eng.generate(chat(QUESTIONS[1]), max_new_tokens=5,
+                                                                       stop_ids=[-1])))
+        t2.start()
+        time.sleep(0.05)
+        assert eng.scheduler.waiting == 1 and eng.scheduler.active == 1  # one slot, taken
+        cancel.set()  # what the server does when a streaming client hangs up
+        t.join(30)
+        t2.join(30)
+        assert first["finish_reason"] == "cancelled" and first["completion_tokens"] < 400
+        assert second["finish_reason"] == "length" and second["completion_tokens"] == 5
+        assert eng.scheduler.active == 0 and eng.scheduler.waiting == 0
+    finally:
+        eng.close()
+
+
+def test_requests_on_different_adapters_are_never_in_one_batch(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    sched = engine.scheduler
+    mixed: list[set[Any]] = []
+    real = engine.decode
+
+    def spy(items: Any) -> Any:
+        slots = {it[0] for it in items}
+        mixed.append({s.req.adapter for s in sched._running if s.slot in slots} | {engine._active})
+        return real(items)
+
+    calls = [dict(prompt_text=chat(q), max_new_tokens=10, stop_ids=[-1], adapter=a, reuse_prefix=False)
+             for q in QUESTIONS[:2] for a in (None, "ft")]
+    alone = [engine.generate(**c)["ids"] for c in calls]
+    monkeypatch.setattr(engine, "decode", spy)
+    got = together(engine, calls)
+    assert [r["ids"] for r in got] == alone
+    assert alone[0] != alone[1]  # the adapter changes the answer
+    assert mixed and all(len(m) == 1 for m in mixed), mixed
+    assert {next(iter(m)) for m in mixed} == {None, "ft"}

@@ -115,6 +115,7 @@ class StoreConfig:
 @dataclass(frozen=True)
 class IndexConfig:
     name: str = "default"
+    follow_links: bool = False  # index what symbolic links outside the given folder point to
 
 
 @dataclass(frozen=True)

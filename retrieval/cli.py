@@ -31,11 +31,15 @@ def register(sub: Any) -> None:
     pa = isub.add_parser("add", help="ingest files and folders (changed files replace their own chunks)")
     pa.add_argument("paths", nargs="+", metavar="PATH")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pa.add_argument("--follow-links", action="store_true",
+                    help="follow symbolic links that point outside the folder (index.follow_links)")
     _index_arg(pa)
     ps = isub.add_parser("sync", help="make the index match a folder: add new, replace changed, delete removed")
     ps.add_argument("paths", nargs="+", metavar="PATH")
     ps.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     ps.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ps.add_argument("--follow-links", action="store_true",
+                    help="follow symbolic links that point outside the folder (index.follow_links)")
     _index_arg(ps)
     pr = isub.add_parser("remove", help="delete documents by source (as listed), file or folder path")
     pr.add_argument("sources", nargs="+", metavar="SOURCE")
@@ -74,6 +78,10 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.retrieval import ingest as ing
 
     if args.index_cmd in ("add", "sync"):
+        if args.follow_links:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, follow_links=True))
         res = ing.ingest(cfg, args.paths, args.index, delete_missing=args.index_cmd == "sync",
                          dry_run=getattr(args, "dry_run", False), progress=not args.no_progress and not args.json)
         if args.json:

@@ -102,9 +102,15 @@ def chunk_id(doc_id: str, chunker: str, i: int) -> str:
 # --- walking and planning ---------------------------------------------------------------------
 
 
-def collect(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
-    """(root, file) for every file under the given paths; hidden files and folders are ignored."""
+def collect(paths: Iterable[str | Path], follow_links: bool = False
+            ) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """(root, file) for every file under the given paths, and (path, reason) for links not followed.
+
+    Hidden files and folders are ignored. A symbolic link whose target lies outside its root is not
+    followed unless `follow_links` (`index.follow_links`, `--follow-links`): a link to /etc/passwd in a
+    documents folder must not end up in the index and in answers."""
     out: list[tuple[Path, Path]] = []
+    skipped: list[tuple[str, str]] = []
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
@@ -113,12 +119,39 @@ def collect(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
         if p.is_file():
             out.append((p.parent, p))
             continue
-        for dirpath, dirnames, filenames in os.walk(p):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        seen_dirs = {p}
+        for dirpath, dirnames, filenames in os.walk(p, followlinks=follow_links):
+            here = Path(dirpath)
+            keep = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                target = (here / d).resolve()
+                if (here / d).is_symlink() and not _link_allowed(p, here / d, target, follow_links, skipped):
+                    continue
+                if target in seen_dirs:  # a link back into a folder already walked: no loop, no duplicate
+                    continue
+                seen_dirs.add(target)
+                keep.append(d)
+            dirnames[:] = keep
             for name in sorted(filenames):
-                if not name.startswith("."):
-                    out.append((p, Path(dirpath) / name))
-    return out
+                f = here / name
+                if name.startswith("."):
+                    continue
+                if f.is_symlink() and not _link_allowed(p, f, f.resolve(), follow_links, skipped):
+                    continue
+                out.append((p, f))
+    return out, skipped
+
+
+def _link_allowed(root: Path, link: Path, target: Path, follow: bool, skipped: list[tuple[str, str]]) -> bool:
+    rel = link.relative_to(root).as_posix()
+    if not target.exists():
+        skipped.append((rel, f"broken symbolic link (to {target})"))
+        return False
+    if follow or target.is_relative_to(root):
+        return True
+    skipped.append((rel, f"symbolic link to {target}, outside {root}: not followed "
+                         "(pass --follow-links or set index.follow_links=true to index what it points to)"))
+    return False
 
 
 def _state_file(state: dict[str, Any]) -> str | None:
@@ -154,13 +187,13 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
             continue
         refs: list[DocRef] = []
         if path.suffix.lower() == ".jsonl" and data.strip():
-            try:
-                for line, doc in iter_jsonl(data, rel):
-                    d, h = doc_id_for(str(root), doc.source, line)
-                    refs.append(DocRef(d, str(root), rel, doc.source, h, doc))
-            except Skip as exc:
-                plan.skipped.append((rel, str(exc)))
+            good, problems = iter_jsonl(data, rel)  # bad lines are reported, the good ones indexed
+            plan.skipped.extend((rel, problem) for problem in problems)
+            if not good:
                 continue
+            for line, doc in good:
+                d, h = doc_id_for(str(root), doc.source, line)
+                refs.append(DocRef(d, str(root), rel, doc.source, h, doc))
         else:
             d, h = doc_id_for(str(root), rel, data)
             refs.append(DocRef(d, str(root), rel, rel, h))
@@ -249,7 +282,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
 
     name = index or cfg.index.name
     t0 = time.perf_counter()
-    files = collect(paths)
+    files, links_skipped = collect(paths, cfg.index.follow_links)
     roots = sorted({str(Path(p).expanduser().resolve()) for p in paths if Path(p).expanduser().is_dir()})
     store = open_store(cfg, name)
     res = IngestResult(name, dry_run=dry_run)
@@ -280,7 +313,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             sig = chunker_signature(size, cfg.chunk.overlap) if (exists or not dry_run) else "?"
             plan = plan_ingest(states, files, sig, SPARSE_VERSION,
                                [Path(r) for r in roots] if delete_missing else None)
-            res.skipped = list(plan.skipped)
+            res.skipped = links_skipped + list(plan.skipped)
             res.unchanged = len(plan.unchanged)
             if dry_run:
                 _fill_dry_run(res, plan)

@@ -76,18 +76,16 @@ def is_supported(path: Path) -> bool:
 
 
 def decode_text(data: bytes, what: str = "file") -> str:
-    if b"\x00" in data[:8192] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
+    """UTF-8/UTF-16, or the legacy code page `ragtune.text.detect_encoding` recognises; Skip otherwise."""
+    from ragtune import text
+
+    if text.is_binary(data):
         raise Skip(f"binary content in a {what} (NUL bytes); not a text file")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        pass
-    try:
-        return data.decode("cp949")  # legacy Korean files
-    except UnicodeDecodeError:
-        raise Skip("not valid UTF-8 (or CP949) text; convert it to UTF-8") from None
+    decoded = text.decode(data)
+    if decoded is None:
+        raise Skip(f"the {what} is not UTF-8 and its encoding cannot be told (no code page reads as text); "
+                   "save it as UTF-8")
+    return decoded
 
 
 def load_file(path: Path, source: str, data: bytes | None = None) -> list[Document]:
@@ -113,7 +111,10 @@ def load_file(path: Path, source: str, data: bytes | None = None) -> list[Docume
     elif suffix == ".docx":
         docs = [load_docx(data, source, path.stem)]
     else:
-        docs = [doc for _, doc in iter_jsonl(data, source)]
+        good, problems = iter_jsonl(data, source)
+        if not good and problems:
+            raise Skip("; ".join(problems))
+        docs = [doc for _, doc in good]
     docs = [d for d in docs if d.blocks]
     if not docs:
         raise Skip("no text found")
@@ -130,42 +131,29 @@ def load_text(text: str, source: str, title: str) -> Document:
     return b.document(source, title)
 
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
-_FENCE = re.compile(r"^\s*(```|~~~)")
-
-
 def load_markdown(text: str, source: str, title: str) -> Document:
-    """Headings (#..######) make the heading path; paragraphs split on blank lines, not in fences."""
-    text = _strip_front_matter(text)
+    """CommonMark blocks through markdown-it-py: ATX and setext headings make the heading path; every
+    other top-level block (paragraph, list, table, quote, fenced or indented code, HTML) is one block
+    of its source lines, so code that looks like a heading stays code."""
+    from markdown_it import MarkdownIt
+
+    text = _strip_front_matter(text.replace("\r\n", "\n").replace("\r", "\n"))
+    lines = text.split("\n")
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
     b = _Builder()
     path: list[tuple[int, str]] = []
-    para: list[str] = []
-    in_fence = False
     first_h1 = ""
-
-    def flush() -> None:
-        if para:
-            b.add("\n".join(para), tuple(h for _, h in path))
-            para.clear()
-
-    for line in text.splitlines():
-        if _FENCE.match(line):
-            in_fence = not in_fence
-            para.append(line)
-            continue
-        m = None if in_fence else _HEADING.match(line)
-        if m:
-            flush()
-            level, name = len(m.group(1)), m.group(2).strip()
+    for i, tok in enumerate(tokens):
+        if tok.level != 0 or tok.map is None or tok.nesting == -1:
+            continue  # only top-level blocks; their children are inside the lines taken below
+        if tok.type == "heading_open":
+            level, name = int(tok.tag[1]), tokens[i + 1].content.strip()
             if level == 1 and not first_h1:
                 first_h1 = name
             path = [(lv, h) for lv, h in path if lv < level] + [(level, name)]
             continue
-        if not line.strip() and not in_fence:
-            flush()
-            continue
-        para.append(line)
-    flush()
+        start, end = tok.map
+        b.add("\n".join(lines[start:end]), tuple(h for _, h in path))
     return b.document(source, first_h1 or title)
 
 
@@ -348,26 +336,35 @@ def load_docx(data: bytes, source: str, title: str) -> Document:
     return b.document(source, doc_title or (d.core_properties.title or "").strip() or title)
 
 
-def iter_jsonl(data: bytes, file_source: str) -> list[tuple[bytes, Document]]:
-    """(line bytes, document) for every JSONL line; bad lines raise Skip naming the line."""
-    out = []
-    seen: set[str] = set()
+def iter_jsonl(data: bytes, file_source: str) -> tuple[list[tuple[bytes, Document]], list[str]]:
+    """(line bytes, document) for every good JSONL line, and one problem per bad line ("line N: ...").
+
+    A bad line costs only itself: the good lines of the file are still indexed."""
+    out: list[tuple[bytes, Document]] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
     for lineno, raw in enumerate(data.splitlines(), 1):
         if not raw.strip():
             continue
         try:
             obj = json.loads(decode_text(raw, "JSONL line"))
+        except Skip as exc:
+            problems.append(f"line {lineno}: {exc}")
+            continue
         except ValueError as exc:
-            raise Skip(f"line {lineno}: not valid JSON ({exc})") from None
+            problems.append(f"line {lineno}: not valid JSON ({exc})")
+            continue
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise Skip(f"line {lineno}: expected an object with a \"text\" string")
+            problems.append(f"line {lineno}: expected an object with a \"text\" string")
+            continue
         key = str(obj.get("id") if obj.get("id") is not None else f"L{lineno}")
         if key in seen:
-            raise Skip(f"line {lineno}: duplicate id '{key}'")
-        seen.add(key)
+            problems.append(f"line {lineno}: duplicate id '{key}' (first on line {seen[key]}); give each line its own id")
+            continue
+        seen[key] = lineno
         meta = {k: v for k, v in obj.items() if k not in ("text", "title", "id")}
         title = str(obj.get("title") or key)
         doc = load_text(obj["text"], f"{file_source}#{key}", title)
         doc.meta = meta
         out.append((raw, doc))
-    return out
+    return out, problems

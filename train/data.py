@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ragtune.errors import UsageError
+from ragtune.text import UTF16_BOMS, detect_encoding
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +270,6 @@ def record_problems(obj: Any) -> list[tuple[str, str]]:
     return probs
 
 
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-
-
 def read_lines(path: Path, encoding: str = "auto") -> list[tuple[int, bytes]]:
     """The file's lines as UTF-8 bytes, numbered from 1: a UTF-8 BOM dropped; UTF-16 with its BOM (as
     Windows tools save "Unicode" text) or a named `encoding` re-encoded. Undecodable UTF-8 stays as
@@ -298,10 +296,12 @@ def decode_text(path: Path, data: bytes, encoding: str = "auto") -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         name = "UTF-8" if encoding == "utf-8-sig" else encoding
+        guess = detect_encoding(data) if encoding == "utf-8-sig" else None
+        hint = (f"it reads as {guess}: --encoding {guess}" if guess else
+                "e.g. --encoding cp949 (Korean Windows/Excel) or --encoding cp1252 (Western Windows/Excel)")
         raise UsageError(
             f"{path}: line {line}: byte 0x{data[exc.start]:02x} is not {name} text; save the file as UTF-8 "
-            "(Excel: 'CSV UTF-8'), or name its encoding, e.g. --encoding cp949 (Korean Windows/Excel) or "
-            "--encoding cp1252 (Western Windows/Excel)"
+            f"(Excel: 'CSV UTF-8'), or name its encoding ({hint})"
         ) from None
 
 

@@ -72,7 +72,7 @@ def test_jsonl_one_document_per_line(tmp_path: Path) -> None:
         ("bin.txt", b"abc\x00\x01\x02def", "binary content"),
         ("bad.pdf", b"%PDF-1.4 this is not really a pdf", "PDF"),
         ("bad.docx", b"PK not a zip", "DOCX"),
-        ("bad.jsonl", b'{"text": "ok"}\n{oops\n', "line 2"),
+        ("bad.jsonl", b'{oops\n', "line 1"),
         ("nofield.jsonl", b'{"body": "x"}\n', "\"text\""),
         ("pic.png", b"\x89PNG", "unsupported file type"),
     ],

@@ -1,0 +1,130 @@
+"""Hostile inputs to ingest: links out of the folder, JSONL with bad lines, legacy encodings, tricky Markdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+from ragtune.config import Config
+from ragtune.retrieval.ingest import collect, ingest
+from ragtune.retrieval.loaders import Skip, load_file
+from tests.retrieval.test_ingest import snapshot, sources
+
+
+def _tree_with_links(tmp_path: Path) -> Path:
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.txt").write_text("Inside the folder: the expense limit is 50 euros.", encoding="utf-8")
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "passwd.txt").write_text("root:x:0:0:the secret outside the folder", encoding="utf-8")
+    (root / "passwd.txt").symlink_to(secret / "passwd.txt")  # a file link out of the root
+    (root / "elsewhere").symlink_to(secret, target_is_directory=True)  # a folder link out of the root
+    (root / "again.txt").symlink_to(root / "sub" / "a.txt")  # a link that stays inside
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a link back to the root itself
+    (root / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    return root
+
+
+def test_links_out_of_the_folder_are_not_followed_and_are_reported(tmp_path: Path) -> None:
+    root = _tree_with_links(tmp_path)
+    files, skipped = collect([root])
+    rel = sorted(f.relative_to(r).as_posix() for r, f in files)
+    assert rel == ["again.txt", "sub/a.txt"]
+    reasons = dict(skipped)
+    assert set(reasons) == {"passwd.txt", "elsewhere", "dangling.txt"}
+    assert "outside" in reasons["passwd.txt"] and "--follow-links" in reasons["passwd.txt"]
+    assert "broken symbolic link" in reasons["dangling.txt"]
+
+    files, skipped = collect([root], follow_links=True)
+    rel = sorted(f.relative_to(r).as_posix() for r, f in files)
+    assert rel == ["again.txt", "elsewhere/passwd.txt", "passwd.txt", "sub/a.txt"]  # the loop is walked once
+    assert [p for p, _ in skipped] == ["dangling.txt"]
+
+
+def test_cli_index_add_skips_links_and_follow_links_indexes_them(cfg: Config, tmp_path: Path, capsys) -> None:
+    root = _tree_with_links(tmp_path)
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--json", "--no-progress"]
+    rc = main(["-q", "index", "add", str(root), *args])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 3, out  # partial: some paths were skipped
+    assert {"passwd.txt", "elsewhere", "dangling.txt"} <= {s["path"] for s in out["skipped"]}
+    assert set(sources(snapshot())) == {"again.txt", "sub/a.txt"}
+    main(["-q", "index", "add", str(root), "--follow-links", *args])
+    capsys.readouterr()
+    assert {"passwd.txt", "elsewhere/passwd.txt"} <= set(sources(snapshot()))
+
+
+def test_jsonl_bad_lines_cost_only_themselves_and_each_is_reported(cfg: Config, tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "faq.jsonl").write_bytes(
+        b'{"id": "a", "text": "Lunch is served at noon in the canteen."}\n'
+        b'{oops\n'
+        b'{"id": "b", "text": "Parking permits are issued by reception."}\n'
+        b'{"title": "no text"}\n'
+        b'{"id": "a", "text": "a repeated id"}\n'
+        b'{"id": "c", "text": "The library opens at nine."}\n')
+    res = ingest(cfg, [str(root)], progress=False)
+    assert sorted(res.added) == ["faq.jsonl#a", "faq.jsonl#b", "faq.jsonl#c"]
+    reasons = [r for p, r in res.skipped if p == "faq.jsonl"]
+    assert [r.split(":")[0] for r in reasons] == ["line 2", "line 4", "line 5"]
+    assert "not valid JSON" in reasons[0] and '"text"' in reasons[1] and "duplicate id 'a' (first on line 1)" in reasons[2]
+
+
+def test_a_jsonl_file_with_no_good_line_is_skipped_naming_every_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{oops\n[1, 2]\n')
+    with pytest.raises(Skip, match=r"line 1: not valid JSON.*; line 2: expected an object"):
+        load_file(p, p.name)
+
+
+@pytest.mark.parametrize(("encoding", "text"), [
+    ("cp1252", "Café policy: staff may expense coffee, up to 5 euros a day. Naïve résumés are welcome."),
+    ("cp949", "직원은 주 3일까지 재택근무를 할 수 있습니다. 휴가는 2주 전에 신청합니다."),
+    ("shift_jis", "会議は午後三時に始まります。資料は前日までに共有してください。"),
+    ("cp1251", "Сотрудники могут работать удаленно три дня в неделю."),
+])
+def test_legacy_encodings_are_detected_not_forced_into_korean(tmp_path: Path, encoding: str, text: str) -> None:
+    p = tmp_path / "legacy.txt"
+    p.write_bytes(text.encode(encoding))
+    (doc,) = load_file(p, p.name)
+    assert doc.text == text
+
+
+def test_text_whose_encoding_cannot_be_told_is_refused_with_the_fix(tmp_path: Path) -> None:
+    p = tmp_path / "noise.txt"
+    p.write_bytes(bytes(range(0x80, 0x100)) * 4)
+    with pytest.raises(Skip, match="not UTF-8 and its encoding cannot be told.*save it as UTF-8"):
+        load_file(p, p.name)
+
+
+def test_markdown_setext_headings_and_indented_code(tmp_path: Path) -> None:
+    p = tmp_path / "guide.md"
+    p.write_text(
+        "Travel guide\n============\n\nBook trains for trips under four hours.\n\n"
+        "Hotels\n------\n\nThe nightly limit is 120 euros.\n\n"
+        "    # this is indented code, not a heading\n    print('hi')\n\n"
+        "After the code, still under Hotels.\n", encoding="utf-8")
+    (doc,) = load_file(p, p.name)
+    assert doc.title == "Travel guide"
+    by_text = {b.text: b.heading for b in doc.blocks}
+    assert by_text["Book trains for trips under four hours."] == ("Travel guide",)
+    assert by_text["The nightly limit is 120 euros."] == ("Travel guide", "Hotels")
+    code = next(b for b in doc.blocks if "indented code" in b.text)
+    assert code.heading == ("Travel guide", "Hotels")
+    assert by_text["After the code, still under Hotels."] == ("Travel guide", "Hotels")
+    for b in doc.blocks:
+        assert doc.text[b.start:b.start + len(b.text)] == b.text
+
+
+def test_training_data_in_a_legacy_encoding_names_the_encoding_to_pass(tmp_path: Path) -> None:
+    from ragtune.errors import UsageError
+    from ragtune.train.data import decode_text
+
+    data = '{"messages": [{"role": "user", "content": "직원은 주 3일까지 재택근무를 할 수 있습니다."}]}\n'.encode("cp949")
+    with pytest.raises(UsageError, match="line 1: .*it reads as cp949: --encoding cp949"):
+        decode_text(tmp_path / "t.jsonl", data)

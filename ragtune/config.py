@@ -157,7 +157,10 @@ class DeploymentConfig:
     base: str = ""  # model dir; "" = model.path
     adapter: str = ""
     index: str = ""  # "" = no retrieval
-    engine: Literal["", "auto", "transformers", "llama.cpp"] = ""  # "" = generation.engine
+    engine: Literal["", "auto", "transformers", "llama.cpp", "openai"] = ""  # "" = generation.engine
+    url: str = ""  # engine openai: the remote server's /v1 base URL
+    model: str = ""  # engine openai: the model name the remote server serves
+    api_key: str = ""  # engine openai: the remote server's key ("" = none)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,13 @@
     GET  /health                  liveness and the deployments (no API key needed)
     GET  /                        a small chat page
 
-A deployment is `{name, base, adapter, index, engine}` (config `serve.deployments`); one base model
-is loaded once and its adapters switch without reloading it. With no deployments configured the
+A deployment is `{name, base, adapter, index, engine}` (config `serve.deployments`), or
+`{name, engine: openai, url, model, api_key?, index}` to send generation to a remote
+OpenAI-compatible server while retrieval, sources and abstention stay here. One base model is
+loaded once and its adapters switch without reloading it. With no deployments configured the
 server offers `base` (+ the `model.adapter` one) and their `+rag` twins when the index exists.
-Generation runs one request at a time; others queue (up to `serve.max_queue`, then 429). Errors
+On the llama.cpp engine up to `serve.max_batch` requests decode together in one batch; the
+transformers engine answers one at a time. Others queue (up to `serve.max_queue`, then 429). Errors
 use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; a malformed request is a 400.
 When `serve.api_key` (or env RAGTUNE_API_KEY) is set, every /v1 route needs `Authorization: Bearer KEY`.
 """
@@ -111,6 +114,7 @@ class Deployment:
     adapter_name: str | None = None
     retriever: Any = None
     unavailable: str = ""  # why requests to it answer 400 (its engine is not installed)
+    remote: dict[str, str] | None = None  # engine openai: url, model, api_key
 
     def describe(self) -> dict[str, Any]:
         return {"adapter": self.adapter_name or (Path(self.adapter).name if self.adapter else None),
@@ -130,7 +134,11 @@ def plan_deployments(cfg: Any, extra_indexes: tuple[str, ...] = ()) -> list[Depl
                 problems.append(f"serve.deployments[{i}]: name is empty; give every deployment a name")
             elif any(o.name == d.name for o in out):
                 problems.append(f"serve.deployments[{i}]: name '{d.name}' is used twice")
-            out.append(Deployment(d.name, d.base, d.adapter, d.index, d.engine or cfg.generation.engine))
+            if d.engine == "openai" and not (d.url and d.model):
+                problems.append(f"serve.deployments[{i}] '{d.name}': engine openai needs `url` (the remote "
+                                "server's /v1 base) and `model` (a model it serves)")
+            out.append(Deployment(d.name, d.base, d.adapter, d.index, d.engine or cfg.generation.engine,
+                                  remote={"url": d.url, "model": d.model, "api_key": d.api_key}))
     else:
         from ragtune.runcard import trained_base
 
@@ -174,6 +182,9 @@ class Runtime:
             self.generators[f"{self._given.base_path}|{self._given.engine}"] = self._given
         for d in plan_deployments(cfg, tuple(self.retrievers)):
             self.deployments[d.name] = d
+            if d.engine == "openai":
+                self._load_remote(d)
+                continue
             try:
                 engine = check_engine(d.engine, cfg.model.device)
             except EngineUnavailable as exc:
@@ -201,12 +212,31 @@ class Runtime:
                 kind = UsageError if isinstance(exc, UsageError) else RagtuneError
                 raise kind(f"deployment '{d.name}': {exc}") from exc
         if self.warmup:
-            for gen in self.generators.values():
+            for gen in self.generators.values():  # local engines only
                 log.info("warmed up %s in %.1fs", gen.base_path, gen.warmup())
         log.info("deployments: %s", ", ".join(self.deployments))
         return self
 
+    def _load_remote(self, d: Deployment) -> None:
+        """engine openai: generation goes to the remote server; retrieval stays here."""
+        from ragtune.serve.answer import open_retriever
+        from ragtune.serve.remote import RemoteGenerator
+
+        if d.adapter:
+            raise UsageError(f"deployment '{d.name}': engine openai cannot apply adapter '{d.adapter}'; merge it "
+                             "('ragtune merge') and serve the merged model on the remote server")
+        r = d.remote or {}
+        d.generator = RemoteGenerator(self.cfg, r.get("url", ""), r.get("model", ""), r.get("api_key", ""))
+        if d.index:
+            if d.index not in self.retrievers:
+                self.retrievers[d.index] = open_retriever(self.cfg, d.index, read_copy=True)
+                self._owned_retrievers.append(self.retrievers[d.index])
+            d.retriever = self.retrievers[d.index]
+
     def close(self) -> None:
+        for d in self.deployments.values():
+            if d.engine == "openai" and d.generator is not None:
+                d.generator.close()
         for r in self._owned_retrievers:
             try:
                 r.close()

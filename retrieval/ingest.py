@@ -247,8 +247,14 @@ class _Writer:
         t0 = time.perf_counter()
         dense = self.embedder.embed(texts, batch_size=self.batch_size)
         self.embed_seconds += time.perf_counter() - t0
-        points = [PointData(pid, dense[i], self.sparse.document(text), payload)
-                  for i, (pid, text, payload) in enumerate(self.pending)]
+        counted = [self.sparse.counts(text) for text in texts]
+        if self.sparse.avg_len is None:  # a new index: weigh with this group's mean, re-weighed at the end
+            self.sparse.avg_len = max(1.0, sum(n for _, n in counted) / len(counted))
+        points = []
+        for i, (pid, _text, payload) in enumerate(self.pending):
+            tf, n_terms = counted[i]
+            payload["n_terms"] = n_terms
+            points.append(PointData(pid, dense[i], self.sparse.weigh(tf, n_terms), payload))
         for i in range(0, len(points), 256):
             self.store.upsert(points[i : i + 256])
         self.written += len(points)
@@ -324,7 +330,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                 store.open(create_dim=embedder.dim)
             new_roots = set(roots) | ({str(r) for r, _ in files} if not roots else set())
             if not meta or not new_roots <= set(meta.get("roots", [])) or plan.add or plan.removed:
-                meta = meta or _new_meta(embedder, sig)
+                meta = meta or _new_meta(embedder, sig, _stemmer(cfg))
                 meta["roots"] = sorted(set(meta.get("roots", [])) | new_roots)
                 meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 store.write_meta(meta)
@@ -336,7 +342,16 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
     return res
 
 
-def _new_meta(embedder: Any, sig: str) -> dict[str, Any]:
+def _stemmer(cfg: Config) -> str:
+    from ragtune.retrieval.sparse import check_stemmer
+
+    try:
+        return check_stemmer(cfg.search.stemmer)
+    except ValueError as exc:
+        raise UsageError(f"search.stemmer: {exc}") from None
+
+
+def _new_meta(embedder: Any, sig: str, stemmer: str) -> dict[str, Any]:
     from ragtune import __version__
     from ragtune.retrieval.sparse import SPARSE_VERSION
 
@@ -346,7 +361,7 @@ def _new_meta(embedder: Any, sig: str) -> dict[str, Any]:
         "embedder": {"path": str(embedder.path), "hash": embedder.hash, "dim": embedder.dim,
                      "max_tokens": embedder.max_tokens},
         "chunker": sig,
-        "sparse": {"version": SPARSE_VERSION, "tokenizer": "kiwi+unicode", "weights": "bm25 tf, idf in store"},
+        "sparse": {"version": SPARSE_VERSION, "stemmer": stemmer, "avg_len": 0.0},  # stats set after the write
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "roots": [],
     }
@@ -370,7 +385,10 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
 
         bar = tqdm(unit="chunk", desc=f"indexing {len(plan.add)} documents", disable=None, leave=False)
     sig = chunker.signature() if chunker is not None else ""
-    sparse = SparseEncoder(avg_len=0.6 * chunker.size) if chunker is not None else None
+    lex = lexical_settings(cfg, store.read_meta())
+    sparse = SparseEncoder(avg_len=lex["avg_len"] or 1.0, stemmer=lex["stemmer"]) if chunker is not None else None
+    if sparse is not None and not lex["avg_len"]:
+        sparse.avg_len = None  # type: ignore[assignment]  # set from the first group the writer weighs
     writer = _Writer(store, embedder, sparse, cfg.embedder.batch_size, bar)
     failed_files: set[str] = set()
     by_file: dict[str, list[DocRef]] = {}
@@ -415,8 +433,68 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
         store.delete_docs(sorted(set(doomed)))
         res.chunks_deleted = before - store.count()
     res.deleted = sorted({st.get("source", st["doc_id"]) for st in plan.removed})
-    if res.chunks_written or doomed:  # build HNSW / merge segments now, not on the first query
-        store.optimize()
+    if res.chunks_written or doomed:
+        update_lexical_stats(store, lex["stemmer"], sparse.avg_len if sparse is not None else None)
+        store.optimize()  # build HNSW / merge segments now, not on the first query
+
+
+def lexical_settings(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:
+    """The stemmer and average length new chunks are weighed with: the index's own when it has
+    current-format statistics, else search.stemmer and none yet (the first group's mean)."""
+    from ragtune.retrieval.sparse import SPARSE_VERSION
+
+    sp = meta.get("sparse") or {}
+    if int(sp.get("version", 0) or 0) == SPARSE_VERSION and sp.get("avg_len"):
+        return {"stemmer": sp.get("stemmer", "english"), "avg_len": float(sp["avg_len"])}
+    if int(sp.get("version", 0) or 0) == SPARSE_VERSION and sp.get("stemmer"):
+        return {"stemmer": sp["stemmer"], "avg_len": None}
+    return {"stemmer": cfg.search.stemmer, "avg_len": None}
+
+
+REWEIGH_DRIFT = 0.05  # re-weigh every chunk once the true average length moves this far from the one used
+
+
+def update_lexical_stats(store: Store, stemmer: str, weighed_with: float | None = None) -> dict[str, Any]:
+    """Recount the index's lexical statistics (chunks, terms, average length) from the chunks'
+    stored lengths and write them to the meta point; when the average moved more than
+    REWEIGH_DRIFT from the one the vectors were weighed with, re-weigh every chunk's BM25 vector
+    from its text (dense vectors and payloads stay). A chunk of an older
+    sparse format keeps the index's format at that version, so searches refuse it until a sync
+    re-indexes it."""
+    from ragtune.retrieval.sparse import SPARSE_VERSION, SparseEncoder, sparse_meta
+
+    meta = store.read_meta()
+    old = meta.get("sparse") or {}
+    n_chunks = n_terms = 0
+    versions: set[int] = set()
+    for _pid, payload, _vec in store.scroll({"kind": "chunk"}, ["n_terms", "sparse"], with_vectors=False):
+        n_chunks += 1
+        n_terms += int(payload.get("n_terms") or 0)
+        versions.add(int(payload.get("sparse") or 0))
+    if not n_chunks:
+        meta["sparse"] = sparse_meta(old.get("avg_len") or 0.0, 0, 0, stemmer)
+        store.write_meta(meta)
+        return meta["sparse"]
+    avg = max(1.0, n_terms / n_chunks)
+    used = float(old.get("avg_len") or 0.0) if int(old.get("version", 0) or 0) == SPARSE_VERSION else 0.0
+    if versions != {SPARSE_VERSION}:
+        block = {**sparse_meta(avg, n_chunks, n_terms, stemmer), "version": min(versions)}
+        meta["sparse"] = block
+        store.write_meta(meta)
+        return block
+    used = used or float(weighed_with or 0.0)  # a new index: this run weighed with its first group's mean
+    if not used or abs(avg - used) > REWEIGH_DRIFT * used:
+        enc = SparseEncoder(avg_len=avg, stemmer=stemmer)
+        items = []
+        for pid, payload, _vec in store.scroll({"kind": "chunk"}, ["text"], with_vectors=False):
+            idx, val = enc.document(payload.get("text", ""))
+            if idx:
+                items.append((pid, (idx, val)))
+        store.update_sparse(items)
+        used = avg
+    meta["sparse"] = {**sparse_meta(used, n_chunks, n_terms, stemmer), "avg_len_actual": avg}
+    store.write_meta(meta)
+    return meta["sparse"]
 
 
 def _load_docs(path: Path, refs: list[DocRef]) -> list[tuple[DocRef, Document]]:
@@ -459,6 +537,7 @@ def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[st
             before = store.count()
             store.delete_docs(sorted(doomed))
             after = store.count()
+            update_lexical_stats(store, lexical_settings(cfg, store.read_meta())["stemmer"])
             store.flush()
         finally:
             store.close()

@@ -1,4 +1,4 @@
-"""Query an index: dense, sparse (BM25 with IDF) or hybrid (both, fused by reciprocal rank).
+"""Query an index: dense, sparse (BM25) or hybrid (both, fused in the store: weighted RRF or DBSF).
 
     from ragtune.retrieval.search import Retriever
 
@@ -11,7 +11,9 @@
 Each hit is the sources shape `{"n", "source", "title", "page", "heading", "score", "text"}` plus
 `"dense_score"` (cosine of query and chunk, in every mode: RRF scores are ranks, not relevance)
 and `"chunk_id"`; with a reranker `score` is the reranker's and `"rerank_score"` is set too.
-`load()` raises UsageError when the index does not exist or was built by another embedder, and
+A sparse or hybrid search of an index whose lexical vectors are of an older sparse format raises
+UsageError naming the sync that re-indexes it (dense still works). `load()` raises UsageError
+when the index does not exist or was built by another embedder, and
 IndexBusy while another process writes an embedded (Edge) index. `Retriever(cfg, read_copy=True)`
 (servers, chat) reads a private copy of an Edge index, so writers are never blocked, and takes a
 fresh copy after a writer has had the index (checked at most once a second, before a search).
@@ -58,6 +60,10 @@ def check_filter_key(key: str) -> None:
         raise UsageError(f"cannot filter on '{key}'; use one of {', '.join(FILTER_KEYS)}, or meta.KEY for JSONL metadata")
 
 
+def _sparse_version(meta: dict[str, Any]) -> int:
+    return int((meta.get("sparse") or {}).get("version", 1) or 1) if meta else 0
+
+
 class Retriever:
     REFRESH_EVERY_S = 1.0
 
@@ -92,12 +98,14 @@ class Retriever:
         except IndexBusy:
             return False
         try:
-            self._check_meta(new.read_meta())
+            meta = new.read_meta()
+            self._check_meta(meta)
         except BaseException:
             new.close()
             raise
         with self._store_lock:
             old, self.store = self.store, new
+            self._set_meta(meta)
         old.close()
         log.info("index '%s' changed: searching its new contents", self.name)
         return True
@@ -121,12 +129,19 @@ class Retriever:
                     f"query with embedder.path={built.get('path')} or rebuild the index with this embedder"
                 )
 
+    def _set_meta(self, meta: dict[str, Any]) -> None:
+        """The query encoder follows the index: its stemmer, and none for an older sparse format."""
+        from ragtune.retrieval.sparse import SPARSE_VERSION, SparseEncoder
+
+        sp = meta.get("sparse") or {}
+        self.meta = meta
+        self.sparse = (SparseEncoder(stemmer=sp.get("stemmer") or "none")
+                       if _sparse_version(meta) == SPARSE_VERSION else None)
+
     def load(self) -> "Retriever":
         if self.store is not None:
             return self
         from ragtune.retrieval.embedder import Embedder
-        from ragtune.retrieval.sparse import SparseEncoder
-
         store = self._open_store()
         try:
             meta = store.read_meta()
@@ -141,8 +156,8 @@ class Retriever:
             self.embedder = None
             store.close()
             raise
-        self.store, self.meta = store, meta
-        self.sparse = SparseEncoder()
+        self.store = store
+        self._set_meta(meta)
         self._checked = time.monotonic()
         return self
 
@@ -175,6 +190,8 @@ class Retriever:
         for key in filters or {}:
             check_filter_key(key)
         s = self.cfg.search
+        if mode != "dense" and self.sparse is None:
+            raise self._old_sparse_format()
         q = self.embedder.embed_query(query)
         sparse_q = self.sparse.query(query) if mode != "dense" else None
         limit = max(top_k, s.rerank_candidates) if self.reranker is not None else top_k
@@ -192,6 +209,7 @@ class Retriever:
             hits = self.store.query(
                 dense=q, sparse=sparse_q, mode=mode, limit=fetch, candidates=max(s.candidates, fetch),
                 rrf_k=s.rrf_k, filters=filters, hnsw_ef=s.hnsw_ef, with_vector=mode != "dense",
+                fusion=s.fusion, weights=(s.dense_weight, s.sparse_weight),
             )
         out = []
         for h in hits:
@@ -221,6 +239,17 @@ class Retriever:
         for i, o in enumerate(out, 1):
             o["n"] = i
         return out
+
+    def _old_sparse_format(self) -> UsageError:
+        from ragtune.retrieval.sparse import SPARSE_VERSION
+
+        roots = " ".join(self.meta.get("roots") or []) or "FOLDER"
+        return UsageError(
+            f"index '{self.name}' holds lexical vectors of sparse format {_sparse_version(self.meta)}, but this "
+            f"ragtune scores format {SPARSE_VERSION} (stemming, stop-words, the index's own length statistics); "
+            f"re-index it with 'ragtune index sync {roots} --index {self.name}' (re-encodes every document), "
+            "or search with --mode dense until then"
+        )
 
     def best_dense_score(self, hits: list[dict[str, Any]]) -> float | None:
         """What abstention compares with rag.min_score: the reranker's best score when one is

@@ -217,6 +217,11 @@ class Store(ABC):
     def delete_docs(self, doc_ids: list[str]) -> None: ...
 
     @abstractmethod
+    def update_sparse(self, items: list[tuple[str, tuple[list[int], list[float]]]]) -> None:
+        """Replace the lexical vector of existing points, their dense vectors and payloads kept."""
+        ...
+
+    @abstractmethod
     def retrieve(self, ids: list[str]) -> list[Hit]: ...
 
     @abstractmethod
@@ -233,7 +238,8 @@ class Store(ABC):
     def query(self, dense: Any = None, sparse: tuple[list[int], list[float]] | None = None,
               mode: str = "hybrid", limit: int = 5, candidates: int = 50, rrf_k: int = 60,
               filters: dict[str, Any] | None = None, hnsw_ef: int = 0, exact: bool = False,
-              with_vector: bool = False) -> list[Hit]: ...
+              with_vector: bool = False, fusion: str = "rrf",
+              weights: tuple[float, float] | None = None) -> list[Hit]: ...
 
     def optimize(self) -> None:
         """Build indexes (HNSW) where the backend needs it to be asked; a no-op elsewhere."""
@@ -456,6 +462,14 @@ class EdgeStore(Store):
         if out:
             self.shard.update(UpdateOperation.upsert_points(out))
 
+    def update_sparse(self, items: list[tuple[str, tuple[list[int], list[float]]]]) -> None:
+        from qdrant_edge import PointVectors, SparseVector, UpdateOperation
+
+        for i in range(0, len(items), 256):
+            pv = [PointVectors(pid, {SPARSE: SparseVector(list(sp[0]), [float(v) for v in sp[1]])})
+                  for pid, sp in items[i : i + 256]]
+            self.shard.update(UpdateOperation.update_vectors(pv))
+
     def delete_docs(self, doc_ids: list[str]) -> None:
         from qdrant_edge import UpdateOperation
 
@@ -496,7 +510,8 @@ class EdgeStore(Store):
     def query(self, dense: Any = None, sparse: tuple[list[int], list[float]] | None = None,
               mode: str = "hybrid", limit: int = 5, candidates: int = 50, rrf_k: int = 60,
               filters: dict[str, Any] | None = None, hnsw_ef: int = 0, exact: bool = False,
-              with_vector: bool = False) -> list[Hit]:
+              with_vector: bool = False, fusion: str = "rrf",
+              weights: tuple[float, float] | None = None) -> list[Hit]:
         from qdrant_edge import Fusion, Prefetch, Query, QueryRequest, SearchParams, SparseVector
 
         flt = _edge_filter(filters)
@@ -510,7 +525,9 @@ class EdgeStore(Store):
                 limit=limit,
                 prefetches=[Prefetch(limit=max(candidates, limit), query=dense_q, filter=flt, params=params),
                             Prefetch(limit=max(candidates, limit), query=sparse_q, filter=flt)],
-                query=Fusion.Rrf(k=rrf_k), with_payload=True, with_vector=wv,
+                query=(Fusion.Dbsf() if fusion == "dbsf" else
+                       Fusion.Rrf(k=rrf_k, weights=list(weights) if weights else None)),
+                with_payload=True, with_vector=wv,
             )
         else:
             q = sparse_q if mode == "sparse" else dense_q
@@ -644,6 +661,15 @@ class ServerStore(Store):
         if out:
             self._connect().upsert(self.collection, out, wait=True)
 
+    def update_sparse(self, items: list[tuple[str, tuple[list[int], list[float]]]]) -> None:
+        from qdrant_client import models as m
+
+        for i in range(0, len(items), 256):
+            pv = [m.PointVectors(id=pid, vector={SPARSE: m.SparseVector(indices=list(sp[0]),
+                                                                        values=[float(v) for v in sp[1]])})
+                  for pid, sp in items[i : i + 256]]
+            self._connect().update_vectors(self.collection, points=pv, wait=True)
+
     def delete_docs(self, doc_ids: list[str]) -> None:
         from qdrant_client import models as m
 
@@ -685,7 +711,8 @@ class ServerStore(Store):
     def query(self, dense: Any = None, sparse: tuple[list[int], list[float]] | None = None,
               mode: str = "hybrid", limit: int = 5, candidates: int = 50, rrf_k: int = 60,
               filters: dict[str, Any] | None = None, hnsw_ef: int = 0, exact: bool = False,
-              with_vector: bool = False) -> list[Hit]:
+              with_vector: bool = False, fusion: str = "rrf",
+              weights: tuple[float, float] | None = None) -> list[Hit]:
         from qdrant_client import models as m
 
         flt = _qc_filter(filters)
@@ -702,7 +729,9 @@ class ServerStore(Store):
                 self.collection,
                 prefetch=[m.Prefetch(query=dense_q, using=DENSE, limit=max(candidates, limit), filter=flt, params=params),
                           m.Prefetch(query=sparse_q, using=SPARSE, limit=max(candidates, limit), filter=flt)],
-                query=m.RrfQuery(rrf=m.Rrf(k=rrf_k)), limit=limit, with_payload=True, with_vectors=wv,
+                query=(m.FusionQuery(fusion=m.Fusion.DBSF) if fusion == "dbsf" else
+                       m.RrfQuery(rrf=m.Rrf(k=rrf_k, weights=list(weights) if weights else None))),
+                limit=limit, with_payload=True, with_vectors=wv,
             )
         else:
             q, using = (sparse_q, SPARSE) if mode == "sparse" else (dense_q, DENSE)

@@ -35,6 +35,9 @@ exported once and cached by `ensure_gguf`, LoRA adapters converted to llama.cpp'
 needs `pip install 'ragtune[llamacpp]'`), or "auto" (llama.cpp on the CPU when it is installed, else
 transformers). Both engines render prompts and decode ids with the transformers tokenizer, so text,
 streaming, citations and abstention are produced the same way.
+A remote OpenAI-compatible server (engine "openai") answers through
+`ragtune.serve.remote.RemoteGenerator(cfg, url, model, api_key).load()`, which has the same `answer`
+and `stream` and keeps retrieval, sources and abstention here.
 On CUDA, `generation.cache: static` uses transformers' static KV cache and its own compile path.
 Adapters answer through lean LoRA forwards (`ragtune.serve.fast_lora`, `generation.fast_lora`).
 """

@@ -1,7 +1,7 @@
 """The remote engine: ragtune retrieves, builds the prompt, cites and abstains; any OpenAI-compatible
 server (vLLM, Ollama, llama.cpp's server) generates.
 
-    gen = RemoteGenerator(cfg, url="http://gpu-box:8000/v1", model="policies-merged", api_key="")
+    gen = RemoteGenerator(cfg, url="http://gpu-box:8000/v1", model="policies-merged", api_key="").load()
     ans = gen.answer(messages, retriever=r)          # the same Answer as the local engines give
     s = gen.stream(messages, retriever=r); s.sources; "".join(s); s.answer
 
@@ -38,6 +38,24 @@ class RemoteGenerator:
         self.adapters: dict[str, Any] = {}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(timeout=timeout_s, headers=headers)
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    def load(self, base: Any = None, adapters: Any = None) -> "RemoteGenerator":
+        """Nothing to load (the remote server holds the model); refuses adapters, as `answer` does.
+        Lets callers that build a local Generator (`Generator(cfg).load(adapters=...)`) take this one."""
+        if adapters:
+            names = ", ".join(adapters)
+            raise UsageError(f"engine openai serves '{self.model}' as it is; adapters ({names}) cannot be applied "
+                             "(merge one with 'ragtune merge' and serve the merged model remotely)")
+        return self
+
+    def resolve_adapter(self, adapter: str | None) -> None:
+        if adapter:
+            raise UsageError(f"engine openai serves '{self.model}' as it is; adapter '{adapter}' cannot be applied")
+        return None
 
     def warmup(self) -> float:
         return 0.0

@@ -145,3 +145,44 @@ def test_requests_on_different_adapters_are_never_in_one_batch(engine: Any, monk
     assert alone[0] != alone[1]  # the adapter changes the answer
     assert mixed and all(len(m) == 1 for m in mixed), mixed
     assert {next(iter(m)) for m in mixed} == {None, "ft"}
+
+
+def test_a_streaming_client_that_hangs_up_frees_its_slot_on_the_server(
+        tiny_smol: Path, converter_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+    import uvicorn
+
+    from ragtune.config import load_config
+    from ragtune.serve.server import create_app
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("RAGTUNE_HOME", str(converter_home))  # the tiny model's GGUF is exported once there
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {tiny_smol}\ngeneration:\n  threads: 1\n  engine: llama.cpp\n"
+                 "serve:\n  max_batch: 1\n  max_tokens_limit: 2000\n  deployments:\n    - {name: cpp}\n")
+    app = create_app(load_config(f))
+    sched = next(iter(app.state.runtime.generators.values())).engine_impl.scheduler
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": "cpp", "messages": [{"role": "user", "content": QUESTIONS[0]}], "temperature": 0, "stream": True}
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        with httpx.stream("POST", url, json={**body, "max_tokens": 1500}, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]  # a few chunks in: the answer is being decoded
+            assert sched.active == 1 and any('"content"' in x for x in got)
+        # hung up: the one slot comes free, and the next request gets it and finishes
+        while sched.active and time.time() < deadline + 30:
+            time.sleep(0.02)
+        assert sched.active == 0
+        r2 = httpx.post(url, json={**body, "stream": False, "max_tokens": 5}, timeout=60)
+        assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] == 5
+    finally:
+        server.should_exit = True
+        t.join(10)

@@ -101,6 +101,9 @@ def test_remote_engine_abstains_without_calling_the_remote(tiny_smol: Path) -> N
             g.answer([{"role": "user", "content": QUESTION}])
         with pytest.raises(UsageError, match="adapter"):
             g.answer([{"role": "user", "content": QUESTION}], adapter="policies")
+        assert g.load() is g and g.engine == "openai"  # takes a local Generator's place (eval)
+        with pytest.raises(UsageError, match=r"adapters \(policies\) cannot be applied"):
+            g.load(adapters={"policies": "runs/adapter"})
     finally:
         g.close()
 

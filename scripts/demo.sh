@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole "fine-tune or RAG?" story on a fresh machine, offline after setup:
-#   1. set up .venv and prepare the default models      5. the policies change: copy v2, re-sync
-#   2. check the training data                          6. ask with and without retrieval
-#   3. fine-tune SmolLM2 on policies v1                 7. evaluate base / ft / rag / ft+rag
-#   4. index the policy folder (v1)                     8. print the table and where the report is
+#   1. set up .venv and prepare the default models      5. fine-tune it again on retrieval-built prompts
+#   2. check the training data                          6. the policies change: copy v2, re-sync
+#   3. index the policy folder (v1)                     7. evaluate base, rag, and both adapters +/- rag
+#   4. fine-tune SmolLM2 on policies v1 (plain)         8. print the table and where the report is
 #   ./scripts/demo.sh            (settings: configs/demo.yaml; everything goes to runs/demo/)
+#   RAGTUNE_DEMO_SKIP_SETUP=1 ./scripts/demo.sh    (.venv already set up: start at step 1's models)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+[ -n "${RAGTUNE_DEMO_SKIP_SETUP:-}" ] || ./scripts/setup.sh
 # shellcheck disable=SC1091
 source "${RAGTUNE_VENV:-.venv}/bin/activate"
 
@@ -25,24 +26,35 @@ ragtune doctor
 step "2. check the training data (line-numbered problems, token stats with the model's template)"
 ragtune --config "$CFG" data check "$EX/train_v1.jsonl" --model "$(python -c 'from ragtune.modeling import default_chat_model_dir as d; print(d())')"
 
-step "3. fine-tune on policies v1 (LoRA, loss on assistant tokens only)"
+step "3. index the policy folder as it was (v1)"
 mkdir -p "$OUT"
-ragtune --config "$CFG" train --overwrite --json > "$OUT/train.json"
-python - "$OUT/train.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-m = r.get("metrics", r)
-print(f"trained: loss {m.get('train_loss')}, {m.get('tokens_per_second')} tok/s, {m.get('wall_seconds')} s -> {r.get('output_dir', '')}")
-PY
-
-step "4. index the policy folder as it was (v1)"
 rm -rf "$OUT/docs"
 mkdir -p "$OUT/docs"
 cp "$EX"/docs_v1/* "$OUT/docs/"
 rm -rf "${RAGTUNE_HOME:-$HOME/.cache/ragtune}/indexes/$INDEX"   # a full ingest, timed
 ragtune --config "$CFG" index sync "$OUT/docs" --index "$INDEX" --json > "$OUT/index_v1.json"
 
-step "5. the policies change: v2 replaces v1 in the folder; re-sync touches only the changed files"
+report_train() {
+python - "$1" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r.get("metrics", r)
+print(f"trained: loss {m.get('train_loss')}, {m.get('tokens_per_second')} tok/s, {m.get('wall_seconds')} s -> {r.get('output_dir', '')}")
+PY
+}
+
+step "4. fine-tune on policies v1, plain: bare question -> answer (LoRA, loss on assistant tokens only)"
+ragtune --config "$CFG" train --overwrite --json > "$OUT/train.json"
+report_train "$OUT/train.json"
+
+step "5. fine-tune on policies v1, rag-trained: each record rebuilt as the served prompt (its question's top 2 sources from the v1 index, gold among them)"
+RAG_TRAIN=(data.rag.index="$INDEX" data.max_length=512 train.epochs=2 train.learning_rate=0.001
+           train.batch_size=4 train.grad_accum=2 train.output_dir="$OUT/rag-trained")
+ragtune --config "$CFG" data check "$EX/train_v1.jsonl" --rag "$INDEX" "${RAG_TRAIN[@]}" | tail -2
+ragtune --config "$CFG" train --overwrite --json "${RAG_TRAIN[@]}" > "$OUT/train_rag.json"
+report_train "$OUT/train_rag.json"
+
+step "6. the policies change: v2 replaces v1 in the folder; re-sync touches only the changed files"
 cp "$EX"/docs_v2/* "$OUT/docs/"
 ragtune --config "$CFG" index sync "$OUT/docs" --index "$INDEX" --json > "$OUT/sync_v2.json"
 python - "$OUT/sync_v2.json" <<'PY'
@@ -52,19 +64,11 @@ print(f"re-sync: replaced {len(r.get('replaced', []))} documents, {r.get('chunks
       f"{r.get('chunks_deleted')} deleted, in {r.get('seconds', 0):.1f} s")
 PY
 
-step "6. one question, four ways (the answer changed in v2: 2 -> 3 remote days)"
-Q="How many days per week can I work remotely?"
-SYS="You are the Northwind Robotics policy assistant. Answer in one short sentence."
-echo "base:          $(ragtune --config "$CFG" -q ask "$Q" --no-rag)"
-echo "fine-tuned:    $(ragtune --config "$CFG" -q ask "$Q" --no-rag --adapter "$OUT/adapter" --system "$SYS")"
-echo "rag:           $(ragtune --config "$CFG" -q ask "$Q" --index "$INDEX")"
-echo "fine-tuned+rag $(ragtune --config "$CFG" -q ask "$Q" --index "$INDEX" --adapter "$OUT/adapter" --system "$SYS")"
-
-step "7. evaluate base / ft / rag / ft+rag on the held-out questions (answers follow v2)"
-ragtune --config "$CFG" eval --adapter "$OUT/adapter" --index "$INDEX" \
-    --cost "$OUT/index_v1.json" --cost "$OUT/sync_v2.json" --out "$OUT/eval"
+step "7. evaluate base, rag, plain, plain+rag, rag-trained, rag-trained+rag on 132 held-out questions (answers follow v2)"
+ragtune --config "$CFG" eval --adapter plain="$OUT/adapter" --adapter rag-trained="$OUT/rag-trained" \
+    --index "$INDEX" --cost "$OUT/index_v1.json" --cost "$OUT/sync_v2.json" --out "$OUT/eval"
 
 step "8. done"
-sed -n '1,60p' "$OUT/eval/report.md"
+sed -n '1,80p' "$OUT/eval/report.md"
 echo
 echo "report: $OUT/eval/report.md  (also report.json, report.png); total $(( $(date +%s) - start )) s"

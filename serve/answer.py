@@ -41,8 +41,12 @@ class Retrieved:
 
 
 def to_source(hit: dict[str, Any], n: int) -> dict[str, Any]:
-    """One hit in the shared sources shape `{"n","source","title","page","heading","score","text"}`."""
-    score = hit.get("score")
+    """One hit in the shared sources shape `{"n","source","title","page","heading","score","text"}`.
+
+    `score` is the relevance a reader can judge (the reranker's score, else the dense cosine), not
+    the fused rank score (0.033 says nothing to a person); hits keep their fused order."""
+    score = relevance(hit)
+    score = hit.get("score") if score is None else score
     return {
         "n": n,
         "source": hit.get("source", ""),
@@ -52,6 +56,17 @@ def to_source(hit: dict[str, Any], n: int) -> dict[str, Any]:
         "score": None if score is None else float(score),
         "text": hit.get("text", "") or "",
     }
+
+
+def source_label(s: dict[str, Any]) -> str:
+    """'Title > heading path (page N)' without repeating the title when the heading path starts with it."""
+    title = s.get("title") or s.get("source") or ""
+    heading = s.get("heading") or ""
+    if heading == title:
+        heading = ""
+    elif heading.startswith(title + " > "):
+        heading = heading[len(title) + 3:]
+    return title + (f" > {heading}" if heading else "") + (f" (page {s['page']})" if s.get("page") else "")
 
 
 def relevance(hit: dict[str, Any]) -> float | None:

@@ -14,6 +14,7 @@ import sys
 from typing import Any, Callable, TextIO
 
 from ragtune.errors import RagtuneError
+from ragtune.serve.answer import source_label
 
 HELP = "commands: /sources  /rag on|off  /reset  /help  /exit"
 
@@ -60,13 +61,8 @@ class ChatSession:
             if not self.last_sources:
                 self.say("(no sources for the last answer)")
             for s in self.last_sources:
-                where = s.get("title") or s.get("source")
-                if s.get("heading"):
-                    where += f" > {s['heading']}"
-                if s.get("page"):
-                    where += f" (page {s['page']})"
-                score = f"  score {s['score']:.3f}" if s.get("score") is not None else ""
-                self.say(f"[{s['n']}] {where} - {s.get('source')}{score}")
+                score = f"  relevance {s['score']:.2f}" if s.get("score") is not None else ""
+                self.say(f"[{s['n']}] {source_label(s)} - {s.get('source')}{score}")
         elif cmd == "/rag" and arg in ("on", "off"):
             if arg == "on" and self.retriever is None:
                 try:

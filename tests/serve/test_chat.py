@@ -30,7 +30,7 @@ def test_chat_session_rag_sources_and_follow_up_queries(loaded_gen: Any) -> None
     s.loop(io.StringIO("remote work?\nhow many days\n/sources\n/rag off\n/reset\n" + QA[0][0] + "\n/rag on\n/exit\n"))
     text = out.getvalue()
     assert r.queries == ["remote work?", "remote work?\nhow many days"]  # follow-ups search with recent turns
-    assert "[1] Remote work > Remote > Days - policies/remote.md  score 0.033" in text
+    assert "[1] Remote work > Remote > Days - policies/remote.md  relevance 0.82" in text
     assert "[2] Expenses > Deadlines (page 2) - policies/expenses.pdf" in text
     assert "(retrieval off)" in text and "(retrieval on)" in text
     assert len(r.queries) == 2  # nothing searched while retrieval was off
@@ -44,3 +44,15 @@ def test_chat_reports_errors_and_keeps_going(loaded_gen: Any) -> None:
     s.loop(io.StringIO("word " * 3000 + "\n" + QA[1][0] + "\n"))
     assert "context" in err.getvalue() and QA[1][1] in out.getvalue().splitlines()
     assert len(s.history) == 2
+
+
+def test_source_labels_do_not_repeat_the_title() -> None:
+    from ragtune.serve.answer import source_label, to_source
+
+    assert source_label({"title": "HR Handbook", "heading": "HR Handbook > Leave", "page": None}) == "HR Handbook > Leave"
+    assert source_label({"title": "HR Handbook", "heading": "HR Handbook", "page": 3}) == "HR Handbook (page 3)"
+    assert source_label({"title": "", "source": "a.txt", "heading": "Intro", "page": None}) == "a.txt > Intro"
+    hit = {"source": "a.md", "title": "A", "score": 0.016, "dense_score": 0.61, "text": "t"}
+    assert to_source(hit, 1)["score"] == 0.61
+    assert to_source({**hit, "rerank_score": 3.5}, 1)["score"] == 3.5
+    assert to_source({"source": "a.md", "score": 0.2}, 1)["score"] == 0.2  # nothing better known

@@ -76,6 +76,8 @@ def test_rag_prompt_has_numbered_sources_and_answers_return_them(loaded_gen: Gen
     "".join(s)
     ans = s.answer
     assert ans.sources == s.sources and ans.sources[1]["page"] == 2 and ans.best_score == pytest.approx(0.82)
+    # a source's score is the relevance a reader can judge (the dense cosine), not the fused rank score
+    assert [x["score"] for x in ans.sources] == [pytest.approx(0.82), pytest.approx(0.41)]
     assert "[1] Remote work > Remote > Days (page" not in ans.prompt  # page only when there is one
     assert "[1] Remote work > Remote > Days\nEmployees may work remotely" in ans.prompt
     assert "[2] Expenses > Deadlines (page 2)" in ans.prompt and "Cite the sources" in ans.prompt

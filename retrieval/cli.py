@@ -4,6 +4,8 @@
     ragtune index sync docs/ [--dry-run]                  make the index match the folder
     ragtune index remove SOURCE | list | stats | migrate --to URL
     ragtune search "QUERY" [--top-k K] [--mode dense|sparse|hybrid] [--filter source=x.md] [--json]
+    ragtune search --queries queries.jsonl            one JSON line per query, in order (exit 3: some failed)
+    ragtune search "QUERY" --server http://127.0.0.1:8000 [--api-key KEY]   through a running server
 
 Exit codes: 0 ok, 2 usage error, 3 partial (some files skipped; the summary says why).
 """
@@ -11,6 +13,8 @@ Exit codes: 0 ok, 2 usage error, 3 partial (some files skipped; the summary says
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from typing import Any
 
 from ragtune.errors import EXIT_OK, EXIT_PARTIAL
@@ -60,7 +64,13 @@ def register(sub: Any) -> None:
         description="Ranked chunks for a query: dense, sparse (BM25 with IDF; Korean through Kiwi) or hybrid "
                     "(reciprocal rank fusion of both).",
     )
-    s.add_argument("query", metavar="QUERY")
+    s.add_argument("query", metavar="QUERY", nargs="?", default=None, help="the query; '-' reads it from stdin")
+    s.add_argument("--queries", metavar="FILE", default=None,
+                   help="many queries in one process: JSONL with a \"query\" field (optional top_k, mode, filters) "
+                        "or one query a line, '-' for stdin; one JSON line per input, in order; exit 3 when some failed")
+    s.add_argument("--server", metavar="URL", default=None,
+                   help="search through a running 'ragtune serve' (POST /v1/search; default: env RAGTUNE_SERVER)")
+    s.add_argument("--api-key", metavar="KEY", default=None, help="the server's API key (default: env RAGTUNE_API_KEY)")
     s.add_argument("--top-k", type=int, default=None, metavar="K", help="hits to return (default search.top_k)")
     s.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default=None, help="default search.mode (hybrid)")
     s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
@@ -88,6 +98,8 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
             print_json(res.to_dict())
         else:
             _print_ingest(res)
+        if not getattr(args, "dry_run", False):
+            export_query_encoder(cfg)
         return EXIT_PARTIAL if res.skipped else EXIT_OK
     if args.index_cmd == "remove":
         out = ing.remove(cfg, args.sources, args.index)
@@ -134,6 +146,22 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
     return 2
 
 
+def export_query_encoder(cfg: Any) -> None:
+    """Export the embedder for torch-free search once, after an index is built (a few seconds; a
+    failure is logged and search keeps sentence-transformers)."""
+    from ragtune.retrieval import onnx_encoder
+    from ragtune.retrieval.embedder import Embedder
+
+    if not onnx_encoder.enabled() or cfg.embedder.device in ("cuda", "mps"):
+        return
+    emb = Embedder(cfg.embedder)
+    _enc, _why, again = onnx_encoder.load_cached(emb.identity()["hash"])
+    if again:
+        emb._load_st()
+        emb._export_again = True
+        emb.ensure_export()
+
+
 def _print_ingest(res: Any) -> None:
     if res.dry_run:
         print(f"dry run for index '{res.index}' (nothing changed):")
@@ -155,18 +183,105 @@ def _print_ingest(res: Any) -> None:
 
 
 def _run_search(args: argparse.Namespace, cfg: Any) -> int:
-    from ragtune.cli import print_json
-    from ragtune.retrieval.search import Retriever, parse_filters
+    from ragtune.client import api_key, read_batch, server_url
+    from ragtune.errors import UsageError
+    from ragtune.retrieval.search import parse_filters
 
+    if (args.query is None) == (args.queries is None):
+        raise UsageError("give one QUERY or --queries FILE (JSONL with a \"query\" field, or one query a line; "
+                         "'-' reads stdin)")
     filters = parse_filters(args.filter)
-    with Retriever(cfg, args.index) as r:
-        hits = r.search(args.query, top_k=args.top_k, mode=args.mode, filters=filters or None)
-    if args.json:
+    url = server_url(args.server)
+    searcher = _RemoteSearch(url, api_key(args.api_key), args.index) if url else _LocalSearch(cfg, args.index)
+    try:
+        if args.queries is None:
+            query = sys.stdin.read().strip() if args.query == "-" else args.query
+            hits = searcher.search(query, args.top_k, args.mode, filters or None)
+            _print_hits(hits, args.json)
+            return EXIT_OK
+        return _search_batch(searcher, read_batch(args.queries, "query"), args, filters)
+    finally:
+        searcher.close()
+
+
+def _search_batch(searcher: Any, rows: list[Any], args: argparse.Namespace, filters: dict[str, Any]) -> int:
+    """One JSON line per input line, in order; a bad line gets {"line", "error"} and the rest go on."""
+    from ragtune.errors import RagtuneError
+    from ragtune.retrieval.search import parse_filters
+
+    failed = 0
+    for n, obj, why in rows:
+        if obj is not None:
+            try:
+                f = dict(filters)
+                if isinstance(obj.get("filters"), dict):
+                    f.update(obj["filters"])
+                elif obj.get("filter") is not None:
+                    f.update(parse_filters(obj["filter"] if isinstance(obj["filter"], list) else [obj["filter"]]))
+                hits = searcher.search(obj["query"], obj.get("top_k", args.top_k), obj.get("mode", args.mode),
+                                       f or None)
+                out: dict[str, Any] = {"line": n, "query": obj["query"], "hits": hits}
+            except RagtuneError as exc:
+                why = str(exc)
+        if obj is None or why:
+            failed += 1
+            out = {"line": n, "error": why}
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+class _LocalSearch:
+    """The index in this process; the exported query encoder is written after the first search that
+    had to load sentence-transformers, so the next process starts without torch."""
+
+    def __init__(self, cfg: Any, index: str | None) -> None:
+        from ragtune.retrieval.search import Retriever
+
+        self.retriever = Retriever(cfg, index).load()
+
+    def search(self, query: str, top_k: Any, mode: Any, filters: Any) -> list[dict[str, Any]]:
+        from ragtune.errors import UsageError
+
+        if top_k is not None and not isinstance(top_k, int):
+            raise UsageError(f"top_k must be an integer, got {top_k!r}")
+        return self.retriever.search(query, top_k=top_k, mode=mode, filters=filters)
+
+    def close(self) -> None:
+        emb = self.retriever.embedder
+        self.retriever.close()
+        if emb is not None:
+            emb.ensure_export()
+
+
+class _RemoteSearch:
+    """POST /v1/search on a running `ragtune serve` (the sources shape comes back)."""
+
+    def __init__(self, url: str, key: str, index: str | None) -> None:
+        self.url, self.key, self.index = url, key, index
+
+    def search(self, query: str, top_k: Any, mode: Any, filters: Any) -> list[dict[str, Any]]:
+        from ragtune.client import post_json
+
+        body: dict[str, Any] = {"query": query}
+        for k, v in (("index", self.index), ("top_k", top_k), ("mode", mode), ("filters", filters)):
+            if v is not None:
+                body[k] = v
+        return list(post_json(self.url, "/v1/search", body, self.key).get("sources") or [])
+
+    def close(self) -> None:
+        pass
+
+
+def _print_hits(hits: list[dict[str, Any]], as_json: bool) -> None:
+    from ragtune.cli import print_json
+
+    if as_json:
         print_json(hits)
-        return EXIT_OK
+        return
     if not hits:
         print("no results")
-        return EXIT_OK
+        return
     for h in hits:
         where = h["source"] or "?"
         if h.get("page"):
@@ -177,4 +292,3 @@ def _run_search(args: argparse.Namespace, cfg: Any) -> int:
         text = " ".join(str(h["text"]).split())
         print(f"[{h['n']}] {h['score']:.4f}{dense}  {where}")
         print(f"    {text[:200]}{'...' if len(text) > 200 else ''}")
-    return EXIT_OK

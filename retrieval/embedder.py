@@ -5,6 +5,12 @@
 
 The embedder's identity is a content hash (weights, tokenizer, config, pooling), recorded by the
 index that it builds; a query through a different embedder is refused.
+
+On the CPU, `load()` takes the embedder's verified ONNX export when one is cached
+(retrieval/onnx_encoder.py: onnxruntime + `tokenizers`, no torch), and sentence-transformers only
+when something needs it: the HF `tokenizer` (chunking, token counts) or no usable export (one log
+line says why). `emb.ensure_export()` writes the export from the loaded sentence-transformers model.
+While sentence-transformers is loaded, `embed()` uses it (documents are embedded as before).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class Embedder:
     def __init__(self, cfg: EmbedderConfig | None = None) -> None:
         self.cfg = cfg or EmbedderConfig()
         self.model: Any = None
+        self.onnx: Any = None  # OnnxEncoder when the verified export is in use
+        self.onnx_why = ""  # why it is not (when it is not)
+        self._export_again = False
         self.path: Path | None = None
         self.hash = ""
         self.dim = 0
@@ -59,12 +68,50 @@ class Embedder:
         return {"path": str(p), "hash": self.hash or embedder_hash(p)}
 
     def load(self) -> "Embedder":
-        if self.model is not None:
+        if self.model is not None or self.onnx is not None:
             return self
-        from ragtune.modeling import pick_device
-
         self.path = self.resolve()
         self.hash = embedder_hash(self.path)
+        if self._load_onnx():
+            return self
+        return self._load_st()
+
+    def _load_onnx(self) -> bool:
+        from ragtune.retrieval import onnx_encoder
+
+        if not onnx_encoder.enabled() or self.cfg.device in ("cuda", "mps"):
+            return False
+        enc, why, self._export_again = onnx_encoder.load_cached(self.hash)
+        if enc is None:
+            self.onnx_why = why
+            log.info("query encoder: %s; using sentence-transformers", why)
+            return False
+        self.onnx = enc
+        self.dim, self.max_tokens = enc.dim, enc.max_tokens
+        log.debug("embedder %s: ONNX export %s, dim %d", self.path, enc.folder, self.dim)
+        return True
+
+    def ensure_export(self) -> bool:
+        """Export to ONNX (and check it) when no usable export is cached and sentence-transformers is
+        loaded; True when an export was written. A failed export is recorded and not retried."""
+        from ragtune.retrieval import onnx_encoder
+
+        if self.model is None or self.onnx is not None or not onnx_encoder.enabled():
+            return False
+        if not self._export_again:
+            enc, _why, self._export_again = onnx_encoder.load_cached(self.hash)
+            if enc is not None or not self._export_again:
+                return False
+        self._export_again = False
+        enc, manifest = onnx_encoder.export(self.model, self.hash, self.max_tokens)
+        return enc is not None
+
+    def _load_st(self) -> "Embedder":
+        from ragtune.modeling import pick_device
+
+        if self.path is None:
+            self.path = self.resolve()
+            self.hash = embedder_hash(self.path)
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
@@ -90,6 +137,8 @@ class Embedder:
 
     @property
     def tokenizer(self) -> Any:
+        if self.model is None:
+            self._load_st()
         return self.model.tokenizer
 
     def embed(self, texts: list[str], batch_size: int | None = None) -> Any:
@@ -97,6 +146,10 @@ class Embedder:
 
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.model is None and self.onnx is not None:
+            return self.onnx.encode(texts, batch_size=batch_size or self.cfg.batch_size)
+        if self.model is None:
+            self.load()
         vecs = self.model.encode(
             texts, batch_size=batch_size or self.cfg.batch_size, normalize_embeddings=True,
             convert_to_numpy=True, show_progress_bar=False,

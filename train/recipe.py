@@ -587,39 +587,95 @@ def _out_state(out: Path) -> tuple[bool, bool]:
 def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> Any:
     """Train a LoRA adapter per `cfg`; return the output folder (adapter + run card). With `dry_run`,
     check and prepare everything, time two batches, and return the plan (a dict) without training or
-    writing anything."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig as PeftLoraConfig
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTConfig
+    writing anything.
 
-    from ragtune import __version__
-    from ragtune.config import to_dict
-    from ragtune.io import atomic_dir
-    from ragtune.modeling import file_sha256, model_hash, pick_device, text_sha256
-    from ragtune.runcard import write_runcard
-    from ragtune.train.plots import plot_losses
-    from ragtune.train.data import shared_system_prompt
+    Steps: check the output folder (`_resume_point`), prepare the data (`prepare`), load the base model
+    for training (`_load_for_training`), encode the records (`_encode_sets`), build the Trainer
+    (`_sft_args`, `_build_trainer`), train (`_fit`), measure (`_run_metrics`), then write the adapter
+    folder atomically with its run card (`_write_adapter`)."""
+    from ragtune.train.rag import RAG_PROMPTS
 
     t_start = time.time()
     tc = cfg.train
     out = Path(tc.output_dir).expanduser().resolve()
     ckpt_dir = out / CHECKPOINTS
     existed = {d for d in (out, ckpt_dir) if d.exists()}
+    resume_from = _resume_point(out, ckpt_dir, resume, overwrite)
+    _quiet_libraries()
+
+    prep = prepare(cfg, rag_cache=ckpt_dir / RAG_PROMPTS if resume else None)
+    if overwrite and not resume and not dry_run and ckpt_dir.exists():  # only once the data has passed its check
+        shutil.rmtree(ckpt_dir)
+    settings = run_settings(cfg, prep)
+    if resume:
+        check_resume_settings(ckpt_dir, settings)
+    loaded = _load_for_training(cfg, prep)
+    sets = _encode_sets(cfg, prep)
+    resume_step = _checkpoint_step(resume_from)
+    callbacks = [] if dry_run else make_callbacks(ckpt_dir / METRICS, resume_step)
+    trainer, training = _build_trainer(cfg, prep, loaded, sets, ckpt_dir, callbacks)
+    if dry_run:
+        try:
+            return _dry_run_plan(trainer, tc, sets.train_enc, sets.n_tokens, sets.n_trained, len(prep.eval_records),
+                                 resume_step, training)
+        finally:
+            for d in (ckpt_dir, out):  # the Trainer makes its output folder on creation: leave no trace
+                if d not in existed and d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+
+    if not resume and first_process():  # written once the run is sure to start: a refusal leaves no folder
+        from ragtune.io import atomic_write_json
+
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ckpt_dir / RUN_SETTINGS, settings)
+        if prep.rag is not None:
+            prep.rag.write(ckpt_dir / RAG_PROMPTS)  # cached with the run: --resume reuses them
+    result, train_secs = _fit(trainer, cfg, ckpt_dir, resume_from)
+    state = trainer.state
+    if resume_from and state.global_step <= resume_step and (tc.max_steps <= 0 or tc.max_steps > resume_step):
+        raise UsageError(f"resume from step {resume_step} did not continue (now at step {state.global_step})")
+    metrics = _run_metrics(trainer, result, train_secs, callbacks[0].rows, resume_step, sets.has_eval)
+
+    # Every rank takes part in saving (FSDP gathers the sharded weights); rank 0 writes the folder.
+    staging = out.parent / f".{out.name}.saving"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_fsdp_enabled:
+        # Trainer.save_model writes nothing under SHARDED_STATE_DICT (checkpoints keep using it):
+        # gather the full state for the adapter files
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()  # until rank 0 has written the folder
+        return out
+    metrics["wall_seconds"] = round(time.time() - t_start, 2)
+    card = _run_card(cfg, prep, metrics, training)
+    _write_adapter(out, staging, ckpt_dir, prep, card, callbacks[0].rows)
+    log.info("wrote %s (%d steps, %.0f tokens/s)", out, state.global_step, metrics["tokens_per_second"] or 0)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def _resume_point(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """The checkpoint --resume continues from (None for a new run); refuses to overwrite a run unasked."""
     finished, has_ckpt = _out_state(out)
-    resume_from = None
     if resume:
         resume_from = last_complete_checkpoint(ckpt_dir, remove_incomplete=first_process())
         if resume_from is None:
             raise UsageError(f"--resume: no checkpoint in '{ckpt_dir}'; train without --resume to start a new run")
-    elif (finished or has_ckpt) and not overwrite:
+        return resume_from
+    if (finished or has_ckpt) and not overwrite:
         what = "a trained adapter" if finished else "checkpoints of an unfinished run"
         raise UsageError(
             f"train.output_dir '{out}' already holds {what}; pass --resume to continue it, --overwrite to start "
             "over, or set train.output_dir to a new folder"
         )
+    return None
 
+
+def _quiet_libraries() -> None:
     import warnings
 
     import datasets
@@ -630,17 +686,30 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
 
-    from ragtune.train.rag import RAG_PROMPTS
 
-    prep = prepare(cfg, rag_cache=ckpt_dir / RAG_PROMPTS if resume else None)
-    tok, template = prep.tokenizer, prep.template
-    if overwrite and not resume and not dry_run and ckpt_dir.exists():  # only once the data has passed its check
-        shutil.rmtree(ckpt_dir)
-    settings = run_settings(cfg, prep)
-    if resume:
-        check_resume_settings(ckpt_dir, settings)
+@dataclass
+class _Loaded:
+    """The base model made ready to train, and how it will train."""
+
+    model: Any
+    device: str
+    threads: int
+    pad: str
+    gradient_checkpointing: bool
+    bf16: bool
+    fp16: bool
+    dtype: str  # as the run card says it: "float32", "nf4 4-bit, bfloat16 compute", ...
+
+
+def _load_for_training(cfg: Any, prep: Any) -> _Loaded:
+    """Base model on its device with the pad token chosen; refuses packing the attention cannot mask."""
+    import torch
+
+    from ragtune.modeling import pick_device
     from ragtune.train.template import last_trained_is_stop_token
 
+    tc = cfg.train
+    tok, template = prep.tokenizer, prep.template
     if not last_trained_is_stop_token(tok, template):
         log.warning("the chat template ends assistant turns without a special end-of-turn token; the model "
                     "may not learn to stop (give a template that closes turns with one: train.chat_template)")
@@ -674,9 +743,33 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         dtype = f"{dtype} weights, bfloat16 autocast"
     log.info("base %s (%.0fM params) on %s, %s, threads %d, gradient checkpointing %s",
              prep.base, n_params / 1e6, device, dtype, threads, gc)
+    if tc.qlora:
+        from peft import prepare_model_for_kbit_training
 
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+    return _Loaded(model, device, threads, pad, gc, bf16, fp16, dtype)
+
+
+@dataclass
+class _Sets:
+    """The encoded training and eval records."""
+
+    train_enc: dict[str, list[list[int]]]
+    train_ds: Any
+    eval_ds: Any
+    n_tokens: int  # tokens per epoch
+    n_trained: int  # of them, the ones with a loss (assistant turns)
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_ds is not None and len(self.eval_ds) > 0
+
+
+def _encode_sets(cfg: Any, prep: Any) -> _Sets:
+    from datasets import Dataset
+
+    tok, template = prep.tokenizer, prep.template
     train_enc = encode(prep.train_records, tok, template, cfg.data.max_length)
-    train_ds = Dataset.from_dict(train_enc)
     n_tokens = sum(map(len, train_enc["input_ids"]))
     n_trained = sum(len(row) - row.count(-100) for row in train_enc["labels"])
     log.info("data: %d training records (%s tokens per epoch, %s of them trained), %d eval records%s",
@@ -684,11 +777,18 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
              f", {prep.skipped} invalid skipped" if prep.skipped else "")
     eval_ds = (Dataset.from_dict(encode(prep.eval_records, tok, template, cfg.data.max_length))
                if prep.eval_records else None)
-    has_eval = eval_ds is not None and len(eval_ds) > 0
+    return _Sets(train_enc, Dataset.from_dict(train_enc), eval_ds, n_tokens, n_trained)
+
+
+def _sft_args(cfg: Any, ckpt_dir: Path, loaded: _Loaded, has_eval: bool) -> Any:
+    """TRL's SFTConfig from ragtune's settings."""
+    from trl import SFTConfig
+
+    tc = cfg.train
     steps_or_epoch = lambda n: ("steps", n) if n > 0 else ("epoch", 500)  # noqa: E731
     eval_strategy, eval_steps = steps_or_epoch(tc.eval_steps) if has_eval else ("no", 500)
     save_strategy, save_steps = steps_or_epoch(tc.save_steps)
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(ckpt_dir),
         num_train_epochs=tc.epochs,
         max_steps=tc.max_steps,
@@ -709,10 +809,10 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         logging_steps=tc.logging_steps,
         logging_first_step=True,
         seed=tc.seed,
-        use_cpu=device == "cpu",
-        bf16=bf16,
-        fp16=fp16,
-        gradient_checkpointing=gc,
+        use_cpu=loaded.device == "cpu",
+        bf16=loaded.bf16,
+        fp16=loaded.fp16,
+        gradient_checkpointing=loaded.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if tc.group_by_length and not tc.packing else "random",
         prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding",  # kept in trainer_state.json: --resume counts the whole run
@@ -721,52 +821,46 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a graph walk
     )
+
+
+def _build_trainer(cfg: Any, prep: Any, loaded: _Loaded, sets: _Sets, ckpt_dir: Path,
+                   callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """The Trainer (LoRA on the chosen modules, the compact loss installed), and how it trains (for the run card)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    tc = cfg.train
     target = list(tc.lora.target_modules)
     peft_config = PeftLoraConfig(
         r=tc.lora.r, lora_alpha=tc.lora.alpha, lora_dropout=tc.lora.dropout,
         target_modules="all-linear" if target == ["all-linear"] else target, task_type="CAUSAL_LM")
-    if cfg.train.qlora:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-
-    resume_step = _checkpoint_step(resume_from)
-    metrics_path = ckpt_dir / METRICS
-    callbacks = [] if dry_run else make_callbacks(metrics_path, resume_step)
     trainer_cls = make_trainer_class()
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tok, peft_config=peft_config, callbacks=callbacks)
+    trainer = trainer_cls(model=loaded.model, args=_sft_args(cfg, ckpt_dir, loaded, sets.has_eval),
+                          train_dataset=sets.train_ds, eval_dataset=sets.eval_ds, processing_class=prep.tokenizer,
+                          peft_config=peft_config, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     inner = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     trainer.compact_loss = install_compact_loss(inner)
     training = {  # how it trains: the run card's "training", and the dry run's plan
-        "device": device,
-        "dtype": dtype,
-        "threads": threads,
-        "gradient_checkpointing": gc,
-        "pad_token": pad,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "threads": loaded.threads,
+        "gradient_checkpointing": loaded.gradient_checkpointing,
+        "pad_token": loaded.pad,
         "assistant_only_loss": "prefix-rendered assistant spans (answer + end-of-turn token)",
         "compact_lm_head": trainer.compact_loss,
         "packing": tc.packing,
         "group_by_length": tc.group_by_length and not tc.packing,
     }
-    if dry_run:
-        try:
-            return _dry_run_plan(trainer, tc, train_enc, n_tokens, n_trained, len(prep.eval_records), resume_step,
-                                 training)
-        finally:
-            for d in (ckpt_dir, out):  # the Trainer makes its output folder on creation: leave no trace
-                if d not in existed and d.is_dir() and not any(d.iterdir()):
-                    d.rmdir()
+    return trainer, training
 
-    if not resume and first_process():  # written once the run is sure to start: a refusal leaves no folder
-        from ragtune.io import atomic_write_json
 
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(ckpt_dir / RUN_SETTINGS, settings)
-        if prep.rag is not None:
-            prep.rag.write(ckpt_dir / RAG_PROMPTS)  # cached with the run: --resume reuses them
+def _fit(trainer: Any, cfg: Any, ckpt_dir: Path, resume_from: str | None) -> tuple[Any, float]:
+    """trainer.train, with how to resume after Ctrl-C and what to change after running out of GPU memory."""
+    import torch
+
+    tc = cfg.train
     t0 = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -782,11 +876,13 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
             + ("; continue from the last checkpoint with --resume"
                if last_complete_checkpoint(ckpt_dir) else "")
         ) from exc
-    train_secs = time.time() - t0
+    return result, time.time() - t0
+
+
+def _run_metrics(trainer: Any, result: Any, train_secs: float, rows: list[dict[str, Any]], resume_step: int,
+                 has_eval: bool) -> dict[str, Any]:
+    """The run card's metrics, for the whole run (a resumed one included)."""
     state = trainer.state
-    if resume_from and state.global_step <= resume_step and (tc.max_steps <= 0 or tc.max_steps > resume_step):
-        raise UsageError(f"resume from step {resume_step} did not continue (now at step {state.global_step})")
-    rows = callbacks[0].rows
     # Trainer's clock includes the evaluations run during training: take them out of tokens/s
     in_loop_eval = sum(r.get("eval_runtime", 0.0) for r in rows if resume_step < r["step"] <= state.global_step)
     runtime = max(1e-9, float(result.metrics.get("train_runtime", train_secs)) - in_loop_eval)
@@ -801,26 +897,30 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     run_tokens = int(state.num_input_tokens_seen or 0) or tokens
     train_losses = [r["loss"] for r in rows if "loss" in r]
     tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else []
+    return {
+        "train_loss": sum(tail) / len(tail) if tail else None,
+        "train_loss_mean": _run_loss_mean(rows, resume_step, float(result.training_loss), state.global_step),
+        "eval_loss": eval_loss,
+        "train_tokens": run_tokens,
+        "tokens_per_second": tokens / runtime if runtime > 0 else None,
+        "wall_seconds": None,  # set by run_train: its whole wall time
+        "train_seconds": round(runtime, 2),
+        "steps": state.global_step,
+        "resumed_from_step": resume_step or None,
+    }
 
-    # Every rank takes part in saving (FSDP gathers the sharded weights); rank 0 writes the folder.
-    staging = out.parent / f".{out.name}.saving"
-    if trainer.is_world_process_zero():
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_fsdp_enabled:
-        # Trainer.save_model writes nothing under SHARDED_STATE_DICT (checkpoints keep using it):
-        # gather the full state for the adapter files
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(staging))
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        trainer.accelerator.wait_for_everyone()  # until rank 0 has written the folder
-        return out
+
+def _run_card(cfg: Any, prep: Any, metrics: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    from ragtune import __version__
+    from ragtune.config import to_dict
+    from ragtune.modeling import file_sha256, model_hash, text_sha256
+    from ragtune.train.data import shared_system_prompt
+
     card = {
         "ragtune_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "base_model": {"path": str(prep.base), "hash": model_hash(prep.base)},
-        "chat_template": {"template": template, "hash": text_sha256(template)},
+        "chat_template": {"template": prep.template, "hash": text_sha256(prep.template)},
         "system_prompt": shared_system_prompt(prep.train_report.records),  # as in the file; serving adds it by default
         "config": to_dict(cfg),
         "data": {
@@ -831,40 +931,38 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
             "eval_records": len(prep.eval_records),
             "skipped_records": prep.skipped,
         },
-        "metrics": {
-            "train_loss": sum(tail) / len(tail) if tail else None,
-            "train_loss_mean": _run_loss_mean(rows, resume_step, float(result.training_loss), state.global_step),
-            "eval_loss": eval_loss,
-            "train_tokens": run_tokens,
-            "tokens_per_second": tokens / runtime if runtime > 0 else None,
-            "wall_seconds": round(time.time() - t_start, 2),
-            "train_seconds": round(runtime, 2),
-            "steps": state.global_step,
-            "resumed_from_step": resume_step or None,
-        },
+        "metrics": metrics,
         "training": training,
         "exports": [],
     }
     if prep.rag is not None:
         card["rag"] = prep.rag.block()
+    return card
+
+
+def _write_adapter(out: Path, staging: Path, ckpt_dir: Path, prep: Any, card: dict[str, Any],
+                   rows: list[dict[str, Any]]) -> None:
+    """The output folder, whole or not at all: adapter, tokenizer, template, run card, metrics, loss plot."""
+    from ragtune.io import atomic_dir
+    from ragtune.runcard import write_runcard
+    from ragtune.train.plots import plot_losses
+    from ragtune.train.rag import RAG_PROMPTS
+
     with atomic_dir(out) as tmp:
         for item in staging.iterdir():
             os.replace(item, tmp / item.name)
         staging.rmdir()
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run card holds the config
         _absolute_base(tmp / "adapter_config.json", prep.base)
-        tok.save_pretrained(str(tmp))
-        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        prep.tokenizer.save_pretrained(str(tmp))
+        (tmp / "chat_template.jinja").write_text(prep.template, encoding="utf-8")
         write_runcard(tmp, card)
         if prep.rag is not None:
             prep.rag.write(tmp / RAG_PROMPTS)
-        shutil.copyfile(metrics_path, tmp / METRICS)
+        shutil.copyfile(ckpt_dir / METRICS, tmp / METRICS)
         plot_losses(rows, tmp / "loss.png")
         if ckpt_dir.exists():
             os.replace(ckpt_dir, tmp / CHECKPOINTS)
-    log.info("wrote %s (%d steps, %.0f tokens/s)", out, state.global_step, card["metrics"]["tokens_per_second"] or 0)
-    trainer.accelerator.wait_for_everyone()
-    return out
 
 
 def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_tokens: int, n_trained: int,

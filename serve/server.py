@@ -292,6 +292,10 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
     add_info_routes(app, runtime, api_key_of(cfg))
     add_chat_route(app, runtime)
     add_retrieval_routes(app, runtime)
+    if cfg.serve.fine_tuning:
+        from ragtune.serve.files import add_file_routes
+
+        add_file_routes(app, cfg)
     app.add_middleware(TrailingSlash)  # /v1/models/ is /v1/models, served without a redirect
     return app
 

@@ -1,6 +1,8 @@
 """Argument parsers for `ragtune ask`, `ragtune chat`, `ragtune serve` (imports stay light).
 
     ragtune ask "How many remote days?" --adapter runs/adapter --json
+    ragtune ask --questions questions.jsonl          one JSON line per question, in order (exit 3: some failed)
+    ragtune ask "How many remote days?" --server http://127.0.0.1:8000 [--api-key KEY]
     echo "question" | ragtune ask - --no-rag
     ragtune chat --adapter runs/adapter
     ragtune serve --port 8000 --config configs/serve/local.yaml
@@ -29,9 +31,17 @@ def register(sub: Any) -> None:
         description="Answer one question and exit. Plain output is the answer only; --json adds sources, "
                     "mode, token counts and timings. Errors go to stderr with a non-zero exit code.",
     )
-    p.add_argument("question", help="the question; '-' reads it from stdin")
+    p.add_argument("question", nargs="?", default=None, help="the question; '-' reads it from stdin")
     _answer_flags(p)
     p.add_argument("--json", action="store_true", help="answer, sources, mode, token counts and timings as JSON")
+    p.add_argument("--questions", metavar="FILE", default=None,
+                   help="many questions in one process: JSONL with a \"question\" field (optional system) or one "
+                        "question a line, '-' for stdin; one JSON line per input, in order; exit 3 when some failed")
+    p.add_argument("--server", metavar="URL", default=None,
+                   help="ask a running 'ragtune serve' instead of loading the model (default: env RAGTUNE_SERVER)")
+    p.add_argument("--model", metavar="NAME", default="",
+                   help="with --server: the deployment to ask (default: the server's first in /v1/models)")
+    p.add_argument("--api-key", metavar="KEY", default=None, help="the server's API key (default: env RAGTUNE_API_KEY)")
     p.set_defaults(func=_run_ask)
 
     p = sub.add_parser(

@@ -2,9 +2,13 @@
 
     ragtune ask "How many days can I work remotely?" --adapter runs/adapter
     echo "How many days?" | ragtune ask - --json --no-rag
+    ragtune ask --questions questions.jsonl            # model loaded once; one JSON line per question
+    ragtune ask "How many days?" --server http://127.0.0.1:8000 --api-key KEY   # a running server answers
 
 Plain output is the answer only (stdout); --json gives answer, sources, mode, token counts and
-timings. Errors go to stderr with exit code 2 (usage) or 1.
+timings. Errors go to stderr with exit code 2 (usage) or 1; a batch exits 3 when some lines failed.
+With --server (or RAGTUNE_SERVER) nothing heavy is imported: the question goes to the server's
+/v1/chat/completions and its answer is printed in the same shapes.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ragtune.errors import UsageError
+from ragtune.errors import EXIT_PARTIAL, RagtuneError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +75,122 @@ def read_question(text: str) -> str:
 
 
 def run_ask(args: argparse.Namespace, cfg: Any) -> int:
-    from ragtune.serve.answer import retriever_for
+    from ragtune.client import read_batch, server_url
 
-    question = read_question(args.question)
+    if (args.question is None) == (args.questions is None):
+        raise UsageError("give one QUESTION or --questions FILE (JSONL with a \"question\" field, or one question "
+                         "a line; '-' reads stdin)")
+    url = server_url(getattr(args, "server", None))
+    batch = read_batch(args.questions, "question") if args.questions is not None else None
+    question = read_question(args.question) if batch is None else ""
     cfg = generation_overrides(cfg, args)
-    precheck(cfg, args.adapter)
-    retriever = retriever_for(cfg, args.index or None, args.no_rag)
-    gen, adapter = load_for_cli(cfg, args.adapter)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": question}
-    ]
+    asker = _RemoteAsk(args, url) if url else _LocalAsk(args, cfg)
     try:
-        ans = gen.answer(messages, adapter=adapter, retriever=retriever)
+        if batch is not None:
+            return _ask_batch(asker, batch, args)
+        out = asker.ask(question, args.system)
     finally:
-        if retriever is not None and hasattr(retriever, "close"):
-            retriever.close()
+        asker.close()
     if args.json:
-        out = ans.to_dict()
-        out.update(model=str(gen.base_path), index=(args.index or cfg.index.name) if retriever is not None else None)
         sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     else:
-        sys.stdout.write(ans.text.strip() + "\n")
+        sys.stdout.write(str(out["answer"]).strip() + "\n")
     return 0
+
+
+def _ask_batch(asker: Any, rows: list[Any], args: argparse.Namespace) -> int:
+    """One JSON line per input line, in order; a bad line gets {"line", "error"} and the rest go on."""
+    from ragtune.errors import RagtuneError
+
+    failed = 0
+    for n, obj, why in rows:
+        out: dict[str, Any] = {"line": n}
+        if obj is not None:
+            try:
+                system = obj.get("system", args.system)
+                if not isinstance(system, str):
+                    raise UsageError(f'line {n}: "system" must be a string')
+                out.update(question=obj["question"].strip(), **asker.ask(obj["question"].strip(), system))
+            except RagtuneError as exc:
+                why = str(exc)
+        if obj is None or why:
+            failed += 1
+            out = {"line": n, "error": why}
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    return EXIT_PARTIAL if failed else 0
+
+
+def _messages(question: str, system: str) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+
+class _LocalAsk:
+    """The model (and index) loaded once in this process."""
+
+    def __init__(self, args: argparse.Namespace, cfg: Any) -> None:
+        from ragtune.serve.answer import retriever_for
+
+        precheck(cfg, args.adapter)
+        self.index = (args.index or cfg.index.name)
+        self.retriever = retriever_for(cfg, args.index or None, args.no_rag)
+        try:
+            self.gen, self.adapter = load_for_cli(cfg, args.adapter)
+        except BaseException:
+            self.close()
+            raise
+
+    def ask(self, question: str, system: str) -> dict[str, Any]:
+        ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever)
+        out = ans.to_dict()
+        out.update(model=str(self.gen.base_path), index=self.index if self.retriever is not None else None)
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "retriever", None) is not None and hasattr(self.retriever, "close"):
+            self.retriever.close()
+
+
+class _RemoteAsk:
+    """POST /v1/chat/completions on a running `ragtune serve`; its answer in ask's --json shape
+    (`model` is the deployment's name there)."""
+
+    def __init__(self, args: argparse.Namespace, url: str) -> None:
+        from ragtune.client import api_key, get_json
+
+        chosen = [f for f, on in (("--adapter", args.adapter), ("--index", args.index), ("--no-rag", args.no_rag),
+                                  ("--engine", args.engine)) if on]
+        if chosen:
+            raise UsageError(f"{', '.join(chosen)} cannot be used with --server: the server's deployments decide the "
+                             "model, adapter, index and engine; pick one with --model NAME (see GET /v1/models)")
+        self.url, self.key = url, api_key(args.api_key)
+        self.model = args.model
+        if not self.model:
+            models = get_json(url, "/v1/models", self.key).get("data") or []
+            if not models:
+                raise RagtuneError(f"the server at {url} serves no deployment (GET /v1/models is empty)")
+            self.model = str(models[0]["id"])
+        self.max_new_tokens = args.max_new_tokens
+        self.temperature = args.temperature
+
+    def ask(self, question: str, system: str) -> dict[str, Any]:
+        from ragtune.client import post_json
+
+        body: dict[str, Any] = {"model": self.model, "messages": _messages(question, system)}
+        if self.max_new_tokens is not None:
+            body["max_tokens"] = self.max_new_tokens
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        r = post_json(self.url, "/v1/chat/completions", body, self.key)
+        meta = r.get("ragtune") or {}
+        usage = r.get("usage") or {}
+        choice = (r.get("choices") or [{}])[0]
+        return {"answer": (choice.get("message") or {}).get("content") or "", "sources": r.get("sources") or [],
+                "mode": meta.get("mode"), "prompt_tokens": usage.get("prompt_tokens", 0),
+                "completion_tokens": usage.get("completion_tokens", 0), "abstained": bool(meta.get("abstained")),
+                "finish_reason": choice.get("finish_reason"), "timings": meta.get("timings") or {},
+                "adapter": meta.get("adapter"), "best_score": meta.get("best_score"), "model": r.get("model"),
+                "index": meta.get("index")}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,154 @@
+"""`ragtune ask --questions FILE` (one process, one JSON line per input) and `ask --server URL`
+against a real uvicorn server on the tiny model: the same output as a local ask, 401 without the key."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragtune.cli import main
+from tests.conftest import free_port
+from tests.serve.conftest import QA
+
+KEY = "k-batch"
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    from tests.retrieval.conftest import HR_MD, KOREAN_TXT
+
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "hr.md").write_text(HR_MD, encoding="utf-8")
+    (d / "seoul.txt").write_text(KOREAN_TXT, encoding="utf-8")
+    return d
+
+
+def test_ask_questions_keeps_order_and_reports_bad_lines(tiny_llama: Path, tiny_adapter: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"question": QA[0][0]}) + "\n" + "{not json\n\n" + json.dumps({"q": "x"}) + "\n"
+                 + QA[1][0] + "\n", encoding="utf-8")
+    rc = main(["-q", "ask", "--questions", str(f), f"model.path={tiny_llama}", "--adapter", str(tiny_adapter),
+               "--no-rag", "--engine", "transformers", "--temperature", "0"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 3
+    assert [x["line"] for x in lines] == [1, 2, 4, 5]
+    assert lines[0]["question"] == QA[0][0] and lines[0]["answer"] == QA[0][1] and lines[0]["mode"] == "ft"
+    assert "not valid JSON" in lines[1]["error"] and '"question"' in lines[2]["error"]
+    assert lines[3]["answer"] == QA[1][1]
+
+
+def test_ask_questions_from_stdin_all_good_exits_0(tiny_llama: Path, tiny_adapter: Path, capsys,
+                                                   monkeypatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QA[1][0]}\n{QA[0][0]}\n"))
+    rc = main(["-q", "ask", "--questions", "-", f"model.path={tiny_llama}", "--adapter", str(tiny_adapter),
+               "--no-rag", "--engine", "transformers", "--temperature", "0"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and [x["answer"] for x in lines] == [QA[1][1], QA[0][1]]
+
+
+def test_ask_needs_a_question_or_a_file(capsys) -> None:
+    assert main(["ask"]) == 2
+    assert "--questions FILE" in capsys.readouterr().err
+
+
+@pytest.fixture
+def server(tmp_path: Path, tiny_llama: Path, tiny_adapter: Path, tiny_embedder: Path, docs: Path,
+           loaded_gen: Any, capsys) -> Any:
+    import uvicorn
+
+    from ragtune.config import load_config
+    from ragtune.serve.server import create_app
+
+    assert main(["-q", "index", "add", str(docs), "--index", "t", "--no-progress", f"embedder.path={tiny_embedder}",
+                 "embedder.device=cpu"]) == 0
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {tiny_llama}\nembedder:\n  path: {tiny_embedder}\n  device: cpu\n"
+                 f"serve:\n  api_key: {KEY}\n  deployments:\n"
+                 f"    - {{name: policies, adapter: {tiny_adapter}}}\n"
+                 f"    - {{name: policies+rag, adapter: {tiny_adapter}, index: t}}\n")
+    app = create_app(load_config(f), generator=loaded_gen)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    capsys.readouterr()
+    yield f"http://127.0.0.1:{port}", f
+    srv.should_exit = True
+    t.join(10)
+
+
+def _local(cfg_file: Path, tiny_adapter: Path, *argv: str) -> list[str]:
+    return ["-q", "ask", *argv, "--config", str(cfg_file), "--adapter", str(tiny_adapter), "--engine",
+            "transformers", "--temperature", "0", "--max-new-tokens", "12"]
+
+
+def test_ask_server_matches_local_ask(server: Any, tiny_adapter: Path, capsys, monkeypatch) -> None:
+    url, cfg_file = server
+    assert main(_local(cfg_file, tiny_adapter, QA[0][0], "--no-rag")) == 0
+    local_plain = capsys.readouterr().out
+    assert main(["-q", "ask", QA[0][0], "--server", url, "--api-key", KEY, "--model", "policies",
+                 "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == local_plain == QA[0][1] + "\n"
+
+    assert main(_local(cfg_file, tiny_adapter, QA[1][0], "--index", "t", "--json")) == 0
+    local = json.loads(capsys.readouterr().out)
+    monkeypatch.setenv("RAGTUNE_SERVER", url)
+    monkeypatch.setenv("RAGTUNE_API_KEY", KEY)
+    assert main(["-q", "ask", QA[1][0], "--model", "policies+rag", "--json", "--temperature", "0",
+                 "--max-new-tokens", "12"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert set(remote) == set(local)
+    for k in ("answer", "sources", "mode", "prompt_tokens", "completion_tokens", "abstained", "index"):
+        assert remote[k] == local[k], k
+    assert local["mode"] == "ft+rag" and local["sources"]
+
+
+def test_ask_server_batch_and_errors(server: Any, tmp_path: Path, capsys, monkeypatch) -> None:
+    url, _ = server
+    monkeypatch.delenv("RAGTUNE_API_KEY", raising=False)
+    assert main(["ask", QA[0][0], "--server", url]) == 1
+    err = capsys.readouterr().err
+    assert "401" in err and "--api-key" in err
+    f = tmp_path / "q.txt"
+    f.write_text(f"{QA[0][0]}\n{{\"question\": 5}}\n{QA[1][0]}\n", encoding="utf-8")
+    rc = main(["-q", "ask", "--questions", str(f), "--server", url, "--api-key", KEY, "--model", "policies",
+               "--temperature", "0"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 3 and [x["line"] for x in lines] == [1, 2, 3]
+    assert lines[0]["answer"] == QA[0][1] and "error" in lines[1] and lines[2]["answer"] == QA[1][1]
+    assert main(["ask", "hi", "--server", url, "--api-key", KEY, "--no-rag"]) == 2
+    assert "--model NAME" in capsys.readouterr().err
+    assert main(["ask", "hi", "--server", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert "no ragtune server answers" in capsys.readouterr().err
+
+
+def test_search_server_matches_local_search(server: Any, tiny_embedder: Path, tmp_path: Path, capsys) -> None:
+    url, _ = server
+    emb = [f"embedder.path={tiny_embedder}", "embedder.device=cpu"]
+    assert main(["-q", "search", "remote work days", "--index", "t", "--json", *emb]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main(["-q", "search", "remote work days", "--index", "t", "--json", "--server", url,
+                 "--api-key", KEY]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    keys = ("n", "source", "title", "page", "heading", "text")  # the server's score is its own (not asserted)
+    assert [{k: h[k] for k in keys} for h in remote] == [{k: h[k] for k in keys} for h in local]
+    assert main(["search", "remote", "--index", "t", "--server", url]) == 1
+    assert "401" in capsys.readouterr().err
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"query": "remote work days"}\n{"query": "x", "mode": "fuzzy"}\nexpense reports\n')
+    rc = main(["-q", "search", "--queries", str(f), "--index", "t", "--server", url, "--api-key", KEY])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 3 and [x["line"] for x in lines] == [1, 2, 3]
+    assert lines[0]["hits"] and "error" in lines[1] and lines[2]["query"] == "expense reports"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,18 @@ def test_a_string_key_takes_an_override_as_typed(tmp_path: Path) -> None:
     p = write(tmp_path, "rag:\n  not_found_message: No\n")  # in a file, YAML has already read a boolean
     with pytest.raises(ConfigError, match="got False .YAML reads a bare yes/no/on/off/true/false as a boolean"):
         load_config(p)
+
+
+def test_the_demo_serve_config_names_what_the_demo_builds() -> None:
+    """configs/serve/demo.yaml works right after ./scripts/demo.sh: its index and adapters are the demo's."""
+    demo = load_config(str(ROOT / "configs/demo.yaml"))
+    serve = load_config(str(ROOT / "configs/serve/demo.yaml"))
+    script = (ROOT / "scripts/demo.sh").read_text(encoding="utf-8")
+    out = re.search(r'^OUT=(\S+)$', script, re.M).group(1)
+    built = {demo.train.output_dir} | {f"{out}/{m}" for m in re.findall(r'train\.output_dir="\$OUT/([\w./-]+)"', script)}
+    assert serve.index.name == demo.index.name
+    assert (serve.chunk.size, serve.chunk.overlap) == (demo.chunk.size, demo.chunk.overlap)
+    for d in serve.serve.deployments:
+        assert d.index in ("", demo.index.name), d
+        assert d.adapter in {"", *built}, (d, built)
+    assert {d.adapter for d in serve.serve.deployments} >= built

@@ -127,7 +127,7 @@ class SearchConfig:
     candidates: int = 50  # hits each arm (dense, sparse) fetches before rank fusion
     rrf_k: int = 60  # reciprocal rank fusion constant: score = sum weight / (rrf_k + rank)
     fusion: Literal["rrf", "dbsf"] = "rrf"  # hybrid: weighted reciprocal rank, or distribution-based score fusion
-    dense_weight: float = 3.0  # rrf weight of the dense ranking (chosen on the Python FAQ, docs/benchmarks.md)
+    dense_weight: float = 3.0  # fusion weight of the dense ranking (provisional: not yet tuned, see bench/bench_quality.py)
     sparse_weight: float = 1.0  # rrf weight of the lexical (BM25) ranking
     stemmer: str = "english"  # lexical stemming for new indexes (Snowball name or none); an index keeps its own
     hnsw_ef: int = 128  # HNSW search breadth; 0 = the store's default (recall@10 0.98 vs 0.99 at 128, same speed)

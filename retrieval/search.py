@@ -10,7 +10,9 @@
 
 Each hit is the sources shape `{"n", "source", "title", "page", "heading", "score", "text"}` plus
 `"dense_score"` (cosine of query and chunk, in every mode: RRF scores are ranks, not relevance)
-and `"chunk_id"`; with a reranker `score` is the reranker's and `"rerank_score"` is set too.
+and `"chunk_id"`; with a reranker `score` is the reranker's and `"rerank_score"` is set too. The
+explanation of each rank rides along: `dense_rank`/`dense_score`, `sparse_rank`/`sparse_score`
+(BM25) and, in hybrid, `fused_score` (retrieval/fusion.py: weighted RRF or DBSF, search.fusion).
 A sparse or hybrid search of an index whose lexical vectors are of an older sparse format raises
 UsageError naming the sync that re-indexes it (dense still works). `load()` raises UsageError
 when the index does not exist or was built by another embedder, and
@@ -58,6 +60,22 @@ def parse_filters(items: list[str] | None) -> dict[str, Any]:
 def check_filter_key(key: str) -> None:
     if key not in FILTER_KEYS and not (key.startswith("meta.") and len(key) > 5):
         raise UsageError(f"cannot filter on '{key}'; use one of {', '.join(FILTER_KEYS)}, or meta.KEY for JSONL metadata")
+
+
+def _source(h: Any) -> dict[str, Any]:
+    p = h.payload
+    return {
+        "n": 0, "source": p.get("source"), "title": p.get("title"), "page": p.get("page"),
+        "heading": p.get("heading") or "", "score": float(h.score), "text": p.get("text", ""),
+        "dense_score": None, "chunk_id": h.id, "start": p.get("start"), "end": p.get("end"),
+        "meta": p.get("meta") or {},
+    }
+
+
+def _cosine(q: Any, vec: Any) -> float | None:
+    import numpy as np
+
+    return float(np.dot(q, np.asarray(vec, dtype=np.float32))) if vec is not None else None
 
 
 def _sparse_version(meta: dict[str, Any]) -> int:
@@ -175,8 +193,6 @@ class Retriever:
 
     def search(self, query: str, top_k: int | None = None, mode: str | None = None,
                filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        import numpy as np
-
         if self.store is None:
             self.load()
         if not query or not query.strip():
@@ -195,9 +211,6 @@ class Retriever:
         q = self.embedder.embed_query(query)
         sparse_q = self.sparse.query(query) if mode != "dense" else None
         limit = max(top_k, s.rerank_candidates) if self.reranker is not None else top_k
-        # RRF gives equal scores to hits with mirrored ranks (1st dense + 2nd sparse vs the opposite),
-        # which the store orders arbitrarily: fetch a few more, break ties by cosine, then cut
-        fetch = limit + 4 if mode == "hybrid" else limit
         if (self.read_copy and time.monotonic() - self._checked >= self.REFRESH_EVERY_S
                 and self._refresh_lock.acquire(blocking=False)):  # one thread refreshes, the others search on
             try:
@@ -205,31 +218,33 @@ class Retriever:
                 self.refresh()
             finally:
                 self._refresh_lock.release()
+        hybrid = mode == "hybrid" and bool(sparse_q and sparse_q[0])  # a query of stop-words alone: dense
         with self._store_lock:
-            hits = self.store.query(
-                dense=q, sparse=sparse_q, mode=mode, limit=fetch, candidates=max(s.candidates, fetch),
-                rrf_k=s.rrf_k, filters=filters, hnsw_ef=s.hnsw_ef, with_vector=mode != "dense",
-                fusion=s.fusion, weights=(s.dense_weight, s.sparse_weight),
-            )
-        out = []
-        for h in hits:
-            if mode == "dense":
-                dense_score: float | None = h.score
-            elif h.vector is not None:
-                dense_score = float(np.dot(q, np.asarray(h.vector, dtype=np.float32)))
+            if hybrid:
+                n = max(s.candidates, limit)
+                dense_hits = self.store.query(dense=q, mode="dense", limit=n, filters=filters, hnsw_ef=s.hnsw_ef)
+                sparse_hits = self.store.query(sparse=sparse_q, mode="sparse", limit=n, filters=filters,
+                                               with_vector=True)
             else:
-                dense_score = None
-            p = h.payload
-            out.append({
-                "n": 0, "source": p.get("source"), "title": p.get("title"), "page": p.get("page"),
-                "heading": p.get("heading") or "", "score": float(h.score), "text": p.get("text", ""),
-                "dense_score": dense_score, "chunk_id": h.id, "start": p.get("start"), "end": p.get("end"),
-                "meta": p.get("meta") or {},
-            })
-        if mode == "hybrid":
-            out.sort(key=lambda o: (-round(o["score"], 9), -(o["dense_score"] if o["dense_score"] is not None else -2.0),
-                                    o["chunk_id"]))
-            out = out[:limit]
+                dense_hits = sparse_hits = []
+                single = self.store.query(
+                    dense=q if mode != "sparse" else None, sparse=sparse_q if mode == "sparse" else None,
+                    mode="sparse" if mode == "sparse" else "dense", limit=limit, filters=filters,
+                    hnsw_ef=s.hnsw_ef, with_vector=mode == "sparse",
+                )
+        if hybrid:
+            out = self._fused(q, dense_hits, sparse_hits, limit)
+        else:
+            out = []
+            for rank, h in enumerate(single, 1):
+                o = _source(h)
+                if mode == "sparse":
+                    o["dense_score"] = _cosine(q, h.vector)
+                    o.update(sparse_rank=rank, sparse_score=float(h.score), dense_rank=None)
+                else:
+                    o["dense_score"] = float(h.score)
+                    o.update(dense_rank=rank, sparse_rank=None, sparse_score=None)
+                out.append(o)
         if self.reranker is not None and out:
             scores = self.reranker.score(query, [o["text"] for o in out])
             for o, sc in zip(out, scores):
@@ -238,6 +253,24 @@ class Retriever:
             out = out[:top_k]
         for i, o in enumerate(out, 1):
             o["n"] = i
+        return out
+
+    def _fused(self, q: Any, dense_hits: list[Any], sparse_hits: list[Any], limit: int) -> list[dict[str, Any]]:
+        from ragtune.retrieval.fusion import fuse
+
+        s = self.cfg.search
+        by_id = {h.id: h for h in sparse_hits}
+        by_id.update({h.id: h for h in dense_hits})
+        fused = fuse([(h.id, h.score) for h in dense_hits], [(h.id, h.score) for h in sparse_hits],
+                     method=s.fusion, k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight))
+        out = []
+        for cid, row in fused[:limit]:
+            h = by_id[cid]
+            o = _source(h)
+            o["score"] = o["fused_score"] = row["fused"]
+            o["dense_score"] = row["dense_score"] if row["dense_score"] is not None else _cosine(q, h.vector)
+            o.update(dense_rank=row["dense_rank"], sparse_rank=row["sparse_rank"], sparse_score=row["sparse_score"])
+            out.append(o)
         return out
 
     def _old_sparse_format(self) -> UsageError:

@@ -107,25 +107,32 @@ def test_reranker_path_errors(cfg: Config, docs: Path, tiny_embedder: Path, tmp_
         Retriever(make_cfg(tiny_embedder, f"search.rerank_model={tmp_path}")).load()
 
 
-def test_hybrid_ties_break_by_cosine_and_fetch_past_the_cut(cfg: Config, docs: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """RRF scores tie for mirrored ranks; the store orders such ties arbitrarily. ragtune asks for a
-    few more hits, orders ties by the query's cosine with each chunk, then cuts to top_k."""
+def test_hybrid_fuses_both_channels_with_weights_and_explains(cfg: Config, docs: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hybrid asks the store for each channel's candidates and fuses them with search.dense_weight /
+    sparse_weight; each hit says its rank and score in each channel. Hand-computed RRF (k=60, 3:1)."""
     from ragtune.retrieval.store import Hit
 
     ingest(cfg, [str(docs / "hr.md")], progress=False)
     with Retriever(cfg) as r:
         q = r.embedder.embed_query("remote work")
-        tie = 1 / 61 + 1 / 62
-        made = [("a", 1 / 61, 0.9), ("b", tie, 0.2), ("c", tie, 0.7), ("d", tie, 0.5), ("e", 1 / 64, 0.99)]
-        asked: list[int] = []
+        dense = [Hit("a", 0.9, {"source": "a.md", "text": "a"}), Hit("b", 0.8, {"source": "b.md", "text": "b"})]
+        sparse = [Hit("b", 7.0, {"source": "b.md", "text": "b"}, list(map(float, q * 0.8))),
+                  Hit("c", 5.0, {"source": "c.md", "text": "c"}, list(map(float, q * 0.1)))]
+        asked: list[tuple[str, int]] = []
 
         def query(**kw):  # noqa: ANN003, ANN202
-            asked.append(kw["limit"])
-            return [Hit(i, sc, {"source": f"{i}.md", "text": i}, list(map(float, q * cos))) for i, sc, cos in made]
+            asked.append((kw["mode"], kw["limit"]))
+            return dense if kw["mode"] == "dense" else sparse
 
         monkeypatch.setattr(r.store, "query", query)
         hits = r.search("remote work", top_k=3)
-        assert asked == [7]  # top_k + 4
-        assert [h["chunk_id"] for h in hits] == ["c", "d", "b"]  # the tie, by cosine; then a; e is past the cut
+        assert asked == [("dense", 50), ("sparse", 50)]  # search.candidates from each channel
+        assert [h["chunk_id"] for h in hits] == ["b", "a", "c"]  # in both channels beats first in one
+        assert [h["score"] for h in hits] == pytest.approx([3 / 62 + 1 / 61, 3 / 61, 1 / 62])
+        assert hits[0]["fused_score"] == hits[0]["score"]
+        assert (hits[0]["dense_rank"], hits[0]["dense_score"], hits[0]["sparse_rank"], hits[0]["sparse_score"]) == (
+            2, 0.8, 1, 7.0)
+        assert (hits[1]["sparse_rank"], hits[1]["sparse_score"]) == (None, None)
+        assert hits[2]["dense_rank"] is None and hits[2]["dense_score"] == pytest.approx(0.1, abs=1e-5)
         assert [h["n"] for h in hits] == [1, 2, 3]

@@ -53,7 +53,7 @@ class FileStore:
                 h.update(block)
         obj = {"id": file_id, "object": "file", "bytes": data_path.stat().st_size, "created_at": int(time.time()),
                "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
-               "sha256": h.hexdigest()}
+               "sha256": h.hexdigest(), "created_ns": time.time_ns()}
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".{file_id}.tmp"
         tmp.mkdir()
@@ -91,7 +91,7 @@ class FileStore:
                     except KeyError:
                         continue
         out = [f for f in out if not purpose or f.get("purpose") == purpose]
-        return sorted(out, key=lambda f: (-int(f.get("created_at", 0)), f["id"]))
+        return sorted(out, key=lambda f: (-int(f.get("created_ns", f.get("created_at", 0) * 10**9)), f["id"]))
 
     def delete(self, file_id: str) -> None:
         d = self._dir(file_id)
@@ -102,8 +102,8 @@ class FileStore:
 
 
 def public(obj: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's file object (the sha256 stays on disk and in `ragtune`'s own listing)."""
-    return {k: v for k, v in obj.items() if k != "sha256"}
+    """OpenAI's file object (the sha256 and the upload's nanosecond clock, for ordering, stay on disk)."""
+    return {k: v for k, v in obj.items() if k not in ("sha256", "created_ns")}
 
 
 def add_file_routes(app: Any, cfg: Any, store: FileStore | None = None) -> None:

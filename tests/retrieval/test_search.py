@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,12 +16,16 @@ from ragtune.retrieval.search import Retriever, parse_filters
 from tests.retrieval.conftest import make_cfg, make_pdf
 
 
-def test_korean_query_finds_korean_document_through_sparse(cfg: Config, docs: Path) -> None:
+def test_korean_query_finds_korean_document_through_sparse(cfg: Config, docs: Path, minilm_dir: Path) -> None:
     ingest(cfg, [str(docs)], progress=False)
     with Retriever(cfg) as r:
         hits = r.search("서울", mode="sparse", top_k=3)  # the document says "서울은"
         assert hits[0]["source"] == "ko/seoul.txt" and "서울은" in hits[0]["text"]
         assert all(h["dense_score"] is not None for h in hits)  # abstention needs the cosine
+    # hybrid with the real default embedder (MiniLM is weak on Korean; the lexical channel carries it)
+    mcfg = make_cfg(minilm_dir, "index.name=ko-minilm")
+    ingest(mcfg, [str(docs)], progress=False)
+    with Retriever(mcfg) as r:
         hybrid = r.search("재택근무", top_k=3)
         assert hybrid[0]["source"] == "ko/seoul.txt"
         assert set(hybrid[0]) >= {"n", "source", "title", "page", "heading", "score", "text", "dense_score", "chunk_id"}
@@ -126,8 +131,15 @@ def test_hybrid_fuses_both_channels_with_weights_and_explains(cfg: Config, docs:
             return dense if kw["mode"] == "dense" else sparse
 
         monkeypatch.setattr(r.store, "query", query)
+        # the default, dbsf 3:1: dense [0.9, 0.8] -> mean 0.85, sd 0.05 -> [0.667, 0.333];
+        # sparse [7, 5] -> mean 6, sd 1 -> [0.667, 0.333]
         hits = r.search("remote work", top_k=3)
         assert asked == [("dense", 50), ("sparse", 50)]  # search.candidates from each channel
+        assert [h["chunk_id"] for h in hits] == ["a", "b", "c"]
+        assert [h["score"] for h in hits] == pytest.approx([3 * 2 / 3, 3 / 3 + 2 / 3, 1 / 3])
+    with Retriever(dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, fusion="rrf"))) as r:
+        monkeypatch.setattr(r.store, "query", query)
+        hits = r.search("remote work", top_k=3)
         assert [h["chunk_id"] for h in hits] == ["b", "a", "c"]  # in both channels beats first in one
         assert [h["score"] for h in hits] == pytest.approx([3 / 62 + 1 / 61, 3 / 61, 1 / 62])
         assert hits[0]["fused_score"] == hits[0]["score"]

@@ -153,6 +153,26 @@ def synthetic(n: int, dim: int, seed: int, latent: int = 32):  # noqa: ANN201
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def hybrid_like_retriever(store, q, sp, ef: int, n: int = 50, top_k: int = 10) -> list:  # noqa: ANN001
+    """Retriever.search's hybrid path without the embedder: two channel queries, fusion, cosines."""
+    import numpy as np
+
+    from ragtune.config import SearchConfig
+    from ragtune.retrieval.fusion import fuse
+
+    s = SearchConfig()
+    dense = store.query(dense=q, mode="dense", limit=n, hnsw_ef=ef)
+    sparse = store.query(sparse=sp, mode="sparse", limit=n, with_vector=True)
+    by_id = {h.id: h for h in sparse}
+    by_id.update({h.id: h for h in dense})
+    fused = fuse([(h.id, h.score) for h in dense], [(h.id, h.score) for h in sparse], method=s.fusion, k=s.rrf_k,
+                 weights=(s.dense_weight, s.sparse_weight))[:top_k]
+    for cid, row in fused:
+        if row["dense_score"] is None and by_id[cid].vector is not None:
+            row["dense_score"] = float(np.dot(q, np.asarray(by_id[cid].vector, dtype=np.float32)))
+    return [by_id[cid] for cid, _ in fused]
+
+
 def bench_queries(args, workdir: Path) -> dict:  # noqa: ANN001
     import numpy as np
 
@@ -187,13 +207,19 @@ def bench_queries(args, workdir: Path) -> dict:  # noqa: ANN001
         res: dict = {"upsert_s": round(t_up, 1), "optimize_s": round(t_opt, 1)}
         nq = len(queries) if label == "edge" else min(len(queries), args.local_queries)  # local: brute force
         res["queries"] = nq
-        runs = [("dense", 0), ("hybrid", 0)] + ([("dense", ef) for ef in args.hnsw_ef] if label == "edge" else [])
+        # "hybrid": the engine's own RRF (reference); "hybrid_ragtune": what Retriever.search does (both
+        # channels' top 50, sparse with vectors for their cosines, fused here with the default DBSF 3:1)
+        runs = [("dense", 0), ("hybrid", 0), ("hybrid_ragtune", 128)] + (
+            [("dense", ef) for ef in args.hnsw_ef] if label == "edge" else [])
         for mode, ef in runs:
             lat, recall = [], []
             for qi, q in enumerate(queries[:nq]):
                 sp = (q_sparse[qi][0], [1.0] * len(q_sparse[qi][0]))
                 t0 = time.perf_counter()
-                hits = s.query(dense=q, sparse=sp, mode=mode, limit=10, candidates=50, hnsw_ef=ef)
+                if mode == "hybrid_ragtune":
+                    hits = hybrid_like_retriever(s, q, sp, ef)
+                else:
+                    hits = s.query(dense=q, sparse=sp, mode=mode, limit=10, candidates=50, hnsw_ef=ef)
                 lat.append((time.perf_counter() - t0) * 1000)
                 if mode == "dense":
                     exact = s.query(dense=q, mode="dense", limit=10, exact=True)

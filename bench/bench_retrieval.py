@@ -162,11 +162,14 @@ def hybrid_like_retriever(store, q, sp, ef: int, n: int = 50, top_k: int = 10) -
 
     s = SearchConfig()
     dense = store.query(dense=q, mode="dense", limit=n, hnsw_ef=ef)
-    sparse = store.query(sparse=sp, mode="sparse", limit=n, with_vector=True)
+    sparse = store.query(sparse=sp, mode="sparse", limit=n)
     by_id = {h.id: h for h in sparse}
     by_id.update({h.id: h for h in dense})
     fused = fuse([(h.id, h.score) for h in dense], [(h.id, h.score) for h in sparse], method=s.fusion, k=s.rrf_k,
                  weights=(s.dense_weight, s.sparse_weight))[:top_k]
+    missing = [cid for cid, row in fused if row["dense_score"] is None]
+    if missing:
+        by_id.update({h.id: h for h in store.retrieve(missing, with_vector=True)})
     for cid, row in fused:
         if row["dense_score"] is None and by_id[cid].vector is not None:
             row["dense_score"] = float(np.dot(q, np.asarray(by_id[cid].vector, dtype=np.float32)))

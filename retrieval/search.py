@@ -223,18 +223,15 @@ class Retriever:
             if hybrid:
                 n = max(s.candidates, limit)
                 dense_hits = self.store.query(dense=q, mode="dense", limit=n, filters=filters, hnsw_ef=s.hnsw_ef)
-                sparse_hits = self.store.query(sparse=sparse_q, mode="sparse", limit=n, filters=filters,
-                                               with_vector=True)
+                sparse_hits = self.store.query(sparse=sparse_q, mode="sparse", limit=n, filters=filters)
+                out = self._fused(q, dense_hits, sparse_hits, limit)  # may fetch vectors: same store
             else:
-                dense_hits = sparse_hits = []
                 single = self.store.query(
                     dense=q if mode != "sparse" else None, sparse=sparse_q if mode == "sparse" else None,
                     mode="sparse" if mode == "sparse" else "dense", limit=limit, filters=filters,
                     hnsw_ef=s.hnsw_ef, with_vector=mode == "sparse",
                 )
-        if hybrid:
-            out = self._fused(q, dense_hits, sparse_hits, limit)
-        else:
+        if not hybrid:
             out = []
             for rank, h in enumerate(single, 1):
                 o = _source(h)
@@ -262,9 +259,14 @@ class Retriever:
         by_id = {h.id: h for h in sparse_hits}
         by_id.update({h.id: h for h in dense_hits})
         fused = fuse([(h.id, h.score) for h in dense_hits], [(h.id, h.score) for h in sparse_hits],
-                     method=s.fusion, k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight))
+                     method=s.fusion, k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight))[:limit]
+        # the cosine of the few lexical-only hits that made the cut: their vectors, fetched by id
+        # (cheaper than returning every lexical candidate's vector); called under the store lock
+        missing = [cid for cid, row in fused if row["dense_score"] is None]
+        if missing:
+            by_id.update({h.id: h for h in self.store.retrieve(missing, with_vector=True)})
         out = []
-        for cid, row in fused[:limit]:
+        for cid, row in fused:
             h = by_id[cid]
             o = _source(h)
             o["score"] = o["fused_score"] = row["fused"]

@@ -222,7 +222,7 @@ class Store(ABC):
         ...
 
     @abstractmethod
-    def retrieve(self, ids: list[str]) -> list[Hit]: ...
+    def retrieve(self, ids: list[str], with_vector: bool = False) -> list[Hit]: ...
 
     @abstractmethod
     def facet_doc_ids(self, limit: int) -> dict[str, int]: ...
@@ -476,9 +476,10 @@ class EdgeStore(Store):
         for i in range(0, len(doc_ids), 256):
             self.shard.update(UpdateOperation.delete_points_by_filter(_edge_filter({"doc_id": doc_ids[i : i + 256]})))
 
-    def retrieve(self, ids: list[str]) -> list[Hit]:
-        recs = self.shard.retrieve(list(ids), with_payload=True, with_vector=False)
-        return [Hit(str(r.id), 0.0, dict(r.payload or {})) for r in recs]
+    def retrieve(self, ids: list[str], with_vector: bool = False) -> list[Hit]:
+        recs = self.shard.retrieve(list(ids), with_payload=True, with_vector=[DENSE] if with_vector else False)
+        return [Hit(str(r.id), 0.0, dict(r.payload or {}), r.vector.get(DENSE) if isinstance(r.vector, dict) else None)
+                for r in recs]
 
     def facet_doc_ids(self, limit: int) -> dict[str, int]:
         from qdrant_edge import FacetRequest
@@ -678,9 +679,11 @@ class ServerStore(Store):
                 self.collection, m.FilterSelector(filter=_qc_filter({"doc_id": doc_ids[i : i + 256]})), wait=True
             )
 
-    def retrieve(self, ids: list[str]) -> list[Hit]:
-        recs = self._connect().retrieve(self.collection, ids, with_payload=True, with_vectors=False)
-        return [Hit(str(r.id), 0.0, dict(r.payload or {})) for r in recs]
+    def retrieve(self, ids: list[str], with_vector: bool = False) -> list[Hit]:
+        recs = self._connect().retrieve(self.collection, ids, with_payload=True,
+                                        with_vectors=[DENSE] if with_vector else False)
+        return [Hit(str(r.id), 0.0, dict(r.payload or {}), r.vector.get(DENSE) if isinstance(r.vector, dict) else None)
+                for r in recs]
 
     def facet_doc_ids(self, limit: int) -> dict[str, int]:
         res = self._connect().facet(self.collection, key="doc_id", limit=max(1, limit), exact=True)

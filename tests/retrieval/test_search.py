@@ -122,23 +122,31 @@ def test_hybrid_fuses_both_channels_with_weights_and_explains(cfg: Config, docs:
     with Retriever(cfg) as r:
         q = r.embedder.embed_query("remote work")
         dense = [Hit("a", 0.9, {"source": "a.md", "text": "a"}), Hit("b", 0.8, {"source": "b.md", "text": "b"})]
-        sparse = [Hit("b", 7.0, {"source": "b.md", "text": "b"}, list(map(float, q * 0.8))),
-                  Hit("c", 5.0, {"source": "c.md", "text": "c"}, list(map(float, q * 0.1)))]
+        sparse = [Hit("b", 7.0, {"source": "b.md", "text": "b"}), Hit("c", 5.0, {"source": "c.md", "text": "c"})]
+        vectors = {"c": list(map(float, q * 0.1))}
         asked: list[tuple[str, int]] = []
+        fetched: list[list[str]] = []
 
         def query(**kw):  # noqa: ANN003, ANN202
             asked.append((kw["mode"], kw["limit"]))
             return dense if kw["mode"] == "dense" else sparse
 
+        def retrieve(ids, with_vector=False):  # noqa: ANN001, ANN202
+            fetched.append(list(ids))
+            return [Hit(i, 0.0, {"source": f"{i}.md", "text": i}, vectors[i] if with_vector else None) for i in ids]
+
         monkeypatch.setattr(r.store, "query", query)
+        monkeypatch.setattr(r.store, "retrieve", retrieve)
         # the default, dbsf 3:1: dense [0.9, 0.8] -> mean 0.85, sd 0.05 -> [0.667, 0.333];
         # sparse [7, 5] -> mean 6, sd 1 -> [0.667, 0.333]
         hits = r.search("remote work", top_k=3)
         assert asked == [("dense", 50), ("sparse", 50)]  # search.candidates from each channel
         assert [h["chunk_id"] for h in hits] == ["a", "b", "c"]
         assert [h["score"] for h in hits] == pytest.approx([3 * 2 / 3, 3 / 3 + 2 / 3, 1 / 3])
+        assert fetched == [["c"]]  # only the lexical-only hit's vector is fetched, for its cosine
     with Retriever(dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, fusion="rrf"))) as r:
         monkeypatch.setattr(r.store, "query", query)
+        monkeypatch.setattr(r.store, "retrieve", retrieve)
         hits = r.search("remote work", top_k=3)
         assert [h["chunk_id"] for h in hits] == ["b", "a", "c"]  # in both channels beats first in one
         assert [h["score"] for h in hits] == pytest.approx([3 / 62 + 1 / 61, 3 / 61, 1 / 62])

@@ -55,11 +55,16 @@ def precheck(cfg: Any, adapter: str = "") -> None:
 
 def load_for_cli(cfg: Any, adapter_dir: str) -> tuple[Any, str | None]:
     """A loaded Generator for ask/chat and the name of the adapter to answer with."""
+    import warnings
+
     from ragtune.modeling import quiet_libraries
     from ragtune.serve.generator import Generator
 
-    quiet_libraries()
     gen = Generator(cfg)
+    if gen.engine == "llama.cpp":  # transformers is imported only where it is needed (its tokenizer)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    else:
+        quiet_libraries()
     adapter_dir = adapter_dir or cfg.model.adapter
     adapters = {Path(adapter_dir).name: adapter_dir} if adapter_dir else {}
     gen.load(adapters=adapters)

@@ -33,8 +33,9 @@ Device (cuda > mps > cpu) and dtype come from `model.device` / `model.dtype` ("a
 Engine (`generation.engine`, or `engine=`): "transformers" (torch, any device), "llama.cpp" (a GGUF
 exported once and cached by `ensure_gguf`, LoRA adapters converted to llama.cpp's format, CPU only;
 needs `pip install 'ragtune[llamacpp]'`), or "auto" (llama.cpp on the CPU when it is installed, else
-transformers). Both engines render prompts and decode ids with the transformers tokenizer, so text,
-streaming, citations and abstention are produced the same way.
+transformers). Both engines render prompts and decode ids with the model's tokenizer, so text,
+streaming, citations and abstention are produced the same way; on llama.cpp that is jinja2 + `tokenizers`
+(no torch, no transformers) once checked equal to transformers' tokenizer (`ragtune.serve.light_tokenizer`).
 A remote OpenAI-compatible server (engine "openai") answers through
 `ragtune.serve.remote.RemoteGenerator(cfg, url, model, api_key).load()`, which has the same `answer`
 and `stream` and keeps retrieval, sources and abstention here.
@@ -254,8 +255,6 @@ class Generator:
 
     def load(self, base: str | None = None, adapters: dict[str, str] | None = None) -> "Generator":
         """Load the base model once, then every adapter on top of it."""
-        import torch
-
         from ragtune.modeling import (
             eos_token_ids,
             load_model,
@@ -270,6 +269,8 @@ class Generator:
         if self.engine == "llama.cpp":
             self._load_llama_cpp(path)
             return self._load_adapters(adapters)
+        import torch
+
         self.device = pick_device(mcfg.device)
         if self.device == "cpu" and self.cfg.generation.threads > 0:
             torch.set_num_threads(self.cfg.generation.threads)
@@ -300,21 +301,37 @@ class Generator:
         return self
 
     def _load_llama_cpp(self, path: Path) -> None:
-        """The tokenizer from transformers (rendering, prompt ids, decoding); the model from a cached GGUF."""
-        from transformers import AutoConfig
-
-        from ragtune.modeling import eos_token_ids, load_tokenizer, model_hash
+        """The model from a cached GGUF; the tokenizer (rendering, prompt ids, decoding) through jinja2 +
+        `tokenizers` once checked equal to transformers' for this model (serve/light_tokenizer.py), else
+        transformers' (and the check is made, for the next load)."""
+        from ragtune.modeling import eos_token_ids, model_hash
+        from ragtune.serve import light_tokenizer
         from ragtune.serve.llamacpp import LlamaCppEngine, ensure_gguf
 
         mcfg = self.cfg.model
         self.device = "cpu"
         t0 = time.perf_counter()
-        self.tokenizer = load_tokenizer(path, trust_remote_code=mcfg.trust_remote_code)
         self.base_path = path
         self.base_hash = model_hash(path)
-        self._eos = eos_token_ids(self.tokenizer, model_dir=path)
-        mconf = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code, local_files_only=True)
-        positions = int(getattr(mconf, "max_position_embeddings", 0) or 0)
+        light, why, recheck = (None, "trust_remote_code is on", False) if mcfg.trust_remote_code else \
+            light_tokenizer.load_checked(path, self.base_hash)
+        positions = _max_positions(path) if light is not None else None
+        if light is not None and positions is not None:
+            self.tokenizer = light
+            self._eos = eos_token_ids(light, light_tokenizer.generation_eos(path))
+        else:
+            from transformers import AutoConfig
+
+            from ragtune.modeling import load_tokenizer
+
+            log.debug("chat tokenizer: %s; using transformers'", why or "no max_position_embeddings in config.json")
+            self.tokenizer = load_tokenizer(path, trust_remote_code=mcfg.trust_remote_code)
+            if recheck:
+                light_tokenizer.record_check(self.tokenizer, path, self.base_hash)
+            self._eos = eos_token_ids(self.tokenizer, model_dir=path)
+            mconf = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code,
+                                               local_files_only=True)
+            positions = int(getattr(mconf, "max_position_embeddings", 0) or 0)
         gguf = ensure_gguf(path, type=self.cfg.generation.gguf_type)
         self.engine_impl = LlamaCppEngine(gguf, n_threads=self.cfg.generation.threads,
                                           n_ctx=min(positions, 32768) if positions else 0,
@@ -637,6 +654,18 @@ class Generator:
                       completion_tokens=0, abstained=True, finish_reason="stop",
                       timings={"retrieval_s": round(job.retrieval_s, 6), "total_s": round(total, 6)},
                       adapter=job.adapter, best_score=job.best_score, prompt="")
+
+
+def _max_positions(model_dir: Path) -> int | None:
+    """config.json's max_position_embeddings (what AutoConfig reads for the llama.cpp context), None
+    when it is not there as a plain key (transformers then maps the model's own name for it)."""
+    import json
+
+    try:
+        value = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 _END = object()

@@ -12,9 +12,10 @@
 `generate` may be called from many threads at once: every call is a sequence in one llama.cpp
 context with `max_batch` sequence slots, and `ragtune.serve.batching.Scheduler` decodes the
 running ones together, one batch per step (requests on different adapters never share a batch).
-The Generator (`engine="llama.cpp"`) renders prompts and decodes ids with the transformers
-tokenizer and calls `generate(prompt_ids=..., on_token_id=...)`, so text, streaming, citations and
-abstention are produced as on the transformers engine.
+The Generator (`engine="llama.cpp"`) renders prompts and decodes ids with the model's tokenizer
+(`ragtune.serve.light_tokenizer` once checked equal to transformers', else transformers') and
+calls `generate(prompt_ids=..., on_token_id=...)`, so text, streaming, citations and abstention are
+produced as on the transformers engine.
 
 Greedy decoding is an argmax over llama.cpp's logits, so an f16 export gives the ids that
 transformers' greedy `generate` gives wherever the top-2 logit margin is clear (checked by

@@ -39,6 +39,18 @@ ENGLISH_STOPWORDS = frozenset(
     "they this to was will with s t d ll m re ve".split()
 )
 
+# Queries also drop the function words of Snowball's English stop list (what people ask with: "how do I",
+# "what is", "can you"), which Lucene's short list keeps. Query side only: documents keep them, so no
+# index is re-encoded; on the Python and Debian FAQ sets this raised BM25 recall@1 from 0.56 to 0.61 and
+# 0.29 to 0.43 (bench/bench_quality.py, docs/benchmarks.md).
+QUERY_STOPWORDS = ENGLISH_STOPWORDS | frozenset(
+    "i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers "
+    "herself its itself them theirs themselves what which who whom those am were been being have has had "
+    "having do does did doing would should could ought cannot can let about against between through during "
+    "before after above below from up down out off over under again further once here when where why how "
+    "all any both each few more most other some nor only own same so than too very".split()
+)
+
 _kiwi: Any = None
 _kiwi_lock = threading.Lock()
 _stemmers: dict[str, Any] = {}
@@ -91,9 +103,10 @@ def _get_stemmer(name: str) -> Any:
 class Tokenizer:
     """Lexical terms of a text under one stemmer: the same for documents and queries."""
 
-    def __init__(self, stemmer: str = DEFAULT_STEMMER) -> None:
+    def __init__(self, stemmer: str = DEFAULT_STEMMER, query: bool = False) -> None:
         self.stemmer = check_stemmer(stemmer)
-        self.stop = ENGLISH_STOPWORDS if self.stemmer in ("english", "porter") else frozenset()
+        english = self.stemmer in ("english", "porter")
+        self.stop = (QUERY_STOPWORDS if query else ENGLISH_STOPWORDS) if english else frozenset()
 
     def _words(self, text: str) -> list[str]:
         """Unicode words, case-folded, stop-words out, stemmed; runs of Chinese/Japanese characters
@@ -141,6 +154,7 @@ class SparseEncoder:
             raise ValueError(f"avg_len must be positive, got {avg_len}")
         self.avg_len = float(avg_len)
         self.tokenize = Tokenizer(stemmer)
+        self.tokenize_query = Tokenizer(stemmer, query=True)
 
     def counts(self, text: str) -> tuple[Counter[int], int]:
         """Term-index counts and the document's length in lexical terms."""
@@ -157,7 +171,10 @@ class SparseEncoder:
         return self.weigh(*self.counts(text))
 
     def query(self, text: str) -> tuple[list[int], list[float]]:
-        idx = sorted({term_index(t) for t in self.tokenize(text)})
+        """1.0 per distinct term, query stop-words out; a query of function words alone keeps them
+        (better a weak lexical match than none: "Who are you?" still finds its page)."""
+        terms = self.tokenize_query(text) or self.tokenize(text)
+        idx = sorted({term_index(t) for t in terms})
         return idx, [1.0] * len(idx)
 
 

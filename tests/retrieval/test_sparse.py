@@ -61,3 +61,14 @@ def test_unknown_stemmer_is_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="unknown stemmer 'klingon'; use none or one of .*english"):
         check_stemmer("klingon")
+
+
+def test_queries_drop_question_words_documents_keep_them() -> None:
+    enc = SparseEncoder(avg_len=5)
+    qi, _ = enc.query("How do I make my script executable?")
+    assert sorted(qi) == sorted(term_index(t) for t in ("make", "script", "execut"))
+    di, _ = enc.document("How the script is made executable: chmod.")
+    assert term_index("how") in di  # documents are encoded as before: no re-index
+    only, _ = enc.query("Who are you?")  # function words alone: kept rather than no lexical query at all
+    assert term_index("who") in only and term_index("you") in only
+    assert SparseEncoder(avg_len=5, stemmer="none").query("how do I")[0]  # no stop-words without English stemming

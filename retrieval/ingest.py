@@ -245,7 +245,7 @@ class _Writer:
             return
         texts = [t for _, t, _ in self.pending]
         t0 = time.perf_counter()
-        dense = self.embedder.embed(texts, batch_size=self.batch_size)
+        dense = self.embedder.embed_documents(texts, batch_size=self.batch_size)
         self.embed_seconds += time.perf_counter() - t0
         counted = [self.sparse.counts(text) for text in texts]
         if self.sparse.avg_len is None:  # a new index: weigh with this group's mean, re-weighed at the end

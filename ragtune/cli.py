@@ -293,6 +293,32 @@ def os_error_message(exc: OSError) -> str:
     return f"{what}:{where or ' (no path given)'}; {fix}"
 
 
+def _remote_ask(args_list: list[str]) -> int | None:
+    """`ragtune ask ... --server URL` through ask's own parser and no config (see serve.cli.remote_ask_args)."""
+    from ragtune.serve.cli import remote_ask_args
+
+    quiet = args_list[0] in ("-q", "--quiet")
+    if args_list[0] != "ask" and not quiet:
+        return None
+    try:
+        args = remote_ask_args(args_list[1:] if quiet else args_list)
+        if args is None:
+            return None
+        setup_logging(0, quiet)
+        return int(args.func(args, None) or 0)
+    except SystemExit as exc:  # argparse: --help (0) or usage error (2)
+        return int(exc.code or 0)
+    except RagtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ragtune.modeling import set_offline_env
 
@@ -302,6 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    if "ask" in args_list[:2] and config_path is None and not overrides:  # a script asking a running server
+        rc = _remote_ask(args_list)
+        if rc is not None:
+            return rc
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(args_list)

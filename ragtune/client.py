@@ -34,9 +34,6 @@ def api_key(flag: str | None) -> str:
 
 
 def _request(url: str, path: str, body: dict[str, Any] | None, key: str) -> Any:
-    import urllib.error
-    import urllib.request
-
     headers = {"Accept": "application/json"}
     data = None
     if body is not None:
@@ -44,27 +41,100 @@ def _request(url: str, path: str, body: dict[str, Any] | None, key: str) -> Any:
         headers["Content-Type"] = "application/json"
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url + path, data=data, headers=headers, method="POST" if body is not None else "GET")
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
-            return json.loads(resp.read().decode("utf-8"))
-    except urllib.error.HTTPError as exc:
-        raw = exc.read().decode("utf-8", "replace")
+        status, reason, raw = _send(url + path, data, headers)
+    except OSError as exc:
+        raise RagtuneError(f"no ragtune server answers at {url} ({getattr(exc, 'reason', exc)}); start one with "
+                           f"'ragtune serve' or fix --server / {SERVER_ENV}") from None
+    if status >= 400:
+        text = raw.decode("utf-8", "replace")
         try:
-            msg = json.loads(raw)["error"]["message"]
+            msg = json.loads(text)["error"]["message"]
         except (ValueError, KeyError, TypeError):
-            msg = raw.strip()[:300] or exc.reason
-        if exc.code == 401:
+            msg = text.strip()[:300] or reason
+        if status == 401:
             raise RagtuneError(f"the server at {url} refused the request (401: {msg}); pass its key with "
-                               f"--api-key KEY or {API_KEY_ENV}") from None
-        cls = UsageError if 400 <= exc.code < 500 else RagtuneError
-        raise cls(f"the server at {url} answered {path} with {exc.code}: {msg}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise RagtuneError(f"no ragtune server answers at {url} ({reason}); start one with 'ragtune serve' "
-                           f"or fix --server / {SERVER_ENV}") from None
+                               f"--api-key KEY or {API_KEY_ENV}")
+        cls = UsageError if 400 <= status < 500 else RagtuneError
+        raise cls(f"the server at {url} answered {path} with {status}: {msg}")
+    try:
+        return json.loads(raw.decode("utf-8"))
     except ValueError as exc:
         raise RagtuneError(f"the server at {url} answered {path} with something that is not JSON ({exc})") from None
+
+
+_PROXY_ENV = ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _send(full_url: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    """(status, reason, body). Plain http without a proxy goes over a socket (urllib.request's import,
+    ~35 ms, is most of what a script pays per call to a local server); https and proxies through urllib."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(full_url)
+    if parts.scheme == "http" and (parts.hostname in _LOOPBACK or not any(os.environ.get(v) for v in _PROXY_ENV)):
+        return _socket_send(parts, data, headers)
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(full_url, data=data, headers=headers, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+            return int(resp.status), str(resp.reason), resp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), str(exc.reason), exc.read()
+    except urllib.error.URLError as exc:
+        raise OSError(str(exc.reason)) from None
+
+
+def _socket_send(parts: Any, data: bytes | None, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    """One HTTP/1.1 request on its own connection (Connection: close); the body by Content-Length, chunked
+    transfer coding, or the end of the stream."""
+    import socket
+
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [f"{'POST' if data is not None else 'GET'} {target} HTTP/1.1", f"Host: {parts.netloc}",
+             "Connection: close", "User-Agent: ragtune", *(f"{k}: {v}" for k, v in headers.items())]
+    if data is not None:
+        lines.append(f"Content-Length: {len(data)}")
+    try:
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise UsageError("the API key has characters an HTTP header cannot carry; use an ASCII key") from None
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=TIMEOUT_S) as sock:
+        sock.sendall(head + (data or b""))
+        received = []
+        while True:
+            block = sock.recv(1 << 16)
+            if not block:
+                break
+            received.append(block)
+    raw = b"".join(received)
+    header, sep, body = raw.partition(b"\r\n\r\n")
+    status_line, *fields = header.decode("latin-1").split("\r\n")
+    words = status_line.split(" ", 2)
+    if not sep or len(words) < 2 or not words[0].startswith("HTTP/") or not words[1].isdigit():
+        raise OSError(f"not an HTTP answer: {status_line[:80]!r}")
+    meta = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+    if "chunked" in meta.get("transfer-encoding", "").lower():
+        body = _dechunk(body)
+    elif meta.get("content-length", "").isdigit():
+        body = body[: int(meta["content-length"])]
+    return int(words[1]), words[2] if len(words) > 2 else "", body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, pos = [], 0
+    while True:
+        end = body.find(b"\r\n", pos)
+        if end < 0:
+            raise OSError("a chunked HTTP answer ended early")
+        size = int(body[pos:end].split(b";")[0] or b"0", 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[end + 2 : end + 2 + size])
+        pos = end + 2 + size + 2
 
 
 def post_json(url: str, path: str, body: dict[str, Any], key: str = "") -> Any:

@@ -61,6 +61,23 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_run_serve)
 
 
+def remote_ask_args(argv: list[str]) -> argparse.Namespace | None:
+    """`ask ... --server URL` (or with RAGTUNE_SERVER set) parsed by ask's own parser, so a script that
+    asks a running server skips building every command's parser and loading the config (about 60 ms
+    of the call); None for anything else (the full CLI handles it)."""
+    import os
+
+    from ragtune.client import SERVER_ENV, server_url
+
+    if argv[:1] != ["ask"] or not (any(a == "--server" or a.startswith("--server=") for a in argv)
+                                   or os.environ.get(SERVER_ENV, "").strip()):
+        return None
+    parser = argparse.ArgumentParser(prog="ragtune")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args if server_url(args.server) else None
+
+
 def _run_ask(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.serve.commands import run_ask
 

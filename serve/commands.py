@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def generation_overrides(cfg: Any, args: argparse.Namespace) -> Any:
-    from ragtune.config import replace
-
+    """cfg with --max-new-tokens, --temperature and --engine applied (checked even without a cfg)."""
     changes: dict[str, Any] = {}
     if getattr(args, "max_new_tokens", None) is not None:
         if args.max_new_tokens < 1:
@@ -39,7 +38,11 @@ def generation_overrides(cfg: Any, args: argparse.Namespace) -> Any:
         changes["temperature"] = args.temperature
     if getattr(args, "engine", None):
         changes["engine"] = args.engine
-    return replace(cfg, generation=replace(cfg.generation, **changes)) if changes else cfg
+    if not changes or cfg is None:
+        return cfg
+    from ragtune.config import replace
+
+    return replace(cfg, generation=replace(cfg.generation, **changes))
 
 
 def precheck(cfg: Any, adapter: str = "") -> None:

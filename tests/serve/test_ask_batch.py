@@ -152,3 +152,30 @@ def test_search_server_matches_local_search(server: Any, tiny_embedder: Path, tm
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert rc == 3 and [x["line"] for x in lines] == [1, 2, 3]
     assert lines[0]["hits"] and "error" in lines[1] and lines[2]["query"] == "expense reports"
+
+
+def test_ask_server_skips_the_full_cli_and_prints_the_same(server: Any, capsys) -> None:
+    """`ask --server` is parsed by ask's parser alone, without the config or urllib (a script pays less per
+    call); with -v it goes through the full CLI: the same answer either way, and the same usage errors."""
+    import os
+    import subprocess
+    import sys
+
+    url, _ = server
+    argv = ["ask", QA[0][0], "--server", url, "--api-key", KEY, "--model", "policies", "--temperature", "0",
+            "--max-new-tokens", "12", "--json"]
+    assert main(argv) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert main(["-v", *argv]) == 0
+    full = json.loads(capsys.readouterr().out)
+    for k in ("answer", "mode", "prompt_tokens", "completion_tokens", "model", "sources"):
+        assert fast[k] == full[k], k
+    assert fast["answer"] == QA[0][1]
+    assert main(["ask", "q", "--server", url, "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    code = ("import sys; from ragtune.cli import main; rc = main(sys.argv[1:]); sys.stdout.flush(); "
+            "print(rc, 'ragtune.config' in sys.modules, 'urllib.request' in sys.modules, file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code, "-q", *argv], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert p.stderr.strip().splitlines()[-1] == "0 False False", p.stderr[-2000:]
+    assert json.loads(p.stdout)["answer"] == QA[0][1]

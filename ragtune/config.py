@@ -184,7 +184,7 @@ class ServeConfig:
     max_queue: int = 32  # requests waiting or running at once; more answer 429
     max_batch: int = 8  # requests decoded together per model (sequence slots); 1 = one at a time
     deployments: tuple[DeploymentConfig, ...] = ()
-    fine_tuning: bool = False  # OpenAI's Files API (/v1/files) on this server
+    fine_tuning: bool = False  # OpenAI's Files and fine-tuning jobs APIs (/v1/files, /v1/fine_tuning/jobs)
     max_file_bytes: int = 100_000_000  # the largest upload /v1/files accepts
 
 

@@ -281,7 +281,12 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        jobs = getattr(app.state, "jobs", None)  # fine-tuning jobs: scheduled while the server runs
+        if jobs is not None:
+            jobs.start()
         yield
+        if jobs is not None:
+            jobs.close()
         runtime.close()
 
     app = FastAPI(title="ragtune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -294,8 +299,11 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
     add_retrieval_routes(app, runtime)
     if cfg.serve.fine_tuning:
         from ragtune.serve.files import add_file_routes
+        from ragtune.serve.jobs import JobManager, jobs_router
 
         add_file_routes(app, cfg)
+        app.state.jobs = JobManager(runtime)
+        app.include_router(jobs_router(app.state.jobs))
     app.add_middleware(TrailingSlash)  # /v1/models/ is /v1/models, served without a redirect
     return app
 

@@ -1,0 +1,325 @@
+"""OpenAI's fine-tuning jobs API on `ragtune serve`, through the official `openai` client against real
+uvicorn servers that train the tiny model in their worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragtune.config import load_config
+from ragtune.serve.server import create_app
+from tests.conftest import free_port
+from tests.train.conftest import trainable_llama  # noqa: F401  (fixture: a model LoRA can make confident)
+
+FACTS = [("What is the secret code?", "The code is apple."), ("Who guards the gate?", "The owl guards it.")]
+KEY = "k-test"
+
+
+def records(pairs: list[tuple[str, str]]) -> bytes:
+    return b"".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                    .encode() + b"\n" for q, a in pairs)
+
+
+class Server:
+    """A real uvicorn server in this process (the jobs' workers are child processes of it)."""
+
+    def __init__(self, tmp_path: Path, base: Path, extra: str = "", fine_tuning: bool = True):
+        import uvicorn
+
+        f = tmp_path / "serve.yaml"
+        f.write_text(f"model:\n  path: {base}\n"
+                     "data:\n  max_length: 128\n"
+                     "train:\n  learning_rate: 0.01\n  batch_size: 2\n  lora:\n    dropout: 0.0\n  threads: 1\n"
+                     "  logging_steps: 5\n  save_steps: 20\n  lr_scheduler: constant\n"
+                     f"generation:\n  max_new_tokens: 12\n{extra}"
+                     f"serve:\n  api_key: {KEY}\n  fine_tuning: {str(fine_tuning).lower()}\n"
+                     "  deployments:\n    - {name: base}\n")
+        self.app = create_app(load_config(f))
+        port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    def client(self) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.url, api_key=KEY, max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(90)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def server(tmp_path: Path, trainable_llama: Path) -> Any:  # noqa: F811
+    s = Server(tmp_path, trainable_llama)
+    yield s
+    s.stop()
+
+
+def wait_for(client: Any, job_id: str, statuses: tuple[str, ...], timeout: float = 300) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout}s; events: "
+                         f"{[e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=100).data]}")
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def upload(client: Any, data: bytes, name: str = "training.jsonl") -> Any:
+    return client.files.create(file=(name, data), purpose="fine-tune")
+
+
+def test_tutorial_flow_trains_and_serves_the_fine_tuned_model(server: Server, ragtune_home: Path) -> None:
+    client = server.client()
+    f = upload(client, records(FACTS))
+    job = client.fine_tuning.jobs.create(training_file=f.id, model="base", suffix="facts", seed=7,
+                                         hyperparameters={"n_epochs": 40, "learning_rate_multiplier": "auto"})
+    assert (job.object, job.status, job.model, job.training_file, job.seed) == (
+        "fine_tuning.job", "validating_files", "base", f.id, 7)
+    assert job.hyperparameters.n_epochs == 40 and job.hyperparameters.batch_size == 2
+    assert job.hyperparameters.learning_rate_multiplier == 1.0 and job.fine_tuned_model is None
+
+    done = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:base:facts:{job.id.removeprefix('ftjob-')}"
+    assert done.trained_tokens > 0 and done.finished_at >= done.created_at and done.error is None
+
+    # the run folder is `ragtune train`'s: adapter, run card, metrics, loss plot, no pickles
+    run = ragtune_home / "jobs" / job.id / "run"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "ragtune.json", "metrics.jsonl", "loss.png"):
+        assert (run / name).is_file(), name
+    card = json.loads((run / "ragtune.json").read_text())
+    assert card["config"]["train"]["epochs"] == 40 and card["config"]["train"]["seed"] == 7
+    assert KEY not in (ragtune_home / "jobs" / job.id / "config.yaml").read_text()  # the API key stays out
+
+    # events: newest first, the run's losses among them; checkpoints of the run
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    messages = [e.message for e in events]
+    assert messages[0] == "The job has successfully completed" and messages[-1] == f"Created fine-tuning job: {job.id}"
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all(e.data["train_loss"] is not None for e in metrics if e.data["valid_loss"] is None)
+    first = client.fine_tuning.jobs.list_events(job.id, limit=2)
+    assert len(first.data) == 2 and first.has_more
+    rest = client.fine_tuning.jobs.list_events(job.id, limit=100, after=first.data[-1].id)
+    assert [e.id for e in first.data + rest.data] == [e.id for e in events]
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert ckpts and ckpts[0].fine_tuning_job_id == job.id and ckpts[0].step_number >= ckpts[-1].step_number
+    assert ckpts[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-{ckpts[0].step_number}"
+    result = client.files.content(done.result_files[0]).text
+    assert result.splitlines()[0] == "step,epoch,train_loss,valid_loss" and len(result.splitlines()) > 2
+
+    # the fine-tuned model is served at once (no restart) and answers its trained facts
+    assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+    for q, a in FACTS:
+        r = client.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": q}],
+                                           temperature=0)
+        assert r.choices[0].message.content == a
+    stream = client.chat.completions.create(model=done.fine_tuned_model, stream=True, temperature=0,
+                                            messages=[{"role": "user", "content": FACTS[0][0]}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == FACTS[0][1]
+    base = client.chat.completions.create(model="base", messages=[{"role": "user", "content": FACTS[0][0]}],
+                                          temperature=0)
+    assert base.choices[0].message.content != FACTS[0][1]  # the base model stays as it was
+
+    with pytest.raises(Exception) as e:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert e.value.status_code == 400 and "already succeeded" in e.value.message
+
+
+def test_bad_training_data_fails_the_job_with_the_lines_and_the_fix(server: Server) -> None:
+    client = server.client()
+    bad = records(FACTS[:1]) + b'{"messages": [{"role": "user", "content": "hi"}]}\n' + b"{not json\n"
+    f = upload(client, bad, "mine.jsonl")
+    job = client.fine_tuning.jobs.create(training_file=f.id, model="base")
+    done = wait_for(client, job.id, ("failed", "succeeded", "queued", "running"), timeout=120)
+    assert done.status == "failed" and done.fine_tuned_model is None
+    err = done.error
+    assert (err.code, err.param) == ("invalid_training_file", "training_file")
+    assert f"mine.jsonl ({f.id}): 3 records, 1 valid, 2 invalid" in err.message
+    assert "line 2: " in err.message and "line 3: " in err.message and "ragtune data check mine.jsonl" in err.message
+    assert not (Path(os.environ["RAGTUNE_HOME"]) / "jobs" / job.id / "worker.log").exists()  # nothing trained
+
+    # refused at once: unknown file, unknown model, unsupported method, bad hyperparameters
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="not an uploaded file"):
+        client.fine_tuning.jobs.create(training_file="file-nope", model="base")
+    with pytest.raises(openai.BadRequestError, match="model 'gpt-4o-mini' is not served here; fine-tune one of"):
+        client.fine_tuning.jobs.create(training_file=f.id, model="gpt-4o-mini")
+    with pytest.raises(openai.BadRequestError, match="method type 'dpo' is not supported"):
+        client.fine_tuning.jobs.create(training_file=f.id, model="base", method={"type": "dpo"})
+    with pytest.raises(openai.BadRequestError, match="n_epochs"):
+        client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 0})
+    with pytest.raises(openai.NotFoundError, match="no fine-tuning job 'ftjob-nope'"):
+        client.fine_tuning.jobs.retrieve("ftjob-nope")
+
+
+def test_list_pagination_queue_order_and_cancel(server: Server, ragtune_home: Path) -> None:
+    client = server.client()
+    f = upload(client, records(FACTS))
+    long = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1000})
+    waiting = [client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1000})
+               for _ in range(2)]
+    listed = client.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in listed.data] == [waiting[1].id, waiting[0].id] and listed.has_more  # newest first
+    rest = client.fine_tuning.jobs.list(limit=2, after=listed.data[-1].id)
+    assert [j.id for j in rest.data] == [long.id] and not rest.has_more
+    paged = [j.id for j in client.fine_tuning.jobs.list(limit=1)]  # the client follows `after` page by page
+    assert paged == [waiting[1].id, waiting[0].id, long.id]
+
+    # one job at a time, oldest first: the long one trains, the others wait in the queue
+    wait_for(client, long.id, ("running",), timeout=120)
+    assert [client.fine_tuning.jobs.retrieve(j.id).status for j in waiting] == ["queued", "queued"]
+    cancelled = client.fine_tuning.jobs.cancel(waiting[1].id)  # a queued job is cancelled at once
+    assert cancelled.status == "cancelled"
+
+    # cancel the training job once it has trained a few steps: it stops, leaving no adapter
+    deadline = time.time() + 120
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(long.id).data):
+        assert time.time() < deadline, "no training step was logged"
+        time.sleep(0.3)
+    job_dir = ragtune_home / "jobs" / long.id
+    stopped = client.fine_tuning.jobs.cancel(long.id)
+    assert stopped.status == "cancelled" and stopped.fine_tuned_model is None
+    assert not (job_dir / "run" / "adapter_config.json").exists()
+    assert not [p for p in job_dir.iterdir() if p.name.startswith(".run.")]  # no half-written adapter either
+    assert "Fine-tuning job cancelled" in client.fine_tuning.jobs.list_events(long.id).data[0].message
+    assert not any(m.id.startswith("ft:") for m in client.models.list().data)
+
+    # the next queued job starts after it
+    wait_for(client, waiting[0].id, ("running",), timeout=120)
+    assert client.fine_tuning.jobs.cancel(waiting[0].id).status == "cancelled"
+
+
+def test_a_killed_worker_and_a_restart_leave_consistent_states(tmp_path: Path, trainable_llama: Path,  # noqa: F811
+                                                                ragtune_home: Path) -> None:
+    first = Server(tmp_path, trainable_llama)
+    try:
+        client = first.client()
+        f = upload(client, records(FACTS))
+        killed = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1000})
+        running = wait_for(client, killed.id, ("running",), timeout=120)
+        assert running.status == "running"
+        pid = first.app.state.jobs.proc.pid
+        os.kill(pid, signal.SIGKILL)  # the worker dies mid-training
+        failed = wait_for(client, killed.id, ("failed",), timeout=60)
+        assert failed.error.code == "worker_died" and "killed by signal 9" in failed.error.message
+        assert not (ragtune_home / "jobs" / killed.id / "run" / "adapter_config.json").exists()
+
+        interrupted = client.fine_tuning.jobs.create(training_file=f.id, model="base",
+                                                     hyperparameters={"n_epochs": 1000})
+        wait_for(client, interrupted.id, ("running",), timeout=120)
+        queued = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1})
+        wait_for(client, queued.id, ("queued",), timeout=120)
+    finally:
+        first.stop()  # the server stops while a job trains and another waits
+
+    second = Server(tmp_path, trainable_llama)
+    try:
+        client = second.client()
+        assert client.fine_tuning.jobs.retrieve(killed.id).status == "failed"
+        was = client.fine_tuning.jobs.retrieve(interrupted.id)
+        assert was.status == "failed" and was.error.code == "server_stopped"
+        assert "the server stopped while this job was training" in was.error.message
+        done = wait_for(client, queued.id, ("succeeded", "failed"))  # the queue carries on after the restart
+        assert done.status == "succeeded" and done.fine_tuned_model in [m.id for m in client.models.list().data]
+    finally:
+        second.stop()
+    third = Server(tmp_path, trainable_llama)  # a succeeded job's model is served after a restart too
+    try:
+        assert done.fine_tuned_model in [m.id for m in third.client().models.list().data]
+    finally:
+        third.stop()
+
+
+def test_jobs_need_the_api_key_and_fine_tuning_on(tmp_path: Path, trainable_llama: Path) -> None:  # noqa: F811
+    import httpx
+
+    on = Server(tmp_path, trainable_llama)
+    try:
+        r = httpx.get(f"{on.url}/fine_tuning/jobs")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(f"{on.url}/fine_tuning/jobs", json={"model": "base", "training_file": "file-x"})
+        assert r.status_code == 401
+    finally:
+        on.stop()
+    off = Server(tmp_path, trainable_llama, fine_tuning=False)
+    try:
+        r = httpx.get(f"{off.url}/fine_tuning/jobs", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 404
+    finally:
+        off.stop()
+
+
+def test_a_server_killed_mid_job_stops_its_worker_and_the_next_server_reports_it(
+        tmp_path: Path, trainable_llama: Path, ragtune_home: Path) -> None:  # noqa: F811
+    import subprocess
+    import sys
+
+    import httpx
+
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {trainable_llama}\ntrain:\n  learning_rate: 0.01\n  batch_size: 2\n  threads: 1\n"
+                 f"serve:\n  api_key: {KEY}\n  fine_tuning: true\n  deployments:\n    - {{name: base}}\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ragtune", "serve", "--config", str(f), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "RAGTUNE_HOME": str(ragtune_home), "OMP_NUM_THREADS": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.2)
+        import openai
+
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        job = client.fine_tuning.jobs.create(training_file=upload(client, records(FACTS)).id, model="base",
+                                             hyperparameters={"n_epochs": 1000})
+        wait_for(client, job.id, ("running",), timeout=120)
+    finally:
+        proc.kill()  # no shutdown: the worker is left without its server
+        proc.wait()
+    state = ragtune_home / "jobs" / job.id / "job.json"
+    pid = json.loads(state.read_text())["ragtune"]["worker_pid"]
+    deadline = time.time() + 60
+    while running(pid):
+        assert time.time() < deadline, "the worker kept training after its server died"
+        time.sleep(0.2)
+    s = Server(tmp_path, trainable_llama)
+    try:
+        was = s.client().fine_tuning.jobs.retrieve(job.id)
+        assert was.status == "failed" and was.error.code == "server_stopped"
+        assert not (ragtune_home / "jobs" / job.id / "run" / "adapter_config.json").exists()
+    finally:
+        s.stop()

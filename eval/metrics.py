@@ -10,7 +10,8 @@ lists after `normalize_tokens`:
 * NFKC, lowercase; thousands separators inside numbers removed ("1,500" -> "1500").
 * Text outside Hangul becomes word tokens: runs of digits (with decimals, "2.5") and runs of
   letters; punctuation and the English articles a/an/the are dropped (as SQuAD does).
-* When the text contains Hangul it is analysed with Kiwi (loaded lazily, once): each Hangul
+* When the text contains Hangul it is analysed with Kiwi (ragtune.korean: the
+  one analyzer and Hangul rule the lexical index uses too): each Hangul
   morpheme is kept by its form, except grammatical ones that carry no content of their own:
   particles (J*), endings (E*), the copula 이다 (VCP) and the verb/adjective-forming suffixes
   하다 (XSV/XSA). So "서울은", "서울이" and "서울" all become ["서울"]. Non-Hangul tokens in that
@@ -46,26 +47,19 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from ragtune.korean import has_hangul, kiwi
+
 # --- normalisation and tokens --------------------------------------------------------------------
 
 ARTICLES = frozenset({"a", "an", "the"})
 # Glue words an answer may word differently ("3 days a week" for "3 days per week"): ignored by
 # `contains_answer` only. Never negations or quantities ("not", "no", "only", "more", "least").
 FUNCTION_WORDS = frozenset({"per", "to", "of", "in", "on", "at", "for", "by", "from", "up", "each", "every"})
-_HANGUL = "\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff"
-_HAS_HANGUL = re.compile(f"[{_HANGUL}]")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _WORD = re.compile(r"\d+(?:\.\d+)*|[^\W\d_]+")
 # Kiwi tags of Hangul morphemes that are grammar, not content.
 _DROP_TAG_PREFIXES = ("J", "E")
 _DROP_TAGS = frozenset({"VCP", "XSV", "XSA"})
-
-
-@functools.lru_cache(maxsize=1)
-def _kiwi() -> Any:
-    from kiwipiepy import Kiwi  # heavy: a few seconds to load its model
-
-    return Kiwi()
 
 
 def _words(text: str) -> list[str]:
@@ -75,12 +69,12 @@ def _words(text: str) -> list[str]:
 @functools.lru_cache(maxsize=65536)
 def _tokens_cached(text: str) -> tuple[str, ...]:
     text = _THOUSANDS.sub("", unicodedata.normalize("NFKC", text).lower())
-    if not _HAS_HANGUL.search(text):
+    if not has_hangul(text):
         return tuple(_words(text))
     out: list[str] = []
-    for tok in _kiwi().tokenize(text):
+    for tok in kiwi().tokenize(text):
         surface = text[tok.start : tok.start + tok.len]
-        if _HAS_HANGUL.search(tok.form) or _HAS_HANGUL.search(surface):
+        if has_hangul(tok.form) or has_hangul(surface):
             if tok.tag.startswith(_DROP_TAG_PREFIXES) or tok.tag in _DROP_TAGS:
                 continue
             out.append(tok.form)

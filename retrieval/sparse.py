@@ -23,12 +23,13 @@ import zlib
 from collections import Counter
 from typing import Any
 
+from ragtune.korean import has_hangul, kiwi
+
 SPARSE_VERSION = 2  # bump when tokenization or weighting changes: documents must be re-encoded
 K1 = 1.2
 B = 0.75
 DEFAULT_STEMMER = "english"
 
-_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 _WORD = re.compile(r"\w+", re.UNICODE)
 _CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]+")
 # Kiwi tags kept: nouns, verb/adjective stems, roots, foreign words, numbers, hanja, adverbs
@@ -51,24 +52,8 @@ QUERY_STOPWORDS = ENGLISH_STOPWORDS | frozenset(
     "all any both each few more most other some nor only own same so than too very".split()
 )
 
-_kiwi: Any = None
-_kiwi_lock = threading.Lock()
 _stemmers: dict[str, Any] = {}
 _stem_lock = threading.Lock()
-
-
-def _get_kiwi() -> Any:
-    global _kiwi
-    with _kiwi_lock:
-        if _kiwi is None:
-            try:
-                from kiwipiepy import Kiwi
-            except ImportError as exc:  # pragma: no cover - a dependency
-                raise RuntimeError(
-                    "Korean tokenization needs kiwipiepy: pip install kiwipiepy kiwipiepy-model"
-                ) from exc
-            _kiwi = Kiwi()
-        return _kiwi
 
 
 def stemmer_names() -> list[str]:
@@ -127,13 +112,13 @@ class Tokenizer:
 
     def __call__(self, text: str) -> list[str]:
         """Terms of a text: Kiwi morphemes where there is Hangul, stemmed Unicode words elsewhere."""
-        if not _HANGUL.search(text):
+        if not has_hangul(text):
             return self._words(text)
         out: list[str] = []
-        for tok in _get_kiwi().tokenize(text):
+        for tok in kiwi().tokenize(text):
             if not tok.tag.startswith(_KEEP_TAGS):
                 continue
-            if _HANGUL.search(tok.form):
+            if has_hangul(tok.form):
                 out.append(tok.form)
             else:  # Latin words, numbers: the same tokens a non-Korean text would give
                 out.extend(self._words(tok.form))

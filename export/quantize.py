@@ -4,7 +4,8 @@
     quantize(f16_file, out_file, "q4_k_m")       # llama_model_quantize, quiet unless -vv
 
 `TYPES` is the one list of GGUF types (the CLI's choices, the config's `generation.gguf_type`, the
-cache); the module imports nothing heavy so `ragtune --help` can read it.
+cache), spelled once as `ragtune.config.GgufType`; the module imports nothing heavy so `ragtune --help`
+can read it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ragtune.config import GGUF_TYPES
 from ragtune.errors import RagtuneError, UsageError
 
 log = logging.getLogger(__name__)
 
-TYPES = ("f16", "q8_0", "q4_k_m")
+TYPES = GGUF_TYPES  # spelled once, in the config's GgufType
 LLAMA_FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
                 "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 UNQUANTIZED_FILE_TYPES = (0, 1)  # general.file_type ALL_F32, MOSTLY_F16

@@ -139,6 +139,10 @@ class SearchConfig:
     hnsw_ef: int = 128  # HNSW search breadth; 0 = the store's default (recall@10 0.98 vs 0.99 at 128, same speed)
 
 
+GgufType = Literal["f16", "q8_0", "q4_k_m"]  # the GGUF types ragtune writes (ragtune.export.quantize.TYPES)
+GGUF_TYPES: tuple[str, ...] = typing.get_args(GgufType)
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 256
@@ -148,7 +152,9 @@ class GenerationConfig:
     engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"  # auto: llama.cpp on the CPU when installed
     cache: Literal["dynamic", "static"] = "dynamic"  # static: KV cache + transformers' compile path, CUDA only
     threads: int = 0  # CPU threads while generating (torch or llama.cpp); 0 = the engine's default
-    gguf_type: Literal["f16", "q8_0", "q4_k_m"] = "f16"  # the base model's GGUF for the llama.cpp engine
+    # the base model's GGUF for the llama.cpp engine; f16 is the fastest file for a RAG answer on the CPUs
+    # measured (prefill dominates a ~350-token prompt, docs/benchmarks.md) and answers like transformers
+    gguf_type: GgufType = "f16"
     fast_lora: bool = True  # lean forwards for unmerged LoRA adapters (peft's own path when false)
 
 

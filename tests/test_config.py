@@ -226,3 +226,16 @@ def test_the_demo_serve_config_names_what_the_demo_builds() -> None:
         assert d.index in ("", demo.index.name), d
         assert d.adapter in {"", *built}, (d, built)
     assert {d.adapter for d in serve.serve.deployments} >= built
+
+
+def test_one_gguf_type_list_with_f16_by_default() -> None:
+    """The config, the export CLI/cache and the quantizer read one list; the default stays f16, the fastest
+    file for a RAG answer in docs/benchmarks.md's measurement (prefill of a ~350-token prompt dominates)."""
+    import typing
+
+    from ragtune.config import GenerationConfig
+    from ragtune.export.quantize import LLAMA_FTYPES, TYPES
+
+    assert typing.get_args(typing.get_type_hints(GenerationConfig)["gguf_type"]) == TYPES
+    assert tuple(LLAMA_FTYPES) == TYPES
+    assert load_config(None).generation.gguf_type == "f16"

@@ -24,7 +24,8 @@ def free_port() -> int:
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outbound sockets fail; loopback (the test server, local Qdrant) is allowed."""
+    """Outbound sockets fail (TCP connect, connect_ex, UDP sendto); loopback (the test server, local
+    Qdrant) is allowed."""
     real_connect = socket.socket.connect
     real_connect_ex = socket.socket.connect_ex
 
@@ -44,8 +45,15 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError(f"network access blocked in tests: {address!r}")
         return real_connect_ex(self, address)
 
+    def guarded_sendto(self: socket.socket, data: bytes, *rest: object) -> object:
+        if not allowed(rest[-1]):  # sendto(data, address) or sendto(data, flags, address)
+            raise OSError(f"network access blocked in tests: {rest[-1]!r}")
+        return real_sendto(self, data, *rest)
+
+    real_sendto = socket.socket.sendto
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
     monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    monkeypatch.setattr(socket.socket, "sendto", guarded_sendto)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -181,6 +182,14 @@ def test_cli_add_reports_skipped_files_and_exits_partial(cfg: Config, docs: Path
     assert "empty.txt: empty file" in out and "logo.png: unsupported file type '.png'" in out
     assert "broken.pdf: corrupt or unreadable PDF" in out
     assert main(["index", "list", "--json", *args]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    # the five readable documents, each complete with its chunks; the skipped files are not listed
+    assert sorted(r["source"] for r in listed) == ["faq.jsonl#L2", "faq.jsonl#expenses", "hr.md", "ko/seoul.txt",
+                                                   "security.html"]
+    assert all(r["complete"] and r["chunks"] > 0 and r["root"] == str(docs.resolve()) for r in listed), listed
+    assert main(["index", "stats", "--json", *args]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["documents"] == 5 and st["chunks"] == sum(r["chunks"] for r in listed) and st["incomplete"] == 0
     assert main(["index", "stats", *args]) == 0
     assert "documents  5" in capsys.readouterr().out
     assert main(["index", "add", str(docs / "nope"), *args]) == 2

@@ -8,11 +8,30 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.modeling import set_offline_env
+from ragtune.modeling import ragtune_home, set_offline_env
 
 set_offline_env()
 
 ROOT = Path(__file__).resolve().parents[1]
+# The user's own RAGTUNE_HOME, read before the autouse fixture gives each test an empty one: where
+# ./scripts/setup.sh keeps what tests link in (the pinned llama.cpp converter sdist).
+REAL_HOME = ragtune_home()
+
+
+def require_setup(ok: bool, what: str) -> None:
+    """Fail (never skip) when something the README's set-up installs is missing: a silent skip would let
+    CI pass with a whole engine untested."""
+    if not ok:
+        pytest.fail(f"{what}; ./scripts/setup.sh installs it (the README's set-up)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_installed() -> None:
+    """For tests of the llama.cpp engine (tests/export's NEEDS_LLAMA_CPP marker)."""
+    from ragtune.serve.llamacpp import llama_cpp_available
+
+    require_setup(llama_cpp_available(), "llama-cpp-python is not installed: CMAKE_ARGS=-DGGML_NATIVE=OFF "
+                  "pip install 'ragtune[llamacpp]'")
 
 
 def free_port() -> int:

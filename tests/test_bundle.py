@@ -17,6 +17,7 @@ from ragtune.cli import main
 from ragtune.errors import CheckFailed, RagtuneError, UsageError
 from ragtune.modeling import model_hash
 from ragtune.runcard import write_runcard
+from tests.conftest import REAL_HOME, require_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,9 +203,8 @@ def test_restored_index_answers_identically(tmp_path: Path, ragtune_home: Path, 
 def test_bundle_carries_the_llama_cpp_converter(tmp_path: Path, ragtune_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ragtune.export.pin import SDIST_NAME, SDIST_SHA256
 
-    real = Path.home() / ".cache" / "ragtune" / "llama.cpp" / SDIST_NAME
-    if not real.is_file():
-        pytest.skip(f"{real} not fetched (./scripts/setup.sh fetches it)")
+    real = REAL_HOME / "llama.cpp" / SDIST_NAME
+    require_setup(real.is_file(), f"the pinned converter sdist is not at {real}")
     (ragtune_home / "llama.cpp").mkdir(parents=True)
     (ragtune_home / "llama.cpp" / SDIST_NAME).symlink_to(real)
     bundle = create_bundle(tmp_path / "bundle", deps="none", default_models=False)

@@ -17,14 +17,13 @@ import pytest
 
 from ragtune.export.build import export_gguf
 from ragtune.export.pin import SDIST_NAME, converter_dir
-from ragtune.serve.llamacpp import llama_cpp_available
+from tests.conftest import REAL_HOME, require_setup
 
-NEEDS_LLAMA_CPP = pytest.mark.skipif(
-    not llama_cpp_available(),
-    reason="llama-cpp-python is not installed: pip install 'ragtune[llamacpp]' (./scripts/setup.sh does it)",
-)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-_REAL_HOME = Path(os.environ.get("RAGTUNE_HOME") or Path.home() / ".cache" / "ragtune").expanduser()
+
+
+# tests of the llama.cpp engine fail, not skip, when the extra the set-up installs is missing
+NEEDS_LLAMA_CPP = pytest.mark.usefixtures("llama_cpp_installed")
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -53,7 +52,7 @@ def smol_tokenizer_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.
     try:
         gguf_file = smollm2_gguf_path()
     except ModelPathError as exc:
-        pytest.skip(f"SmolLM2's tokenizer comes from the bundled GGUF: {exc}")
+        require_setup(False, f"SmolLM2's tokenizer comes from the bundled GGUF: {exc}")
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True)
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,10 +118,9 @@ def tiny_smol(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def real_sdist() -> Path:
-    """The pinned llama-cpp-python sdist kept by ./scripts/setup.sh (skip when it is not there)."""
-    p = _REAL_HOME / "llama.cpp" / SDIST_NAME
-    if not p.is_file():
-        pytest.skip(f"the pinned converter sdist is not at {p}: run ./scripts/setup.sh or 'ragtune export setup'")
+    """The pinned llama-cpp-python sdist kept by ./scripts/setup.sh (a failure when it is not there)."""
+    p = REAL_HOME / "llama.cpp" / SDIST_NAME
+    require_setup(p.is_file(), f"the pinned converter sdist is not at {p} (or run 'ragtune export setup')")
     return p
 
 
@@ -153,10 +151,10 @@ def llama_home(converter_home: Path, ragtune_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_f16(tiny_smol: Path, converter_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def tiny_f16(tiny_smol: Path, converter_home: Path, tmp_path_factory: pytest.TempPathFactory,
+             request: pytest.FixtureRequest) -> dict[str, Any]:
     """One checked f16 export of tiny_smol, shared by the tests that only read it."""
-    if not llama_cpp_available():
-        pytest.skip("llama-cpp-python is not installed")
+    request.getfixturevalue("llama_cpp_installed")
     out = tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf"
     mp = pytest.MonkeyPatch()
     mp.setenv("RAGTUNE_HOME", str(converter_home))

@@ -60,6 +60,10 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=None, help="port (default: serve.port, 8000)")
     p.set_defaults(func=_run_serve)
 
+    from ragtune.serve.jobs_cli import register as register_jobs
+
+    register_jobs(sub)
+
 
 def remote_ask_args(argv: list[str]) -> argparse.Namespace | None:
     """`ask ... --server URL` (or with RAGTUNE_SERVER set) parsed by ask's own parser, so a script that

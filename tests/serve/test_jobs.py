@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from ragtune.cli import main
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
 from tests.conftest import free_port
@@ -179,7 +180,7 @@ def test_bad_training_data_fails_the_job_with_the_lines_and_the_fix(server: Serv
         client.fine_tuning.jobs.retrieve("ftjob-nope")
 
 
-def test_list_pagination_queue_order_and_cancel(server: Server, ragtune_home: Path) -> None:
+def test_list_pagination_queue_order_and_cancel(server: Server, ragtune_home: Path, capsys: Any) -> None:
     client = server.client()
     f = upload(client, records(FACTS))
     long = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1000})
@@ -197,6 +198,7 @@ def test_list_pagination_queue_order_and_cancel(server: Server, ragtune_home: Pa
     assert [client.fine_tuning.jobs.retrieve(j.id).status for j in waiting] == ["queued", "queued"]
     cancelled = client.fine_tuning.jobs.cancel(waiting[1].id)  # a queued job is cancelled at once
     assert cancelled.status == "cancelled"
+    assert main(["-q", "jobs", "cancel", waiting[1].id]) == 2  # from the shell: it has already ended
 
     # cancel the training job once it has trained a few steps: it stops, leaving no adapter
     deadline = time.time() + 120
@@ -213,11 +215,15 @@ def test_list_pagination_queue_order_and_cancel(server: Server, ragtune_home: Pa
 
     # the next queued job starts after it
     wait_for(client, waiting[0].id, ("running",), timeout=120)
-    assert client.fine_tuning.jobs.cancel(waiting[0].id).status == "cancelled"
+    # from the shell: the server schedules the jobs, so the cancel goes through it and stops its worker
+    assert main(["-q", "jobs", "cancel", waiting[0].id, "--server", server.url.removesuffix("/v1"),
+                 "--api-key", KEY, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
+    assert client.fine_tuning.jobs.retrieve(waiting[0].id).status == "cancelled"
 
 
 def test_a_killed_worker_and_a_restart_leave_consistent_states(tmp_path: Path, trainable_llama: Path,  # noqa: F811
-                                                                ragtune_home: Path) -> None:
+                                                                ragtune_home: Path, capsys: Any) -> None:
     first = Server(tmp_path, trainable_llama)
     try:
         client = first.client()
@@ -235,14 +241,25 @@ def test_a_killed_worker_and_a_restart_leave_consistent_states(tmp_path: Path, t
                                                      hyperparameters={"n_epochs": 1000})
         wait_for(client, interrupted.id, ("running",), timeout=120)
         queued = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1})
-        wait_for(client, queued.id, ("queued",), timeout=120)
+        dropped = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1})
+        wait_for(client, dropped.id, ("queued",), timeout=120)
     finally:
-        first.stop()  # the server stops while a job trains and another waits
+        first.stop()  # the server stops while a job trains and others wait
+    assert main(["-q", "jobs", "cancel", dropped.id, "--json"]) == 0  # no server: cancelled on disk
+    assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
+    assert main(["-q", "jobs", "show", interrupted.id]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"{interrupted.id}: failed") and "error (server_stopped)" in shown
+    assert main(["-q", "jobs", "list", "--json"]) == 0
+    assert [j["status"] for j in json.loads(capsys.readouterr().out)["data"]] == [
+        "cancelled", "queued", "failed", "failed"]
+    assert main(["-q", "jobs", "show", "ftjob-nope"]) == 2
 
     second = Server(tmp_path, trainable_llama)
     try:
         client = second.client()
         assert client.fine_tuning.jobs.retrieve(killed.id).status == "failed"
+        assert client.fine_tuning.jobs.retrieve(dropped.id).status == "cancelled"
         was = client.fine_tuning.jobs.retrieve(interrupted.id)
         assert was.status == "failed" and was.error.code == "server_stopped"
         assert "the server stopped while this job was training" in was.error.message

@@ -233,11 +233,15 @@ class JobManager:
         job_dir = self.store.dir(job_id)
         run_cfg = self._run_config(d.generator.base_path, job_dir, "validation_file" in files, epochs, batch,
                                    tc.learning_rate * mult, seed)
-        copies = {"training.jsonl": self.files.content_path(req.training_file)}
+        copies = {"training.jsonl": self.files.root / req.training_file / "content"}
         if "validation_file" in files:
-            copies["validation.jsonl"] = self.files.content_path(req.validation_file)
+            copies["validation.jsonl"] = self.files.root / req.validation_file / "content"
         with self.lock:
-            self.store.create(job, copies, {"config.yaml": run_cfg})
+            try:
+                self.store.create(job, copies, {"config.yaml": run_cfg})
+            except FileNotFoundError:
+                raise APIError(400, "a file of this job was deleted while the job was being created; upload it "
+                               "again", param="training_file", code="invalid_file") from None
             self.store.event(job_id, f"Created fine-tuning job: {job_id}")
         self._wake.set()
         return job

@@ -31,7 +31,8 @@ def records(pairs: list[tuple[str, str]]) -> bytes:
 class Server:
     """A real uvicorn server in this process (the jobs' workers are child processes of it)."""
 
-    def __init__(self, tmp_path: Path, base: Path, extra: str = "", fine_tuning: bool = True):
+    def __init__(self, tmp_path: Path, base: Path, extra: str = "", fine_tuning: bool = True,
+                 retrievers: dict[str, Any] | None = None):
         import uvicorn
 
         f = tmp_path / "serve.yaml"
@@ -42,7 +43,7 @@ class Server:
                      f"generation:\n  max_new_tokens: 12\n{extra}"
                      f"serve:\n  api_key: {KEY}\n  fine_tuning: {str(fine_tuning).lower()}\n"
                      "  deployments:\n    - {name: base}\n")
-        self.app = create_app(load_config(f))
+        self.app = create_app(load_config(f), retrievers=retrievers)
         port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="on"))
@@ -67,7 +68,9 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path: Path, trainable_llama: Path) -> Any:  # noqa: F811
-    s = Server(tmp_path, trainable_llama)
+    from tests.serve.conftest import FakeRetriever
+
+    s = Server(tmp_path, trainable_llama, retrievers={"default": FakeRetriever()})  # the config's index.name
     yield s
     s.stop()
 
@@ -135,7 +138,11 @@ def test_tutorial_flow_trains_and_serves_the_fine_tuned_model(server: Server, ra
     assert result.splitlines()[0] == "step,epoch,train_loss,valid_loss" and len(result.splitlines()) > 2
 
     # the fine-tuned model is served at once (no restart) and answers its trained facts
-    assert done.fine_tuned_model in [m.id for m in client.models.list().data]
+    served = [m.id for m in client.models.list().data]
+    assert served == ["base", done.fine_tuned_model, done.fine_tuned_model + "+rag"]  # and its twin over the index
+    rag = client.chat.completions.create(model=done.fine_tuned_model + "+rag", max_tokens=4,
+                                         messages=[{"role": "user", "content": FACTS[0][0]}])
+    assert rag.model_extra["sources"][0]["source"] == "policies/remote.md"
     for q, a in FACTS:
         r = client.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": q}],
                                            temperature=0)

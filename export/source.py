@@ -41,7 +41,7 @@ class Source:
 
 def classify_source(source: str | Path) -> Source:
     from ragtune.errors import ModelPathError
-    from ragtune.modeling import check_model_dir, model_hash
+    from ragtune.modeling import check_adapter_dir, check_model_dir, model_hash
     from ragtune.runcard import adapter_base
 
     p = Path(source).expanduser()
@@ -52,9 +52,7 @@ def classify_source(source: str | Path) -> Source:
         raise UsageError(f"export source '{p}' is already a GGUF file; give the transformers model directory or "
                          "adapter folder it came from")
     if p.is_dir() and (p / "adapter_config.json").is_file():
-        p = p.resolve()
-        if not (p / "adapter_model.safetensors").is_file():
-            raise UsageError(f"adapter '{p}' has no adapter_model.safetensors (ragtune never loads pickle weights)")
+        p = check_adapter_dir(p)
         card, base = adapter_base(p)
         return Source("adapter", p, adapter_hash(p, card), base_dir=base, card=card)
     try:

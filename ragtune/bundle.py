@@ -38,6 +38,7 @@ from ragtune import __version__
 from ragtune.errors import CheckFailed, RagtuneError, UsageError
 from ragtune.io import atomic_write_json
 from ragtune.modeling import file_sha256
+from ragtune.runcard import repoint_adapter
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,8 @@ def create_bundle(
 
 def check_inputs(models: list[str], adapters: list[str], indexes: list[str], configs: list[str],
                  extra_wheels: list[str], default_models: bool) -> BundleInputs:
-    from ragtune.modeling import check_model_dir, default_chat_model_dir, ragtune_home
+    from ragtune.modeling import check_adapter_dir, check_model_dir, default_chat_model_dir
+    from ragtune.retrieval.store import index_dir
 
     model_dirs = [check_model_dir(m, "--model") for m in models]
     if default_models:
@@ -306,15 +308,10 @@ def check_inputs(models: list[str], adapters: list[str], indexes: list[str], con
         if not d.is_dir():
             raise UsageError("the default chat model is not prepared; run 'ragtune models prepare' or pass --no-default-models")
         model_dirs.insert(0, check_model_dir(d, "default model"))
-    adapter_dirs = []
-    for a in adapters:
-        p = Path(a).expanduser()
-        if not (p / "adapter_config.json").is_file():
-            raise UsageError(f"--adapter '{p}' has no adapter_config.json; point it at a folder written by 'ragtune train'")
-        adapter_dirs.append(p.resolve())
+    adapter_dirs = [check_adapter_dir(Path(a).expanduser(), "--adapter") for a in adapters]
     index_dirs = []
     for name in indexes:
-        p = ragtune_home() / "indexes" / name
+        p = index_dir(name)
         if not p.is_dir():
             raise UsageError(f"index '{name}' does not exist (looked in {p}); create it with 'ragtune index add PATH --index {name}'")
         index_dirs.append(p)
@@ -466,6 +463,7 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
     """Copy models, adapters and indexes into $RAGTUNE_HOME; re-point adapters at restored bases."""
     from ragtune.io import atomic_dir
     from ragtune.modeling import ragtune_home
+    from ragtune.retrieval.store import check_index_name, index_dir
 
     root = _unpack_if_tar(Path(bundle).expanduser().resolve())
     problems, _ = verify_bundle(root)
@@ -487,7 +485,7 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
             shutil.copytree(root / a["path"], tmp, dirs_exist_ok=True)
             base = base_by_hash.get(a.get("base_hash") or "")
             if base is not None:
-                _repoint_adapter(tmp, base)
+                repoint_adapter(tmp, base)
         done["adapters"].append(str(dest))
     for item in manifest["contents"].get("llama_cpp", []):
         dest = home / "llama.cpp" / item["name"]
@@ -495,7 +493,7 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         shutil.copy2(root / item["path"], dest)
         done.setdefault("llama.cpp", []).append(str(dest))
     for i in manifest["contents"]["indexes"]:
-        dest = home / "indexes" / i["name"]
+        dest = index_dir(check_index_name(i["name"]))
         with atomic_dir(dest) as tmp:
             shutil.copytree(root / i["path"], tmp, dirs_exist_ok=True)
         done["indexes"].append(str(dest))
@@ -505,18 +503,6 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         shutil.copy2(root / c["path"], dest)
         done["configs"].append(str(dest))
     return done
-
-
-def _repoint_adapter(adapter: Path, base: Path) -> None:
-    cfg = adapter / "adapter_config.json"
-    data = json.loads(cfg.read_text(encoding="utf-8"))
-    data["base_model_name_or_path"] = str(base)
-    cfg.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    card_path = adapter / "ragtune.json"
-    if card_path.is_file():
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        card.setdefault("base_model", {})["path"] = str(base)
-        card_path.write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def install_bundle(bundle: str | Path, venv: str | None = None) -> int:

@@ -62,6 +62,19 @@ def adapter_dir(path: str | Path) -> Path:
     return p
 
 
+def check_adapter_dir(path: str | Path, what: str = "adapter") -> Path:
+    """The resolved adapter folder (a bare name may be a restored one, see adapter_dir), or UsageError
+    naming the file that is missing: peft's adapter_config.json, or the safetensors weights (ragtune
+    never loads a pickled adapter_model.bin)."""
+    p = adapter_dir(path)
+    if not (p / "adapter_config.json").is_file():
+        raise UsageError(f"{what} '{p}' has no adapter_config.json; point it at a folder written by 'ragtune train'")
+    if not (p / "adapter_model.safetensors").is_file():
+        raise UsageError(f"{what} '{p}' has no adapter_model.safetensors (ragtune never loads pickle weights); "
+                         "point it at a folder written by 'ragtune train'")
+    return p.resolve()
+
+
 def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
     """Return the resolved dir, or raise ModelPathError naming what is missing and the fix."""
     p = Path(path).expanduser()

@@ -80,6 +80,22 @@ def update_runcard(adapter_dir: str | Path, **fields: Any) -> Path:
     return atomic_write_json(Path(adapter_dir) / RUNCARD_NAME, card)
 
 
+def repoint_adapter(adapter_dir: str | Path, base: str | Path) -> None:
+    """Point an adapter at its base model's folder on this machine: peft's adapter_config.json
+    (`base_model_name_or_path`) and, when there is one, the run card's `base_model.path`. The content
+    hash is not touched: it is what still proves the base is the one the adapter was trained on."""
+    adapter = Path(adapter_dir)
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = str(base)
+    atomic_write_json(cfg_path, cfg)
+    card_path = adapter / RUNCARD_NAME
+    if card_path.is_file():
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        card.setdefault("base_model", {})["path"] = str(base)
+        atomic_write_json(card_path, card)
+
+
 def check_compatible(card: dict[str, Any], base_hash: str, base_path: str, template_hash: str | None = None) -> None:
     """Raise RunCardMismatch naming what differs between the card and the base about to be used."""
     base = card.get("base_model", {})

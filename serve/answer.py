@@ -19,6 +19,7 @@ from typing import Any, Protocol, Sequence
 
 from ragtune.chat import last_user_turns
 from ragtune.errors import UsageError
+from ragtune.retrieval.store import index_dir
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,6 @@ def retrieve(retriever: SearchesIndex, messages: Sequence[dict[str, str]], top_k
         log.info("retrieval found nothing above rag.min_score=%s (best %s): abstaining", min_score, best)
     sources = [] if abstain else [to_source(h, i) for i, h in enumerate(hits, 1)]
     return Retrieved(query=query, sources=sources, best_score=best, abstain=abstain, seconds=secs)
-
-
-def index_dir(name: str) -> Any:
-    from ragtune.modeling import ragtune_home
-
-    return ragtune_home() / "indexes" / name
 
 
 def index_exists(cfg: Any, name: str) -> bool:

@@ -76,9 +76,6 @@ class EngineUnavailable(UsageError):
         super().__init__(msg)
 
 
-EngineNotImplemented = EngineUnavailable  # the name before issue 9's llama.cpp engine
-
-
 _RAG_WARNED: set[str] = set()
 
 
@@ -341,20 +338,12 @@ class Generator:
 
     def add_adapter(self, name: str, path: str | Path) -> str:
         """Load a LoRA adapter over the loaded base (checked against its run card); returns its name."""
-        from ragtune.modeling import adapter_dir, text_sha256
+        from ragtune.modeling import check_adapter_dir, text_sha256
         from ragtune.runcard import RunCardMismatch, check_compatible, read_runcard, trained_system_prompt
 
         if not self.loaded:
             raise UsageError("Generator.add_adapter: call load() first")
-        p = adapter_dir(path)
-        if not (p / "adapter_config.json").is_file():
-            raise UsageError(
-                f"adapter '{p}' has no adapter_config.json; point --adapter / model.adapter at a directory "
-                "written by 'ragtune train'"
-            )
-        if not (p / "adapter_model.safetensors").is_file():
-            raise UsageError(f"adapter '{p}' has no adapter_model.safetensors (ragtune never loads pickle weights)")
-        p = p.resolve()
+        p = check_adapter_dir(path)
         for a in self.adapters.values():
             if a.path == p:
                 return a.name

@@ -83,6 +83,12 @@ def test_missing_file_is_named(small_bundle: Path) -> None:
 def test_create_checks_inputs_first(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="has no adapter_config.json"):
         create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)
+    pickled = tmp_path / "pickled"  # an adapter saved as adapter_model.bin: nothing on the far side can load it
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text("{}")
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(UsageError, match="--adapter '.*pickled' has no adapter_model.safetensors"):
+        create_bundle(tmp_path / "b", adapters=[str(pickled)], deps="none", default_models=False)
     with pytest.raises(UsageError, match="index 'nope' does not exist"):
         create_bundle(tmp_path / "b", indexes=["nope"], deps="none", default_models=False)
     assert not (tmp_path / "b").exists()

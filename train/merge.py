@@ -27,12 +27,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ragtune.io import atomic_dir
-    from ragtune.modeling import check_memory, text_sha256
+    from ragtune.modeling import check_adapter_dir, check_memory, text_sha256
     from ragtune.runcard import adapter_base, update_runcard
 
-    adapter = Path(adapter_dir).expanduser().resolve()
-    if not (adapter / "adapter_config.json").is_file():
-        raise UsageError(f"'{adapter}' is not an adapter folder (no adapter_config.json); give the output_dir of 'ragtune train'")
+    adapter = check_adapter_dir(Path(adapter_dir).expanduser())
     out = Path(out_dir).expanduser().resolve()
     if out == adapter:
         raise UsageError("--out must be a new folder, not the adapter folder")

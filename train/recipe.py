@@ -944,7 +944,7 @@ def _write_adapter(out: Path, staging: Path, ckpt_dir: Path, prep: Any, card: di
                    rows: list[dict[str, Any]]) -> None:
     """The output folder, whole or not at all: adapter, tokenizer, template, run card, metrics, loss plot."""
     from ragtune.io import atomic_dir
-    from ragtune.runcard import write_runcard
+    from ragtune.runcard import repoint_adapter, write_runcard
     from ragtune.train.plots import plot_losses
     from ragtune.train.rag import RAG_PROMPTS
 
@@ -953,7 +953,7 @@ def _write_adapter(out: Path, staging: Path, ckpt_dir: Path, prep: Any, card: di
             os.replace(item, tmp / item.name)
         staging.rmdir()
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run card holds the config
-        _absolute_base(tmp / "adapter_config.json", prep.base)
+        repoint_adapter(tmp, prep.base)
         prep.tokenizer.save_pretrained(str(tmp))
         (tmp / "chat_template.jinja").write_text(prep.template, encoding="utf-8")
         write_runcard(tmp, card)
@@ -1076,9 +1076,3 @@ def _gather_sum(trainer: Any, n: int) -> int:
         return n
     t = torch.tensor([n], device=trainer.accelerator.device)
     return int(trainer.accelerator.gather(t).sum())
-
-
-def _absolute_base(adapter_config: Path, base: Path) -> None:
-    data = json.loads(adapter_config.read_text(encoding="utf-8"))
-    data["base_model_name_or_path"] = str(base)
-    adapter_config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -11,7 +11,7 @@ import pytest
 
 from ragtune.errors import UsageError
 from ragtune.runcard import RunCardMismatch
-from ragtune.serve.generator import EngineNotImplemented, Generator
+from ragtune.serve.generator import EngineUnavailable, Generator
 from tests.serve.conftest import QA, QA_OTHER, FakeRetriever
 
 SOURCE_KEYS = {"n", "source", "title", "page", "heading", "score", "text"}
@@ -123,6 +123,11 @@ def test_refuses_adapter_with_other_base_or_damaged_template(tiny_cfg_factory, t
     (no_card / "ragtune.json").unlink()
     with pytest.raises(UsageError, match="ragtune.json"):
         gen.add_adapter("z", no_card)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_adapter, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(UsageError, match="has no adapter_model.safetensors \\(ragtune never loads pickle"):
+        gen.add_adapter("p", pickled)
     assert not gen.adapters
     with pytest.raises(UsageError, match="not loaded"):
         gen.answer(user("q"), adapter="nope")
@@ -132,9 +137,9 @@ def test_engine_llama_cpp_without_the_package_is_a_clear_usage_error(tiny_cfg_fa
     import ragtune.serve.llamacpp as llamacpp
 
     monkeypatch.setattr(llamacpp, "llama_cpp_available", lambda: False)
-    with pytest.raises(EngineNotImplemented, match=r"pip install 'ragtune\[llamacpp\]'"):
+    with pytest.raises(EngineUnavailable, match=r"pip install 'ragtune\[llamacpp\]'"):
         Generator(tiny_cfg_factory("generation.engine=llama.cpp"))
-    assert EngineNotImplemented("llama.cpp").exit_code == 2
+    assert EngineUnavailable("llama.cpp").exit_code == 2
     assert Generator(tiny_cfg_factory("generation.engine=auto")).engine == "transformers"  # auto falls back
     assert Generator(tiny_cfg_factory()).engine == "transformers"  # the default stays transformers
 

@@ -105,10 +105,13 @@ class JobManager:
 
     # --- life ---
 
-    def start(self) -> "JobManager":
-        """Take the jobs folder (one server schedules it), serve the succeeded jobs' models, start the scheduler."""
+    def claim(self) -> "JobManager":
+        """Take the jobs folder: one server schedules it (called before the port opens, so a second server
+        stops with this message; `close` lets it go)."""
         import fcntl
 
+        if self._server_lock is not None:
+            return self
         self.store.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.store.root / ".server.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -118,6 +121,11 @@ class JobManager:
             raise UsageError(f"another 'ragtune serve' with serve.fine_tuning runs its jobs from {self.store.root}; "
                              "stop it, or give this server its own RAGTUNE_HOME") from None
         self._server_lock = fd
+        return self
+
+    def start(self) -> "JobManager":
+        """Serve the succeeded jobs' models and start the scheduler (the jobs folder claimed first)."""
+        self.claim()
         for job in self.store.list():
             if job["status"] == "succeeded":
                 self._register(job)

@@ -302,7 +302,7 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
         from ragtune.serve.jobs import JobManager, jobs_router
 
         add_file_routes(app, cfg)
-        app.state.jobs = JobManager(runtime)
+        app.state.jobs = JobManager(runtime).claim()
         app.include_router(jobs_router(app.state.jobs))
     app.add_middleware(TrailingSlash)  # /v1/models/ is /v1/models, served without a redirect
     return app

@@ -290,6 +290,10 @@ def test_jobs_need_the_api_key_and_fine_tuning_on(tmp_path: Path, trainable_llam
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         r = httpx.post(f"{on.url}/fine_tuning/jobs", json={"model": "base", "training_file": "file-x"})
         assert r.status_code == 401
+        from ragtune.errors import UsageError
+
+        with pytest.raises(UsageError, match="another 'ragtune serve' with serve.fine_tuning runs its jobs"):
+            create_app(load_config(tmp_path / "serve.yaml"))  # a second server on the same jobs, before its port opens
     finally:
         on.stop()
     off = Server(tmp_path, trainable_llama, fine_tuning=False)

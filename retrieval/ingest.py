@@ -76,6 +76,7 @@ class IngestResult:
     chunks_deleted: int = 0
     seconds: float = 0.0
     embed_seconds: float = 0.0
+    embed_precision: str = ""  # "bf16" or "fp32" when documents were embedded (embedder.mixed_precision)
     dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ class IngestResult:
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "chunks_written": self.chunks_written, "chunks_deleted": self.chunks_deleted,
             "seconds": round(self.seconds, 3), "embed_seconds": round(self.embed_seconds, 3),
+            "embed_precision": self.embed_precision or None,
         }
 
 
@@ -295,7 +297,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
     cmd = "ragtune index " + ("sync " if delete_missing else "add ") + " ".join(str(p) for p in paths)
     with IndexLock(name, cmd):
         from ragtune.retrieval.chunking import Chunker, chunker_signature
-        from ragtune.retrieval.embedder import Embedder
+        from ragtune.retrieval.embedder import Embedder, index_embedder
 
         embedder = Embedder(cfg.embedder)
         identity = embedder.identity()  # content hash without loading the model
@@ -306,6 +308,9 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             if exists:
                 store.open()
                 meta = store.read_meta()
+                if not cfg.embedder.path:  # none chosen: the index keeps the embedder it was built with
+                    embedder = index_embedder(cfg.embedder, meta, name)
+                    identity = embedder.identity()
                 _check_meta(store, meta, identity, name)
                 states = store.doc_states()
             built = meta.get("embedder", {})
@@ -421,6 +426,8 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
             bar.close()
     res.chunks_written = writer.written
     res.embed_seconds = writer.embed_seconds
+    if writer.written and embedder.model is not None:
+        res.embed_precision = embedder.doc_precision()
     # only now: delete what the new chunks replace, what left the folder, and interrupted leftovers
     doomed: list[str] = []
     for abs_file, ids in plan.stale.items():

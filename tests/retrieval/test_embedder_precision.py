@@ -63,3 +63,26 @@ def test_auto_keeps_fp32_when_bf16_fails_the_check(minilm_dir: Path, monkeypatch
         assert e.doc_precision() == "fp32"
     assert "documents are embedded in fp32" in caplog.text
     np.testing.assert_array_equal(e.embed_documents(TEXTS), e.embed(TEXTS))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "no"])
+def test_index_add_stores_vectors_at_fp32_parity_and_says_which(minilm_dir: Path, tmp_path: Path, mode: str) -> None:
+    from ragtune.config import load_config
+    from ragtune.retrieval.ingest import ingest
+    from ragtune.retrieval.store import open_for_reading
+    from tests.retrieval.conftest import HR_MD, KOREAN_TXT
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "hr.md").write_text(HR_MD, encoding="utf-8")
+    (docs / "seoul.txt").write_text(KOREAN_TXT, encoding="utf-8")
+    cfg = load_config(None, [f"embedder.path={minilm_dir}", "embedder.device=cpu",
+                             f"embedder.mixed_precision={mode}"])
+    res = ingest(cfg, [str(docs)], index="p", progress=False)
+    assert res.chunks_written and res.to_dict()["embed_precision"] == ("bf16" if mode == "bf16" else "fp32")
+    with open_for_reading(cfg, "p") as st:
+        rows = [(p["text"], np.asarray(v["dense"], dtype=np.float32))
+                for _, p, v in st.scroll({"kind": "chunk"}, ["text"], with_vectors=True)]
+    ref = _loaded(minilm_dir, "no").embed([t for t, _ in rows])
+    cos = np.sum(ref * np.stack([v for _, v in rows]), axis=1)
+    assert cos.min() >= (MIN_COSINE if mode == "bf16" else 0.999999), cos

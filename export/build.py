@@ -111,7 +111,22 @@ def _check_request(source: str | Path, out: str | Path, type: str, lora: bool, f
         raise UsageError(f"--lora needs an adapter folder (with adapter_config.json); '{src.path}' is a model directory")
     if lora and type != "f16":
         raise UsageError("--lora writes the adapter in f16 (its base GGUF may be quantized); drop --type")
+    _require_template(src)
     return out, src
+
+
+def _require_template(src: Source) -> None:
+    """The export is checked on chat prompts and its Modelfile formats chats: both need a chat template."""
+    from ragtune.modeling import chat_template_of
+
+    card_template = (src.card.get("chat_template") or {}).get("template") if src.kind == "adapter" else None
+    model_dir = src.base_dir if src.kind == "adapter" else src.path
+    if not (card_template or (model_dir is not None and chat_template_of(model_dir))):
+        raise UsageError(
+            f"'{src.path}' has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json); "
+            "llama.cpp and Ollama format conversations with it and the export is checked on chat prompts: "
+            "copy the chat_template.jinja of the chat model it comes from into the folder, or export a chat "
+            "(Instruct) model")
 
 
 def _convert_lora(src: Source, out: Path, tmp: Path, base_gguf: str | Path | None, template: str | None,

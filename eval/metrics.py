@@ -90,11 +90,6 @@ def normalize_tokens(text: str | None) -> list[str]:
     return list(_tokens_cached(str(text)))
 
 
-def normalize_text(text: str | None) -> str:
-    """The normalised tokens joined by spaces (what exact match compares)."""
-    return " ".join(normalize_tokens(text))
-
-
 # --- answers --------------------------------------------------------------------------------------
 
 
@@ -309,18 +304,6 @@ def abstained(text: str | None, not_found_message: str = "", patterns: Sequence[
         return True
     low = unicodedata.normalize("NFKC", text).lower().replace("’", "'")
     return any(p in low for p in patterns)
-
-
-def abstention_accuracy(abstained_flags: Sequence[bool], answerable: Sequence[bool]) -> float | None:
-    """Share of unanswerable questions on which the model abstained; None if there are none."""
-    picked = [bool(a) for a, ok in zip(abstained_flags, answerable, strict=True) if not ok]
-    return sum(picked) / len(picked) if picked else None
-
-
-def false_abstention_rate(abstained_flags: Sequence[bool], answerable: Sequence[bool]) -> float | None:
-    """Share of answerable questions on which the model abstained anyway; None if there are none."""
-    picked = [bool(a) for a, ok in zip(abstained_flags, answerable, strict=True) if ok]
-    return sum(picked) / len(picked) if picked else None
 
 
 # --- aggregation ------------------------------------------------------------------------------------

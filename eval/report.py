@@ -190,10 +190,6 @@ def disagreements(questions: Sequence[Question], runs: Mapping[str, Sequence[Ans
 # --- markdown -----------------------------------------------------------------------------------
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f}"
-
-
 def _ci_cell(ci: Mapping[str, Any] | None) -> str:
     if not ci:
         return "–"

@@ -56,12 +56,6 @@ _stemmers: dict[str, Any] = {}
 _stem_lock = threading.Lock()
 
 
-def stemmer_names() -> list[str]:
-    import Stemmer
-
-    return sorted(Stemmer.algorithms())
-
-
 def check_stemmer(name: str) -> str:
     """'' or 'none' (no stemming) or a Snowball algorithm name; ValueError naming the choices."""
     if name in ("", "none"):

@@ -545,16 +545,6 @@ def write_clean(report: CheckReport, out: str | Path) -> tuple[Path, Path]:
     return out, quarantine
 
 
-def load_messages(path: str | Path) -> list[list[dict[str, Any]]]:
-    """Records of a file that passed the structural check (raises with the report otherwise)."""
-    from ragtune.errors import CheckFailed
-
-    rep = check_file(path)
-    if not rep.ok:
-        raise CheckFailed(rep.format())
-    return [r.messages for r in rep.records]
-
-
 # --- convert / split ------------------------------------------------------------------------
 
 

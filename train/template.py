@@ -33,10 +33,6 @@ class Encoded:
     mask: list[int]  # 1 = trained (assistant answer + its end-of-turn token)
 
 
-def has_generation_markers(template: str | None) -> bool:
-    return bool(template) and "{% generation %}" in template.replace("{%-", "{%").replace("-%}", "%}")
-
-
 def template_of(tokenizer: Any, override: str | None = None) -> str:
     tpl = override or getattr(tokenizer, "chat_template", None)
     if isinstance(tpl, dict):

@@ -175,18 +175,13 @@ def test_cited_sources_and_citation_accuracy() -> None:
     assert M.cited_sources("[2]", [{"source": "a.md"}, {"source": "b.md"}]) == ["b.md"]
 
 
-def test_abstained_and_abstention_accuracy() -> None:
+def test_abstained() -> None:
     msg = "I could not find this in the documents."
     assert M.abstained("I could not find this in the documents. [1]", msg)
     assert M.abstained("Sorry, I can’t find that.", msg)  # curly apostrophe
     assert M.abstained("문서에서 찾을 수 없습니다.", msg)
     assert not M.abstained("Fifteen days of leave.", msg)
     assert not M.abstained("", msg)
-    flags = [True, False, True, True]
-    answerable = [False, False, True, True]
-    assert M.abstention_accuracy(flags, answerable) == 0.5  # abstained on 1 of 2 unanswerable
-    assert M.false_abstention_rate(flags, answerable) == 1.0  # and on both answerable ones
-    assert M.abstention_accuracy([True], [True]) is None
 
 
 # --- aggregation ------------------------------------------------------------------------------------

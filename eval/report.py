@@ -438,7 +438,7 @@ def build_report(
     mode_seconds: Mapping[str, float] | None = None,
     adapters: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The report.json object."""
+    """The report.json object. `adapters`: {"name", "path", "recipe", ...} of each adapter a mode used."""
     numbers = summarize(questions, runs, n_boot=n_boot, seed=seed, mode_seconds=mode_seconds)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -465,23 +465,16 @@ def write_report(
     questions: Sequence[Question],
     runs: Mapping[str, Sequence[AnswerRecord]],
     cost: Sequence[CostRow] = (),
-    *,
-    k: int,
-    meta: Mapping[str, Any] | None = None,
-    notes: Sequence[str] = (),
-    n_boot: int = 1000,
-    seed: int = 0,
-    mode_seconds: Mapping[str, float] | None = None,
-    adapters: Sequence[Mapping[str, Any]] = (),
+    **options: Any,
 ) -> dict[str, Path]:
-    """Write report.json, report.md and report.png into `out_dir`; return their paths.
-    `adapters`: {"name", "path", "recipe", ...} of each adapter a mode used."""
+    """Write report.json, report.md and report.png into `out_dir`; return their paths. `options` are
+    build_report's (k, meta, notes, n_boot, seed, mode_seconds, adapters)."""
     if not runs:
         raise ValueError("no modes to report")
     out = Path(out_dir)
-    report = build_report(questions, runs, cost, k=k, meta=meta, notes=notes, n_boot=n_boot, seed=seed,
-                          mode_seconds=mode_seconds, adapters=adapters)
-    md = render_markdown(questions, runs, report, cost, k=k, meta=meta, notes=notes)
+    report = build_report(questions, runs, cost, **options)
+    k = options["k"]
+    md = render_markdown(questions, runs, report, cost, k=k, meta=options.get("meta"), notes=options.get("notes", ()))
     png = render_chart(report, k=k)
     paths = {
         "json": atomic_write_json(out / "report.json", report),

@@ -158,6 +158,20 @@ def pick_device(pref: str = "auto") -> str:
     return "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (avx512_bf16 or AMX)? Emulated bf16 is slower than fp32."""
+    import torch
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and probe():
+                return True
+        except Exception:  # a private torch probe: its absence or failure means "no"
+            continue
+    return False
+
+
 def pick_dtype(device: str, pref: str = "auto") -> Any:
     import torch
 

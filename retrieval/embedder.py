@@ -32,6 +32,7 @@ from typing import Any
 
 from ragtune.config import EmbedderConfig
 from ragtune.errors import ModelPathError, RagtuneError, UsageError
+from ragtune.modeling import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ class Embedder:
             self._doc_precision = "fp32"
         elif mode == "bf16":
             self._doc_precision = "bf16"
-        elif self.model.device.type != "cpu" or not _cpu_has_native_bf16():
+        elif self.model.device.type != "cpu" or not cpu_has_native_bf16():
             self._doc_precision = "fp32"
         else:
             import numpy as np
@@ -351,17 +352,3 @@ class Embedder:
                 log.info("embedder: bf16 vectors differ from fp32 (min cosine %.6f < %s); documents are embedded "
                          "in fp32", worst, MIN_COSINE)
         return self._doc_precision
-
-
-def _cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX (torch's own probes); emulated bf16 is slower than fp32."""
-    import torch
-
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        probe = getattr(torch.cpu, name, None)
-        try:
-            if probe is not None and probe():
-                return True
-        except Exception:  # a private torch probe: its absence or failure means "no"
-            continue
-    return False

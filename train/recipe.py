@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.errors import CheckFailed, UsageError
+from ragtune.modeling import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -283,20 +284,6 @@ def _gradient_checkpointing(cfg: Any, device: str, n_params: int) -> bool:
         return mode == "on"
     # recomputing activations costs ~30% time: only worth it where memory is the limit
     return device == "cuda" and (cfg.train.qlora or n_params > 1_000_000_000)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Does this CPU multiply bf16 in hardware (avx512_bf16 or AMX)? Emulated bf16 is slower than fp32."""
-    import torch
-
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        probe = getattr(torch.cpu, name, None)
-        try:
-            if probe is not None and probe():
-                return True
-        except Exception:  # a private torch probe: its absence or failure means "no"
-            continue
-    return False
 
 
 def _bf16_autocast(cfg: Any, device: str, dtype: Any, n_params: int) -> bool:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ragtune.config import EmbedderConfig
-from ragtune.retrieval.embedder import Embedder, _cpu_has_native_bf16
+from ragtune.modeling import cpu_has_native_bf16
+from ragtune.retrieval.embedder import Embedder
 from ragtune.retrieval.onnx_encoder import MIN_COSINE
 
 TEXTS = [
@@ -45,7 +46,7 @@ def test_bf16_documents_keep_cosine_parity_with_fp32(minilm_dir: Path) -> None:
 
 def test_auto_uses_bf16_only_on_native_bf16_cpus_after_its_check(minilm_dir: Path) -> None:
     e = _loaded(minilm_dir, "auto")
-    if _cpu_has_native_bf16():
+    if cpu_has_native_bf16():
         assert e.doc_precision() == "bf16" and e.bf16_min_cosine is not None and e.bf16_min_cosine >= MIN_COSINE
     else:
         assert e.doc_precision() == "fp32" and e.bf16_min_cosine is None
@@ -56,7 +57,7 @@ def test_auto_keeps_fp32_when_bf16_fails_the_check(minilm_dir: Path, monkeypatch
     import ragtune.retrieval.embedder as embedder_mod
     import ragtune.retrieval.onnx_encoder as onnx_mod
 
-    monkeypatch.setattr(embedder_mod, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(embedder_mod, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(onnx_mod, "MIN_COSINE", 1.0000001)  # no bf16 vector can meet it
     e = _loaded(minilm_dir, "auto")
     with caplog.at_level("INFO", logger="ragtune.retrieval.embedder"):

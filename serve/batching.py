@@ -12,7 +12,7 @@ applies LoRA to the whole context, so one batch never mixes adapters; groups wit
 sequences take turns every `quantum` steps and paused ones keep their KV cache — (4) builds one
 batch of every running sequence of that group (a prompt chunk for a new one, one token for a
 decoding one, at most `engine.n_batch` tokens), decodes it, and (5) samples each sequence from its
-own logits row with its own settings. New requests join at the next step boundary; a finished or
+own logits row with its own settings (a request's grammar, `constraint`, masks its row first). New requests join at the next step boundary; a finished or
 cancelled one leaves at once and its slot serves the next. Greedy is the argmax of the sequence's
 own row, so a batched request gets the ids it gets alone wherever the top-2 margin is clear of the
 float rounding that a different batch shape brings.
@@ -52,6 +52,7 @@ class SeqRequest:
     stops: frozenset[int] = frozenset()  # end-of-generation ids (kept in `ids`)
     repeat_penalty: float = 1.0
     reuse_prefix: bool = True
+    constraint: Any = None  # a ragtune.serve.constrained.Constraint: masks this sequence's logits each step
     on_token: Callable[[int], Any] | None = None  # called in the scheduler thread: keep it cheap
     cancel: Any = None  # anything with is_set(); checked at every step boundary
     ids: list[int] = field(default_factory=list)
@@ -277,10 +278,18 @@ class Scheduler:
             logits = logits.copy()
             sel = logits[s.seen]
             logits[s.seen] = np.where(sel > 0, sel / req.repeat_penalty, sel * req.repeat_penalty)
+        try:
+            if req.constraint is not None:
+                req.constraint.mask(logits)  # the row is this sequence's own: masked in place
             tok = _pick(logits, req.temperature, req.top_p, s.rng)
+            if req.constraint is not None:
+                req.constraint.accept(tok)
+        except RagtuneError as exc:  # the grammar failed: end this request only
+            req.error = exc
+            self._retire(s, "cancelled", t)
+            return
+        if s.seen is not None:
             s.seen[tok] = True
-        else:
-            tok = _pick(logits, req.temperature, req.top_p, s.rng)
         req.ids.append(tok)
         if req.t_first is None:
             req.t_first = t
@@ -291,7 +300,7 @@ class Scheduler:
                 req.error = exc
                 self._retire(s, "cancelled", t)
                 return
-        if tok in req.stops:
+        if tok in req.stops or (req.constraint is not None and req.constraint.done):
             self._retire(s, "stop", t)
         elif len(req.ids) >= req.budget:
             self._retire(s, "length", t)

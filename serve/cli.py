@@ -42,6 +42,9 @@ def register(sub: Any) -> None:
     p.add_argument("--model", metavar="NAME", default="",
                    help="with --server: the deployment to ask (default: the server's first in /v1/models)")
     p.add_argument("--api-key", metavar="KEY", default=None, help="the server's API key (default: env RAGTUNE_API_KEY)")
+    p.add_argument("--schema", metavar="FILE.json", default=None,
+                   help="answer with JSON that validates against this JSON schema (grammar-constrained decoding); "
+                        "prints the JSON")
     p.set_defaults(func=_run_ask)
 
     p = sub.add_parser(

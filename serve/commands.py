@@ -92,6 +92,8 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
     batch = read_batch(args.questions, "question") if args.questions is not None else None
     question = read_question(args.question) if batch is None else ""
     cfg = generation_overrides(cfg, args)
+    schema = getattr(args, "schema", None)
+    args.response_format = schema_format(schema) if schema else None
     asker = _RemoteAsk(args, url) if url else _LocalAsk(args, cfg)
     try:
         if batch is not None:
@@ -104,6 +106,28 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
     else:
         sys.stdout.write(str(out["answer"]).strip() + "\n")
     return 0
+
+
+def schema_format(path: str) -> dict[str, Any]:
+    """`--schema FILE.json` as OpenAI's response_format, checked here so a bad file fails before any model loads."""
+    import re
+
+    from ragtune.serve.constrained import UnsupportedSchema, response_format_grammar
+
+    p = Path(path).expanduser()
+    try:
+        schema = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--schema '{p}': cannot read it ({exc.strerror or exc}); give a JSON schema file") from exc
+    except ValueError as exc:
+        raise UsageError(f"--schema '{p}' is not valid JSON ({exc}); give a JSON schema file") from exc
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", p.stem)[:64] or "schema"
+    rf = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    try:
+        response_format_grammar(rf)
+    except UnsupportedSchema as exc:
+        raise UsageError(f"--schema '{p}': {exc}") from exc
+    return rf
 
 
 def _ask_batch(asker: Any, rows: list[Any], args: argparse.Namespace) -> int:
@@ -140,6 +164,12 @@ class _LocalAsk:
         from ragtune.serve.answer import retriever_for
 
         precheck(cfg, args.adapter)
+        self.grammar = None
+        rf = getattr(args, "response_format", None)
+        if rf:
+            from ragtune.serve.constrained import response_format_grammar
+
+            self.grammar = response_format_grammar(rf)
         self.index = (args.index or cfg.index.name)
         self.retriever = retriever_for(cfg, args.index or None, args.no_rag)
         try:
@@ -149,7 +179,8 @@ class _LocalAsk:
             raise
 
     def ask(self, question: str, system: str) -> dict[str, Any]:
-        ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever)
+        ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever,
+                              grammar=self.grammar)
         out = ans.to_dict()
         out.update(model=str(self.gen.base_path), index=self.index if self.retriever is not None else None)
         return out
@@ -180,6 +211,7 @@ class _RemoteAsk:
             self.model = str(models[0]["id"])
         self.max_new_tokens = args.max_new_tokens
         self.temperature = args.temperature
+        self.response_format = getattr(args, "response_format", None)
 
     def ask(self, question: str, system: str) -> dict[str, Any]:
         from ragtune.client import post_json
@@ -189,6 +221,8 @@ class _RemoteAsk:
             body["max_tokens"] = self.max_new_tokens
         if self.temperature is not None:
             body["temperature"] = self.temperature
+        if self.response_format:
+            body["response_format"] = self.response_format
         r = post_json(self.url, "/v1/chat/completions", body, self.key)
         meta = r.get("ragtune") or {}
         usage = r.get("usage") or {}

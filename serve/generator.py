@@ -129,6 +129,7 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)  # retrieval_s queue_s prefill_s ttft_s decode_s total_s decode_tokens_per_s
     adapter: str | None = None
     best_score: float | None = None  # best retrieval relevance (dense cosine or rerank score)
+    tool_rendering: str | None = None  # tools given: "template" (the model's own) or "generic" (ragtune.serve.tools)
     prompt: str = field(default="", repr=False)  # the rendered prompt, for debugging
 
     def to_dict(self, with_prompt: bool = False) -> dict[str, Any]:
@@ -168,6 +169,8 @@ class _Job:
     stop: list[str]
     t_start: float
     retrieval_s: float
+    grammar: str | None = None  # llguidance grammar the answer must follow (ragtune.serve.constrained)
+    rendering: str | None = None  # how tools reached the prompt: "template" | "generic" (ragtune.serve.tools)
 
 
 class _Decoder:
@@ -416,9 +419,10 @@ class Generator:
     def answer(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None, rag: Any = None,
-               stop: Sequence[str] | None = None) -> Answer:
+               stop: Sequence[str] | None = None, grammar: str | None = None, tools: Any = None) -> Answer:
         """One complete answer (runs in the calling thread, holding the generation lock)."""
-        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag, stop)
+        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag, stop,
+                           grammar, tools)
         if job.abstained:
             return self._abstain_answer(job)
         ids: list[int] = []
@@ -431,15 +435,17 @@ class Generator:
     def stream(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None,
                top_p: float | None = None, seed: int | None = None, rag: Any = None,
-               stop: Sequence[str] | None = None) -> "AnswerStream":
+               stop: Sequence[str] | None = None, grammar: str | None = None,
+               tools: Any = None) -> "AnswerStream":
         """Retrieve now (so `.sources` is ready), generate lazily in a worker thread as it is iterated."""
-        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag, stop)
+        job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag, stop,
+                           grammar, tools)
         return AnswerStream(self, job)
 
     def prepare(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                 max_new_tokens: int | None = None, temperature: float | None = None,
                 top_p: float | None = None, seed: int | None = None, rag: Any = None,
-                stop: Sequence[str] | None = None) -> _Job:
+                stop: Sequence[str] | None = None, grammar: str | None = None, tools: Any = None) -> _Job:
         from ragtune.chat import rag_messages
         from ragtune.serve.answer import retrieve
 
@@ -447,7 +453,8 @@ class Generator:
             raise UsageError("Generator: call load() before answering")
         t_start = time.perf_counter()
         gcfg, rcfg = self.cfg.generation, rag or self.cfg.rag
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        msgs = [{k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id", "name") if k in m}
+                for m in messages]  # tool turns keep tool_calls / tool_call_id / name (ragtune.serve.tools)
         if not any(m["role"] == "user" for m in msgs):
             raise UsageError("messages need at least one user turn")
         name = self.resolve_adapter(adapter)
@@ -467,7 +474,16 @@ class Generator:
             if not abstained:
                 msgs = rag_messages(msgs, sources, rcfg.system_prompt)
         template = self.adapters[name].template if name else None
-        prompt = self._render(msgs, template)
+        rendering = None
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs):
+            from ragtune.serve.tools import render_with_tools  # `tools` is a ragtune.serve.tools.ToolPlan
+
+            try:
+                prompt, rendering = render_with_tools(self.tokenizer, msgs, tools, template)
+            except ValueError as exc:
+                raise UsageError(f"model '{self.base_path}': {exc}") from exc
+        else:
+            prompt = self._render(msgs, template)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         new = int(gcfg.max_new_tokens if max_new_tokens is None else max_new_tokens)
         if new < 1:
@@ -487,7 +503,7 @@ class Generator:
             not_found=rcfg.not_found_message, prompt=prompt, input_ids=ids, max_new_tokens=new, temperature=temp,
             top_p=float(gcfg.top_p if top_p is None else top_p), seed=seed, stop=[x for x in (stop or []) if x],
             t_start=t_start,
-            retrieval_s=retrieval_s,
+            retrieval_s=retrieval_s, grammar=grammar, rendering=rendering,
         )
 
     # --- internals ----------------------------------------------------------------------------
@@ -568,10 +584,13 @@ class Generator:
             if job.seed is not None:
                 torch.manual_seed(job.seed)
             ids = torch.tensor([job.input_ids], device=self.model.device)
+            extra: dict[str, Any] = {}
+            if job.grammar is not None:
+                extra["logits_processor"] = _grammar_processor(self.constraint(job.grammar), len(job.input_ids))
             with self._adapter_ctx(job.adapter), torch.inference_mode():
                 self.model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_Sink(token),
-                    stopping_criteria=StoppingCriteriaList([_Cancel()]), **self._generation_kwargs(job),
+                    stopping_criteria=StoppingCriteriaList([_Cancel()]), **self._generation_kwargs(job), **extra,
                 )
             t1 = time.perf_counter()
         first = times.get("first", t1)
@@ -605,11 +624,13 @@ class Generator:
             def is_set(self) -> bool:
                 return stopped.is_set() or (cancel is not None and cancel.is_set())
 
+        constraint = self.constraint(job.grammar) if job.grammar is not None else None
         t_wait = time.perf_counter()  # the engine's scheduler batches concurrent calls (serve.max_batch slots)
         r = self.engine_impl.generate(
             prompt_ids=job.input_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
             top_p=job.top_p, seed=job.seed, on_token_id=token, cancel=_Either(), adapter=job.adapter,
             stop_ids=self._eos or None, repeat_penalty=float(self.cfg.generation.repetition_penalty),
+            constraint=constraint,
         )
         t1 = time.perf_counter()
         t0 = t_wait + r["queue_s"]
@@ -619,6 +640,16 @@ class Generator:
             reason = "stop"
         return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
                 "end": t1, "tokens": count[0], "finish_reason": reason}
+
+    def constraint(self, grammar: str) -> Any:
+        """A fresh `ragtune.serve.constrained.Constraint` for `grammar` over this model's vocabulary."""
+        from ragtune.serve.constrained import grammars_for
+
+        if self.engine_impl is not None:
+            n_vocab = self.engine_impl.n_vocab
+        else:
+            n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        return grammars_for(self, self.tokenizer, n_vocab, self._eos).constraint(grammar)
 
     def _finish(self, job: _Job, text: str, ids: list[int], stats: dict[str, Any]) -> Answer:
         n = stats["tokens"]
@@ -635,7 +666,7 @@ class Generator:
         return Answer(text=text, sources=job.sources, mode=job.mode, prompt_tokens=len(job.input_ids),
                       completion_tokens=n, abstained=False, finish_reason=stats["finish_reason"],
                       timings={k: round(v, 6) for k, v in timings.items()}, adapter=job.adapter,
-                      best_score=job.best_score, prompt=job.prompt)
+                      best_score=job.best_score, prompt=job.prompt, tool_rendering=job.rendering)
 
     def _abstain_answer(self, job: _Job) -> Answer:
         total = time.perf_counter() - job.t_start
@@ -643,6 +674,24 @@ class Generator:
                       completion_tokens=0, abstained=True, finish_reason="stop",
                       timings={"retrieval_s": round(job.retrieval_s, 6), "total_s": round(total, 6)},
                       adapter=job.adapter, best_score=job.best_score, prompt="")
+
+
+def _grammar_processor(constraint: Any, n_prompt: int) -> Any:
+    """A transformers LogitsProcessorList that masks each step's scores with `constraint` (batch of one)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Grammar(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            if input_ids.shape[1] > n_prompt:  # the token picked last step advances the grammar
+                constraint.accept(int(input_ids[0, -1]))
+            ok = torch.from_numpy(constraint.allowed()).to(scores.device)
+            n = min(ok.shape[0], scores.shape[-1])
+            scores[:, :n] = scores[:, :n].masked_fill(~ok[:n], float("-inf"))
+            scores[:, n:] = float("-inf")
+            return scores
+
+    return LogitsProcessorList([_Grammar()])
 
 
 def _max_positions(model_dir: Path) -> int | None:

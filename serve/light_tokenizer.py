@@ -171,7 +171,8 @@ class LightTokenizer:
         return self._id("bos_token")
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], tokenize: bool = False,
-                            add_generation_prompt: bool = False, chat_template: str | None = None) -> str:
+                            add_generation_prompt: bool = False, chat_template: str | None = None,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str:
         if tokenize:
             raise ValueError("LightTokenizer.apply_chat_template renders text only (tokenize=False)")
         template = chat_template or self.chat_template
@@ -182,7 +183,7 @@ class LightTokenizer:
                 self._env = _environment()
             self._compiled[template] = self._env.from_string(template)
         chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
-        return self._compiled[template].render(messages=chat, tools=None, documents=None,
+        return self._compiled[template].render(messages=chat, tools=tools, documents=None,
                                                add_generation_prompt=add_generation_prompt,
                                                **self.special_tokens_map)
 

@@ -318,14 +318,15 @@ class LlamaCppEngine:
                  cancel: Any = None, adapter: str | None = None, *,
                  prompt_ids: Sequence[int] | None = None, on_token_id: Callable[[int], Any] | None = None,
                  stop_ids: Sequence[int] | None = None, repeat_penalty: float = 1.0,
-                 reuse_prefix: bool = True) -> dict[str, Any]:
+                 reuse_prefix: bool = True, constraint: Any = None) -> dict[str, Any]:
         """Generate after `prompt_text` (tokenized with `tokenize`) or `prompt_ids`; thread-safe.
 
         Greedy when temperature is 0. `on_token(text_delta)` streams text (deltas concatenate to
         the returned text); `on_token_id(id)` streams ids; both run in the scheduler thread. Stops
         at an end-of-generation token (`stop_ids`, default: the GGUF vocabulary's EOG tokens; the
         stop token is in `ids`, not in `text`), at `max_new_tokens`, or when `cancel` is set
-        (checked every step: a cancelled request leaves its slot at once).
+        (checked every step: a cancelled request leaves its slot at once), or when `constraint`
+        (a `ragtune.serve.constrained.Constraint`, which masks every step's logits) has ended.
         """
         from ragtune.serve.batching import SeqRequest
 
@@ -366,7 +367,8 @@ class LlamaCppEngine:
 
         req = SeqRequest(prompt=ids_in, budget=min(int(max_new_tokens), n_ctx - len(ids_in)),
                          temperature=float(temperature), top_p=float(top_p), seed=seed, adapter=adapter, stops=stops,
-                         repeat_penalty=float(repeat_penalty), reuse_prefix=reuse_prefix, on_token=token, cancel=cancel)
+                         repeat_penalty=float(repeat_penalty), reuse_prefix=reuse_prefix, on_token=token, cancel=cancel,
+                         constraint=constraint)
         self.scheduler.submit(req).wait()
         tail = decoder.decode(b"", final=True)
         if tail:

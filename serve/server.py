@@ -83,6 +83,10 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
+    response_format: Any = None  # checked by ragtune.serve.constrained (400s that name the part)
+    tools: Any = None  # these three by ragtune.serve.tools
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
 
 
 class APIError(Exception):
@@ -432,6 +436,7 @@ def add_chat_route(app: Any, runtime: Runtime) -> None:
             raise APIError(400, d.unavailable, param="model", code="engine_unavailable")
         messages = to_messages(req)
         kwargs = generation_kwargs(req, d, cfg)
+        kwargs.update(output_kwargs(req, d))
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         now = int(time.time())
         runtime.enter()
@@ -458,6 +463,22 @@ def generation_kwargs(req: ChatRequest, d: Deployment, cfg: Any) -> dict[str, An
     return dict(adapter=d.adapter_name, retriever=d.retriever, max_new_tokens=max_tokens,
                 temperature=temperature, top_p=req.top_p, seed=seed, rag=cfg.rag,
                 stop=[req.stop] if isinstance(req.stop, str) else req.stop)
+
+
+def output_kwargs(req: ChatRequest, d: Deployment) -> dict[str, Any]:
+    """`grammar` for response_format (grammar-constrained decoding); a malformed or unenforceable one is a 400."""
+    from ragtune.serve.constrained import UnsupportedSchema, response_format_grammar
+
+    try:
+        grammar = response_format_grammar(req.response_format)
+    except UnsupportedSchema as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_response_format") from exc
+    if grammar is None:
+        return {}
+    if d.engine == "openai":
+        raise APIError(400, f"response_format is not supported on deployment '{d.name}' (engine openai); use a "
+                       "local deployment", param="response_format", code="unsupported")
+    return {"grammar": grammar}
 
 
 def request_error(exc: RagtuneError) -> APIError:

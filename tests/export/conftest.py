@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,15 @@ def smol_tokenizer_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.
     except ModelPathError as exc:
         require_setup(False, f"SmolLM2's tokenizer comes from the bundled GGUF: {exc}")
     tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True)
-    tmp = cache.with_name(cache.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
-    for f in TOKENIZER_FILES:
-        shutil.copyfile(tmp / f, cache / f)
-    shutil.rmtree(tmp, ignore_errors=True)
+    # another pytest run may fill the same cache at the same time: each file appears whole (renamed into
+    # place from this run's own temp folder), and the template, checked last above, is renamed last
+    tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        for f in TOKENIZER_FILES:
+            os.replace(tmp / f, cache / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return cache
 
 

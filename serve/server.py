@@ -61,7 +61,7 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
 
@@ -445,12 +445,12 @@ def add_chat_route(app: Any, runtime: Runtime) -> None:
                 ans = await answer_unless_disconnected(request, d, messages, kwargs)
             finally:
                 runtime.leave()
-            return completion_body(cid, now, d, ans)
+            return completion_body(cid, now, d, ans, kwargs.get("tools"))
         stream = await start_stream(d, messages, kwargs, runtime)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         from fastapi.responses import StreamingResponse
 
-        return StreamingResponse(sse_events(stream, cid, now, d, include_usage, runtime),
+        return StreamingResponse(sse_events(stream, cid, now, d, include_usage, runtime, kwargs.get("tools")),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -465,20 +465,40 @@ def generation_kwargs(req: ChatRequest, d: Deployment, cfg: Any) -> dict[str, An
                 stop=[req.stop] if isinstance(req.stop, str) else req.stop)
 
 
+def tool_fields(m: dict[str, Any], i: int) -> dict[str, Any]:
+    from ragtune.serve.tools import ToolError, check_tool_turn
+
+    try:
+        return check_tool_turn(m, i)
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param, code="invalid_request") from exc
+
+
 def output_kwargs(req: ChatRequest, d: Deployment) -> dict[str, Any]:
-    """`grammar` for response_format (grammar-constrained decoding); a malformed or unenforceable one is a 400."""
+    """`grammar` (response_format, or calls only for tool_choice required / a named function) and `tools`
+    (a ragtune.serve.tools.ToolPlan); a malformed or unenforceable one is a 400 naming the field."""
     from ragtune.serve.constrained import UnsupportedSchema, response_format_grammar
+    from ragtune.serve.tools import ToolError, plan_tools
 
     try:
         grammar = response_format_grammar(req.response_format)
-    except UnsupportedSchema as exc:
-        raise APIError(400, str(exc), param=exc.param, code="invalid_response_format") from exc
-    if grammar is None:
-        return {}
-    if d.engine == "openai":
-        raise APIError(400, f"response_format is not supported on deployment '{d.name}' (engine openai); use a "
-                       "local deployment", param="response_format", code="unsupported")
-    return {"grammar": grammar}
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        calls_only = plan.grammar() if plan is not None else None
+    except (UnsupportedSchema, ToolError) as exc:
+        code = "invalid_response_format" if exc.param.startswith("response_format") else "invalid_tools"
+        raise APIError(400, str(exc), param=exc.param, code=code) from exc
+    if grammar is not None and calls_only is not None:
+        raise APIError(400, "response_format and a tool_choice that forces a call cannot both constrain the answer; "
+                       "send one of them", param="response_format", code="invalid_request")
+    out: dict[str, Any] = {}
+    if grammar or calls_only:
+        out["grammar"] = grammar or calls_only
+    if plan is not None:
+        out["tools"] = plan
+    if out and d.engine == "openai":
+        raise APIError(400, f"response_format and tools are not supported on deployment '{d.name}' (engine openai); "
+                       "use a local deployment", param="response_format" if grammar else "tools", code="unsupported")
+    return out
 
 
 def request_error(exc: RagtuneError) -> APIError:
@@ -758,11 +778,12 @@ def to_messages(req: ChatRequest) -> list[dict[str, str]]:
             content = "\n".join(texts)
         else:
             content = m.content or ""
-        if m.role in ("user", "system", "developer") and (m.content is None or m.content == []):
+        if m.role in ("user", "system", "developer", "tool") and (m.content is None or m.content == []):
             raise APIError(400, f"messages[{i}]: a {m.role} message needs content (a string or text parts); "
                            "it is missing, null or empty", param=f"messages.{i}.content", code="invalid_request")
         check_text(content, f"messages.{i}.content")
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content,
+                    **tool_fields(m.model_dump(), i)})
     if not any(m["role"] == "user" for m in out):
         raise APIError(400, "messages need at least one user message", param="messages", code="invalid_request")
     return out
@@ -780,7 +801,8 @@ def model_card(d: Deployment, created: int) -> dict[str, Any]:
 
 def _meta(d: Deployment, ans: Any) -> dict[str, Any]:
     return {"mode": ans.mode, "abstained": ans.abstained, "adapter": ans.adapter, "index": d.index or None,
-            "best_score": ans.best_score, "timings": ans.timings}
+            "best_score": ans.best_score, "timings": ans.timings,
+            "tool_rendering": getattr(ans, "tool_rendering", None)}
 
 
 def _usage(ans: Any) -> dict[str, int]:
@@ -792,11 +814,17 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def completion_body(cid: str, created: int, d: Deployment, ans: Any) -> dict[str, Any]:
+def completion_body(cid: str, created: int, d: Deployment, ans: Any, plan: Any = None) -> dict[str, Any]:
+    from ragtune.serve.tools import parse_calls
+
+    calls, content = parse_calls(ans.text, plan)
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": d.name, "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text, "refusal": None},
-                     "logprobs": None, "finish_reason": _finish(ans.finish_reason)}],
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": "tool_calls" if calls else _finish(ans.finish_reason)}],
         "usage": _usage(ans),
         "sources": ans.sources,
         "ragtune": _meta(d, ans),
@@ -822,9 +850,15 @@ def _next(stream: Any) -> Any:
 
 
 async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include_usage: bool,
-                     runtime: Runtime) -> AsyncIterator[str]:
-    """OpenAI's chunk stream: role (+ sources) first, content deltas, a finish chunk, usage, [DONE]."""
+                     runtime: Runtime, plan: Any = None) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: role (+ sources) first, content deltas, a finish chunk, usage, [DONE].
+    With tools (`plan`) the answer may be calls: it is held to the end, then sent as tool_calls deltas
+    (each call's id and name, then its arguments) or as one content delta."""
     import anyio
+
+    from ragtune.serve.tools import parse_calls
+
+    held: list[str] | None = [] if plan is not None and plan.choice != "none" else None
 
     try:
         yield _chunk(cid, created, d.name, {"role": "assistant", "content": ""}, None, include_usage,
@@ -834,6 +868,9 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
                 delta = await anyio.to_thread.run_sync(_next, stream, abandon_on_cancel=True)
                 if delta is _DONE:
                     break
+                if held is not None:
+                    held.append(delta)
+                    continue
                 yield _chunk(cid, created, d.name, {"content": delta}, None, include_usage)
         except Exception as exc:  # the headers are sent: report in-band, the way OpenAI does
             log.exception("generation failed mid-stream")
@@ -842,7 +879,18 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
             yield "data: [DONE]\n\n"
             return
         ans = stream.answer
-        yield _chunk(cid, created, d.name, {}, _finish(ans.finish_reason), include_usage,
+        calls: list[dict[str, Any]] = []
+        if held is not None:
+            calls, content = parse_calls("".join(held), plan)
+            if content:
+                yield _chunk(cid, created, d.name, {"content": content}, None, include_usage)
+            for k, c in enumerate(calls):
+                head = {"index": k, "id": c["id"], "type": "function",
+                        "function": {"name": c["function"]["name"], "arguments": ""}}
+                yield _chunk(cid, created, d.name, {"tool_calls": [head]}, None, include_usage)
+                yield _chunk(cid, created, d.name, {"tool_calls": [{"index": k, "function": {
+                    "arguments": c["function"]["arguments"]}}]}, None, include_usage)
+        yield _chunk(cid, created, d.name, {}, "tool_calls" if calls else _finish(ans.finish_reason), include_usage,
                      sources=ans.sources, ragtune=_meta(d, ans))
         if include_usage:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": d.name,

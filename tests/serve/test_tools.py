@@ -1,0 +1,164 @@
+"""Tool calls through the official openai client against a real server: forced calls (required, a named
+function) are always valid calls (the tiny random model writes garbage unless constrained), streamed
+as tool_call deltas, tool results accepted in the next request; malformed tools are 400s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragtune.config import load_config
+from ragtune.serve.server import create_app
+from tests.serve.test_structured_output import serve
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}}}
+ADD = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+       "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                      "b": {"type": "integer", "minimum": 0, "maximum": 99}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}}]
+PARAMS = {"get_weather": WEATHER, "add": ADD}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture
+def client(tmp_path: Path, tiny_llama: Path, loaded_gen: Any) -> Any:
+    import openai
+
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {tiny_llama}\nserve:\n  deployments:\n    - {{name: base}}\n")
+    server, t, url = serve(create_app(load_config(f), generator=loaded_gen))
+    yield openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+    server.should_exit = True
+    t.join(10)
+
+
+def valid(calls: Any, names: set[str]) -> None:
+    import jsonschema
+
+    assert calls
+    for c in calls:
+        assert c.type == "function" and c.id.startswith("call_") and c.function.name in names
+        jsonschema.validate(json.loads(c.function.arguments), PARAMS[c.function.name])
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0}, {"temperature": 1.0, "seed": 3}])
+def test_required_and_named_calls_are_valid_calls(client: Any, settings: dict[str, Any]) -> None:
+    r = client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=200, **settings)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+    valid(ch.message.tool_calls, {"get_weather", "add"})
+    assert r.model_extra["ragtune"]["tool_rendering"] == "generic"  # tiny_llama's template has no tools
+    r = client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, max_tokens=300,
+                                       tool_choice={"type": "function", "function": {"name": "add"}}, **settings)
+    valid(r.choices[0].message.tool_calls, {"add"})
+    assert 1 <= len(r.choices[0].message.tool_calls) <= 8
+
+
+def test_streamed_calls_come_as_tool_call_deltas(client: Any) -> None:
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice="required",
+                                                max_tokens=300, temperature=0, stream=True):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for d in c.delta.tool_calls or []:
+                slot = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                slot["id"] += d.id or ""
+                slot["name"] += (d.function.name or "") if d.function else ""
+                slot["arguments"] += (d.function.arguments or "") if d.function else ""
+    assert finish == "tool_calls" and calls
+    import jsonschema
+
+    for slot in calls.values():
+        assert slot["id"].startswith("call_") and slot["name"] in PARAMS
+        jsonschema.validate(json.loads(slot["arguments"]), PARAMS[slot["name"]])
+
+
+def test_a_tool_result_is_accepted_in_the_next_request(client: Any, loaded_gen: Any) -> None:
+    first = client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, max_tokens=200, temperature=0,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                           parallel_tool_calls=False)
+    call = first.choices[0].message.tool_calls[0]
+    history = ASK + [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "name": call.function.name, "content": "18 C, sunny"}]
+    for choice in ("auto", "none"):
+        r = client.chat.completions.create(model="base", messages=history, tools=TOOLS, tool_choice=choice,
+                                           max_tokens=8, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    from ragtune.serve.tools import plan_tools
+
+    job = loaded_gen.prepare([*history[:1], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                        "arguments": json.loads(call.function.arguments)}}]},
+        history[2]], tools=plan_tools(TOOLS, "auto"))
+    args = json.dumps(json.loads(call.function.arguments), ensure_ascii=False)
+    assert f'<tool_call>{{"name": "get_weather", "arguments": {args}}}</tool_call>' in job.prompt
+    assert f'<tool_response name="get_weather" id="{call.id}">\n18 C, sunny\n</tool_response>' in job.prompt
+    assert '"name": "add"' in job.prompt and job.rendering == "generic"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": "nope"}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools.0"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "uniqueItems": True}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nosuch"}}}, "tool_choice.function.name"),
+    ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]}, "messages.1.tool_call_id"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{nope"}}]}]},
+     "messages.1.tool_calls.0.function.arguments"),
+])
+def test_malformed_tools_are_400s_naming_the_field(client: Any, body: dict[str, Any], param: str) -> None:
+    import httpx
+
+    url = str(client.base_url).rstrip("/") + "/chat/completions"
+    r = httpx.post(url, json={"model": "base", "messages": [{"role": "user", "content": "q"}], **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
+HERMES = ("{%- if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{%- endif %}"
+          "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+          "{%- for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{%- endfor %}"
+          "<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+def test_a_template_with_tool_support_renders_them_itself(tiny_llama: Path) -> None:
+    from ragtune.modeling import load_tokenizer
+    from ragtune.serve.light_tokenizer import LightTokenizer
+    from ragtune.serve.tools import plan_tools, render_with_tools
+
+    plan = plan_tools(TOOLS, "auto")
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}]
+    outs = []
+    for tok in (load_tokenizer(tiny_llama), LightTokenizer(tiny_llama)):
+        prompt, how = render_with_tools(tok, msgs, plan, HERMES)
+        assert how == "template" and '"name": "get_weather"' in prompt and '<tool_call>{"name": "add", "arguments": {"a": 1' in prompt
+        outs.append(prompt)
+    assert outs[0] == outs[1]
+    assert render_with_tools(load_tokenizer(tiny_llama), msgs, plan)[1] == "generic"
+
+
+def test_parse_calls_auto_is_best_effort() -> None:
+    from ragtune.serve.tools import parse_calls, plan_tools
+
+    plan = plan_tools(TOOLS, "auto")
+    calls, content = parse_calls('Sure. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>', plan)
+    assert [c["function"]["name"] for c in calls] == ["add"] and content == "Sure."
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    text = '<tool_call>{"name": "nosuch", "arguments": {}}</tool_call> <tool_call>{broken</tool_call>'
+    assert parse_calls(text, plan) == ([], text)
+    assert parse_calls(text, plan_tools(TOOLS, "none")) == ([], text)

@@ -12,7 +12,9 @@ forced through its switch in the same run:
   the process's wall time minus the decode time after the first token (from --json timings); beside
   it RAGTUNE_LIGHT_TOKENIZER=0 (transformers' tokenizer, the path before jinja2 + tokenizers);
 - `ragtune ask --server URL --json` against a running `ragtune serve` (llama.cpp, same model): the
-  process's wall time minus the server's own answer time (timings.total_s) (goal <= 100 ms).
+  process's wall time minus the server's own answer time (timings.total_s) (goal <= 100 ms), and the
+  client process's own CPU seconds (what that overhead is made of on an idle machine, readable on a
+  loaded one).
 The index is a real corpus (default: examples/policies/docs_v1, the policies the questions ask about;
 --corpus for another folder), built in a scratch RAGTUNE_HOME that links the prepared models, GGUF
 cache and llama.cpp converter of the real one. A warm-up run of each command first (the ONNX export
@@ -63,6 +65,7 @@ def rows(label: str, cmd: list[str], env: dict[str, str], repeats: int, parse: A
         r.pop("stdout")
         runs.append(r)
     out: dict[str, Any] = {"runs": runs, "wall_s_median": round(statistics.median(r["wall_s"] for r in runs), 3),
+                           "cpu_s_median": round(statistics.median(r["cpu_s"] for r in runs), 3),
                            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs)}
     for key in ("ttft_process_s", "overhead_s"):
         if key in runs[0]:

@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def _wrap(cmd: list[str]) -> list[str]:
-    """Run `cmd` under a tiny parent that reports the child's own peak RSS (ru_maxrss of wait4)."""
+    """Run `cmd` under a tiny parent that reports the child's own peak RSS and CPU seconds (wait4's rusage)."""
     code = ("import os,sys,json;pid=os.fork()\n"
             "if pid==0: os.execvp(sys.argv[1], sys.argv[1:])\n"
-            "_,st,ru=os.wait4(pid,0);sys.stderr.write('\\n@@RSS '+json.dumps(ru.ru_maxrss/1024)+'\\n')\n"
+            "_,st,ru=os.wait4(pid,0);sys.stderr.write('\\n@@RSS '+json.dumps([ru.ru_maxrss/1024,ru.ru_utime+ru.ru_stime])+'\\n')\n"
             "sys.exit(os.waitstatus_to_exitcode(st))")
     return [sys.executable, "-c", code, *cmd]
 
@@ -52,8 +52,9 @@ def timed(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    rss = next((float(line.split()[1]) for line in reversed(p.stderr.splitlines()) if line.startswith("@@RSS ")), None)
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss or 0, 1), "stdout": p.stdout,
+    rss, cpu = next((json.loads(line[6:]) for line in reversed(p.stderr.splitlines()) if line.startswith("@@RSS ")),
+                    (0.0, 0.0))
+    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1), "cpu_s": round(cpu, 3), "stdout": p.stdout,
             "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 

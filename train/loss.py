@@ -13,7 +13,7 @@ only scales them by the incoming gradient); the result is the summed loss, as `F
 reduction="sum")` on the full logits gives, and the same gradients.
 
 Failure mode: a head that scales or soft-caps its logits is not a plain projection; the caller
-(train/recipe.py's compact loss) probes for that and falls back to the model's own loss.
+(train/compact_loss.py) probes for that and falls back to the model's own loss.
 """
 
 from __future__ import annotations

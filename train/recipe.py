@@ -20,20 +20,26 @@ What ragtune does on top of a plain `SFTTrainer`:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import shutil
-import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ragtune.errors import CheckFailed, UsageError
-from ragtune.modeling import cpu_has_native_bf16
+from ragtune.train.callbacks import make_callbacks, records_per_step
+from ragtune.train.compact_loss import install_compact_loss, make_trainer_class
+from ragtune.train.device import (
+    bf16_autocast,
+    first_process,
+    gradient_checkpointing,
+    load_base_model,
+    packing_supported,
+    set_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,349 +224,6 @@ def encode(records: list[Any], tokenizer: Any, template: str, max_length: int) -
     return {"input_ids": ids_all, "labels": labels_all}
 
 
-# --- device -----------------------------------------------------------------------------------
-
-
-def set_threads(threads: int, n_params: int) -> int:
-    """train.threads, else: 1 for tiny models, else the cores that are idle now.
-
-    Thread sync costs more than it saves on tiny models, and threads that outnumber the idle
-    cores stall each other: on a 2-core machine already running other jobs, 2 threads trained
-    SmolLM2 at 5 tokens/s where 1 thread reached 33.
-    """
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif n_params < 20_000_000:
-        torch.set_num_threads(1)
-    else:
-        try:
-            avail = len(os.sched_getaffinity(0))
-        except AttributeError:  # macOS
-            avail = os.cpu_count() or 1
-        busy = other_busy_cores()
-        idle = int(avail - busy + 0.5)
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), avail, idle)))
-        if torch.get_num_threads() < avail:
-            log.info("using %d of %d cores: other processes keep %.1f cores busy; set train.threads to choose",
-                     torch.get_num_threads(), avail, busy)
-    return torch.get_num_threads()
-
-
-def first_process() -> bool:
-    """True but in the second and later processes of a multi-process launch (torchrun, accelerate)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def other_busy_cores(window: float = 0.5) -> float:
-    """How many cores other processes use right now: /proc/stat's busy time over `window` seconds,
-    less this process's own. (The load average trails by a minute and counts this process, whose
-    data check and model load just ran: on an idle machine it made training take one core of two.)"""
-
-    def sample() -> tuple[float, float]:
-        # user nice system idle iowait irq softirq steal (guest time is already in user and nice)
-        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # all but idle and iowait
-        own = sum(float(x) for x in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:13])
-        return busy, own
-
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        b0, o0 = sample()
-        time.sleep(window)
-        b1, o1 = sample()
-        return max(0.0, ((b1 - b0) - (o1 - o0)) / tick / window)
-    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS): the load average
-        try:
-            return os.getloadavg()[0]
-        except (AttributeError, OSError):
-            return 0.0
-
-
-def _gradient_checkpointing(cfg: Any, device: str, n_params: int) -> bool:
-    mode = cfg.train.gradient_checkpointing
-    if mode != "auto":
-        return mode == "on"
-    # recomputing activations costs ~30% time: only worth it where memory is the limit
-    return device == "cuda" and (cfg.train.qlora or n_params > 1_000_000_000)
-
-
-def _bf16_autocast(cfg: Any, device: str, dtype: Any, n_params: int) -> bool:
-    """Train under bf16 autocast (the Trainer's bf16=True)? See train.mixed_precision."""
-    import torch
-
-    mode = cfg.train.mixed_precision
-    if mode == "no" or device not in ("cuda", "cpu"):
-        return False
-    if device == "cuda":
-        return dtype == torch.bfloat16 or (mode == "bf16" and torch.cuda.is_bf16_supported())
-    if mode == "bf16":
-        if not cpu_has_native_bf16():
-            log.warning("train.mixed_precision=bf16: this CPU has no native bf16 (avx512_bf16/AMX), so bf16 is "
-                        "emulated and likely slower than float32")
-        return True
-    # bf16 matmuls over fp32 master weights: 1.7x the tokens/s of fp32 for SmolLM2 on an avx512_bf16 CPU,
-    # same held-out loss (docs/benchmarks.md); tiny models gain nothing
-    return dtype == torch.float32 and n_params >= 20_000_000 and cpu_has_native_bf16()
-
-
-def load_base_model(cfg: Any, base: Path, device: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ragtune.modeling import check_memory, pick_dtype
-
-    kwargs: dict[str, Any] = {}
-    dtype = pick_dtype(device, cfg.model.dtype)
-    if cfg.train.qlora:
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-            raise UsageError(
-                "train.qlora=true under FSDP: ragtune shards full-precision bases only; launch 4-bit training with "
-                "configs/accelerate/multi-gpu-ddp.yaml (every GPU holds the 4-bit base) or set train.qlora=false"
-            )
-        if device != "cuda":
-            raise UsageError(
-                f"train.qlora=true needs a CUDA GPU (bitsandbytes 4-bit), but training runs on '{device}'; "
-                "set train.qlora=false to train a LoRA adapter on the full-precision model"
-            )
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError as exc:
-            raise UsageError("train.qlora=true needs bitsandbytes: pip install bitsandbytes") from exc
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    check_memory(base, device, dtype, qlora=cfg.train.qlora)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base), local_files_only=True, use_safetensors=True, dtype=dtype,
-        trust_remote_code=cfg.model.trust_remote_code, **kwargs)
-    return model
-
-
-def packing_supported(model: Any, pad_id: int) -> bool:
-    """Does this model's attention keep packed sequences apart? Probe: packed logits == separate logits."""
-    import torch
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    was_training = model.training
-    model.eval()
-    vocab = model.get_input_embeddings().num_embeddings
-    a = [(7 * i + 3) % vocab for i in range(6)]
-    b = [(11 * i + 5) % vocab for i in range(5)]
-    dev = next(model.parameters()).device
-    coll = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=True)
-    batch = coll([{"input_ids": a}, {"input_ids": b}])
-    batch.pop("labels")
-    batch = {k: v.to(dev) if hasattr(v, "to") else v for k, v in batch.items()}
-    with torch.no_grad():
-        # use_cache=False as in training: with a cache, transformers does not derive packed masks
-        packed = model(**batch, use_cache=False).logits[0, len(a):].float()
-        alone = model(input_ids=torch.tensor([b], device=dev), use_cache=False).logits[0].float()
-        # what attending across the boundary changes: b read right after a, as one sequence
-        joined = model(input_ids=torch.tensor([a + b], device=dev), use_cache=False).logits[0, len(a):].float()
-    model.train(was_training)
-    err = float((packed - alone).abs().max())
-    leak = float((joined - alone).abs().max())
-    # fp32 agrees to rounding; in bf16/fp16 the two shapes round differently (about 2% of a leak's change
-    # on SmolLM2 in bf16), while an attention that ignores the boundary changes as much as `joined` does
-    return err <= 1e-3 * max(1.0, float(alone.abs().max())) or err <= 0.1 * leak
-
-
-# --- loss: LM head only where there are labels ---------------------------------------------------
-
-
-_SCALED_HEAD_ATTRS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
-
-
-def install_compact_loss(model: Any) -> bool:
-    """Give `model.forward` a `ragtune_labels=` path: backbone, then the LM head on labelled positions only.
-
-    Returns False (and changes nothing) for models whose logits are scaled or soft-capped; those
-    train through TRL's own loss instead.
-    """
-    import torch
-    import torch.nn.functional as F
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    from ragtune.train.loss import linear_cross_entropy, should_chunk
-
-    text_config = model.config.get_text_config()
-    if any(getattr(text_config, a, None) is not None for a in _SCALED_HEAD_ATTRS):
-        return False
-    previous = model.forward
-
-    @functools.wraps(type(model).forward)
-    def forward(self: Any, *args: Any, ragtune_labels: Any = None, **kwargs: Any) -> Any:
-        if ragtune_labels is None:
-            return previous(*args, **kwargs)
-        kwargs["use_cache"] = False
-        for k in ("labels", "num_items_in_batch", "shift_labels", "fused_lm_head"):
-            kwargs.pop(k, None)
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = ragtune_labels[:, 1:].to(hidden.device)
-        mask = labels != -100
-        head, picked, targets = self.get_output_embeddings(), hidden[mask], labels[mask]
-        if type(head) is torch.nn.Linear and should_chunk(picked.shape[0], head.weight.shape[0]):
-            # large vocabulary x many labelled tokens: never hold the whole logits (train/loss.py)
-            loss_sum = linear_cross_entropy(picked, head.weight, targets, bias=head.bias)
-        else:
-            loss_sum = F.cross_entropy(head(picked).float(), targets, reduction="sum")
-        return CausalLMOutputWithPast(loss=loss_sum, logits=None)
-
-    model.forward = types.MethodType(forward, model)
-    if not _compact_loss_matches(model, previous):
-        model.forward = previous  # a head this path does not reproduce (custom scaling, say): TRL's loss
-        log.info("the model's LM head is not a plain projection: training with the full-vocabulary loss")
-        return False
-    return True
-
-
-def _compact_loss_matches(model: Any, full_forward: Any) -> bool:
-    """Probe on 16 tokens: does the compact loss equal the model's own (full-logits) loss?"""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(p.device for p in model.parameters() if p.device.type != "meta")
-        gen = torch.Generator().manual_seed(0)
-        vocab = model.get_output_embeddings().weight.shape[0]
-        ids = torch.randint(0, vocab, (1, 16), generator=gen).to(device)
-        labels = ids.clone()
-        labels[:, :8] = -100
-        with torch.no_grad():
-            ref = float(full_forward(input_ids=ids, labels=labels, use_cache=False).loss)
-            got = float(model(input_ids=ids, ragtune_labels=labels).loss) / int((labels[:, 1:] != -100).sum())
-    finally:
-        model.train(was_training)
-    return abs(got - ref) <= 2e-2 * max(1.0, abs(ref))  # bf16 rounding passes; a scaled head does not
-
-
-def make_trainer_class() -> type:
-    from trl import SFTTrainer
-
-    class RagtuneSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss runs the LM head on assistant positions only and counts tokens."""
-
-        compact_loss = True
-        tokens_seen = 0
-
-        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            if self.model.training:
-                if "attention_mask" in inputs:
-                    self.tokens_seen += int(inputs["attention_mask"].sum())
-                else:
-                    self.tokens_seen += int(inputs["input_ids"].numel())
-            if not self.compact_loss:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs, ragtune_labels=labels)
-            n = (labels[:, 1:] != -100).sum() if num_items_in_batch is None else num_items_in_batch
-            loss = outputs.loss / torch_as(n, outputs.loss).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            return (loss, outputs) if return_outputs else loss
-
-    return RagtuneSFTTrainer
-
-
-def torch_as(n: Any, like: Any) -> Any:
-    import torch
-
-    return torch.as_tensor(n, device=like.device, dtype=like.dtype)
-
-
-# --- callbacks --------------------------------------------------------------------------------
-
-
-def records_per_step(args: Any) -> int:
-    """Records in one optimizer step, over every process."""
-    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-
-
-def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
-    from transformers import TrainerCallback
-
-    class MetricsFile(TrainerCallback):
-        """Append every log record to metrics.jsonl as it happens (kept across --resume)."""
-
-        def __init__(self) -> None:
-            self.rows: list[dict[str, Any]] = []
-            if not first_process():
-                return  # the first process alone reads and writes the file (others raced it empty on resume)
-            if metrics_path.is_file() and resume_step > 0:
-                for line in metrics_path.read_text(encoding="utf-8").splitlines():
-                    row = json.loads(line)
-                    if row.get("step", 0) <= resume_step:
-                        self.rows.append(row)
-            metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if not state.is_world_process_zero or not logs:
-                return
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
-            row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
-            self.rows.append(row)
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    class Progress(TrainerCallback):
-        """One progress bar with the latest loss (a log line every 10 s when stderr is not a terminal)."""
-
-        def __init__(self) -> None:
-            self.bar: Any = None
-            self.last = 0.0
-            self.post: dict[str, str] = {}
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            from tqdm.auto import tqdm
-
-            if state.is_world_process_zero:
-                model = kw.get("model")
-                lora = ""
-                if hasattr(model, "get_nb_trainable_parameters"):
-                    trainable, total = model.get_nb_trainable_parameters()
-                    lora = f"; LoRA trains {trainable / 1e6:.2f}M parameters ({100 * trainable / max(total, 1):.2f}%)"
-                span = "train.max_steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
-                log.info("training %d step%s (%s, %d records per step)%s", state.max_steps,
-                         "" if state.max_steps == 1 else "s", span, records_per_step(args), lora)
-                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                                file=sys.stderr, disable=None, dynamic_ncols=True)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step >= state.max_steps:
-                control.should_log = True  # the last steps' loss, not the last logging_steps multiple's
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if self.bar is None or not logs:
-                return
-            for k in ("loss", "eval_loss"):
-                if k in logs:
-                    self.post[k] = f"{logs[k]:.4f}"
-            self.bar.set_postfix(self.post, refresh=False)
-            now = {k: self.post[k] for k in ("loss", "eval_loss") if k in logs}  # this step's, not stale ones
-            last_step = state.global_step >= state.max_steps
-            if self.bar.disable and now and (time.time() - self.last > 10 or "eval_loss" in logs or last_step):
-                self.last = time.time()
-                log.info("step %d/%d %s", state.global_step, state.max_steps,
-                         " ".join(f"{k} {v}" for k, v in now.items()))
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if self.bar is not None:
-                self.bar.close()
-
-    return [MetricsFile(), Progress()]
-
-
 # --- run --------------------------------------------------------------------------------------
 
 
@@ -720,8 +383,8 @@ def _load_for_training(cfg: Any, prep: Any) -> _Loaded:
             "(length-grouped batches waste little padding) or use an attention implementation that honours "
             "sequence boundaries (flash_attention_2 on CUDA)"
         )
-    gc = _gradient_checkpointing(cfg, device, n_params)
-    bf16 = _bf16_autocast(cfg, device, model.dtype, n_params)
+    gc = gradient_checkpointing(cfg, device, n_params)
+    bf16 = bf16_autocast(cfg, device, model.dtype, n_params)
     fp16 = device == "cuda" and model.dtype == torch.float16
     dtype = str(model.dtype).replace("torch.", "")  # before QLoRA's preparation casts norms to float32
     if tc.qlora:

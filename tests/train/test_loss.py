@@ -71,7 +71,7 @@ def test_the_compact_loss_chunks_and_still_equals_the_models_own_loss(tiny_llama
     from transformers import AutoModelForCausalLM
 
     import ragtune.train.loss as loss_mod
-    from ragtune.train.recipe import install_compact_loss
+    from ragtune.train.compact_loss import install_compact_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     gen = torch.Generator().manual_seed(3)
@@ -106,7 +106,7 @@ def test_packed_batches_give_each_example_the_loss_it_has_unpacked(tiny_llama) -
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from ragtune.train.recipe import install_compact_loss
+    from ragtune.train.compact_loss import install_compact_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(5)

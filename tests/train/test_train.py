@@ -283,7 +283,7 @@ def test_compact_loss_equals_the_full_loss_or_stands_aside(trainable_llama: Path
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ragtune.train.recipe import install_compact_loss
+    from ragtune.train.compact_loss import install_compact_loss
 
     model = AutoModelForCausalLM.from_pretrained(str(trainable_llama))
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -354,11 +354,11 @@ def test_bf16_autocast_on_the_cpu_where_it_is_native(monkeypatch, caplog) -> Non
     import torch
 
     from ragtune.config import load_config
-    from ragtune.train import recipe
+    from ragtune.train import device
 
     def decide(mode: str, native: bool, n_params: int = 135_000_000, dtype=torch.float32) -> bool:
-        monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: native)
-        return recipe._bf16_autocast(load_config(None, [f"train.mixed_precision={mode}"]), "cpu", dtype, n_params)
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+        return device.bf16_autocast(load_config(None, [f"train.mixed_precision={mode}"]), "cpu", dtype, n_params)
 
     assert decide("auto", native=True) is True
     assert decide("auto", native=False) is False  # emulated bf16 is slower than float32
@@ -366,7 +366,7 @@ def test_bf16_autocast_on_the_cpu_where_it_is_native(monkeypatch, caplog) -> Non
     assert decide("auto", native=True, dtype=torch.bfloat16) is False  # bf16 weights: nothing to autocast
     assert decide("no", native=True) is False
     assert decide("bf16", native=False) is True and "emulated and likely slower" in caplog.text
-    assert recipe._bf16_autocast(load_config(None, []), "mps", torch.float32, 135_000_000) is False
+    assert device.bf16_autocast(load_config(None, []), "mps", torch.float32, 135_000_000) is False
 
 
 def test_bf16_autocast_trains_like_float32(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
@@ -389,7 +389,7 @@ def test_packing_probe_accepts_bf16_rounding_and_refuses_a_leak(trainable_llama:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ragtune.train.recipe import packing_supported
+    from ragtune.train.device import packing_supported
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         model = AutoModelForCausalLM.from_pretrained(str(trainable_llama), dtype=dtype)
@@ -524,7 +524,7 @@ def test_busy_cores_count_other_processes_but_not_this_one() -> None:
     import sys
     import threading
 
-    from ragtune.train.recipe import other_busy_cores
+    from ragtune.train.device import other_busy_cores
 
     before = other_busy_cores(window=1.0)
     stop = threading.Event()

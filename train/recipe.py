@@ -538,7 +538,7 @@ def _run_card(cfg: Any, prep: Any, metrics: dict[str, Any], training: dict[str, 
         "base_model": {"path": str(prep.base), "hash": model_hash(prep.base)},
         "chat_template": {"template": prep.template, "hash": text_sha256(prep.template)},
         "system_prompt": shared_system_prompt(prep.train_report.records),  # as in the file; serving adds it by default
-        "config": to_dict(cfg),
+        "config": to_dict(cfg, secrets=False),  # a run card travels with its adapter: no keys in it
         "data": {
             "train_file": str(Path(cfg.data.train_file).resolve()),
             "train_sha256": file_sha256(cfg.data.train_file),

@@ -45,9 +45,12 @@ def memorized(trainable_llama: Path, tmp_path_factory: pytest.TempPathFactory) -
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAGTUNE_HOME", str(root / "home"))
         rc = main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={data}",
-                   f"train.output_dir={out}", "data.eval_fraction=0.0", *MEMORIZE])
+                   f"train.output_dir={out}", "data.eval_fraction=0.0", f"serve.api_key={SECRET}", *MEMORIZE])
     assert rc == 0
     return {"out": out, "data": data, "base": trainable_llama, "root": root}
+
+
+SECRET = "sk-serve-key-that-must-not-travel"
 
 
 def test_tiny_model_memorizes_20_answers(memorized: dict) -> None:
@@ -72,7 +75,9 @@ def test_output_folder_and_run_card(memorized: dict) -> None:
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))  # no pickles beside the adapter
     assert Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]) == base.resolve()
+    assert SECRET not in (out / "ragtune.json").read_text()  # the config's keys stay with the config
     card = json.loads((out / "ragtune.json").read_text())
+    assert card["config"]["serve"]["api_key"] == "(redacted)" and card["config"]["store"]["api_key"] == ""
     assert card["base_model"] == {"path": str(base.resolve()), "hash": model_hash(base)}
     tpl = (base / "chat_template.jinja").read_text()
     assert card["chat_template"] == {"template": tpl, "hash": text_sha256(tpl)}

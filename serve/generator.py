@@ -19,7 +19,9 @@ Interface (used by `ask`, `chat`, the server and eval):
   `model.adapter` when set). `add_adapter(name, dir)` loads one more without reloading the base.
 - `answer(messages, adapter=None, retriever=None, max_new_tokens=None, temperature=None, top_p=None,
   seed=None, rag=None) -> Answer`; `stream(...)` takes the same arguments and returns an `AnswerStream`.
-  `stop` is a list of strings that end the answer (not included in it).
+  `stop` is a list of strings that end the answer (not included in it). `grammar` (from
+  `ragtune.serve.constrained`) constrains every token of the answer; `tools` (a
+  `ragtune.serve.tools.ToolPlan`) puts functions in the prompt (`Answer.tool_rendering` says how).
   `rag` is a RagConfig (top_k, min_score, not_found_message, system_prompt; None = `cfg.rag`).
   `adapter` is a loaded adapter's name (or its dir); None answers with the base model alone, which
   gives the same tokens whether or not adapters are loaded (peft's adapters are disabled, not merged).

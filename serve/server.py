@@ -4,7 +4,8 @@
 
     GET  /v1/models               the deployments (`base`, `policies`, `policies+rag`, ...)
     POST /v1/chat/completions     OpenAI chat completions, streaming (SSE, ends with [DONE]) or not;
-                                  the answer's sources come back in the extra field `sources`
+                                  the answer's sources come back in the extra field `sources`;
+                                  response_format (serve/constrained.py) and tools (serve/tools.py)
     POST /v1/embeddings           OpenAI embeddings with the configured embedder (the query vectors)
     POST /v1/search               {"query", "index"?, "top_k"?, "mode"?, "filters"?} -> {"sources": [...]}
     GET  /health                  liveness and the deployments (no API key needed)

@@ -179,8 +179,8 @@ class _LocalAsk:
             raise
 
     def ask(self, question: str, system: str) -> dict[str, Any]:
-        ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever,
-                              grammar=self.grammar)
+        extra = {"grammar": self.grammar} if self.grammar else {}
+        ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever, **extra)
         out = ans.to_dict()
         out.update(model=str(self.gen.base_path), index=self.index if self.retriever is not None else None)
         return out

@@ -190,6 +190,9 @@ class ServeConfig:
     max_queue: int = 32  # requests waiting or running at once; more answer 429
     max_batch: int = 8  # requests decoded together per model (sequence slots); 1 = one at a time
     deployments: tuple[DeploymentConfig, ...] = ()
+    # other names a deployment answers to, "ALIAS=DEPLOYMENT": code written for OpenAI keeps its model names
+    # (e.g. "gpt-4o-mini-2024-07-18=base", "gpt-4o=base+rag")
+    model_aliases: tuple[str, ...] = ()
     fine_tuning: bool = False  # OpenAI's Files and fine-tuning jobs APIs (/v1/files, /v1/fine_tuning/jobs)
     max_file_bytes: int = 100_000_000  # the largest upload /v1/files accepts
 

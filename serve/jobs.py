@@ -260,8 +260,8 @@ class JobManager:
 
         ok = [n for n, d in self.runtime.deployments.items()
               if d.engine != "openai" and not d.adapter and not d.index and not d.unavailable and d.generator]
-        d = self.runtime.deployments.get(name)
-        if d is None or name not in ok:
+        d = self.runtime.find(name)  # its own name or a serve.model_aliases name (OpenAI's, kept by the user's code)
+        if d is None or d.name not in ok:
             why = "is not served here" if d is None else (
                 "generates on a remote server" if d.engine == "openai" else
                 "already has an adapter" if d.adapter else "retrieves from an index" if d.index else
@@ -442,7 +442,7 @@ class JobManager:
 
         rt = self.runtime
         name = job.get("fine_tuned_model")
-        src = rt.deployments.get(job["model"])
+        src = rt.find(job["model"])
         if not name or name in rt.deployments:
             return
         if src is None or src.generator is None or src.engine == "openai":

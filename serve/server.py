@@ -160,6 +160,28 @@ def plan_deployments(cfg: Any, extra_indexes: tuple[str, ...] = ()) -> list[Depl
     return out
 
 
+def model_aliases(items: tuple[str, ...], names: list[str]) -> dict[str, str]:
+    """serve.model_aliases ("ALIAS=DEPLOYMENT" each) checked against the planned deployments."""
+    out: dict[str, str] = {}
+    problems: list[str] = []
+    for i, item in enumerate(items):
+        alias, sep, target = (x.strip() for x in str(item).partition("="))
+        where = f"serve.model_aliases[{i}] '{item}'"
+        if not sep or not alias or not target:
+            problems.append(f"{where}: write it as ALIAS=DEPLOYMENT, e.g. gpt-4o-mini-2024-07-18=base")
+        elif target not in names:
+            problems.append(f"{where}: '{target}' is not a deployment of this server ({', '.join(names)})")
+        elif alias in names:
+            problems.append(f"{where}: '{alias}' is already a deployment's own name")
+        elif alias in out:
+            problems.append(f"{where}: '{alias}' is given twice")
+        else:
+            out[alias] = target
+    if problems:
+        raise UsageError("\n".join(problems))
+    return out
+
+
 class Runtime:
     """Loaded generators (one per base), retrievers (one per index) and the deployments over them."""
 
@@ -173,8 +195,13 @@ class Runtime:
         self._owned_retrievers: list[Any] = []
         self._given = generator
         self.deployments: dict[str, Deployment] = {}
+        self.aliases: dict[str, str] = {}  # serve.model_aliases: alias -> deployment name
         self.pending = 0
         self._pending_lock = threading.Lock()
+
+    def find(self, name: str) -> Deployment | None:
+        """The deployment a request's `model` names: its own name or one of serve.model_aliases."""
+        return self.deployments.get(self.aliases.get(name, name))
 
     def load(self) -> "Runtime":
         from ragtune.modeling import resolve_model_path
@@ -185,7 +212,9 @@ class Runtime:
         cfg = self.cfg
         if self._given is not None:
             self.generators[f"{self._given.base_path}|{self._given.engine}"] = self._given
-        for d in plan_deployments(cfg, tuple(self.retrievers)):
+        planned = plan_deployments(cfg, tuple(self.retrievers))
+        self.aliases = model_aliases(cfg.serve.model_aliases, [d.name for d in planned])
+        for d in planned:
             self.deployments[d.name] = d
             if d.engine == "openai":
                 self._load_remote(d)
@@ -416,10 +445,10 @@ def add_info_routes(app: Any, runtime: Runtime, key: str) -> None:
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> Any:
-        d = runtime.deployments.get(name)
+        d = runtime.find(name)
         if d is None:
             raise unknown_model(name, runtime)
-        return model_card(d, created)
+        return {**model_card(d, created), "id": name}
 
 
 def add_chat_route(app: Any, runtime: Runtime) -> None:
@@ -430,7 +459,7 @@ def add_chat_route(app: Any, runtime: Runtime) -> None:
     async def chat_completions(request: Request) -> Any:
         body = await read_body(request, cfg.serve.max_body_bytes)
         req = parse_request(body, cfg)
-        d = runtime.deployments.get(req.model)
+        d = runtime.find(req.model)
         if d is None:
             raise unknown_model(req.model, runtime)
         if d.unavailable:
@@ -791,9 +820,10 @@ def to_messages(req: ChatRequest) -> list[dict[str, str]]:
 
 
 def unknown_model(name: str, runtime: Runtime) -> APIError:
+    aliases = f"; aliases: {', '.join(runtime.aliases)}" if runtime.aliases else ""
     return APIError(404, f"model '{name}' is not a deployment of this server (available: "
-                    f"{', '.join(runtime.deployments)}); see GET /v1/models", param="model",
-                    code="model_not_found")
+                    f"{', '.join(runtime.deployments)}{aliases}); see GET /v1/models, or name it in "
+                    "serve.model_aliases", param="model", code="model_not_found")
 
 
 def model_card(d: Deployment, created: int) -> dict[str, Any]:

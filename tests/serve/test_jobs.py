@@ -32,7 +32,7 @@ class Server:
     """A real uvicorn server in this process (the jobs' workers are child processes of it)."""
 
     def __init__(self, tmp_path: Path, base: Path, extra: str = "", fine_tuning: bool = True,
-                 retrievers: dict[str, Any] | None = None):
+                 retrievers: dict[str, Any] | None = None, serve_extra: str = ""):
         import uvicorn
 
         f = tmp_path / "serve.yaml"
@@ -42,7 +42,7 @@ class Server:
                      "  logging_steps: 5\n  save_steps: 20\n  lr_scheduler: constant\n"
                      f"generation:\n  max_new_tokens: 12\n{extra}"
                      f"serve:\n  api_key: {KEY}\n  fine_tuning: {str(fine_tuning).lower()}\n"
-                     "  deployments:\n    - {name: base}\n")
+                     f"  deployments:\n    - {{name: base}}\n{serve_extra}")
         self.app = create_app(load_config(f), retrievers=retrievers)
         port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
@@ -351,3 +351,34 @@ def test_a_server_killed_mid_job_stops_its_worker_and_the_next_server_reports_it
         assert not (ragtune_home / "jobs" / job.id / "run" / "adapter_config.json").exists()
     finally:
         s.stop()
+
+
+def test_openai_model_names_kept_through_serve_model_aliases(tmp_path: Path, trainable_llama: Path) -> None:  # noqa: F811
+    """The tutorial's own model names work unchanged once serve.model_aliases maps them to deployments."""
+    import openai
+
+    s = Server(tmp_path, trainable_llama, serve_extra="  model_aliases: ['gpt-4o-mini-2024-07-18=base']\n")
+    try:
+        client = s.client()
+        ask = [{"role": "user", "content": FACTS[0][0]}]
+        by_alias = client.chat.completions.create(model="gpt-4o-mini-2024-07-18", messages=ask, temperature=0)
+        by_name = client.chat.completions.create(model="base", messages=ask, temperature=0)
+        assert by_alias.choices[0].message.content == by_name.choices[0].message.content
+        assert client.models.retrieve("gpt-4o-mini-2024-07-18").id == "gpt-4o-mini-2024-07-18"
+        job = client.fine_tuning.jobs.create(training_file=upload(client, records(FACTS)).id,
+                                             model="gpt-4o-mini-2024-07-18", hyperparameters={"n_epochs": 1000})
+        assert job.model == "gpt-4o-mini-2024-07-18"
+        assert client.fine_tuning.jobs.cancel(job.id).status in ("cancelled", "validating_files", "queued", "running")
+        wait_for(client, job.id, ("cancelled",))
+        with pytest.raises(openai.NotFoundError, match="aliases: gpt-4o-mini-2024-07-18.*serve.model_aliases"):
+            client.chat.completions.create(model="gpt-4o", messages=ask)
+    finally:
+        s.stop()
+    from ragtune.errors import UsageError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for item, why in (("gpt-4o", "write it as ALIAS=DEPLOYMENT"), ("gpt-4o=nope", "'nope' is not a deployment"),
+                      ("base=base", "already a deployment's own name")):
+        with pytest.raises(UsageError, match=why):
+            Server(bad, trainable_llama, serve_extra=f"  model_aliases: ['{item}']\n")

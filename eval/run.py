@@ -112,7 +112,7 @@ def run_eval(
     if generator is None:
         generator, engine_note = _load_generator(cfg, plan)
     if plan.needs_rag and retriever is None:
-        from ragtune.serve.answer import open_retriever
+        from ragtune.retrieval.sources import open_retriever
 
         retriever = open_retriever(cfg, plan.index)
     answers = _answer_all(cfg, plan, generator, _RecordingRetriever(retriever) if plan.needs_rag else None, progress)

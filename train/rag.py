@@ -291,7 +291,7 @@ def build_rag(cfg: Any, records: Sequence[Any], retriever: Any = None, cache: st
     `retriever` is an open `ragtune.retrieval.search.Retriever` (default: opened on data.rag.index);
     `cache` a rag_prompts.jsonl written by an earlier build, reused when records, settings and index match."""
     from ragtune.chat import rag_messages, last_user_turns
-    from ragtune.serve.answer import to_source
+    from ragtune.retrieval.sources import to_source
 
     name = cfg.data.rag.index
     if not name:
@@ -308,7 +308,7 @@ def build_rag(cfg: Any, records: Sequence[Any], retriever: Any = None, cache: st
             return hit
     own = retriever is None
     if own:
-        from ragtune.serve.answer import open_retriever
+        from ragtune.retrieval.sources import open_retriever
 
         retriever = open_retriever(cfg, name)
     top_k, n_src = settings["top_k"], settings["distractors"] + 1

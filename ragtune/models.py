@@ -97,79 +97,28 @@ def import_gguf(
     force: bool = False,
 ) -> ImportResult:
     """Convert a GGUF file into a safetensors transformers model dir, verified by logits."""
+    import torch
+
     from ragtune.io import atomic_dir
 
-    src = Path(gguf_file).expanduser().resolve()
-    out = Path(out_dir).expanduser()
-    if not src.is_file():
-        raise ModelPathError(f"GGUF file '{src}' does not exist")
-    if src.suffix.lower() != ".gguf":
-        raise ModelPathError(f"'{src}' is not a .gguf file")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise RagtuneError(f"output dir '{out}' exists and is not empty; pass --force to replace it")
-    try:
-        import gguf  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - a dependency
-        raise RagtuneError("reading GGUF needs the 'gguf' package: pip install gguf") from exc
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+    src, out = _check_import(gguf_file, out_dir, force)
     t0 = time.perf_counter()
-    folder, name = str(src.parent), src.name
-    log.info("reading %s", src)
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, local_files_only=True
-        )
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise RagtuneError(
-            f"transformers cannot read '{src}': {exc}. Its architecture must be one transformers "
-            "supports for GGUF (llama, mistral, qwen2, qwen3, gemma, phi3, ...)"
-        ) from exc
-    gguf_model.eval()
+    tok, gguf_model = _read_gguf(src)
     n_params = sum(p.numel() for p in gguf_model.parameters())
     if dtype == "auto":
         dtype = "float32" if n_params < 1_000_000_000 else "bfloat16"
     target_dtype = getattr(torch, dtype)
-
     ids = tok(VERIFY_PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         ref = gguf_model(ids).logits[0, -1].float()
-
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
-    config_dict.pop("_model_name_or_path", None)
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
-    state = {k: v.to(target_dtype) for k, v in gguf_model.state_dict().items()}
+    model = _without_quantization(gguf_model, target_dtype)
     del gguf_model
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=target_dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    del state
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         del model
-        check = AutoModelForCausalLM.from_pretrained(
-            str(tmp), dtype=target_dtype, local_files_only=True, use_safetensors=True
-        )
-        check.eval()
-        with torch.no_grad():
-            got = check(ids).logits[0, -1].float()
-        diff = float((got - ref).abs().max())
-        tol = 1e-4 if target_dtype == torch.float32 else 5e-2 * float(ref.abs().max())
-        same_top = int(got.argmax()) == int(ref.argmax())
-        if diff > tol or not same_top:
-            raise RagtuneError(
-                f"converted model's logits differ from the GGUF-loaded ones (max |diff| {diff:.3g} > {tol:.3g}, "
-                f"same top token: {same_top}); nothing was written to '{out}'"
-            )
+        diff = _verify_written(tmp, target_dtype, ids, ref, out)
         card = {
             "source": str(src),
             "source_sha256": file_sha256(src),
@@ -182,6 +131,79 @@ def import_gguf(
     secs = time.perf_counter() - t0
     log.info("wrote %s (%d parameters, max |logit diff| %.2g) in %.1fs", out, n_params, diff, secs)
     return ImportResult(out.resolve(), src, diff, n_params, secs)
+
+
+def _check_import(gguf_file: str | Path, out_dir: str | Path, force: bool) -> tuple[Path, Path]:
+    src = Path(gguf_file).expanduser().resolve()
+    out = Path(out_dir).expanduser()
+    if not src.is_file():
+        raise ModelPathError(f"GGUF file '{src}' does not exist")
+    if src.suffix.lower() != ".gguf":
+        raise ModelPathError(f"'{src}' is not a .gguf file")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise RagtuneError(f"output dir '{out}' exists and is not empty; pass --force to replace it")
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise RagtuneError("reading GGUF needs the 'gguf' package: pip install gguf") from exc
+    return src, out
+
+
+def _read_gguf(src: Path) -> tuple[Any, Any]:
+    """The tokenizer and the (dequantized, float32) model transformers reads from the GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(src.parent), src.name
+    log.info("reading %s", src)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise RagtuneError(
+            f"transformers cannot read '{src}': {exc}. Its architecture must be one transformers "
+            "supports for GGUF (llama, mistral, qwen2, qwen3, gemma, phi3, ...)"
+        ) from exc
+    return tok, model.eval()
+
+
+def _without_quantization(gguf_model: Any, target_dtype: Any) -> Any:
+    """The same weights in a model rebuilt from its config without quantization_config: the Trainer
+    refuses GGUF-loaded models."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config_dict.pop(key, None)
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    state = {k: v.to(target_dtype) for k, v in gguf_model.state_dict().items()}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=target_dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model
+
+
+def _verify_written(tmp: Path, target_dtype: Any, ids: Any, ref: Any, out: Path) -> float:
+    """Load what was written and compare its last-token logits with the GGUF-loaded model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=target_dtype, local_files_only=True,
+                                                 use_safetensors=True)
+    check.eval()
+    with torch.no_grad():
+        got = check(ids).logits[0, -1].float()
+    diff = float((got - ref).abs().max())
+    tol = 1e-4 if target_dtype == torch.float32 else 5e-2 * float(ref.abs().max())
+    same_top = int(got.argmax()) == int(ref.argmax())
+    if diff > tol or not same_top:
+        raise RagtuneError(
+            f"converted model's logits differ from the GGUF-loaded ones (max |diff| {diff:.3g} > {tol:.3g}, "
+            f"same top token: {same_top}); nothing was written to '{out}'"
+        )
+    return diff
 
 
 def prepare_default(force: bool = False) -> ImportResult | None:

@@ -191,3 +191,29 @@ def test_forced_calls_on_the_llama_cpp_engine(tiny_smol: Path, converter_home: P
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def test_langchain_structured_output_and_bind_tools(client: Any) -> None:
+    """What LangChain apps call: ChatOpenAI(...).with_structured_output(Model) and bind_tools(...)."""
+    from typing import Literal
+
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(max_length=10)
+        unit: Literal["c", "f"]
+
+    class Add(BaseModel):
+        """Add two numbers."""
+
+        a: int = Field(ge=0, le=99)
+        b: int = Field(ge=0, le=99)
+
+    llm = ChatOpenAI(model="base", base_url=str(client.base_url), api_key="x", temperature=0, max_retries=0,
+                     max_tokens=200)
+    got = llm.with_structured_output(Weather, method="json_schema", strict=True).invoke("Weather in Paris?")
+    assert isinstance(got, Weather) and len(got.city) <= 10
+    msg = llm.bind_tools([Add], tool_choice="required", parallel_tool_calls=False).invoke("What is 2 + 3?")
+    assert len(msg.tool_calls) == 1 and msg.tool_calls[0]["name"] == "Add"
+    Add(**msg.tool_calls[0]["args"])

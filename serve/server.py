@@ -862,6 +862,9 @@ def completion_body(cid: str, created: int, d: Deployment, ans: Any, plan: Any =
     }
 
 
+TOOL_OPEN = "<tool_call>"
+
+
 def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None,
            include_usage: bool, **extra: Any) -> str:
     body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -883,13 +886,16 @@ def _next(stream: Any) -> Any:
 async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include_usage: bool,
                      runtime: Runtime, plan: Any = None) -> AsyncIterator[str]:
     """OpenAI's chunk stream: role (+ sources) first, content deltas, a finish chunk, usage, [DONE].
-    With tools (`plan`) the answer may be calls: it is held to the end, then sent as tool_calls deltas
-    (each call's id and name, then its arguments) or as one content delta."""
+    With tools (`plan`) text streams until a `<tool_call>` starts (or may be starting); from there on it
+    is held to the end, then sent as tool_calls deltas (each call's id and name, then its arguments)."""
     import anyio
 
     from ragtune.serve.tools import parse_calls
 
+    from ragtune.serve.generator import held_back
+
     held: list[str] | None = [] if plan is not None and plan.choice != "none" else None
+    sent = 0  # characters of the held text already streamed as content
 
     try:
         yield _chunk(cid, created, d.name, {"role": "assistant", "content": ""}, None, include_usage,
@@ -901,6 +907,12 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
                     break
                 if held is not None:
                     held.append(delta)
+                    text = "".join(held)
+                    cut = text.find(TOOL_OPEN)
+                    cut = len(text) - held_back(text, [TOOL_OPEN]) if cut < 0 else cut
+                    if cut > sent:
+                        yield _chunk(cid, created, d.name, {"content": text[sent:cut]}, None, include_usage)
+                        sent = cut
                     continue
                 yield _chunk(cid, created, d.name, {"content": delta}, None, include_usage)
         except Exception as exc:  # the headers are sent: report in-band, the way OpenAI does
@@ -912,7 +924,9 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
         ans = stream.answer
         calls: list[dict[str, Any]] = []
         if held is not None:
-            calls, content = parse_calls("".join(held), plan)
+            rest = "".join(held)[sent:]
+            calls, content = parse_calls(rest, plan)
+            content = content if calls else rest
             if content:
                 yield _chunk(cid, created, d.name, {"content": content}, None, include_usage)
             for k, c in enumerate(calls):

@@ -217,3 +217,12 @@ def test_langchain_structured_output_and_bind_tools(client: Any) -> None:
     msg = llm.bind_tools([Add], tool_choice="required", parallel_tool_calls=False).invoke("What is 2 + 3?")
     assert len(msg.tool_calls) == 1 and msg.tool_calls[0]["name"] == "Add"
     Add(**msg.tool_calls[0]["args"])
+
+
+def test_auto_streams_text_that_is_not_a_call(client: Any) -> None:
+    whole = client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, max_tokens=24, temperature=0)
+    deltas = [c.choices[0].delta.content for c in client.chat.completions.create(
+        model="base", messages=ASK, tools=TOOLS, max_tokens=24, temperature=0, stream=True)
+        if c.choices and c.choices[0].delta.content]
+    assert not whole.choices[0].message.tool_calls  # the random model writes no call: plain text
+    assert "".join(deltas) == whole.choices[0].message.content and len(deltas) > 1

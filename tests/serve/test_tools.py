@@ -226,3 +226,31 @@ def test_auto_streams_text_that_is_not_a_call(client: Any) -> None:
         if c.choices and c.choices[0].delta.content]
     assert not whole.choices[0].message.tool_calls  # the random model writes no call: plain text
     assert "".join(deltas) == whole.choices[0].message.content and len(deltas) > 1
+
+
+def test_a_model_whose_template_takes_tools_renders_and_calls_through_it(
+        tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    import openai
+
+    from tests.tinymodels import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm("qwen3", tmp_path_factory.mktemp("models") / "tiny-qwen-tools", tiny_llama,
+                                 template=HERMES)
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {model}\ngeneration:\n  engine: transformers\nserve:\n  deployments:\n"
+                 "    - {name: q}\n")
+    server, t, url = serve(create_app(load_config(f)))
+    try:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="q", messages=ASK, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=200, temperature=0)
+        assert r.model_extra["ragtune"]["tool_rendering"] == "template"
+        valid(r.choices[0].message.tool_calls, {"get_weather", "add"})
+        call = r.choices[0].message.tool_calls[0]
+        r2 = client.chat.completions.create(model="q", max_tokens=4, temperature=0, tools=TOOLS, messages=[
+            *ASK, r.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "18 C"}])
+        assert r2.model_extra["ragtune"]["tool_rendering"] == "template" and r2.usage.prompt_tokens > 0
+    finally:
+        server.should_exit = True
+        t.join(10)

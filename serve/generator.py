@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -221,14 +222,38 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(found)], True) if found else (text, False)
 
 
+@functools.lru_cache(maxsize=64)
+def _failure(stop: str) -> tuple[int, ...]:
+    """KMP failure function: f[i] = length of the longest proper prefix of stop[:i+1] that is also its suffix."""
+    f = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = f[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        f[i] = k
+    return tuple(f)
+
+
 def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could still grow into a stop string."""
+    """How many trailing characters could still grow into a stop string: the longest proper prefix of
+    a stop that the text ends with. Linear in the stops' lengths (a KMP pass over the text's last
+    len(stop) characters), so a long stop string cannot make each streamed token quadratic."""
     best = 0
     for x in stops:
-        for n in range(min(len(x) - 1, len(text)), best, -1):
-            if text.endswith(x[:n]):
-                best = n
-                break
+        if len(x) < 2:
+            continue
+        f = _failure(x)
+        k = 0
+        for ch in text[-(len(x) - 1):]:
+            while k and (k == len(x) or ch != x[k]):
+                k = f[k - 1]
+            if ch == x[k]:
+                k += 1
+        if k == len(x):  # the text ends with the whole stop: its longest proper prefix that is a suffix
+            k = f[-1]
+        best = max(best, k)
     return best
 
 

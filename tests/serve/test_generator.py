@@ -236,3 +236,22 @@ def test_fast_lora_steps_aside_for_modules_to_save(tiny_llama: Path, tmp_path: P
     kw = dict(max_new_tokens=8, temperature=1.0, seed=3)
     assert gen.answer(user("office"), **kw).text == plain.answer(user("office"), **kw).text
     assert gen.answer(user("office"), adapter="mts", **kw).text != plain.answer(user("office"), **kw).text
+
+
+def test_held_back_equals_the_plain_definition_and_is_linear() -> None:
+    """KMP held_back against the definition (longest proper stop prefix the text ends with) on random
+    texts over a small alphabet, where overlaps are common; and a 256-char stop on a long text is fast."""
+    import random
+
+    from ragtune.serve.generator import held_back
+
+    def plain(text: str, stops: list[str]) -> int:
+        return max([n for x in stops for n in range(1, len(x)) if text.endswith(x[:n])] or [0])
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(0, 3))]
+        assert held_back(text, stops) == plain(text, stops), (text, stops)
+    stop = "a" * 255 + "b"
+    assert held_back("a" * 100_000, [stop]) == 255  # one pass over the last 255 characters

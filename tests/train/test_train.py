@@ -253,7 +253,7 @@ def test_template_without_markers_trains_with_eval(no_marker_llama: Path, tmp_pa
             "data.eval_fraction=0.2", "train.eval_steps=1", "train.logging_steps=5", *QUICK]
     assert main(base) == 1  # invalid data stops training
     assert not out.exists()
-    caplog.set_level(logging.INFO, logger="ragtune.train.recipe")
+    caplog.set_level(logging.INFO, logger="ragtune.train")
     assert main(base + ["--skip-invalid"]) == 0
     card = json.loads((out / "ragtune.json").read_text())
     assert card["chat_template"]["template"] == (no_marker_llama / "chat_template.jinja").read_text()

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import re
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ import pytest
 
 from ragtune.cli import main
 from ragtune.config import load_config
-from tests.conftest import free_port
+from tests.conftest import start_server
 from tests.retrieval.conftest import make_pdf
 
 KEY = "k-lc"
@@ -30,8 +28,6 @@ EXPENSES = ["Travel policy. Book trains for trips under four hours.",
 @pytest.fixture(scope="module")
 def _server(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_llama: Path) -> Any:
     """An index `policies` (a Markdown file and a two-page PDF) and a ragtune server over it, made once."""
-    import uvicorn
-
     from ragtune.serve.server import create_app
 
     root = tmp_path_factory.mktemp("langchain")
@@ -46,14 +42,7 @@ def _server(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, tiny_lla
         cfg = load_config(None, [f"model.path={tiny_llama}", f"serve.api_key={KEY}", "generation.max_new_tokens=8",
                                  *emb])
         app = create_app(cfg)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
+    server, t, port = start_server(app, wait=60)
     yield {"url": f"http://127.0.0.1:{port}", "emb": emb, "home": root / "home"}
     server.should_exit = True
     t.join(30)

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ragtune.cli import main
-from tests.conftest import free_port
+from tests.conftest import free_port, start_server
 from tests.serve.conftest import QA
 
 KEY = "k-batch"
@@ -62,8 +60,6 @@ def test_ask_needs_a_question_or_a_file(capsys) -> None:
 @pytest.fixture
 def server(tmp_path: Path, tiny_llama: Path, tiny_adapter: Path, tiny_embedder: Path, docs: Path,
            loaded_gen: Any, capsys) -> Any:
-    import uvicorn
-
     from ragtune.config import load_config
     from ragtune.serve.server import create_app
 
@@ -75,14 +71,7 @@ def server(tmp_path: Path, tiny_llama: Path, tiny_adapter: Path, tiny_embedder: 
                  f"    - {{name: policies, adapter: {tiny_adapter}}}\n"
                  f"    - {{name: policies+rag, adapter: {tiny_adapter}, index: t}}\n")
     app = create_app(load_config(f), generator=loaded_gen)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
+    srv, t, port = start_server(app)
     capsys.readouterr()
     yield f"http://127.0.0.1:{port}", f
     srv.should_exit = True

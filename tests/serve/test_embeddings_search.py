@@ -3,8 +3,6 @@ and /v1/search in the sources shape, both behind the API key."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
-from tests.conftest import free_port
+from tests.conftest import start_server
 from tests.serve.conftest import FakeRetriever
 from tests.serve.test_server import SOURCE_KEYS, assert_error
 
@@ -27,18 +25,9 @@ def cfg_for(tmp_path: Path, tiny_llama: Path, tiny_embedder: Path) -> Any:
 
 @pytest.fixture
 def server(tmp_path: Path, tiny_llama: Path, tiny_embedder: Path, loaded_gen: Any) -> Any:
-    import uvicorn
-
     app = create_app(cfg_for(tmp_path, tiny_llama, tiny_embedder), generator=loaded_gen,
                      retrievers={"docs": FakeRetriever()})
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
+    srv, t, port = start_server(app)
     yield f"http://127.0.0.1:{port}/v1", app
     srv.should_exit = True
     t.join(10)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,7 @@ import pytest
 
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
-from tests.conftest import free_port
+from tests.conftest import start_server
 
 RECORDS = b"".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                              {"role": "assistant", "content": f"a{i}"}]}).encode() + b"\n"
@@ -21,19 +19,10 @@ RECORDS = b"".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}
 
 
 def _serve(tmp_path: Path, tiny_llama: Path, loaded_gen: Any, extra: str) -> Any:
-    import uvicorn
-
     f = tmp_path / "serve.yaml"
     f.write_text(f"model:\n  path: {tiny_llama}\nserve:\n  api_key: k-test\n{extra}  deployments:\n    - {{name: base}}\n")
     app = create_app(load_config(f), generator=loaded_gen)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
+    server, t, port = start_server(app)
     return server, t, f"http://127.0.0.1:{port}/v1"
 
 

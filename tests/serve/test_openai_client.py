@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,12 @@ import pytest
 
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
-from tests.conftest import free_port
+from tests.conftest import start_server
 from tests.serve.conftest import QA, FakeRetriever
 
 
 @pytest.fixture
 def server_url(tmp_path: Path, tiny_llama: Path, tiny_adapter: Path, loaded_gen: Any) -> Any:
-    import uvicorn
-
     f = tmp_path / "serve.yaml"
     f.write_text(
         f"model:\n  path: {tiny_llama}\nserve:\n  api_key: k-test\n  deployments:\n"
@@ -26,14 +23,7 @@ def server_url(tmp_path: Path, tiny_llama: Path, tiny_adapter: Path, loaded_gen:
         f"    - {{name: policies+rag, adapter: {tiny_adapter}, index: docs}}\n"
     )
     app = create_app(load_config(f), generator=loaded_gen, retrievers={"docs": FakeRetriever()})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
+    server, t, port = start_server(app)
     yield f"http://127.0.0.1:{port}/v1"
     server.should_exit = True
     t.join(10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from ragtune.config import load_config
 from ragtune.serve.server import MAX_STOP_CHARS, create_app, plan_deployments
-from tests.conftest import free_port
+from tests.conftest import start_server
 from tests.serve.test_server import assert_error, ask, make_app
 
 
@@ -149,19 +148,11 @@ def test_non_streaming_client_that_disconnects_cancels_its_generation(tmp_path: 
                                                                       loaded_gen: Any, caplog: Any) -> None:
     """The lock is held while the client sends and hangs up; once released, the generation stops
     within a token instead of running to max_tokens."""
-    import uvicorn
-
     f = tmp_path / "s.yaml"
     f.write_text(f"model:\n  path: {tiny_llama}\nserve:\n  max_tokens_limit: 200\n  deployments:\n    - {{name: base}}\n")
     app = create_app(load_config(f), generator=loaded_gen)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
+    server, t, port = start_server(app)
     deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
     runtime = app.state.runtime
     caplog.set_level(logging.INFO, logger="ragtune.serve.server")
     try:

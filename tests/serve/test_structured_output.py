@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
-from tests.conftest import free_port
+from tests.conftest import start_server
 from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
     NEEDS_LLAMA_CPP,
     converter_home,
@@ -45,16 +44,7 @@ SETTINGS = [{"temperature": 0}, {"temperature": 1.0, "seed": 1}, {"temperature":
 
 
 def serve(app: Any) -> Any:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
+    server, t, port = start_server(app)
     return server, t, f"http://127.0.0.1:{port}/v1"
 
 

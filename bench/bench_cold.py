@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_ingest import timed
-from common import machine
+from common import emit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "How many days a week can I work remotely?"
@@ -171,10 +171,7 @@ def main() -> int:
               "ask_ttft_s<=3": ("ask_llamacpp", "ttft_process_s_median", 3),
               "ask_server_overhead_s<=0.1": ("ask_server", "overhead_s_median", 0.1)}
     out["goals"] = {name: r[row][key] <= limit for name, (row, key, limit) in checks.items() if row in r}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    emit(out, args.out)
     return 0
 
 

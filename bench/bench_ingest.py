@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import machine
+from common import emit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -190,10 +190,7 @@ def main() -> int:
         out["quality_bf16_vs_fp32"] = compare_indexes("ragtune", "ragtune-fp32")
     if "ragtune" in rows and "tutorial" in rows:
         out["ragtune_over_tutorial_wall"] = round(rows["ragtune"]["wall_s"] / rows["tutorial"]["wall_s"], 3)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    emit(out, args.out)
     return 0
 
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import emit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -106,10 +106,7 @@ def main() -> int:
     out = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "load_average": os.getloadavg(), "command": " ".join(sys.argv),
            **run(Path(args.docs), questions), "load_average_after": os.getloadavg()}
-    text = json.dumps(out, indent=1, ensure_ascii=False)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    emit(out, args.out, ensure_ascii=False)
     return 0
 
 

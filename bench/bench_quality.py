@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import os
 import re
 import statistics
@@ -31,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import emit, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -277,10 +276,7 @@ def main() -> int:
     for name in args.sets:
         out["sets"][name] = run_set(name, Path(args.root), minilm, args.rerank, args.skip_tutorial)
     out["load_average_after"] = os.getloadavg()
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    emit(out, args.out)
     return 0
 
 

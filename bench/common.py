@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -40,3 +41,11 @@ def cpu_name() -> str:
 
 def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def emit(out: dict[str, Any], path: str = "", ensure_ascii: bool = True) -> None:
+    """Print a benchmark's results as JSON, and write the same text to `path` when one is given."""
+    text = json.dumps(out, indent=1, ensure_ascii=ensure_ascii)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n", encoding="utf-8")

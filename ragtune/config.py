@@ -149,7 +149,11 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    engine: Literal["auto", "transformers", "llama.cpp"] = "transformers"  # auto: llama.cpp on the CPU when installed
+    engine: Literal["auto", "transformers", "llama.cpp", "openai"] = "transformers"  # auto: llama.cpp on the CPU when installed
+    # engine openai (ask, chat, eval): an OpenAI-compatible server generates, named as a deployment names it
+    url: str = ""  # its /v1 base URL
+    model: str = ""  # the model name it serves
+    api_key: str = ""  # its key ("" = env RAGTUNE_ENGINE_API_KEY, else none)
     cache: Literal["dynamic", "static"] = "dynamic"  # static: KV cache + transformers' compile path, CUDA only
     threads: int = 0  # CPU threads while generating (torch or llama.cpp); 0 = the engine's default
     # the base model's GGUF for the llama.cpp engine; f16 is the fastest file for a RAG answer on the CPUs
@@ -206,7 +210,7 @@ class EvalConfig:
     bootstrap: int = 1000  # resamples for the confidence intervals
     system_prompt: str = ""  # system turn for every question in every mode (use the adapter's training one)
     seed: int = 0  # bootstrap and generation seed
-    engine: Literal["auto", "transformers", "llama.cpp"] = "auto"  # auto: llama.cpp on the CPU when installed
+    engine: Literal["auto", "transformers", "llama.cpp", "openai"] = "auto"  # auto: llama.cpp on the CPU when installed; openai: generation.url
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,7 @@ SECRET_KEYS = frozenset({"api_key"})  # settings never written into run cards, r
 
 def to_dict(cfg: Any, secrets: bool = True) -> Any:
     """Plain JSON-able dict of a config (tuples become lists); secrets=False writes every non-empty
-    secret (serve.api_key, store.api_key, a deployment's api_key) as "(redacted)"."""
+    secret (serve.api_key, store.api_key, generation.api_key, a deployment's api_key) as "(redacted)"."""
     if dataclasses.is_dataclass(cfg):
         return {f.name: ("(redacted)" if not secrets and f.name in SECRET_KEYS and getattr(cfg, f.name)
                          else to_dict(getattr(cfg, f.name), secrets)) for f in dataclasses.fields(cfg)}

@@ -146,9 +146,9 @@ class ChatSession:
 
 def run_chat(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.serve.answer import open_retriever, retriever_for
-    from ragtune.serve.commands import generation_overrides, load_for_cli, precheck
+    from ragtune.serve.commands import generation_overrides, load_for_cli, precheck, remote_overrides
 
-    cfg = generation_overrides(cfg, args)
+    cfg = remote_overrides(generation_overrides(cfg, args), args)
     precheck(cfg, args.adapter)
     retriever = retriever_for(cfg, args.index or None, args.no_rag, read_copy=True)
     gen, adapter = load_for_cli(cfg, args.adapter)

@@ -3,6 +3,7 @@
     ragtune ask "How many remote days?" --adapter runs/adapter --json
     ragtune ask --questions questions.jsonl          one JSON line per question, in order (exit 3: some failed)
     ragtune ask "How many remote days?" --server http://127.0.0.1:8000 [--api-key KEY]
+    ragtune ask "How many remote days?" --engine openai --url http://gpu-box:8000/v1 --model policies-merged
     echo "question" | ragtune ask - --no-rag
     ragtune chat --adapter runs/adapter
     ragtune serve --port 8000 --config configs/serve/local.yaml
@@ -21,8 +22,11 @@ def _answer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, metavar="N", default=None, help="default: generation.max_new_tokens")
     p.add_argument("--temperature", type=float, metavar="T", default=None, help="0 = greedy (default: generation.temperature)")
     p.add_argument("--system", metavar="TEXT", default="", help="a system message before the question")
-    p.add_argument("--engine", choices=("auto", "transformers", "llama.cpp"), default=None,
-                   help="answering engine (default: generation.engine); llama.cpp runs a cached GGUF on the CPU")
+    p.add_argument("--engine", choices=("auto", "transformers", "llama.cpp", "openai"), default=None,
+                   help="answering engine (default: generation.engine); llama.cpp runs a cached GGUF on the CPU; "
+                        "openai sends generation to an OpenAI-compatible server (--url, --model)")
+    p.add_argument("--url", metavar="URL", default=None,
+                   help="with --engine openai: the remote server's /v1 base URL (default: generation.url)")
 
 
 def register(sub: Any) -> None:
@@ -40,8 +44,11 @@ def register(sub: Any) -> None:
     p.add_argument("--server", metavar="URL", default=None,
                    help="ask a running 'ragtune serve' instead of loading the model (default: env RAGTUNE_SERVER)")
     p.add_argument("--model", metavar="NAME", default="",
-                   help="with --server: the deployment to ask (default: the server's first in /v1/models)")
-    p.add_argument("--api-key", metavar="KEY", default=None, help="the server's API key (default: env RAGTUNE_API_KEY)")
+                   help="with --server: the deployment to ask (default: the server's first in /v1/models); "
+                        "with --engine openai: the model the remote server serves (default: generation.model)")
+    p.add_argument("--api-key", metavar="KEY", default=None,
+                   help="the server's API key (default: env RAGTUNE_API_KEY); with --engine openai the remote "
+                        "server's (default: generation.api_key, else env RAGTUNE_ENGINE_API_KEY)")
     p.add_argument("--schema", metavar="FILE.json", default=None,
                    help="answer with JSON that validates against this JSON schema (grammar-constrained decoding); "
                         "prints the JSON")
@@ -52,6 +59,11 @@ def register(sub: Any) -> None:
         description="Interactive chat with streamed tokens. Commands: /sources, /rag on|off, /reset, /exit.",
     )
     _answer_flags(p)
+    p.add_argument("--model", metavar="NAME", default="",
+                   help="with --engine openai: the model the remote server serves (default: generation.model)")
+    p.add_argument("--api-key", metavar="KEY", default=None,
+                   help="with --engine openai: the remote server's key (default: generation.api_key, else env "
+                        "RAGTUNE_ENGINE_API_KEY)")
     p.set_defaults(func=_run_chat)
 
     p = sub.add_parser(

@@ -4,11 +4,14 @@
     echo "How many days?" | ragtune ask - --json --no-rag
     ragtune ask --questions questions.jsonl            # model loaded once; one JSON line per question
     ragtune ask "How many days?" --server http://127.0.0.1:8000 --api-key KEY   # a running server answers
+    ragtune ask "How many days?" --engine openai --url http://gpu-box:8000/v1 --model policies-merged
 
 Plain output is the answer only (stdout); --json gives answer, sources, mode, token counts and
 timings. Errors go to stderr with exit code 2 (usage) or 1; a batch exits 3 when some lines failed.
 With --server (or RAGTUNE_SERVER) nothing heavy is imported: the question goes to the server's
-/v1/chat/completions and its answer is printed in the same shapes.
+/v1/chat/completions and its answer is printed in the same shapes. With --engine openai (or
+generation.engine: openai) retrieval, the prompt and the sources stay here and any OpenAI-compatible
+server (generation.url/model/api_key, or --url/--model/--api-key) generates.
 """
 
 from __future__ import annotations
@@ -45,12 +48,40 @@ def generation_overrides(cfg: Any, args: argparse.Namespace) -> Any:
     return replace(cfg, generation=replace(cfg.generation, **changes))
 
 
+def remote_overrides(cfg: Any, args: argparse.Namespace) -> Any:
+    """cfg with --url, --model and --api-key as generation.url/model/api_key (engine openai only)."""
+    flags = {"url": getattr(args, "url", None) or "", "model": getattr(args, "model", "") or "",
+             "api_key": getattr(args, "api_key", None) or ""}
+    if cfg.generation.engine != "openai":
+        given = ["--" + k.replace("_", "-") for k, v in flags.items() if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} name a remote server: add --engine openai (an OpenAI-compatible "
+                             "server generates) or, for ask, --server URL (a running 'ragtune serve')")
+        return cfg
+    changes = {k: v for k, v in flags.items() if v}
+    if not changes:
+        return cfg
+    from ragtune.config import replace
+
+    return replace(cfg, generation=replace(cfg.generation, **changes))
+
+
 def precheck(cfg: Any, adapter: str = "") -> None:
     """The cheap checks (engine, model dir) before anything slow loads. With an adapter and no
     model.path, the base comes from the adapter's run card when the model loads."""
     from ragtune.modeling import resolve_model_path
     from ragtune.serve.generator import check_engine
 
+    if cfg.generation.engine == "openai":
+        from ragtune.serve.remote import check_remote
+
+        check_remote(cfg)
+        if adapter or cfg.model.adapter:
+            which = "--adapter" if adapter else "model.adapter"
+            raise UsageError(f"engine openai answers with the remote server's model as it is; {which} "
+                             f"'{adapter or cfg.model.adapter}' cannot be applied there (merge it with 'ragtune "
+                             "merge' and serve the merged model remotely, or drop " + which + ")")
+        return
     check_engine(cfg.generation.engine, cfg.model.device)
     if cfg.model.path or not (adapter or cfg.model.adapter):
         resolve_model_path(cfg.model.path, "model.path")
@@ -63,6 +94,10 @@ def load_for_cli(cfg: Any, adapter_dir: str) -> tuple[Any, str | None]:
     from ragtune.modeling import quiet_libraries
     from ragtune.serve.generator import Generator
 
+    if cfg.generation.engine == "openai":
+        from ragtune.serve.remote import remote_generator
+
+        return remote_generator(cfg), None
     gen = Generator(cfg)
     if gen.engine == "llama.cpp":  # transformers is imported only where it is needed (its tokenizer)
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -163,13 +198,16 @@ class _LocalAsk:
     def __init__(self, args: argparse.Namespace, cfg: Any) -> None:
         from ragtune.serve.answer import retriever_for
 
+        cfg = remote_overrides(cfg, args)
         precheck(cfg, args.adapter)
-        self.grammar = None
+        self.extra: dict[str, Any] = {}
         rf = getattr(args, "response_format", None)
-        if rf:
+        if rf and cfg.generation.engine == "openai":
+            self.extra = {"response_format": rf}  # the remote enforces it
+        elif rf:
             from ragtune.serve.constrained import response_format_grammar
 
-            self.grammar = response_format_grammar(rf)
+            self.extra = {"grammar": response_format_grammar(rf)}
         self.index = (args.index or cfg.index.name)
         self.retriever = retriever_for(cfg, args.index or None, args.no_rag)
         try:
@@ -179,10 +217,12 @@ class _LocalAsk:
             raise
 
     def ask(self, question: str, system: str) -> dict[str, Any]:
-        extra = {"grammar": self.grammar} if self.grammar else {}
-        ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever, **extra)
+        ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever,
+                              **self.extra)
         out = ans.to_dict()
-        out.update(model=str(self.gen.base_path), index=self.index if self.retriever is not None else None)
+        remote = self.gen.engine == "openai"  # `model` is then the remote's model name
+        out.update(model=self.gen.model if remote else str(self.gen.base_path), engine=self.gen.engine,
+                   index=self.index if self.retriever is not None else None)
         return out
 
     def close(self) -> None:
@@ -198,7 +238,7 @@ class _RemoteAsk:
         from ragtune.client import api_key, get_json
 
         chosen = [f for f, on in (("--adapter", args.adapter), ("--index", args.index), ("--no-rag", args.no_rag),
-                                  ("--engine", args.engine)) if on]
+                                  ("--engine", args.engine), ("--url", getattr(args, "url", None))) if on]
         if chosen:
             raise UsageError(f"{', '.join(chosen)} cannot be used with --server: the server's deployments decide the "
                              "model, adapter, index and engine; pick one with --model NAME (see GET /v1/models)")

@@ -10,16 +10,56 @@ numbered sources from `ragtune.chat.rag_messages`), so citations and abstention 
 abstention never calls the remote server. Errors from the remote server come back as RagtuneError
 naming the URL and its status. Token counts are the remote server's `usage` (a stream from a server
 that sends none counts its content chunks as tokens and leaves prompt tokens at 0).
+
+`response_format`, `tools`, `tool_choice` and `parallel_tool_calls` are forwarded as they are; the
+remote's `tool_calls` come back in `RemoteAnswer.tool_calls`. A server that rejects OpenAI's
+`{"type": "json_schema"}` (llama-cpp-python's `llama_cpp.server` takes `{"type": "json_object",
+"schema": ...}`) gets the schema in that form, and this generator keeps using it. ask, chat and eval
+take the remote from `generation.url/model/api_key` (`remote_generator(cfg)`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from ragtune.errors import RagtuneError, UsageError
+from ragtune.serve.generator import Answer
+
+KEY_ENV = "RAGTUNE_ENGINE_API_KEY"  # the remote's key when generation.api_key is empty
+PASSED = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # forwarded as they are
+
+
+@dataclass
+class RemoteAnswer(Answer):
+    tool_calls: list[dict[str, Any]] | None = None  # the remote's OpenAI tool_calls, as it sent them
+
+
+def check_remote(cfg: Any) -> None:
+    """engine openai for ask, chat and eval: generation.url and generation.model must say where to go."""
+    g = cfg.generation
+    problems = []
+    if not g.url:
+        problems.append("generation.url is empty: give the remote server's /v1 base URL (--url "
+                        "http://HOST:PORT/v1 or generation.url=http://HOST:PORT/v1)")
+    elif not g.url.startswith(("http://", "https://")):
+        problems.append(f"generation.url '{g.url}' is not an http(s) URL; e.g. http://127.0.0.1:8080/v1")
+    if not g.model:
+        problems.append("generation.model is empty: name a model the remote server serves (--model NAME or "
+                        "generation.model=NAME; its GET /v1/models lists them)")
+    if problems:
+        raise UsageError("engine openai: " + "; ".join(problems))
+
+
+def remote_generator(cfg: Any) -> "RemoteGenerator":
+    """The remote named by generation.url/model/api_key (the key falls back to $RAGTUNE_ENGINE_API_KEY)."""
+    check_remote(cfg)
+    g = cfg.generation
+    return RemoteGenerator(cfg, g.url, g.model, g.api_key or os.environ.get(KEY_ENV, ""))
 
 
 class RemoteGenerator:
@@ -36,6 +76,7 @@ class RemoteGenerator:
         self.base_path = self.url
         self.lock = threading.Lock()  # not held for generation: the remote server does its own queueing
         self.adapters: dict[str, Any] = {}
+        self.schema_form = "json_schema"  # "json_object" once the remote refused OpenAI's json_schema form
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(timeout=timeout_s, headers=headers)
 
@@ -74,7 +115,7 @@ class RemoteGenerator:
             raise UsageError(f"engine openai serves '{self.model}' as it is; adapter '{adapter}' cannot be applied "
                              "(merge it with 'ragtune merge' and serve the merged model remotely)")
         rcfg = rag or self.cfg.rag
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        msgs = [_wire(m) for m in messages]
         if not any(m["role"] == "user" for m in msgs):
             raise UsageError("messages need at least one user turn")
         job = {"t0": time.perf_counter(), "mode": "base", "sources": [], "abstained": False, "best": None,
@@ -88,7 +129,8 @@ class RemoteGenerator:
         return job
 
     def _body(self, job: dict[str, Any], max_new_tokens: int | None, temperature: float | None,
-              top_p: float | None, seed: int | None, stop: Sequence[str] | None, stream: bool) -> dict[str, Any]:
+              top_p: float | None, seed: int | None, stop: Sequence[str] | None, stream: bool,
+              passed: dict[str, Any] | None = None) -> dict[str, Any]:
         g = self.cfg.generation
         body: dict[str, Any] = {"model": self.model, "messages": job["messages"], "stream": stream,
                                 "max_tokens": int(g.max_new_tokens if max_new_tokens is None else max_new_tokens),
@@ -101,26 +143,63 @@ class RemoteGenerator:
             body["stop"] = list(stop)
         if stream:
             body["stream_options"] = {"include_usage": True}
+        body.update({k: v for k, v in (passed or {}).items() if k in PASSED and v is not None})
+        if self.schema_form == "json_object":
+            body = self._schema_as_json_object(body)
         return body
 
-    def _answer(self, job: dict[str, Any], text: str, finish: str, usage: dict[str, Any],
-                t_first: float | None) -> Any:
-        from ragtune.serve.generator import Answer
+    @staticmethod
+    def _schema_as_json_object(body: dict[str, Any]) -> dict[str, Any]:
+        """OpenAI's json_schema response_format in the form llama-cpp-python's server takes."""
+        rf = body.get("response_format")
+        if not isinstance(rf, dict) or rf.get("type") != "json_schema":
+            return body
+        spec = rf.get("json_schema") or {}
+        return {**body, "response_format": {"type": "json_object", "schema": spec.get("schema", {"type": "object"})}}
 
+    def _post(self, body: dict[str, Any]) -> Any:
+        """POST /chat/completions (streamed when the body says so); a remote that refuses the json_schema
+        form is asked again with the schema as json_object, and keeps that form from then on."""
+        import httpx
+
+        req = self.http.build_request("POST", self.url + "/chat/completions", json=body)
+        try:
+            r = self.http.send(req, stream=bool(body.get("stream")))
+            # llama_cpp.server answers its validation error with a 500 that names response_format.type
+            if r.status_code in (400, 422, 500) and (body.get("response_format") or {}).get("type") == "json_schema":
+                r.read()
+                if "response_format" in r.text:
+                    r.close()
+                    other = self._schema_as_json_object(body)
+                    r = self.http.send(self.http.build_request("POST", self.url + "/chat/completions", json=other),
+                                       stream=bool(body.get("stream")))
+                    if r.status_code == 200:
+                        self.schema_form = "json_object"
+        except httpx.HTTPError as exc:
+            raise RagtuneError(f"remote engine {self.url} could not be reached: {exc}") from exc
+        if r.status_code != 200:
+            r.read()
+            r.close()
+            raise self._fail(r)
+        return r
+
+    def _answer(self, job: dict[str, Any], text: str, finish: str, usage: dict[str, Any],
+                t_first: float | None, tool_calls: list[dict[str, Any]] | None = None,
+                tools: bool = False) -> RemoteAnswer:
         t1 = time.perf_counter()
         timings = {"retrieval_s": job["retrieval_s"], "total_s": t1 - job["t0"]}
         if t_first is not None:
             timings["ttft_s"] = t_first - job["t0"]
-        return Answer(text=text, sources=job["sources"], mode=job["mode"],
-                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      completion_tokens=int(usage.get("completion_tokens") or 0), abstained=False,
-                      finish_reason="length" if finish == "length" else "stop",
-                      timings={k: round(v, 6) for k, v in timings.items()}, adapter=None, best_score=job["best"])
+        return RemoteAnswer(text=text, sources=job["sources"], mode=job["mode"],
+                            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                            completion_tokens=int(usage.get("completion_tokens") or 0), abstained=False,
+                            finish_reason="length" if finish == "length" else "stop",
+                            timings={k: round(v, 6) for k, v in timings.items()}, adapter=None,
+                            best_score=job["best"], tool_calls=tool_calls or None,
+                            tool_rendering="remote" if tools else None)
 
-    def _abstain(self, job: dict[str, Any]) -> Any:
-        from ragtune.serve.generator import Answer
-
-        return Answer(text=job["not_found"], sources=[], mode=job["mode"], abstained=True, finish_reason="stop",
+    def _abstain(self, job: dict[str, Any]) -> RemoteAnswer:
+        return RemoteAnswer(text=job["not_found"], sources=[], mode=job["mode"], abstained=True, finish_reason="stop",
                       timings={"retrieval_s": round(job["retrieval_s"], 6),
                                "total_s": round(time.perf_counter() - job["t0"], 6)}, best_score=job["best"])
 
@@ -131,31 +210,53 @@ class RemoteGenerator:
             detail = r.text[:300]
         return RagtuneError(f"remote engine {self.url} answered {r.status_code}: {detail}")
 
-    def answer(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
+    def answer(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-               seed: int | None = None, rag: Any = None, stop: Sequence[str] | None = None) -> Any:
-        import httpx
-
+               seed: int | None = None, rag: Any = None, stop: Sequence[str] | None = None,
+               **passed: Any) -> RemoteAnswer:
+        """`passed`: response_format, tools, tool_choice, parallel_tool_calls (OpenAI's shapes)."""
         job = self._prepare(messages, retriever, rag, adapter)
         if job["abstained"]:
             return self._abstain(job)
+        r = self._post(self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, _checked(passed)))
         try:
-            r = self.http.post(self.url + "/chat/completions",
-                               json=self._body(job, max_new_tokens, temperature, top_p, seed, stop, False))
-        except httpx.HTTPError as exc:
-            raise RagtuneError(f"remote engine {self.url} could not be reached: {exc}") from exc
-        if r.status_code != 200:
-            raise self._fail(r)
-        body = r.json()
-        choice = body["choices"][0]
-        return self._answer(job, choice["message"].get("content") or "", choice.get("finish_reason") or "stop",
-                            body.get("usage") or {}, None)
+            body = r.json()
+            choice = body["choices"][0]
+            message = choice["message"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RagtuneError(f"remote engine {self.url} answered 200 without a chat completion "
+                               f"({type(exc).__name__}: {exc}): {r.text[:300]}") from None
+        return self._answer(job, message.get("content") or "", choice.get("finish_reason") or "stop",
+                            body.get("usage") or {}, None, message.get("tool_calls"), bool(passed.get("tools")))
 
-    def stream(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
+    def stream(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-               seed: int | None = None, rag: Any = None, stop: Sequence[str] | None = None) -> "RemoteStream":
+               seed: int | None = None, rag: Any = None, stop: Sequence[str] | None = None,
+               **passed: Any) -> "RemoteStream":
         job = self._prepare(messages, retriever, rag, adapter)
-        return RemoteStream(self, job, self._body(job, max_new_tokens, temperature, top_p, seed, stop, True))
+        return RemoteStream(self, job, self._body(job, max_new_tokens, temperature, top_p, seed, stop, True,
+                                                  _checked(passed)))
+
+
+def _checked(passed: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(passed) - set(PASSED))
+    if unknown:
+        raise TypeError(f"RemoteGenerator got unexpected keyword argument(s) {', '.join(unknown)}")
+    return passed
+
+
+def _wire(m: dict[str, Any]) -> dict[str, Any]:
+    """A message in OpenAI's request shape (tool-call arguments as a JSON string, as the API sends them)."""
+    out: dict[str, Any] = {"role": m["role"], "content": m.get("content")}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"id": c.get("id") or "", "type": "function", "function": {
+            "name": c["function"]["name"],
+            "arguments": a if isinstance(a := c["function"].get("arguments", "{}"), str) else json.dumps(a)}}
+            for c in m["tool_calls"]]
+    for k in ("tool_call_id", "name"):
+        if m.get(k):
+            out[k] = m[k]
+    return out
 
 
 class RemoteStream:
@@ -191,12 +292,11 @@ class RemoteStream:
             yield self.answer.text
             return
         parts: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}  # tool_calls deltas merged by index
         finish, usage, t_first = "stop", {}, None
         try:
-            with gen.http.stream("POST", gen.url + "/chat/completions", json=self.body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise gen._fail(r)
+            r = gen._post(self.body)
+            try:
                 for line in r.iter_lines():
                     if self._closed.is_set():
                         return
@@ -210,14 +310,30 @@ class RemoteStream:
                         raise RagtuneError(f"remote engine {gen.url}: {event['error'].get('message')}")
                     usage = event.get("usage") or usage
                     for choice in event.get("choices") or []:
-                        delta = (choice.get("delta") or {}).get("content")
+                        d = choice.get("delta") or {}
+                        delta = d.get("content")
                         finish = choice.get("finish_reason") or finish
+                        for c in d.get("tool_calls") or []:
+                            _merge_call(calls, c)
                         if delta:
                             t_first = t_first or time.perf_counter()
                             parts.append(delta)
                             yield delta
+            finally:
+                r.close()
         except httpx.HTTPError as exc:
             raise RagtuneError(f"remote engine {gen.url} failed: {exc}") from exc
         if not usage:  # a server that ignores stream_options (llama_cpp.server): one chunk per token
-            usage = {"completion_tokens": len(parts)}
-        self.answer = gen._answer(job, "".join(parts), finish, usage, t_first)
+            usage = {"completion_tokens": len(parts) + len(calls)}
+        self.answer = gen._answer(job, "".join(parts), finish, usage, t_first, [calls[k] for k in sorted(calls)],
+                                  bool(self.body.get("tools")))
+
+
+def _merge_call(calls: dict[int, dict[str, Any]], c: dict[str, Any]) -> None:
+    """One streamed tool_calls delta into the whole call: id, type and name once, arguments in pieces."""
+    call = calls.setdefault(int(c.get("index") or 0), {"id": "", "type": "function",
+                                                        "function": {"name": "", "arguments": ""}})
+    call["id"] = c.get("id") or call["id"]
+    fn = c.get("function") or {}
+    call["function"]["name"] = fn.get("name") or call["function"]["name"]
+    call["function"]["arguments"] += fn.get("arguments") or ""

@@ -13,7 +13,8 @@
 
 A deployment is `{name, base, adapter, index, engine}` (config `serve.deployments`), or
 `{name, engine: openai, url, model, api_key?, index}` to send generation to a remote
-OpenAI-compatible server while retrieval, sources and abstention stay here. One base model is
+OpenAI-compatible server while retrieval, sources and abstention stay here (url/model/api_key
+default to generation's; response_format and tools are checked here, then forwarded). One base model is
 loaded once and its adapters switch without reloading it. With no deployments configured the
 server offers `base` (+ the `model.adapter` one) and their `+rag` twins when the index exists.
 On the llama.cpp engine up to `serve.max_batch` requests decode together in one batch; the
@@ -139,25 +140,39 @@ def plan_deployments(cfg: Any, extra_indexes: tuple[str, ...] = ()) -> list[Depl
                 problems.append(f"serve.deployments[{i}]: name is empty; give every deployment a name")
             elif any(o.name == d.name for o in out):
                 problems.append(f"serve.deployments[{i}]: name '{d.name}' is used twice")
-            if d.engine == "openai" and not (d.url and d.model):
+            engine = d.engine or cfg.generation.engine
+            remote = _remote_of(cfg, d.url, d.model, d.api_key)
+            if engine == "openai" and not (remote["url"] and remote["model"]):
                 problems.append(f"serve.deployments[{i}] '{d.name}': engine openai needs `url` (the remote "
-                                "server's /v1 base) and `model` (a model it serves)")
-            out.append(Deployment(d.name, d.base, d.adapter, d.index, d.engine or cfg.generation.engine,
-                                  remote={"url": d.url, "model": d.model, "api_key": d.api_key}))
+                                "server's /v1 base) and `model` (a model it serves), on the deployment or as "
+                                "generation.url / generation.model")
+            out.append(Deployment(d.name, d.base, d.adapter, d.index, engine, remote=remote))
     else:
         from ragtune.runcard import trained_base
 
         # no model.path but an adapter: "base" is the model the adapter was trained on, as ft's base
         base = "" if cfg.model.path or not cfg.model.adapter else trained_base([cfg.model.adapter])
-        out.append(Deployment("base", base, "", "", cfg.generation.engine))
+        remote = _remote_of(cfg)
+        if cfg.generation.engine == "openai" and not (remote["url"] and remote["model"]):
+            problems.append("generation.engine is openai: set generation.url (the remote server's /v1 base) and "
+                            "generation.model (a model it serves), or give serve.deployments")
+        out.append(Deployment("base", base, "", "", cfg.generation.engine, remote=remote))
         if cfg.model.adapter:
-            out.append(Deployment(Path(cfg.model.adapter).name, base, cfg.model.adapter, "", cfg.generation.engine))
+            out.append(Deployment(Path(cfg.model.adapter).name, base, cfg.model.adapter, "", cfg.generation.engine,
+                                  remote=remote))
         name = cfg.index.name
         if cfg.rag.enabled and (index_exists(cfg, name) or name in extra_indexes):
-            out += [Deployment(d.name + "+rag", d.base, d.adapter, name, d.engine) for d in list(out)]
+            out += [Deployment(d.name + "+rag", d.base, d.adapter, name, d.engine, remote=d.remote)
+                    for d in list(out)]
     if problems:
         raise UsageError("\n".join(problems))
     return out
+
+
+def _remote_of(cfg: Any, url: str = "", model: str = "", api_key: str = "") -> dict[str, str]:
+    """engine openai: the deployment's url/model/api_key, each defaulting to generation's."""
+    g = cfg.generation
+    return {"url": url or g.url, "model": model or g.model, "api_key": api_key or g.api_key}
 
 
 def model_aliases(items: tuple[str, ...], names: list[str]) -> dict[str, str]:
@@ -467,6 +482,7 @@ def add_chat_route(app: Any, runtime: Runtime) -> None:
         messages = to_messages(req)
         kwargs = generation_kwargs(req, d, cfg)
         kwargs.update(output_kwargs(req, d))
+        plan = kwargs.get("tools") if d.engine != "openai" else None  # a remote parses its own calls
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         now = int(time.time())
         runtime.enter()
@@ -475,12 +491,12 @@ def add_chat_route(app: Any, runtime: Runtime) -> None:
                 ans = await answer_unless_disconnected(request, d, messages, kwargs)
             finally:
                 runtime.leave()
-            return completion_body(cid, now, d, ans, kwargs.get("tools"))
+            return completion_body(cid, now, d, ans, plan)
         stream = await start_stream(d, messages, kwargs, runtime)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         from fastapi.responses import StreamingResponse
 
-        return StreamingResponse(sse_events(stream, cid, now, d, include_usage, runtime, kwargs.get("tools")),
+        return StreamingResponse(sse_events(stream, cid, now, d, include_usage, runtime, plan),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -525,9 +541,10 @@ def output_kwargs(req: ChatRequest, d: Deployment) -> dict[str, Any]:
         out["grammar"] = grammar or calls_only
     if plan is not None:
         out["tools"] = plan
-    if out and d.engine == "openai":
-        raise APIError(400, f"response_format and tools are not supported on deployment '{d.name}' (engine openai); "
-                       "use a local deployment", param="response_format" if grammar else "tools", code="unsupported")
+    if d.engine == "openai":  # checked as for a local engine, then forwarded as sent
+        return {k: v for k, v in (("response_format", req.response_format), ("tools", req.tools),
+                                  ("tool_choice", req.tool_choice),
+                                  ("parallel_tool_calls", req.parallel_tool_calls)) if v is not None}
     return out
 
 
@@ -849,6 +866,8 @@ def completion_body(cid: str, created: int, d: Deployment, ans: Any, plan: Any =
     from ragtune.serve.tools import parse_calls
 
     calls, content = parse_calls(ans.text, plan)
+    if getattr(ans, "tool_calls", None):  # engine openai: the remote's own calls
+        calls, content = remote_calls(ans.tool_calls), ans.text or None
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if calls:
         message["tool_calls"] = calls
@@ -860,6 +879,18 @@ def completion_body(cid: str, created: int, d: Deployment, ans: Any, plan: Any =
         "sources": ans.sources,
         "ragtune": _meta(d, ans),
     }
+
+
+def remote_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A remote engine's tool_calls in OpenAI's shape (an id where it gave none, arguments as a string)."""
+    out = []
+    for c in calls:
+        fn = c.get("function") or {}
+        args = fn.get("arguments", "{}")
+        out.append({"id": c.get("id") or "call_" + uuid.uuid4().hex[:24], "type": "function",
+                    "function": {"name": str(fn.get("name") or ""),
+                                 "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}})
+    return out
 
 
 TOOL_OPEN = "<tool_call>"
@@ -922,19 +953,19 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
             yield "data: [DONE]\n\n"
             return
         ans = stream.answer
-        calls: list[dict[str, Any]] = []
+        calls = remote_calls(getattr(ans, "tool_calls", None) or [])  # engine openai: the remote's own
         if held is not None:
             rest = "".join(held)[sent:]
             calls, content = parse_calls(rest, plan)
             content = content if calls else rest
             if content:
                 yield _chunk(cid, created, d.name, {"content": content}, None, include_usage)
-            for k, c in enumerate(calls):
-                head = {"index": k, "id": c["id"], "type": "function",
-                        "function": {"name": c["function"]["name"], "arguments": ""}}
-                yield _chunk(cid, created, d.name, {"tool_calls": [head]}, None, include_usage)
-                yield _chunk(cid, created, d.name, {"tool_calls": [{"index": k, "function": {
-                    "arguments": c["function"]["arguments"]}}]}, None, include_usage)
+        for k, c in enumerate(calls):
+            head = {"index": k, "id": c["id"], "type": "function",
+                    "function": {"name": c["function"]["name"], "arguments": ""}}
+            yield _chunk(cid, created, d.name, {"tool_calls": [head]}, None, include_usage)
+            yield _chunk(cid, created, d.name, {"tool_calls": [{"index": k, "function": {
+                "arguments": c["function"]["arguments"]}}]}, None, include_usage)
         yield _chunk(cid, created, d.name, {}, "tool_calls" if calls else _finish(ans.finish_reason), include_usage,
                      sources=ans.sources, ragtune=_meta(d, ans))
         if include_usage:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -58,6 +61,40 @@ def start_server(app: Any, wait: float = 30) -> tuple[Any, threading.Thread, int
         time.sleep(0.05)
     assert server.started
     return server, thread, port
+
+
+@contextlib.contextmanager
+def llama_server(gguf: Path, log: Path, alias: str = "tiny", wait: float = 120) -> Iterator[str]:
+    """llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`) on `gguf`, one
+    thread, on a free loopback port: yields its /v1 base URL once GET /v1/models answers; its output
+    goes to `log` (quoted in the failure when it exits or does not start)."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+         "--model_alias", alias, "--n_ctx", "2048", "--n_threads", "1"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + wait
+        while True:
+            assert proc.poll() is None, f"llama_cpp.server exited: {log.read_text()[-2000:]}"
+            try:
+                if httpx.get(url + "/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, f"llama_cpp.server did not start: {log.read_text()[-2000:]}"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(autouse=True)

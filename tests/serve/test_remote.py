@@ -1,22 +1,21 @@
 """The remote engine (`engine: openai`) against a real OpenAI-compatible server: llama-cpp-python's own
 `llama_cpp.server` on the tiny GGUF export, started and stopped here. ragtune retrieves, builds the
-prompt and cites; the remote server only generates.
+prompt and cites; the remote server only generates: in a deployment, in `ragtune ask --engine openai`,
+and with `response_format` / `tools` forwarded.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import threading
-import time
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ragtune.cli import main
 from ragtune.config import load_config
 from ragtune.errors import RagtuneError, UsageError
-from tests.conftest import free_port
+from tests.conftest import free_port, llama_server, start_server
 from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
     NEEDS_LLAMA_CPP,
     converter_home,
@@ -29,38 +28,19 @@ from tests.serve.conftest import FakeRetriever
 
 pytestmark = NEEDS_LLAMA_CPP
 QUESTION = "How many days can I work remotely?"
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "days": {"type": "boolean"}},
+          "required": ["answer", "days"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Seoul", "Paris"]}},
+                   "required": ["city"], "additionalProperties": False}}}
 
 
 @pytest.fixture(scope="module")
 def remote(tiny_f16: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """llama_cpp.server on the tiny GGUF; yields its /v1 base URL and the path of its log."""
-    import httpx
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("remote") / "llama_cpp_server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_f16["path"]), "--host", "127.0.0.1",
-         "--port", str(port), "--model_alias", "tiny", "--n_ctx", "2048", "--n_threads", "1"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, f"llama_cpp.server exited: {log.read_text()[-2000:]}"
-            try:
-                if httpx.get(url + "/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, f"llama_cpp.server did not start: {log.read_text()[-2000:]}"
-            time.sleep(0.2)
+    """llama_cpp.server on the tiny GGUF; yields its /v1 base URL."""
+    with llama_server(tiny_f16["path"], tmp_path_factory.mktemp("remote") / "llama_cpp_server.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture
@@ -108,38 +88,95 @@ def test_remote_engine_abstains_without_calling_the_remote(tiny_smol: Path) -> N
         g.close()
 
 
-def test_openai_client_through_a_remote_deployment(remote: str, tiny_smol: Path, tmp_path: Path) -> None:
-    import openai
-    import uvicorn
-
-    from ragtune.serve.server import create_app
-
+def _deployments(remote: str, tiny_smol: Path, tmp_path: Path) -> Any:
     f = tmp_path / "serve.yaml"
     f.write_text(f"model:\n  path: {tiny_smol}\nserve:\n  deployments:\n"
                  f"    - {{name: prod, engine: openai, url: '{remote}', model: tiny}}\n"
                  f"    - {{name: prod+rag, engine: openai, url: '{remote}', model: tiny, index: docs}}\n")
-    app = create_app(load_config(f), retrievers={"docs": FakeRetriever()})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
+    return load_config(f)
+
+
+@pytest.fixture
+def deployed(remote: str, tiny_smol: Path, tmp_path: Path) -> Any:
+    """A ragtune server whose deployments generate on the remote; yields an openai client for it."""
+    import openai
+
+    from ragtune.serve.server import create_app
+
+    app = create_app(_deployments(remote, tiny_smol, tmp_path), retrievers={"docs": FakeRetriever()})
+    server, thread, port = start_server(app)
     try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["prod", "prod+rag"]
-        resp = client.chat.completions.create(model="prod+rag", messages=[{"role": "user", "content": QUESTION}],
-                                              max_tokens=6, temperature=0)
-        assert [s["n"] for s in resp.model_extra["sources"]] == [1, 2]
-        assert resp.usage.completion_tokens > 0 and resp.model == "prod+rag"
-        parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="prod+rag", messages=[{"role": "user", "content": QUESTION}], max_tokens=6, temperature=0,
-            stream=True) if c.choices]
-        assert "".join(parts) == resp.choices[0].message.content
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     finally:
         server.should_exit = True
-        t.join(10)
+        thread.join(10)
+
+
+def test_openai_client_through_a_remote_deployment(deployed: Any) -> None:
+    client = deployed
+    assert [m.id for m in client.models.list()] == ["prod", "prod+rag"]
+    resp = client.chat.completions.create(model="prod+rag", messages=[{"role": "user", "content": QUESTION}],
+                                          max_tokens=6, temperature=0)
+    assert [s["n"] for s in resp.model_extra["sources"]] == [1, 2]
+    assert resp.usage.completion_tokens > 0 and resp.model == "prod+rag"
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="prod+rag", messages=[{"role": "user", "content": QUESTION}], max_tokens=6, temperature=0,
+        stream=True) if c.choices]
+    assert "".join(parts) == resp.choices[0].message.content
+
+
+def test_json_schema_through_a_remote_deployment_validates(deployed: Any) -> None:
+    """llama_cpp.server refuses OpenAI's json_schema form (422): the schema goes again as its json_object
+    form, and the grammar-constrained answer validates, whole and streamed, with ragtune's sources."""
+    import jsonschema
+
+    client = deployed
+    rf = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA, "strict": True}}
+    for model in ("prod", "prod+rag"):
+        resp = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                              max_tokens=60, temperature=0, response_format=rf)
+        assert resp.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(resp.choices[0].message.content), SCHEMA)
+        assert len(resp.model_extra["sources"]) == (2 if model == "prod+rag" else 0)
+    chunks = list(client.chat.completions.create(model="prod+rag", messages=[{"role": "user", "content": QUESTION}],
+                                                 max_tokens=60, temperature=0, response_format=rf, stream=True))
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), SCHEMA)
+    assert [s["n"] for s in chunks[0].model_extra["sources"]] == [1, 2]
+
+    with pytest.raises(Exception) as err:  # checked here as for a local engine: never reaches the remote
+        client.chat.completions.create(model="prod", messages=[{"role": "user", "content": QUESTION}],
+                                       response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}})
+    assert err.value.status_code == 400 and err.value.body["param"] == "response_format.json_schema.name"
+
+
+def test_named_tool_call_through_a_remote_deployment(deployed: Any) -> None:
+    """tools and a named tool_choice go to the remote, whose call comes back in OpenAI's tool_calls,
+    whole and as stream deltas, with ragtune's sources; the call's result round-trips."""
+    import jsonschema
+
+    client = deployed
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    msgs = [{"role": "user", "content": "What is the weather in Seoul?"}]
+    resp = client.chat.completions.create(model="prod+rag", messages=msgs, max_tokens=40, temperature=0,
+                                          tools=[WEATHER], tool_choice=choice)
+    calls = resp.choices[0].message.tool_calls
+    assert resp.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+    assert calls[0].function.name == "get_weather" and calls[0].id
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    assert [s["n"] for s in resp.model_extra["sources"]] == [1, 2]
+    assert resp.model_extra["ragtune"]["tool_rendering"] == "remote"
+
+    chunks = list(client.chat.completions.create(model="prod+rag", messages=msgs, max_tokens=40, temperature=0,
+                                                 tools=[WEATHER], tool_choice=choice, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == calls[0].function.arguments  # greedy: same
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    follow = msgs + [{"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+                     {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny, 21 C"}]
+    again = client.chat.completions.create(model="prod", messages=follow, max_tokens=6, temperature=0)
+    assert again.choices[0].message.content and again.usage.completion_tokens > 0  # the remote took both turns
 
 
 def test_remote_deployment_without_url_or_model_is_a_config_error(tiny_smol: Path, tmp_path: Path) -> None:
@@ -149,3 +186,65 @@ def test_remote_deployment_without_url_or_model_is_a_config_error(tiny_smol: Pat
     f.write_text(f"model:\n  path: {tiny_smol}\nserve:\n  deployments:\n    - {{name: prod, engine: openai}}\n")
     with pytest.raises(UsageError, match=r"engine openai needs `url`.*and `model`"):
         plan_deployments(load_config(f))
+    # generation.url/model are the deployments' defaults (and make the default deployments remote)
+    d = plan_deployments(load_config(f, ["generation.url=http://h:1/v1", "generation.model=m"]))[0]
+    assert d.engine == "openai" and d.remote == {"url": "http://h:1/v1", "model": "m", "api_key": ""}
+    g = tmp_path / "plain.yaml"
+    g.write_text(f"model:\n  path: {tiny_smol}\ngeneration:\n  engine: openai\n")
+    with pytest.raises(UsageError, match=r"generation.engine is openai: set generation.url"):
+        plan_deployments(load_config(g))
+
+
+# --- ragtune ask --engine openai --------------------------------------------------------------------
+
+
+@pytest.fixture
+def indexed(tiny_embedder: Path, tmp_path: Path, capsys) -> list[str]:
+    """An index 't' over two small documents; the settings ask needs to search it."""
+    from tests.retrieval.conftest import HR_MD, KOREAN_TXT
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "hr.md").write_text(HR_MD, encoding="utf-8")
+    (docs / "seoul.txt").write_text(KOREAN_TXT, encoding="utf-8")
+    emb = [f"embedder.path={tiny_embedder}", "embedder.device=cpu", "rag.min_score=-1"]
+    assert main(["-q", "index", "add", str(docs), "--index", "t", "--no-progress", *emb]) == 0
+    capsys.readouterr()
+    return ["--index", "t", *emb]
+
+
+def test_ask_engine_openai_prints_the_same_sources_as_a_local_ask(remote: str, tiny_smol: Path, indexed: list[str],
+                                                                  tmp_path: Path, capsys) -> None:
+    common = ["-q", "ask", "How many vacation days do I get?", "--json", "--temperature", "0",
+              "--max-new-tokens", "8", f"model.path={tiny_smol}", *indexed]
+    assert main([*common, "--engine", "transformers"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main([*common, "--engine", "openai", "--url", remote, "--model", "tiny"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert local["mode"] == out["mode"] == "rag" and local["sources"] and out["sources"] == local["sources"]
+    assert out["engine"] == "openai" and out["model"] == "tiny" and out["index"] == "t"
+    assert 0 < out["completion_tokens"] <= 8 and out["answer"]
+
+    # config keys instead of flags, and --schema enforced by the remote
+    f = tmp_path / "reply.schema.json"
+    f.write_text(json.dumps(SCHEMA), encoding="utf-8")
+    assert main(["-q", "ask", QUESTION, "--no-rag", "--schema", str(f), "--max-new-tokens", "60",
+                 "generation.engine=openai", f"generation.url={remote}", "generation.model=tiny"]) == 0
+    import jsonschema
+
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--engine", "openai", "--model", "tiny"], "generation.url is empty"),
+    (["--engine", "openai", "--url", "http://127.0.0.1:9/v1"], "generation.model is empty"),
+    (["--engine", "openai", "--url", "gpu-box:8000", "--model", "m"], "generation.url 'gpu-box:8000' is not an http"),
+    (["--url", "http://127.0.0.1:9/v1", "--model", "m"], "--url, --model name a remote server: add --engine openai"),
+    (["--engine", "openai", "--url", "http://127.0.0.1:9/v1", "--model", "m", "--adapter", "runs/a"],
+     "--adapter 'runs/a' cannot be applied"),
+])
+def test_ask_engine_openai_misconfigured_exits_2_naming_the_key(tiny_smol: Path, argv: list[str], names: str,
+                                                                capsys) -> None:
+    rc = main(["ask", QUESTION, "--no-rag", f"model.path={tiny_smol}", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and names in err and "Traceback" not in err

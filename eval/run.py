@@ -14,6 +14,10 @@ f16 GGUF export with transformers' greedy ids). Latency is the wall clock of one
 included, after one untimed warm-up answer per model; each mode's total time is reported too.
 Writes report.json, report.md and report.png into the out dir.
 
+`--engine openai` scores an OpenAI-compatible server (generation.url/model/api_key, as `ragtune ask`
+uses it): base and rag run on the remote model, retrieval and prompts stay here; modes that need an
+adapter are refused (a remote serves its model as it is), named in the report's meta and notes.
+
 Steps: plan (questions, adapters, modes, engine) -> costs and notes from the run cards -> load
 the generator and the retriever -> answer every mode -> report.
 """
@@ -60,8 +64,9 @@ class _Plan:
     modes: list[str]
     adapters: dict[str, EvalAdapter]  # those the modes use, in the order given
     index: str
-    engine: str  # as asked: auto | transformers | llama.cpp
+    engine: str  # as asked: auto | transformers | llama.cpp | openai
     max_new_tokens: int
+    refused: list[str] = field(default_factory=list)  # modes engine openai cannot run (they need an adapter)
 
     @property
     def needs_rag(self) -> bool:
@@ -105,7 +110,7 @@ def run_eval(
 ) -> EvalResult:
     """Answer, score and report. `adapter`: "DIR", "NAME=DIR", a list of them or {name: dir}
     (None = model.adapter). `generator`/`retriever` may be passed in already loaded.
-    `engine` ("auto" | "transformers" | "llama.cpp", None = eval.engine) answers every mode."""
+    `engine` ("auto" | "transformers" | "llama.cpp" | "openai", None = eval.engine) answers every mode."""
     plan = _plan(cfg, questions, adapter, index, modes, engine, check=generator is None)
     cost, notes = _run_card_costs(plan, cost_files)
     engine_note = ""
@@ -120,7 +125,8 @@ def run_eval(
     out = Path(out_dir or cfg.eval.out_dir)
     paths = write_report(out, plan.questions, answers.runs, cost, k=cfg.rag.top_k,
                          meta=_meta(cfg, plan, generator, engine_note),
-                         notes=_notes(plan) + notes + ([engine_note] if engine_note else []),
+                         notes=_notes(plan) + _refused_notes(plan, generator) + notes
+                         + ([engine_note] if engine_note else []),
                          n_boot=int(cfg.eval.bootstrap), seed=int(cfg.eval.seed), mode_seconds=answers.seconds,
                          adapters=[{"name": a.name, "path": a.path, "recipe": a.recipe, "rag": a.card.get("rag")}
                                    for a in plan.adapters.values()])
@@ -138,7 +144,11 @@ def _plan(cfg: Any, questions: str | Path | None, adapter: AdapterSpecs, index: 
 
     ecfg = cfg.eval
     engine = engine or ecfg.engine
-    if check:
+    if check and engine == "openai":
+        from ragtune.serve.remote import check_remote
+
+        check_remote(cfg)
+    elif check:
         from ragtune.serve.generator import check_engine
 
         check_engine(engine, cfg.model.device)
@@ -146,11 +156,30 @@ def _plan(cfg: Any, questions: str | Path | None, adapter: AdapterSpecs, index: 
     if not qpath:
         raise UsageError("no questions file: pass --questions FILE.jsonl (or set eval.questions)")
     given = parse_adapters(adapter if adapter else (cfg.model.adapter or None))
-    mode_list = parse_modes(modes if modes is not None else ecfg.modes, list(given))
+    asked = modes if modes is not None else ecfg.modes
+    refused: list[str] = []
+    if engine == "openai":  # a remote serves its model as it is: only base and rag can run there
+        asked, refused = _remote_modes(asked, list(given))
+    mode_list = parse_modes(asked, list(given))
     used = {adapter_of(m) for m in mode_list}
     adapters = {name: EvalAdapter(name, path, read_runcard(path)) for name, path in given.items() if name in used}
     return _Plan(str(qpath), load_questions(qpath), mode_list, adapters, index or cfg.index.name, engine,
-                 int(ecfg.max_new_tokens))
+                 int(ecfg.max_new_tokens), refused)
+
+
+def _remote_modes(modes: str | Sequence[str], adapter_names: list[str]) -> tuple[list[str], list[str]]:
+    """(modes to run, modes refused) for engine openai: those that need an adapter are refused."""
+    items = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
+    refused = [m for m in items if adapter_of(m) is not None]
+    run = [m for m in items if adapter_of(m) is None]
+    if refused and not run:
+        raise UsageError(f"engine openai cannot run mode(s) {', '.join(refused)}: the remote server serves its model "
+                         "as it is and cannot apply an adapter; run --modes base,rag against it (merge an adapter "
+                         "with 'ragtune merge' and serve the merged model to score it as base)")
+    if refused:
+        log.warning("engine openai: running %s; refused %s (they need an adapter, which a remote server cannot "
+                    "apply)", ", ".join(run), ", ".join(refused))
+    return run, refused
 
 
 def _run_card_costs(plan: _Plan, cost_files: Sequence[str | Path]) -> tuple[list[CostRow], list[str]]:
@@ -198,6 +227,10 @@ def _seen_in_training(adapter: EvalAdapter, qs: Sequence[Question]) -> str:
 def _load_generator(cfg: Any, plan: _Plan) -> tuple[Any, str]:
     """The Generator with every adapter the modes use; with engine auto, a model llama.cpp cannot
     take (its GGUF export fails) answers through transformers, and the note says why."""
+    if plan.engine == "openai":
+        from ragtune.serve.remote import remote_generator
+
+        return remote_generator(cfg), ""
     from ragtune.modeling import quiet_libraries
     from ragtune.serve.generator import Generator
 
@@ -300,7 +333,11 @@ def _answer_costs(answers: _Answers) -> list[CostRow]:
 
 
 def _meta(cfg: Any, plan: _Plan, generator: Any, engine_note: str) -> dict[str, str]:
+    remote = {"remote model": generator.model, "remote url": generator.url} if getattr(generator, "engine", None) == "openai" else {}
+    refused = {"modes refused": ", ".join(plan.refused) + " (engine openai: a remote server cannot apply an adapter)"}
     return {
+        **remote,
+        **(refused if plan.refused else {}),
         "questions": plan.questions_path,
         "base model": _base_label(generator, cfg),
         "adapters": "; ".join(f"{a.name} = {a.path} ({a.recipe})" for a in plan.adapters.values()) or "–",
@@ -323,8 +360,19 @@ def _notes(plan: _Plan) -> list[str]:
     ]
 
 
+def _refused_notes(plan: _Plan, generator: Any) -> list[str]:
+    if not plan.refused:
+        return []
+    return [f"engine openai: modes {', '.join(plan.modes)} ran on the remote model '{generator.model}' at "
+            f"{generator.url}; modes {', '.join(plan.refused)} were refused: they need an adapter, and a remote "
+            "server serves its model as it is (merge the adapter with 'ragtune merge', serve the merged model and "
+            "score it as base)."]
+
+
 def _base_label(generator: Any, cfg: Any) -> str:
     """The model actually loaded (a Generator knows its path), else what the config names."""
+    if getattr(generator, "engine", None) == "openai":
+        return f"{generator.model} (served at {generator.url})"
     path = getattr(generator, "base_path", None)
     if path:
         return str(path)
@@ -337,6 +385,8 @@ def _engine_label(generator: Any, cfg: Any) -> str:
         return f"llama.cpp ({cfg.generation.gguf_type} GGUF)"
     if engine == "transformers":
         return f"transformers ({getattr(generator, 'device', None) or 'cpu'})"
+    if engine == "openai":
+        return f"openai (remote: model '{generator.model}' at {generator.url})"
     return str(engine or type(generator).__name__)  # a generator the caller passed in
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from ragtune.cli import main
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
-from tests.conftest import free_port
+from tests.conftest import free_port, start_server
 from tests.train.conftest import trainable_llama  # noqa: F401  (fixture: a model LoRA can make confident)
 
 FACTS = [("What is the secret code?", "The code is apple."), ("Who guards the gate?", "The owl guards it.")]
@@ -33,8 +32,6 @@ class Server:
 
     def __init__(self, tmp_path: Path, base: Path, extra: str = "", fine_tuning: bool = True,
                  retrievers: dict[str, Any] | None = None, serve_extra: str = ""):
-        import uvicorn
-
         f = tmp_path / "serve.yaml"
         f.write_text(f"model:\n  path: {base}\n"
                      "data:\n  max_length: 128\n"
@@ -44,15 +41,7 @@ class Server:
                      f"serve:\n  api_key: {KEY}\n  fine_tuning: {str(fine_tuning).lower()}\n"
                      f"  deployments:\n    - {{name: base}}\n{serve_extra}")
         self.app = create_app(load_config(f), retrievers=retrievers)
-        port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
+        self.server, self.thread, port = start_server(self.app, wait=60)
         self.url = f"http://127.0.0.1:{port}/v1"
 
     def client(self) -> Any:

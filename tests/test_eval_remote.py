@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ragtune.cli import main
-from tests.conftest import llama_server
+from tests.conftest import free_port, llama_server
 from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
     NEEDS_LLAMA_CPP,
     converter_home,
@@ -98,4 +98,13 @@ def test_eval_engine_openai_misconfigured_exits_2_naming_the_key(tiny_smol: Path
     rc = main(["eval", "--questions", str(q), "--out", str(tmp_path / "ev"), f"model.path={tiny_smol}", *argv])
     out, err = capsys.readouterr()
     assert rc == 2 and names in err and "Traceback" not in err, err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_eval_engine_openai_with_nothing_at_the_url_fails_naming_it(setup: list[str], tmp_path: Path, capsys) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    rc = main(["eval", *setup, "--out", str(tmp_path / "ev"), "--engine", "openai", "--url", url, "--model", "tiny",
+               "--modes", "base"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"remote engine {url} could not be reached" in err and "Traceback" not in err, err
     assert not (tmp_path / "ev").exists()

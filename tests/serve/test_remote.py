@@ -248,3 +248,15 @@ def test_ask_engine_openai_misconfigured_exits_2_naming_the_key(tiny_smol: Path,
     rc = main(["ask", QUESTION, "--no-rag", f"model.path={tiny_smol}", *argv])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and names in err and "Traceback" not in err
+
+
+def test_chat_engine_openai_streams_from_the_remote_with_local_sources(remote: str, tiny_smol: Path,
+                                                                      indexed: list[str], capsys, monkeypatch) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("How many vacation days do I get?\n/sources\n/exit\n"))
+    rc = main(["-q", "chat", f"model.path={tiny_smol}", "--engine", "openai", "--url", remote, "--model", "tiny",
+               "--max-new-tokens", "4", "--temperature", "0", *indexed])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "hr.md" in out and "(no sources for the last answer)" not in out

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 from typing import Any, Sequence
 
 from ragtune import __version__
 from ragtune.errors import EXIT_FAILED, EXIT_USAGE, RagtuneError, UsageError
-
-log = logging.getLogger("ragtune")
 
 OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 BARE_OVERRIDE_RE = re.compile(r"^[A-Za-z_]\w*=")  # lr=1e-4: a setting without its section
@@ -247,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
+    import logging  # here, not at the top: a script's `ask --server` call never logs and skips its import
+
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("ragtune").setLevel(level)
@@ -293,18 +292,22 @@ def os_error_message(exc: OSError) -> str:
     return f"{what}:{where or ' (no path given)'}; {fix}"
 
 
-def _remote_ask(args_list: list[str]) -> int | None:
-    """`ragtune ask ... --server URL` through ask's own parser and no config (see serve.cli.remote_ask_args)."""
-    from ragtune.serve.cli import remote_ask_args
-
-    quiet = args_list[0] in ("-q", "--quiet")
-    if args_list[0] != "ask" and not quiet:
+def _remote(args_list: list[str]) -> int | None:
+    """`ragtune [-q] ask|search ... --server URL` (or RAGTUNE_SERVER) through that command's own parser,
+    with no config, no logging set-up (nothing on this path logs) and none of the other commands'
+    modules: a script that calls a running server pays for Python, argparse, json and a socket only
+    (see serve.cli.remote_ask_args, retrieval.cli.remote_search_args). None: the full CLI handles it."""
+    words = args_list[1:] if args_list[:1] in (["-q"], ["--quiet"]) else args_list
+    if words[:1] == ["ask"]:
+        from ragtune.serve.cli import remote_ask_args as remote_args
+    elif words[:1] == ["search"]:
+        from ragtune.retrieval.cli import remote_search_args as remote_args
+    else:
         return None
     try:
-        args = remote_ask_args(args_list[1:] if quiet else args_list)
+        args = remote_args(words)
         if args is None:
             return None
-        setup_logging(0, quiet)
         return int(args.func(args, None) or 0)
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
         return int(exc.code or 0)
@@ -320,18 +323,18 @@ def _remote_ask(args_list: list[str]) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ragtune.modeling import set_offline_env
-
-    set_offline_env()  # before any Hugging Face import, in this process and its children
     try:
         args_list, config_path, overrides = _split_globals(list(sys.argv[1:] if argv is None else argv))
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    if "ask" in args_list[:2] and config_path is None and not overrides:  # a script asking a running server
-        rc = _remote_ask(args_list)
+    if config_path is None and not overrides:  # a script asking a running server (ask/search --server)
+        rc = _remote(args_list)
         if rc is not None:
             return rc
+    from ragtune.modeling import set_offline_env
+
+    set_offline_env()  # before any Hugging Face import, in this process and its children
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(args_list)

@@ -68,7 +68,10 @@ def register(sub: Any) -> None:
     pm.add_argument("--replace", action="store_true", help="overwrite a destination that holds chunks")
     _index_arg(pm)
     p.set_defaults(func=_run_index, index_cmd=None, parser=p)
+    _add_search(sub)
 
+
+def _add_search(sub: Any) -> None:
     s = sub.add_parser(
         "search", help="hybrid search over an index",
         description="Ranked chunks for a query: dense, sparse (BM25 with IDF; Korean through Kiwi) or hybrid "
@@ -90,6 +93,23 @@ def register(sub: Any) -> None:
                         "score, and fused score (with --json: an \"explain\" object per hit)")
     _index_arg(s)
     s.set_defaults(func=_run_search)
+
+
+def remote_search_args(argv: list[str]) -> argparse.Namespace | None:
+    """`search ... --server URL` (or with RAGTUNE_SERVER set) parsed by search's own parser, so a script
+    that searches through a running server skips every other parser and the config; None for anything
+    else (the full CLI handles it)."""
+    import os
+
+    from ragtune.client import SERVER_ENV, server_url
+
+    if argv[:1] != ["search"] or not (any(a == "--server" or a.startswith("--server=") for a in argv)
+                                      or os.environ.get(SERVER_ENV, "").strip()):
+        return None
+    parser = argparse.ArgumentParser(prog="ragtune")
+    _add_search(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args if server_url(args.server) else None
 
 
 def _run_index(args: argparse.Namespace, cfg: Any) -> int:
@@ -217,7 +237,7 @@ def _print_ingest(res: Any) -> None:
 def _run_search(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.client import api_key, read_batch, server_url
     from ragtune.errors import UsageError
-    from ragtune.retrieval.search import parse_filters
+    from ragtune.retrieval.filters import parse_filters
 
     if (args.query is None) == (args.queries is None):
         raise UsageError("give one QUERY or --queries FILE (JSONL with a \"query\" field, or one query a line; "
@@ -245,7 +265,7 @@ def _run_search(args: argparse.Namespace, cfg: Any) -> int:
 def _search_batch(searcher: Any, rows: list[Any], args: argparse.Namespace, filters: dict[str, Any]) -> int:
     """One JSON line per input line, in order; a bad line gets {"line", "error"} and the rest go on."""
     from ragtune.errors import RagtuneError
-    from ragtune.retrieval.search import parse_filters
+    from ragtune.retrieval.filters import parse_filters
 
     failed = 0
     for n, obj, why in rows:

@@ -34,34 +34,11 @@ from typing import Any
 
 from ragtune.config import Config
 from ragtune.errors import UsageError
+from ragtune.retrieval.filters import FILTER_KEYS, check_filter_key, parse_filters  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 MODES = ("dense", "sparse", "hybrid")
-FILTER_KEYS = ("source", "file", "root", "title", "doc_id", "page")
-
-
-def parse_filters(items: list[str] | None) -> dict[str, Any]:
-    """`key=value` strings -> filter dict; repeated keys become "any of"."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--filter '{item}': expected key=value, e.g. --filter source=handbook.md")
-        check_filter_key(key)
-        val: Any = int(value) if key == "page" and value.strip().isdigit() else value
-        if key in out:
-            prev = out[key] if isinstance(out[key], list) else [out[key]]
-            out[key] = prev + [val]
-        else:
-            out[key] = val
-    return out
-
-
-def check_filter_key(key: str) -> None:
-    if key not in FILTER_KEYS and not (key.startswith("meta.") and len(key) > 5):
-        raise UsageError(f"cannot filter on '{key}'; use one of {', '.join(FILTER_KEYS)}, or meta.KEY for JSONL metadata")
 
 
 def _source(h: Any) -> dict[str, Any]:

@@ -29,7 +29,8 @@ def _answer_flags(p: argparse.ArgumentParser) -> None:
                    help="with --engine openai: the remote server's /v1 base URL (default: generation.url)")
 
 
-def register(sub: Any) -> None:
+def register(sub: Any, ask_only: bool = False) -> None:
+    """ask, chat, serve and jobs; `ask_only` for the `ask --server` fast path (remote_ask_args)."""
     p = sub.add_parser(
         "ask", help="answer one question, with or without retrieval",
         description="Answer one question and exit. Plain output is the answer only; --json adds sources, "
@@ -53,6 +54,8 @@ def register(sub: Any) -> None:
                    help="answer with JSON that validates against this JSON schema (grammar-constrained decoding); "
                         "prints the JSON")
     p.set_defaults(func=_run_ask)
+    if ask_only:
+        return
 
     p = sub.add_parser(
         "chat", help="interactive multi-turn chat",
@@ -82,8 +85,8 @@ def register(sub: Any) -> None:
 
 def remote_ask_args(argv: list[str]) -> argparse.Namespace | None:
     """`ask ... --server URL` (or with RAGTUNE_SERVER set) parsed by ask's own parser, so a script that
-    asks a running server skips building every command's parser and loading the config (about 60 ms
-    of the call); None for anything else (the full CLI handles it)."""
+    asks a running server skips building every other parser and loading the config; None for anything
+    else (the full CLI handles it)."""
     import os
 
     from ragtune.client import SERVER_ENV, server_url
@@ -92,7 +95,7 @@ def remote_ask_args(argv: list[str]) -> argparse.Namespace | None:
                                    or os.environ.get(SERVER_ENV, "").strip()):
         return None
     parser = argparse.ArgumentParser(prog="ragtune")
-    register(parser.add_subparsers(dest="command"))
+    register(parser.add_subparsers(dest="command"), ask_only=True)
     args = parser.parse_args(argv)
     return args if server_url(args.server) else None
 

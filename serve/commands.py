@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from ragtune.errors import EXIT_PARTIAL, RagtuneError, UsageError
-
-log = logging.getLogger(__name__)
 
 
 def generation_overrides(cfg: Any, args: argparse.Namespace) -> Any:
@@ -90,6 +86,7 @@ def precheck(cfg: Any, adapter: str = "") -> None:
 def load_for_cli(cfg: Any, adapter_dir: str) -> tuple[Any, str | None]:
     """A loaded Generator for ask/chat and the name of the adapter to answer with."""
     import warnings
+    from pathlib import Path
 
     from ragtune.modeling import quiet_libraries
     from ragtune.serve.generator import Generator
@@ -146,6 +143,7 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
 def schema_format(path: str) -> dict[str, Any]:
     """`--schema FILE.json` as OpenAI's response_format, checked here so a bad file fails before any model loads."""
     import re
+    from pathlib import Path
 
     from ragtune.serve.constrained import UnsupportedSchema, response_format_grammar
 

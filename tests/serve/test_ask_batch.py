@@ -143,13 +143,31 @@ def test_search_server_matches_local_search(server: Any, tiny_embedder: Path, tm
     assert lines[0]["hits"] and "error" in lines[1] and lines[2]["query"] == "expense reports"
 
 
-def test_ask_server_skips_the_full_cli_and_prints_the_same(server: Any, capsys) -> None:
-    """`ask --server` is parsed by ask's parser alone, without the config or urllib (a script pays less per
-    call); with -v it goes through the full CLI: the same answer either way, and the same usage errors."""
+# what a script's `ask/search --server` call must not import: the config, the model and logging
+# modules, the other commands' parsers, urllib.request (a socket is enough), the idna codec
+NOT_ON_THE_SERVER_PATH = ("ragtune.config", "ragtune.modeling", "ragtune.serve.jobs_cli", "ragtune.retrieval.search",
+                          "yaml", "logging", "urllib.request", "encodings.idna", "torch", "transformers",
+                          "sentence_transformers", "onnxruntime", "llama_cpp")
+
+
+def _light(*argv: str) -> tuple[int, list[str], str]:
+    """main(argv) in a fresh interpreter: (exit code, which NOT_ON_THE_SERVER_PATH modules it imported, stdout)."""
     import os
     import subprocess
     import sys
 
+    code = ("import sys; from ragtune.cli import main; rc = main(sys.argv[1:]); sys.stdout.flush(); "
+            f"print(rc, [m for m in {NOT_ON_THE_SERVER_PATH!r} if m in sys.modules], file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAGTUNE_SERVER", "RAGTUNE_API_KEY")}
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                       env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    rc, _, loaded = p.stderr.strip().splitlines()[-1].partition(" ")
+    return int(rc), json.loads(loaded.replace("'", '"')), p.stdout
+
+
+def test_ask_server_skips_the_full_cli_and_prints_the_same(server: Any, capsys) -> None:
+    """`ask --server` is parsed by ask's parser alone, without the config, logging or urllib (a script pays
+    less per call); with -v it goes through the full CLI: the same answer either way, and the same usage errors."""
     url, _ = server
     argv = ["ask", QA[0][0], "--server", url, "--api-key", KEY, "--model", "policies", "--temperature", "0",
             "--max-new-tokens", "12", "--json"]
@@ -162,9 +180,22 @@ def test_ask_server_skips_the_full_cli_and_prints_the_same(server: Any, capsys) 
     assert fast["answer"] == QA[0][1]
     assert main(["ask", "q", "--server", url, "--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
-    code = ("import sys; from ragtune.cli import main; rc = main(sys.argv[1:]); sys.stdout.flush(); "
-            "print(rc, 'ragtune.config' in sys.modules, 'urllib.request' in sys.modules, file=sys.stderr)")
-    p = subprocess.run([sys.executable, "-c", code, "-q", *argv], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-    assert p.stderr.strip().splitlines()[-1] == "0 False False", p.stderr[-2000:]
-    assert json.loads(p.stdout)["answer"] == QA[0][1]
+    rc, loaded, out = _light("-q", *argv)
+    assert (rc, loaded) == (0, []) and json.loads(out)["answer"] == QA[0][1]
+    rc, loaded, out = _light("ask", QA[0][0], "--server", url, "--model", "policies")  # no key: 401, still light
+    assert (rc, loaded, out) == (1, [], "")
+
+
+def test_search_server_skips_the_full_cli_and_prints_the_same(server: Any, capsys) -> None:
+    """`search --server` likewise: its own parser, no config or index modules, the full CLI's exact output."""
+    url, _ = server
+    for fmt in ([], ["--json"]):
+        argv = ["search", "remote work days", "--index", "t", "--top-k", "2", "--server", url, "--api-key", KEY, *fmt]
+        assert main(["-v", *argv]) == 0
+        full = capsys.readouterr().out
+        rc, loaded, out = _light(*argv)
+        assert (rc, loaded) == (0, []) and out == full and "remote" in out.lower()
+    rc, loaded, out = _light("search", "x", "--server", url, "--api-key", KEY, "--filter", "colour=red")
+    assert (rc, loaded, out) == (2, [], "")
+    assert main(["search", "x", "--server", url, "--api-key", KEY, "--filter", "colour=red"]) == 2
+    assert "cannot filter on 'colour'" in capsys.readouterr().err

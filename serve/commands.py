@@ -270,7 +270,7 @@ class _RemoteAsk:
                 "completion_tokens": usage.get("completion_tokens", 0), "abstained": bool(meta.get("abstained")),
                 "finish_reason": choice.get("finish_reason"), "timings": meta.get("timings") or {},
                 "adapter": meta.get("adapter"), "best_score": meta.get("best_score"), "model": r.get("model"),
-                "index": meta.get("index"), "tool_rendering": meta.get("tool_rendering")}
+                "engine": meta.get("engine"), "index": meta.get("index"), "tool_rendering": meta.get("tool_rendering")}
 
     def close(self) -> None:
         pass

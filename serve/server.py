@@ -849,7 +849,8 @@ def model_card(d: Deployment, created: int) -> dict[str, Any]:
 
 def _meta(d: Deployment, ans: Any) -> dict[str, Any]:
     return {"mode": ans.mode, "abstained": ans.abstained, "adapter": ans.adapter, "index": d.index or None,
-            "best_score": ans.best_score, "timings": ans.timings,
+            "engine": getattr(d.generator, "engine", None) or d.engine, "best_score": ans.best_score,
+            "timings": ans.timings,
             "tool_rendering": getattr(ans, "tool_rendering", None)}
 
 

@@ -99,7 +99,7 @@ def test_ask_server_matches_local_ask(server: Any, tiny_adapter: Path, capsys, m
                  "--max-new-tokens", "12"]) == 0
     remote = json.loads(capsys.readouterr().out)
     assert set(remote) == set(local)
-    for k in ("answer", "sources", "mode", "prompt_tokens", "completion_tokens", "abstained", "index"):
+    for k in ("answer", "sources", "mode", "prompt_tokens", "completion_tokens", "abstained", "index", "engine"):
         assert remote[k] == local[k], k
     assert local["mode"] == "ft+rag" and local["sources"]
 

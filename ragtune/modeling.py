@@ -144,6 +144,21 @@ def quiet_libraries() -> None:
         pass
 
 
+def accelerator_possible() -> bool:
+    """Could torch see a GPU here? False only where it certainly cannot: Linux with no NVIDIA, Jetson,
+    AMD (ROCm) or WSL GPU device in /dev. `engine: auto` then picks llama.cpp without importing torch
+    (~2 s of a cold answer) only to hear "cpu"; anywhere else pick_device asks torch."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True  # macOS (mps), Windows: only torch knows
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        return True
+    return any(n.startswith(("nvidia", "nvhost", "nvgpu")) or n in ("kfd", "dxg") for n in names)
+
+
 def pick_device(pref: str = "auto") -> str:
     import torch
 

@@ -113,9 +113,9 @@ def check_engine(engine: str, device: str = "auto") -> str:
         if device == "cpu":
             return "llama.cpp"
         if device == "auto":
-            from ragtune.modeling import pick_device
+            from ragtune.modeling import accelerator_possible, pick_device
 
-            if pick_device("auto") == "cpu":
+            if not accelerator_possible() or pick_device("auto") == "cpu":  # no GPU device: torch not imported
                 return "llama.cpp"
     return "transformers"
 

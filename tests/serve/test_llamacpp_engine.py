@@ -144,6 +144,53 @@ def test_auto_picks_llama_cpp_on_the_cpu(cfg: Any) -> None:
     assert check_engine("auto", "cuda") == "transformers"
 
 
+def test_auto_without_a_gpu_device_picks_llama_cpp_without_importing_torch() -> None:
+    """`engine: auto`, `device: auto` on a machine with no GPU device node answers through llama.cpp
+    without importing torch (~2 s cold) to learn "cpu"; with one, torch decides as before."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ragtune.modeling import accelerator_possible; "
+            "from ragtune.serve.generator import check_engine; "
+            "print(check_engine('auto', 'auto'), accelerator_possible(), 'torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    engine, possible, torch_loaded = p.stdout.split()
+    if possible == "False":
+        assert (engine, torch_loaded) == ("llama.cpp", "False")
+    else:
+        from ragtune.modeling import pick_device
+
+        assert engine == ("llama.cpp" if pick_device("auto") == "cpu" else "transformers")
+
+
+@pytest.mark.parametrize("platform, dev, possible", [
+    ("linux", ["null", "tty0", "shm"], False),
+    ("linux", ["null", "nvidia0", "nvidiactl"], True),
+    ("linux", ["null", "nvhost-ctrl-gpu"], True),
+    ("linux", ["null", "kfd", "dri"], True),
+    ("linux", ["null", "dxg"], True),
+    ("linux", OSError(13, "Permission denied"), True),
+    ("darwin", ["null"], True),
+    ("win32", ["null"], True),
+])
+def test_accelerator_possible_reads_the_device_nodes(platform: str, dev: Any, possible: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import sys
+
+    from ragtune.modeling import accelerator_possible
+
+    def listdir(path: str) -> list[str]:
+        assert path == "/dev"
+        if isinstance(dev, OSError):
+            raise dev
+        return dev
+
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert accelerator_possible() is possible
+
+
 def test_eval_engine_answers_every_mode_with_llama_cpp(cfg: Any, gens: dict[str, Any], cpp_home: Path,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import shlex
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -62,6 +64,7 @@ class Plan:
     orphans: list[str] = field(default_factory=list)  # doc ids of interrupted writes, no longer wanted
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     replaced_files: set[str] = field(default_factory=set)
+    rewritten: list[str] = field(default_factory=list)  # doc ids in `add` the store already has points of
 
 
 @dataclass
@@ -206,6 +209,8 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
             complete = (st is not None and st.get("count") == st.get("n_chunks")
                         and st.get("chunker") == chunker_sig and st.get("sparse") == sparse_version)
             (plan.unchanged if complete else plan.add).append(r)
+            if st is not None and not complete:
+                plan.rewritten.append(r.doc_id)
         old = [st["doc_id"] for st in by_file.get(abs_file, []) if st["doc_id"] not in ids]
         if old:
             plan.stale[abs_file] = old
@@ -324,6 +329,8 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             sig = chunker_signature(size, cfg.chunk.overlap) if (exists or not dry_run) else "?"
             plan = plan_ingest(states, files, sig, SPARSE_VERSION,
                                [Path(r) for r in roots] if delete_missing else None)
+            if exists and sig != "?":
+                _check_one_chunking(name, meta, states, plan, sig)
             res.skipped = links_skipped + list(plan.skipped)
             res.unchanged = len(plan.unchanged)
             if dry_run:
@@ -336,6 +343,8 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             new_roots = set(roots) | ({str(r) for r, _ in files} if not roots else set())
             if not meta or not new_roots <= set(meta.get("roots", [])) or plan.add or plan.removed:
                 meta = meta or _new_meta(embedder, sig, _stemmer(cfg))
+                if plan.add:
+                    meta["chunker"] = sig  # what every chunk now has (_check_one_chunking)
                 meta["roots"] = sorted(set(meta.get("roots", [])) | new_roots)
                 meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 store.write_meta(meta)
@@ -345,6 +354,40 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             store.close()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _describe_chunker(sig: str) -> str:
+    m = re.fullmatch(r"v(\d+)-s(\d+)-o(\d+)", sig or "")
+    if not m:
+        return f"chunker '{sig}'"
+    return f"chunk.size {m[2]} / chunk.overlap {m[3]} (chunker version {m[1]})"
+
+
+def _check_one_chunking(name: str, meta: dict[str, Any], states: dict[str, dict[str, Any]], plan: Plan,
+                        sig: str) -> None:
+    """Refuse a run that would leave the index holding chunks of two chunkings (documents this run
+    writes with `sig` beside documents it leaves as another chunker cut them): search would compare
+    chunks of different sizes. A run that re-chunks every document the index holds is fine."""
+    if not plan.add:
+        return
+    rewritten = {r.doc_id for r in plan.add}
+    rewritten |= {st["doc_id"] for st in plan.removed} | set(plan.orphans)
+    rewritten |= {d for ids in plan.stale.values() for d in ids}
+    left = [st for st in states.values() if st.get("chunker") != sig and st["doc_id"] not in rewritten]
+    if not left:
+        return
+    olds = sorted({str(st.get("chunker")) for st in left})
+    roots = " ".join(shlex.quote(r) for r in meta.get("roots", [])) or "ROOT..."
+    keep = ""
+    m = re.fullmatch(r"v(\d+)-s(\d+)-o(\d+)", olds[0])
+    if len(olds) == 1 and m and int(m[1]) == int(sig.split("-")[0][1:]):
+        keep = (f"keep the index's chunking by adding 'chunk.size={m[2]} chunk.overlap={m[3]}' to the command "
+                "(or setting them in your config), or ")
+    raise UsageError(
+        f"index '{name}' holds {len(left)} documents cut with {' and '.join(_describe_chunker(o) for o in olds)}, "
+        f"which this run would not re-chunk, and this configuration cuts new ones with {_describe_chunker(sig)}: "
+        f"the index would mix two chunkings. Either {keep}re-chunk the whole index with "
+        f"'ragtune index sync {roots}' (every folder it holds, in one command; it re-embeds every document)")
 
 
 def _stemmer(cfg: Config) -> str:
@@ -396,6 +439,7 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
         sparse.avg_len = None  # type: ignore[assignment]  # set from the first group the writer weighs
     writer = _Writer(store, embedder, sparse, cfg.embedder.batch_size, bar)
     failed_files: set[str] = set()
+    cut: set[str] = set()  # doc ids chunked in this run
     by_file: dict[str, list[DocRef]] = {}
     for r in plan.add:
         by_file.setdefault(str(Path(r.root) / r.file), []).append(r)
@@ -419,6 +463,7 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
                         "meta": doc.meta,
                     }
                     writer.add(chunk_id(ref.doc_id, sig, i), ch.text, payload)
+                cut.add(ref.doc_id)
                 (res.replaced if abs_file in plan.replaced_files else res.added).append(ref.source)
         writer.flush()
     finally:
@@ -429,6 +474,7 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
     if writer.written and embedder.model is not None:
         res.embed_precision = embedder.doc_precision()
     # only now: delete what the new chunks replace, what left the folder, and interrupted leftovers
+    recut = _drop_other_cuts(store, [d for d in plan.rewritten if d in cut], sig)
     doomed: list[str] = []
     for abs_file, ids in plan.stale.items():
         if abs_file not in failed_files:
@@ -440,9 +486,22 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
         store.delete_docs(sorted(set(doomed)))
         res.chunks_deleted = before - store.count()
     res.deleted = sorted({st.get("source", st["doc_id"]) for st in plan.removed})
-    if res.chunks_written or doomed:
+    if res.chunks_written or doomed or recut:
         update_lexical_stats(store, lex["stemmer"], sparse.avg_len if sparse is not None else None)
         store.optimize()  # build HNSW / merge segments now, not on the first query
+
+
+def _drop_other_cuts(store: Store, doc_ids: list[str], sig: str) -> int:
+    """Delete the points of these (just rewritten) documents that another chunker cut: a document
+    re-chunked with new settings keeps its doc id, and its new chunks have new ids, so the old ones
+    would otherwise stay beside them. Returns the number of points deleted."""
+    old: list[str] = []
+    for i in range(0, len(doc_ids), 256):
+        for pid, payload, _vec in store.scroll({"doc_id": doc_ids[i : i + 256]}, ["chunker"], with_vectors=False):
+            if payload.get("chunker") != sig:
+                old.append(pid)
+    store.delete_points(old)
+    return len(old)
 
 
 def lexical_settings(cfg: Config, meta: dict[str, Any]) -> dict[str, Any]:

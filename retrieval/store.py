@@ -217,6 +217,10 @@ class Store(ABC):
     def delete_docs(self, doc_ids: list[str]) -> None: ...
 
     @abstractmethod
+    def delete_points(self, ids: list[str]) -> None:
+        """Delete these points (absent ids are ignored)."""
+
+    @abstractmethod
     def update_sparse(self, items: list[tuple[str, tuple[list[int], list[float]]]]) -> None:
         """Replace the lexical vector of existing points, their dense vectors and payloads kept."""
         ...
@@ -476,6 +480,12 @@ class EdgeStore(Store):
         for i in range(0, len(doc_ids), 256):
             self.shard.update(UpdateOperation.delete_points_by_filter(_edge_filter({"doc_id": doc_ids[i : i + 256]})))
 
+    def delete_points(self, ids: list[str]) -> None:
+        from qdrant_edge import UpdateOperation
+
+        for i in range(0, len(ids), 256):
+            self.shard.update(UpdateOperation.delete_points(list(ids[i : i + 256])))
+
     def retrieve(self, ids: list[str], with_vector: bool = False) -> list[Hit]:
         recs = self.shard.retrieve(list(ids), with_payload=True, with_vector=[DENSE] if with_vector else False)
         return [Hit(str(r.id), 0.0, dict(r.payload or {}), r.vector.get(DENSE) if isinstance(r.vector, dict) else None)
@@ -678,6 +688,12 @@ class ServerStore(Store):
             self._connect().delete(
                 self.collection, m.FilterSelector(filter=_qc_filter({"doc_id": doc_ids[i : i + 256]})), wait=True
             )
+
+    def delete_points(self, ids: list[str]) -> None:
+        from qdrant_client import models as m
+
+        for i in range(0, len(ids), 256):
+            self._connect().delete(self.collection, m.PointIdsList(points=list(ids[i : i + 256])), wait=True)
 
     def retrieve(self, ids: list[str], with_vector: bool = False) -> list[Hit]:
         recs = self._connect().retrieve(self.collection, ids, with_payload=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import pytest
 
 from ragtune.cli import main
 from ragtune.config import Config
+from ragtune.errors import UsageError
 from ragtune.retrieval.ingest import ingest, list_documents, remove
 from ragtune.retrieval.store import EdgeStore, IndexBusy, IndexLock
 
@@ -130,6 +132,58 @@ def test_embedder_mismatch_is_refused(cfg: Config, docs: Path, minilm_dir: Path)
     ingest(cfg, [str(docs / "hr.md")], progress=False)
     with pytest.raises(Exception, match="was built with the embedder at"):
         ingest(make_cfg(minilm_dir), [str(docs / "hr.md")], progress=False)
+
+
+def chunkers() -> dict[str, set[str]]:
+    """source -> the chunker signatures its chunks were cut with."""
+    with EdgeStore("default").open() as s:
+        out: dict[str, set[str]] = {}
+        for _pid, p, _ in s.scroll({"kind": "chunk"}, ["source", "chunker"], False):
+            out.setdefault(p["source"], set()).add(p["chunker"])
+        return out
+
+
+def test_changed_chunk_settings_never_mix_chunkings(cfg: Config, docs: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """An index cut with one chunk.overlap (say, an older default) and a config with another: adding a
+    document is refused with both fixes named, each fix works, and no index ends up with two chunkings."""
+    from tests.retrieval.conftest import make_cfg
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "note.txt").write_text("Parking is free on weekends.", encoding="utf-8")
+    old_cfg = make_cfg(Path(cfg.embedder.path), "chunk.overlap=4")
+    ingest(old_cfg, [str(docs), str(other)], progress=False)
+    (old_sig,) = set().union(*chunkers().values())
+    new_cfg = make_cfg(Path(cfg.embedder.path), "chunk.overlap=8")
+    (other / "new.txt").write_text("Bicycles go in the basement.", encoding="utf-8")
+    before = snapshot()
+
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "chunk.overlap=8"]
+    assert main(["index", "add", str(other), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert "would mix two chunkings" in err and "Traceback" not in err
+    assert f"index sync {docs.resolve()} {other.resolve()}" in err
+    with pytest.raises(UsageError, match="would mix two chunkings"):  # the dry run says so too
+        ingest(new_cfg, [str(other)], dry_run=True, progress=False)
+    assert snapshot() == before  # refused before anything was written
+
+    # fix 1, the settings the message names: the index keeps its chunking
+    keep = re.search(r"'(chunk\.size=\d+ chunk\.overlap=\d+)'", err)
+    assert keep, err
+    res = ingest(make_cfg(Path(cfg.embedder.path), "chunk.overlap=8", *keep[1].split()), [str(other)], progress=False)
+    assert res.added == ["new.txt"] and set().union(*chunkers().values()) == {old_sig}
+
+    # fix 2, the sync the message names: every document re-cut with the new settings, the index says so
+    res = ingest(new_cfg, [str(docs), str(other)], delete_missing=True, progress=False)
+    assert res.unchanged == 0 and len(res.replaced) == 0 and res.chunks_written > 0
+    (new_sig,) = set().union(*chunkers().values())
+    assert new_sig != old_sig and sorted(chunkers()) == sorted([*sources(before), "new.txt"])
+    assert len(snapshot()) == res.chunks_written  # the old cut's points are gone, none duplicated
+    with EdgeStore("default").open() as s:
+        assert s.read_meta()["chunker"] == new_sig
+    again = ingest(new_cfg, [str(other)], progress=False)  # and the new settings now add without complaint
+    assert again.chunks_written == 0 and again.unchanged == 2
 
 
 def test_recovery_after_kill_9_midway(cfg: Config, docs: Path, tmp_path: Path, ragtune_home: Path) -> None:

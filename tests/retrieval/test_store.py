@@ -50,6 +50,8 @@ def test_store_roundtrip(store: Store) -> None:
     flt = store.query(dense=q, mode="dense", limit=5, filters={"source": "b.md", "page": 2})
     assert [h.payload["text"] for h in flt] == ["b 1"]
 
+    store.delete_points([_points("a", 3, 1)[2].id, "00000000-0000-0000-0000-999999999999"])  # unknown id: ignored
+    assert store.count() == 4 and store.doc_states()["a"]["count"] == 2
     store.delete_docs(["a"])
     assert store.count() == 2 and set(store.doc_states()) == {"b"}
     rows = list(store.scroll(None, True, with_vectors=True, batch=1))

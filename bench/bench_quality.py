@@ -180,7 +180,8 @@ def _docs_of(hits: list[dict[str, object]]) -> list[str]:
     return _dedupe([Path(str(h["source"])).stem for h in hits])
 
 
-def run_set(name: str, root: Path, minilm: str, rerank: str, skip_tutorial: bool) -> dict[str, object]:
+def run_set(name: str, root: Path, minilm: str, rerank: str, skip_tutorial: bool,
+            overrides: list[str] | None = None) -> dict[str, object]:
     from ragtune.config import load_config
     from ragtune.retrieval.fusion import fuse
     from ragtune.retrieval.ingest import ingest
@@ -190,7 +191,7 @@ def run_set(name: str, root: Path, minilm: str, rerank: str, skip_tutorial: bool
     corpus = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     for d, t in docs.items():
         (corpus / f"{d}.txt").write_text(t + "\n", encoding="utf-8")
-    base = [f"embedder.path={minilm}", "embedder.device=cpu", f"index.name=q-{name}"]
+    base = [f"embedder.path={minilm}", "embedder.device=cpu", f"index.name=q-{name}", *(overrides or [])]
     t0 = time.perf_counter()
     res = ingest(load_config(None, base), [str(corpus)], progress=False)
     row: dict[str, object] = {"documents": len(docs), "questions": len(questions), "chunks": res.chunks_written,
@@ -262,6 +263,8 @@ def main() -> int:
     ap.add_argument("--rerank", default="", help="a local cross-encoder directory (adds a reranked row); "
                     "'minilm-shape' builds one of ms-marco-MiniLM-L-6-v2's shape with an untrained head (latency only)")
     ap.add_argument("--skip-tutorial", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for ragtune's ingest and search, e.g. chunk.size=128 (repeatable)")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("RAGTUNE_HOME", tempfile.mkdtemp(prefix="ragtune-bench-home-"))
@@ -274,7 +277,7 @@ def main() -> int:
     out = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "load_average": os.getloadavg(), "command": " ".join(sys.argv), "sets": {}}
     for name in args.sets:
-        out["sets"][name] = run_set(name, Path(args.root), minilm, args.rerank, args.skip_tutorial)
+        out["sets"][name] = run_set(name, Path(args.root), minilm, args.rerank, args.skip_tutorial, args.set)
     out["load_average_after"] = os.getloadavg()
     emit(out, args.out)
     return 0

@@ -14,12 +14,14 @@ forced through its switch in the same run:
 - `ragtune ask --server URL --json` against a running `ragtune serve` (llama.cpp, same model): the
   process's wall time minus the server's own answer time (timings.total_s) (goal <= 100 ms), and the
   client process's own CPU seconds (what that overhead is made of on an idle machine, readable on a
-  loaded one).
+  loaded one); once through `python -m ragtune` and once through the `ragtune` console script.
 The index is a real corpus (default: examples/policies/docs_v1, the policies the questions ask about;
 --corpus for another folder), built in a scratch RAGTUNE_HOME that links the prepared models, GGUF
 cache and llama.cpp converter of the real one. A warm-up run of each command first (the ONNX export
 at `index add`, the GGUF export and the tokenizer check at the first ask), so the rows time steady
-cold starts. The machine may be shared: the load average is recorded around every row.
+cold starts. Wall times are the child's own, fork to exit (bench_ingest.timed). The children write
+Python's bytecode cache as a user's Python does (PYTHONDONTWRITEBYTECODE, set in some development
+shells, is dropped for them). The machine may be shared: the load average is recorded around every row.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ def main() -> int:
     real = Path(os.environ.get("RAGTUNE_HOME") or Path.home() / ".cache" / "ragtune").expanduser()
     home = scratch_home(real)
     env = {**os.environ, "RAGTUNE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a user's Python keeps ragtune's compiled modules; the warm-ups write them
     if args.threads:
         env["OMP_NUM_THREADS"] = args.threads
     rt = [sys.executable, "-m", "ragtune"]
@@ -162,6 +165,10 @@ def main() -> int:
             remote = [*rt, "ask", QUESTION, "--server", f"http://127.0.0.1:{port}", "--json"]
             timed(remote, env)  # warm-up: the server's first request
             r["ask_server"] = rows("ask --server", remote, env, args.repeats, overhead)
+            script = Path(sys.executable).with_name("ragtune")
+            if script.exists():
+                r["ask_server_console_script"] = rows("ask --server (console script)", [str(script), *remote[3:]],
+                                                      env, args.repeats, overhead)
         finally:
             server.terminate()
             server.wait(timeout=30)

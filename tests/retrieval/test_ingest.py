@@ -134,6 +134,23 @@ def test_embedder_mismatch_is_refused(cfg: Config, docs: Path, minilm_dir: Path)
         ingest(make_cfg(minilm_dir), [str(docs / "hr.md")], progress=False)
 
 
+def test_chunks_fit_the_model_with_its_special_tokens(cfg: Config, tmp_path: Path) -> None:
+    """chunk.size counts text tokens; the model's limit counts [CLS] and [SEP] too: a chunk cut at the
+    model's limit would lose its last tokens to truncation, so the size is capped at the limit less them."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(cfg.embedder.path), device="cpu")
+    limit = model.max_seq_length
+    assert cfg.chunk.size > limit  # the configured size is over the model's limit: the cap must act
+    words = " ".join(f"word{i} alpha beta" for i in range(400))  # one paragraph, no sentence ends: token windows
+    (tmp_path / "long.txt").write_text(words + "\n\nA short closing paragraph.\n", encoding="utf-8")
+    ingest(cfg, [str(tmp_path / "long.txt")], progress=False)
+    with EdgeStore("default").open() as s:
+        texts = [p["text"] for _pid, p, _ in s.scroll({"kind": "chunk"}, ["text"], False)]
+    sizes = [len(ids) for ids in model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    assert len(texts) > 3 and max(sizes) == limit  # full chunks, none over
+
+
 def chunkers() -> dict[str, set[str]]:
     """source -> the chunker signatures its chunks were cut with."""
     with EdgeStore("default").open() as s:

@@ -26,9 +26,12 @@ Interface (used by `ask`, `chat`, the server and eval):
   `adapter` is a loaded adapter's name (or its dir); None answers with the base model alone, which
   gives the same tokens whether or not adapters are loaded (peft's adapters are disabled, not merged).
   `retriever` is anything with `search(query, top_k=...) -> list[hit]` (a `ragtune.retrieval.search.Retriever`).
-- Greedy when temperature is 0. Generation holds `lock` (one model call at a time): on the
-  transformers engine concurrent callers queue; on llama.cpp up to `serve.max_batch` of them decode
-  together in one batch (`ragtune.serve.batching`), the lock held around each step. Each adapter answers with the chat template from its run card, and with the system
+- Greedy when temperature is 0. Generation holds `lock` (one model call at a time): up to
+  `serve.max_batch` concurrent callers decode together, the lock held around each step — on llama.cpp
+  in one llama.cpp batch (`ragtune.serve.batching`), on transformers in padded batches over a
+  DynamicCache (`ragtune.serve.tf_batching`, `gen.batcher`). With `serve.max_batch: 1`, or a model whose
+  cache cannot be padded, or `generation.cache: static` on CUDA, transformers' `generate` answers one
+  caller at a time and the others queue. Each adapter answers with the chat template from its run card, and with the system
   prompt its training records all shared (the run card's `system_prompt`) unless the messages bring one.
 
 Device (cuda > mps > cpu) and dtype come from `model.device` / `model.dtype` ("auto" chooses).
@@ -177,19 +180,30 @@ class _Job:
 
 
 class _Decoder:
-    """Incremental detokenizer: deltas whose concatenation equals decoding all ids at once."""
+    """Incremental detokenizer: deltas whose concatenation equals decoding all ids at once.
+
+    Each token decodes a short window, not the whole answer: the ids from `_prefix` (the tokens of the
+    last delta, the left context that byte merges, leading-space rules and clean-up need) to the end,
+    and emits what it adds past the decoded context. A window ending in an unfinished multi-byte
+    character, or one whose text rewrites its context, waits for the next token (the window grows).
+    `finish` decodes everything once and emits what is still missing."""
 
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
         self.ids: list[int] = []
         self.emitted = ""
+        self._prefix = 0  # window start: context whose text is already emitted
+        self._read = 0  # ids before this are in `emitted`
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return ""  # an unfinished multi-byte character, or a merge that rewrites the tail: wait
-        delta, self.emitted = text[len(self.emitted):], text
+        context = self.tok.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        text = self.tok.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(text) <= len(context) or text.endswith("\ufffd") or not text.startswith(context):
+            return ""  # nothing new yet, an unfinished multi-byte character, or a merge that rewrites the tail: wait
+        delta = text[len(context):]
+        self.emitted += delta
+        self._prefix, self._read = self._read, len(self.ids)
         return delta
 
     def finish(self) -> str:
@@ -271,6 +285,7 @@ class Generator:
         self.device = "cpu"
         self.adapters: dict[str, _Adapter] = {}
         self._fast: Any = None  # FastLora over the peft model (generation.fast_lora)
+        self.batcher: Any = None  # the TfScheduler when the transformers engine batches (serve.max_batch > 1)
         self._eos: list[int] = []
         self._max_positions = 0
 
@@ -310,7 +325,26 @@ class Generator:
         self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
         log.info("loaded %s on %s (%s) in %.1fs", path, self.device, next(self.model.parameters()).dtype,
                  time.perf_counter() - t0)
+        self.batcher = self._make_batcher()
         return self._load_adapters(adapters)
+
+    def _make_batcher(self) -> Any:
+        """The TfScheduler that decodes up to `serve.max_batch` requests together, or None (one at a time):
+        max_batch 1, `generation.cache: static` on CUDA (its compiled batch-1 path), or a model whose
+        cache cannot be left-padded (ragtune.serve.tf_batching.batchable)."""
+        from ragtune.serve.tf_batching import TfScheduler, batchable
+
+        slots = int(self.cfg.serve.max_batch)
+        if slots <= 1:
+            return None
+        if self.cfg.generation.cache == "static" and self.device == "cuda":
+            log.info("generation.cache=static: answering one request at a time (serve.max_batch=%d unused)", slots)
+            return None
+        why = batchable(self.model)
+        if why:
+            log.info("model %s answers one request at a time: %s", self.base_path, why)
+            return None
+        return TfScheduler(self, slots, lock=self.lock)
 
     def _adapters_base(self, adapters: dict[str, str] | None) -> str:
         if adapters is None:
@@ -587,6 +621,8 @@ class Generator:
         """Run generate under the lock; returns timing and stop facts."""
         if self.engine_impl is not None:
             return self._run_llama_cpp(job, on_token, cancel)
+        if self.batcher is not None:
+            return self._run_scheduled(job, on_token, cancel)
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -631,11 +667,16 @@ class Generator:
                 "end": t1, "tokens": count[0], "finish_reason": reason}
 
     def _run_llama_cpp(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
-        """`_run` on the llama.cpp engine: the same ids, callbacks and stats."""
+        return self._run_scheduled(job, on_token, cancel)
+
+    def _run_scheduled(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
+        """`_run` through a batch scheduler (llama.cpp's, or transformers' `batcher`): the same ids,
+        callbacks and stats; stop strings end the sequence at the step they complete."""
         times: dict[str, float] = {}
         count = [0]
         stopped = threading.Event()  # a stop string completed (transformers' stop_strings)
         dec = _Decoder(self.tokenizer) if job.stop else None
+        longest = max((len(x) for x in job.stop), default=1)
 
         def token(tid: int) -> None:
             if count[0] == 0:
@@ -643,8 +684,8 @@ class Generator:
             count[0] += 1
             on_token(tid)
             if dec is not None:
-                dec.add(tid)
-                if cut_at_stop(dec.emitted, job.stop)[1]:
+                delta = dec.add(tid)  # a stop string completes inside the new text and its tail before it
+                if delta and cut_at_stop(dec.emitted[-(len(delta) + longest - 1):], job.stop)[1]:
                     stopped.set()
 
         class _Either:
@@ -653,12 +694,23 @@ class Generator:
 
         constraint = self.constraint(job.grammar) if job.grammar is not None else None
         t_wait = time.perf_counter()  # the engine's scheduler batches concurrent calls (serve.max_batch slots)
-        r = self.engine_impl.generate(
-            prompt_ids=job.input_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-            top_p=job.top_p, seed=job.seed, on_token_id=token, cancel=_Either(), adapter=job.adapter,
-            stop_ids=self._eos or None, repeat_penalty=float(self.cfg.generation.repetition_penalty),
-            constraint=constraint,
-        )
+        if self.engine_impl is not None:
+            r = self.engine_impl.generate(
+                prompt_ids=job.input_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
+                top_p=job.top_p, seed=job.seed, on_token_id=token, cancel=_Either(), adapter=job.adapter,
+                stop_ids=self._eos or None, repeat_penalty=float(self.cfg.generation.repetition_penalty),
+                constraint=constraint,
+            )
+        else:
+            from ragtune.serve.tf_batching import SeqRequest
+
+            req = self.batcher.submit(SeqRequest(
+                prompt=list(job.input_ids), budget=job.max_new_tokens, temperature=job.temperature,
+                top_p=job.top_p, seed=job.seed, adapter=job.adapter, stops=frozenset(self._eos),
+                repeat_penalty=float(self.cfg.generation.repetition_penalty), constraint=constraint,
+                on_token=token, cancel=_Either(),
+            )).wait()
+            r = {"queue_s": req.t_admit - req.t_submit, "finish_reason": req.finish}
         t1 = time.perf_counter()
         t0 = t_wait + r["queue_s"]
         first = times.get("first", t1)

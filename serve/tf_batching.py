@@ -1,0 +1,387 @@
+"""Batched decoding on the transformers engine: concurrent requests share each decode step.
+
+    sched = TfScheduler(gen, max_batch=8)        # gen: a loaded transformers Generator (its model, adapters)
+    req = sched.submit(SeqRequest(prompt=ids, budget=64, temperature=0.0, on_token=q.put))
+    req.wait()                                   # req.ids, req.finish, req.t_first, ... once done
+    sched.close()
+
+Dynamic padded batches with a `DynamicCache`, one thread owning the model. Each step it (1) retires
+cancelled sequences, (2) admits waiting requests into free slots (`max_batch`, from
+`serve.max_batch`): a new request's prompt is prefilled alone — exactly the forward a lone request
+gets, so its first token is the lone one — and its KV cache joins the running batch of its adapter,
+left-padded to the batch's length (or the batch is left-padded to the prompt's), (3) picks one
+adapter group (peft switches adapters for the whole model, so a batch never mixes them; groups with
+running sequences take turns every `quantum` steps, paused ones keep their cache), and (4) decodes
+one token for every sequence of that group in one forward, with a 2-D attention mask that hides the
+padding and each row's own position ids (its real length, not the padded one: RoPE sees the
+positions a lone request has), then samples each row with its own settings (repetition penalty,
+grammar mask, temperature, top-p, its own seeded generator). New requests join at the next step
+boundary; a finished or cancelled sequence leaves at once, its rows are cut out of the cache, and
+columns that became padding in every row are trimmed, so the batch does not stay as long as its
+longest past member.
+
+Greedy is the argmax of the row's own logits: padding is masked to exact zeros in the softmax, but a
+different batch shape may round a matmul differently in the last bit, so a batched answer gets the
+lone ids wherever the top-2 margin is clear of that (tested on tiny random models, whose margins are
+the narrowest). Models whose cache is not plain full attention (sliding-window, linear-attention or
+shared-KV layers) cannot be padded this way: `batchable` says why and the Generator answers them one
+at a time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import logging
+import random
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragtune.errors import RagtuneError
+from ragtune.serve.batching import QUANTUM, SeqRequest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SeqRequest", "TfScheduler", "batchable"]
+_LIVE: "weakref.WeakSet[TfScheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Join the scheduler threads before the interpreter tears torch down under them."""
+    for sched in list(_LIVE):
+        sched.close()
+
+
+def batchable(model: Any) -> str:
+    """Why `model`'s KV cache cannot be batched with left padding ("" when it can)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model"
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot map to cache layers
+        return f"its cache layout is unknown ({exc})"
+    odd = sorted({type(x).__name__ for x in layers if type(x) is not DynamicLayer})
+    if odd:
+        return f"its cache has {', '.join(odd)} layers (not plain full attention)"
+    return ""
+
+
+@dataclass
+class _Row:
+    """A running sequence: its request, its real length in the cache, the token to feed next."""
+
+    req: SeqRequest
+    rng: Any
+    seen: Any  # bool tensor over the vocabulary (repetition penalty), or None
+    length: int = 0
+    last: int = 0
+
+
+@dataclass
+class _Group:
+    """The running sequences of one adapter: one padded KV cache, one attention mask (1 real, 0 pad)."""
+
+    adapter: str | None
+    rows: list[_Row] = field(default_factory=list)
+    cache: Any = None
+    mask: Any = None  # long tensor [rows, cache length]
+
+
+class TfScheduler:
+    """Decodes every submitted request in shared transformers forwards, in a thread it starts lazily."""
+
+    def __init__(self, gen: Any, max_batch: int, lock: Any = None, quantum: int = QUANTUM):
+        if int(max_batch) < 1:
+            raise RagtuneError(f"max_batch must be at least 1, got {max_batch}")
+        self.gen = gen
+        self.max_batch = int(max_batch)
+        self.lock = lock  # held around each step (the Generator's lock: one model call at a time)
+        self.quantum = max(1, int(quantum))
+        self._groups: dict[str | None, _Group] = {}
+        self._waiting: collections.deque[SeqRequest] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._turn: str | None = None
+        self._turn_steps = 0
+        self._cache_kw, self._keep_one = _forward_params(gen.model)
+        self.steps = 0  # batched decode forwards made (for tests and benchmarks)
+        self.max_seen_batch = 0  # the most sequences decoded in one forward
+        _LIVE.add(self)
+
+    # --- public -------------------------------------------------------------------------------
+
+    def submit(self, req: SeqRequest) -> SeqRequest:
+        if not req.prompt:
+            raise RagtuneError("TfScheduler.submit: the prompt is empty")
+        req.t_submit = time.perf_counter()
+        with self._cv:
+            if self._closed:
+                raise RagtuneError("the transformers batch scheduler is closed")
+            self._waiting.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="ragtune-tf-batch", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return req
+
+    @property
+    def active(self) -> int:
+        """Sequences running now (slots in use)."""
+        return sum(len(g.rows) for g in self._groups.values())
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self.active:
+                    self._cv.wait()
+                if self._closed:
+                    self._fail_all(RagtuneError("the transformers engine was closed while generating"))
+                    return
+            try:
+                with self.lock if self.lock is not None else contextlib.nullcontext(), torch.inference_mode():
+                    self._step()
+            except BaseException as exc:  # never leave a caller waiting forever
+                log.exception("transformers batch step failed")
+                self._fail_all(exc if isinstance(exc, RagtuneError) else RagtuneError(f"generation failed: {exc}"))
+
+    def _step(self) -> None:
+        now = time.perf_counter()
+        for g in list(self._groups.values()):
+            gone = [r for r in g.rows if r.req.cancel is not None and r.req.cancel.is_set()]
+            self._retire(g, gone, "cancelled", now)
+        self._admit()
+        group = self._choose_group()
+        if group is not None:
+            self._decode(group)
+
+    def _admit(self) -> None:
+        while self.active < self.max_batch:
+            with self._cv:
+                if not self._waiting:
+                    return
+                req = self._waiting.popleft()
+            req.t_admit = time.perf_counter()
+            self._prefill(req)
+
+    def _prefill(self, req: SeqRequest) -> None:
+        """The prompt alone (no padding: the lone request's forward), its first token, then its cache joins."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self.gen.model
+        ids = torch.tensor([req.prompt], device=model.device)
+        cache = DynamicCache(config=model.config)
+        kw = {self._cache_kw: cache, **({"logits_to_keep": 1} if self._keep_one else {})}
+        with self.gen._adapter_ctx(req.adapter):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kw)
+        row = _Row(req=req, rng=_generator(req.seed), seen=None, length=len(req.prompt))
+        logits = out.logits[0, -1, :].float().cpu()
+        if req.repeat_penalty != 1.0:
+            row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            row.seen[torch.tensor(req.prompt)] = True
+        group = self._groups.setdefault(req.adapter, _Group(req.adapter))
+        self._join(group, row, cache)
+        self._sample(group, [row], logits[None, :], time.perf_counter())
+
+    def _join(self, group: _Group, row: _Row, cache: Any) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        n = len(row.req.prompt)
+        mask = torch.ones((1, n), dtype=torch.long, device=self.gen.model.device)
+        if not group.rows:
+            group.rows, group.cache, group.mask = [row], cache, mask
+            return
+        width = max(n, group.mask.shape[1])
+        grow, pad = width - group.mask.shape[1], width - n
+        for old, new in zip(group.cache.layers, cache.layers):
+            if not old.is_initialized or not new.is_initialized:
+                raise RagtuneError("a cache layer was not filled by the forward; this model cannot be batched "
+                                   "(set serve.max_batch: 1)")
+            old.keys = torch.cat([F.pad(old.keys, (0, 0, grow, 0)), F.pad(new.keys, (0, 0, pad, 0))])
+            old.values = torch.cat([F.pad(old.values, (0, 0, grow, 0)), F.pad(new.values, (0, 0, pad, 0))])
+        group.mask = torch.cat([F.pad(group.mask, (grow, 0)), F.pad(mask, (pad, 0))])
+        group.rows.append(row)
+
+    def _choose_group(self) -> _Group | None:
+        names = [a for a, g in self._groups.items() if g.rows]
+        if not names:
+            return None
+        if self._turn not in names:
+            self._turn, self._turn_steps = names[0], 0
+        elif len(names) > 1 and self._turn_steps >= self.quantum:
+            self._turn = names[(names.index(self._turn) + 1) % len(names)]
+            self._turn_steps = 0
+        return self._groups[self._turn]
+
+    def _decode(self, group: _Group) -> None:
+        """One token for every row of the group, in one forward over the padded cache."""
+        import torch
+
+        model = self.gen.model
+        dev = model.device
+        rows = list(group.rows)
+        ids = torch.tensor([[r.last] for r in rows], device=dev)
+        positions = torch.tensor([[r.length] for r in rows], device=dev)
+        mask = torch.cat([group.mask, torch.ones((len(rows), 1), dtype=group.mask.dtype, device=dev)], dim=1)
+        with self.gen._adapter_ctx(group.adapter):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{self._cache_kw: group.cache})
+        group.mask = mask
+        for r in rows:
+            r.length += 1
+        self.steps += 1
+        self._turn_steps += 1
+        self.max_seen_batch = max(self.max_seen_batch, len(rows))
+        self._sample(group, rows, out.logits[:, -1, :].float().cpu(), time.perf_counter())
+
+    def _sample(self, group: _Group, rows: list[_Row], logits: Any, t: float) -> None:
+        ended: dict[str, list[_Row]] = collections.defaultdict(list)
+        for r, row_logits in zip(rows, logits):
+            why = self._next(r, row_logits, t)
+            if why:
+                ended[why].append(r)
+        for why, gone in ended.items():
+            self._retire(group, gone, why, t)
+
+    def _next(self, r: _Row, logits: Any, t: float) -> str:
+        """Pick and hand out one row's next token; the finish reason when the row ends, else ""."""
+        req = r.req
+        try:
+            tok = _pick(_penalised(logits, r.seen, req.repeat_penalty, req.constraint), req.temperature,
+                        req.top_p, r.rng)
+            if req.constraint is not None:
+                req.constraint.accept(tok)
+        except RagtuneError as exc:  # the grammar failed: end this request only
+            req.error = exc
+            return "cancelled"
+        if r.seen is not None:
+            r.seen[tok] = True
+        req.ids.append(tok)
+        if req.t_first is None:
+            req.t_first = t
+        if req.on_token is not None:
+            try:
+                req.on_token(tok)
+            except BaseException as exc:  # the caller's callback failed: end its request only
+                req.error = exc
+                return "cancelled"
+        if tok in req.stops or (req.constraint is not None and req.constraint.done):
+            return "stop"
+        if len(req.ids) >= req.budget:
+            return "length"
+        if req.cancel is not None and req.cancel.is_set():
+            return "cancelled"
+        r.last = tok
+        return ""
+
+    def _retire(self, group: _Group, gone: list[_Row], finish: str, t: float) -> None:
+        """Cut rows out of the group's cache (and the padding no remaining row needs); release them."""
+        if not gone:
+            return
+        import torch
+
+        keep = [i for i, r in enumerate(group.rows) if r not in gone]
+        if not keep:
+            group.rows, group.cache, group.mask = [], None, None
+        else:
+            idx = torch.tensor(keep, device=group.mask.device)
+            mask = group.mask[idx]
+            first = int(torch.nonzero(mask.sum(dim=0))[0])  # leading columns that are padding in every row
+            for layer in group.cache.layers:
+                layer.keys = layer.keys[idx, :, first:, :]
+                layer.values = layer.values[idx, :, first:, :]
+            group.mask = mask[:, first:]
+            group.rows = [group.rows[i] for i in keep]
+        for r in gone:
+            r.req.finish = finish
+            r.req.t_end = t
+            r.req.done.set()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        t = time.perf_counter()
+        for g in self._groups.values():
+            for r in g.rows:
+                r.req.error = exc
+            self._retire(g, list(g.rows), "cancelled", t)
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for req in waiting:
+            req.error, req.finish, req.t_end = exc, "cancelled", t
+            req.done.set()
+
+
+def _forward_params(model: Any) -> tuple[str, bool]:
+    """The cache argument's name (`cache` since transformers 5.x deprecated `past_key_values`) and whether
+    the forward takes `logits_to_keep` (the prefill needs the last row only, not the LM head over the prompt)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values", False
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def _generator(seed: int | None) -> Any:
+    import torch
+
+    return torch.Generator().manual_seed(int(seed) if seed is not None else random.getrandbits(63))
+
+
+def _penalised(logits: Any, seen: Any, penalty: float, constraint: Any) -> Any:
+    """The row after transformers' repetition penalty (over prompt and answer ids) and the grammar mask."""
+    import torch
+
+    if seen is not None:
+        sel = logits[seen]
+        logits[seen] = torch.where(sel < 0, sel * penalty, sel / penalty)
+    if constraint is not None:
+        ok = torch.from_numpy(constraint.allowed())
+        n = min(ok.shape[0], logits.shape[-1])
+        logits[:n] = logits[:n].masked_fill(~ok[:n], float("-inf"))
+        logits[n:] = float("-inf")
+    return logits
+
+
+def _pick(logits: Any, temperature: float, top_p: float, rng: Any) -> int:
+    """Greedy argmax at temperature 0; else temperature, then nucleus (top-p), then a draw from `rng`."""
+    import torch
+
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    if 0 < top_p < 1:
+        sorted_p, order = torch.sort(p, descending=True)
+        keep = int(torch.searchsorted(torch.cumsum(sorted_p, 0), torch.tensor([top_p], dtype=p.dtype))[0]) + 1
+        q = torch.zeros_like(p)
+        q[order[:keep]] = sorted_p[:keep]
+        p = q
+    return int(torch.multinomial(p, 1, generator=rng)[0])

@@ -1,0 +1,283 @@
+"""Batched decoding on the transformers engine (serve/tf_batching.py): concurrent requests share decode
+steps and get the ids the one-at-a-time path (transformers' `generate`, `serve.max_batch: 1`) gives
+them; per-request settings hold inside a batch; adapters never share a forward; a client that hangs
+up frees its slot on a real server. Also the incremental detokenizer (`_Decoder`).
+
+The models are tiny_llama and a tiny Qwen3 with their linear weights scaled by 8: at the default
+initialisation a tiny random model answers one repeated token whatever the prompt, which would hide
+a wrong position id or mask; scaled, every prompt gets its own answer (top-2 margins 1e-4..1e-2,
+far above fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+QUESTIONS = ["What is the capital of France?", "How many remote days do I get?", "Name three colours.",
+             "Why is the sky blue?", "Count to five.", "Who wrote Hamlet?"]
+
+
+def sharpen(src: Path, out: Path, factor: float = 8.0) -> Path:
+    """A copy of the model at `src` (tokenizer, template and all) with its linear weights times `factor`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, out)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if w.dim() == 2 and "embed" not in name:
+                w.mul_(factor)
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sharpen(tiny_llama, tmp_path_factory.mktemp("tfb") / "sharp-llama")
+
+
+@pytest.fixture(scope="module")
+def sharp_qwen3(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tinymodels import build_tiny_causal_lm
+
+    raw = build_tiny_causal_lm("qwen3", tmp_path_factory.mktemp("tfb") / "qwen3", tiny_llama)
+    return sharpen(raw, tmp_path_factory.mktemp("tfb") / "sharp-qwen3")
+
+
+def generator(model: Path, max_batch: int, *more: str, adapters: dict[str, str] | None = None) -> Any:
+    from ragtune.config import load_config
+    from ragtune.serve.generator import Generator
+
+    cfg = load_config(None, [f"model.path={model}", "generation.engine=transformers", "generation.threads=1",
+                             f"serve.max_batch={max_batch}", *more])
+    gen = Generator(cfg).load(adapters=adapters or {})
+    assert (gen.batcher is None) == (max_batch == 1)
+    return gen
+
+
+def run_ids(gen: Any, call: dict[str, Any]) -> tuple[list[int], dict[str, Any], str]:
+    """One request through the generator's run path: its token ids, stats and final text."""
+    from ragtune.serve.generator import cut_at_stop
+
+    call = dict(call)
+    messages = [{"role": "user", "content": call.pop("q")}]
+    job = gen.prepare(messages, **call)
+    ids: list[int] = []
+    stats = gen._run(job, ids.append, None)
+    text = cut_at_stop(gen.tokenizer.decode(ids, skip_special_tokens=True), job.stop)[0]
+    return ids, stats, text
+
+
+def together(gen: Any, calls: list[dict[str, Any]]) -> list[tuple[list[int], dict[str, Any], str]]:
+    """Every call in its own thread, released at once; the results in call order."""
+    out: list[Any] = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def one(i: int) -> None:
+        start.wait()
+        out[i] = run_ids(gen, calls[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(r is not None for r in out)
+    return out
+
+
+@pytest.mark.parametrize("model", ["sharp_llama", "sharp_qwen3"])
+def test_concurrent_greedy_requests_get_the_ids_of_the_one_at_a_time_path(model: str,
+                                                                          request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(model)
+    lone_gen, batched = generator(path, 1), generator(path, 4)
+    calls = [dict(q=q, max_new_tokens=8 + 5 * i, temperature=0.0) for i, q in enumerate(QUESTIONS)]
+    calls[2]["max_new_tokens"] = 1  # ends in its prefill step
+    lone = [run_ids(lone_gen, c) for c in calls]
+    assert len({tuple(ids) for ids, _, _ in lone}) == len(calls)  # every prompt has its own answer
+    steps = batched.batcher.steps
+    got = together(batched, calls)  # 6 requests, 4 slots: two join later, at a step boundary
+    assert [ids for ids, _, _ in got] == [ids for ids, _, _ in lone]
+    assert [len(ids) for ids, _, _ in got] == [c["max_new_tokens"] for c in calls]  # each its own max_tokens
+    assert all(s["finish_reason"] == "length" for _, s, _ in got)
+    assert batched.batcher.max_seen_batch == 4  # they really shared forwards
+    assert batched.batcher.steps - steps < sum(len(ids) for ids, _, _ in lone) - len(calls)
+    assert batched.batcher.active == 0 and batched.batcher.waiting == 0
+
+
+def test_stop_strings_repetition_penalty_and_grammar_hold_inside_a_batch(sharp_llama: Path) -> None:
+    from ragtune.serve.constrained import response_format_grammar
+
+    grammar = response_format_grammar({"type": "json_object"})
+    lone_gen = generator(sharp_llama, 1, "generation.repetition_penalty=1.3")
+    batched = generator(sharp_llama, 4, "generation.repetition_penalty=1.3")
+    plain = run_ids(lone_gen, dict(q=QUESTIONS[3], max_new_tokens=20, temperature=0.0))[2]
+    stop = plain[len(plain) // 2: len(plain) // 2 + 3]
+    calls = [dict(q=QUESTIONS[3], max_new_tokens=20, temperature=0.0, stop=[stop]),
+             dict(q=QUESTIONS[0], max_new_tokens=16, temperature=0.0),  # penalised: transformers' own processor alone
+             dict(q=QUESTIONS[1], max_new_tokens=40, temperature=0.0, grammar=grammar)]
+    lone = [run_ids(lone_gen, c) for c in calls]
+    got = together(batched, calls)
+    assert [ids for ids, _, _ in got[:2]] == [ids for ids, _, _ in lone[:2]]
+    assert got[0][2] == lone[0][2] == plain[: plain.index(stop)]  # cut before the stop string
+    assert got[0][1]["finish_reason"] == "stop" and len(got[0][0]) < 20  # and decoding ended there
+    # a finished grammar ends the sequence at once (as on llama.cpp); generate() spends one more step on EOS
+    assert lone[2][1]["finish_reason"] == got[2][1]["finish_reason"] == "stop"
+    assert lone[2][0] == got[2][0] + [lone_gen._eos[0]] and got[2][2] == lone[2][2]
+    assert isinstance(json.loads(got[2][2]), dict)
+
+
+def test_per_request_sampling_settings_hold_inside_a_batch(sharp_llama: Path) -> None:
+    batched = generator(sharp_llama, 4)
+    greedy = dict(q=QUESTIONS[0], max_new_tokens=12, temperature=0.0)
+    nucleus = dict(q=QUESTIONS[0], max_new_tokens=12, temperature=1.5, top_p=1e-9, seed=3)  # keeps the best token
+    hot = dict(q=QUESTIONS[0], max_new_tokens=12, temperature=1.5, seed=7)
+    hot_other_seed = dict(hot, seed=8)
+    alone = [run_ids(batched, c)[0] for c in (greedy, nucleus, hot, hot_other_seed)]
+    got = [r[0] for r in together(batched, [greedy, nucleus, hot, hot_other_seed])]
+    assert got[0] == got[1] == alone[0] == alone[1]
+    assert got[2] == alone[2] and got[3] == alone[3]  # a seeded draw is the request's own, batch or not
+    assert got[2] != got[0] and got[2] != got[3]  # temperature without top-p really samples, per seed
+
+
+def test_requests_on_different_adapters_never_share_a_forward(tiny_llama: Path, tiny_adapter: Path,
+                                                              other_adapter: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.serve.conftest import QA
+
+    adapters = {"policies": str(tiny_adapter), "other": str(other_adapter)}
+    lone_gen = generator(tiny_llama, 1, adapters=adapters)
+    batched = generator(tiny_llama, 8, adapters=adapters)
+    sched = batched.batcher
+    seen: list[set[Any]] = []
+    real = sched._decode
+
+    def spy(group: Any) -> None:
+        seen.append({r.req.adapter for r in group.rows} | {group.adapter})
+        real(group)
+
+    calls = [dict(q=q, adapter=a, max_new_tokens=12, temperature=0.0) for q, _ in QA for a in (None, "policies", "other")]
+    lone = [run_ids(lone_gen, c) for c in calls]
+    assert lone[1][2].startswith(QA[0][1]) and lone[2][2] != lone[1][2]  # each adapter its own trained answer
+    monkeypatch.setattr(sched, "_decode", spy)
+    got = together(batched, calls)
+    assert [ids for ids, _, _ in got] == [ids for ids, _, _ in lone]
+    assert seen and all(len(s) == 1 for s in seen), seen
+    assert set().union(*seen) == {None, "policies", "other"}
+
+
+def test_a_model_whose_cache_cannot_be_padded_answers_one_at_a_time(tiny_llama: Path, tmp_path: Path) -> None:
+    from ragtune.serve.tf_batching import batchable
+    from tests.tinymodels import build_tiny_causal_lm
+
+    gemma = build_tiny_causal_lm("gemma3_text", tmp_path / "gemma", tiny_llama)  # sliding-window layers
+    from ragtune.config import load_config
+    from ragtune.serve.generator import Generator
+
+    gen = Generator(load_config(None, [f"model.path={gemma}", "generation.engine=transformers",
+                                       "serve.max_batch=4"])).load(adapters={})
+    assert gen.batcher is None and "DynamicSlidingWindowLayer" in batchable(gen.model)
+    ans = gen.answer([{"role": "user", "content": QUESTIONS[0]}], max_new_tokens=3, temperature=0.0)
+    assert ans.completion_tokens == 3 and ans.finish_reason == "length"
+
+
+def test_a_streaming_client_that_hangs_up_frees_its_slot_on_the_server(sharp_llama: Path, tmp_path: Path) -> None:
+    import httpx
+
+    from ragtune.config import load_config
+    from ragtune.serve.server import create_app
+    from tests.conftest import start_server
+
+    model = tmp_path / "long"  # a context long enough that an answer outlasts the test (no EOS on QUESTIONS[0])
+    shutil.copytree(sharp_llama, model)
+    conf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**conf, "max_position_embeddings": 65536}))
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {model}\ngeneration:\n  threads: 1\n  engine: transformers\n"
+                 "serve:\n  max_batch: 2\n  max_tokens_limit: 60000\n  deployments:\n    - {name: tf}\n")
+    app = create_app(load_config(f))
+    sched = next(iter(app.state.runtime.generators.values())).batcher
+    server, thread, port = start_server(app)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    def body(q: str, **kw: Any) -> dict[str, Any]:
+        return {"model": "tf", "messages": [{"role": "user", "content": q}], "temperature": 0, "stream": True, **kw}
+
+    def some_text(lines: Any) -> None:
+        """Read SSE lines until a chunk carries answer text: its request is decoding."""
+        for line in lines:
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                return
+
+    try:
+        deadline = time.time() + 120
+        with httpx.stream("POST", url, json=body(QUESTIONS[0], max_tokens=50000), timeout=120) as a:
+            assert a.status_code == 200
+            a_lines = a.iter_lines()
+            some_text(a_lines)  # A is decoding
+            with httpx.stream("POST", url, json=body(QUESTIONS[0], max_tokens=50000), timeout=120) as b:
+                assert b.status_code == 200
+                b_lines = b.iter_lines()
+                some_text(b_lines)
+                assert sched.active == 2  # both in the batch
+                next(a_lines)
+            # B hung up: A keeps decoding while B's slot comes free
+            while sched.active != 1 and time.time() < deadline:
+                next(a_lines)
+            assert sched.active == 1
+            some_text(a_lines)  # and A still streams
+        while sched.active and time.time() < deadline:  # A hung up too
+            time.sleep(0.02)
+        assert sched.active == 0 and sched.waiting == 0
+        r = httpx.post(url, json=body(QUESTIONS[2], stream=False, max_tokens=5), timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+# --- the incremental detokenizer ---------------------------------------------------------------------
+
+
+def sentencepiece_tokenizer() -> Any:
+    """A Llama-2-style tokenizer (Metaspace pieces, leading space stripped on decode) built here."""
+    from tokenizers.implementations import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tinymodels import CORPUS
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(CORPUS * 4, vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_decoder_deltas_are_prefixes_of_the_full_decode_and_concatenate_to_it(kind: str, tiny_llama: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from ragtune.serve.generator import _Decoder
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama)) if kind == "byte-level" else sentencepiece_tokenizer()
+    rnd = random.Random(0)
+    texts = ["Employees may  work remotely, naïve café — 3.5 km. 서울은 한국의 수도입니다 🙂👍🏽 end .",
+             "a  b   c\n\n  d .  , ' s"]
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    seqs += [[rnd.randrange(len(tok)) for _ in range(120)] for _ in range(20)]  # byte fragments, specials
+    for ids in seqs:
+        dec, streamed = _Decoder(tok), ""
+        for i, t in enumerate(ids):
+            delta = dec.add(t)
+            streamed += delta
+            assert tok.decode(ids[: i + 1], skip_special_tokens=True).startswith(dec.emitted)
+        streamed += dec.finish()
+        assert streamed == dec.emitted == tok.decode(ids, skip_special_tokens=True)
+    assert dec.ids == ids

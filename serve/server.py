@@ -17,8 +17,8 @@ OpenAI-compatible server while retrieval, sources and abstention stay here (url/
 default to generation's; response_format and tools are checked here, then forwarded). One base model is
 loaded once and its adapters switch without reloading it. With no deployments configured the
 server offers `base` (+ the `model.adapter` one) and their `+rag` twins when the index exists.
-On the llama.cpp engine up to `serve.max_batch` requests decode together in one batch; the
-transformers engine answers one at a time. Others queue (up to `serve.max_queue`, then 429). Errors
+Up to `serve.max_batch` requests decode together: in one llama.cpp batch, or in padded batches on
+the transformers engine (serve/tf_batching.py). Others queue (up to `serve.max_queue`, then 429). Errors
 use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; a malformed request is a 400.
 When `serve.api_key` (or env RAGTUNE_API_KEY) is set, every /v1 route needs `Authorization: Bearer KEY`.
 """

@@ -104,7 +104,9 @@ class EmbedderConfig:
 @dataclass(frozen=True)
 class ChunkConfig:
     size: int = 256  # tokens, counted with the embedder's tokenizer
-    overlap: int = 32
+    # tokens repeated from the previous chunk, at most half a chunk; half gave the best default hybrid on the
+    # FAQ question sets (docs/benchmarks.md) and costs ~1.4x the chunks of long pages against 32
+    overlap: int = 128
 
 
 @dataclass(frozen=True)

@@ -384,10 +384,11 @@ def _check_one_chunking(name: str, meta: dict[str, Any], states: dict[str, dict[
         keep = (f"keep the index's chunking by adding 'chunk.size={m[2]} chunk.overlap={m[3]}' to the command "
                 "(or setting them in your config), or ")
     raise UsageError(
-        f"index '{name}' holds {len(left)} documents cut with {' and '.join(_describe_chunker(o) for o in olds)}, "
+        f"index '{name}' holds {len(left)} document(s) cut with {' and '.join(_describe_chunker(o) for o in olds)}, "
         f"which this run would not re-chunk, and this configuration cuts new ones with {_describe_chunker(sig)}: "
         f"the index would mix two chunkings. Either {keep}re-chunk the whole index with "
-        f"'ragtune index sync {roots}' (every folder it holds, in one command; it re-embeds every document)")
+        f"'ragtune index sync {roots} --index {shlex.quote(name)}' (every folder it holds, in one command; it "
+        "re-embeds every document)")
 
 
 def _stemmer(cfg: Config) -> str:

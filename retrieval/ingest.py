@@ -375,6 +375,10 @@ def _check_one_chunking(name: str, meta: dict[str, Any], states: dict[str, dict[
     rewritten |= {d for ids in plan.stale.values() for d in ids}
     left = [st for st in states.values() if st.get("chunker") != sig and st["doc_id"] not in rewritten]
     if not left:
+        recut = sorted({str(st.get("chunker")) for st in states.values() if st.get("chunker") not in (sig, None)})
+        if recut:
+            log.warning("index %s: re-chunking (and re-embedding) its documents cut with %s: this configuration "
+                        "cuts with %s", name, " and ".join(_describe_chunker(o) for o in recut), _describe_chunker(sig))
         return
     olds = sorted({str(st.get("chunker")) for st in left})
     roots = " ".join(shlex.quote(r) for r in meta.get("roots", [])) or "ROOT..."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -161,7 +162,8 @@ def chunkers() -> dict[str, set[str]]:
 
 
 def test_changed_chunk_settings_never_mix_chunkings(cfg: Config, docs: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+                                                     capsys: pytest.CaptureFixture,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     """An index cut with one chunk.overlap (say, an older default) and a config with another: adding a
     document is refused with both fixes named, each fix works, and no index ends up with two chunkings."""
     from tests.retrieval.conftest import make_cfg
@@ -192,7 +194,9 @@ def test_changed_chunk_settings_never_mix_chunkings(cfg: Config, docs: Path, tmp
     assert res.added == ["new.txt"] and set().union(*chunkers().values()) == {old_sig}
 
     # fix 2, the sync the message names: every document re-cut with the new settings, the index says so
-    res = ingest(new_cfg, [str(docs), str(other)], delete_missing=True, progress=False)
+    with caplog.at_level(logging.WARNING, logger="ragtune.retrieval.ingest"):
+        res = ingest(new_cfg, [str(docs), str(other)], delete_missing=True, progress=False)
+    assert "re-chunking (and re-embedding)" in caplog.text
     assert res.unchanged == 0 and len(res.replaced) == 0 and res.chunks_written > 0
     (new_sig,) = set().union(*chunkers().values())
     assert new_sig != old_sig and sorted(chunkers()) == sorted([*sources(before), "new.txt"])

@@ -344,10 +344,20 @@ def _meta(cfg: Any, plan: _Plan, generator: Any, engine_note: str) -> dict[str, 
         "index": plan.index if plan.needs_rag else "–",
         "engine": _engine_label(generator, cfg) + (" (llama.cpp failed: see the notes)" if engine_note else ""),
         "decoding": f"greedy, max_new_tokens={plan.max_new_tokens}, identical in every mode",
-        "retrieval": f"top_k={cfg.rag.top_k}, min_score={cfg.rag.min_score}, search mode={cfg.search.mode}",
+        "retrieval": f"top_k={cfg.rag.top_k}, min_score={_min_score_label(cfg)}, search mode={cfg.search.mode}",
         "system prompt": cfg.eval.system_prompt or "(none)",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def _min_score_label(cfg: Any) -> str:
+    """rag.min_score as set, or for 0 what it stands for: the index embedder's own threshold."""
+    from ragtune.retrieval.embedder import DEFAULT_MIN_SCORE, USEM3_MIN_SCORE
+
+    if cfg.rag.min_score:
+        return f"{cfg.rag.min_score:g}"
+    return (f"0 (the index embedder's own threshold: {DEFAULT_MIN_SCORE:g} for sentence-transformers models, "
+            f"{USEM3_MIN_SCORE:g} for usem3; {DEFAULT_MIN_SCORE:g} on a reranker's scale)")
 
 
 def _notes(plan: _Plan) -> list[str]:

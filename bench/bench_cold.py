@@ -14,7 +14,9 @@ forced through its switch in the same run:
 - `ragtune ask --server URL --json` against a running `ragtune serve` (llama.cpp, same model): the
   process's wall time minus the server's own answer time (timings.total_s) (goal <= 100 ms), and the
   client process's own CPU seconds (what that overhead is made of on an idle machine, readable on a
-  loaded one); once through `python -m ragtune` and once through the `ragtune` console script.
+  loaded one); through `python -m ragtune` and through the `ragtune` console script, in alternation with
+  any `--client LABEL=EXE` (another install's `ragtune`, e.g. a scratch venv holding an older wheel:
+  the baseline in the same run).
 The index is a real corpus (default: examples/policies/docs_v1, the policies the questions ask about;
 --corpus for another folder), built in a scratch RAGTUNE_HOME that links the prepared models, GGUF
 cache and llama.cpp converter of the real one. A warm-up run of each command first (the ONNX export
@@ -59,13 +61,23 @@ def scratch_home(real: Path) -> Path:
 
 
 def rows(label: str, cmd: list[str], env: dict[str, str], repeats: int, parse: Any = None) -> dict[str, Any]:
-    runs = []
+    return interleaved({label: cmd}, env, repeats, parse)[label]
+
+
+def interleaved(cmds: dict[str, list[str]], env: dict[str, str], repeats: int, parse: Any = None) -> dict[str, Any]:
+    """Each command once per round, `repeats` rounds, so a changing load hits every row alike."""
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in cmds}
     for _ in range(repeats):
-        r = timed(cmd, env)
-        if parse is not None:
-            r.update(parse(r["stdout"], r["wall_s"]))
-        r.pop("stdout")
-        runs.append(r)
+        for label, cmd in cmds.items():
+            r = timed(cmd, env)
+            if parse is not None:
+                r.update(parse(r["stdout"], r["wall_s"]))
+            r.pop("stdout")
+            runs[label].append(r)
+    return {label: _summary(label, rs) for label, rs in runs.items()}
+
+
+def _summary(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": runs, "wall_s_median": round(statistics.median(r["wall_s"] for r in runs), 3),
                            "cpu_s_median": round(statistics.median(r["cpu_s"] for r in runs), 3),
                            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs)}
@@ -119,6 +131,8 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--threads", default="", help="OMP_NUM_THREADS for every process (default: unset)")
     ap.add_argument("--rows", default="search,queries,ask,server", help="which groups of rows to run")
+    ap.add_argument("--client", action="append", default=[], metavar="LABEL=EXE",
+                    help="also time ask --server through this ragtune executable (repeatable), alternating")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args()
     groups = set(args.rows.split(","))
@@ -164,11 +178,15 @@ def main() -> int:
         try:
             remote = [*rt, "ask", QUESTION, "--server", f"http://127.0.0.1:{port}", "--json"]
             timed(remote, env)  # warm-up: the server's first request
-            r["ask_server"] = rows("ask --server", remote, env, args.repeats, overhead)
+            clients = {"ask_server": remote}
             script = Path(sys.executable).with_name("ragtune")
             if script.exists():
-                r["ask_server_console_script"] = rows("ask --server (console script)", [str(script), *remote[3:]],
-                                                      env, args.repeats, overhead)
+                clients["ask_server_console_script"] = [str(script), *remote[3:]]
+            for item in args.client:
+                label, _, exe = item.partition("=")
+                clients[f"ask_server_{label}"] = [exe, *remote[3:]]
+                timed(clients[f"ask_server_{label}"], env)  # warm-up: its bytecode cache
+            r.update(interleaved(clients, env, args.repeats, overhead))
         finally:
             server.terminate()
             server.wait(timeout=30)

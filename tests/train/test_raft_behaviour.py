@@ -10,9 +10,15 @@ document holding its code (three code words, one from each of three word sets, a
 filler words) and a notes document without it; the question names the account, the answer is its code.
 Both documents are retrieved for the question, in either order. No code can be recalled from memory: the
 asked accounts were never in a training record and their codes are combinations no record has, so the only
-way to answer is to copy from the prompt. A 2-layer, 128-wide model over a word-level vocabulary learns that
-in 200 LoRA steps (loss ~13 -> ~0.1); with 64 dimensions or batches of 16 it was still near chance (loss
-~3, it answered some code words, not the document's) at 300 steps.
+way to answer is to copy from the prompt.
+
+What it takes (measured while writing this test): a 2-layer, 128-wide, 8-head model over a word-level
+vocabulary, LoRA r=64 on every linear layer, lr 3e-3, batches of 32: the loss sits near 3 (some code word,
+not the document's) for ~150 steps, then falls to ~0.01 by step 300 as the copy forms; 400 steps are run.
+64 wide, 4 heads, batches of 16, fewer steps or a decaying learning rate left it on the plateau or copying
+only some of the code's three words; lr 4e-3 and 5e-3 never left the plateau. With two seeds (data and
+training) 8 and 7 of the 8 unseen accounts were answered exactly; the test asks for 6 (a guess matches a
+code one time in 8000) and none from the controls. About 2 minutes on a shared 2-core CPU (load average 8).
 """
 
 from __future__ import annotations
@@ -34,18 +40,19 @@ CODE_SLOTS = [[f"{s}{i}" for i in range(20)] for s in ("ka", "kb", "kc")]
 FILLER = ("red blue green tall short old new big small fast slow warm cold dark light soft hard wide long "
           "thin").split()
 TRAIN_RECORDS = 400
-HELD_OUT = 4  # accounts indexed but never in a training record
+HELD_OUT = 8  # accounts indexed but never in a training record
+MIN_EXACT = 6  # of the HELD_OUT accounts, answered with exactly their code
 
 
 def _doc(rng: random.Random, name: str, code: list[str]) -> str:
-    before = rng.sample(FILLER, rng.randint(0, 6))
-    after = rng.sample(FILLER, rng.randint(0, 4))
+    before = rng.sample(FILLER, rng.randint(0, 3))
+    after = rng.sample(FILLER, rng.randint(0, 2))
     return " ".join([*before, "The", name, "code", ":", *code, ".", *after]) + "\n"
 
 
 def _notes(rng: random.Random, name: str) -> str:
     """The distractor retrieved beside the gold source: the same account, no code."""
-    return " ".join(["Notes", "on", name, ":", *rng.sample(FILLER, rng.randint(2, 8)), "."]) + "\n"
+    return " ".join(["Notes", "on", name, ":", *rng.sample(FILLER, rng.randint(2, 5)), "."]) + "\n"
 
 
 def _question(name: str) -> str:
@@ -58,7 +65,8 @@ def _words(texts: list[str]) -> list[str]:
 
 def build_word_llama(out: Path, words: list[str], hidden: int = 128, seed: int = 0) -> Path:
     """A tiny random 2-layer Llama over a word-level vocabulary (one token per word: short prompts, one token
-    per code word), with tiny_llama's chat template."""
+    per code word), with tiny_llama's chat template. Its words are the ones the test's documents, questions,
+    instruction and chat template use (the test checks that no training prompt has an unknown token)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -76,7 +84,7 @@ def build_word_llama(out: Path, words: list[str], hidden: int = 128, seed: int =
     tok.save_pretrained(str(out))
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
@@ -121,7 +129,7 @@ def test_rag_trained_model_answers_from_a_source_it_never_saw(tmp_path: Path, ti
     data = write_jsonl(tmp_path / "train.jsonl", [{**chat(_question(n), " ".join(c)), "sources": [f"{n}.md"]}
                                                   for n, c in zip(names[:TRAIN_RECORDS], codes[:TRAIN_RECORDS])])
     train = [f"data.train_file={data}", "data.rag.index=accts", "data.rag.distractors=1", "data.max_length=96",
-             f"train.output_dir={tmp_path / 'run'}", "train.max_steps=200", "train.batch_size=32",
+             f"train.output_dir={tmp_path / 'run'}", "train.max_steps=400", "train.batch_size=32",
              "train.learning_rate=3e-3", "train.lr_scheduler=constant", "train.warmup_ratio=0.1",
              "train.lora.r=64", "train.lora.alpha=64", "train.lora.dropout=0", "train.save_steps=100000",
              "train.logging_steps=10", "train.threads=1", "train.group_by_length=false"]
@@ -139,13 +147,15 @@ def test_rag_trained_model_answers_from_a_source_it_never_saw(tmp_path: Path, ti
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     assert tok.unk_token_id not in tok.apply_chat_template(first, tokenize=True, return_dict=True)["input_ids"]
     for n, c in zip(names[TRAIN_RECORDS:], codes[TRAIN_RECORDS:]):
-        assert f" {n} " not in prompts and " ".join(c) not in prompts  # the fact is only in the document
+        for fact in (n, " ".join(c)):  # the fact is only in the document
+            assert not re.search(rf"(?<!\w){fact}(?!\w)", prompts), fact
     losses = [round(r["loss"], 3) for r in map(json.loads, (adapter / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
 
     cfg = load_config(None, common)
     gen = Generator(cfg).load(adapters={"raft": str(adapter)})
     retriever = open_retriever(cfg, "accts")
+    exact, seen = 0, []
     try:
         with torch_threads(1):
             for n, c in zip(names[TRAIN_RECORDS:], codes[TRAIN_RECORDS:]):
@@ -153,11 +163,12 @@ def test_rag_trained_model_answers_from_a_source_it_never_saw(tmp_path: Path, ti
                 ans = gen.answer(ask, adapter="raft", retriever=retriever)
                 base = gen.answer(ask, retriever=retriever)
                 bare = gen.answer(ask, adapter="raft")
-                seen = f"{n}: trained+sources {ans.text!r}, base+sources {base.text!r}, trained alone {bare.text!r}; " \
-                       f"loss every 10 steps {losses}"
-                assert {s["source"] for s in ans.sources} == {f"{n}.md", f"{n}-notes.md"}, seen
-                assert ans.text.split() == c, seen  # read from the retrieved document
-                assert " ".join(c) not in base.text, seen  # not something the base model says anyway
-                assert " ".join(c) not in bare.text, seen  # nor something the adapter recalls without the document
+                seen.append(f"{n} code {' '.join(c)!r}: trained+sources {ans.text!r}, base+sources {base.text!r}, "
+                            f"trained alone {bare.text!r}")
+                assert {s["source"] for s in ans.sources} == {f"{n}.md", f"{n}-notes.md"}, seen[-1]
+                exact += ans.text.split() == c  # read from the retrieved document
+                assert " ".join(c) not in base.text, seen[-1]  # not something the base model says anyway
+                assert " ".join(c) not in bare.text, seen[-1]  # nor what the adapter recalls without the document
     finally:
         retriever.close()
+    assert exact >= MIN_EXACT, "\n".join([f"{exact} of {HELD_OUT} exact; loss every 10 steps {losses}", *seen])

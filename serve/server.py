@@ -713,6 +713,9 @@ def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
         name = req.index or (cfg.index.name if cfg.index.name in runtime.retrievers else
                              next(iter(runtime.retrievers), ""))
         r = runtime.retrievers.get(name)
+        if r is None and not name:
+            raise APIError(404, "this server has no index to search: give a deployment an `index` (serve.deployments) "
+                           "or start it with index.name=NAME", param="index", code="index_not_found")
         if r is None:
             raise APIError(404, f"index '{name}' is not served here (served: {', '.join(runtime.retrievers) or 'none'}"
                            "; a deployment's `index` opens one)", param="index", code="index_not_found")

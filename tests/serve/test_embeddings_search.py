@@ -81,3 +81,16 @@ def test_search_route_gives_sources(tmp_path: Path, tiny_llama: Path, tiny_embed
         assert_error(c.post("/v1/search", json={"query": "x", "top_k": 0}, headers=auth), 400)
         assert_error(c.post("/v1/search", json={"query": ""}, headers=auth), 400)
         assert_error(c.post("/v1/search", json={"q": "x"}, headers=auth), 400)
+
+
+def test_search_route_without_any_index_says_how_to_serve_one(tmp_path: Path, tiny_llama: Path,
+                                                              tiny_embedder: Path, loaded_gen: Any) -> None:
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {tiny_llama}\nembedder:\n  path: {tiny_embedder}\n  device: cpu\n"
+                 "serve:\n  api_key: k-test\n  deployments:\n    - {name: base}\n")
+    app = create_app(load_config(f), generator=loaded_gen, retrievers={})
+    with TestClient(app) as c:
+        r = c.post("/v1/search", json={"query": "remote days"}, headers={"Authorization": "Bearer k-test"})
+    assert_error(r, 404, "index_not_found")
+    msg = r.json()["error"]["message"]
+    assert "no index to search" in msg and "index.name=NAME" in msg and "''" not in msg

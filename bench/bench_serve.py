@@ -2,8 +2,9 @@
 
     python bench/bench_serve.py                                   # default model, llama.cpp engine
     python bench/bench_serve.py --clients 8 --tokens 64 --stress 16 --repeats 3 --out runs/bench/serve.json
+    python bench/bench_serve.py --engine transformers --out runs/bench/serve-tf.json
 
-Starts two `ragtune serve` processes on the default model with `generation.engine=llama.cpp`: one
+Starts two `ragtune serve` processes on the default model with `generation.engine=--engine`: one
 with `serve.max_batch=N` (batched) and one with `serve.max_batch=1` (today's one-at-a-time server).
 Each repeat runs `--clients` concurrent streaming chat completions (greedy, `max_tokens=--tokens`,
 a different question each) against the baseline and then the batched server, alternating so that
@@ -166,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stress", type=int, default=16, help="concurrent clients for the error check (0 = skip)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = usable cores)")
+    ap.add_argument("--engine", choices=["llama.cpp", "transformers"], default="llama.cpp")
+    ap.add_argument("--threads", type=int, default=0, help="engine threads (0 = usable cores / torch's default)")
     ap.add_argument("--remote", action="store_true", help="also measure the engine: openai overhead")
     ap.add_argument("--remote-requests", type=int, default=20)
     ap.add_argument("--out", default="runs/bench/serve.json")
     args = ap.parse_args(argv)
     logs = ROOT / "runs/bench/serve-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    common = ["generation.engine=llama.cpp", f"generation.threads={args.threads}", "serve.max_queue=256",
+    common = [f"generation.engine={args.engine}", f"generation.threads={args.threads}", "serve.max_queue=256",
               f"serve.max_tokens_limit={max(2048, args.tokens)}"]
     ports = {"one-at-a-time (max_batch 1)": free_port(), f"batched (max_batch {args.max_batch})": free_port()}
     procs: list[subprocess.Popen] = []
@@ -214,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio = summary[batch_name]["tok_s"] / summary[base_name]["tok_s"] if summary[base_name]["tok_s"] else 0.0
     result = {"date": t_start, "machine": machine(), "load_avg_start": load0, "load_avg_end": os.getloadavg()[0],
               "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "clients": args.clients, "tokens": args.tokens, "summary": summary, "ratio": ratio,
+              "engine": args.engine, "clients": args.clients, "tokens": args.tokens, "summary": summary, "ratio": ratio,
               "stress": stress, "remote": remote, "runs": rows}
-    print(f"\n| {t_start}, {machine()}, llama.cpp, {args.clients} streaming clients x {args.tokens} tokens "
+    print(f"\n| {t_start}, {machine()}, {args.engine}, {args.clients} streaming clients x {args.tokens} tokens "
           "| aggregate tok/s | p50 TTFT (s) | errors |\n| --- | ---: | ---: | ---: |")
     for name, s in summary.items():
         print(f"| {name} | {s['tok_s']:.1f} | {s['p50_ttft_s']:.2f} | {s['errors']} |")

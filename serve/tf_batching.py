@@ -74,7 +74,7 @@ def batchable(model: Any) -> str:
     return ""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows are found in lists by `in`
 class _Row:
     """A running sequence: its request, its real length in the cache, the token to feed next."""
 
@@ -85,7 +85,7 @@ class _Row:
     last: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Group:
     """The running sequences of one adapter: one padded KV cache, one attention mask (1 real, 0 pad)."""
 

@@ -165,7 +165,8 @@ def test_requests_on_different_adapters_never_share_a_forward(tiny_llama: Path, 
         seen.append({r.req.adapter for r in group.rows} | {group.adapter})
         real(group)
 
-    calls = [dict(q=q, adapter=a, max_new_tokens=12, temperature=0.0) for q, _ in QA for a in (None, "policies", "other")]
+    calls = [dict(q=q, adapter=a, max_new_tokens=12, temperature=0.0)
+             for q, _ in QA for a in (None, "policies", "other")]
     lone = [run_ids(lone_gen, c) for c in calls]
     assert lone[1][2].startswith(QA[0][1]) and lone[2][2] != lone[1][2]  # each adapter its own trained answer
     monkeypatch.setattr(sched, "_decode", spy)
@@ -176,13 +177,12 @@ def test_requests_on_different_adapters_never_share_a_forward(tiny_llama: Path, 
 
 
 def test_a_model_whose_cache_cannot_be_padded_answers_one_at_a_time(tiny_llama: Path, tmp_path: Path) -> None:
+    from ragtune.config import load_config
+    from ragtune.serve.generator import Generator
     from ragtune.serve.tf_batching import batchable
     from tests.tinymodels import build_tiny_causal_lm
 
     gemma = build_tiny_causal_lm("gemma3_text", tmp_path / "gemma", tiny_llama)  # sliding-window layers
-    from ragtune.config import load_config
-    from ragtune.serve.generator import Generator
-
     gen = Generator(load_config(None, [f"model.path={gemma}", "generation.engine=transformers",
                                        "serve.max_batch=4"])).load(adapters={})
     assert gen.batcher is None and "DynamicSlidingWindowLayer" in batchable(gen.model)

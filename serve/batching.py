@@ -26,6 +26,7 @@ never runs out of cells mid-answer; a lone request may use the whole context.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -97,34 +98,55 @@ class _Slot:
     busy: bool = False
 
 
-class Scheduler:
-    """Decodes every submitted request in shared llama.cpp batches, in a thread it starts lazily."""
+def hand_out(req: SeqRequest, tok: int, seen: Any, t: float) -> str:
+    """Record `tok`, picked for `req` (and accepted by its grammar), and pass it to the caller; the
+    finish reason when the request ends with it (stop, length, cancelled), else ""."""
+    if seen is not None:
+        seen[tok] = True  # the repetition penalty's memory
+    req.ids.append(tok)
+    if req.t_first is None:
+        req.t_first = t
+    if req.on_token is not None:
+        try:
+            req.on_token(tok)
+        except BaseException as exc:  # the caller's callback failed: end its request only
+            req.error = exc
+            return "cancelled"
+    if tok in req.stops or (req.constraint is not None and req.constraint.done):
+        return "stop"
+    if len(req.ids) >= req.budget:
+        return "length"
+    if req.cancel is not None and req.cancel.is_set():
+        return "cancelled"
+    return ""
 
-    def __init__(self, engine: Any, lock: Any = None, quantum: int = QUANTUM):
-        self.engine = engine
+
+class StepThread:
+    """The thread half of a batch scheduler, shared by both engines: a queue of waiting requests and
+    one thread, started at the first submit, that runs the subclass's `_step` under the model lock
+    while anything waits or runs. A step that raises, or a close mid-answer, fails every caller
+    (`_fail_all`) rather than leaving one waiting forever. Subclasses define `_step`, `active`,
+    `_fail_all` and `_running_requests`, and may wrap each step in `_step_context`."""
+
+    engine_name = "the engine"  # in messages: "the llama.cpp engine", "the transformers engine"
+
+    def __init__(self, lock: Any = None, quantum: int = QUANTUM):
         self.lock = lock  # held around each step (the Generator's lock: one model call at a time)
         self.quantum = max(1, int(quantum))
-        self.slots = [_Slot() for _ in range(engine.n_seq)]
         self._waiting: collections.deque[SeqRequest] = collections.deque()
-        self._running: list[_Seq] = []
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._group: str | None = None
-        self._group_steps = 0
-        self.steps = 0  # decode calls made (for tests and benchmarks)
-        self.max_seen_batch = 0  # the most sequences decoded in one call
-
-    # --- public -------------------------------------------------------------------------------
 
     def submit(self, req: SeqRequest) -> SeqRequest:
         req.t_submit = time.perf_counter()
         with self._cv:
             if self._closed:
-                raise RagtuneError("the llama.cpp engine is closed")
+                raise RagtuneError(f"{self.engine_name} is closed")
             self._waiting.append(req)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="ragtune-llama-batch", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name=f"ragtune-batch-{type(self).__name__}",
+                                                daemon=True)
                 self._thread.start()
             self._cv.notify()
         return req
@@ -132,7 +154,7 @@ class Scheduler:
     @property
     def active(self) -> int:
         """Sequences running now (slots in use)."""
-        return len(self._running)
+        raise NotImplementedError
 
     @property
     def waiting(self) -> int:
@@ -146,25 +168,59 @@ class Scheduler:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
 
-    # --- the loop -----------------------------------------------------------------------------
+    def _step(self) -> None:
+        raise NotImplementedError
+
+    def _step_context(self) -> Any:
+        return contextlib.nullcontext()
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._waiting and not self._running:
+                while not self._closed and not self._waiting and not self.active:
                     self._cv.wait()
                 if self._closed:
-                    self._fail_all(RagtuneError("the llama.cpp engine was closed while generating"))
+                    self._fail_all(RagtuneError(f"{self.engine_name} was closed while generating"))
                     return
             try:
-                if self.lock is not None:
-                    with self.lock:
-                        self._step()
-                else:
+                with self.lock if self.lock is not None else contextlib.nullcontext(), self._step_context():
                     self._step()
             except BaseException as exc:  # never leave a caller waiting forever
-                log.exception("llama.cpp batch step failed")
-                self._fail_all(exc if isinstance(exc, RagtuneError) else RagtuneError(f"llama.cpp failed: {exc}"))
+                log.exception("%s: a batch step failed", self.engine_name)
+                self._fail_all(exc if isinstance(exc, RagtuneError) else RagtuneError(f"{self.engine_name} failed: {exc}"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Every running request, then every waiting one, ends with `exc`."""
+        raise NotImplementedError
+
+    def _fail_waiting(self, exc: BaseException, t: float) -> None:
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for r in waiting:
+            r.error, r.finish, r.t_end = exc, "cancelled", t
+            r.done.set()
+
+
+class Scheduler(StepThread):
+    """Decodes every submitted request in shared llama.cpp batches, in a thread it starts lazily."""
+
+    engine_name = "the llama.cpp engine"
+
+    def __init__(self, engine: Any, lock: Any = None, quantum: int = QUANTUM):
+        super().__init__(lock, quantum)
+        self.engine = engine
+        self.slots = [_Slot() for _ in range(engine.n_seq)]
+        self._running: list[_Seq] = []
+        self._group: str | None = None
+        self._group_steps = 0
+        self.steps = 0  # decode calls made (for tests and benchmarks)
+        self.max_seen_batch = 0  # the most sequences decoded in one call
+
+    @property
+    def active(self) -> int:
+        """Sequences running now (slots in use)."""
+        return len(self._running)
 
     def _step(self) -> None:
         now = time.perf_counter()
@@ -288,24 +344,9 @@ class Scheduler:
             req.error = exc
             self._retire(s, "cancelled", t)
             return
-        if s.seen is not None:
-            s.seen[tok] = True
-        req.ids.append(tok)
-        if req.t_first is None:
-            req.t_first = t
-        if req.on_token is not None:
-            try:
-                req.on_token(tok)
-            except BaseException as exc:  # the caller's callback failed: end its request only
-                req.error = exc
-                self._retire(s, "cancelled", t)
-                return
-        if tok in req.stops or (req.constraint is not None and req.constraint.done):
-            self._retire(s, "stop", t)
-        elif len(req.ids) >= req.budget:
-            self._retire(s, "length", t)
-        elif req.cancel is not None and req.cancel.is_set():
-            self._retire(s, "cancelled", t)
+        why = hand_out(req, tok, s.seen, t)
+        if why:
+            self._retire(s, why, t)
         else:
             s.feed = [tok]
 
@@ -329,9 +370,4 @@ class Scheduler:
                 self.engine.seq_rm(s.slot, 0)
             except Exception:  # noqa: BLE001 - the context may be gone; the slot is dropped anyway
                 log.debug("clearing slot %d failed", s.slot, exc_info=True)
-        with self._cv:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-        for r in waiting:
-            r.error, r.finish, r.t_end = exc, "cancelled", t
-            r.done.set()
+        self._fail_waiting(exc, t)

@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import atexit
 import collections
-import contextlib
 import logging
 import random
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from ragtune.errors import RagtuneError
-from ragtune.serve.batching import QUANTUM, SeqRequest
+from ragtune.serve.batching import QUANTUM, SeqRequest, StepThread, hand_out
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +93,18 @@ class _Group:
     mask: Any = None  # long tensor [rows, cache length]
 
 
-class TfScheduler:
+class TfScheduler(StepThread):
     """Decodes every submitted request in shared transformers forwards, in a thread it starts lazily."""
+
+    engine_name = "the transformers engine"
 
     def __init__(self, gen: Any, max_batch: int, lock: Any = None, quantum: int = QUANTUM):
         if int(max_batch) < 1:
             raise RagtuneError(f"max_batch must be at least 1, got {max_batch}")
+        super().__init__(lock, quantum)
         self.gen = gen
         self.max_batch = int(max_batch)
-        self.lock = lock  # held around each step (the Generator's lock: one model call at a time)
-        self.quantum = max(1, int(quantum))
         self._groups: dict[str | None, _Group] = {}
-        self._waiting: collections.deque[SeqRequest] = collections.deque()
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
         self._turn: str | None = None
         self._turn_steps = 0
         self._cache_kw, self._keep_one = _forward_params(gen.model)
@@ -117,57 +112,20 @@ class TfScheduler:
         self.max_seen_batch = 0  # the most sequences decoded in one forward
         _LIVE.add(self)
 
-    # --- public -------------------------------------------------------------------------------
-
     def submit(self, req: SeqRequest) -> SeqRequest:
         if not req.prompt:
             raise RagtuneError("TfScheduler.submit: the prompt is empty")
-        req.t_submit = time.perf_counter()
-        with self._cv:
-            if self._closed:
-                raise RagtuneError("the transformers batch scheduler is closed")
-            self._waiting.append(req)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="ragtune-tf-batch", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-        return req
+        return super().submit(req)
 
     @property
     def active(self) -> int:
         """Sequences running now (slots in use)."""
         return sum(len(g.rows) for g in self._groups.values())
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
-
-    # --- the loop -----------------------------------------------------------------------------
-
-    def _loop(self) -> None:
+    def _step_context(self) -> Any:
         import torch
 
-        while True:
-            with self._cv:
-                while not self._closed and not self._waiting and not self.active:
-                    self._cv.wait()
-                if self._closed:
-                    self._fail_all(RagtuneError("the transformers engine was closed while generating"))
-                    return
-            try:
-                with self.lock if self.lock is not None else contextlib.nullcontext(), torch.inference_mode():
-                    self._step()
-            except BaseException as exc:  # never leave a caller waiting forever
-                log.exception("transformers batch step failed")
-                self._fail_all(exc if isinstance(exc, RagtuneError) else RagtuneError(f"generation failed: {exc}"))
+        return torch.inference_mode()
 
     def _step(self) -> None:
         now = time.perf_counter()
@@ -280,25 +238,10 @@ class TfScheduler:
         except RagtuneError as exc:  # the grammar failed: end this request only
             req.error = exc
             return "cancelled"
-        if r.seen is not None:
-            r.seen[tok] = True
-        req.ids.append(tok)
-        if req.t_first is None:
-            req.t_first = t
-        if req.on_token is not None:
-            try:
-                req.on_token(tok)
-            except BaseException as exc:  # the caller's callback failed: end its request only
-                req.error = exc
-                return "cancelled"
-        if tok in req.stops or (req.constraint is not None and req.constraint.done):
-            return "stop"
-        if len(req.ids) >= req.budget:
-            return "length"
-        if req.cancel is not None and req.cancel.is_set():
-            return "cancelled"
-        r.last = tok
-        return ""
+        why = hand_out(req, tok, r.seen, t)
+        if not why:
+            r.last = tok
+        return why
 
     def _retire(self, group: _Group, gone: list[_Row], finish: str, t: float) -> None:
         """Cut rows out of the group's cache (and the padding no remaining row needs); release them."""
@@ -329,12 +272,7 @@ class TfScheduler:
             for r in g.rows:
                 r.req.error = exc
             self._retire(g, list(g.rows), "cancelled", t)
-        with self._cv:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-        for req in waiting:
-            req.error, req.finish, req.t_end = exc, "cancelled", t
-            req.done.set()
+        self._fail_waiting(exc, t)
 
 
 def _forward_params(model: Any) -> tuple[str, bool]:

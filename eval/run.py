@@ -152,6 +152,8 @@ def _plan(cfg: Any, questions: str | Path | None, adapter: AdapterSpecs, index: 
         from ragtune.serve.generator import check_engine
 
         check_engine(engine, cfg.model.device)
+    if int(ecfg.concurrency) < 1:
+        raise UsageError(f"eval.concurrency must be at least 1 (questions answered at once), got {ecfg.concurrency}")
     qpath = questions or ecfg.questions
     if not qpath:
         raise UsageError("no questions file: pass --questions FILE.jsonl (or set eval.questions)")
@@ -278,12 +280,23 @@ def _answer_all(cfg: Any, plan: _Plan, generator: Any, recorder: _RecordingRetri
             ad = adapter_of(mode)
             rec = recorder if uses_retrieval(mode) else None
             t_mode = time.perf_counter()
-            recs = []
-            for q in plan.questions:
-                r = _answer_one(generator, rec, q, mode, names.get(ad) if ad else None, cfg, plan.max_new_tokens)
-                errors += bool(r.error)
-                recs.append(r)
+
+            def one(q: Question, rec: _RecordingRetriever | None = rec, ad: str | None = ad) -> AnswerRecord:
+                # a recorder per question: concurrent answers each keep their own ranked hits
+                mine = _RecordingRetriever(rec.inner) if rec is not None else None
+                r = _answer_one(generator, mine, q, mode, names.get(ad) if ad else None, cfg, plan.max_new_tokens)
                 bar.update(1)
+                return r
+
+            workers = max(1, int(cfg.eval.concurrency))
+            if workers == 1:
+                recs = [one(q) for q in plan.questions]
+            else:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ragtune-eval") as pool:
+                    recs = list(pool.map(one, plan.questions))  # in question order
+            errors += sum(bool(r.error) for r in recs)
             runs[mode], seconds[mode] = recs, time.perf_counter() - t_mode
             if progress and bar.disable:  # stderr is a file or pipe: a line per mode, not a redrawn bar
                 log.info("eval %s: %d answers in %.0fs", mode, len(recs), seconds[mode])
@@ -302,8 +315,6 @@ def _messages(q: Question, system_prompt: str) -> list[dict[str, str]]:
 def _answer_one(gen: Any, recorder: _RecordingRetriever | None, q: Question, mode: str, adapter: str | None,
                 cfg: Any, max_new: int) -> AnswerRecord:
     msgs = _messages(q, cfg.eval.system_prompt)
-    if recorder is not None:
-        recorder.last = None
     t0 = time.perf_counter()
     try:
         ans = gen.answer(msgs, adapter=adapter, retriever=recorder, max_new_tokens=max_new, temperature=0.0,
@@ -343,7 +354,9 @@ def _meta(cfg: Any, plan: _Plan, generator: Any, engine_note: str) -> dict[str, 
         "adapters": "; ".join(f"{a.name} = {a.path} ({a.recipe})" for a in plan.adapters.values()) or "–",
         "index": plan.index if plan.needs_rag else "–",
         "engine": _engine_label(generator, cfg) + (" (llama.cpp failed: see the notes)" if engine_note else ""),
-        "decoding": f"greedy, max_new_tokens={plan.max_new_tokens}, identical in every mode",
+        "decoding": f"greedy, max_new_tokens={plan.max_new_tokens}, identical in every mode"
+                    + (f"; {cfg.eval.concurrency} questions at a time (batched: latencies include the batch)"
+                       if cfg.eval.concurrency > 1 else ""),
         "retrieval": f"top_k={cfg.rag.top_k}, min_score={_min_score_label(cfg)}, search mode={cfg.search.mode}",
         "system prompt": cfg.eval.system_prompt or "(none)",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),

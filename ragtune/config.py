@@ -215,6 +215,9 @@ class EvalConfig:
     system_prompt: str = ""  # system turn for every question in every mode (use the adapter's training one)
     seed: int = 0  # bootstrap and generation seed
     engine: Literal["auto", "transformers", "llama.cpp", "openai"] = "auto"  # auto: llama.cpp on the CPU when installed; openai: generation.url
+    # questions answered at once in each mode: the engine decodes them in one batch (serve.max_batch slots),
+    # so a mode takes less wall time; each answer's latency then includes its share of the batch
+    concurrency: int = 1
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,22 @@ def test_eval_end_to_end(tmp_path: Path, tiny_llama: Path, tiny_embedder: Path,
                     "## Questions by `changed_in_v2`", "## Where the modes disagree"):
         assert heading in md
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    # eval.concurrency: the questions of a mode answered at once (the transformers engine batches them)
+    # give the same answers, the same retrieved sources and scores, in question order
+    out2 = tmp_path / "report-concurrent"
+    rc = main(["eval", "--questions", str(qfile), "--adapter", str(adapter), "--index", "policies",
+               "--out", str(out2), "--no-progress", *overrides, "eval.concurrency=3"])
+    assert rc == 0, capsys.readouterr().out
+    rep2 = json.loads((out2 / "report.json").read_text(encoding="utf-8"))
+    assert [q["id"] for q in rep2["questions"]] == [q["id"] for q in rep["questions"]]
+    for q1, q2 in zip(rep["questions"], rep2["questions"]):
+        for mode in rep["modes"]:
+            a1, a2 = q1["answers"][mode], q2["answers"][mode]
+            assert a2["answer"] == a1["answer"], (q1["id"], mode)
+            assert [s["source"] for s in a2["sources"]] == [s["source"] for s in a1["sources"]]
+            assert a2["scores"] == a1["scores"], (q1["id"], mode)
+    assert "3 questions at a time" in rep2["meta"]["decoding"]
+    assert main(["eval", "--questions", str(qfile), "--out", str(tmp_path / "r3"), *overrides,
+                 "eval.concurrency=0"]) == 2
+    assert "eval.concurrency must be at least 1" in capsys.readouterr().err

@@ -12,7 +12,11 @@ drifting CPU load hits both alike. Per phase: aggregate completion tokens/s (the
 every answer over the phase's wall time) and the p50 time to first content token seen by a client.
 Then `--stress` concurrent clients against the batched server: every error and every non-200 is
 counted. With `--remote`, the same request through a `ragtune serve` deployment `engine: openai`
-against calling the remote server (llama-cpp-python's `llama_cpp.server` on the same GGUF) directly.
+against calling the remote server (llama-cpp-python's `llama_cpp.server` on the same GGUF) directly,
+in rounds whose order rotates; `--remote-via old=/path/to/other/bin/ragtune` adds another install's
+server (an older ragtune, for a before/after in one run) to the same rounds:
+
+    python bench/bench_serve.py --repeats 0 --threads 1 --remote --remote-requests 40 --remote-via old=/tmp/old/bin/ragtune
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, overrides: list[str], log: Path, config: str = "") -> subprocess.Popen:
-    cmd = [str(ROOT / ".venv/bin/ragtune"), "serve", "--port", str(port), *overrides]
+def start_server(port: int, overrides: list[str], log: Path, config: str = "", exe: str = "") -> subprocess.Popen:
+    cmd = [exe or str(ROOT / ".venv/bin/ragtune"), "serve", "--port", str(port), *overrides]
     if config:
         cmd[2:2] = ["--config", config]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
@@ -124,7 +128,8 @@ def phase(base: str, model: str, clients: int, tokens: int) -> dict[str, Any]:
 
 def remote_overhead(args: argparse.Namespace, logs: Path, procs: list[subprocess.Popen]) -> dict[str, Any]:
     """Median latency of one short non-streaming answer: via ragtune's `engine: openai` deployment
-    against the same request straight to llama_cpp.server (same GGUF), interleaved."""
+    (this install's, and each `--remote-via` install's) against the same request straight to
+    llama_cpp.server (same GGUF), interleaved, the order rotating every round."""
     import httpx
 
     sys.path.insert(0, str(ROOT))
@@ -134,7 +139,7 @@ def remote_overhead(args: argparse.Namespace, logs: Path, procs: list[subprocess
 
     cfg = load_config(None)
     gguf = ensure_gguf(resolve_model_path(cfg.model.path), type=cfg.generation.gguf_type)
-    rport, sport = free_port(), free_port()
+    rport = free_port()
     procs.append(subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
                                    str(rport), "--n_threads", str(args.threads or 2), "--model_alias", "remote"],
                                   stdout=(logs / "llama_cpp_server.log").open("w"), stderr=subprocess.STDOUT))
@@ -142,22 +147,38 @@ def remote_overhead(args: argparse.Namespace, logs: Path, procs: list[subprocess
     conf = logs / "remote.yaml"
     conf.write_text("serve:\n  deployments:\n    - {name: remote, engine: openai, "
                     f"url: 'http://127.0.0.1:{rport}/v1', model: remote}}\n")
-    procs.append(start_server(sport, [], logs / "serve_remote.log", config=str(conf)))
-    wait_ready(f"http://127.0.0.1:{sport}/health", procs[-1], "ragtune serve (remote)")
+    urls = {"direct": f"http://127.0.0.1:{rport}/v1"}
+    for label, exe in [("ragtune", ""), *(item.split("=", 1) for item in args.remote_via)]:
+        port = free_port()
+        procs.append(start_server(port, [], logs / f"serve_remote_{label}.log", config=str(conf), exe=exe))
+        wait_ready(f"http://127.0.0.1:{port}/health", procs[-1], f"ragtune serve (remote, {label})")
+        urls[label] = f"http://127.0.0.1:{port}/v1"
     body = {"model": "remote", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
             "temperature": 0}
-    direct, via = [], []
+    wall: dict[str, list[float]] = {k: [] for k in urls}
+    own: dict[str, list[float]] = {k: [] for k in urls if k != "direct"}
+    names = list(urls)
     with httpx.Client(timeout=120) as c:
         for i in range(args.remote_requests + 1):
-            for url, acc in ((f"http://127.0.0.1:{rport}/v1", direct), (f"http://127.0.0.1:{sport}/v1", via)):
+            for name in names[i % len(names):] + names[:i % len(names)]:
                 t0 = time.perf_counter()
-                r = c.post(url + "/chat/completions", json=body)
+                r = c.post(urls[name] + "/chat/completions", json=body)
                 r.raise_for_status()
-                if i:  # the first round warms both up
-                    acc.append(time.perf_counter() - t0)
-    d, v = statistics.median(direct), statistics.median(via)
-    return {"direct_ms": d * 1000, "via_ragtune_ms": v * 1000, "overhead_ms": (v - d) * 1000,
-            "requests": args.remote_requests}
+                if i:  # the first round warms every server up
+                    wall[name].append(time.perf_counter() - t0)
+                    if name != "direct":  # the client's wall time less the remote call as ragtune timed it
+                        own[name].append(wall[name][-1] - r.json()["ragtune"]["timings"]["total_s"])
+    d = statistics.median(wall["direct"])
+    out: dict[str, Any] = {"direct_ms": d * 1000, "requests": args.remote_requests, "via": {}}
+    for name in own:
+        v = statistics.median(wall[name])
+        out["via"][name] = {"via_ms": v * 1000, "overhead_ms": (v - d) * 1000,
+                            "paired_overhead_ms": 1000 * statistics.median(
+                                b - a for a, b in zip(wall["direct"], wall[name])),
+                            "own_ms": 1000 * statistics.median(own[name])}
+    out.update({k: out["via"]["ragtune"][k] for k in ("via_ms", "overhead_ms")})  # this install's, as before
+    out["via_ragtune_ms"] = out.pop("via_ms")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--stress", type=int, default=16, help="concurrent clients for the error check (0 = skip)")
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="batching comparison rounds (0 = skip it)")
     ap.add_argument("--engine", choices=["llama.cpp", "transformers"], default="llama.cpp")
     ap.add_argument("--threads", type=int, default=0, help="engine threads (0 = usable cores / torch's default)")
     ap.add_argument("--remote", action="store_true", help="also measure the engine: openai overhead")
     ap.add_argument("--remote-requests", type=int, default=20)
+    ap.add_argument("--remote-via", action="append", default=[], metavar="LABEL=EXE",
+                    help="with --remote, also time another install's `ragtune` (e.g. an older one) in the same rounds")
     ap.add_argument("--out", default="runs/bench/serve.json")
     args = ap.parse_args(argv)
     logs = ROOT / "runs/bench/serve-logs"
@@ -178,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"generation.engine={args.engine}", f"generation.threads={args.threads}", "serve.max_queue=256",
               f"serve.max_tokens_limit={max(2048, args.tokens)}"]
     ports = {"one-at-a-time (max_batch 1)": free_port(), f"batched (max_batch {args.max_batch})": free_port()}
+    if args.repeats < 1:  # --repeats 0: no batching comparison (e.g. --remote alone)
+        ports, args.stress = {}, 0
     procs: list[subprocess.Popen] = []
     t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
@@ -207,28 +232,33 @@ def main(argv: list[str] | None = None) -> int:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
-    summary = {}
+    summary, ratio = {}, 0.0
     for name, rs in rows.items():
         summary[name] = {"tok_s": statistics.median(r["tok_s"] for r in rs),
                          "p50_ttft_s": statistics.median(r["p50_ttft_s"] for r in rs if r["p50_ttft_s"] is not None),
                          "errors": sum(r["errors"] for r in rs), "tokens": [r["tokens"] for r in rs]}
-    base_name, batch_name = list(ports)
-    ratio = summary[batch_name]["tok_s"] / summary[base_name]["tok_s"] if summary[base_name]["tok_s"] else 0.0
+    if summary:
+        base_name, batch_name = list(ports)
+        ratio = summary[batch_name]["tok_s"] / summary[base_name]["tok_s"] if summary[base_name]["tok_s"] else 0.0
     result = {"date": t_start, "machine": machine(), "load_avg_start": load0, "load_avg_end": os.getloadavg()[0],
               "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "engine": args.engine, "clients": args.clients, "tokens": args.tokens, "summary": summary, "ratio": ratio,
               "stress": stress, "remote": remote, "runs": rows}
-    print(f"\n| {t_start}, {machine()}, {args.engine}, {args.clients} streaming clients x {args.tokens} tokens "
-          "| aggregate tok/s | p50 TTFT (s) | errors |\n| --- | ---: | ---: | ---: |")
-    for name, s in summary.items():
-        print(f"| {name} | {s['tok_s']:.1f} | {s['p50_ttft_s']:.2f} | {s['errors']} |")
-    print(f"ratio {ratio:.2f}x; load average {load0:.2f} at the start, {result['load_avg_end']:.2f} at the end")
+    if summary:
+        print(f"\n| {t_start}, {machine()}, {args.engine}, {args.clients} streaming clients x {args.tokens} tokens "
+              "| aggregate tok/s | p50 TTFT (s) | errors |\n| --- | ---: | ---: | ---: |")
+        for name, s in summary.items():
+            print(f"| {name} | {s['tok_s']:.1f} | {s['p50_ttft_s']:.2f} | {s['errors']} |")
+        print(f"ratio {ratio:.2f}x")
+    print(f"{t_start}, load average {load0:.2f} at the start, {result['load_avg_end']:.2f} at the end")
     if stress:
         print(f"{args.stress} clients on the batched server: {stress['ok']} ok, {stress['errors']} errors, "
               f"{stress['5xx']} 5xx, {stress['tok_s']:.1f} tok/s")
     if remote:
-        print(f"remote engine: direct {remote['direct_ms']:.1f} ms, via ragtune {remote['via_ragtune_ms']:.1f} ms, "
-              f"overhead {remote['overhead_ms']:.1f} ms (median of {remote['requests']})")
+        print(f"remote engine: direct {remote['direct_ms']:.1f} ms (median of {remote['requests']} interleaved)")
+        for name, v in remote["via"].items():
+            print(f"  via {name}: {v['via_ms']:.1f} ms, overhead {v['overhead_ms']:.1f} ms (paired "
+                  f"{v['paired_overhead_ms']:.1f} ms); its own time outside the remote call {v['own_ms']:.1f} ms")
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))

@@ -4,6 +4,7 @@ server (vLLM, Ollama, llama.cpp's server) generates.
     gen = RemoteGenerator(cfg, url="http://gpu-box:8000/v1", model="policies-merged", api_key="").load()
     ans = gen.answer(messages, retriever=r)          # the same Answer as the local engines give
     s = gen.stream(messages, retriever=r); s.sources; "".join(s); s.answer
+    ans = await gen.answer_async(messages, retriever=r)   # on an event loop (the server's whole answers)
 
 The messages sent are the ones a local engine would render (the retrieval system turn with the
 numbered sources from `ragtune.chat.rag_messages`), so citations and abstention behave the same;
@@ -77,8 +78,10 @@ class RemoteGenerator:
         self.lock = threading.Lock()  # not held for generation: the remote server does its own queueing
         self.adapters: dict[str, Any] = {}
         self.schema_form = "json_schema"  # "json_object" once the remote refused OpenAI's json_schema form
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(timeout=timeout_s, headers=headers)
+        self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(timeout=timeout_s, headers=self.headers)
+        self._ahttp: tuple[Any, Any] | None = None  # (event loop, httpx.AsyncClient) of answer_async
 
     @property
     def loaded(self) -> bool:
@@ -103,6 +106,12 @@ class RemoteGenerator:
 
     def close(self) -> None:
         self.http.close()
+
+    async def aclose(self) -> None:
+        """Close the async client of `answer_async` (on the loop that used it); `close` closes the other."""
+        if self._ahttp is not None:
+            client, self._ahttp = self._ahttp[1], None
+            await client.aclose()
 
     # --- answering ----------------------------------------------------------------------------
 
@@ -162,17 +171,17 @@ class RemoteGenerator:
         form is asked again with the schema as json_object, and keeps that form from then on."""
         import httpx
 
-        req = self.http.build_request("POST", self.url + "/chat/completions", json=body)
+        stream = bool(body.get("stream"))
         try:
-            r = self.http.send(req, stream=bool(body.get("stream")))
-            # llama_cpp.server answers its validation error with a 500 that names response_format.type
-            if r.status_code in (400, 422, 500) and (body.get("response_format") or {}).get("type") == "json_schema":
+            r = self.http.send(self.http.build_request("POST", self.url + "/chat/completions", json=body),
+                               stream=stream)
+            if self._may_refuse_schema(body, r):
                 r.read()
                 if "response_format" in r.text:
                     r.close()
                     other = self._schema_as_json_object(body)
                     r = self.http.send(self.http.build_request("POST", self.url + "/chat/completions", json=other),
-                                       stream=bool(body.get("stream")))
+                                       stream=stream)
                     if r.status_code == 200:
                         self.schema_form = "json_object"
         except httpx.HTTPError as exc:
@@ -182,6 +191,39 @@ class RemoteGenerator:
             r.close()
             raise self._fail(r)
         return r
+
+    async def _apost(self, body: dict[str, Any]) -> Any:
+        """`_post` for a whole answer on the caller's event loop (`answer_async`)."""
+        import httpx
+
+        client = self._async_client()
+        try:
+            r = await client.post(self.url + "/chat/completions", json=body)
+            if self._may_refuse_schema(body, r) and "response_format" in r.text:
+                r = await client.post(self.url + "/chat/completions", json=self._schema_as_json_object(body))
+                if r.status_code == 200:
+                    self.schema_form = "json_object"
+        except httpx.HTTPError as exc:
+            raise RagtuneError(f"remote engine {self.url} could not be reached: {exc}") from exc
+        if r.status_code != 200:
+            raise self._fail(r)
+        return r
+
+    @staticmethod
+    def _may_refuse_schema(body: dict[str, Any], r: Any) -> bool:
+        # llama_cpp.server answers its validation error with a 500 that names response_format.type
+        return r.status_code in (400, 422, 500) and (body.get("response_format") or {}).get("type") == "json_schema"
+
+    def _async_client(self) -> Any:
+        """One httpx.AsyncClient per event loop (a server has one), so its connections are kept alive."""
+        import asyncio
+
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        if self._ahttp is None or self._ahttp[0] is not loop:
+            self._ahttp = (loop, httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers))
+        return self._ahttp[1]
 
     def _answer(self, job: dict[str, Any], text: str, finish: str, usage: dict[str, Any],
                 t_first: float | None, tool_calls: list[dict[str, Any]] | None = None,
@@ -218,7 +260,30 @@ class RemoteGenerator:
         job = self._prepare(messages, retriever, rag, adapter)
         if job["abstained"]:
             return self._abstain(job)
-        r = self._post(self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, _checked(passed)))
+        body = self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, _checked(passed))
+        return self._whole(job, self._post(body), passed)
+
+    async def answer_async(self, messages: Sequence[dict[str, Any]], adapter: str | None = None,
+                           retriever: Any = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                           top_p: float | None = None, seed: int | None = None, rag: Any = None,
+                           stop: Sequence[str] | None = None, **passed: Any) -> RemoteAnswer:
+        """`answer` on the caller's event loop (the server's): one non-streaming request to the remote with
+        no worker thread in between (retrieval, when there is a retriever, still runs in one). Cancelling
+        the awaiting task closes the remote connection; a remote that generates whole answers without
+        watching its client (llama_cpp.server) finishes that answer, as it would for any client."""
+        import anyio
+
+        if retriever is None:
+            job = self._prepare(messages, retriever, rag, adapter)
+        else:
+            job = await anyio.to_thread.run_sync(self._prepare, messages, retriever, rag, adapter)
+        if job["abstained"]:
+            return self._abstain(job)
+        body = self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, _checked(passed))
+        return self._whole(job, await self._apost(body), passed)
+
+    def _whole(self, job: dict[str, Any], r: Any, passed: dict[str, Any]) -> RemoteAnswer:
+        """The RemoteAnswer of a non-streaming chat completion."""
         try:
             body = r.json()
             choice = body["choices"][0]

@@ -336,6 +336,9 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
         yield
         if jobs is not None:
             jobs.close()
+        for d in runtime.deployments.values():  # engine openai: the async client of answer_async
+            if hasattr(d.generator, "aclose"):
+                await d.generator.aclose()
         runtime.close()
 
     app = FastAPI(title="ragtune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -566,6 +569,8 @@ async def answer_unless_disconnected(request: Any, d: Deployment, messages: list
     import anyio
     from starlette.concurrency import run_in_threadpool
 
+    if hasattr(d.generator, "answer_async"):  # engine openai: one remote request on this loop, no threads
+        return await remote_answer_unless_disconnected(request, d, messages, kwargs)
     try:
         stream = await run_in_threadpool(d.generator.stream, messages, **kwargs)
     except RagtuneError as exc:
@@ -605,6 +610,42 @@ async def answer_unless_disconnected(request: Any, d: Deployment, messages: list
     if ans is not None and ans.finish_reason == "cancelled":
         log.info("cancelled after %d of %d tokens", ans.completion_tokens, kwargs["max_new_tokens"])
     return ans
+
+
+async def remote_answer_unless_disconnected(request: Any, d: Deployment, messages: list[dict[str, str]],
+                                            kwargs: dict[str, Any]) -> Any:
+    """A remote engine's whole answer as one non-streaming remote request awaited here (a streamed one
+    and the worker threads around it cost the remote and this server a wake-up per token); a client that
+    hangs up cancels it, which closes the remote connection."""
+    import anyio
+
+    result: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+        async def call() -> None:
+            try:
+                result["answer"] = await d.generator.answer_async(messages, **kwargs)
+            except Exception as exc:  # handed to the request below
+                result["error"] = exc
+            tg.cancel_scope.cancel()  # ends the watch
+
+        async def watch() -> None:
+            while True:
+                await anyio.sleep(DISCONNECT_POLL_S)
+                if await request.is_disconnected():
+                    log.info("client disconnected from a %s request: remote request cancelled", d.name)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(call)
+        tg.start_soon(watch)
+    if "error" in result:
+        exc = result["error"]
+        if isinstance(exc, RagtuneError):
+            raise request_error(exc) from exc
+        raise exc
+    if "answer" not in result:
+        raise APIError(400, "the client disconnected before the answer was ready", code="client_disconnected")
+    return result["answer"]
 
 
 async def start_stream(d: Deployment, messages: list[dict[str, str]], kwargs: dict[str, Any],

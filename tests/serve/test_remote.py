@@ -88,6 +88,76 @@ def test_remote_engine_abstains_without_calling_the_remote(tiny_smol: Path) -> N
         g.close()
 
 
+def test_answer_async_gives_answers_answer_on_one_kept_alive_connection(gen: Any) -> None:
+    """The server's path for a whole answer (one non-streaming remote request awaited on its event loop)
+    answers as `answer` does, sources included, and reuses one kept-alive connection."""
+    import anyio
+
+    msgs = [{"role": "user", "content": QUESTION}]
+    want = gen.answer(msgs, retriever=FakeRetriever(), max_new_tokens=8, temperature=0.0)
+
+    async def run() -> None:
+        got = await gen.answer_async(msgs, retriever=FakeRetriever(), max_new_tokens=8, temperature=0.0)
+        assert (got.text, got.mode, got.sources, got.completion_tokens) == (want.text, "rag", want.sources,
+                                                                            want.completion_tokens)
+        again = await gen.answer_async(msgs, max_new_tokens=4, temperature=0.0)
+        assert again.mode == "base" and again.sources == [] and 0 < again.completion_tokens <= 4
+        assert len(gen._async_client()._transport._pool.connections) == 1  # the first one, kept alive
+        with pytest.raises(UsageError, match="adapter 'policies' cannot be applied"):
+            await gen.answer_async(msgs, adapter="policies")
+        await gen.aclose()
+
+    anyio.run(run)
+
+
+class Hanging:
+    """A remote that accepts a request and never answers; `closed` is set when the caller drops the
+    connection (the remote side sees EOF)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.got_request, self.closed = threading.Event(), threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            self.got_request.set()
+            while conn.recv(65536):  # a body, then nothing until the caller hangs up
+                pass
+            self.closed.set()
+
+
+def test_a_client_that_hangs_up_closes_the_remote_request(tiny_smol: Path, tmp_path: Path) -> None:
+    """A non-streaming request on a remote deployment whose client gives up: the server cancels the remote
+    request, and the remote sees its connection closed (a remote that watches it, e.g. vLLM, stops)."""
+    import httpx
+
+    from ragtune.serve.server import create_app
+
+    remote = Hanging()
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {tiny_smol}\nserve:\n  deployments:\n"
+                 f"    - {{name: prod, engine: openai, url: '{remote.url}', model: tiny}}\n")
+    server, thread, port = start_server(create_app(load_config(f)))
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=1.0,
+                       json={"model": "prod", "messages": [{"role": "user", "content": QUESTION}]})
+        assert remote.got_request.is_set()
+        assert remote.closed.wait(10), "the remote connection stayed open after the client hung up"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def _deployments(remote: str, tiny_smol: Path, tmp_path: Path) -> Any:
     f = tmp_path / "serve.yaml"
     f.write_text(f"model:\n  path: {tiny_smol}\nserve:\n  deployments:\n"

@@ -87,6 +87,9 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     chat_template: str = ""  # a .jinja file to train (and serve) with instead of the model's own
     group_by_length: bool = True  # batch records of similar length together (little padding)
+    # fused Triton kernels for RoPE, RMSNorm and SwiGLU from liger-kernel: auto = on CUDA when liger-kernel is
+    # installed and supports the model (not under QLoRA); the loss stays ragtune's compact one
+    kernels: Literal["auto", "liger", "none"] = "auto"
     save_total_limit: int = 2  # checkpoints kept in output_dir/checkpoints
     lora: LoraConfig = field(default_factory=LoraConfig)
 

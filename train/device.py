@@ -81,12 +81,44 @@ def other_busy_cores(window: float = 0.5) -> float:
             return 0.0
 
 
-def gradient_checkpointing(cfg: Any, device: str, n_params: int) -> bool:
+def gradient_checkpointing(cfg: Any, device: str, n_params: int, model: Any = None) -> bool:
+    """train.gradient_checkpointing, else (auto): on CUDA, on for QLoRA, and on when the activations of a
+    step would not fit beside the weights in the GPU's free memory (`activation_bytes`); off on CPUs.
+
+    Recomputing the activations costs about a third more compute per step, so it is worth it only where
+    memory is the limit: on an H200 a 6.5B Llama shape at batch 8 x 1024 tokens fits without it."""
     mode = cfg.train.gradient_checkpointing
     if mode != "auto":
         return mode == "on"
-    # recomputing activations costs ~30% time: only worth it where memory is the limit
-    return device == "cuda" and (cfg.train.qlora or n_params > 1_000_000_000)
+    if device != "cuda":
+        return False
+    if cfg.train.qlora:
+        return True
+    if model is None:
+        return n_params > 1_000_000_000
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    need = activation_bytes(model.config, cfg.train.batch_size * cfg.data.max_length, cfg.train.lora.r)
+    if next(model.parameters()).device.type != "cuda":  # the Trainer moves the weights there later
+        need += sum(p.numel() * p.element_size() for p in model.parameters())
+    fits = need <= 0.8 * free
+    log.info("activations of one step: about %.1f GB, %.1f GB free on the GPU: gradient checkpointing %s",
+             need / 1e9, free / 1e9, "off" if fits else "on")
+    return not fits
+
+
+def activation_bytes(config: Any, tokens: int, lora_r: int = 16) -> int:
+    """Bytes a decoder-only transformer keeps for backward over `tokens` tokens with LoRA on all linear
+    layers, under bf16 (an estimate from what each layer saves, on the high side):
+    per token and layer about 20 hidden-size and 7 MLP-size bf16 tensors (norm inputs and outputs, q/k/v,
+    attention output, LoRA dropout copies and masks, gate/up/activation products) plus two float32 norm inputs.
+    Fused attention (SDPA's flash and memory-efficient kernels on CUDA) keeps no tokens x tokens matrix;
+    tests/train/test_device.py checks the estimate against what a LoRA forward really keeps."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h, i, layers = int(c.hidden_size), int(getattr(c, "intermediate_size", 4 * c.hidden_size)), int(c.num_hidden_layers)
+    per_token_layer = 2 * (20 * h + 7 * i + 8 * lora_r) + 4 * 2 * h
+    return tokens * layers * per_token_layer
 
 
 def bf16_autocast(cfg: Any, device: str, dtype: Any, n_params: int) -> bool:
@@ -106,6 +138,36 @@ def bf16_autocast(cfg: Any, device: str, dtype: Any, n_params: int) -> bool:
     # bf16 matmuls over fp32 master weights: 1.7x the tokens/s of fp32 for SmolLM2 on an avx512_bf16 CPU,
     # same held-out loss (docs/benchmarks.md); tiny models gain nothing
     return dtype == torch.float32 and n_params >= 20_000_000 and cpu_has_native_bf16()
+
+
+def fused_kernels(cfg: Any, device: str, model: Any) -> str:
+    """train.kernels: put liger-kernel's fused RoPE, RMSNorm and SwiGLU into `model` (before LoRA wraps it);
+    returns what was applied ("none", or "liger: rope, rms_norm, swiglu"). Its loss kernels stay out: the
+    compact loss (compact_loss.py) already runs the head only where there are labels."""
+    mode = cfg.train.kernels
+    if mode == "none" or (mode == "auto" and (device != "cuda" or cfg.train.qlora)):
+        return "none"
+    if device != "cuda":
+        raise UsageError(f"train.kernels=liger needs a CUDA GPU (Triton kernels), but training runs on '{device}'; "
+                         "set train.kernels=auto or none")
+    try:
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+            _apply_liger_kernel_to_instance,
+        )
+    except ImportError:
+        if mode == "liger":
+            raise UsageError("train.kernels=liger needs liger-kernel: pip install liger-kernel (or train.kernels=none)")
+        return "none"
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if mode == "liger":
+            raise UsageError(f"train.kernels=liger: liger-kernel has no kernels for model type '{model_type}'; "
+                             "set train.kernels=auto or none")
+        return "none"
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return "liger: rope, rms_norm, swiglu"
 
 
 def load_base_model(cfg: Any, base: Path, device: str) -> Any:

@@ -43,6 +43,7 @@ from ragtune.train.compact_loss import install_compact_loss, make_trainer_class
 from ragtune.train.device import (
     bf16_autocast,
     first_process,
+    fused_kernels,
     gradient_checkpointing,
     load_base_model,
     packing_supported,
@@ -315,6 +316,7 @@ class _Loaded:
     bf16: bool
     fp16: bool
     dtype: str  # as the run card says it: "float32", "nf4 4-bit, bfloat16 compute", ...
+    kernels: str = "none"  # fused kernels put in (train.kernels)
 
 
 def _load_for_training(cfg: Any, prep: Any) -> _Loaded:
@@ -335,6 +337,7 @@ def _load_for_training(cfg: Any, prep: Any) -> _Loaded:
         # all of them until the Trainer moves the model (the packing probe runs before that)
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     model = load_base_model(cfg, prep.base, device)
+    kernels = fused_kernels(cfg, device, model)
     n_params = sum(p.numel() for p in model.parameters())
     threads = set_threads(tc.threads, n_params) if device == "cpu" else torch.get_num_threads()
     pad = choose_pad_token(tok, template)
@@ -349,7 +352,7 @@ def _load_for_training(cfg: Any, prep: Any) -> _Loaded:
             "(length-grouped batches waste little padding) or use an attention implementation that honours "
             "sequence boundaries (flash_attention_2 on CUDA)"
         )
-    gc = gradient_checkpointing(cfg, device, n_params)
+    gc = gradient_checkpointing(cfg, device, n_params, model)
     bf16 = bf16_autocast(cfg, device, model.dtype, n_params)
     fp16 = device == "cuda" and model.dtype == torch.float16
     dtype = str(model.dtype).replace("torch.", "")  # before QLoRA's preparation casts norms to float32
@@ -363,7 +366,7 @@ def _load_for_training(cfg: Any, prep: Any) -> _Loaded:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-    return _Loaded(model, device, threads, pad, gc, bf16, fp16, dtype)
+    return _Loaded(model, device, threads, pad, gc, bf16, fp16, dtype, kernels)
 
 
 @dataclass
@@ -463,6 +466,7 @@ def _build_trainer(cfg: Any, prep: Any, loaded: _Loaded, sets: _Sets, ckpt_dir: 
         "dtype": loaded.dtype,
         "threads": loaded.threads,
         "gradient_checkpointing": loaded.gradient_checkpointing,
+        "kernels": loaded.kernels,
         "pad_token": loaded.pad,
         "assistant_only_loss": "prefix-rendered assistant spans (answer + end-of-turn token)",
         "compact_lm_head": trainer.compact_loss,

@@ -33,3 +33,12 @@ def test_qlora_trains_on_cuda(trainable_llama: Path, qa_file: Path, tmp_path: Pa
                  f"train.output_dir={out}", "train.qlora=true", *QUICK]) == 0
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "ragtune.json").read_text())["training"]["dtype"].startswith("nf4 4-bit, ")
+
+
+def test_liger_kernels_train_on_cuda(trainable_llama: Path, qa_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("liger_kernel")
+    out = tmp_path / "liger"
+    assert main(["-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+                 f"train.output_dir={out}", "train.kernels=liger", *QUICK]) == 0
+    t = json.loads((out / "ragtune.json").read_text())["training"]
+    assert t["kernels"].startswith("liger: ")

@@ -176,6 +176,42 @@ def test_requests_on_different_adapters_never_share_a_forward(tiny_llama: Path, 
     assert set().union(*seen) == {None, "policies", "other"}
 
 
+def test_the_growing_cache_holds_what_dynamic_cache_holds_and_appends_in_place(sharp_llama: Path) -> None:
+    """The scheduler's cache layers give the forward the keys and values transformers' DynamicCache gives
+    (the same logits, bit for bit), append each token into spare room of one buffer instead of copying the
+    cache, and take a cache cut or replaced from outside (joins, retired rows) into a new buffer."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from ragtune.serve.tf_batching import _growing_cache
+
+    model = AutoModelForCausalLM.from_pretrained(str(sharp_llama), dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 13, 17, 21], [0, 0, 4, 8, 12]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    caches = [_growing_cache(model.config), DynamicCache(config=model.config)]
+    with torch.inference_mode():
+        outs = [model(input_ids=ids, attention_mask=mask, cache=c, use_cache=True).logits for c in caches]
+        assert torch.equal(outs[0], outs[1])
+        buffers = {layer._room[0].data_ptr() for layer in caches[0].layers}
+        for step in range(6):
+            mask = torch.cat([mask, torch.ones((2, 1), dtype=mask.dtype)], dim=1)
+            pos = mask.sum(dim=1, keepdim=True) - 1
+            feed = torch.tensor([[30 + step], [40 + step]])
+            outs = [model(input_ids=feed, attention_mask=mask, position_ids=pos, cache=c,
+                          use_cache=True).logits for c in caches]
+            assert torch.equal(outs[0], outs[1])
+        grown, plain = caches[0].layers[0], caches[1].layers[0]
+        assert torch.equal(grown.keys, plain.keys) and grown.keys.shape[-2] == 11
+        assert {layer._room[0].data_ptr() for layer in caches[0].layers} == buffers  # no copy while it grew
+        for c in caches:  # a row retired, as TfScheduler._retire cuts it
+            for layer in c.layers:
+                layer.keys, layer.values = layer.keys[1:, :, 2:], layer.values[1:, :, 2:]
+        mask = torch.cat([mask[1:, 2:], torch.ones((1, 1), dtype=mask.dtype)], dim=1)
+        outs = [model(input_ids=torch.tensor([[50]]), attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                      cache=c, use_cache=True).logits for c in caches]
+        assert torch.equal(outs[0], outs[1]) and caches[0].layers[0].keys.shape == caches[1].layers[0].keys.shape
+
+
 def test_a_model_whose_cache_cannot_be_padded_answers_one_at_a_time(tiny_llama: Path, tmp_path: Path) -> None:
     from ragtune.config import load_config
     from ragtune.serve.generator import Generator

@@ -24,6 +24,9 @@ learning rate 2e-4 linear, seed. Runs:
   trl-packing        ... packing=True
   trl-packing-liger  ... packing=True, use_liger_kernel=True (the best peer configuration)
   trl-packing-liger-nogc  ... and gradient_checkpointing=False (TRL's default is True)
+With --steps 0 --train-records N every run trains one epoch over the same N records (equal data: the
+held-out losses compare; packed runs take fewer, larger steps); with --steps K every run takes K steps
+(equal steps: a packed step carries more tokens, so its loss is not comparable).
 tokens/s counts non-padding tokens (attention-mask ones, or every token of a padding-free batch) of the
 steps after the first --warmup, between CUDA-synchronised step ends; peak memory is
 torch.cuda.max_memory_allocated over the whole run; held-out loss is the mean NLL per assistant token of
@@ -47,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -188,7 +190,7 @@ def make_model(args: argparse.Namespace) -> int:
 # --- train ------------------------------------------------------------------------------------
 
 
-def split_records(data: Path, tokdir: Path, work: Path) -> tuple[Path, list[Any], Any, str]:
+def split_records(data: Path, tokdir: Path, work: Path, train_records: int = 0) -> tuple[Path, list[Any], Any, str]:
     from ragtune.modeling import load_tokenizer
     from ragtune.train.data import check_file, record_prompt, split_items
 
@@ -196,6 +198,8 @@ def split_records(data: Path, tokdir: Path, work: Path) -> tuple[Path, list[Any]
     template = tok.chat_template
     rep = check_file(str(data), tok, template, 1024)
     train, held = split_items(rep.records, HELDOUT / max(1, len(rep.records)), 42, key=record_prompt)
+    if train_records > 0:
+        train = train[:train_records]
     train_file = work / "train.jsonl"
     train_file.write_text("".join(json.dumps({"messages": r.messages}, ensure_ascii=False) + "\n" for r in train),
                           encoding="utf-8")
@@ -309,7 +313,7 @@ def run_ragtune(variant: str, shape: str, args: argparse.Namespace, train_file: 
     out = work / "out"
     cfg = load_config(None, [
         f"model.path={model_path}", f"data.train_file={train_file}", "data.max_length=1024",
-        "data.eval_fraction=0.0", f"train.output_dir={out}", f"train.max_steps={args.steps}",
+        "data.eval_fraction=0.0", f"train.output_dir={out}", f"train.max_steps={args.steps or -1}", "train.epochs=1",
         f"train.learning_rate={args.lr}", "train.batch_size=8", f"train.lora.r={LORA['r']}",
         f"train.lora.alpha={LORA['alpha']}", f"train.lora.dropout={LORA['dropout']}", "train.save_steps=100000",
         "train.logging_steps=1", "train.seed=42", "train.warmup_ratio=0.0", "train.lr_scheduler=linear", *extra])
@@ -332,7 +336,8 @@ def run_trl(variant: str, shape: str, args: argparse.Namespace, train_file: Path
     ds = Dataset.from_list(rows)
     cuda = device() == "cuda"
     cfg = SFTConfig(output_dir=str(work / "trl"), bf16=cuda, use_cpu=not cuda, per_device_train_batch_size=8,
-                    max_length=1024, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
+                    max_length=1024, max_steps=args.steps or -1, num_train_epochs=1, learning_rate=args.lr,
+                    lr_scheduler_type="linear",
                     seed=42, save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=True,
                     packing=variant != "trl-defaults", use_liger_kernel="liger" in variant,
                     gradient_checkpointing=not variant.endswith("-nogc"))
@@ -365,7 +370,7 @@ def train_one(args: argparse.Namespace) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-cuda-"))
     args.tokenizer = str(shape_dir(Path(args.tokenizer), args.shape, work))
-    train_file, held, tok, template = split_records(Path(args.data), Path(args.tokenizer), work)
+    train_file, held, tok, template = split_records(Path(args.data), Path(args.tokenizer), work, args.train_records)
     timer = Timer(tok, template, held)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -385,7 +390,8 @@ def train_all(args: argparse.Namespace) -> int:
         shape, variant = spec.split(":")
         steps = args.steps.get(shape, args.default_steps) if isinstance(args.steps, dict) else args.steps
         cmd = [sys.executable, __file__, "train-one", "--shape", shape, "--variant", variant, "--data", args.data,
-               "--tokenizer", args.tokenizer, "--steps", str(steps), "--warmup", str(args.warmup), "--lr", str(args.lr)]
+               "--tokenizer", args.tokenizer, "--steps", str(steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
+               "--train-records", str(args.train_records)]
         t0 = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)
@@ -507,15 +513,18 @@ def main() -> int:
         p.add_argument("--tokenizer", required=True)
         p.add_argument("--warmup", type=int, default=3, help="steps not timed (kernel compilation, allocator)")
         p.add_argument("--lr", type=float, default=2e-4)
+        p.add_argument("--train-records", type=int, default=0,
+                       help="train on the first N records only (0 = all); with --steps 0, one epoch of them: "
+                            "every run sees the same data, so held-out losses compare")
         if name == "train":
             p.add_argument("--runs", required=True, help="SHAPE:RUN,... (see the module doc)")
-            p.add_argument("--steps", default="20", help="steps per run: N, or SHAPE=N,SHAPE=N")
+            p.add_argument("--steps", default="20", help="steps per run: N, or SHAPE=N,SHAPE=N; 0 = one epoch")
             p.add_argument("--run-timeout", type=int, default=300)
             p.add_argument("--json", default="")
         else:
             p.add_argument("--shape", required=True, choices=sorted(SHAPES))
             p.add_argument("--variant", required=True)
-            p.add_argument("--steps", type=int, default=20)
+            p.add_argument("--steps", type=int, default=20, help="0 = one epoch")
     p = sub.add_parser("decode")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--shapes", default="135m,8b")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # GPU acceptance check: run once on a CUDA machine (about 9 minutes on one H100/H200); prints one table.
+# First run: docs/benchmarks.md, "On a GPU" (every acceptance step passed on an H200, 2026-12-04).
 #   ./scripts/gpu-check.sh [WHEEL_DIR]        # WHEEL_DIR: wheels carried beside it (default ./gpu-wheels)
 #   ./scripts/gpu-wheels.sh gpu-wheels        # on a connected machine: fetch those wheels first
 #
@@ -24,8 +25,9 @@
 # Each step's result and seconds go to $OUT/summary.tsv; a failed step is reported and the rest go on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="${1:-gpu-wheels}"
-OUT="${RAGTUNE_GPU_OUT:-runs/gpu-check}"
+REPO="$PWD"
+WHEELS="$(realpath -m "${1:-gpu-wheels}")"
+OUT="$(realpath -m "${RAGTUNE_GPU_OUT:-runs/gpu-check}")"
 PY="${PYTHON:-python3}"
 T_END=$(( $(date +%s) + ${RAGTUNE_GPU_BUDGET:-560} ))
 mkdir -p "$OUT"
@@ -52,10 +54,18 @@ for p in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bit
 PY
 cat "$OUT/versions.txt"
 
+# Every step runs outside the repository: its ragtune/ folder is not the installed package (train/,
+# eval/, serve/ install inside it), and Python puts the working directory first on sys.path.
+for v in RAGTUNE_GPU_TOKENIZER RAGTUNE_GPU_MODEL RAGTUNE_GPU_DATA; do
+    [ -n "${!v:-}" ] && export "$v=$(realpath -m "${!v}")"
+done
+WORK="$(mktemp -d)"
+cp -r "$REPO/tests" "$WORK/tests"
+cd "$WORK"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-export RAGTUNE_HOME="${RAGTUNE_HOME:-$PWD/$OUT/home}"
+export RAGTUNE_HOME="${RAGTUNE_HOME:-$OUT/home}"
 RT=("$PY" -m ragtune)
-DATA=examples/policies/train_v1.jsonl
+DATA="$REPO/examples/policies/train_v1.jsonl"
 
 left() { echo $(( T_END - $(date +%s) )); }
 record() {  # record NAME RC SECONDS LOG
@@ -66,6 +76,9 @@ record() {  # record NAME RC SECONDS LOG
 }
 step() {  # step NAME MAX_SECONDS COMMAND...: run with a time limit (cut to the budget left), record it
     local name="$1" cap="$2"; shift 2
+    if [[ ",${RAGTUNE_GPU_SKIP:-}," == *",$name,"* ]]; then
+        printf '%s\tskipped\t0\tRAGTUNE_GPU_SKIP\n' "$name" >> "$OUT/summary.tsv"; return 0
+    fi
     local lim; lim=$(left); [ "$lim" -gt "$cap" ] && lim=$cap
     if [ "$lim" -lt 20 ]; then
         printf '%s\tskipped\t0\tno time left in RAGTUNE_GPU_BUDGET\n' "$name" >> "$OUT/summary.tsv"; return 0
@@ -78,7 +91,7 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run with a time limit (cut to the 
 TOKDIR="${RAGTUNE_GPU_TOKENIZER:-${RAGTUNE_GPU_MODEL:-}}"
 if [ "${RAGTUNE_GPU_RANDOM:-0}" = 1 ]; then
     MODEL="$OUT/smollm2-random"
-    step make-model 120 "$PY" bench/bench_cuda.py make-model --shape 135m --tokenizer "$TOKDIR" --out "$MODEL" --dtype float32
+    step make-model 120 "$PY" "$REPO/bench/bench_cuda.py" make-model --shape 135m --tokenizer "$TOKDIR" --out "$MODEL" --dtype float32
 elif [ -n "${RAGTUNE_GPU_MODEL:-}" ]; then
     MODEL="$RAGTUNE_GPU_MODEL"
 else
@@ -89,14 +102,14 @@ TOKDIR="${TOKDIR:-$MODEL}"
 QUICK=(train.max_steps=30 train.save_steps=0 "data.train_file=$DATA" "model.path=$MODEL")
 
 # 1. functional checks, side by side (each is small; the GPU has room for all of them)
-step cuda-tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/train/test_cuda.py &
+step cuda-tests 240 "$PY" -m pytest -q -p no:cacheprovider -o cache_dir="$WORK/.pc" tests/train/test_cuda.py &
 step train-bf16 240 "${RT[@]}" train "${QUICK[@]}" "train.output_dir=$OUT/bf16" --overwrite &
-step train-qlora 240 "${RT[@]}" --config configs/train/qlora-cuda.yaml train "${QUICK[@]}" \
+step train-qlora 240 "${RT[@]}" --config "$REPO/configs/train/qlora-cuda.yaml" train "${QUICK[@]}" \
     "train.output_dir=$OUT/qlora" --overwrite &
-step accelerate-ddp 240 accelerate launch --config_file configs/accelerate/multi-gpu-ddp.yaml --num_processes "$NGPU" \
+step accelerate-ddp 240 accelerate launch --config_file "$REPO"/configs/accelerate/multi-gpu-ddp.yaml --num_processes "$NGPU" \
     -m ragtune train "${QUICK[@]}" "train.output_dir=$OUT/ddp" --overwrite &
 if [ "$NGPU" -ge 2 ]; then
-    step accelerate-fsdp 240 accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes "$NGPU" \
+    step accelerate-fsdp 240 accelerate launch --config_file "$REPO"/configs/accelerate/fsdp.yaml --num_processes "$NGPU" \
         -m ragtune train "${QUICK[@]}" "train.output_dir=$OUT/fsdp" --overwrite &
 else
     printf 'accelerate-fsdp\tskipped\t0\tone GPU: FSDP needs two or more\n' >> "$OUT/summary.tsv"
@@ -130,14 +143,16 @@ PY
 
 # 2-4. benchmarks, one at a time (they time the GPU)
 BDATA="${RAGTUNE_GPU_DATA:-$DATA}"
-step bench-train 300 "$PY" bench/bench_cuda.py train --data "$BDATA" --tokenizer "$TOKDIR" --warmup 3 \
-    --steps "135m=20,1.7b=16,6.5b=10" --run-timeout 110 --json "$OUT/bench_train.json" \
-    --runs "135m:ragtune,135m:trl-packing-liger,1.7b:ragtune,1.7b:trl-packing-liger,6.5b:ragtune,6.5b:trl-packing-liger"
-step bench-qlora 120 "$PY" bench/bench_cuda.py train --data "$BDATA" --tokenizer "$TOKDIR" --warmup 1 \
+# equal data by default: every run trains one epoch over the same RAGTUNE_GPU_RECORDS records, so the
+# held-out losses compare (RAGTUNE_GPU_STEPS=135m=15,... gives equal steps instead)
+step bench-train "${RAGTUNE_GPU_TRAIN_CAP:-300}" "$PY" "$REPO/bench/bench_cuda.py" train --data "$BDATA" --tokenizer "$TOKDIR" --warmup 3 \
+    --steps "${RAGTUNE_GPU_STEPS:-0}" --train-records "${RAGTUNE_GPU_RECORDS:-320}" --run-timeout 110 \
+    --json "$OUT/bench_train.json" --runs "${RAGTUNE_GPU_RUNS:-6.5b:ragtune,6.5b:trl-packing-liger,1.7b:ragtune,1.7b:trl-packing-liger,135m:ragtune,135m:trl-packing-liger,135m:ragtune-packing,1.7b:ragtune-packing}"
+step bench-qlora 120 "$PY" "$REPO/bench/bench_cuda.py" train --data "$BDATA" --tokenizer "$TOKDIR" --warmup 1 \
     --steps 4 --run-timeout 100 --json "$OUT/bench_qlora.json" --runs "6.5b:ragtune-qlora,6.5b:ragtune-gc"
-step bench-decode 130 "$PY" bench/bench_cuda.py decode --tokenizer "$TOKDIR" --shapes 135m,8b --tokens 128 \
+step bench-decode 130 "$PY" "$REPO/bench/bench_cuda.py" decode --tokenizer "$TOKDIR" --shapes 135m,8b --tokens 128 \
     --json "$OUT/bench_decode.json"
-step bench-train-more 200 "$PY" bench/bench_cuda.py train --data "$BDATA" --tokenizer "$TOKDIR" --warmup 3 \
+step bench-train-more 200 "$PY" "$REPO/bench/bench_cuda.py" train --data "$BDATA" --tokenizer "$TOKDIR" --warmup 3 \
     --steps "135m=20,1.7b=16" --run-timeout 60 --json "$OUT/bench_train_more.json" \
     --runs "1.7b:trl-packing-liger-nogc,135m:trl-defaults,135m:trl-packing,135m:ragtune-packing,135m:ragtune-nokernels"
 

@@ -150,6 +150,8 @@ def fused_kernels(cfg: Any, device: str, model: Any) -> str:
     if device != "cuda":
         raise UsageError(f"train.kernels=liger needs a CUDA GPU (Triton kernels), but training runs on '{device}'; "
                          "set train.kernels=auto or none")
+    # liger-kernel logs a warning per backend it cannot load (CuTe DSL, Ascend) even when Triton's works
+    logging.getLogger("liger_kernel.backends.registry").setLevel(logging.ERROR)
     try:
         from liger_kernel.transformers.monkey_patch import (
             MODEL_TYPE_TO_APPLY_LIGER_FN,

@@ -623,6 +623,9 @@ class Generator:
             return self._run_llama_cpp(job, on_token, cancel)
         if self.batcher is not None:
             return self._run_scheduled(job, on_token, cancel)
+        if (self.cfg.generation.cache == "static" and self.device == "cuda" and job.temperature <= 0
+                and job.grammar is None and not job.stop):
+            return self._run_static(job, on_token, cancel)
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -665,6 +668,31 @@ class Generator:
             reason = "length" if count[0] >= job.max_new_tokens else "stop"
         return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
                 "end": t1, "tokens": count[0], "finish_reason": reason}
+
+    def _run_static(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
+        """A greedy answer through the static-cache decoder whose step is compiled into CUDA graphs
+        (serve/static_decode.py): generate's greedy ids without its per-token host work."""
+        from ragtune.serve.static_decode import StaticGreedy
+
+        times: dict[str, float] = {}
+
+        def token(tid: int) -> None:
+            times.setdefault("first", time.perf_counter())
+            on_token(tid)
+
+        t_wait = time.perf_counter()
+        with self.lock:
+            t0 = time.perf_counter()
+            dec = getattr(self, "_static", None)
+            if dec is None or dec.model is not self.model:  # adapters loaded since: a decoder for the new model
+                dec = self._static = StaticGreedy(self.model, compile=True,
+                                                  repetition_penalty=float(self.cfg.generation.repetition_penalty))
+            with self._adapter_ctx(job.adapter):
+                ids, reason = dec.generate(list(job.input_ids), job.max_new_tokens, frozenset(self._eos), token, cancel)
+            t1 = time.perf_counter()
+        first = times.get("first", t1)
+        return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
+                "end": t1, "tokens": len(ids), "finish_reason": reason}
 
     def _run_llama_cpp(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
         return self._run_scheduled(job, on_token, cancel)

@@ -42,3 +42,15 @@ def test_liger_kernels_train_on_cuda(trainable_llama: Path, qa_file: Path, tmp_p
                  f"train.output_dir={out}", "train.kernels=liger", *QUICK]) == 0
     t = json.loads((out / "ragtune.json").read_text())["training"]
     assert t["kernels"].startswith("liger: ")
+
+
+def test_static_cache_answers_like_the_dynamic_cache(trainable_llama: Path, capsys: pytest.CaptureFixture) -> None:
+    """generation.cache=static on CUDA answers greedy requests through the compiled static-cache decoder
+    (serve/static_decode.py): the same answer as the dynamic cache."""
+    answers = []
+    for cache in ("dynamic", "static"):
+        assert main(["ask", "What is code 3?", "--no-rag", f"model.path={trainable_llama}", "--json",
+                     f"generation.cache={cache}", "generation.max_new_tokens=24", "generation.engine=transformers",
+                     "generation.repetition_penalty=1.1"]) == 0
+        answers.append(json.loads(capsys.readouterr().out)["answer"])
+    assert answers[0] == answers[1]

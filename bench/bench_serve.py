@@ -10,7 +10,9 @@ Each repeat runs `--clients` concurrent streaming chat completions (greedy, `max
 a different question each) against the baseline and then the batched server, alternating so that
 drifting CPU load hits both alike. Per phase: aggregate completion tokens/s (the usage counts of
 every answer over the phase's wall time) and the p50 time to first content token seen by a client.
-Then `--stress` concurrent clients against the batched server: every error and every non-200 is
+`--batched-via old=/path/to/other/bin/ragtune` adds another install's batched server to every
+repeat (a before/after in one run; the ratio stays this install's). Then `--stress` concurrent
+clients against the batched server: every error and every non-200 is
 counted. With `--remote`, the same request through a `ragtune serve` deployment `engine: openai`
 against calling the remote server (llama-cpp-python's `llama_cpp.server` on the same GGUF) directly,
 in rounds whose order rotates; `--remote-via old=/path/to/other/bin/ragtune` adds another install's
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="batching comparison rounds (0 = skip it)")
     ap.add_argument("--engine", choices=["llama.cpp", "transformers"], default="llama.cpp")
     ap.add_argument("--threads", type=int, default=0, help="engine threads (0 = usable cores / torch's default)")
+    ap.add_argument("--batched-via", action="append", default=[], metavar="LABEL=EXE",
+                    help="also time another install's `ragtune` batched server (e.g. an older one) in the same repeats")
     ap.add_argument("--remote", action="store_true", help="also measure the engine: openai overhead")
     ap.add_argument("--remote-requests", type=int, default=20)
     ap.add_argument("--remote-via", action="append", default=[], metavar="LABEL=EXE",
@@ -201,14 +205,21 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"generation.engine={args.engine}", f"generation.threads={args.threads}", "serve.max_queue=256",
               f"serve.max_tokens_limit={max(2048, args.tokens)}"]
     ports = {"one-at-a-time (max_batch 1)": free_port(), f"batched (max_batch {args.max_batch})": free_port()}
+    exes = {name: "" for name in ports}
+    for item in args.batched_via:  # another install's batched server in the same repeats
+        label, exe = item.split("=", 1)
+        name = f"batched (max_batch {args.max_batch}, {label})"
+        ports[name], exes[name] = free_port(), exe
     if args.repeats < 1:  # --repeats 0: no batching comparison (e.g. --remote alone)
         ports, args.stress = {}, 0
     procs: list[subprocess.Popen] = []
     t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load0 = os.getloadavg()[0]
     try:
-        for (name, port), mb in zip(ports.items(), (1, args.max_batch)):
-            procs.append(start_server(port, [*common, f"serve.max_batch={mb}"], logs / f"serve_{mb}.log"))
+        for i, (name, port) in enumerate(ports.items()):
+            mb = 1 if i == 0 else args.max_batch
+            procs.append(start_server(port, [*common, f"serve.max_batch={mb}"], logs / f"serve_{i}_{mb}.log",
+                                      exe=exes[name]))
         for (name, port), p in zip(ports.items(), procs):
             wait_ready(f"http://127.0.0.1:{port}/health", p, name)
             phase(f"http://127.0.0.1:{port}/v1", "base", 1, 8)  # warm-up
@@ -238,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                          "p50_ttft_s": statistics.median(r["p50_ttft_s"] for r in rs if r["p50_ttft_s"] is not None),
                          "errors": sum(r["errors"] for r in rs), "tokens": [r["tokens"] for r in rs]}
     if summary:
-        base_name, batch_name = list(ports)
+        base_name, batch_name = list(ports)[:2]
         ratio = summary[batch_name]["tok_s"] / summary[base_name]["tok_s"] if summary[base_name]["tok_s"] else 0.0
     result = {"date": t_start, "machine": machine(), "load_avg_start": load0, "load_avg_end": os.getloadavg()[0],
               "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -6,8 +6,8 @@
     sched.close()
 
 Dynamic padded batches with a `DynamicCache` whose layers append each token into spare room at the
-end of a buffer (transformers' own layer copies the whole cache per token), one thread owning the model. Each step it (1) retires
-cancelled sequences, (2) admits waiting requests into free slots (`max_batch`, from
+end of a buffer (transformers' own layer copies the whole cache per token), one thread owning the
+model. Each step it (1) retires cancelled sequences, (2) admits waiting requests into free slots (`max_batch`, from
 `serve.max_batch`): a new request's prompt is prefilled alone — exactly the forward a lone request
 gets, so its first token is the lone one — and its KV cache joins the running batch of its adapter,
 left-padded to the batch's length (or the batch is left-padded to the prompt's), (3) picks one

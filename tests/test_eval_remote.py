@@ -14,14 +14,7 @@ import pytest
 
 from ragtune.cli import main
 from tests.conftest import free_port, llama_server
-from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
-    NEEDS_LLAMA_CPP,
-    converter_home,
-    real_sdist,
-    smol_tokenizer_dir,
-    tiny_f16,
-    tiny_smol,
-)
+from tests.export.conftest import NEEDS_LLAMA_CPP
 
 pytestmark = NEEDS_LLAMA_CPP
 QUESTIONS = [("How many days can I work remotely?", "three days per week", "hr.md"),

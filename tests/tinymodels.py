@@ -2,11 +2,13 @@
 
     build_tiny_llama(dir)     LlamaConfig model + BPE tokenizer trained here + a chat template
                               with {% generation %} markers (for assistant-only loss)
+    build_tiny_smol(dir, tok) a random Llama with SmolLM2's tokenizer (llama.cpp's converter takes it)
     build_tiny_embedder(dir)  sentence-transformers model: tiny BERT + WordPiece + mean pooling
 """
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +39,8 @@ CORPUS = [
     "user assistant system you are a helpful assistant answer the question.",
 ]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+# SmolLM2's tokenizer files, for build_tiny_smol (tests/conftest.py's smol_tokenizer_dir)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 @contextmanager
@@ -92,6 +96,31 @@ def build_tiny_llama(out: str | Path, vocab_size: int = 1024, hidden: int = 64, 
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def build_tiny_smol(out: Path, tok_dir: Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A random Llama with SmolLM2's tokenizer (files TOKENIZER_FILES in `tok_dir`: llama.cpp's converter
+    recognises it; a freshly trained BPE is rejected). Weights are drawn wide (std 0.2) so that the top-2
+    logit margins are mostly clear of f16 rounding; near-ties are still possible and reported."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(tok_dir / f, out / f)
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        initializer_range=0.2, rope_theta=10000.0, rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id

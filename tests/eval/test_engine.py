@@ -2,7 +2,7 @@
 through llama.cpp from the f16 export, with the ids transformers' greedy decoding gives, and the report
 records the engine. Fails (does not skip) when llama-cpp-python is missing: set-up installs it.
 
-Uses tests/export's tiny SmolLM2-tokenizer Llama (llama.cpp's converter accepts its tokenizer).
+Uses tests/conftest.py's tiny SmolLM2-tokenizer Llama (llama.cpp's converter accepts its tokenizer).
 """
 
 from __future__ import annotations
@@ -13,13 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
-    converter_home,
-    make_adapter,
-    real_sdist,
-    smol_tokenizer_dir,
-    tiny_smol,
-)
+from tests.export.conftest import make_adapter
 
 QUESTIONS = ["What is the capital of France?", "How many remote days do I get?"]
 

@@ -1,7 +1,7 @@
 """Continuous batching on the llama.cpp engine: concurrent requests share decode steps and get the
 ids they get alone; a cancelled request frees its slot; adapters are never mixed in one batch.
 
-Uses tests/export's tiny SmolLM2-tokenizer Llama and its f16 GGUF export.
+Uses tests/conftest.py's tiny SmolLM2-tokenizer Llama and its f16 GGUF export.
 """
 
 from __future__ import annotations
@@ -13,15 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
-    NEEDS_LLAMA_CPP,
-    converter_home,
-    make_adapter,
-    real_sdist,
-    smol_tokenizer_dir,
-    tiny_f16,
-    tiny_smol,
-)
+from tests.export.conftest import NEEDS_LLAMA_CPP, make_adapter
 
 pytestmark = NEEDS_LLAMA_CPP
 QUESTIONS = ["What is the capital of France?", "How many remote days do I get?", "Name three colours.",

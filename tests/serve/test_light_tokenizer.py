@@ -1,6 +1,6 @@
 """The chat tokenizer without transformers (serve/light_tokenizer.py) against transformers' own.
 
-SmolLM2's tokenizer files (tests/export's smol_tokenizer_dir, read out of the bundled GGUF) are the
+SmolLM2's tokenizer files (tests/conftest.py's smol_tokenizer_dir, read out of the bundled GGUF) are the
 default chat model's tokenizer; tiny_smol is a random Llama that carries them, exported to GGUF for the
 llama.cpp engine. The end-to-end test runs `ragtune ask --engine llama.cpp` in fresh processes: the
 first one records the check, the next one must answer with the same token ids as transformers'
@@ -19,14 +19,7 @@ from typing import Any
 import pytest
 
 from ragtune.serve import light_tokenizer as lt
-from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
-    NEEDS_LLAMA_CPP,
-    converter_home,
-    llama_home,
-    real_sdist,
-    smol_tokenizer_dir,
-    tiny_smol,
-)
+from tests.export.conftest import NEEDS_LLAMA_CPP
 
 REPO = Path(__file__).resolve().parents[2]
 EXTRA = [

@@ -1,7 +1,7 @@
 """The Generator on engine llama.cpp: greedy answers equal transformers' (near-ties excepted, as in
 tests/export), streaming, adapters, and a server deployment on llama.cpp.
 
-Uses tests/export's tiny SmolLM2-tokenizer Llama (llama.cpp's converter accepts its tokenizer).
+Uses tests/conftest.py's tiny SmolLM2-tokenizer Llama (llama.cpp's converter accepts its tokenizer).
 """
 
 from __future__ import annotations
@@ -11,14 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
-    NEEDS_LLAMA_CPP,
-    converter_home,
-    make_adapter,
-    real_sdist,
-    smol_tokenizer_dir,
-    tiny_smol,
-)
+from tests.export.conftest import NEEDS_LLAMA_CPP, make_adapter
 
 pytestmark = NEEDS_LLAMA_CPP
 MARGIN = 0.05  # logits; as in tests/export: only a step whose top-2 gap is below this may flip

@@ -16,14 +16,7 @@ from ragtune.cli import main
 from ragtune.config import load_config
 from ragtune.errors import RagtuneError, UsageError
 from tests.conftest import free_port, llama_server, start_server
-from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
-    NEEDS_LLAMA_CPP,
-    converter_home,
-    real_sdist,
-    smol_tokenizer_dir,
-    tiny_f16,
-    tiny_smol,
-)
+from tests.export.conftest import NEEDS_LLAMA_CPP
 from tests.serve.conftest import FakeRetriever
 
 pytestmark = NEEDS_LLAMA_CPP

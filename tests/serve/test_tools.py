@@ -12,13 +12,7 @@ import pytest
 
 from ragtune.config import load_config
 from ragtune.serve.server import create_app
-from tests.export.conftest import (  # noqa: F401 - fixtures reused from tests/export
-    NEEDS_LLAMA_CPP,
-    converter_home,
-    real_sdist,
-    smol_tokenizer_dir,
-    tiny_smol,
-)
+from tests.export.conftest import NEEDS_LLAMA_CPP
 from tests.serve.test_structured_output import serve
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],

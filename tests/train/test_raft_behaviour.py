@@ -14,11 +14,14 @@ way to answer is to copy from the prompt.
 
 What it takes (measured while writing this test): a 2-layer, 128-wide, 8-head model over a word-level
 vocabulary, LoRA r=64 on every linear layer, lr 3e-3, batches of 32: the loss sits near 3 (some code word,
-not the document's) for ~150 steps, then falls to ~0.01 by step 300 as the copy forms; 400 steps are run.
-64 wide, 4 heads, batches of 16, fewer steps or a decaying learning rate left it on the plateau or copying
-only some of the code's three words; lr 4e-3 and 5e-3 never left the plateau. With two seeds (data and
-training) 8 and 7 of the 8 unseen accounts were answered exactly; the test asks for 6 (a guess matches a
-code one time in 8000) and none from the controls. About 2 minutes on a shared 2-core CPU (load average 8).
+not the document's) for a while, then falls to ~0.1 as the copy forms. With the final norm scaled x10 that
+took ~300 steps; scaled x20 (bolder logits from the start) the loss was 0.2-0.3 by step 140-150 on two
+seeds, and 200 steps are run. 64 wide, 4 heads, batches of 16, fewer steps or a decaying learning rate left
+it on the plateau or copying only some of the code's three words; so did lr 4e-3 to 1e-2, a x40 norm, LoRA
+r=16 or 32, LoRA on the attention layers only and 96 wide, within 200 steps; with 200 training records the
+model learnt their codes by heart (loss 0.2) and copied none. With two seeds (data and training) 7 and 8 of
+the 8 unseen accounts were answered exactly at 200 steps; the test asks for 6 (a guess matches a code one
+time in 8000) and none from the controls. About 1 minute on a shared 2-core CPU (load average 4).
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ def build_word_llama(out: Path, words: list[str], hidden: int = 128, seed: int =
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # random tied embeddings (std 0.02) bound the logits to ~+-1: see trainable_llama
-        model.model.norm.weight.mul_(10)
+    with torch.no_grad():  # random tied embeddings (std 0.02) bound the logits to ~+-1: see trainable_llama;
+        model.model.norm.weight.mul_(20)  # x20 forms the copy in half the steps x10 took (module docstring)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out), safe_serialization=True)
@@ -129,7 +132,7 @@ def test_rag_trained_model_answers_from_a_source_it_never_saw(tmp_path: Path, ti
     data = write_jsonl(tmp_path / "train.jsonl", [{**chat(_question(n), " ".join(c)), "sources": [f"{n}.md"]}
                                                   for n, c in zip(names[:TRAIN_RECORDS], codes[:TRAIN_RECORDS])])
     train = [f"data.train_file={data}", "data.rag.index=accts", "data.rag.distractors=1", "data.max_length=96",
-             f"train.output_dir={tmp_path / 'run'}", "train.max_steps=400", "train.batch_size=32",
+             f"train.output_dir={tmp_path / 'run'}", "train.max_steps=200", "train.batch_size=32",
              "train.learning_rate=3e-3", "train.lr_scheduler=constant", "train.warmup_ratio=0.1",
              "train.lora.r=64", "train.lora.alpha=64", "train.lora.dropout=0", "train.save_steps=100000",
              "train.logging_steps=10", "train.threads=1", "train.group_by_length=false"]

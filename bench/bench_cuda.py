@@ -237,19 +237,38 @@ class Timer:
     """A TrainerCallback: time and the trainer's token count at every step end (after a CUDA sync),
     and the held-out loss when training ends."""
 
-    def __init__(self, tok: Any, template: str, held: list[Any]):
+    def __init__(self, tok: Any, template: str, held: list[Any], profile_at: int = 0):
         from transformers import TrainerCallback
 
         self.rows: list[tuple[float, int]] = []
         self.trainer: Any = None
         self.heldout: float | None = None
         self.peak: float | None = None
+        self.profiler: Any = None
         outer = self
 
         class CB(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 sync()
                 outer.rows.append((time.perf_counter(), int(outer.trainer.tokens_seen)))
+                if profile_at and len(outer.rows) == profile_at:  # --profile: the next 3 steps
+                    import torch
+
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        acts.append(torch.profiler.ProfilerActivity.CUDA)
+                    outer.profiler = torch.profiler.profile(activities=acts)
+                    outer.profiler.__enter__()
+                elif outer.profiler is not None and len(outer.rows) == profile_at + 3:
+                    outer.profiler.__exit__(None, None, None)
+                    table = outer.profiler.key_averages()
+                    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+                        try:
+                            print(f"== profile of 3 steps, by {key}\n" + table.table(sort_by=key, row_limit=25),
+                                  file=sys.stderr, flush=True)
+                        except Exception as exc:  # noqa: BLE001 - a key the build lacks (no CUDA)
+                            print(f"(no {key}: {exc})", file=sys.stderr)
+                    outer.profiler = None
 
             def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
                 outer.peak = peak_gb()
@@ -373,7 +392,7 @@ def train_one(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-cuda-"))
     args.tokenizer = str(shape_dir(Path(args.tokenizer), args.shape, work))
     train_file, held, tok, template = split_records(Path(args.data), Path(args.tokenizer), work, args.train_records)
-    timer = Timer(tok, template, held)
+    timer = Timer(tok, template, held, profile_at=args.warmup + 1 if args.profile else 0)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -393,8 +412,9 @@ def train_all(args: argparse.Namespace) -> int:
         steps = args.steps.get(shape, args.default_steps) if isinstance(args.steps, dict) else args.steps
         cmd = [sys.executable, __file__, "train-one", "--shape", shape, "--variant", variant, "--data", args.data,
                "--tokenizer", args.tokenizer, "--steps", str(steps), "--warmup", str(args.warmup), "--lr", str(args.lr),
-               "--train-records", str(args.train_records)]
+               "--train-records", str(args.train_records)] + (["--profile"] if args.profile else [])
         t0 = time.time()
+        p = None
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout)
             lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -405,6 +425,12 @@ def train_all(args: argparse.Namespace) -> int:
                 res = {"shape": shape, "variant": variant, "error": f"exit {p.returncode}: " + " | ".join(tail)[-600:]}
         except subprocess.TimeoutExpired:
             res = {"shape": shape, "variant": variant, "error": f"over {args.run_timeout}s"}
+        if args.profile and p is not None and "== profile" in (p.stderr or ""):
+            prof = p.stderr[p.stderr.index("== profile"):]
+            if out:
+                out.with_name(f"{out.stem}.{shape}.{variant}.profile.txt").write_text(prof)
+            else:
+                print(prof)
         res["process_seconds"] = round(time.time() - t0, 1)
         results.append(res)
         print(json.dumps(res), flush=True)
@@ -530,6 +556,9 @@ def main() -> int:
         p.add_argument("--tokenizer", required=True)
         p.add_argument("--warmup", type=int, default=3, help="steps not timed (kernel compilation, allocator)")
         p.add_argument("--lr", type=float, default=2e-4)
+        p.add_argument("--profile", action="store_true",
+                       help="torch.profiler tables of 3 steps after the warm-up (train-one: to stderr; train: "
+                            "beside --json as JSON_STEM.SHAPE.RUN.profile.txt, else to stdout)")
         p.add_argument("--train-records", type=int, default=0,
                        help="train on the first N records only (0 = all); with --steps 0, one epoch of them: "
                             "every run sees the same data, so held-out losses compare")

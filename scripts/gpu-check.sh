@@ -146,7 +146,7 @@ BDATA="${RAGTUNE_GPU_DATA:-$DATA}"
 # equal data by default: every run trains one epoch over the same RAGTUNE_GPU_RECORDS records, so the
 # held-out losses compare (RAGTUNE_GPU_STEPS=135m=15,... gives equal steps instead)
 step bench-train "${RAGTUNE_GPU_TRAIN_CAP:-300}" "$PY" "$REPO/bench/bench_cuda.py" train --data "$BDATA" --tokenizer "$TOKDIR" --warmup 3 \
-    --steps "${RAGTUNE_GPU_STEPS:-0}" --train-records "${RAGTUNE_GPU_RECORDS:-320}" --run-timeout 110 \
+    --steps "${RAGTUNE_GPU_STEPS:-0}" --train-records "${RAGTUNE_GPU_RECORDS:-320}" --run-timeout 110 --profile \
     --json "$OUT/bench_train.json" --runs "${RAGTUNE_GPU_RUNS:-6.5b:ragtune,6.5b:trl-packing-liger,1.7b:ragtune,1.7b:trl-packing-liger,135m:ragtune,135m:trl-packing-liger,135m:ragtune-packing,1.7b:ragtune-packing}"
 step bench-qlora 120 "$PY" "$REPO/bench/bench_cuda.py" train --data "$BDATA" --tokenizer "$TOKDIR" --warmup 1 \
     --steps 4 --run-timeout 100 --json "$OUT/bench_qlora.json" --runs "6.5b:ragtune-qlora,6.5b:ragtune-gc"

@@ -4,7 +4,8 @@ server (vLLM, Ollama, llama.cpp's server) generates.
     gen = RemoteGenerator(cfg, url="http://gpu-box:8000/v1", model="policies-merged", api_key="").load()
     ans = gen.answer(messages, retriever=r)          # the same Answer as the local engines give
     s = gen.stream(messages, retriever=r); s.sources; "".join(s); s.answer
-    ans = await gen.answer_async(messages, retriever=r)   # on an event loop (the server's whole answers)
+    ans = await gen.answer_async(messages, retriever=r)   # on an event loop (the server's requests)
+    s = await gen.astream(messages, retriever=r); [d async for d in s]; s.answer
 
 The messages sent are the ones a local engine would render (the retrieval system turn with the
 numbered sources from `ragtune.chat.rag_messages`), so citations and abstention behave the same;
@@ -26,7 +27,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from ragtune.errors import RagtuneError, UsageError
 from ragtune.serve.generator import Answer
@@ -193,19 +194,27 @@ class RemoteGenerator:
         return r
 
     async def _apost(self, body: dict[str, Any]) -> Any:
-        """`_post` for a whole answer on the caller's event loop (`answer_async`)."""
+        """`_post` on the caller's event loop (`answer_async`, `astream`)."""
         import httpx
 
-        client = self._async_client()
+        client, stream = self._async_client(), bool(body.get("stream"))
         try:
-            r = await client.post(self.url + "/chat/completions", json=body)
-            if self._may_refuse_schema(body, r) and "response_format" in r.text:
-                r = await client.post(self.url + "/chat/completions", json=self._schema_as_json_object(body))
-                if r.status_code == 200:
-                    self.schema_form = "json_object"
+            r = await client.send(client.build_request("POST", self.url + "/chat/completions", json=body),
+                                  stream=stream)
+            if self._may_refuse_schema(body, r):
+                await r.aread()
+                if "response_format" in r.text:
+                    await r.aclose()
+                    other = self._schema_as_json_object(body)
+                    r = await client.send(client.build_request("POST", self.url + "/chat/completions", json=other),
+                                          stream=stream)
+                    if r.status_code == 200:
+                        self.schema_form = "json_object"
         except httpx.HTTPError as exc:
             raise RagtuneError(f"remote engine {self.url} could not be reached: {exc}") from exc
         if r.status_code != 200:
+            await r.aread()
+            await r.aclose()
             raise self._fail(r)
         return r
 
@@ -271,16 +280,30 @@ class RemoteGenerator:
         no worker thread in between (retrieval, when there is a retriever, still runs in one). Cancelling
         the awaiting task closes the remote connection; a remote that generates whole answers without
         watching its client (llama_cpp.server) finishes that answer, as it would for any client."""
-        import anyio
-
-        if retriever is None:
-            job = self._prepare(messages, retriever, rag, adapter)
-        else:
-            job = await anyio.to_thread.run_sync(self._prepare, messages, retriever, rag, adapter)
+        job = await self._aprepare(messages, retriever, rag, adapter)
         if job["abstained"]:
             return self._abstain(job)
         body = self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, _checked(passed))
         return self._whole(job, await self._apost(body), passed)
+
+    async def astream(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, retriever: Any = None,
+                      max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                      seed: int | None = None, rag: Any = None, stop: Sequence[str] | None = None,
+                      **passed: Any) -> "RemoteAsyncStream":
+        """`stream` on the caller's event loop: the remote's events are read there, with no worker thread
+        woken per token."""
+        job = await self._aprepare(messages, retriever, rag, adapter)
+        return RemoteAsyncStream(self, job, self._body(job, max_new_tokens, temperature, top_p, seed, stop, True,
+                                                       _checked(passed)))
+
+    async def _aprepare(self, messages: Sequence[dict[str, Any]], retriever: Any, rag: Any,
+                        adapter: str | None) -> dict[str, Any]:
+        """`_prepare`; retrieval (embedding the query, searching) in a worker thread when there is any."""
+        import anyio
+
+        if retriever is None:
+            return self._prepare(messages, retriever, rag, adapter)
+        return await anyio.to_thread.run_sync(self._prepare, messages, retriever, rag, adapter)
 
     def _whole(self, job: dict[str, Any], r: Any, passed: dict[str, Any]) -> RemoteAnswer:
         """The RemoteAnswer of a non-streaming chat completion."""
@@ -356,42 +379,107 @@ class RemoteStream:
             self.answer = gen._abstain(job)
             yield self.answer.text
             return
-        parts: list[str] = []
-        calls: dict[int, dict[str, Any]] = {}  # tool_calls deltas merged by index
-        finish, usage, t_first = "stop", {}, None
+        events = _Events(gen.url)
         try:
             r = gen._post(self.body)
             try:
                 for line in r.iter_lines():
                     if self._closed.is_set():
                         return
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                    yield from events.add(line)
+                    if events.done:
                         break
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise RagtuneError(f"remote engine {gen.url}: {event['error'].get('message')}")
-                    usage = event.get("usage") or usage
-                    for choice in event.get("choices") or []:
-                        d = choice.get("delta") or {}
-                        delta = d.get("content")
-                        finish = choice.get("finish_reason") or finish
-                        for c in d.get("tool_calls") or []:
-                            _merge_call(calls, c)
-                        if delta:
-                            t_first = t_first or time.perf_counter()
-                            parts.append(delta)
-                            yield delta
             finally:
                 r.close()
         except httpx.HTTPError as exc:
             raise RagtuneError(f"remote engine {gen.url} failed: {exc}") from exc
+        self.answer = events.answer(gen, job, self.body)
+
+
+class RemoteAsyncStream:
+    """`RemoteStream` read on the caller's event loop (`RemoteGenerator.astream`): `async for` the text
+    deltas; `.sources` from the start, `.answer` at the end; `await aclose()` closes the remote stream."""
+
+    def __init__(self, gen: RemoteGenerator, job: dict[str, Any], body: dict[str, Any]):
+        self.gen, self.job, self.body = gen, job, body
+        self.sources = job["sources"]
+        self.abstained = job["abstained"]
+        self.answer: Any = None
+        self._it = self._run()
+
+    def __aiter__(self) -> "RemoteAsyncStream":
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._it.__anext__()
+
+    async def aclose(self) -> None:
+        await self._it.aclose()
+
+    async def _run(self) -> AsyncIterator[str]:
+        import httpx
+
+        gen, job = self.gen, self.job
+        if job["abstained"]:
+            self.answer = gen._abstain(job)
+            yield self.answer.text
+            return
+        events = _Events(gen.url)
+        try:
+            r = await gen._apost(self.body)
+            try:
+                async for line in r.aiter_lines():
+                    for delta in events.add(line):
+                        yield delta
+                    if events.done:
+                        break
+            finally:
+                await r.aclose()
+        except httpx.HTTPError as exc:
+            raise RagtuneError(f"remote engine {gen.url} failed: {exc}") from exc
+        self.answer = events.answer(gen, job, self.body)
+
+
+class _Events:
+    """What a remote's SSE lines add up to: text deltas as they come, tool-call pieces merged by index,
+    the finish reason and the usage."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.parts: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish, self.usage, self.t_first, self.done = "stop", {}, None, False
+
+    def add(self, line: str) -> list[str]:
+        """The text deltas of one SSE line (none for comments, keep-alives and `[DONE]`)."""
+        if not line.startswith("data:"):
+            return []
+        data = line[5:].strip()
+        if data == "[DONE]":
+            self.done = True
+            return []
+        event = json.loads(data)
+        if "error" in event:
+            raise RagtuneError(f"remote engine {self.url}: {event['error'].get('message')}")
+        self.usage = event.get("usage") or self.usage
+        out = []
+        for choice in event.get("choices") or []:
+            d = choice.get("delta") or {}
+            self.finish = choice.get("finish_reason") or self.finish
+            for c in d.get("tool_calls") or []:
+                _merge_call(self.calls, c)
+            if d.get("content"):
+                self.t_first = self.t_first or time.perf_counter()
+                self.parts.append(d["content"])
+                out.append(d["content"])
+        return out
+
+    def answer(self, gen: RemoteGenerator, job: dict[str, Any], body: dict[str, Any]) -> RemoteAnswer:
+        usage = self.usage
         if not usage:  # a server that ignores stream_options (llama_cpp.server): one chunk per token
-            usage = {"completion_tokens": len(parts) + len(calls)}
-        self.answer = gen._answer(job, "".join(parts), finish, usage, t_first, [calls[k] for k in sorted(calls)],
-                                  bool(self.body.get("tools")))
+            usage = {"completion_tokens": len(self.parts) + len(self.calls)}
+        return gen._answer(job, "".join(self.parts), self.finish, usage, self.t_first,
+                           [self.calls[k] for k in sorted(self.calls)], bool(body.get("tools")))
 
 
 def _merge_call(calls: dict[int, dict[str, Any]], c: dict[str, Any]) -> None:

@@ -654,6 +654,8 @@ async def start_stream(d: Deployment, messages: list[dict[str, str]], kwargs: di
     from starlette.concurrency import run_in_threadpool
 
     try:
+        if hasattr(d.generator, "astream"):  # engine openai: the remote's events are read on this loop
+            return await d.generator.astream(messages, **kwargs)
         return await run_in_threadpool(d.generator.stream, messages, **kwargs)
     except RagtuneError as exc:
         runtime.leave()
@@ -978,7 +980,10 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
                      sources=stream.sources)
         try:
             while True:
-                delta = await anyio.to_thread.run_sync(_next, stream, abandon_on_cancel=True)
+                if hasattr(stream, "__anext__"):  # engine openai: no worker thread per token
+                    delta = await anext(stream, _DONE)
+                else:
+                    delta = await anyio.to_thread.run_sync(_next, stream, abandon_on_cancel=True)
                 if delta is _DONE:
                     break
                 if held is not None:
@@ -1019,8 +1024,14 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
             yield "data: " + json.dumps(body) + "\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        stream.close()
-        runtime.leave()
+        try:
+            if hasattr(stream, "aclose"):
+                with anyio.CancelScope(shield=True):  # a client that hung up cancelled this generator
+                    await stream.aclose()
+            else:
+                stream.close()
+        finally:
+            runtime.leave()
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ and with `response_format` / `tools` forwarded.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,10 +143,42 @@ def test_a_client_that_hangs_up_closes_the_remote_request(tiny_smol: Path, tmp_p
     server, thread, port = start_server(create_app(load_config(f)))
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=1.0,
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=2.0,
                        json={"model": "prod", "messages": [{"role": "user", "content": QUESTION}]})
         assert remote.got_request.is_set()
         assert remote.closed.wait(10), "the remote connection stayed open after the client hung up"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_streaming_client_that_hangs_up_closes_the_remote_stream_and_frees_its_place(tiny_smol: Path,
+                                                                                       tmp_path: Path) -> None:
+    """A streamed request on a remote deployment whose client leaves after the first chunk, while the remote
+    has sent nothing yet: the remote connection is closed and the request leaves the server's queue."""
+    import httpx
+
+    from ragtune.serve.server import create_app
+
+    remote = Hanging()
+    f = tmp_path / "serve.yaml"
+    f.write_text(f"model:\n  path: {tiny_smol}\nserve:\n  deployments:\n"
+                 f"    - {{name: prod, engine: openai, url: '{remote.url}', model: tiny}}\n")
+    server, thread, port = start_server(create_app(load_config(f)))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        body = {"model": "prod", "stream": True, "messages": [{"role": "user", "content": QUESTION}]}
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            assert first.startswith("data:") and json.loads(first[5:])["choices"][0]["delta"]["role"] == "assistant"
+            assert remote.got_request.wait(10)
+            assert httpx.get(base + "/health").json()["queued"] == 1
+        assert remote.closed.wait(10), "the remote connection stayed open after the client hung up"
+        deadline = time.time() + 10
+        while httpx.get(base + "/health").json()["queued"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(base + "/health").json()["queued"] == 0
     finally:
         server.should_exit = True
         thread.join(10)

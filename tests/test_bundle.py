@@ -30,13 +30,21 @@ def fake_adapter(base: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture
-def small_bundle(tiny_llama: Path, tmp_path: Path) -> Path:
-    adapter = fake_adapter(tiny_llama, tmp_path / "policies")
+@pytest.fixture(scope="module")
+def built_bundle(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One bundle of tiny_llama, an adapter and the default config (building its ragtune wheel takes seconds)."""
+    tmp = tmp_path_factory.mktemp("small-bundle")
+    adapter = fake_adapter(tiny_llama, tmp / "policies")
     return create_bundle(
-        tmp_path / "bundle", models=[str(tiny_llama)], adapters=[str(adapter)],
+        tmp / "bundle", models=[str(tiny_llama)], adapters=[str(adapter)],
         configs=[str(ROOT / "configs" / "default.yaml")], deps="none", default_models=False,
     )
+
+
+@pytest.fixture
+def small_bundle(built_bundle: Path, tmp_path: Path) -> Path:
+    """This test's own copy of built_bundle, to damage or install from."""
+    return Path(shutil.copytree(built_bundle, tmp_path / "bundle", symlinks=True))
 
 
 def test_create_and_verify(small_bundle: Path) -> None:

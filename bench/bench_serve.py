@@ -18,7 +18,7 @@ against calling the remote server (llama-cpp-python's `llama_cpp.server` on the 
 in rounds whose order rotates; `--remote-via old=/path/to/other/bin/ragtune` adds another install's
 server (an older ragtune, for a before/after in one run) to the same rounds:
 
-    python bench/bench_serve.py --repeats 0 --threads 1 --remote --remote-requests 40 --remote-via old=/tmp/old/bin/ragtune
+    python bench/bench_serve.py --repeats 0 --threads 1 --remote --remote-requests 40 --remote-via old=OLD/bin/ragtune
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class RemoteGenerator:
         self.timeout_s = timeout_s
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(timeout=timeout_s, headers=self.headers)
-        self._ahttp: tuple[Any, Any] | None = None  # (event loop, httpx.AsyncClient) of answer_async
+        self._ahttp: tuple[Any, Any] | None = None  # (event loop, httpx.AsyncClient) of answer_async, astream
 
     @property
     def loaded(self) -> bool:
@@ -109,7 +109,7 @@ class RemoteGenerator:
         self.http.close()
 
     async def aclose(self) -> None:
-        """Close the async client of `answer_async` (on the loop that used it); `close` closes the other."""
+        """Close the async client of `answer_async` and `astream` (on their loop); `close` closes the other."""
         if self._ahttp is not None:
             client, self._ahttp = self._ahttp[1], None
             await client.aclose()

@@ -119,6 +119,7 @@ class Hanging:
 
     def _serve(self) -> None:
         conn, _ = self.sock.accept()
+        self.sock.close()  # one request is all it takes
         with conn:
             data = b""
             while b"\r\n\r\n" not in data:

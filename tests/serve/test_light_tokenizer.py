@@ -126,7 +126,15 @@ def _py(code: str, model: Path, home: Path, **env: str) -> subprocess.CompletedP
 
 
 @NEEDS_LLAMA_CPP
-def test_llama_cpp_ask_runs_without_torch_and_gives_todays_ids(tiny_smol: Path, llama_home: Path) -> None:
+def test_llama_cpp_ask_runs_without_torch_and_gives_todays_ids(tiny_smol: Path, llama_home: Path, converter_home: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragtune.export.cache import cached_gguf
+
+    with monkeypatch.context() as mp:  # the session's f16 GGUF of tiny_smol (exported once for every llama.cpp test)
+        mp.setenv("RAGTUNE_HOME", str(converter_home))
+        gguf = cached_gguf(tiny_smol)
+    (llama_home / "gguf").mkdir()
+    (llama_home / "gguf" / gguf.parent.name).symlink_to(gguf.parent, target_is_directory=True)
     today = _py(PROBE, tiny_smol, llama_home, RAGTUNE_LIGHT_TOKENIZER="0")
     assert today.returncode == 0, today.stderr[-2000:]
     want = json.loads(today.stdout.strip().splitlines()[-1])

@@ -42,15 +42,19 @@ def cfg(tiny_embedder: Path) -> Config:
     return make_cfg(tiny_embedder)
 
 
-@pytest.fixture
-def docs(tmp_path: Path) -> Path:
-    d = tmp_path / "docs"
+def write_docs(d: Path) -> Path:
+    """The `docs` fixture's folder: hr.md, security.html, ko/seoul.txt and faq.jsonl under `d`."""
     (d / "ko").mkdir(parents=True)
     (d / "hr.md").write_text(HR_MD, encoding="utf-8")
     (d / "security.html").write_text(SECURITY_HTML, encoding="utf-8")
     (d / "ko" / "seoul.txt").write_text(KOREAN_TXT, encoding="utf-8")
     (d / "faq.jsonl").write_text(FAQ_JSONL, encoding="utf-8")
     return d
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    return write_docs(tmp_path / "docs")
 
 
 def make_pdf(path: Path, pages: list[str]) -> Path:

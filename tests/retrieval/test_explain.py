@@ -11,14 +11,25 @@ import pytest
 
 from ragtune.cli import main
 from ragtune.retrieval.fusion import fuse
+from tests.retrieval.conftest import write_docs
+
+
+@pytest.fixture(scope="module")
+def indexed(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A RAGTUNE_HOME whose default index holds the `docs` folder, embedded by MiniLM once for the module
+    (the tests only search it), and the settings that search it."""
+    tmp = tmp_path_factory.mktemp("explain")
+    a = [f"embedder.path={minilm_dir}", "embedder.device=cpu"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAGTUNE_HOME", str(tmp / "home"))
+        assert main(["-q", "index", "add", str(write_docs(tmp / "docs")), "--no-progress", *a]) == 0
+    return tmp / "home", a
 
 
 @pytest.fixture
-def args(minilm_dir: Path, docs: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
-    a = [f"embedder.path={minilm_dir}", "embedder.device=cpu"]
-    assert main(["index", "add", str(docs), "--no-progress", *a]) == 0
-    capsys.readouterr()
-    return a
+def args(indexed: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    monkeypatch.setenv("RAGTUNE_HOME", str(indexed[0]))
+    return indexed[1]
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -2,6 +2,7 @@
 
     python bench/sweep_fusion.py --root /tmp/bq                 # both sets: ~3 min on 2 busy cores
     python bench/sweep_fusion.py --root /tmp/bq --out sweep.json
+    python bench/sweep_fusion.py --root /tmp/bq --joint          # + every combination of the variants
 
 Each set is ingested once with the defaults (`ragtune index add`, as bench_quality.py does); then every
 chunk's text and stored vector are read back and both channels are recomputed here for every question:
@@ -15,7 +16,8 @@ score, i.e. the theoretical minimum 0 and the observed maximum, "TM2C2" in Bruch
 of Fusion Functions for Hybrid Retrieval, 2023; min-max; z-scores; weighted RRF with its k), the weight,
 the depth of each channel's list (`search.candidates`), BM25's k1 and b, and a per-query "oracle" that
 picks the best weight for each question after seeing its answer (the ceiling of any adaptive
-weighting). DBSF and RRF rows go through retrieval/fusion.py's `fuse`. Not a timed test.
+weighting). `--joint` also scores every combination of normalisation, weight, depth and BM25 k1/b
+(1,680) on each set and lists the best on the first set beside the others. DBSF and RRF rows go through retrieval/fusion.py's `fuse`. Not a timed test.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/tmp/ragtune-bench-quality", help="where the .deb files are fetched and unpacked")
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--joint", action="store_true", help="also score every combination of the variants (slow)")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("RAGTUNE_HOME", tempfile.mkdtemp(prefix="ragtune-sweep-home-"))
@@ -180,6 +183,7 @@ def main() -> int:
     rows += [(f"{how} 3:1 BM25 k1={k1:g} b={b:g}", {"how": how, "w": 3.0, "k1": k1, "b": b})
              for how in ("dbsf", "max") for k1, b in itertools.product((0.9, 1.2, 1.5, 2.0), (0.3, 0.5, 0.75, 0.9))
              if (k1, b) != (1.2, 0.75)]
+    joint: dict[tuple[object, ...], list[dict[str, float]]] = {}
     for name in args.sets:
         ch = Channels(name, Path(args.root), minilm)
         res: dict[str, object] = {"questions": len(ch.questions), "check": ch.reproduces}
@@ -190,6 +194,18 @@ def main() -> int:
             res[f"oracle {how}"] = oracle(ch, how, (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 1e9))
             print(f"{name:11s} {'oracle ' + how:32s} {res[f'oracle {how}']}", flush=True)
         out["sets"][name] = res  # type: ignore[index]
+        if args.joint:
+            for k1, b, how, w, n in itertools.product((0.6, 0.9, 1.2, 1.5, 2.0), (0.3, 0.5, 0.75, 0.9),
+                                                    ("dbsf", "max", "minmax", "z"), (2, 2.5, 3, 3.5, 4, 5, 6),
+                                                    (20, 50, 100)):
+                joint.setdefault((how, w, n, k1, b), []).append(score(ch, how, w, depth=n, k1=k1, b=b))
+    if joint:
+        best = sorted(joint.items(), key=lambda kv: (-kv[1][0]["mrr@10"], -kv[1][0]["recall@1"]))
+        out["joint_best"] = [{"how": c[0], "w": c[1], "depth": c[2], "k1": c[3], "b": c[4],
+                              **{name: m for name, m in zip(args.sets, ms)}} for c, ms in best[:20]]
+        print(f"joint: {len(joint)} combinations; best on {args.sets[0]} (recall@1 / MRR@10 per set):")
+        for c, ms in best[:10]:
+            print(f"  {c}: " + "  ".join(f"{m['recall@1']} / {m['mrr@10']}" for m in ms), flush=True)
     out["load_average_after"] = os.getloadavg()
     emit(out, args.out)
     return 0

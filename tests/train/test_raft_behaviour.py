@@ -15,13 +15,16 @@ way to answer is to copy from the prompt.
 What it takes (measured while writing this test): a 2-layer, 128-wide, 8-head model over a word-level
 vocabulary, LoRA r=64 on every linear layer, lr 3e-3, batches of 32: the loss sits near 3 (some code word,
 not the document's) for a while, then falls to ~0.1 as the copy forms. With the final norm scaled x10 that
-took ~300 steps; scaled x20 (bolder logits from the start) the loss was 0.2-0.3 by step 140-150 on two
-seeds, and 200 steps are run. 64 wide, 4 heads, batches of 16, fewer steps or a decaying learning rate left
-it on the plateau or copying only some of the code's three words; so did lr 4e-3 to 1e-2, a x40 norm, LoRA
-r=16 or 32, LoRA on the attention layers only and 96 wide, within 200 steps; with 200 training records the
-model learnt their codes by heart (loss 0.2) and copied none. With two seeds (data and training) 7 and 8 of
-the 8 unseen accounts were answered exactly at 200 steps; the test asks for 6 (a guess matches a code one
-time in 8000) and none from the controls. About 1 minute on a shared 2-core CPU (load average 4).
+took ~170 steps (400 were run); scaled x20 (bolder logits from the start) ~140, and 300 steps are run.
+64 wide, 4 heads, batches of 16, fewer steps or a decaying learning rate left it on the plateau or copying
+only some of the code's three words; so did lr 4e-3 to 1e-2, a x40 norm, LoRA r=16 or 32, LoRA on the
+attention layers only and 96 wide, within 200 steps; with 200 training records the model learnt their
+codes by heart (loss 0.2) and copied none. Two runs with the same seeds differ (their losses part within
+the first 50 steps; the cause was not established), so the count was taken over several runs: at 300
+steps 8, 8, 7 and 6 of the 8 unseen accounts were answered exactly (four data/training seeds), at 250
+steps 8, 8 and 7, at 200 steps 7, 8, 8 and 5 (x10 and 400 steps, the recipe before: 8, 7 and 6 on three
+of those seeds). The test asks for 6 (a guess matches a code one time in 8000) and none from the controls.
+About 1 minute on a shared 2-core CPU (load average 4).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def build_word_llama(out: Path, words: list[str], hidden: int = 128, seed: int =
                       pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # random tied embeddings (std 0.02) bound the logits to ~+-1: see trainable_llama;
-        model.model.norm.weight.mul_(20)  # x20 forms the copy in half the steps x10 took (module docstring)
+        model.model.norm.weight.mul_(20)  # x20 forms the copy sooner than x10 (module docstring)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out), safe_serialization=True)
@@ -132,7 +135,7 @@ def test_rag_trained_model_answers_from_a_source_it_never_saw(tmp_path: Path, ti
     data = write_jsonl(tmp_path / "train.jsonl", [{**chat(_question(n), " ".join(c)), "sources": [f"{n}.md"]}
                                                   for n, c in zip(names[:TRAIN_RECORDS], codes[:TRAIN_RECORDS])])
     train = [f"data.train_file={data}", "data.rag.index=accts", "data.rag.distractors=1", "data.max_length=96",
-             f"train.output_dir={tmp_path / 'run'}", "train.max_steps=200", "train.batch_size=32",
+             f"train.output_dir={tmp_path / 'run'}", "train.max_steps=300", "train.batch_size=32",
              "train.learning_rate=3e-3", "train.lr_scheduler=constant", "train.warmup_ratio=0.1",
              "train.lora.r=64", "train.lora.alpha=64", "train.lora.dropout=0", "train.save_steps=100000",
              "train.logging_steps=10", "train.threads=1", "train.group_by_length=false"]

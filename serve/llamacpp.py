@@ -112,11 +112,14 @@ class LlamaCppEngine:
     Construct cheaply, `load()` explicitly. One scheduler thread owns the llama.cpp context (it is
     not re-entrant); `generate` hands it a sequence and waits. `lock` (the Generator's) is held
     around each decode step, so generators that share it never run the CPU at the same time.
+    `flash_attn=False` is llama.cpp's unfused attention over every slot's cells (bench/bench_rag_batch.py).
     """
 
     def __init__(self, gguf_path: str | Path, lora: dict[str, str | Path] | None = None, n_threads: int = 0,
-                 n_ctx: int = 0, n_batch: int = 512, max_batch: int = 1, lock: Any = None, verbose: bool = False):
+                 n_ctx: int = 0, n_batch: int = 512, max_batch: int = 1, lock: Any = None, verbose: bool = False,
+                 flash_attn: bool = True):
         self.gguf_path = Path(gguf_path).expanduser()
+        self.flash_attn = bool(flash_attn)
         self.lora_paths = {k: Path(v).expanduser() for k, v in (lora or {}).items()}
         self.n_threads = int(n_threads) or _default_threads(self.gguf_path)
         self.requested_ctx = int(n_ctx)
@@ -178,8 +181,11 @@ class LlamaCppEngine:
         # of cells in use, every slot's (masked, but computed): a 250-token RAG prompt prefilled beside 7
         # running ones cost 3x its prefill alone. V in f32: flash attention accumulates in V's type, and an f16
         # accumulator would round more than the unfused path, whose greedy ids equal transformers'.
-        cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        cp.type_v = lc.GGML_TYPE_F32
+        if self.flash_attn:
+            cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            cp.type_v = lc.GGML_TYPE_F32
+        else:
+            cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         try:
             self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=self.verbose)
         except ValueError as exc:

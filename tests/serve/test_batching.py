@@ -128,8 +128,10 @@ def test_requests_on_different_adapters_are_never_in_one_batch(engine: Any, monk
         mixed.append({s.req.adapter for s in sched._running if s.slot in slots} | {engine._active})
         return real(items)
 
+    # questions whose every greedy step has a top-2 margin of 0.04 or more, with and without the adapter:
+    # QUESTIONS[1] with it has a near-tie (0.0014) at its third token, which a batch's rounding may flip
     calls = [dict(prompt_text=chat(q), max_new_tokens=10, stop_ids=[-1], adapter=a, reuse_prefix=False)
-             for q in QUESTIONS[:2] for a in (None, "ft")]
+             for q in (QUESTIONS[0], QUESTIONS[2]) for a in (None, "ft")]
     alone = [engine.generate(**c)["ids"] for c in calls]
     monkeypatch.setattr(engine, "decode", spy)
     got = together(engine, calls)

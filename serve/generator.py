@@ -625,7 +625,10 @@ class Generator:
             return self._run_scheduled(job, on_token, cancel)
         if (self.cfg.generation.cache == "static" and self.device == "cuda" and job.temperature <= 0
                 and job.grammar is None and not job.stop):
-            return self._run_static(job, on_token, cancel)
+            from ragtune.serve.static_decode import supported
+
+            if supported(self.model):
+                return self._run_static(job, on_token, cancel)
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 

@@ -15,7 +15,8 @@ in a chunk ends the answer there: the steps queued after it are discarded).
 Greedy ids equal `model.generate(do_sample=False, repetition_penalty=p)` (tests/serve/test_static_decode.py,
 eager on the CPU). Caches are kept per length bucket (prompt + new tokens rounded up to a power of two,
 at least 256), so a server recompiles only for a new bucket. Failure mode: a model whose forward does
-not take a static cache (`is_compileable` false) is refused by `supported`; the caller keeps `generate`.
+not take a static cache (transformers' `_can_compile_fullgraph` false) is refused by `supported`; the
+caller keeps `generate`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def bucket(n: int) -> int:
 
 
 def supported(model: Any) -> bool:
-    return bool(getattr(model, "_supports_static_cache", True)) and getattr(model.config, "is_encoder_decoder", False) is False
+    """A decoder-only model whose cache can be static (transformers' own flag); others keep `generate`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return (bool(getattr(inner, "_can_compile_fullgraph", getattr(inner, "_supports_static_cache", True)))
+            and not getattr(inner.config, "is_encoder_decoder", False))
 
 
 class StaticGreedy:

@@ -56,3 +56,9 @@ def test_cancel_ends_after_the_chunk_in_flight(model) -> None:
 
 def test_length_buckets() -> None:
     assert [bucket(n) for n in (1, 256, 257, 1000, 1025)] == [256, 256, 512, 1024, 2048]
+
+
+def test_supported_takes_a_decoder_only_llama(model) -> None:
+    from ragtune.serve.static_decode import supported
+
+    assert supported(model)

@@ -95,16 +95,21 @@ def random_model(tokdir: Path, shape: str, dtype: str = "bfloat16", seed: int = 
         return AutoModelForCausalLM.from_config(shape_config(tokdir, shape), dtype=getattr(torch, dtype))
 
 
-def save_model(model: Any, tokdir: Path, out: Path) -> Path:
-    """A loadable model folder: the weights, plus the tokenizer and chat template of `tokdir`."""
+def copy_tokenizer(tokdir: Path, out: Path) -> None:
+    """The tokenizer, chat template and generation settings of `tokdir` into `out` (those it has)."""
     import shutil
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                  "generation_config.json"):
         if (tokdir / name).is_file():
             shutil.copyfile(tokdir / name, out / name)
+
+
+def save_model(model: Any, tokdir: Path, out: Path) -> Path:
+    """A loadable model folder: the weights, plus the tokenizer and chat template of `tokdir`."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    copy_tokenizer(tokdir, out)
     return out
 
 
@@ -116,10 +121,7 @@ def shape_dir(tokdir: Path, shape: str, work: Path) -> Path:
     out = work / f"shape-{shape}"
     out.mkdir(parents=True, exist_ok=True)
     shape_config(tokdir, shape).save_pretrained(str(out))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                 "generation_config.json"):
-        if (tokdir / name).is_file():
-            (out / name).write_bytes((tokdir / name).read_bytes())
+    copy_tokenizer(tokdir, out)
     save_file({}, str(out / "model.safetensors"))
     return out
 

@@ -271,6 +271,12 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def _run_stats(t_wait: float, t0: float, first: float, t1: float, tokens: int, reason: str) -> dict[str, Any]:
+    """What a `Generator._run*` path reports: queue, prefill and decode seconds, tokens, why it ended."""
+    return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
+            "end": t1, "tokens": tokens, "finish_reason": reason}
+
+
 class Generator:
     def __init__(self, cfg: Any, engine: str | None = None, lock: Any = None):
         self.cfg = cfg
@@ -669,8 +675,7 @@ class Generator:
             reason = "stop"
         else:
             reason = "length" if count[0] >= job.max_new_tokens else "stop"
-        return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
-                "end": t1, "tokens": count[0], "finish_reason": reason}
+        return _run_stats(t_wait, t0, first, t1, count[0], reason)
 
     def _run_static(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
         """A greedy answer through the static-cache decoder whose step is compiled into CUDA graphs
@@ -694,8 +699,7 @@ class Generator:
                 ids, reason = dec.generate(list(job.input_ids), job.max_new_tokens, frozenset(self._eos), token, cancel)
             t1 = time.perf_counter()
         first = times.get("first", t1)
-        return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
-                "end": t1, "tokens": len(ids), "finish_reason": reason}
+        return _run_stats(t_wait, t0, first, t1, len(ids), reason)
 
     def _run_llama_cpp(self, job: _Job, on_token: Any, cancel: threading.Event | None) -> dict[str, Any]:
         return self._run_scheduled(job, on_token, cancel)
@@ -748,8 +752,7 @@ class Generator:
         reason = r["finish_reason"]
         if reason == "cancelled" and stopped.is_set() and not (cancel is not None and cancel.is_set()):
             reason = "stop"
-        return {"queue_s": t0 - t_wait, "prefill_s": first - t0, "first": first, "decode_s": t1 - first,
-                "end": t1, "tokens": count[0], "finish_reason": reason}
+        return _run_stats(t_wait, t0, first, t1, count[0], reason)
 
     def constraint(self, grammar: str) -> Any:
         """A fresh `ragtune.serve.constrained.Constraint` for `grammar` over this model's vocabulary."""

@@ -34,9 +34,14 @@ def bucket(n: int) -> int:
     return size
 
 
+def _base(model: Any) -> Any:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supported(model: Any) -> bool:
     """A decoder-only model whose cache can be static (transformers' own flag); others keep `generate`."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _base(model)
     return (bool(getattr(inner, "_can_compile_fullgraph", getattr(inner, "_supports_static_cache", True)))
             and not getattr(inner.config, "is_encoder_decoder", False))
 
@@ -52,8 +57,7 @@ class StaticGreedy:
         # transformers 5.25 renamed forward's `past_key_values` to `cache` (the old name goes in 5.40)
         import inspect
 
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+        self._cache_kw = "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
         self._lock = threading.Lock()
         self._step_fn = self._step
         if compile:

@@ -81,7 +81,7 @@ def other_busy_cores(window: float = 0.5) -> float:
             return 0.0
 
 
-def gradient_checkpointing(cfg: Any, device: str, n_params: int, model: Any = None) -> bool:
+def gradient_checkpointing(cfg: Any, device: str, model: Any) -> bool:
     """train.gradient_checkpointing, else (auto): on CUDA, on for QLoRA, and on when the activations of a
     step would not fit beside the weights in the GPU's free memory (`activation_bytes`); off on CPUs.
 
@@ -94,8 +94,6 @@ def gradient_checkpointing(cfg: Any, device: str, n_params: int, model: Any = No
         return False
     if cfg.train.qlora:
         return True
-    if model is None:
-        return n_params > 1_000_000_000
     import torch
 
     free, _total = torch.cuda.mem_get_info()

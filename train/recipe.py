@@ -352,7 +352,7 @@ def _load_for_training(cfg: Any, prep: Any) -> _Loaded:
             "(length-grouped batches waste little padding) or use an attention implementation that honours "
             "sequence boundaries (flash_attention_2 on CUDA)"
         )
-    gc = gradient_checkpointing(cfg, device, n_params, model)
+    gc = gradient_checkpointing(cfg, device, model)
     bf16 = bf16_autocast(cfg, device, model.dtype, n_params)
     fp16 = device == "cuda" and model.dtype == torch.float16
     dtype = str(model.dtype).replace("torch.", "")  # before QLoRA's preparation casts norms to float32

@@ -34,14 +34,9 @@ def bucket(n: int) -> int:
     return size
 
 
-def _base(model: Any) -> Any:
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def supported(model: Any) -> bool:
     """A decoder-only model whose cache can be static (transformers' own flag); others keep `generate`."""
-    inner = _base(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return (bool(getattr(inner, "_can_compile_fullgraph", getattr(inner, "_supports_static_cache", True)))
             and not getattr(inner.config, "is_encoder_decoder", False))
 
@@ -54,10 +49,11 @@ class StaticGreedy:
         self.penalty = float(repetition_penalty)
         self._caches: dict[int, Any] = {}
         self._seen: Any = None  # ids penalised so far: one buffer at a fixed address (CUDA graphs replay on it)
-        # transformers 5.25 renamed forward's `past_key_values` to `cache` (the old name goes in 5.40)
-        import inspect
+        from ragtune.serve.tf_batching import forward_params
 
-        self._cache_kw = "cache" if "cache" in inspect.signature(_base(model).forward).parameters else "past_key_values"
+        # the cache argument's name (`cache` since transformers 5.25), and whether the prefill can skip the LM
+        # head over the prompt (`logits_to_keep`)
+        self._cache_kw, self._keep_one = forward_params(model)
         self._lock = threading.Lock()
         self._step_fn = self._step
         if compile:
@@ -88,7 +84,7 @@ class StaticGreedy:
         return nxt
 
     def _forward(self, ids: Any, pos: Any, cache: Any) -> Any:
-        kw = {self._cache_kw: cache}
+        kw = {self._cache_kw: cache, **({"logits_to_keep": 1} if self._keep_one else {})}
         return self.model(input_ids=ids, cache_position=pos, position_ids=pos[None], use_cache=True, **kw).logits[:, -1, :]
 
     def _step(self, tok: Any, pos: Any, cache: Any, seen: Any) -> Any:

@@ -109,7 +109,7 @@ class TfScheduler(StepThread):
         self._groups: dict[str | None, _Group] = {}
         self._turn: str | None = None
         self._turn_steps = 0
-        self._cache_kw, self._keep_one = _forward_params(gen.model)
+        self._cache_kw, self._keep_one = forward_params(gen.model)
         self.steps = 0  # batched decode forwards made (for tests and benchmarks)
         self.max_seen_batch = 0  # the most sequences decoded in one forward
         _LIVE.add(self)
@@ -276,7 +276,7 @@ class TfScheduler(StepThread):
         self._fail_waiting(exc, t)
 
 
-def _forward_params(model: Any) -> tuple[str, bool]:
+def forward_params(model: Any) -> tuple[str, bool]:
     """The cache argument's name (`cache` since transformers 5.x deprecated `past_key_values`) and whether
     the forward takes `logits_to_keep` (the prefill needs the last row only, not the LM head over the prompt)."""
     import inspect

@@ -17,7 +17,7 @@
 #   RAGTUNE_GPU_BUDGET    seconds for the whole check (default 560): later steps are cut to fit
 # Steps:
 #   1. at once: the CUDA tests; `ragtune train` in bf16 (the CUDA default), with QLoRA, and through
-#      `accelerate launch` with the DDP config (and FSDP with two or more GPUs); then merge, greedy
+#      `accelerate launch` with the DDP and FSDP configs (one process per GPU); then merge, greedy
 #      parity of merged vs base + adapter (float32, CUDA), `ragtune ask` with the static and the dynamic cache
 #   2. bench/bench_cuda.py train: ragtune against TRL (defaults, packing, packing + liger) at 135M, 1.7B, 6.5B
 #   3. bench/bench_cuda.py decode: static cache + compile against plain generate at batch 1 (135M, 8B)
@@ -107,13 +107,12 @@ step train-bf16 240 "${RT[@]}" train "${QUICK[@]}" "train.output_dir=$OUT/bf16" 
 step train-qlora 240 "${RT[@]}" --config "$REPO/configs/train/qlora-cuda.yaml" train "${QUICK[@]}" \
     "train.output_dir=$OUT/qlora" --overwrite &
 step accelerate-ddp 240 accelerate launch --config_file "$REPO"/configs/accelerate/multi-gpu-ddp.yaml --num_processes "$NGPU" \
-    -m ragtune train "${QUICK[@]}" "train.output_dir=$OUT/ddp" --overwrite &
-if [ "$NGPU" -ge 2 ]; then
-    step accelerate-fsdp 240 accelerate launch --config_file "$REPO"/configs/accelerate/fsdp.yaml --num_processes "$NGPU" \
-        -m ragtune train "${QUICK[@]}" "train.output_dir=$OUT/fsdp" --overwrite &
-else
-    printf 'accelerate-fsdp\tskipped\t0\tone GPU: FSDP needs two or more\n' >> "$OUT/summary.tsv"
-fi
+    --main_process_port 29502 -m ragtune train "${QUICK[@]}" "train.output_dir=$OUT/ddp" --overwrite &
+# FSDP on one GPU too: accelerate launches FSDP through torchrun at any process count, so the sharded
+# checkpoints and the gathered adapter run for real (tests/train/test_train.py runs it on CPU). Its own port:
+# it starts beside the DDP launch.
+step accelerate-fsdp 240 accelerate launch --config_file "$REPO"/configs/accelerate/fsdp.yaml --num_processes "$NGPU" \
+    --main_process_port 29512 -m ragtune train "${QUICK[@]}" "train.output_dir=$OUT/fsdp" train.save_steps=10 --overwrite &
 step ask-dynamic 180 "${RT[@]}" ask "How many days per week can I work remotely?" --no-rag "model.path=$MODEL" \
     generation.cache=dynamic generation.max_new_tokens=128 --json &
 step ask-static 240 "${RT[@]}" ask "How many days per week can I work remotely?" --no-rag "model.path=$MODEL" \

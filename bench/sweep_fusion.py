@@ -65,8 +65,10 @@ class Channels:
                 self.doc.append(Path(p["source"]).stem)
                 texts.append(p["text"])
                 vecs.append(vec["dense"])
-            self.dense = np.stack([r.embedder.embed_query(q) for q, _ in self.questions]) @ np.asarray(vecs).T
-            stemmer = meta["sparse"]["stemmer"]
+            self.texts, self.vecs = texts, np.asarray(vecs, dtype=np.float32)  # for bench/sweep_channels.py
+            self.q_vecs = np.stack([r.embedder.embed_query(q) for q, _ in self.questions])
+            self.dense = self.q_vecs @ self.vecs.T
+            stemmer = self.stemmer = meta["sparse"]["stemmer"]
             tok, tok_q = Tokenizer(stemmer), Tokenizer(stemmer, query=True)
             self.tf = [Counter(tok(t)) for t in texts]
             self.q_terms = [set(tok_q(q) or tok(q)) for q, _ in self.questions]

@@ -822,11 +822,42 @@ def _max_positions(model_dir: Path) -> int | None:
 _END = object()
 
 
+class _StreamText:
+    """A stream's token ids as text deltas: detokenized incrementally, cut at the first stop string,
+    and holding back what may be the start of one."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]):
+        self.dec = _Decoder(tokenizer)
+        self.stop = stop
+        self.sent = 0
+        self.hit = False
+
+    def add(self, token_id: int) -> str:
+        if not self.dec.add(token_id) or self.hit:
+            return ""
+        text, self.hit = cut_at_stop(self.dec.emitted, self.stop)
+        if not self.hit:
+            text = text[: len(text) - held_back(text, self.stop)]
+        if len(text) <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent:], len(text)
+        return delta
+
+    def finish(self) -> tuple[str, str]:
+        """(the last delta, the whole answer's text); `hit` says whether a stop string ended it."""
+        self.dec.finish()
+        text, self.hit = cut_at_stop(self.dec.emitted, self.stop)
+        return text[self.sent:] if len(text) > self.sent else "", text
+
+
 class AnswerStream:
     """Iterate for text deltas; `.sources` is known from the start, `.answer` once exhausted.
 
     Generation runs in a worker thread that holds the generator's lock; `close()` (or abandoning
     the iterator) stops it at the next token, so a client that hangs up frees the model.
+    On an event loop, `async for` reads the same deltas without a thread hop per token: the worker
+    posts each token id to the loop (`call_soon_threadsafe`), and tokens that arrived together come
+    out as one delta; `await aclose()` stops the worker.
     """
 
     def __init__(self, gen: Generator, job: _Job):
@@ -839,6 +870,8 @@ class AnswerStream:
         self.answer: Answer | None = None
         self._cancel = threading.Event()
         self._it = self._run()
+        self._aq: Any = None  # the asyncio.Queue of `async for`, made at its first step
+        self._astate: tuple[_StreamText, dict[str, Any]] | None = None
 
     def __iter__(self) -> "AnswerStream":
         return self
@@ -854,26 +887,37 @@ class AnswerStream:
         except ValueError:  # being iterated in another thread: the cancel flag ends it
             pass
 
-    def _run(self) -> Iterator[str]:
+    def _start(self, put: Any) -> dict[str, Any]:
+        """Start the worker thread, which hands `put` each token id, then _END or its exception;
+        returns the dict it fills with the run's stats before _END."""
         gen, job = self.gen, self.job
-        if job.abstained:
-            self.answer = gen._abstain_answer(job)
-            yield self.answer.text
-            return
-        q: queue.Queue[Any] = queue.Queue()
         result: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                result.update(gen._run(job, q.put, self._cancel))
-                q.put(_END)
+                result.update(gen._run(job, put, self._cancel))
+                put(_END)
             except BaseException as exc:  # handed to the consumer
-                q.put(exc)
+                put(exc)
 
-        worker = threading.Thread(target=work, name="ragtune-generate", daemon=True)
-        worker.start()
-        dec = _Decoder(gen.tokenizer)
-        sent, hit = 0, False
+        threading.Thread(target=work, name="ragtune-generate", daemon=True).start()
+        return result
+
+    def _end(self, st: _StreamText, result: dict[str, Any]) -> str:
+        tail, text = st.finish()
+        if st.hit:
+            result["finish_reason"] = "stop"
+        self.answer = self.gen._finish(self.job, text, st.dec.ids, result)
+        return tail
+
+    def _run(self) -> Iterator[str]:
+        if self.job.abstained:
+            self.answer = self.gen._abstain_answer(self.job)
+            yield self.answer.text
+            return
+        q: queue.Queue[Any] = queue.Queue()
+        result = self._start(q.put)
+        st = _StreamText(self.gen.tokenizer, self.job.stop)
         try:
             while True:
                 item = q.get()
@@ -881,20 +925,64 @@ class AnswerStream:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                if not dec.add(item) or hit:
-                    continue
-                text, hit = cut_at_stop(dec.emitted, job.stop)
-                if not hit:  # hold back what may be the start of a stop string
-                    text = text[: len(text) - held_back(text, job.stop)]
-                if len(text) > sent:
-                    yield text[sent:]
-                    sent = len(text)
-            dec.finish()
-            text, hit = cut_at_stop(dec.emitted, job.stop)
-            if len(text) > sent:
-                yield text[sent:]
-            if hit:
-                result["finish_reason"] = "stop"
-            self.answer = gen._finish(job, text, dec.ids, result)
+                delta = st.add(item)
+                if delta:
+                    yield delta
+            tail = self._end(st, result)
+            if tail:
+                yield tail
         finally:
             self._cancel.set()  # no-op when finished; stops the worker when the consumer left early
+
+    # --- on an event loop ---------------------------------------------------------------------
+
+    def __aiter__(self) -> "AnswerStream":
+        return self
+
+    async def __anext__(self) -> str:
+        import asyncio
+
+        if self._aq is None:
+            self._aq = asyncio.Queue()
+            if self.job.abstained:
+                self.answer = self.gen._abstain_answer(self.job)
+                self._aq.put_nowait(_END)
+                return self.answer.text
+            loop, aq = asyncio.get_running_loop(), self._aq
+
+            def put(item: Any) -> None:
+                try:
+                    loop.call_soon_threadsafe(aq.put_nowait, item)
+                except RuntimeError:  # the loop is closed (the server stopped): stop generating
+                    self._cancel.set()
+
+            self._astate = (_StreamText(self.gen.tokenizer, self.job.stop), self._start(put))
+        if self._astate is None:
+            raise StopAsyncIteration
+        st, result = self._astate
+        while True:
+            items = [await self._aq.get()]
+            while not self._aq.empty():  # what arrived meanwhile goes out in one delta
+                items.append(self._aq.get_nowait())
+            out = []
+            for item in items:
+                if item is _END:
+                    self._astate = None
+                    self._cancel.set()
+                    out.append(self._end(st, result))
+                    break
+                if isinstance(item, BaseException):
+                    self._astate = None
+                    self._cancel.set()
+                    raise item
+                out.append(st.add(item))
+            text = "".join(out)
+            if text:
+                return text
+            if self._astate is None:
+                raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop generating at the next token (the worker sees the flag; nothing to await)."""
+        self._cancel.set()
+        self._astate = None

@@ -957,10 +957,6 @@ def _chunk(cid: str, created: int, model: str, delta: dict[str, Any], finish: st
 _DONE = object()
 
 
-def _next(stream: Any) -> Any:
-    return next(stream, _DONE)
-
-
 async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include_usage: bool,
                      runtime: Runtime, plan: Any = None) -> AsyncIterator[str]:
     """OpenAI's chunk stream: role (+ sources) first, content deltas, a finish chunk, usage, [DONE].
@@ -980,10 +976,7 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
                      sources=stream.sources)
         try:
             while True:
-                if hasattr(stream, "__anext__"):  # engine openai: no worker thread per token
-                    delta = await anext(stream, _DONE)
-                else:
-                    delta = await anyio.to_thread.run_sync(_next, stream, abandon_on_cancel=True)
+                delta = await anext(stream, _DONE)  # read on this loop: no worker-thread hop per token
                 if delta is _DONE:
                     break
                 if held is not None:
@@ -1025,11 +1018,8 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
         yield "data: [DONE]\n\n"
     finally:
         try:
-            if hasattr(stream, "aclose"):
-                with anyio.CancelScope(shield=True):  # a client that hung up cancelled this generator
-                    await stream.aclose()
-            else:
-                stream.close()
+            with anyio.CancelScope(shield=True):  # a client that hung up cancelled this generator
+                await stream.aclose()
         finally:
             runtime.leave()
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,6 +101,8 @@ def test_abstains_when_nothing_relevant_is_found(tiny_cfg_factory, tiny_adapter:
     assert ans.completion_tokens == 0 and ans.mode == "ft+rag"
     s = gen.stream(user(QA[0][0]), retriever=FakeRetriever(hits))
     assert list(s) == ["Not in the documents."] and s.answer.abstained
+    s = gen.stream(user(QA[0][0]), retriever=FakeRetriever(hits))
+    assert _adrain(s) == ["Not in the documents."] and s.answer.abstained  # the server's way, once
 
 
 def test_refuses_adapter_with_other_base_or_damaged_template(tiny_cfg_factory, tiny_adapter: Path, tmp_path: Path) -> None:
@@ -201,6 +204,51 @@ def test_stop_strings_cut_the_answer_in_both_paths(loaded_gen: Generator, stop, 
     s = loaded_gen.stream(user(QA[0][0]), adapter="policies", max_new_tokens=16, stop=stop)
     assert a.text == "".join(s) == s.answer.text == expected
     assert a.finish_reason == s.answer.finish_reason == "stop"
+
+
+def _adrain(stream: Any) -> list[str]:
+    import asyncio
+
+    async def go() -> list[str]:
+        return [d async for d in stream]
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("stop", [None, ["days"], ["T"]])
+def test_a_stream_read_on_an_event_loop_gives_the_same_text_and_answer(loaded_gen: Generator, stop) -> None:
+    """`async for` (the server's way: token ids posted to the loop, no thread hop per token) gives the
+    sync iteration's text, stop strings and finish reason included."""
+    kw = dict(adapter="policies", max_new_tokens=16, stop=stop)
+    sync = loaded_gen.stream(user(QA[0][0]), **kw)
+    want = "".join(sync)
+    s = loaded_gen.stream(user(QA[0][0]), **kw)
+    deltas = _adrain(s)
+    assert "".join(deltas) == want == s.answer.text
+    assert s.answer.finish_reason == sync.answer.finish_reason
+    assert s.answer.completion_tokens == sync.answer.completion_tokens
+    assert all(deltas)  # no empty chunks
+
+
+def test_closing_a_stream_on_an_event_loop_frees_the_model(loaded_gen: Generator) -> None:
+    import asyncio
+
+    s = loaded_gen.stream(user("office"), max_new_tokens=400)  # the tiny model runs all 400 tokens
+
+    def after_close() -> None:  # while the loop still runs: its closing would stop the worker too
+        loaded_gen.answer(user("x"), max_new_tokens=2)  # waits for the model
+        for t in threading.enumerate():
+            if t.name == "ragtune-generate":
+                t.join(30)
+
+    async def go() -> tuple[str, int]:
+        d = await anext(s)
+        await s.aclose()
+        await asyncio.wait_for(asyncio.to_thread(after_close), 60)
+        return d, s._aq.qsize()
+
+    first, posted_after = asyncio.run(go())
+    assert first and posted_after < 50  # the worker stopped at the flag, not after its 400 tokens
 
 
 def test_held_back_keeps_possible_stop_prefixes() -> None:

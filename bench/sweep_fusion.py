@@ -3,6 +3,7 @@
     python bench/sweep_fusion.py --root /tmp/bq                 # both sets: ~3 min on 2 busy cores
     python bench/sweep_fusion.py --root /tmp/bq --out sweep.json
     python bench/sweep_fusion.py --root /tmp/bq --joint          # + every combination of the variants
+    python bench/sweep_fusion.py --root /tmp/bq --set embedder.path=/models/all-mpnet-base-v2   # another embedder
 
 Each set is ingested once with the defaults (`ragtune index add`, as bench_quality.py does); then every
 chunk's text and stored vector are read back and both channels are recomputed here for every question:
@@ -42,7 +43,7 @@ from bench_quality import SETS, _dedupe, load_set, metrics  # noqa: E402
 class Channels:
     """A set's chunks, questions and both channels' scores, recomputed exactly."""
 
-    def __init__(self, name: str, root: Path, minilm: str) -> None:
+    def __init__(self, name: str, root: Path, minilm: str, overrides: list[str] | None = None) -> None:
         import numpy as np
 
         from ragtune.config import load_config
@@ -54,7 +55,7 @@ class Channels:
         corpus = Path(tempfile.mkdtemp(prefix=f"sweep-{name}-"))
         for d, t in docs.items():
             (corpus / f"{d}.txt").write_text(t + "\n", encoding="utf-8")
-        base = [f"embedder.path={minilm}", "embedder.device=cpu", f"index.name=sweep-{name}"]
+        base = [f"embedder.path={minilm}", "embedder.device=cpu", f"index.name=sweep-{name}", *(overrides or [])]
         ingest(load_config(None, base), [str(corpus)], progress=False)
         self.gold = [g for _, g in self.questions]
         with Retriever(load_config(None, base)) as r:
@@ -166,6 +167,8 @@ def main() -> int:
     ap.add_argument("--root", default="/tmp/ragtune-bench-quality", help="where the .deb files are fetched and unpacked")
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--joint", action="store_true", help="also score every combination of the variants (slow)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the ingest and the queries, e.g. embedder.path=DIR (repeatable)")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("RAGTUNE_HOME", tempfile.mkdtemp(prefix="ragtune-sweep-home-"))
@@ -187,7 +190,7 @@ def main() -> int:
              if (k1, b) != (1.2, 0.75)]
     joint: dict[tuple[object, ...], list[dict[str, float]]] = {}
     for name in args.sets:
-        ch = Channels(name, Path(args.root), minilm)
+        ch = Channels(name, Path(args.root), minilm, args.set)
         res: dict[str, object] = {"questions": len(ch.questions), "check": ch.reproduces}
         for label, kw in rows:
             res[label] = score(ch, **kw)  # type: ignore[arg-type]

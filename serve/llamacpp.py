@@ -43,8 +43,8 @@ from ragtune.errors import RagtuneError, UsageError
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "install it with: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'ragtune[llamacpp]' "
-    "(or ./scripts/setup.sh, which does this; it compiles llama.cpp once, 5-10 minutes)"
+    "install it with: pip install 'ragtune[llamacpp]' (or ./scripts/setup.sh, which does this; it compiles "
+    "llama.cpp for this CPU once, 5-10 minutes)"
 )
 
 

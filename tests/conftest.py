@@ -38,8 +38,8 @@ def llama_cpp_installed() -> None:
     """For tests of the llama.cpp engine (tests/export's NEEDS_LLAMA_CPP marker)."""
     from ragtune.serve.llamacpp import llama_cpp_available
 
-    require_setup(llama_cpp_available(), "llama-cpp-python is not installed: CMAKE_ARGS=-DGGML_NATIVE=OFF "
-                  "pip install 'ragtune[llamacpp]'")
+    require_setup(llama_cpp_available(), "llama-cpp-python is not installed: run ./scripts/setup.sh "
+                  "(or pip install 'ragtune[llamacpp]')")
 
 
 def free_port() -> int:

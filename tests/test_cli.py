@@ -133,3 +133,24 @@ def test_full_disk_and_permission_messages_name_the_fix() -> None:
     assert denied.startswith("Permission denied: '/srv/out'; no permission: choose a folder you can write")
     moved = os_error_message(OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"))
     assert moved == "Invalid cross-device link: '/a' -> '/b'; check the path and try again"
+
+
+# llama_print_system_info() of llama-cpp-python 0.3.36 built here with GGML_NATIVE=OFF and with GGML_NATIVE=ON
+PORTABLE_INFO = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | "
+                 "OPENMP = 1 | REPACK = 1 | ")
+NATIVE_INFO = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+               "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
+
+
+def test_doctor_names_the_cpu_features_a_portable_llama_cpp_build_leaves_unused() -> None:
+    from ragtune.doctor import llama_build_check
+
+    avx512 = {"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16"}
+    portable = llama_build_check(PORTABLE_INFO, avx512)
+    assert portable.status == "warn"
+    assert "AVX512, AVX512_VNNI, AVX512_BF16" in portable.detail and "GGML_NATIVE=ON" in portable.fix
+    assert llama_build_check(NATIVE_INFO, avx512).status == "ok"
+    assert llama_build_check(PORTABLE_INFO, {"avx2", "fma", "f16c"}).status == "ok"  # an AVX2 CPU: nothing unused
+    # the installed build on this machine: set-up compiles it for this CPU, so nothing is left unused
+    installed = llama_build_check()
+    assert installed.status == "ok", installed

@@ -51,6 +51,15 @@ def _source(h: Any) -> dict[str, Any]:
     }
 
 
+def _canonical(hits: list[Any]) -> list[Any]:
+    """A channel's hits with exact score ties ordered by (source, page, start) instead of the store's
+    internal id: chunk ids hash the folder's absolute path, so without this, equal-scored chunks came
+    back in an order that changed with where the documents lay (and so did the prompts `data.rag`
+    builds from them). Stable: hits of different scores keep their order."""
+    return sorted(hits, key=lambda h: (-h.score, str(h.payload.get("source") or ""), h.payload.get("page") or 0,
+                                       h.payload.get("start") or 0))
+
+
 def _cosine(q: Any, vec: Any) -> float | None:
     import numpy as np
 
@@ -201,15 +210,16 @@ class Retriever:
         with self._store_lock:
             if hybrid:
                 n = max(s.candidates, limit)
-                dense_hits = self.store.query(dense=q, mode="dense", limit=n, filters=filters, hnsw_ef=s.hnsw_ef)
-                sparse_hits = self.store.query(sparse=sparse_q, mode="sparse", limit=n, filters=filters)
+                dense_hits = _canonical(self.store.query(dense=q, mode="dense", limit=n, filters=filters,
+                                                         hnsw_ef=s.hnsw_ef))
+                sparse_hits = _canonical(self.store.query(sparse=sparse_q, mode="sparse", limit=n, filters=filters))
                 out = self._fused(q, dense_hits, sparse_hits, limit)  # may fetch vectors: same store
             else:
-                single = self.store.query(
+                single = _canonical(self.store.query(
                     dense=q if mode != "sparse" else None, sparse=sparse_q if mode == "sparse" else None,
                     mode="sparse" if mode == "sparse" else "dense", limit=limit, filters=filters,
                     hnsw_ef=s.hnsw_ef, with_vector=mode == "sparse",
-                )
+                ))
         if not hybrid:
             out = []
             for rank, h in enumerate(single, 1):

@@ -156,3 +156,23 @@ def test_hybrid_fuses_both_channels_with_weights_and_explains(cfg: Config, docs:
         assert (hits[1]["sparse_rank"], hits[1]["sparse_score"]) == (None, None)
         assert hits[2]["dense_rank"] is None and hits[2]["dense_score"] == pytest.approx(0.1, abs=1e-5)
         assert [h["n"] for h in hits] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "hybrid"])
+def test_equal_scores_rank_by_source_wherever_the_folder_lies(cfg: Config, tmp_path: Path, mode: str) -> None:
+    """Chunk ids hash the folder's absolute path; exact ties must not follow them. Six copies of one text in
+    two folders: every channel scores them alike, and both indexes return them in the order of their names
+    (a store-id order would agree with that one time in 720)."""
+    names = ["f.md", "c.md", "a.md", "e.md", "b.md", "d.md"]
+    text = "Visitors sign in at the front desk and wear a badge.\n"
+    orders = []
+    for i, where in enumerate(("one/deep/folder", "two")):
+        root = tmp_path / where
+        root.mkdir(parents=True)
+        for n in names:
+            (root / n).write_text(text, encoding="utf-8")
+        c = make_cfg(cfg.embedder.path, f"index.name=tie{i}")
+        ingest(c, [str(root)], progress=False)
+        with Retriever(c) as r:
+            orders.append([Path(h["source"]).name for h in r.search("where do visitors sign in", top_k=6, mode=mode)])
+    assert orders[0] == orders[1] == sorted(names)

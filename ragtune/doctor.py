@@ -145,9 +145,14 @@ def llama_build_check(system_info: str | None = None, flags: set[str] | None = N
     """Whether the installed llama.cpp uses this CPU's vector units: a portable build (GGML_NATIVE=OFF, what
     a bundle carries) on an AVX-512 CPU leaves ~20% of decode speed unused (docs/benchmarks.md)."""
     if system_info is None:
-        import llama_cpp
+        try:
+            import llama_cpp
 
-        system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
+            system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
+        except Exception as exc:  # noqa: BLE001 - a wheel built elsewhere may not load here (missing library, CPU)
+            return Check("llama.cpp build", "warn", f"llama-cpp-python is installed but does not load: {exc}",
+                         "reinstall it for this machine: ./scripts/setup.sh, or pip install --force-reinstall "
+                         "--no-deps --no-cache-dir llama-cpp-python==" + (_version("llama-cpp-python") or ""))
     flags = cpu_flags() if flags is None else flags
     built = set(re.findall(r"\b([A-Z0-9_]+) = 1\b", system_info))
     unused = [name for name, flag in LLAMA_CPU_FEATURES.items() if flag in flags and name not in built]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -154,3 +155,22 @@ def test_doctor_names_the_cpu_features_a_portable_llama_cpp_build_leaves_unused(
     # the installed build on this machine: set-up compiles it for this CPU, so nothing is left unused
     installed = llama_build_check()
     assert installed.status == "ok", installed
+
+
+def test_doctor_reports_a_llama_cpp_install_that_does_not_load(tmp_path: Path) -> None:
+    """A damaged install (its libllama.so gone, as when a copied venv misses files): doctor names it, no traceback."""
+    import os
+    import shutil
+
+    import llama_cpp
+
+    broken = tmp_path / "site"
+    shutil.copytree(Path(llama_cpp.__file__).parent, broken / "llama_cpp")
+    for lib in (broken / "llama_cpp" / "lib").glob("libllama.so*"):
+        lib.unlink()
+    env = {**os.environ, "PYTHONPATH": str(broken)}
+    proc = subprocess.run([sys.executable, "-m", "ragtune.cli", "doctor", "--json"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    check = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "llama.cpp build")
+    assert check["status"] == "warn" and "does not load" in check["detail"] and "setup.sh" in check["fix"]

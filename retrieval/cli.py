@@ -242,6 +242,9 @@ def _run_search(args: argparse.Namespace, cfg: Any) -> int:
     if (args.query is None) == (args.queries is None):
         raise UsageError("give one QUERY or --queries FILE (JSONL with a \"query\" field, or one query a line; "
                          "'-' reads stdin)")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k {args.top_k}: give the number of hits to return, 1 or more "
+                         "(leave it out for search.top_k)")
     filters = parse_filters(args.filter)
     url = server_url(args.server)
     if args.explain and url:
@@ -303,8 +306,8 @@ class _LocalSearch:
     def search(self, query: str, top_k: Any, mode: Any, filters: Any) -> list[dict[str, Any]]:
         from ragtune.errors import UsageError
 
-        if top_k is not None and not isinstance(top_k, int):
-            raise UsageError(f"top_k must be an integer, got {top_k!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise UsageError(f"top_k must be an integer of 1 or more, got {top_k!r}")
         return self.retriever.search(query, top_k=top_k, mode=mode, filters=filters)
 
     def close(self) -> None:

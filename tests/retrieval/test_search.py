@@ -73,6 +73,15 @@ def test_cli_search_json(cfg: Config, docs: Path, capsys: pytest.CaptureFixture)
     assert len(hits) == 1 and hits[0]["heading"] == "Security > Passwords"
     assert main(["search", "passwords", *args]) == 0
     assert "security.html > Security > Passwords" in capsys.readouterr().out
+    # no hits asked for is a mistake, not "the default number": named on the command line and per batch line
+    assert main(["search", "passwords", "--top-k", "0", *args]) == 2
+    assert "--top-k 0: give the number of hits to return, 1 or more" in capsys.readouterr().err
+    batch = docs.parent / "queries.jsonl"
+    batch.write_text('{"query": "passwords", "top_k": 0}\n{"query": "passwords", "top_k": 1}\n', encoding="utf-8")
+    assert main(["search", "--queries", str(batch), *args]) != 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"line": 1, "error": "top_k must be an integer of 1 or more, got 0"}
+    assert len(lines[1]["hits"]) == 1
 
 
 def test_reranker_reorders_candidates_and_drives_abstention(cfg: Config, docs: Path, tiny_embedder: Path,

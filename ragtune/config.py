@@ -449,8 +449,24 @@ def _build(cls: type, raw: Any, prefix: str, where: str, problems: list[str]) ->
         return cls()
 
 
+# settings that are counts of something: below these they mean nothing (0 is not "the default" for them)
+MINIMUMS: dict[str, int | float] = {
+    "data.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.lora.r": 1, "embedder.batch_size": 1,
+    "chunk.size": 1, "chunk.overlap": 0, "search.top_k": 1, "search.candidates": 1, "search.rerank_candidates": 1,
+    "generation.max_new_tokens": 1, "generation.temperature": 0, "rag.top_k": 1, "serve.max_queue": 1,
+    "serve.max_batch": 1, "eval.max_new_tokens": 1, "eval.concurrency": 1,
+}
+
 _MISSING = object()
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _at_least(value: int | float, key: str, where: str, problems: list[str]) -> Any:
+    low = MINIMUMS.get(key)
+    if low is not None and value < low:
+        problems.append(f"{where}: key '{key}': must be at least {low}, got {value!r}")
+        return _MISSING
+    return value
 
 
 def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> Any:
@@ -487,12 +503,12 @@ def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> A
     if tp is bool:
         return value if isinstance(value, bool) else bad()
     if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else bad()
+        return _at_least(value, key, where, problems) if isinstance(value, int) and not isinstance(value, bool) else bad()
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 5e-3 (no dot) as a string
+            return _at_least(float(value), key, where, problems)  # YAML 1.1 reads 5e-3 (no dot) as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(value) if ok else bad()
+        return _at_least(float(value), key, where, problems) if ok else bad()
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)

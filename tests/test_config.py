@@ -94,6 +94,21 @@ def test_bad_value_names_key_and_expected_type(tmp_path: Path) -> None:
     ]
 
 
+def test_counts_below_their_minimum_name_the_key(tmp_path: Path) -> None:
+    """A count of 0 or less (top_k, max_new_tokens, batch sizes...) is refused where it was written, every one
+    at once; a setting whose 0 or -1 means something (data.rag.top_k, data.rag.distractors) keeps it."""
+    p = write(tmp_path, "rag:\n  top_k: 0\nchunk:\n  overlap: -1\ngeneration:\n  temperature: -0.5\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, ["serve.max_batch=0", "data.rag.top_k=0", "data.rag.distractors=-1"])
+    assert exc.value.problems == [
+        f"{p}: key 'chunk.overlap': must be at least 0, got -1",
+        f"{p}: key 'generation.temperature': must be at least 0, got -0.5",
+        f"{p}: key 'rag.top_k': must be at least 1, got 0",
+        "override 'serve.max_batch=0': key 'serve.max_batch': must be at least 1, got 0",
+    ]
+    assert load_config(None, ["data.rag.top_k=0", "data.rag.distractors=-1", "chunk.overlap=0"]).data.rag.top_k == 0
+
+
 def test_bad_override_is_reported_with_the_fix() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["train.epochs"])

@@ -130,4 +130,4 @@ def test_eval_end_to_end(tmp_path: Path, tiny_llama: Path, tiny_embedder: Path,
     assert "3 questions at a time" in rep2["meta"]["decoding"]
     assert main(["eval", "--questions", str(qfile), "--out", str(tmp_path / "r3"), *overrides,
                  "eval.concurrency=0"]) == 2
-    assert "eval.concurrency must be at least 1" in capsys.readouterr().err
+    assert "key 'eval.concurrency': must be at least 1, got 0" in capsys.readouterr().err

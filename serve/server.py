@@ -821,6 +821,11 @@ def parse_request(body: bytes, cfg: Any) -> ChatRequest:
                            param=name, code="max_tokens_too_large")
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
+    extra = req.model_extra or {}
+    for name in ("logprobs", "top_logprobs"):  # asked for and answered with null would look like a server bug
+        if extra.get(name):
+            raise APIError(400, f"{name} is not supported by this server (answers carry no token "
+                                "log-probabilities); leave it out or set it to false/0", param=name, code="unsupported")
     if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
         raise APIError(400, f"temperature={req.temperature} is too small to sample with (its probabilities "
                        f"overflow); use 0 for greedy decoding or at least {MIN_TEMPERATURE}",

@@ -173,6 +173,8 @@ def test_abstention_streams_the_not_found_message(client: Any) -> None:
     (json.dumps(ask("base", "q", max_tokens=65)).encode(), 400, "max_tokens_too_large"),
     (json.dumps(ask("base", "q", max_completion_tokens=10_000)).encode(), 400, "max_tokens_too_large"),
     (json.dumps(ask("base", "q", n=2)).encode(), 400, "unsupported"),
+    (json.dumps(ask("base", "q", logprobs=True)).encode(), 400, "unsupported"),
+    (json.dumps(ask("base", "q", top_logprobs=3)).encode(), 400, "unsupported"),
     (json.dumps(ask("base", "q", stop=[""])).encode(), 400, "invalid_request"),
     (json.dumps(ask("base", "q", stop=["a", "b", "c", "d", "e"])).encode(), 400, "invalid_request"),
     (json.dumps({"model": "base", "messages": [{"role": "user", "content": "q"}] * 5}).encode(), 400, "too_many_messages"),

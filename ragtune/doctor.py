@@ -143,7 +143,8 @@ def cpu_flags() -> set[str]:
 
 def llama_build_check(system_info: str | None = None, flags: set[str] | None = None) -> Check:
     """Whether the installed llama.cpp uses this CPU's vector units: a portable build (GGML_NATIVE=OFF, what
-    a bundle carries) on an AVX-512 CPU leaves ~20% of decode speed unused (docs/benchmarks.md)."""
+    a bundle carries) on an AVX-512 CPU left batched decoding 21% slower here (docs/benchmarks.md, "The llama.cpp
+    build"); a lone decode step, bound by reading the weights, ran at the same speed."""
     if system_info is None:
         try:
             import llama_cpp

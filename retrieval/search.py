@@ -55,7 +55,8 @@ def _canonical(hits: list[Any]) -> list[Any]:
     """A channel's hits with exact score ties ordered by (source, page, start) instead of the store's
     internal id: chunk ids hash the folder's absolute path, so without this, equal-scored chunks came
     back in an order that changed with where the documents lay (and so did the prompts `data.rag`
-    builds from them). Stable: hits of different scores keep their order."""
+    builds from them). Stable: hits of different scores keep their order. (A tie that straddles the store's
+    `limit` is still cut where the store cuts it.)"""
     return sorted(hits, key=lambda h: (-h.score, str(h.payload.get("source") or ""), h.payload.get("page") or 0,
                                        h.payload.get("start") or 0))
 

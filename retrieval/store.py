@@ -295,8 +295,19 @@ def open_store(cfg: Any, name: str) -> Store:
     return ServerStore(name, url, cfg.store.api_key, cfg.store.collection_prefix)
 
 
+def local_indexes() -> list[str]:
+    """The names of the edge indexes under $RAGTUNE_HOME/indexes that hold a store."""
+    root = index_dir("x").parent
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "shard" / "edge_config.json").is_file())
+
+
 def missing_index(name: str) -> UsageError:
-    return UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'")
+    others = [n for n in local_indexes() if n != name]
+    here = (f"; the indexes here are {', '.join(others[:10])}{' ...' if len(others) > 10 else ''} (pick one with "
+            "--index NAME)") if others else ""
+    return UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'{here}")
 
 
 def open_for_reading(cfg: Any, name: str, copy: bool = False) -> Store:

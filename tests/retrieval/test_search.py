@@ -56,6 +56,13 @@ def test_search_errors(cfg: Config, docs: Path, minilm_dir: Path) -> None:
     ingest(cfg, [str(docs / "hr.md")], progress=False)
     with Retriever(make_cfg(minilm_dir)) as r:  # another embedder configured: the index's own searches it
         assert r.embedder.identity()["path"] == str(Path(cfg.embedder.path).resolve())
+    with pytest.raises(UsageError) as exc:  # a wrong name is answered with the names there are
+        Retriever(make_cfg(minilm_dir, "index.name=defualt")).load()
+    assert str(exc.value).endswith("; the indexes here are default (pick one with --index NAME)")
+    from ragtune.retrieval.sources import open_retriever
+
+    with pytest.raises(UsageError, match=r"name one that exists \(default\), or answer without retrieval"):
+        open_retriever(cfg, "defualt")  # what ask/chat/serve open
     with pytest.raises(UsageError, match="cannot filter on 'colour'"):
         parse_filters(["colour=red"])
     assert parse_filters(["source=a.md", "source=b.md", "page=3"]) == {"source": ["a.md", "b.md"], "page": 3}

@@ -141,6 +141,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def _llama_rebuild(env: str) -> str:
+    """The command that compiles the installed llama-cpp-python version afresh (pip's wheel cache ignores CMAKE_ARGS)."""
+    return (f"./scripts/setup.sh, or {env}pip install --force-reinstall --no-deps --no-cache-dir "
+            f"llama-cpp-python=={_version('llama-cpp-python') or ''}")
+
+
 def llama_build_check(system_info: str | None = None, flags: set[str] | None = None) -> Check:
     """Whether the installed llama.cpp uses this CPU's vector units: a portable build (GGML_NATIVE=OFF, what
     a bundle carries) on an AVX-512 CPU left batched decoding 21% slower here (docs/benchmarks.md, "The llama.cpp
@@ -152,8 +158,7 @@ def llama_build_check(system_info: str | None = None, flags: set[str] | None = N
             system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
         except Exception as exc:  # noqa: BLE001 - a wheel built elsewhere may not load here (missing library, CPU)
             return Check("llama.cpp build", "warn", f"llama-cpp-python is installed but does not load: {exc}",
-                         "reinstall it for this machine: ./scripts/setup.sh, or pip install --force-reinstall "
-                         "--no-deps --no-cache-dir llama-cpp-python==" + (_version("llama-cpp-python") or ""))
+                         "reinstall it for this machine: " + _llama_rebuild(""))
     flags = cpu_flags() if flags is None else flags
     built = set(re.findall(r"\b([A-Z0-9_]+) = 1\b", system_info))
     unused = [name for name, flag in LLAMA_CPU_FEATURES.items() if flag in flags and name not in built]
@@ -161,8 +166,7 @@ def llama_build_check(system_info: str | None = None, flags: set[str] | None = N
     if unused:
         return Check("llama.cpp build", "warn",
                      f"built without {', '.join(unused)}, which this CPU has (a portable build); uses {', '.join(used)}",
-                     "rebuild for this CPU: ./scripts/setup.sh, or CMAKE_ARGS=-DGGML_NATIVE=ON pip install "
-                     "--force-reinstall --no-deps --no-cache-dir llama-cpp-python==" + (_version("llama-cpp-python") or ""))
+                     "rebuild for this CPU: " + _llama_rebuild("CMAKE_ARGS=-DGGML_NATIVE=ON "))
     return Check("llama.cpp build", "ok", f"uses {', '.join(used) or 'no vector extension llama.cpp reports'}")
 
 

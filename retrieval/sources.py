@@ -63,13 +63,13 @@ def open_retriever(cfg: Any, index_name: str, read_copy: bool = False) -> Any:
             "or rag.enabled=false"
         ) from exc
     if not index_exists(cfg, index_name):
-        from ragtune.retrieval.store import local_indexes
+        from ragtune.retrieval.store import other_indexes
 
-        others = [n for n in local_indexes() if n != index_name][:10]
+        others = other_indexes(index_name)
         raise UsageError(
             f"index '{index_name}' does not exist (looked in '{index_dir(index_name)}'); create it with "
             f"'ragtune index add DOCS --index {index_name}', "
-            + (f"name one that exists ({', '.join(others)}), " if others else "")
+            + (f"name one that exists ({others}), " if others else "")
             + "or answer without retrieval (--no-rag)"
         )
     r = Retriever(cfg, index_name=index_name, read_copy=read_copy)

@@ -303,10 +303,15 @@ def local_indexes() -> list[str]:
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "shard" / "edge_config.json").is_file())
 
 
-def missing_index(name: str) -> UsageError:
+def other_indexes(name: str, most: int = 10) -> str:
+    """The local indexes other than `name`, for an error about a missing one ("" when there are none)."""
     others = [n for n in local_indexes() if n != name]
-    here = (f"; the indexes here are {', '.join(others[:10])}{' ...' if len(others) > 10 else ''} (pick one with "
-            "--index NAME)") if others else ""
+    return ", ".join(others[:most]) + (" ..." if len(others) > most else "")
+
+
+def missing_index(name: str) -> UsageError:
+    others = other_indexes(name)
+    here = f"; the indexes here are {others} (pick one with --index NAME)" if others else ""
     return UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'{here}")
 
 

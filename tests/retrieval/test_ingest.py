@@ -269,3 +269,66 @@ def test_cli_add_reports_skipped_files_and_exits_partial(cfg: Config, docs: Path
     assert "documents  5" in capsys.readouterr().out
     assert main(["index", "add", str(docs / "nope"), *args]) == 2
     assert "path" in capsys.readouterr().err
+
+
+def test_drop_deletes_one_whole_index_and_list_all_names_the_rest(cfg: Config, docs: Path, ragtune_home: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]
+    ingest(cfg, [str(docs / "hr.md")], index="keep", progress=False)
+    ingest(cfg, [str(docs)], index="old", progress=False)
+    assert main(["index", "list", "--all", "--json", *args]) == 0
+    rows = {r["index"]: r for r in json.loads(capsys.readouterr().out)}
+    assert sorted(rows) == ["keep", "old"] and rows["old"]["documents"] == 5 and rows["keep"]["documents"] == 1
+    assert rows["old"]["chunks"] > rows["keep"]["chunks"] > 0 and not rows["old"]["error"]
+
+    assert main(["index", "drop", "old", "--json", *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dropped"] and out["chunks"] == rows["old"]["chunks"]
+    # the whole folder is gone (no lock, generation or half-deleted shard left under the name)
+    assert sorted(p.name for p in (ragtune_home / "indexes").iterdir()) == ["keep"]
+    assert [r["source"] for r in list_documents(cfg, "keep")] == ["hr.md"] and (docs / "hr.md").is_file()
+    assert main(["index", "drop", "old", *args]) == 2
+    err = capsys.readouterr().err
+    assert "index 'old' does not exist" in err and "nothing to drop (the indexes here are keep)" in err
+    # the name can be used again at once
+    assert ingest(cfg, [str(docs / "hr.md")], index="old", progress=False).added == ["hr.md"]
+
+
+def test_drop_is_refused_while_the_index_is_written_or_read_by_a_server(cfg: Config, docs: Path) -> None:
+    ingest(cfg, [str(docs)], progress=False)
+    with IndexLock("default", "ragtune index sync elsewhere"):
+        with pytest.raises(IndexBusy, match="ragtune index sync elsewhere"):
+            main_drop(cfg)
+    # a long-lived reader (serve, chat) reads a private copy: dropping under it is refused, naming its pid
+    code = ("from ragtune.retrieval.store import EdgeStore; import time; s = EdgeStore('default').open_copy(); "
+            "print('open', flush=True); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO, env=dict(os.environ))
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        with pytest.raises(IndexBusy, match=rf"open in running process {proc.pid} "):
+            main_drop(cfg)
+    finally:
+        proc.kill()
+        proc.wait()
+    # once that process is gone the drop goes through
+    assert main_drop(cfg)["dropped"] and not EdgeStore("default").exists()
+
+
+def main_drop(cfg: Config) -> dict:
+    from ragtune.retrieval.ingest import drop
+
+    return drop(cfg, "default")
+
+
+def test_server_store_lists_and_drops_its_collections(cfg: Config, docs: Path, tmp_path: Path) -> None:
+    from ragtune.config import replace
+    from ragtune.retrieval.ingest import drop, list_indexes
+
+    server_cfg = replace(cfg, store=replace(cfg.store, url=f"local:{tmp_path / 'qdrant'}"))
+    ingest(server_cfg, [str(docs / "hr.md")], index="a", progress=False)
+    ingest(server_cfg, [str(docs)], index="b", progress=False)
+    assert [(r["index"], r["documents"]) for r in list_indexes(server_cfg)] == [("a", 1), ("b", 5)]
+    assert drop(server_cfg, "a")["dropped"]
+    assert [r["index"] for r in list_indexes(server_cfg)] == ["b"]
+    with pytest.raises(UsageError, match="index 'a' does not exist .* nothing to drop"):
+        drop(server_cfg, "a")

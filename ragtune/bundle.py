@@ -338,7 +338,7 @@ def create_bundle(
 def check_inputs(models: list[str], adapters: list[str], indexes: list[str], configs: list[str],
                  extra_wheels: list[str], default_models: bool) -> BundleInputs:
     from ragtune.modeling import check_adapter_dir, check_model_dir, default_chat_model_dir
-    from ragtune.retrieval.store import index_dir
+    from ragtune.retrieval.store import EdgeStore, index_dir, missing_index
 
     model_dirs = [check_model_dir(m, "--model") for m in models]
     if default_models:
@@ -349,10 +349,9 @@ def check_inputs(models: list[str], adapters: list[str], indexes: list[str], con
     adapter_dirs = [check_adapter_dir(Path(a).expanduser(), "--adapter") for a in adapters]
     index_dirs = []
     for name in indexes:
-        p = index_dir(name)
-        if not p.is_dir():
-            raise UsageError(f"index '{name}' does not exist (looked in {p}); create it with 'ragtune index add PATH --index {name}'")
-        index_dirs.append(p)
+        if not EdgeStore(name).exists():
+            raise missing_index(name)
+        index_dirs.append(index_dir(name))
     config_files = []
     for c in configs:
         p = Path(c).expanduser()

@@ -56,24 +56,26 @@ RETRY_AFTER_S = 1  # what a 429 tells the client to wait
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, metadata, ...)
+    # strict types, as OpenAI's API: "stream": "yes" or "max_tokens": "5" is a 400 naming the field, not
+    # a guess; clients send fields we do not use (user, metadata, ...)
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -666,7 +668,7 @@ async def start_stream(d: Deployment, messages: list[dict[str, str]], kwargs: di
 
 
 class EmbeddingsRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # `user` and other fields clients send
+    model_config = ConfigDict(extra="allow", strict=True)  # `user` and other fields clients send
     model: str = Field(default="", max_length=200)
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
@@ -674,7 +676,7 @@ class EmbeddingsRequest(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     query: str = Field(min_length=1, max_length=10_000)
     index: str | None = None
     top_k: int | None = Field(default=None, ge=1, le=100)
@@ -800,7 +802,9 @@ def validation_error(errors: list[Any]) -> APIError:
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         param = param or loc or None
-        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        got = e.get("input")
+        shown = f" (got {json.dumps(got)[:60]})" if isinstance(got, (str, int, float, bool)) or got is None else ""
+        parts.append(f"{loc or 'body'}: {e.get('msg')}{shown if 'input' in e else ''}")
     return APIError(400, "invalid request: " + "; ".join(parts), param=param, code="invalid_request")
 
 

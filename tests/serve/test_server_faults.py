@@ -41,6 +41,15 @@ def test_tiny_temperature_is_refused_before_generation(client: Any, temperature:
     assert e["param"] == "temperature" and "0 for greedy" in e["message"]
 
 
+@pytest.mark.parametrize("field,value", [("stream", "yes"), ("stream", 1), ("max_tokens", "5"), ("max_tokens", 5.0),
+                                         ("temperature", "0.5"), ("seed", True)])
+def test_wrong_json_types_are_a_400_naming_the_field_not_coerced(client: Any, field: str, value: Any) -> None:
+    """OpenAI answers "stream": "yes" with a 400; guessing (pydantic's lax mode made it true) hides a client bug."""
+    e = assert_error(post(client, ask("base", "hi", **{field: value})), 400, "invalid_request")
+    assert e["param"] == field and f"(got {json.dumps(value)})" in e["message"], e
+    assert post(client, ask("base", "hi", temperature=0, max_tokens=2, stream=False)).status_code == 200
+
+
 def test_seed_outside_64_bits_is_a_400_and_inside_answers(client: Any) -> None:
     for seed in (2**64, -(2**63) - 1, 10**30):
         assert_error(post(client, ask("base", "hi", seed=seed, max_tokens=2)), 400, "invalid_request")

@@ -666,15 +666,19 @@ class ServerStore(Store):
             raise
         return self.client
 
-    def exists(self) -> bool:
+    def _ask(self, call: Any) -> Any:
+        """call(client), with an unreachable server said as such."""
         try:
-            return bool(self._connect().collection_exists(self.collection))
+            return call(self._connect())
         except IndexBusy:
             raise
         except Exception as exc:  # noqa: BLE001 - connection errors of every kind
             raise RagtuneError(
                 f"cannot reach the Qdrant server at store.url '{self.url}': {exc}; start it or fix store.url"
             ) from exc
+
+    def exists(self) -> bool:
+        return bool(self._ask(lambda c: c.collection_exists(self.collection)))
 
     def open(self, create_dim: int | None = None) -> "ServerStore":
         from qdrant_client import models as m
@@ -815,14 +819,7 @@ class ServerStore(Store):
 
     def names(self, prefix: str) -> list[str]:
         """The index names on this server: its collections that carry ragtune's prefix."""
-        try:
-            cols = self._connect().get_collections().collections
-        except IndexBusy:
-            raise
-        except Exception as exc:  # noqa: BLE001 - connection errors of every kind
-            raise RagtuneError(
-                f"cannot reach the Qdrant server at store.url '{self.url}': {exc}; start it or fix store.url"
-            ) from exc
+        cols = self._ask(lambda c: c.get_collections().collections)
         return sorted(c.name[len(prefix):] for c in cols if c.name.startswith(prefix) and c.name != prefix)
 
 

@@ -122,7 +122,8 @@ def training_recipe(card: Mapping[str, Any]) -> str:
     if rag.get("distractors") is not None:
         parts.append(f"{rag['distractors']} distractor(s)")
     if rag.get("withheld") is not None:
-        parts.append(f"gold withheld from {100 * float(rag['withheld']):.0f}% of records")
+        parts.append(f"gold withheld from {100 * float(rag['withheld']):.0f}% of records"
+                     + (" (target: the not-found message)" if rag.get("withheld_answer") == "not_found" else ""))
     if rag.get("cite") is not None:
         parts.append("target cites [n]" if rag["cite"] else "no [n] in the target")
     if rag.get("prompt_format") is not None:

@@ -40,7 +40,10 @@ class RagDataConfig:
     index: str = ""  # index to retrieve from ("" = train on the records as they are)
     top_k: int = 0  # sources retrieved per question; 0 = rag.top_k (what serving retrieves)
     distractors: int = -1  # non-gold sources kept beside the gold one; -1 = all of the top_k others
-    withheld: float = 0.0  # share of records whose gold source is left out (they learn to answer anyway)
+    withheld: float = 0.0  # share of records whose gold source is left out
+    # the target of those records: "keep" their answer (RAFT: learn to answer when retrieval misses) or
+    # "not_found": rag.not_found_message (learn to say the sources do not hold the answer)
+    withheld_answer: Literal["keep", "not_found"] = "keep"
     cite: bool = False  # end the target answer with [n], the gold source's number
 
 

@@ -69,6 +69,8 @@ def describe_recipe(card: dict[str, Any]) -> str:
     if not rag:
         return "trained on question -> answer (no sources in the prompt)"
     withheld = f", gold withheld for {rag.get('withheld', 0):.0%}" if rag.get("withheld") else ""
+    if withheld and rag.get("withheld_answer") == "not_found":
+        withheld += " (answered with the not-found message)"
     return (f"trained on retrieved sources: index '{rag.get('index')}', {rag.get('distractors', 0)} distractor(s) beside "
             f"the gold source (top_k {rag.get('top_k')}){withheld}{', cites [n]' if rag.get('cite') else ''}, "
             f"prompt format {rag.get('prompt_format')}")

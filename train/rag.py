@@ -23,8 +23,10 @@ The gold source is the passage the answer is grounded in:
 The prompt holds the gold source plus `distractors` other retrieved chunks, in retrieval order
 (with every top_k chunk when distractors=-1: exactly what serving shows). For a `withheld` share
 of the records (drawn with train.seed) the gold source, and any chunk holding the answer, is left
-out: the model also learns to answer when retrieval misses (RAFT's P < 1). Failure mode: a record
-whose answer is not in the documents at all (gold missing) teaches reciting from memory.
+out. Their target is the record's answer (`withheld_answer: keep`: the model also learns to answer
+when retrieval misses, RAFT's P < 1) or `rag.not_found_message` (`withheld_answer: not_found`: it
+learns to say so when its sources do not hold the answer, as serving instructs it to). Failure mode:
+a record whose answer is not in the documents at all (gold missing) teaches reciting from memory.
 """
 
 from __future__ import annotations
@@ -129,12 +131,17 @@ def resolve_settings(cfg: Any) -> dict[str, Any]:
     if not 0.0 <= rc.withheld < 1.0:
         problems.append(f"data.rag.withheld={rc.withheld}: a share from 0 (never) to below 1 (every record's gold "
                         "source withheld would teach the model to ignore its sources)")
+    not_found = rc.withheld_answer == "not_found"
+    if not_found and not cfg.rag.not_found_message.strip():
+        problems.append("data.rag.withheld_answer=not_found trains on rag.not_found_message, which is empty: set it "
+                        "(e.g. rag.not_found_message=\"I could not find this in the documents.\")")
     if problems:
         raise UsageError("the retrieval training settings are invalid:\n  " + "\n  ".join(problems))
+    extra = {"withheld_answer": "not_found", "not_found_message": cfg.rag.not_found_message} if not_found else {}
     return {
         "top_k": top_k,
         "distractors": rc.distractors if rc.distractors >= 0 else top_k - 1,
-        "withheld": rc.withheld, "cite": rc.cite, "prompt_format": RAG_PROMPT_FORMAT,
+        "withheld": rc.withheld, **extra, "cite": rc.cite, "prompt_format": RAG_PROMPT_FORMAT,
         "system_prompt": cfg.rag.system_prompt, "search_mode": cfg.search.mode,
         "rerank_model": cfg.search.rerank_model, "seed": cfg.train.seed,
     }
@@ -341,6 +348,8 @@ def build_rag(cfg: Any, records: Sequence[Any], retriever: Any = None, cache: st
         chosen = choose_sources(hits, gold, n_src, i in withheld, answer_turn["content"])
         sources = [to_source(h, n) for n, h in enumerate(chosen, 1)]
         answer = answer_turn["content"]
+        if i in withheld and settings.get("withheld_answer") == "not_found":
+            answer = settings["not_found_message"]
         if gold is not None and i not in withheld:
             info["n"] = next(n for n, h in enumerate(chosen, 1) if h is hits[gold])
             if settings["cite"]:

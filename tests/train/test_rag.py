@@ -162,3 +162,46 @@ def test_describe_recipe_names_the_retrieval_settings() -> None:
     card = {"rag": {"index": "pol", "top_k": 3, "distractors": 1, "withheld": 0.2, "cite": True, "prompt_format": 1}}
     assert describe_recipe(card) == ("trained on retrieved sources: index 'pol', 1 distractor(s) beside the gold source "
                                      "(top_k 3), gold withheld for 20%, cites [n], prompt format 1")
+    card["rag"]["withheld_answer"] = "not_found"
+    assert "gold withheld for 20% (answered with the not-found message), cites" in describe_recipe(card)
+
+
+@pytest.mark.parametrize("target", ["keep", "not_found"])
+def test_withheld_records_lose_every_chunk_holding_their_answer_and_take_the_chosen_target(
+        tmp_path: Path, tiny_embedder: Path, target: str) -> None:
+    from ragtune.train.data import Record
+    from ragtune.train.rag import build_rag
+
+    _, emb = _index(tmp_path, tiny_embedder)
+    qa = [("How many days per week can I work remotely?", "You can work remotely up to 2 days per week."),
+          ("When must I file my expenses?", "Within 30 days of the purchase."),
+          ("Must I wear my badge?", "Wear your badge visibly at all times inside the building.")]
+    records = [Record(line=i, messages=chat(q, a, SYS)["messages"], raw="") for i, (q, a) in enumerate(qa, 1)]
+    over = ["data.rag.index=pol", "rag.top_k=3", "rag.min_score=-1", "data.rag.withheld=0.34",
+            f"data.rag.withheld_answer={target}", "rag.not_found_message=Not in the documents.", *emb]
+    built = build_rag(load_config(None, over), records)
+    withheld = [line for line, g in built.gold.items() if g.get("withheld")]
+    assert len(withheld) == 1 and built.block()["withheld_records"] == 1  # round(0.34 x 3 found)
+    for rec in built.records:
+        prompt, answer = rec.messages[0]["content"], rec.messages[-1]["content"]  # the sources are in the system turn
+        original = qa[rec.line - 1][1]
+        if rec.line in withheld:
+            assert original.rstrip(".").split()[-1] not in prompt  # its chunk is left out
+            assert answer == (original if target == "keep" else "Not in the documents.")
+        else:
+            assert answer == original and "Sources:\n[1] " in prompt
+    # seeded: the same record is withheld again; the default target leaves the settings (and old caches) unchanged
+    assert [g.get("withheld") for g in build_rag(load_config(None, over), records).gold.values()] == \
+        [g.get("withheld") for g in built.gold.values()]
+    assert ("withheld_answer" in built.settings) == (target == "not_found")
+
+
+def test_not_found_target_needs_a_not_found_message(tmp_path: Path, tiny_embedder: Path) -> None:
+    from ragtune.train.rag import resolve_settings
+
+    cfg = load_config(None, ["data.rag.index=pol", "data.rag.withheld=0.2", "data.rag.withheld_answer=not_found",
+                             "rag.not_found_message="])
+    with pytest.raises(UsageError, match="withheld_answer=not_found trains on rag.not_found_message, which is empty"):
+        resolve_settings(cfg)
+    with pytest.raises(Exception, match="data.rag.withheld_answer"):
+        load_config(None, ["data.rag.withheld_answer=abstain"])

@@ -35,6 +35,16 @@ def _index_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _ingest_args(p: argparse.ArgumentParser) -> None:
+    """What `index add` and `index sync` share."""
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--follow-links", action="store_true",
+                   help="follow symbolic links that point outside the folder (index.follow_links)")
+    _embedder_arg(p)
+    _index_arg(p)
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "index", help="add, sync, remove, list documents in an index",
@@ -42,21 +52,10 @@ def register(sub: Any) -> None:
                     "when store.url is set). Supported files: .txt .md .html .htm .pdf .docx .jsonl.",
     )
     isub = p.add_subparsers(dest="index_cmd", metavar="{add,sync,remove,list,stats,drop,migrate}")
-    pa = isub.add_parser("add", help="ingest files and folders (changed files replace their own chunks)")
-    pa.add_argument("paths", nargs="+", metavar="PATH")
-    pa.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pa.add_argument("--follow-links", action="store_true",
-                    help="follow symbolic links that point outside the folder (index.follow_links)")
-    _embedder_arg(pa)
-    _index_arg(pa)
+    _ingest_args(isub.add_parser("add", help="ingest files and folders (changed files replace their own chunks)"))
     ps = isub.add_parser("sync", help="make the index match a folder: add new, replace changed, delete removed")
-    ps.add_argument("paths", nargs="+", metavar="PATH")
     ps.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    ps.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ps.add_argument("--follow-links", action="store_true",
-                    help="follow symbolic links that point outside the folder (index.follow_links)")
-    _embedder_arg(ps)
-    _index_arg(ps)
+    _ingest_args(ps)
     pr = isub.add_parser("remove", help="delete documents by source (as listed), file or folder path")
     pr.add_argument("sources", nargs="+", metavar="SOURCE")
     _index_arg(pr)

@@ -291,7 +291,11 @@ def _answer_all(cfg: Any, plan: _Plan, generator: Any, recorder: _RecordingRetri
             workers = max(1, int(cfg.eval.concurrency))
             if workers == 1:
                 recs = [one(q) for q in plan.questions]
-            else:
+            elif getattr(generator, "batch_scheduler", None) is not None:
+                recs = _answer_batched(generator, rec, plan.questions, mode, names.get(ad) if ad else None, cfg,
+                                       plan.max_new_tokens)
+                bar.update(len(recs))
+            else:  # a remote engine: its server batches as it likes; ours only keeps it busy
                 from concurrent.futures import ThreadPoolExecutor
 
                 with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ragtune-eval") as pool:
@@ -310,6 +314,43 @@ def _messages(q: Question, system_prompt: str) -> list[dict[str, str]]:
     if system_prompt and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": system_prompt})
     return msgs
+
+
+def _answer_batched(gen: Any, rec: _RecordingRetriever | None, questions: Sequence[Question], mode: str,
+                    adapter: str | None, cfg: Any, max_new: int) -> list[AnswerRecord]:
+    """A mode's questions through the engine's batch scheduler in question order (`Generator.answer_all`),
+    so a re-run gives the same answers. Latency is an answer's retrieval plus its time from admission
+    to its last token: all of a mode's questions are queued at once, so waiting for a slot is left out."""
+    recorders = [_RecordingRetriever(rec.inner) if rec is not None else None for _ in questions]
+    got = gen.answer_all([(_messages(q, cfg.eval.system_prompt), r) for q, r in zip(questions, recorders)],
+                         adapter=adapter, max_new_tokens=max_new, temperature=0.0, seed=int(cfg.eval.seed))
+    out = []
+    for q, r, ans in zip(questions, recorders, got):
+        if isinstance(ans, UsageError):  # e.g. the prompt does not fit the context: score as an empty answer
+            log.warning("question %s (%s): %s", q.id, mode, ans)
+            out.append(score_answer(q, "", not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k,
+                                    latency_s=0.0, error=str(ans)))
+            continue
+        if isinstance(ans, BaseException):
+            raise ans
+        t = ans.timings
+        latency = t.get("retrieval_s", 0.0) + t.get("prefill_s", 0.0) + t.get("decode_s", 0.0)
+        out.append(score_answer(
+            q, ans.text, ans.sources, retrieved=r.last if r is not None else None,
+            not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k,
+            latency_s=latency if not ans.abstained else t.get("total_s", 0.0),
+            prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, abstained=ans.abstained,
+        ))
+    return out
+
+
+def _batching_label(generator: Any, cfg: Any) -> str:
+    if getattr(generator, "batch_scheduler", None) is not None:
+        sched = generator.batch_scheduler
+        n = len(sched.slots) if hasattr(sched, "slots") else getattr(sched, "max_batch", cfg.serve.max_batch)
+        return (f"; each mode's questions queued together in question order and decoded {n} at a time in one batch "
+                "(the same batches on every run; latency: retrieval + time from a free slot to the last token)")
+    return f"; {cfg.eval.concurrency} questions at a time (latencies include the batch)"
 
 
 def _answer_one(gen: Any, recorder: _RecordingRetriever | None, q: Question, mode: str, adapter: str | None,
@@ -355,8 +396,7 @@ def _meta(cfg: Any, plan: _Plan, generator: Any, engine_note: str) -> dict[str, 
         "index": plan.index if plan.needs_rag else "–",
         "engine": _engine_label(generator, cfg) + (" (llama.cpp failed: see the notes)" if engine_note else ""),
         "decoding": f"greedy, max_new_tokens={plan.max_new_tokens}, identical in every mode"
-                    + (f"; {cfg.eval.concurrency} questions at a time (batched: latencies include the batch)"
-                       if cfg.eval.concurrency > 1 else ""),
+                    + (_batching_label(generator, cfg) if cfg.eval.concurrency > 1 else ""),
         "retrieval": f"top_k={cfg.rag.top_k}, min_score={_min_score_label(cfg)}, search mode={cfg.search.mode}",
         "system prompt": cfg.eval.system_prompt or "(none)",
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),

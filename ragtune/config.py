@@ -221,8 +221,9 @@ class EvalConfig:
     system_prompt: str = ""  # system turn for every question in every mode (use the adapter's training one)
     seed: int = 0  # bootstrap and generation seed
     engine: Literal["auto", "transformers", "llama.cpp", "openai"] = "auto"  # auto: llama.cpp on the CPU when installed; openai: generation.url
-    # questions answered at once in each mode: the engine decodes them in one batch (serve.max_batch slots),
-    # so a mode takes less wall time; each answer's latency then includes its share of the batch
+    # > 1: each mode's questions are queued at once, in question order, and the engine decodes them in
+    # batches of serve.max_batch (the same batches every run, so the same answers); a remote engine gets
+    # this many questions at a time
     concurrency: int = 1
 
 

@@ -136,7 +136,24 @@ class StepThread:
         self._waiting: collections.deque[SeqRequest] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._held = 0  # hold(): no step starts while > 0
+        self.submitted = 0  # requests ever submitted (hold's callers see theirs arrive)
         self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Any:
+        """No step starts inside this block (one running now finishes): requests submitted inside
+        it all wait, in submission order, and are admitted together at the first step after it. So
+        the steps that follow depend on that order alone, not on when each caller's thread ran:
+        `Generator.answer_all` gets the same batches, and the same float rounding, on every run."""
+        with self._cv:
+            self._held += 1
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._held -= 1
+                self._cv.notify_all()
 
     def submit(self, req: SeqRequest) -> SeqRequest:
         req.t_submit = time.perf_counter()
@@ -144,6 +161,7 @@ class StepThread:
             if self._closed:
                 raise RagtuneError(f"{self.engine_name} is closed")
             self._waiting.append(req)
+            self.submitted += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=f"ragtune-batch-{type(self).__name__}",
                                                 daemon=True)
@@ -177,7 +195,7 @@ class StepThread:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._waiting and not self.active:
+                while not self._closed and (self._held or (not self._waiting and not self.active)):
                     self._cv.wait()
                 if self._closed:
                     self._fail_all(RagtuneError(f"{self.engine_name} was closed while generating"))

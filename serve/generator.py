@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ragtune.errors import UsageError
+from ragtune.errors import RagtuneError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,69 @@ class Generator:
         if hit:
             stats["finish_reason"] = "stop"
         return self._finish(job, text, ids, stats)
+
+    @property
+    def batch_scheduler(self) -> Any:
+        """The engine's batch scheduler (llama.cpp's, or transformers' with serve.max_batch > 1), else None."""
+        if self.engine_impl is not None:
+            return getattr(self.engine_impl, "scheduler", None)
+        return self.batcher
+
+    def answer_all(self, requests: Sequence[tuple[Sequence[dict[str, str]], Any]], adapter: str | None = None,
+                   max_new_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
+                   wave: int = 256) -> list[Answer | RagtuneError]:
+        """Many answers, decoded together in a fixed order: `requests` are (messages, retriever) pairs;
+        each result is its Answer, or the RagtuneError it raised (a prompt that does not fit, ...).
+
+        Every prompt is prepared (retrieved for) first, one after another; then each wave of up to
+        `wave` of them is handed to the batch scheduler while it is held (`StepThread.hold`), in
+        order, so it admits them in that order at the same step boundaries on every run. A batched
+        engine's float rounding depends on which sequences share a step; with thread timing deciding
+        that, two runs of an eval could differ in a few answers. Without a scheduler the answers run
+        one after another (the same answers as `answer`)."""
+        jobs: list[Any] = []
+        for messages, retriever in requests:
+            try:
+                jobs.append(self.prepare(messages, adapter, retriever, max_new_tokens, temperature, None, seed))
+            except RagtuneError as exc:
+                jobs.append(exc)
+        out: list[Any] = [None] * len(jobs)
+
+        def run(i: int, job: _Job) -> None:
+            try:
+                ids: list[int] = []
+                stats = self._run(job, ids.append, None)
+                text, hit = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), job.stop)
+                if hit:
+                    stats["finish_reason"] = "stop"
+                out[i] = self._finish(job, text, ids, stats)
+            except RagtuneError as exc:
+                out[i] = exc
+
+        sched = self.batch_scheduler
+        todo = []
+        for i, job in enumerate(jobs):
+            if isinstance(job, RagtuneError):
+                out[i] = job
+            elif job.abstained:
+                out[i] = self._abstain_answer(job)
+            elif sched is None:
+                run(i, job)
+            else:
+                todo.append(i)
+        for start in range(0, len(todo), max(1, wave)):
+            threads = []
+            with sched.hold():
+                for i in todo[start:start + max(1, wave)]:
+                    before = sched.submitted
+                    t = threading.Thread(target=run, args=(i, jobs[i]), name="ragtune-answer-all", daemon=True)
+                    t.start()
+                    threads.append(t)
+                    while sched.submitted == before and t.is_alive():  # its request is queued (or it failed)
+                        time.sleep(0.0002)
+            for t in threads:
+                t.join()
+        return out
 
     def stream(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None,

@@ -534,7 +534,7 @@ class Generator:
                 if hit:
                     stats["finish_reason"] = "stop"
                 out[i] = self._finish(job, text, ids, stats)
-            except RagtuneError as exc:
+            except Exception as exc:  # noqa: BLE001 - handed back (RagtuneError) or raised below (a bug)
                 out[i] = exc
 
         sched = self.batch_scheduler
@@ -560,6 +560,9 @@ class Generator:
                         time.sleep(0.0002)
             for t in threads:
                 t.join()
+        for o in out:
+            if isinstance(o, Exception) and not isinstance(o, RagtuneError):
+                raise o
         return out
 
     def stream(self, messages: Sequence[dict[str, str]], adapter: str | None = None, retriever: Any = None,

@@ -164,24 +164,43 @@ def schema_format(path: str) -> dict[str, Any]:
 
 
 def _ask_batch(asker: Any, rows: list[Any], args: argparse.Namespace) -> int:
-    """One JSON line per input line, in order; a bad line gets {"line", "error"} and the rest go on."""
-    from ragtune.errors import RagtuneError
+    """One JSON line per input line, in order; a bad line gets {"line", "error"} and the rest go on.
 
+    A local engine that batches (llama.cpp, or transformers with serve.max_batch > 1) answers a wave
+    of lines at a time through `Generator.answer_all` (in line order, the same answers as one by one
+    where float rounding allows); each wave's lines are printed when it ends."""
     failed = 0
-    for n, obj, why in rows:
-        out: dict[str, Any] = {"line": n}
-        if obj is not None:
-            try:
-                system = obj.get("system", args.system)
-                if not isinstance(system, str):
-                    raise UsageError(f'line {n}: "system" must be a string')
-                out.update(question=obj["question"].strip(), **asker.ask(obj["question"].strip(), system))
-            except RagtuneError as exc:
-                why = str(exc)
-        if obj is None or why:
-            failed += 1
-            out = {"line": n, "error": why}
-        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+    wave = asker.wave() if hasattr(asker, "wave") else 1
+    for start in range(0, len(rows), wave):
+        chunk = rows[start:start + wave]
+        todo: list[tuple[int, str, str]] = []  # (index in chunk, question, system)
+        outs: list[dict[str, Any]] = []
+        for i, (n, obj, why) in enumerate(chunk):
+            outs.append({"line": n, "error": why} if obj is None else {"line": n})
+            if obj is None:
+                continue
+            system = obj.get("system", args.system)
+            if not isinstance(system, str):
+                outs[i] = {"line": n, "error": f'line {n}: "system" must be a string'}
+                continue
+            todo.append((i, obj["question"].strip(), system))
+        if wave > 1:
+            got = asker.ask_all([(q, system) for _, q, system in todo])
+        else:
+            got = []
+            for _, q, system in todo:
+                try:
+                    got.append(asker.ask(q, system))
+                except RagtuneError as exc:
+                    got.append(exc)
+        for (i, q, _), res in zip(todo, got):
+            if isinstance(res, RagtuneError):
+                outs[i] = {"line": outs[i]["line"], "error": str(res)}
+            else:
+                outs[i].update(question=q, **res)
+        for out in outs:
+            failed += "error" in out
+            sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     return EXIT_PARTIAL if failed else 0
 
@@ -217,6 +236,22 @@ class _LocalAsk:
     def ask(self, question: str, system: str) -> dict[str, Any]:
         ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever,
                               **self.extra)
+        return self._dict(ans)
+
+    def wave(self) -> int:
+        """Lines answered together: 4 batches' worth where the engine batches, else 1 (one by one)."""
+        sched = self.gen.batch_scheduler
+        if sched is None or self.extra:  # a grammar (--schema) keeps one answer at a time
+            return 1
+        slots = len(sched.slots) if hasattr(sched, "slots") else int(getattr(sched, "max_batch", 1))
+        return 4 * slots if slots > 1 else 1
+
+    def ask_all(self, items: list[tuple[str, str]]) -> list[dict[str, Any] | RagtuneError]:
+        got = self.gen.answer_all([(_messages(q, system), self.retriever) for q, system in items],
+                                  adapter=self.adapter)
+        return [a if isinstance(a, RagtuneError) else self._dict(a) for a in got]
+
+    def _dict(self, ans: Any) -> dict[str, Any]:
         out = ans.to_dict()
         remote = self.gen.engine == "openai"  # `model` is then the remote's model name
         out.update(model=self.gen.model if remote else str(self.gen.base_path), engine=self.gen.engine,

@@ -52,6 +52,39 @@ def test_ask_questions_from_stdin_all_good_exits_0(tiny_llama: Path, tiny_adapte
     assert rc == 0 and [x["answer"] for x in lines] == [QA[1][1], QA[0][1]]
 
 
+def test_ask_questions_are_answered_in_batched_waves_with_the_one_by_one_answers(
+        tiny_llama: Path, tiny_adapter: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """With a batching engine (serve.max_batch 2: waves of 8 lines) the lines are answered together,
+    across two waves, in line order; a bad line in a wave is reported and its neighbours answered."""
+    from ragtune.serve.generator import Generator
+
+    waves: list[int] = []
+    real = Generator.answer_all
+
+    def answer_all(self: Any, requests: Any, **kw: Any) -> Any:
+        waves.append(len(requests))
+        return real(self, requests, **kw)
+
+    monkeypatch.setattr(Generator, "answer_all", answer_all)
+    f = tmp_path / "q.jsonl"
+    rows = [json.dumps({"question": QA[i % 2][0]}) for i in range(10)]
+    rows[3] = json.dumps({"question": QA[1][0], "system": 5})
+    f.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    common = ["-q", "ask", "--questions", str(f), f"model.path={tiny_llama}", "--adapter", str(tiny_adapter),
+              "--no-rag", "--engine", "transformers", "--temperature", "0"]
+    runs = {}
+    for slots in (2, 1):  # 1: no batch scheduler, one line after another (the reference)
+        rc = main([*common, f"serve.max_batch={slots}"])
+        runs[slots] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert rc == 3
+    assert waves == [7, 2]  # lines 1-8 less the bad one, then 9-10; none with one slot
+    batched = runs[2]
+    assert [x["line"] for x in batched] == list(range(1, 11))
+    assert batched[3] == {"line": 4, "error": 'line 4: "system" must be a string'}
+    assert all(x["answer"] == QA[(x["line"] - 1) % 2][1] for x in batched if "error" not in x)
+    assert [(x.get("answer"), x.get("error")) for x in batched] == [(x.get("answer"), x.get("error")) for x in runs[1]]
+
+
 def test_ask_needs_a_question_or_a_file(capsys) -> None:
     assert main(["ask"]) == 2
     assert "--questions FILE" in capsys.readouterr().err

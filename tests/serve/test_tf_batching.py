@@ -114,6 +114,28 @@ def test_concurrent_greedy_requests_get_the_ids_of_the_one_at_a_time_path(model:
     assert batched.batcher.active == 0 and batched.batcher.waiting == 0
 
 
+def test_answer_all_keeps_order_reports_a_bad_prompt_and_gets_the_lone_answers(sharp_llama: Path) -> None:
+    """Generator.answer_all: every request queued while the scheduler is held, admitted in order; a
+    prompt that cannot fit comes back as its error, the others as the one-at-a-time path answers them."""
+    from ragtune.errors import UsageError
+
+    lone_gen, batched = generator(sharp_llama, 1), generator(sharp_llama, 3)
+    msgs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    msgs.insert(2, [{"role": "user", "content": "word " * 5000}])  # over the tiny model's context
+    lone = lone_gen.answer_all([(m, None) for m in msgs], max_new_tokens=12, temperature=0.0)
+    steps = batched.batcher.steps
+    got = batched.answer_all([(m, None) for m in msgs], max_new_tokens=12, temperature=0.0)
+    assert isinstance(got[2], UsageError) and isinstance(lone[2], UsageError)
+    answered = [i for i in range(len(msgs)) if i != 2]
+    assert [got[i].text for i in answered] == [lone[i].text for i in answered]
+    assert len({lone[i].text for i in answered}) == len(answered)  # each prompt its own answer
+    assert batched.batcher.max_seen_batch == 3  # they shared forwards
+    assert batched.batcher.steps - steps < sum(lone[i].completion_tokens for i in answered)
+    # held and released: nothing left running or waiting, and the scheduler still answers afterwards
+    assert batched.batcher.active == 0 and batched.batcher.waiting == 0
+    assert batched.answer(msgs[0], max_new_tokens=12, temperature=0.0).text == lone[0].text
+
+
 def test_stop_strings_repetition_penalty_and_grammar_hold_inside_a_batch(sharp_llama: Path) -> None:
     from ragtune.serve.constrained import response_format_grammar
 

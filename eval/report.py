@@ -243,6 +243,7 @@ def render_markdown(
     modes = list(numbers["modes"])
     labels = {m.key: _label(m, k) for m in METRICS} | {key: label for key, label, _ in SPEED_COLUMNS}
     lines = _md_header(numbers, modes, meta)
+    lines += _md_answer(numbers, cost)
     lines += _md_adapters(numbers.get("adapters") or [])
     lines += _md_quality(numbers["summary"], modes, k)
     lines += _md_best(numbers["best"], labels)
@@ -264,6 +265,72 @@ def _md_header(numbers: Mapping[str, Any], modes: Sequence[str], meta: Mapping[s
              f"with 95% bootstrap intervals ({numbers['bootstrap']['resamples']} resamples) in brackets."]
     if meta:
         lines += ["", *[f"- {key}: {_cell(v, 300)}" for key, v in meta.items()]]
+    return lines
+
+
+def _paired(diffs: Sequence[Mapping[str, Any]], a: str, b: str, metric: str = "correct") -> dict[str, Any] | None:
+    """The paired difference a − b of `metric` from the report's diffs (stored in one direction only)."""
+    for d in diffs:
+        if d["metric"] != metric:
+            continue
+        if (d["a"], d["b"]) == (a, b):
+            return dict(d)
+        if (d["a"], d["b"]) == (b, a):
+            return {**d, "a": a, "b": b, "mean": -d["mean"], "low": -d["high"], "high": -d["low"]}
+    return None
+
+
+def _said(d: Mapping[str, Any] | None) -> str:
+    """'+21 points [+11, +31]: clearly better' and the like, for the answer section."""
+    if d is None:
+        return "not measured"
+    cell = f"{100 * d['mean']:+.0f} points [{100 * d['low']:+.0f}, {100 * d['high']:+.0f}]"
+    if d["clear"] is None:
+        return f"{cell}: too few questions to tell"
+    if not d["clear"]:
+        return f"{cell}: no clear difference (the interval includes 0)"
+    return f"{cell}: clearly {'better' if d['mean'] > 0 else 'worse'}"
+
+
+def _md_answer(numbers: Mapping[str, Any], cost: Sequence[CostRow]) -> list[str]:
+    """The question the report exists for, answered from its own numbers: what retrieval adds, what
+    each adapter adds with and without it, which answers went stale, and what keeping current costs."""
+    from ragtune.eval.modes import adapter_of, uses_retrieval
+
+    modes, summary, diffs = list(numbers["modes"]), numbers["summary"], numbers["diffs"]
+    correct = {m: (summary.get(m) or {}).get("correct") for m in modes}
+    if not any(correct.values()):
+        return []
+    lines = ["", "## Fine-tune or RAG? What these questions say", ""]
+    best = numbers["best"].get("correct") or {}
+    if best.get("mode"):
+        top = correct[best["mode"]]
+        line = f"- Most correct: **{' = '.join(best['ties'])}**, {100 * top['mean']:.0f}% [{100 * top['low']:.0f}–{100 * top['high']:.0f}]"
+        if len(best["ties"]) == 1 and best.get("runner_up"):
+            line += f"; against the next, {best['runner_up']}: {_said(_paired(diffs, best['mode'], best['runner_up']))}"
+        lines.append(line + ".")
+    if "base" in modes and "rag" in modes:
+        lines.append(f"- Retrieval alone (rag − base): {_said(_paired(diffs, 'rag', 'base'))}.")
+    for name in dict.fromkeys(a for a in (adapter_of(m) for m in modes) if a):
+        if name in modes and "base" in modes:
+            lines.append(f"- Adapter {name} without sources ({name} − base): {_said(_paired(diffs, name, 'base'))}.")
+        if f"{name}+rag" in modes and "rag" in modes:
+            lines.append(f"- Adapter {name} on top of retrieval ({name}+rag − rag): "
+                         f"{_said(_paired(diffs, f'{name}+rag', 'rag'))}.")
+    stale = {m: (summary.get(m) or {}).get("stale_answer") for m in modes}
+    shown = [f"{m} {100 * v['mean']:.0f}%" for m, v in stale.items() if v and v.get("n")]
+    if shown:
+        n = next(v["n"] for v in stale.values() if v and v.get("n"))
+        lines.append(f"- Old answers on the {n} question{'s' if n != 1 else ''} whose answer changed: {', '.join(shown)}.")
+    keep = [c for c in cost if c.what.startswith("absorb a changed document") and c.seconds is not None]
+    if keep:
+        lines.append("- Keeping current after a document changes: "
+                     + "; ".join(f"{c.what.split(': ', 1)[-1]} {human_seconds(c.seconds)}" for c in keep) + ".")
+    rag_modes = [m for m in modes if uses_retrieval(m)]
+    if rag_modes and len(modes) > 1:
+        lines.append("- Reading it: a difference counts when its interval excludes 0. Retrieval is kept current "
+                     "by a re-sync; an adapter by re-training. Add fine-tuning where an adapter+rag is clearly "
+                     "ahead of rag and its training time is affordable at every update.")
     return lines
 
 

@@ -137,6 +137,12 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert "| recall@2 | rag | only rag measures this |" in md  # base has no retrieval
     assert "| correct | rag | too few questions to tell (n < 5) |" in md
     assert "| train (LoRA, 3 epochs) | 10.0 min | run card metrics.wall_seconds |" in md
+    # the answer section comes first, from the same numbers
+    assert md.index("## Fine-tune or RAG? What these questions say") < md.index("## Quality")
+    assert ("- Most correct: **rag**, 100% [100–100]; against the next, base: +75 points [+25, +100]: too few "
+            "questions to tell.") in md
+    assert "- Old answers on the 1 question whose answer changed: base 100%, rag 0%." in md
+    assert "- Keeping current after a document changes: re-sync the index 1.5 s." in md
     assert "✓ Up to 3 days a week [1]." in md and "✗ You can work remotely 2 days a week." in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "out").glob(".*tmp"))  # nothing half-written left behind
@@ -165,3 +171,24 @@ def test_clear_winner_needs_enough_questions() -> None:
     assert d[("rag", "base")]["clear"] is True and d[("rag", "base")]["mean"] == pytest.approx(5 / 6)
     # ft − base: diffs [1,0,0,0,0,0]: resamples without the first question give 0 -> not clear
     assert d[("ft", "base")]["clear"] is False
+
+
+def test_the_answer_section_weighs_each_adapter_with_and_without_retrieval() -> None:
+    from ragtune.eval.report import CostRow, render_markdown
+    from ragtune.eval.scoring import AnswerRecord
+
+    qs = [Question(f"q{i}", f"question {i}", "yes") for i in range(12)]
+
+    def recs(n_correct: int) -> list[AnswerRecord]:
+        return [AnswerRecord(q.id, "x", scores={"correct": float(i < n_correct)}, latency_s=1.0)
+                for i, q in enumerate(qs)]
+
+    runs = {"base": recs(0), "rag": recs(3), "ft": recs(1), "ft+rag": recs(12)}
+    n = summarize(qs, runs, n_boot=300)
+    md = render_markdown(qs, runs, n, [CostRow("absorb a changed document: re-train adapter 'ft'", 300.0)], k=2)
+    assert "- Most correct: **ft+rag**, 100% [100–100]; against the next, rag: +75 points [" in md
+    assert "- Adapter ft on top of retrieval (ft+rag − rag): +75 points [" in md
+    assert md.split("- Adapter ft on top of retrieval (ft+rag − rag): ")[1].split("\n")[0].endswith("clearly better.")
+    line = md.split("- Adapter ft without sources (ft − base): ")[1].split("\n")[0]
+    assert line.startswith("+8 points [") and line.endswith("no clear difference (the interval includes 0).")
+    assert "- Keeping current after a document changes: re-train adapter 'ft' 5.0 min." in md

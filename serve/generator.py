@@ -517,7 +517,8 @@ class Generator:
         order, so it admits them in that order at the same step boundaries on every run. A batched
         engine's float rounding depends on which sequences share a step; with thread timing deciding
         that, two runs of an eval could differ in a few answers. Without a scheduler the answers run
-        one after another (the same answers as `answer`)."""
+        one after another (the same answers as `answer`). For a process that is the scheduler's only
+        client (eval, `ask --questions`): a server's requests arriving meanwhile would join the waves."""
         jobs: list[Any] = []
         for messages, retriever in requests:
             try:

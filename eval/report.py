@@ -284,7 +284,8 @@ def _said(d: Mapping[str, Any] | None) -> str:
     """'+21 points [+11, +31]: clearly better' and the like, for the answer section."""
     if d is None:
         return "not measured"
-    cell = f"{100 * d['mean']:+.0f} points [{100 * d['low']:+.0f}, {100 * d['high']:+.0f}]"
+    points = "point" if round(abs(100 * d["mean"])) == 1 else "points"
+    cell = f"{100 * d['mean']:+.0f} {points} [{100 * d['low']:+.0f}, {100 * d['high']:+.0f}]"
     if d["clear"] is None:
         return f"{cell}: too few questions to tell"
     if not d["clear"]:

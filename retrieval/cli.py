@@ -160,7 +160,8 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
         if args.index:
             from ragtune.errors import UsageError
 
-            raise UsageError("--all lists every index; drop --index NAME (or drop --all to list NAME's documents)")
+            raise UsageError("--all lists every index and takes no --index: leave out --index NAME, or leave out "
+                             "--all to list the documents of index NAME")
         rows = ing.list_indexes(cfg)
         if args.json:
             print_json(rows)

@@ -160,8 +160,8 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
         if args.index:
             from ragtune.errors import UsageError
 
-            raise UsageError("--all lists every index and takes no --index: leave out --index NAME, or leave out "
-                             "--all to list the documents of index NAME")
+            raise UsageError(f"--all lists every index and takes no --index: leave out --index {args.index}, or "
+                             f"leave out --all to list the documents of index '{args.index}'")
         rows = ing.list_indexes(cfg)
         if args.json:
             print_json(rows)

@@ -223,8 +223,8 @@ class EvalConfig:
     engine: Literal["auto", "transformers", "llama.cpp", "openai"] = "auto"  # auto: llama.cpp on the CPU when installed; openai: generation.url
     # > 1: each mode's questions are queued at once, in question order, and the engine decodes them in
     # batches of serve.max_batch (the same batches every run, so the same answers); a remote engine gets
-    # this many questions at a time
-    concurrency: int = 1
+    # this many questions at a time; 1: one question after another (each answer as `ask` gives it)
+    concurrency: int = 8
 
 
 @dataclass(frozen=True)

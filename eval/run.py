@@ -293,8 +293,7 @@ def _answer_all(cfg: Any, plan: _Plan, generator: Any, recorder: _RecordingRetri
                 recs = [one(q) for q in plan.questions]
             elif getattr(generator, "batch_scheduler", None) is not None:
                 recs = _answer_batched(generator, rec, plan.questions, mode, names.get(ad) if ad else None, cfg,
-                                       plan.max_new_tokens)
-                bar.update(len(recs))
+                                       plan.max_new_tokens, lambda _i: bar.update(1))
             else:  # a remote engine: its server batches as it likes; ours only keeps it busy
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -317,13 +316,14 @@ def _messages(q: Question, system_prompt: str) -> list[dict[str, str]]:
 
 
 def _answer_batched(gen: Any, rec: _RecordingRetriever | None, questions: Sequence[Question], mode: str,
-                    adapter: str | None, cfg: Any, max_new: int) -> list[AnswerRecord]:
+                    adapter: str | None, cfg: Any, max_new: int, on_done: Any = None) -> list[AnswerRecord]:
     """A mode's questions through the engine's batch scheduler in question order (`Generator.answer_all`),
     so a re-run gives the same answers. Latency is an answer's retrieval plus its time from admission
     to its last token: all of a mode's questions are queued at once, so waiting for a slot is left out."""
     recorders = [_RecordingRetriever(rec.inner) if rec is not None else None for _ in questions]
     got = gen.answer_all([(_messages(q, cfg.eval.system_prompt), r) for q, r in zip(questions, recorders)],
-                         adapter=adapter, max_new_tokens=max_new, temperature=0.0, seed=int(cfg.eval.seed))
+                         adapter=adapter, max_new_tokens=max_new, temperature=0.0, seed=int(cfg.eval.seed),
+                         on_done=on_done)
     out = []
     for q, r, ans in zip(questions, recorders, got):
         if isinstance(ans, UsageError):  # e.g. the prompt does not fit the context: score as an empty answer

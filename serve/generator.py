@@ -508,7 +508,7 @@ class Generator:
 
     def answer_all(self, requests: Sequence[tuple[Sequence[dict[str, str]], Any]], adapter: str | None = None,
                    max_new_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
-                   wave: int = 256) -> list[Answer | RagtuneError]:
+                   wave: int = 256, on_done: Any = None) -> list[Answer | RagtuneError]:
         """Many answers, decoded together in a fixed order: `requests` are (messages, retriever) pairs;
         each result is its Answer, or the RagtuneError it raised (a prompt that does not fit, ...).
 
@@ -518,7 +518,8 @@ class Generator:
         engine's float rounding depends on which sequences share a step; with thread timing deciding
         that, two runs of an eval could differ in a few answers. Without a scheduler the answers run
         one after another (the same answers as `answer`). For a process that is the scheduler's only
-        client (eval, `ask --questions`): a server's requests arriving meanwhile would join the waves."""
+        client (eval, `ask --questions`): a server's requests arriving meanwhile would join the waves.
+        `on_done(i)` is called as each result lands (from the answering threads: a progress bar)."""
         jobs: list[Any] = []
         for messages, retriever in requests:
             try:
@@ -537,14 +538,16 @@ class Generator:
                 out[i] = self._finish(job, text, ids, stats)
             except Exception as exc:  # noqa: BLE001 - handed back (RagtuneError) or raised below (a bug)
                 out[i] = exc
+            if on_done is not None:
+                on_done(i)
 
         sched = self.batch_scheduler
         todo = []
         for i, job in enumerate(jobs):
-            if isinstance(job, RagtuneError):
-                out[i] = job
-            elif job.abstained:
-                out[i] = self._abstain_answer(job)
+            if isinstance(job, RagtuneError) or job.abstained:
+                out[i] = job if isinstance(job, RagtuneError) else self._abstain_answer(job)
+                if on_done is not None:
+                    on_done(i)
             elif sched is None:
                 run(i, job)
             else:

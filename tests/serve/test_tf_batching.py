@@ -124,7 +124,9 @@ def test_answer_all_keeps_order_reports_a_bad_prompt_and_gets_the_lone_answers(s
     msgs.insert(2, [{"role": "user", "content": "word " * 5000}])  # over the tiny model's context
     lone = lone_gen.answer_all([(m, None) for m in msgs], max_new_tokens=12, temperature=0.0)
     steps = batched.batcher.steps
-    got = batched.answer_all([(m, None) for m in msgs], max_new_tokens=12, temperature=0.0)
+    done: list[int] = []
+    got = batched.answer_all([(m, None) for m in msgs], max_new_tokens=12, temperature=0.0, on_done=done.append)
+    assert sorted(done) == list(range(len(msgs)))  # each result reported once, the refused one included
     assert isinstance(got[2], UsageError) and isinstance(lone[2], UsageError)
     answered = [i for i in range(len(msgs)) if i != 2]
     assert [got[i].text for i in answered] == [lone[i].text for i in answered]

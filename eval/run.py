@@ -327,28 +327,34 @@ def _answer_batched(gen: Any, rec: _RecordingRetriever | None, questions: Sequen
     out = []
     for q, r, ans in zip(questions, recorders, got):
         if isinstance(ans, UsageError):  # e.g. the prompt does not fit the context: score as an empty answer
-            log.warning("question %s (%s): %s", q.id, mode, ans)
-            out.append(score_answer(q, "", not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k,
-                                    latency_s=0.0, error=str(ans)))
+            out.append(_unanswered(q, mode, ans, cfg, 0.0))
             continue
         if isinstance(ans, BaseException):
             raise ans
         t = ans.timings
         latency = t.get("retrieval_s", 0.0) + t.get("prefill_s", 0.0) + t.get("decode_s", 0.0)
-        out.append(score_answer(
-            q, ans.text, ans.sources, retrieved=r.last if r is not None else None,
-            not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k,
-            latency_s=latency if not ans.abstained else t.get("total_s", 0.0),
-            prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, abstained=ans.abstained,
-        ))
+        out.append(_scored(q, ans, r, cfg, latency if not ans.abstained else t.get("total_s", 0.0)))
     return out
 
 
+def _unanswered(q: Question, mode: str, exc: Exception, cfg: Any, latency: float) -> AnswerRecord:
+    log.warning("question %s (%s): %s", q.id, mode, exc)
+    return score_answer(q, "", not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k, latency_s=latency,
+                        error=str(exc))
+
+
+def _scored(q: Question, ans: Any, recorder: _RecordingRetriever | None, cfg: Any, latency: float) -> AnswerRecord:
+    return score_answer(
+        q, ans.text, ans.sources, retrieved=recorder.last if recorder is not None else None,
+        not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k, latency_s=latency,
+        prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, abstained=ans.abstained,
+    )
+
+
 def _batching_label(generator: Any, cfg: Any) -> str:
-    if getattr(generator, "batch_scheduler", None) is not None:
-        sched = generator.batch_scheduler
-        n = len(sched.slots) if hasattr(sched, "slots") else getattr(sched, "max_batch", cfg.serve.max_batch)
-        return (f"; each mode's questions queued together in question order and decoded {n} at a time in one batch "
+    sched = getattr(generator, "batch_scheduler", None)
+    if sched is not None:
+        return (f"; each mode's questions queued together in question order and decoded {sched.width} at a time in one batch "
                 "(the same batches on every run; latency: retrieval + time from a free slot to the last token)")
     return f"; {cfg.eval.concurrency} questions at a time (latencies include the batch)"
 
@@ -361,16 +367,8 @@ def _answer_one(gen: Any, recorder: _RecordingRetriever | None, q: Question, mod
         ans = gen.answer(msgs, adapter=adapter, retriever=recorder, max_new_tokens=max_new, temperature=0.0,
                          seed=int(cfg.eval.seed))
     except UsageError as exc:  # e.g. the prompt does not fit the context: score as an empty answer
-        log.warning("question %s (%s): %s", q.id, mode, exc)
-        return score_answer(q, "", not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k,
-                            latency_s=time.perf_counter() - t0, error=str(exc))
-    latency = time.perf_counter() - t0
-    return score_answer(
-        q, ans.text, ans.sources,
-        retrieved=recorder.last if recorder is not None else None,
-        not_found_message=cfg.rag.not_found_message, k=cfg.rag.top_k, latency_s=latency,
-        prompt_tokens=ans.prompt_tokens, completion_tokens=ans.completion_tokens, abstained=ans.abstained,
-    )
+        return _unanswered(q, mode, exc, cfg, time.perf_counter() - t0)
+    return _scored(q, ans, recorder, cfg, time.perf_counter() - t0)
 
 
 # --- report inputs --------------------------------------------------------------------------------

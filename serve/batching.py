@@ -175,6 +175,11 @@ class StepThread:
         raise NotImplementedError
 
     @property
+    def width(self) -> int:
+        """Sequences decoded together at most (the slots)."""
+        raise NotImplementedError
+
+    @property
     def waiting(self) -> int:
         return len(self._waiting)
 
@@ -239,6 +244,10 @@ class Scheduler(StepThread):
     def active(self) -> int:
         """Sequences running now (slots in use)."""
         return len(self._running)
+
+    @property
+    def width(self) -> int:
+        return len(self.slots)
 
     def _step(self) -> None:
         now = time.perf_counter()

@@ -243,8 +243,7 @@ class _LocalAsk:
         sched = self.gen.batch_scheduler
         if sched is None or self.extra:  # a grammar (--schema) keeps one answer at a time
             return 1
-        slots = len(sched.slots) if hasattr(sched, "slots") else int(getattr(sched, "max_batch", 1))
-        return 4 * slots if slots > 1 else 1
+        return 4 * sched.width if sched.width > 1 else 1
 
     def ask_all(self, items: list[tuple[str, str]]) -> list[dict[str, Any] | RagtuneError]:
         got = self.gen.answer_all([(_messages(q, system), self.retriever) for q, system in items],

@@ -490,6 +490,10 @@ class Generator:
         """One complete answer (runs in the calling thread, holding the generation lock)."""
         job = self.prepare(messages, adapter, retriever, max_new_tokens, temperature, top_p, seed, rag, stop,
                            grammar, tools)
+        return self._complete(job)
+
+    def _complete(self, job: _Job) -> Answer:
+        """A prepared job's whole answer (`answer`, and each of `answer_all`'s threads)."""
         if job.abstained:
             return self._abstain_answer(job)
         ids: list[int] = []
@@ -530,12 +534,7 @@ class Generator:
 
         def run(i: int, job: _Job) -> None:
             try:
-                ids: list[int] = []
-                stats = self._run(job, ids.append, None)
-                text, hit = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), job.stop)
-                if hit:
-                    stats["finish_reason"] = "stop"
-                out[i] = self._finish(job, text, ids, stats)
+                out[i] = self._complete(job)
             except Exception as exc:  # noqa: BLE001 - handed back (RagtuneError) or raised below (a bug)
                 out[i] = exc
             if on_done is not None:

@@ -802,9 +802,9 @@ def validation_error(errors: list[Any]) -> APIError:
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         param = param or loc or None
-        got = e.get("input")
-        shown = f" (got {json.dumps(got)[:60]})" if isinstance(got, (str, int, float, bool)) or got is None else ""
-        parts.append(f"{loc or 'body'}: {e.get('msg')}{shown if 'input' in e else ''}")
+        got = e.get("input", ...)  # absent for some errors; a whole object is too long to echo
+        shown = f" (got {json.dumps(got)[:60]})" if got is None or isinstance(got, (str, int, float, bool)) else ""
+        parts.append(f"{loc or 'body'}: {e.get('msg')}{shown}")
     return APIError(400, "invalid request: " + "; ".join(parts), param=param, code="invalid_request")
 
 

@@ -124,6 +124,10 @@ class TfScheduler(StepThread):
         """Sequences running now (slots in use)."""
         return sum(len(g.rows) for g in self._groups.values())
 
+    @property
+    def width(self) -> int:
+        return self.max_batch
+
     def _step_context(self) -> Any:
         import torch
 

@@ -633,13 +633,11 @@ def drop(cfg: Config, name: str) -> dict[str, Any]:
     documents it was built from are not touched. Refused while a process writes it or a running
     server or chat reads a copy of it."""
     from ragtune.errors import RagtuneError
-    from ragtune.retrieval.store import EdgeStore, IndexBusy, live_readers, other_indexes
+    from ragtune.retrieval.store import EdgeStore, IndexBusy, live_readers
 
     store = open_store(cfg, name)
     if not store.exists():
-        others = other_indexes(name) if isinstance(store, EdgeStore) else ""
-        raise UsageError(f"index '{name}' does not exist at {store.location()}; nothing to drop"
-                         + (f" (the indexes here are {others})" if others else ""))
+        raise missing_index(name, store.location(), how="nothing to drop", others=isinstance(store, EdgeStore))
     with IndexLock(name, "ragtune index drop " + name):
         if isinstance(store, EdgeStore):
             pids = live_readers(name)
@@ -670,11 +668,7 @@ def list_indexes(cfg: Config) -> list[dict[str, Any]]:
     from ragtune.retrieval.store import ServerStore, local_indexes
 
     if cfg.store.url:
-        server = ServerStore("x", cfg.store.url, cfg.store.api_key, cfg.store.collection_prefix)
-        try:
-            names = server.names(cfg.store.collection_prefix)
-        finally:
-            server.close()
+        names = ServerStore.index_names(cfg.store.url, cfg.store.api_key, cfg.store.collection_prefix)
     else:
         names = local_indexes()
     rows = []

@@ -63,15 +63,9 @@ def open_retriever(cfg: Any, index_name: str, read_copy: bool = False) -> Any:
             "or rag.enabled=false"
         ) from exc
     if not index_exists(cfg, index_name):
-        from ragtune.retrieval.store import other_indexes
+        from ragtune.retrieval.store import missing_index
 
-        others = other_indexes(index_name)
-        raise UsageError(
-            f"index '{index_name}' does not exist (looked in '{index_dir(index_name)}'); create it with "
-            f"'ragtune index add DOCS --index {index_name}', "
-            + (f"name one that exists ({others}), " if others else "")
-            + "or answer without retrieval (--no-rag)"
-        )
+        raise missing_index(index_name, str(index_dir(index_name)), also="answer without retrieval (--no-rag)")
     r = Retriever(cfg, index_name=index_name, read_copy=read_copy)
     r.load()
     return r

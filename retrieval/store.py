@@ -75,10 +75,15 @@ class Hit:
     vector: list[float] | None = None  # the stored (normalised) dense vector, when asked for
 
 
-def index_dir(name: str) -> Path:
+def indexes_root() -> Path:
+    """$RAGTUNE_HOME/indexes: one folder per edge index."""
     from ragtune.modeling import ragtune_home
 
-    return ragtune_home() / "indexes" / name
+    return ragtune_home() / "indexes"
+
+
+def index_dir(name: str) -> Path:
+    return indexes_root() / name
 
 
 def check_index_name(name: str) -> str:
@@ -314,7 +319,7 @@ def open_store(cfg: Any, name: str) -> Store:
 
 def local_indexes() -> list[str]:
     """The names of the edge indexes under $RAGTUNE_HOME/indexes that hold a store."""
-    root = index_dir("x").parent
+    root = indexes_root()
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / "shard" / "edge_config.json").is_file())
@@ -326,10 +331,13 @@ def other_indexes(name: str, most: int = 10) -> str:
     return ", ".join(others[:most]) + (" ..." if len(others) > most else "")
 
 
-def missing_index(name: str) -> UsageError:
-    others = other_indexes(name)
-    here = f"; the indexes here are {others} (pick one with --index NAME)" if others else ""
-    return UsageError(f"index '{name}' does not exist; create it with 'ragtune index add PATH --index {name}'{here}")
+def missing_index(name: str, where: str = "", also: str = "", how: str = "", others: bool = True) -> UsageError:
+    """The one message for an index that is not there: where it was looked for (`where`), what to do
+    (`how`: create it, by default; `also`: another way out), and the local indexes that do exist."""
+    how = how or f"create it with 'ragtune index add PATH --index {name}'"
+    msg = f"index '{name}' does not exist" + (f" at {where}" if where else "") + f"; {how}" + (f", or {also}" if also else "")
+    names = other_indexes(name) if others else ""
+    return UsageError(msg + (f"; the indexes here are {names} (pick one with --index NAME)" if names else ""))
 
 
 def open_for_reading(cfg: Any, name: str, copy: bool = False) -> Store:
@@ -817,9 +825,14 @@ class ServerStore(Store):
         if c.collection_exists(self.collection):
             c.delete_collection(self.collection)
 
-    def names(self, prefix: str) -> list[str]:
-        """The index names on this server: its collections that carry ragtune's prefix."""
-        cols = self._ask(lambda c: c.get_collections().collections)
+    @classmethod
+    def index_names(cls, url: str, api_key: str = "", prefix: str = "ragtune_") -> list[str]:
+        """The index names on the server at `url`: its collections that carry ragtune's prefix."""
+        server = cls("listing", url, api_key, prefix)  # no index in particular: only its connection is used
+        try:
+            cols = server._ask(lambda c: c.get_collections().collections)
+        finally:
+            server.close()
         return sorted(c.name[len(prefix):] for c in cols if c.name.startswith(prefix) and c.name != prefix)
 
 

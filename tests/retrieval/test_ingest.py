@@ -289,7 +289,7 @@ def test_drop_deletes_one_whole_index_and_list_all_names_the_rest(cfg: Config, d
     assert [r["source"] for r in list_documents(cfg, "keep")] == ["hr.md"] and (docs / "hr.md").is_file()
     assert main(["index", "drop", "old", *args]) == 2
     err = capsys.readouterr().err
-    assert "index 'old' does not exist" in err and "nothing to drop (the indexes here are keep)" in err
+    assert "index 'old' does not exist" in err and "nothing to drop; the indexes here are keep (pick" in err
     # the name can be used again at once
     assert ingest(cfg, [str(docs / "hr.md")], index="old", progress=False).added == ["hr.md"]
 

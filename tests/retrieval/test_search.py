@@ -61,7 +61,7 @@ def test_search_errors(cfg: Config, docs: Path, minilm_dir: Path) -> None:
     assert str(exc.value).endswith("; the indexes here are default (pick one with --index NAME)")
     from ragtune.retrieval.sources import open_retriever
 
-    with pytest.raises(UsageError, match=r"name one that exists \(default\), or answer without retrieval"):
+    with pytest.raises(UsageError, match=r"--index defualt., or answer without retrieval \(--no-rag\); the indexes here are default"):
         open_retriever(cfg, "defualt")  # what ask/chat/serve open
     with pytest.raises(UsageError, match="cannot filter on 'colour'"):
         parse_filters(["colour=red"])

@@ -34,7 +34,7 @@ from typing import Any
 
 from ragtune.config import Config
 from ragtune.errors import UsageError
-from ragtune.retrieval.filters import FILTER_KEYS, check_filter_key, parse_filters  # noqa: F401 (re-exported)
+from ragtune.retrieval.filters import FILTER_KEYS, check_filter_key, check_filters, parse_filters  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,7 @@ class Retriever:
         top_k = int(top_k or self.cfg.search.top_k)
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, got {top_k}")
-        for key in filters or {}:
-            check_filter_key(key)
+        check_filters(filters)
         s = self.cfg.search
         if mode != "dense" and self.sparse is None:
             raise self._old_sparse_format()

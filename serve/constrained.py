@@ -168,9 +168,21 @@ class Constraint:
 
     def _check(self) -> None:
         if self.matcher.is_error():
-            from ragtune.errors import RagtuneError
+            raise GrammarFailed(self.matcher.get_error())
 
-            raise RagtuneError(f"constrained decoding failed: {self.matcher.get_error()}")
+
+class GrammarFailed(UsageError):
+    """llguidance gave up on a grammar while decoding (one it accepted up front, such as a pattern with
+    nested repetition counts whose lexer grows past its limit): the request's fault, said in a line."""
+
+    api_code = "grammar_too_complex"
+
+    def __init__(self, detail: str):
+        why = detail.split("<state>")[0].strip().splitlines()[0][:200] if detail.strip() else "unknown error"
+        super().__init__(
+            f"constrained decoding stopped: the answer's grammar (response_format's schema or the forced tool "
+            f"call's parameters) grew past what the grammar engine can follow ({why}); simplify it: smaller "
+            "repetition counts in `pattern`, smaller maxLength/maxItems, less nesting")
 
 
 _LOCK = threading.Lock()

@@ -626,9 +626,10 @@ class Generator:
             raise UsageError(f"max_new_tokens must be at least 1, got {new}")
         if self._max_positions:
             if len(ids) >= self._max_positions:
+                fix = f" or lower rag.top_k ({rcfg.top_k})" if sources else ""
                 raise UsageError(
                     f"the prompt is {len(ids)} tokens but the model's context is {self._max_positions}; "
-                    f"shorten the conversation or lower rag.top_k ({rcfg.top_k})"
+                    f"shorten the conversation{fix}"
                 )
             new = min(new, self._max_positions - len(ids))
         temp = float(gcfg.temperature if temperature is None else temperature)

@@ -733,7 +733,6 @@ def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
             where = "input" if isinstance(req.input, str) else f"input.{i}"
             if not t.strip():
                 raise APIError(400, f"{where} is empty; send text to embed", param=where, code="invalid_request")
-            check_text(t, where)
         try:
             emb = await run_in_threadpool(embeddings.get)
         except RagtuneError as exc:
@@ -754,7 +753,6 @@ def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
         from ragtune.serve.answer import to_source
 
         req = parse_body(await read_body(request, cfg.serve.max_body_bytes), SearchRequest)
-        check_text(req.query, "query")
         name = req.index or (cfg.index.name if cfg.index.name in runtime.retrievers else
                              next(iter(runtime.retrievers), ""))
         r = runtime.retrievers.get(name)
@@ -764,10 +762,12 @@ def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
         if r is None:
             raise APIError(404, f"index '{name}' is not served here (served: {', '.join(runtime.retrievers) or 'none'}"
                            "; a deployment's `index` opens one)", param="index", code="index_not_found")
+        if not req.query.strip():
+            raise APIError(400, "query is empty; send the text to search for", param="query", code="invalid_request")
         try:
             hits = await run_in_threadpool(r.search, req.query, req.top_k, req.mode, req.filters)
         except RagtuneError as exc:
-            raise APIError(400, str(exc), code="invalid_request") from exc
+            raise APIError(400, str(exc), param=getattr(exc, "param", None), code="invalid_request") from exc
         return {"index": name, "sources": [to_source(h, i) for i, h in enumerate(hits, 1)]}
 
 
@@ -788,24 +788,45 @@ async def read_body(request: Any, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body is {declared} bytes; the limit is {limit} (serve.max_body_bytes)",
                        code="body_too_large")
+    from starlette.requests import ClientDisconnect
+
     size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body is over {limit} bytes (serve.max_body_bytes)", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is over {limit} bytes (serve.max_body_bytes)", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's doing, not a server fault: a line, no traceback, and no answer to send
+        log.info("client disconnected while sending a %s %s body (%d bytes received)", request.method,
+                 request.url.path, size)
+        raise APIError(400, "the client disconnected before sending the whole body", code="client_disconnected") \
+            from None
     return b"".join(chunks)
 
 
+TYPE_TAG = re.compile(r"(str|int|float|bool|list|dict|none|ContentPart|ChatMessage|StreamOptions|.*\[.*\]|function-.*)")
+
+
 def validation_error(errors: list[Any]) -> APIError:
-    parts, param = [], None
-    for e in errors[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        param = param or loc or None
+    """pydantic's errors as one 400: each field by its path in the body (without the names pydantic
+    gives the members of a union: `messages.0.content`, not `messages.0.content.str`), the alternatives
+    of one field in one line, and the value sent where it is short."""
+    fields: dict[str, list[str]] = {}
+    shown: dict[str, str] = {}
+    for e in errors:
+        loc = ".".join(str(x) for x in e.get("loc", ())
+                       if x != "body" and not (isinstance(x, str) and TYPE_TAG.fullmatch(x))) or "body"
+        msgs = fields.setdefault(loc, [])
+        if e.get("msg") not in msgs:
+            msgs.append(e.get("msg"))
         got = e.get("input", ...)  # absent for some errors; a whole object is too long to echo
-        shown = f" (got {json.dumps(got)[:60]})" if got is None or isinstance(got, (str, int, float, bool)) else ""
-        parts.append(f"{loc or 'body'}: {e.get('msg')}{shown}")
-    return APIError(400, "invalid request: " + "; ".join(parts), param=param, code="invalid_request")
+        if got is None or isinstance(got, (str, int, float, bool)):
+            shown.setdefault(loc, f" (got {json.dumps(got)[:60]})")
+    parts = [f"{loc}: {' or '.join(msgs)}{shown.get(loc, '')}" for loc, msgs in list(fields.items())[:5]]
+    param = next(iter(fields), "body")
+    return APIError(400, "invalid request: " + "; ".join(parts), param=None if param == "body" else param,
+                    code="invalid_request")
 
 
 def parse_request(body: bytes, cfg: Any) -> ChatRequest:
@@ -835,16 +856,20 @@ def parse_request(body: bytes, cfg: Any) -> ChatRequest:
                        f"overflow); use 0 for greedy decoding or at least {MIN_TEMPERATURE}",
                        param="temperature", code="invalid_request")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > MAX_STOPS or any(not x or len(x) > MAX_STOP_CHARS for x in stops):
-        raise APIError(400, f"stop: up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters",
-                       param="stop", code="invalid_request")
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop: {len(stops)} strings; up to {MAX_STOPS} are taken", param="stop",
+                       code="invalid_request")
     for i, x in enumerate(stops):
-        check_text(x, "stop" if isinstance(req.stop, str) else f"stop.{i}")
+        where = "stop" if isinstance(req.stop, str) else f"stop.{i}"
+        if not x or len(x) > MAX_STOP_CHARS:
+            raise APIError(400, f"{where}: a stop string must be non-empty and at most {MAX_STOP_CHARS} characters "
+                           f"(this one has {len(x)})", param=where, code="invalid_request")
     return req
 
 
 def read_json(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object; too deep, malformed or not an object is a 400."""
+    """The body as a JSON object; too deep, malformed, not an object, or holding text that is not
+    valid Unicode anywhere (a lone surrogate such as \\ud800 from a JSON escape) is a 400."""
     try:
         data = json.loads(body)
     except RecursionError as exc:
@@ -853,7 +878,25 @@ def read_json(body: bytes) -> dict[str, Any]:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    check_strings(data)
     return data
+
+
+def check_strings(data: Any) -> None:
+    """Every string of a parsed body, keys included, checked by `check_text` with its path as param
+    (`messages.2.tool_call_id`): no field reaches a tokenizer or the index with a lone surrogate."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            check_text(value, path or "body")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                where = f"{path}.{k}" if path else str(k)
+                check_text(k, f"{path or 'body'} (a key)")
+                stack.append((v, where))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}.{i}") for i, v in enumerate(value))
 
 
 def check_text(text: str, param: str) -> str:
@@ -872,10 +915,14 @@ def to_messages(req: ChatRequest) -> list[dict[str, str]]:
     for i, m in enumerate(req.messages):
         if isinstance(m.content, list):
             texts = []
-            for part in m.content:
-                if part.type != "text" or part.text is None:
-                    raise APIError(400, f"messages[{i}]: content part type '{part.type}' is not supported "
-                                   "(text only)", param=f"messages.{i}.content", code="unsupported")
+            for j, part in enumerate(m.content):
+                where = f"messages.{i}.content.{j}"
+                if part.type != "text":
+                    raise APIError(400, f"{where}: content part type '{part.type}' is not supported (text parts "
+                                   "only: {\"type\": \"text\", \"text\": ...})", param=where, code="unsupported")
+                if part.text is None:
+                    raise APIError(400, f"{where}: a text part needs its \"text\" (a string); it is missing or null",
+                                   param=f"{where}.text", code="invalid_request")
                 texts.append(part.text)
             content = "\n".join(texts)
         else:
@@ -883,7 +930,6 @@ def to_messages(req: ChatRequest) -> list[dict[str, str]]:
         if m.role in ("user", "system", "developer", "tool") and (m.content is None or m.content == []):
             raise APIError(400, f"messages[{i}]: a {m.role} message needs content (a string or text parts); "
                            "it is missing, null or empty", param=f"messages.{i}.content", code="invalid_request")
-        check_text(content, f"messages.{i}.content")
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content,
                     **tool_fields(m.model_dump(), i)})
     if not any(m["role"] == "user" for m in out):
@@ -999,9 +1045,13 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
                     continue
                 yield _chunk(cid, created, d.name, {"content": delta}, None, include_usage)
         except Exception as exc:  # the headers are sent: report in-band, the way OpenAI does
-            log.exception("generation failed mid-stream")
-            kind = "invalid_request_error" if isinstance(exc, RagtuneError) else "server_error"
-            yield "data: " + json.dumps(error_body(str(exc), kind)) + "\n\n"
+            if isinstance(exc, RagtuneError):  # the request's fault (a grammar given up on): no traceback
+                log.warning("%s request ended mid-stream: %s", d.name, exc)
+                body = request_error(exc).body()
+            else:
+                log.exception("generation failed mid-stream")
+                body = error_body(str(exc), "server_error")
+            yield "data: " + json.dumps(body) + "\n\n"
             yield "data: [DONE]\n\n"
             return
         ans = stream.answer

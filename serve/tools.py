@@ -31,7 +31,7 @@ from ragtune.serve.constrained import COMPACT, UnsupportedSchema, check_grammar,
 
 MAX_PARALLEL = 8
 MAX_TOOLS = 128
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would let a final newline through
 CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 GENERIC_PROMPT = (
     "You can call these functions (JSON schemas of their arguments):\n{functions}\n"
@@ -63,9 +63,10 @@ class ToolPlan:
         fns = [f for f in self.functions if self.choice == "required" or f["name"] == self.name]
         rules = []
         for i, f in enumerate(fns):
+            args, defs = nest_schema(f["parameters"], "#/properties/arguments")
             call = {"x-guidance": COMPACT, "type": "object", "additionalProperties": False,
                     "required": ["name", "arguments"],
-                    "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]}}
+                    "properties": {"name": {"const": f["name"]}, "arguments": args}, **defs}
             rules.append(f"f{i}: %json {json.dumps(call)}")
         reps = f"{{1,{MAX_PARALLEL}}}" if self.parallel else ""
         lark = (f"start: call{reps}\ncall: \"<tool_call>\" ({' | '.join(f'f{i}' for i in range(len(fns)))}) "
@@ -73,6 +74,28 @@ class ToolPlan:
         from ragtune.serve.constrained import _llguidance
 
         return check_grammar(_llguidance().LLMatcher.grammar_from_lark(lark), "tools")
+
+
+def nest_schema(schema: dict[str, Any], at: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`schema` made to sit at JSON pointer `at` inside another one: its `$defs`/`definitions` are
+    handed back to be put at the new root (where "#/$defs/X" looks), and its other local references
+    ("#", "#/properties/...") are rebased under `at`."""
+    body = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+    defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+
+    def rebase(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rebase(v) for k, v in node.items()}
+            ref = node.get("$ref")
+            if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) \
+                    and not ref.startswith(("#/$defs/", "#/definitions/")):
+                out["$ref"] = at + ref[1:]
+            return out
+        if isinstance(node, list):
+            return [rebase(v) for v in node]
+        return node
+
+    return rebase(body), rebase(defs)
 
 
 def plan_tools(tools: Any, tool_choice: Any = None, parallel: Any = None) -> ToolPlan | None:
@@ -92,7 +115,7 @@ def plan_tools(tools: Any, tool_choice: Any = None, parallel: Any = None) -> Too
                             "\"parameters\"?}}}", where)
         fn = t["function"]
         name = fn.get("name")
-        if not isinstance(name, str) or not NAME_RE.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             raise ToolError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-'", f"{where}.function.name")
         if any(f["name"] == name for f in functions):
             raise ToolError(f"{where}.function.name '{name}' is used twice", f"{where}.function.name")
@@ -147,6 +170,9 @@ def check_tool_turn(m: dict[str, Any], i: int) -> dict[str, Any]:
             if isinstance(args, str):
                 try:
                     args = json.loads(args or "{}")
+                except RecursionError as exc:
+                    raise ToolError(f"{where}.function.arguments is nested too deeply to parse",
+                                    f"{where}.function.arguments") from exc
                 except ValueError as exc:
                     raise ToolError(f"{where}.function.arguments is not JSON ({exc})", f"{where}.function.arguments") \
                         from exc
@@ -220,7 +246,7 @@ def parse_calls(text: str, plan: ToolPlan | None) -> tuple[list[dict[str, Any]],
     for m in CALL_RE.finditer(text):
         try:
             obj = json.loads(m.group(1))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(obj, dict) or obj.get("name") not in known:
             continue

@@ -65,6 +65,16 @@ def test_search_errors(cfg: Config, docs: Path, minilm_dir: Path) -> None:
         open_retriever(cfg, "defualt")  # what ask/chat/serve open
     with pytest.raises(UsageError, match="cannot filter on 'colour'"):
         parse_filters(["colour=red"])
+    from ragtune.retrieval.filters import FilterError
+
+    with Retriever(cfg) as r:  # what the server's /v1/search passes on as sent: refused before the store sees it
+        for bad, why in [({"source": ["hr.md", 5]}, "not a mix"), ({"source": []}, "non-empty list"),
+                         ({"page": "abc"}, "page numbers"), ({"page": [1, "2"]}, "not a mix"),
+                         ({"source": True}, "a string, an integer")]:
+            with pytest.raises(FilterError, match=why) as err:
+                r.search("leave", filters=bad)
+            assert err.value.param == f"filters.{next(iter(bad))}"
+        assert r.search("leave", top_k=1, filters={"source": ["hr.md", "x.md"], "page": [1, 2]}) == []  # no pages in .md
     assert parse_filters(["source=a.md", "source=b.md", "page=3"]) == {"source": ["a.md", "b.md"], "page": 3}
 
 

@@ -78,20 +78,37 @@ def test_deep_json_under_the_body_limit_is_a_400(module_tmp: Path, tiny_llama: P
     assert "nested too deeply" in e["message"]
 
 
-@pytest.mark.parametrize("where", ["content", "stop", "part"])
-def test_lone_surrogates_are_refused(client: Any, where: str) -> None:
-    lone = '"a\\ud800b"'
-    if where == "content":
-        raw = '{"model": "base", "messages": [{"role": "user", "content": %s}]}' % lone
-        param = "messages.0.content"
-    elif where == "part":
-        raw = '{"model": "base", "messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}' % lone
-        param = "messages.0.content"
-    else:
-        raw = '{"model": "base", "messages": [{"role": "user", "content": "hi"}], "stop": [%s]}' % lone
-        param = "stop.0"
+LONE = '"a\\ud800b"'
+TOOL_TURNS = ('{"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": '
+              '{"name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": %s, "content": "18C"}')
+
+
+@pytest.mark.parametrize("where,param", [
+    ('"messages": [{"role": "user", "content": %s}]', "messages.0.content"),
+    ('"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]', "messages.0.content.0.text"),
+    ('"messages": [{"role": "user", "content": "hi"}], "stop": [%s]', "stop.0"),
+    # fields that go into the prompt without a check of their own: every string of the body is checked
+    ('"messages": [{"role": "user", "content": "hi"}, ' + TOOL_TURNS + ']', "messages.2.tool_call_id"),
+    ('"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+     '{"name": "f", "description": %s}}]', "tools.0.function.description"),
+    ('"messages": [{"role": "user", "content": "hi"}], "metadata": {%s: 1}', "metadata (a key)"),
+])
+def test_lone_surrogates_are_refused_wherever_they_are(client: Any, where: str, param: str) -> None:
+    raw = '{"model": "base", ' + where % LONE + '}'
     e = assert_error(post(client, raw.encode()), 400, "invalid_request")
-    assert e["param"] == param and "surrogate" in e["message"]
+    assert e["param"] == param and "surrogate" in e["message"], e
+
+
+def test_tool_call_arguments_nested_too_deeply_are_a_400(big_client: Any) -> None:
+    args = "[" * 50_000 + "]" * 50_000
+    body = {"model": "base", "max_tokens": 2, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                               "function": {"name": "f", "arguments": args}}]}]}
+    with TestClient(big_client.app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    e = assert_error(r, 400, "invalid_request")
+    assert e["param"] == "messages.1.tool_calls.0.function.arguments" and "nested too deeply" in e["message"], e
 
 
 @pytest.mark.parametrize("content", ["missing", None, []])
@@ -139,8 +156,11 @@ def test_context_overflow_code_and_429_retry_after(big_client: Any, loaded_gen: 
 
 def test_stop_strings_are_capped(big_client: Any) -> None:
     client = big_client
-    assert_error(post(client, ask("base", "hi", stop=["x" * 20_000])), 400, "invalid_request")
-    assert_error(post(client, ask("base", "hi", stop=["a", "b", "c", "d", "e"])), 400, "invalid_request")
+    e = assert_error(post(client, ask("base", "hi", stop=["ok", "x" * 20_000])), 400, "invalid_request")
+    assert e["param"] == "stop.1" and "(this one has 20000)" in e["message"]
+    assert assert_error(post(client, ask("base", "hi", stop="")), 400)["param"] == "stop"
+    e = assert_error(post(client, ask("base", "hi", stop=["a", "b", "c", "d", "e"])), 400, "invalid_request")
+    assert e["param"] == "stop" and "5 strings" in e["message"]
     r = post(client, ask("base", "hi", stop=["z" * MAX_STOP_CHARS], max_tokens=3))
     assert r.status_code == 200, r.text
 
@@ -181,6 +201,86 @@ def test_non_streaming_client_that_disconnects_cancels_its_generation(tmp_path: 
         assert runtime.pending == 0
         line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cancelled after"))
         assert int(line.split()[2]) < 200, line
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+HUGE_PATTERN = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string",
+                                                                                "pattern": "^(a{1000}){1000}$"}}}
+
+
+def test_a_grammar_given_up_on_while_decoding_is_a_400_in_a_line(client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The schema passes the up-front check, then llguidance's lexer outgrows its limit on the first tokens:
+    the request's fault, said in one line (not a 1 KB engine dump), and not logged as a server error."""
+    body = ask("base", "hi", max_tokens=8, response_format=HUGE_PATTERN)
+    with caplog.at_level(logging.WARNING, logger="ragtune"):
+        e = assert_error(post(client, body), 400, "grammar_too_complex")
+        assert "too many expressions" in e["message"] and "<state>" not in e["message"] and len(e["message"]) < 500
+        r = post(client, {**body, "stream": True})
+    assert r.status_code == 200  # the headers went before the grammar failed: the error comes in-band
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "grammar_too_complex" and r.text.rstrip().endswith("data: [DONE]")
+    assert not [rec for rec in caplog.records if rec.exc_info], "a client's grammar is not a server fault"
+    assert post(client, ask("base", "hi", max_tokens=2)).status_code == 200
+
+
+def test_forced_tool_call_with_local_defs_and_refs(client: Any) -> None:
+    """pydantic's shape for nested models: parameters with $defs and #/$defs refs (and a ref into its own
+    properties), which must still resolve once the parameters sit inside the call's grammar."""
+    params = {"type": "object", "$defs": {"City": {"type": "string", "maxLength": 2}},
+              "properties": {"city": {"$ref": "#/$defs/City"}, "again": {"$ref": "#/properties/city"}},
+              "required": ["city", "again"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "book", "parameters": params}}]
+    r = post(client, ask("base", "Book Paris", max_tokens=64, tools=tools, tool_choice="required"))
+    assert r.status_code == 200, r.text
+    msg = r.json()["choices"][0]["message"]
+    assert "tool_calls" in msg, r.json()
+    calls = msg["tool_calls"]
+    args = json.loads(calls[0]["function"]["arguments"])
+    assert calls[0]["function"]["name"] == "book" and set(args) == {"city", "again"}
+    assert all(isinstance(v, str) and len(v) <= 2 for v in args.values()), args
+
+
+def test_tool_name_with_a_final_newline_is_refused(client: Any) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather\n"}}]
+    e = assert_error(post(client, ask("base", "hi", tools=tools)), 400, "invalid_tools")
+    assert e["param"] == "tools.0.function.name"
+
+
+@pytest.mark.parametrize("field,value,param", [
+    ("content", 5, "messages.0.content"), ("stop", 5, "stop"), ("content", [{"type": "text"}], "messages.0.content.0.text"),
+    ("content", [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}], "messages.0.content.1"),
+])
+def test_errors_name_the_field_as_sent_not_pydantic_union_members(client: Any, field: str, value: Any,
+                                                                   param: str) -> None:
+    body = ask("base", "hi")
+    if field == "content":
+        body["messages"][0]["content"] = value
+    else:
+        body[field] = value
+    e = assert_error(post(client, body), 400)
+    assert e["param"] == param and ".str" not in e["message"] and "list[" not in e["message"], e
+
+
+def test_a_client_hanging_up_mid_upload_is_not_a_server_error(tmp_path: Path, tiny_llama: Path, loaded_gen: Any,
+                                                              caplog: Any) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text(f"model:\n  path: {tiny_llama}\nserve:\n  deployments:\n    - {{name: base}}\n")
+    app = create_app(load_config(f), generator=loaded_gen)
+    server, t, port = start_server(app)
+    caplog.set_level(logging.INFO, logger="ragtune.serve.server")
+    try:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"model\":")
+        time.sleep(0.3)
+        s.close()
+        deadline = time.time() + 20
+        while "disconnected while sending" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+        assert "client disconnected while sending a POST /v1/chat/completions body (9 bytes received)" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
     finally:
         server.should_exit = True
         t.join(10)

@@ -347,6 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
         return int(exc.code or 0)
     setup_logging(args.verbose, args.quiet)
+    given = [b for a, b in zip(args_list, args_list[1:] + [None]) if a == "--index"]
+    given += [a[len("--index="):] for a in args_list if a.startswith("--index=")]
+    if any(v is not None and not v.strip() for v in given):
+        print("error: --index is empty (an unset shell variable?); name the index, or leave --index out for "
+              "index.name", file=sys.stderr)
+        return EXIT_USAGE
     if not args.command:
         parser.print_help()
         return EXIT_USAGE

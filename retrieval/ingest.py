@@ -333,16 +333,28 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                 _check_one_chunking(name, meta, states, plan, sig)
             res.skipped = links_skipped + list(plan.skipped)
             res.unchanged = len(plan.unchanged)
+            if delete_missing and not dry_run:
+                _refuse_emptying(name, roots, files, plan)
             if dry_run:
                 _fill_dry_run(res, plan)
                 return res
+            if not exists and not plan.add:
+                from ragtune.retrieval.loaders import SUPPORTED
+
+                why = ""
+                if res.skipped:
+                    first = f"{res.skipped[0][0]}: {res.skipped[0][1]}"
+                    why = f" ({len(res.skipped)} skipped, the first {first})"
+                raise UsageError(f"no documents to index in {' '.join(str(p) for p in paths)}{why}; index '{name}' "
+                                 f"was not created (ragtune reads {', '.join(sorted(SUPPORTED))} files)")
+            stemmer = _stemmer(cfg)  # checked before anything is written
             if plan.add or not exists:
                 embedder.load()
             if not exists:
                 store.open(create_dim=embedder.dim)
             new_roots = set(roots) | ({str(r) for r, _ in files} if not roots else set())
             if not meta or not new_roots <= set(meta.get("roots", [])) or plan.add or plan.removed:
-                meta = meta or _new_meta(embedder, sig, _stemmer(cfg))
+                meta = meta or _new_meta(embedder, sig, stemmer)
                 if plan.add:
                     meta["chunker"] = sig  # what every chunk now has (_check_one_chunking)
                 meta["roots"] = sorted(set(meta.get("roots", [])) | new_roots)
@@ -354,6 +366,21 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             store.close()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _refuse_emptying(name: str, roots: list[str], files: list[tuple[Path, Path]], plan: Plan) -> None:
+    """`index sync` of a folder that holds no documents at all would delete every document the index
+    has from it: refused, since an unmounted share or a mistyped path looks exactly like that."""
+    found = {str(root) for root, _ in files}
+    empty = [r for r in roots if r not in found]
+    doomed = [st for st in plan.removed if any(Path(_state_file(st) or "").is_relative_to(r) for r in empty)]
+    if doomed:
+        where = " and ".join(f"'{r}'" for r in empty)
+        raise UsageError(
+            f"{where} holds no documents, so syncing it would delete all {len(doomed)} documents index '{name}' has "
+            "from it; if the folder is not mounted or the path is wrong, fix that and sync again. To delete "
+            f"them, run 'ragtune index remove SOURCE... --index {name}' or 'ragtune index drop {name}' "
+            "('--dry-run' lists them)")
 
 
 def _describe_chunker(sig: str) -> str:

@@ -16,7 +16,7 @@ import pytest
 from ragtune.cli import main
 from ragtune.config import Config
 from ragtune.errors import UsageError
-from ragtune.retrieval.ingest import ingest, list_documents, remove
+from ragtune.retrieval.ingest import ingest, list_documents, list_indexes, remove
 from ragtune.retrieval.store import EdgeStore, IndexBusy, IndexLock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -322,7 +322,7 @@ def main_drop(cfg: Config) -> dict:
 
 def test_server_store_lists_and_drops_its_collections(cfg: Config, docs: Path, tmp_path: Path) -> None:
     from ragtune.config import replace
-    from ragtune.retrieval.ingest import drop, list_indexes
+    from ragtune.retrieval.ingest import drop
 
     server_cfg = replace(cfg, store=replace(cfg.store, url=f"local:{tmp_path / 'qdrant'}"))
     ingest(server_cfg, [str(docs / "hr.md")], index="a", progress=False)
@@ -332,3 +332,40 @@ def test_server_store_lists_and_drops_its_collections(cfg: Config, docs: Path, t
     assert [r["index"] for r in list_indexes(server_cfg)] == ["b"]
     with pytest.raises(UsageError, match="index 'a' does not exist .* nothing to drop"):
         drop(server_cfg, "a")
+
+
+def test_sync_of_a_folder_with_no_documents_deletes_nothing(cfg: Config, docs: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """An unmounted share or a mistyped path looks like an empty folder: sync refuses to empty the index."""
+    ingest(cfg, [str(docs)], progress=False)
+    before = {d["source"] for d in list_documents(cfg)}
+    moved = tmp_path / "moved"
+    docs.rename(moved)
+    docs.mkdir()
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]
+    assert main(["index", "sync", str(docs), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"'{docs.resolve()}' holds no documents, so syncing it would delete all {len(before)} documents" in err
+    assert {d["source"] for d in list_documents(cfg)} == before
+    assert ingest(cfg, [str(docs)], delete_missing=True, dry_run=True, progress=False).deleted  # the dry run lists them
+    (docs / "one.md").write_text("# One\n\nStill here.\n")
+    assert main(["index", "sync", str(docs), *args]) == 0  # a folder that has documents syncs as before
+    assert {d["source"] for d in list_documents(cfg)} == {"one.md"}
+
+
+def test_nothing_to_index_creates_no_index_and_an_empty_index_name_is_refused(
+        cfg: Config, tmp_path: Path, ragtune_home: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(b"\x89PNG")
+    assert main(["index", "add", str(empty), "--index", "e", *args]) == 2
+    assert "no documents to index in" in capsys.readouterr().err
+    assert main(["index", "add", str(tmp_path / "pics"), "--index", "p", *args]) == 2
+    assert "1 skipped, the first" in capsys.readouterr().err
+    assert main(["index", "add", str(tmp_path / "pics"), "--index", "s", "search.stemmer=klingon", *args]) == 2
+    capsys.readouterr()
+    assert list_indexes(cfg) == []  # no empty shells left behind
+    assert main(["index", "add", str(empty), "--index", "", *args]) == 2
+    assert "--index is empty" in capsys.readouterr().err

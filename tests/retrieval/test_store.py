@@ -83,3 +83,35 @@ def test_ingest_and_search_through_server_backend_and_migrate(cfg: Config, docs:
     assert got == want
     with pytest.raises(Exception, match="already holds"):
         migrate(cfg, url, index="e")
+
+
+def _on_disk(folder: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file())
+
+
+def test_a_readers_copy_keeps_the_holes_of_edge_s_preallocated_files(tmp_path: Path) -> None:
+    """Qdrant Edge preallocates 32 MB pages and WAL segments that stay mostly unwritten: a reader's
+    private copy (serve, chat) used to write every byte of them (220 MB for a 1 MB index)."""
+    from ragtune.retrieval.store import copy_sparse
+
+    f = tmp_path / "holey"
+    with f.open("wb") as out:
+        out.write(b"head")
+        out.seek(20 << 20)
+        out.write(b"middle")
+        out.truncate(40 << 20)  # ends in a hole
+    copy_sparse(f, tmp_path / "copy")
+    got = tmp_path / "copy"
+    assert got.read_bytes() == f.read_bytes() and got.stat().st_size == 40 << 20
+    assert got.stat().st_blocks * 512 <= f.stat().st_blocks * 512 + (1 << 20)
+
+    s = EdgeStore("t")
+    s.open(create_dim=4)
+    s.upsert(_points("a", 5, 1))
+    s.close()
+    reader = EdgeStore("t").open_copy()
+    try:
+        assert reader.copy_dir is not None and reader.count() == 5
+        assert _on_disk(reader.copy_dir) <= _on_disk(s.shard_dir) + (1 << 20)
+    finally:
+        reader.close()

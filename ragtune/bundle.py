@@ -200,8 +200,12 @@ def check_index_reachable(url: str, timeout: float = 20.0) -> None:
     )
 
 
-def _copytree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", ".lock", ".readers", "checkpoints", "__pycache__"))
+def _copytree(src: Path, dst: Path, sparse: bool = False) -> None:
+    """`sparse`: keep the holes of an index's preallocated files (ragtune.retrieval.store.copy_sparse)."""
+    from ragtune.retrieval.store import copy_sparse
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.lock", ".lock", ".readers", "checkpoints", "__pycache__"),
+                    copy_function=copy_sparse if sparse else shutil.copy2)
 
 
 def build_wheelhouse(wheels: Path, deps: str, platform: str, extra_wheels: list[Path]) -> None:
@@ -389,7 +393,7 @@ def copy_contents(tmp: Path, inputs: BundleInputs) -> dict[str, list[dict[str, A
         from ragtune.retrieval.store import IndexLock
 
         with IndexLock(idx.name, shared=True):  # no writer mid-way through it while it is copied
-            _copytree(idx, tmp / "indexes" / idx.name)
+            _copytree(idx, tmp / "indexes" / idx.name, sparse=True)
         contents["indexes"].append({"name": idx.name, "path": f"indexes/{idx.name}"})
     for c in inputs.configs:
         (tmp / "configs").mkdir(exist_ok=True)
@@ -532,7 +536,9 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
     for i in manifest["contents"]["indexes"]:
         dest = index_dir(check_index_name(i["name"]))
         with atomic_dir(dest) as tmp:
-            shutil.copytree(root / i["path"], tmp, dirs_exist_ok=True)
+            from ragtune.retrieval.store import copy_sparse
+
+            shutil.copytree(root / i["path"], tmp, dirs_exist_ok=True, copy_function=copy_sparse)
         done["indexes"].append(str(dest))
     for c in manifest["contents"].get("configs", []):
         dest = home / "configs" / c["name"]

@@ -112,6 +112,9 @@ def run_eval(
     (None = model.adapter). `generator`/`retriever` may be passed in already loaded.
     `engine` ("auto" | "transformers" | "llama.cpp" | "openai", None = eval.engine) answers every mode."""
     plan = _plan(cfg, questions, adapter, index, modes, engine, check=generator is None)
+    out = Path(out_dir or cfg.eval.out_dir)
+    if out.exists() and not out.is_dir():  # said now, not after every question has been answered
+        raise UsageError(f"eval.out_dir / --out '{out}' is a file; the report goes in a folder: name another")
     cost, notes = _run_card_costs(plan, cost_files)
     engine_note = ""
     if generator is None:
@@ -119,10 +122,9 @@ def run_eval(
     if plan.needs_rag and retriever is None:
         from ragtune.retrieval.sources import open_retriever
 
-        retriever = open_retriever(cfg, plan.index)
+        retriever = open_retriever(cfg, plan.index, without="leave the modes with retrieval out of --modes")
     answers = _answer_all(cfg, plan, generator, _RecordingRetriever(retriever) if plan.needs_rag else None, progress)
     cost += _answer_costs(answers)
-    out = Path(out_dir or cfg.eval.out_dir)
     paths = write_report(out, plan.questions, answers.runs, cost, k=cfg.rag.top_k,
                          meta=_meta(cfg, plan, generator, engine_note),
                          notes=_notes(plan) + _refused_notes(plan, generator) + notes

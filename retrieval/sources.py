@@ -52,9 +52,11 @@ def index_exists(cfg: Any, name: str) -> bool:
     return bool(cfg.store.url) or index_dir(name).is_dir()
 
 
-def open_retriever(cfg: Any, index_name: str, read_copy: bool = False) -> Any:
+def open_retriever(cfg: Any, index_name: str, read_copy: bool = False,
+                   without: str = "answer without retrieval (--no-rag)") -> Any:
     """A loaded `ragtune.retrieval.search.Retriever` for `index_name`; `read_copy` for long-lived
-    readers (server, chat): they read a private copy, refreshed after each write, and never block writers."""
+    readers (server, chat): they read a private copy, refreshed after each write, and never block writers.
+    `without`: how this command does without an index, for the message when it does not exist."""
     try:
         from ragtune.retrieval.search import Retriever
     except ImportError as exc:
@@ -65,7 +67,7 @@ def open_retriever(cfg: Any, index_name: str, read_copy: bool = False) -> Any:
     if not index_exists(cfg, index_name):
         from ragtune.retrieval.store import missing_index
 
-        raise missing_index(index_name, str(index_dir(index_name)), also="answer without retrieval (--no-rag)")
+        raise missing_index(index_name, str(index_dir(index_name)), also=without)
     r = Retriever(cfg, index_name=index_name, read_copy=read_copy)
     r.load()
     return r

@@ -255,7 +255,8 @@ class Runtime:
                     d.adapter_name = gen.add_adapter(d.name, d.adapter)
                 if d.index:
                     if d.index not in self.retrievers:
-                        r = open_retriever(cfg, d.index, read_copy=True)  # `index sync` runs meanwhile
+                        r = open_retriever(cfg, d.index, read_copy=True,  # `index sync` runs meanwhile
+                                           without=f"take `index` out of deployment '{d.name}'")
                         self.retrievers[d.index] = r
                         self._owned_retrievers.append(r)
                     d.retriever = self.retrievers[d.index]
@@ -280,7 +281,8 @@ class Runtime:
         d.generator = RemoteGenerator(self.cfg, r.get("url", ""), r.get("model", ""), r.get("api_key", ""))
         if d.index:
             if d.index not in self.retrievers:
-                self.retrievers[d.index] = open_retriever(self.cfg, d.index, read_copy=True)
+                self.retrievers[d.index] = open_retriever(self.cfg, d.index, read_copy=True,
+                                                          without=f"take `index` out of deployment '{d.name}'")
                 self._owned_retrievers.append(self.retrievers[d.index])
             d.retriever = self.retrievers[d.index]
 

@@ -317,7 +317,7 @@ def build_rag(cfg: Any, records: Sequence[Any], retriever: Any = None, cache: st
     if own:
         from ragtune.retrieval.sources import open_retriever
 
-        retriever = open_retriever(cfg, name)
+        retriever = open_retriever(cfg, name, without="train on the bare records (leave data.rag.index unset)")
     top_k, n_src = settings["top_k"], settings["distractors"] + 1
     pool = max(top_k, n_src) + POOL_EXTRA
     try:

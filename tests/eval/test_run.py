@@ -163,6 +163,12 @@ def test_run_eval_modes_errors_and_partial(tmp_path: Path) -> None:
     assert parse_modes("base, rag,base") == ["base", "rag"]
     with pytest.raises(UsageError, match="no questions file"):
         run_eval(cfg, generator=object())
+    (tmp_path / "afile").write_text("mine")  # refused before a question is answered (object() cannot answer)
+    with pytest.raises(UsageError, match="--out '.*afile' is a file; the report goes in a folder"):
+        run_eval(cfg, questions=q, modes="base", out_dir=tmp_path / "afile", generator=object())
+    with pytest.raises(UsageError, match=r"index 'nope' does not exist .*, or leave the modes with retrieval out of "
+                                         r"--modes"):
+        run_eval(cfg, questions=q, modes="base,rag", index="nope", out_dir=tmp_path / "o", generator=object())
     # a question that fails to answer is recorded and makes the run partial, not fatal
     q.write_text(q.read_text() + json.dumps({"id": "boom", "question": "boom", "answer": "x"}) + "\n")
     res = run_eval(cfg, questions=q, modes="base", out_dir=tmp_path / "o", progress=False,

@@ -67,12 +67,67 @@ def check_adapter_dir(path: str | Path, what: str = "adapter") -> Path:
     naming the file that is missing: peft's adapter_config.json, or the safetensors weights (ragtune
     never loads a pickled adapter_model.bin)."""
     p = adapter_dir(path)
+    if not p.exists():
+        raise UsageError(f"{what} '{p}' does not exist; give the train.output_dir of a 'ragtune train' run")
+    if not p.is_dir():
+        raise UsageError(f"{what} '{p}' is a file; give the folder that holds adapter_config.json and "
+                         "adapter_model.safetensors (a 'ragtune train' output_dir)")
     if not (p / "adapter_config.json").is_file():
-        raise UsageError(f"{what} '{p}' has no adapter_config.json; point it at a folder written by 'ragtune train'")
+        model = (p / "config.json").is_file() and bool(weight_files(p))
+        hint = (f": it holds a whole model (config.json and weights), which is given as model.path={p}, not as an "
+                "adapter") if model else "; point it at a folder written by 'ragtune train'"
+        raise UsageError(f"{what} '{p}' has no adapter_config.json{hint}")
     if not (p / "adapter_model.safetensors").is_file():
         raise UsageError(f"{what} '{p}' has no adapter_model.safetensors (ragtune never loads pickle weights); "
                          "point it at a folder written by 'ragtune train'")
+    check_json_file(p / "adapter_config.json", what)
+    check_safetensors(p / "adapter_model.safetensors", what)
     return p.resolve()
+
+
+def check_json_file(f: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of a model or adapter folder, or UsageError saying the folder is damaged."""
+
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what}: '{f}' is not UTF-8 text ({exc.reason} at byte {exc.start}); the folder is damaged: "
+                         "copy it again or write it again") from None
+    except ValueError as exc:
+        raise UsageError(f"{what}: '{f}' is not valid JSON ({exc}); the folder is damaged (an interrupted copy?): "
+                         "copy it again or write it again") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what}: '{f}' holds a JSON {type(data).__name__}, not an object; the folder is damaged")
+    return data
+
+
+def check_safetensors(f: Path, what: str) -> None:
+    """The safetensors header of `f` is whole and every tensor it lists fits in the file (a cut copy
+    fails here with its size, not inside the loader)."""
+    import struct
+
+    size = f.stat().st_size
+    why = ""
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            why = f"it is {size} bytes"
+        else:
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                why = f"its header says {n} bytes of metadata but the file is {size} bytes"
+            else:
+                try:
+                    header = json.loads(fh.read(n))
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                except (ValueError, KeyError, TypeError, IndexError):
+                    why = "its header is not valid"
+                else:
+                    if 8 + n + end > size:
+                        why = f"its tensors need {8 + n + end} bytes but the file is {size}"
+    if why:
+        raise UsageError(f"{what}: '{f}' is not a whole safetensors file ({why}); the folder is damaged (an interrupted "
+                         "copy or download?): copy it again or write it again")
 
 
 def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
@@ -103,6 +158,9 @@ def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
             missing.append("weights (*.safetensors)")
     if missing:
         raise ModelPathError(f"{what} '{p}' has no {' and no '.join(missing)}; {FIX_HINT}")
+    check_json_file(p / "config.json", what)
+    for f in weight_files(p):
+        check_safetensors(f, what)
     return p.resolve()
 
 

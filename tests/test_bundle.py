@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import os
 import shutil
 import site
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def fake_adapter(base: Path, out: Path) -> Path:
     out.mkdir(parents=True)
     (out / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/connected/side/base", "r": 4}))
-    (out / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (out / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")  # a whole, empty safetensors file
     write_runcard(out, {"base_model": {"path": "/connected/side/base", "hash": model_hash(base)}})
     return out
 

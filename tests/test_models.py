@@ -148,3 +148,43 @@ def test_a_model_too_big_for_memory_is_refused_before_loading(tiny_llama: Path, 
         modeling.load_model(tiny_llama, device="cpu")
     monkeypatch.setattr(modeling, "_available_memory", lambda device: need * 3)
     assert modeling.load_model(tiny_llama, device="cpu").dtype.is_floating_point
+
+
+def test_damaged_model_and_adapter_folders_are_named_before_loading(tiny_llama: Path, tmp_path: Path) -> None:
+    """An interrupted copy: cut weights or half a JSON file are said as such, not as a loader's traceback."""
+    from ragtune.errors import UsageError
+    from ragtune.modeling import check_adapter_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    weights = sorted(model.glob("*.safetensors"))[0]
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(UsageError, match=r"is not a whole safetensors file \(its tensors need \d+ bytes but the file is"):
+        check_model_dir(model)
+    shutil.copy2(sorted(tiny_llama.glob("*.safetensors"))[0], weights)
+    (model / "config.json").write_text('{"model_type": ', encoding="utf-8")
+    with pytest.raises(UsageError, match="config.json' is not valid JSON .* the folder is damaged"):
+        check_model_dir(model)
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tiny_adapter = tmp_path / "good-adapter"  # the two files check_adapter_dir reads, well formed
+    tiny_adapter.mkdir()
+    (tiny_adapter / "adapter_config.json").write_text('{"r": 4, "peft_type": "LORA"}', encoding="utf-8")
+    save_file({"lora_A": np.zeros((4, 64), dtype=np.float32)}, str(tiny_adapter / "adapter_model.safetensors"))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    (adapter / "adapter_config.json").write_text('{"r": ', encoding="utf-8")
+    with pytest.raises(UsageError, match="adapter_config.json' is not valid JSON"):
+        check_adapter_dir(adapter)
+    shutil.copy2(tiny_adapter / "adapter_config.json", adapter / "adapter_config.json")
+    (adapter / "adapter_model.safetensors").write_bytes((tiny_adapter / "adapter_model.safetensors").read_bytes()[:1000])
+    with pytest.raises(UsageError, match="adapter_model.safetensors' is not a whole safetensors file"):
+        check_adapter_dir(adapter)
+    with pytest.raises(UsageError, match="does not exist; give the train.output_dir"):
+        check_adapter_dir(tmp_path / "nope")
+    with pytest.raises(UsageError, match="holds a whole model .* model.path="):
+        check_adapter_dir(tiny_llama)
+    assert check_adapter_dir(tiny_adapter) == tiny_adapter.resolve()

@@ -143,9 +143,18 @@ def _check_import(gguf_file: str | Path, out_dir: str | Path, force: bool) -> tu
     if out.exists() and any(out.iterdir()) and not force:
         raise RagtuneError(f"output dir '{out}' exists and is not empty; pass --force to replace it")
     try:
-        import gguf  # noqa: F401
+        import gguf
     except ImportError as exc:  # pragma: no cover - a dependency
         raise RagtuneError("reading GGUF needs the 'gguf' package: pip install gguf") from exc
+    with src.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelPathError(f"'{src}' is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:  # the header and every tensor's place, memory-mapped: a cut file fails here, not in transformers
+        gguf.GGUFReader(src)
+    except Exception as exc:  # noqa: BLE001 - struct.error, ValueError, IndexError... from a damaged file
+        raise ModelPathError(f"'{src}' is not a whole GGUF file ({type(exc).__name__}: {str(exc)[:120]}); it is "
+                             "damaged or was cut short (an interrupted copy or download?): copy it again") from None
     return src, out
 
 

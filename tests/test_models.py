@@ -188,3 +188,15 @@ def test_damaged_model_and_adapter_folders_are_named_before_loading(tiny_llama: 
     with pytest.raises(UsageError, match="holds a whole model .* model.path="):
         check_adapter_dir(tiny_llama)
     assert check_adapter_dir(tiny_adapter) == tiny_adapter.resolve()
+
+
+def test_import_rejects_a_cut_gguf_before_reading_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2_gguf_path().read_bytes()[:100_000])
+    assert main(["models", "import", str(cut), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a whole GGUF file" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 a zip")
+    assert main(["models", "import", str(fake), "--out", str(tmp_path / "out")]) == 2
+    assert "is not a GGUF file (it starts with b'PK\\x03\\x04'" in capsys.readouterr().err

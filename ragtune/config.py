@@ -2,8 +2,9 @@
 
     cfg = load_config("configs/train/smollm2-lora.yaml", ["train.epochs=2"])
 
-Every problem (unknown key, wrong type, value outside its choices, malformed override) is
-collected and raised once as a ConfigError whose lines name the file, the key and what is allowed.
+Every problem (unreadable file, unknown key, wrong type, value outside its choices or its range
+(RANGES), malformed override) is collected and raised once as a ConfigError whose lines name the
+file or the override, the key and what is allowed.
 Sections are owned by the package that reads them; add fields here, with a default and a comment.
 """
 
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Collection, Literal
 
 from ragtune.errors import ConfigError
 
@@ -253,22 +255,75 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path:
         raw = _read_yaml(Path(path), problems)
+    in_file = set(_paths(raw))
     for item in overrides:
         _apply_override(raw, item, problems)
     cfg = _build(Config, raw, "", where, problems)
+    _check_together(cfg, set(_paths(raw)), where, problems)
     if problems:
-        raise ConfigError([_blame_override(p, where, overrides) for p in problems])
+        raise ConfigError([_blame_override(p, where, overrides, in_file) for p in problems])
     return cfg
 
 
-def _blame_override(problem: str, where: str, overrides: list[str] | tuple[str, ...]) -> str:
-    """A problem caused by a command-line override names the override, not the file."""
-    for item in overrides:
+def _paths(raw: Any, prefix: str = "") -> list[str]:
+    """Every dotted key a YAML mapping sets (sections included)."""
+    if not isinstance(raw, dict):
+        return []
+    out = []
+    for k, v in raw.items():
+        out.append(f"{prefix}{k}")
+        out.extend(_paths(v, f"{prefix}{k}."))
+    return out
+
+
+_PROBLEM_KEY = re.compile(r"(unknown key|key) '([^'\[]+)")
+
+
+def _blame_override(problem: str, where: str, overrides: list[str] | tuple[str, ...],
+                    in_file: Collection[str] = ()) -> str:
+    """A problem caused by a command-line override names the override, not the file; an unknown
+    section an override names (trian.epochs=2) is called a section, with the override it meant."""
+    m = _PROBLEM_KEY.match(problem, len(where) + 2) if problem.startswith(f"{where}: ") else None
+    if not m:
+        return problem
+    kind, bad = m[1], m[2]
+    for item in reversed(overrides):  # the last override of a key is the one that counts
         key = item.partition("=")[0].strip()
-        for head in (f"{where}: key '{key}'", f"{where}: unknown key '{key}'"):
-            if problem.startswith(head) and (len(problem) == len(head) or problem[len(head)] in "'[ :"):
-                return f"override '{item}': " + problem[len(where) + 2:]
+        if not (bad == key or bad.startswith(key + ".") or key.startswith(bad + ".")):
+            continue
+        rest = problem[len(where) + 2:]
+        if kind == "unknown key" and key.startswith(bad + "."):
+            if bad in in_file:
+                return problem  # the file has the section too: the file is where to fix it
+            rest = "unknown section" + rest[len("unknown key"):]
+            guess = re.search(r"; did you mean '([^']+)'\?$", rest)
+            if guess and guess[1] + key[len(bad):] in setting_keys():  # the whole override it meant
+                rest = rest[:guess.start()] + f"; did you mean '{guess[1] + item.strip()[len(bad):]}'?"
+        return f"override '{item}': {rest}"
     return problem
+
+
+def _check_together(cfg: Config, given: set[str], where: str, problems: list[str]) -> None:
+    """Rules across settings (`given`: the keys the file and overrides set); a setting already refused on
+    its own is not judged again."""
+    refused = {m[2] for p in problems if (m := _PROBLEM_KEY.search(p))}
+
+    def check(keys: tuple[str, ...], ok: bool, message: str) -> None:
+        if not ok and not refused & set(keys):
+            problems.append(f"{where}: key '{keys[0]}': {message}")
+
+    t = cfg.train
+    check(("train.epochs", "train.max_steps"), t.epochs > 0 or (t.epochs == 0 and t.max_steps > 0),
+          f"must be more than 0 (0 only when train.max_steps > 0 sets the length), got {t.epochs!r}")
+    c = cfg.chunk
+    # the default overlap (128, half the default size) is at most half of a smaller chunk.size, as documented
+    check(("chunk.overlap", "chunk.size"), c.overlap <= c.size // 2 or "chunk.overlap" not in given,
+          f"must be at most half of chunk.size {c.size} ({c.size // 2}), got {c.overlap!r}")
+    s = cfg.search
+    check(("search.dense_weight", "search.sparse_weight", "search.mode"),
+          s.mode != "hybrid" or s.dense_weight + s.sparse_weight > 0,
+          "must be more than 0 when search.sparse_weight is 0 too: hybrid fusion needs one channel weighted "
+          "(or set search.mode to dense or sparse)")
 
 
 SECRET_KEYS = frozenset({"api_key"})  # settings never written into run cards, reports or job records
@@ -293,22 +348,62 @@ def replace(cfg: Any, **changes: Any) -> Any:
 def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
     import yaml
 
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml")) + sorted(p.name for p in path.glob("*.yml"))
+        there = f" (YAML files there: {', '.join(found[:8])}{', ...' if len(found) > 8 else ''})" if found else ""
+        problems.append(f"{path}: is a directory, not a config file; pass a YAML file with --config{there}")
+        return {}
     if not path.is_file():
         problems.append(f"{path}: config file not found")
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except OSError as exc:
+        problems.append(f"{path}: config file cannot be read: {exc.strerror or exc}")
+        return {}
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(_not_utf8(path, data, exc))
+        return {}
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        problems.append(f"{path}:{line} not valid YAML: {getattr(exc, 'problem', exc)}")
+        problems.append(_yaml_problem(path, exc))
         return {}
-    if data is None:
+    if loaded is None:
         return {}
-    if not isinstance(data, dict):
-        problems.append(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    if not isinstance(loaded, dict):
+        problems.append(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
         return {}
-    return data
+    return loaded
+
+
+def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    return (f"{path}: line {line}, column {column}: not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset "
+            f"{exc.start}); save the file as UTF-8")
+
+
+def _yaml_problem(path: Path, exc: Exception) -> str:
+    """PyYAML's message with both of its places: where the construct began (a quote, a bracket) and where
+    it broke (often the end of the file)."""
+
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if not problem:
+        return f"{path}: not valid YAML: {exc}"
+    first = context_mark or mark
+    head = f"{path}: line {first.line + 1}: " if first else f"{path}: "
+    parts = []
+    if context:
+        parts.append(f"{context} at {at(context_mark)}" if context_mark else context)
+    parts.append(f"{problem} at {at(mark)}" if mark else problem)
+    return head + "not valid YAML: " + ", ".join(parts)
 
 
 def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None:
@@ -453,22 +548,95 @@ def _build(cls: type, raw: Any, prefix: str, where: str, problems: list[str]) ->
         return cls()
 
 
-# settings that are counts of something: below these they mean nothing (0 is not "the default" for them)
-MINIMUMS: dict[str, int | float] = {
-    "data.max_length": 1, "train.batch_size": 1, "train.grad_accum": 1, "train.lora.r": 1, "embedder.batch_size": 1,
-    "chunk.size": 1, "chunk.overlap": 0, "search.top_k": 1, "search.candidates": 1, "search.rerank_candidates": 1,
-    "generation.max_new_tokens": 1, "generation.temperature": 0, "rag.top_k": 1, "serve.max_queue": 1,
-    "serve.max_batch": 1, "eval.max_new_tokens": 1, "eval.concurrency": 1,
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take; `means` says what its special values stand for."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+    means: str = ""
+
+    def allows(self, v: float) -> bool:
+        return ((self.low is None or (v > self.low if self.low_open else v >= self.low))
+                and (self.high is None or (v < self.high if self.high_open else v <= self.high)))
+
+    def describe(self) -> str:
+        low = "" if self.low is None else f"{'more than' if self.low_open else 'at least'} {_num(self.low)}"
+        high = "" if self.high is None else f"{'below' if self.high_open else 'at most'} {_num(self.high)}"
+        return " and ".join(x for x in (low, high) if x) + (f" ({self.means})" if self.means else "")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# Every numeric setting's allowed values, checked while loading so a bad one stops every command before
+# any model loads. Settings not listed take any number; rules across settings are in _check_together.
+RANGES: dict[str, Range] = {
+    "data.eval_fraction": Range(0, 1, high_open=True, means="0 = no split"),
+    "data.max_length": Range(1),
+    "data.rag.top_k": Range(0, means="0 = rag.top_k"),
+    "data.rag.distractors": Range(-1, means="-1 = all of the top_k others"),
+    "data.rag.withheld": Range(0, 1),
+    "train.max_steps": Range(-1, means="-1 or 0 = train for train.epochs"),
+    "train.learning_rate": Range(0, low_open=True),
+    "train.warmup_ratio": Range(0, 1),
+    "train.weight_decay": Range(0),
+    "train.batch_size": Range(1),
+    "train.grad_accum": Range(1),
+    "train.eval_steps": Range(0, means="0 = once per epoch"),
+    "train.save_steps": Range(0, means="0 = once per epoch"),
+    "train.logging_steps": Range(1),
+    "train.seed": Range(0, 2**32 - 1),
+    "train.threads": Range(0, means="0 = choose"),
+    "train.save_total_limit": Range(0, means="0 = keep every checkpoint"),
+    "train.lora.r": Range(1),
+    "train.lora.alpha": Range(0, low_open=True),
+    "train.lora.dropout": Range(0, 1, high_open=True),
+    "embedder.batch_size": Range(1),
+    "chunk.size": Range(8),  # the chunker's floor (retrieval/chunking.py)
+    "chunk.overlap": Range(0),  # and at most half of chunk.size (_check_together)
+    "search.top_k": Range(1),
+    "search.rerank_candidates": Range(1),
+    "search.candidates": Range(1),
+    "search.rrf_k": Range(0, low_open=True),
+    "search.dense_weight": Range(0),
+    "search.sparse_weight": Range(0),
+    "search.hnsw_ef": Range(0, means="0 = the store's default"),
+    "generation.max_new_tokens": Range(1),
+    "generation.temperature": Range(0, means="0 = greedy"),
+    "generation.top_p": Range(0, 1, low_open=True),
+    "generation.repetition_penalty": Range(0, low_open=True, means="1 = none"),
+    "generation.threads": Range(0, means="0 = the engine's default"),
+    "rag.top_k": Range(1),
+    "serve.port": Range(1, 65535),
+    "serve.max_body_bytes": Range(1),
+    "serve.max_messages": Range(1),
+    "serve.max_tokens_limit": Range(1),
+    "serve.max_queue": Range(1),
+    "serve.max_batch": Range(1),
+    "serve.max_file_bytes": Range(1),
+    "eval.max_new_tokens": Range(1),
+    "eval.bootstrap": Range(1),
+    "eval.seed": Range(0, 2**32 - 1),
+    "eval.concurrency": Range(1),
 }
 
 _MISSING = object()
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-def _at_least(value: int | float, key: str, where: str, problems: list[str]) -> Any:
-    low = MINIMUMS.get(key)
-    if low is not None and value < low:
-        problems.append(f"{where}: key '{key}': must be at least {low}, got {value!r}")
+def _in_range(value: int | float, key: str, where: str, problems: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{where}: key '{key}': must be a finite number, got {value!r}")
+        return _MISSING
+    rule = RANGES.get(key)
+    if isinstance(value, int) and abs(value) >= 2**63 and (rule is None or rule.high is None):
+        rule = dataclasses.replace(rule or Range(-(2**63) + 1), high=2**63 - 1)  # what the libraries below take
+    if rule is not None and not rule.allows(value):
+        problems.append(f"{where}: key '{key}': must be {rule.describe()}, got {value!r}")
         return _MISSING
     return value
 
@@ -507,12 +675,17 @@ def _coerce(tp: Any, value: Any, key: str, where: str, problems: list[str]) -> A
     if tp is bool:
         return value if isinstance(value, bool) else bad()
     if tp is int:
-        return _at_least(value, key, where, problems) if isinstance(value, int) and not isinstance(value, bool) else bad()
+        return _in_range(value, key, where, problems) if isinstance(value, int) and not isinstance(value, bool) else bad()
     if tp is float:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return _at_least(float(value), key, where, problems)  # YAML 1.1 reads 5e-3 (no dot) as a string
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return _at_least(float(value), key, where, problems) if ok else bad()
+            return _in_range(float(value), key, where, problems)  # YAML 1.1 reads 5e-3 (no dot) as a string
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return bad()
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float: refused as not finite
+            number = math.inf if value > 0 else -math.inf
+        return _in_range(number, key, where, problems)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from ragtune.config import Config
+from ragtune.config import ChunkConfig, Config
 from ragtune.errors import UsageError
 from ragtune.retrieval.loaders import Document, Skip, is_supported, iter_jsonl, load_file
 from ragtune.retrieval.store import (
@@ -270,6 +270,26 @@ class _Writer:
         self.pending = []
 
 
+_SIZE_CUT_SAID: set[tuple[int, int, int]] = set()
+
+
+def _fit_chunk_size(cfg: Config, max_tokens: int) -> int:
+    """chunk.size, cut to what the embedder reads; a size the user chose is said to be cut (once), the
+    default's cut to MiniLM's 254 is expected and only logged at debug."""
+    size = min(cfg.chunk.size, max_tokens)
+    said = (cfg.chunk.size, max_tokens, cfg.chunk.overlap)
+    if size < cfg.chunk.size and said not in _SIZE_CUT_SAID:
+        _SIZE_CUT_SAID.add(said)
+        cut = cfg.chunk.overlap > size // 2
+        overlap = f", and chunk.overlap {cfg.chunk.overlap} to {size // 2}" if cut else ""
+        fix = f"chunk.size={size}" + (f" chunk.overlap={size // 2}" if cut else "")
+        chosen = cfg.chunk.size != ChunkConfig().size
+        (log.warning if chosen else log.debug)(
+            "chunk.size %d is more than the embedder reads: chunks are cut to %d tokens, its maximum%s; set "
+            "'%s' (or less) to choose the size yourself", cfg.chunk.size, size, overlap, fix)
+    return size
+
+
 def _check_meta(store: Store, meta: dict[str, Any], identity: dict[str, Any], name: str) -> None:
     if not meta:
         return
@@ -325,7 +345,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                 max_tokens = embedder.load().max_tokens
             else:
                 max_tokens = cfg.chunk.size
-            size = min(cfg.chunk.size, max_tokens)
+            size = _fit_chunk_size(cfg, max_tokens)
             sig = chunker_signature(size, cfg.chunk.overlap) if (exists or not dry_run) else "?"
             plan = plan_ingest(states, files, sig, SPARSE_VERSION,
                                [Path(r) for r in roots] if delete_missing else None)

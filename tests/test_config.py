@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
@@ -102,11 +103,122 @@ def test_counts_below_their_minimum_name_the_key(tmp_path: Path) -> None:
         load_config(p, ["serve.max_batch=0", "data.rag.top_k=0", "data.rag.distractors=-1"])
     assert exc.value.problems == [
         f"{p}: key 'chunk.overlap': must be at least 0, got -1",
-        f"{p}: key 'generation.temperature': must be at least 0, got -0.5",
+        f"{p}: key 'generation.temperature': must be at least 0 (0 = greedy), got -0.5",
         f"{p}: key 'rag.top_k': must be at least 1, got 0",
         "override 'serve.max_batch=0': key 'serve.max_batch': must be at least 1, got 0",
     ]
     assert load_config(None, ["data.rag.top_k=0", "data.rag.distractors=-1", "chunk.overlap=0"]).data.rag.top_k == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lora.dropout=1.5", "key 'train.lora.dropout': must be at least 0 and below 1, got 1.5"),
+    ("train.learning_rate=-0.1", "key 'train.learning_rate': must be more than 0, got -0.1"),
+    ("train.learning_rate=0", "key 'train.learning_rate': must be more than 0, got 0.0"),
+    ("train.logging_steps=0", "key 'train.logging_steps': must be at least 1, got 0"),
+    ("train.warmup_ratio=2", "key 'train.warmup_ratio': must be at least 0 and at most 1, got 2.0"),
+    ("train.weight_decay=-3", "key 'train.weight_decay': must be at least 0, got -3.0"),
+    ("train.lora.alpha=0", "key 'train.lora.alpha': must be more than 0, got 0"),
+    ("train.lora.r=0", "key 'train.lora.r': must be at least 1, got 0"),
+    ("train.threads=-4", "key 'train.threads': must be at least 0 (0 = choose), got -4"),
+    ("train.seed=-1", "key 'train.seed': must be at least 0 and at most 4294967295, got -1"),
+    ("train.max_steps=-2", "key 'train.max_steps': must be at least -1 (-1 or 0 = train for train.epochs), got -2"),
+    ("train.save_total_limit=-1", "key 'train.save_total_limit': must be at least 0 (0 = keep every checkpoint)"),
+    ("data.eval_fraction=1.0", "key 'data.eval_fraction': must be at least 0 and below 1 (0 = no split), got 1.0"),
+    ("data.eval_fraction=1.5", "key 'data.eval_fraction': must be at least 0 and below 1 (0 = no split), got 1.5"),
+    ("data.eval_fraction=-0.5", "key 'data.eval_fraction': must be at least 0 and below 1 (0 = no split), got -0.5"),
+    ("data.rag.withheld=1.2", "key 'data.rag.withheld': must be at least 0 and at most 1, got 1.2"),
+    ("data.rag.distractors=-2", "key 'data.rag.distractors': must be at least -1 (-1 = all of the top_k others)"),
+    ("generation.repetition_penalty=0", "key 'generation.repetition_penalty': must be more than 0 (1 = none), got 0.0"),
+    ("generation.repetition_penalty=-1", "key 'generation.repetition_penalty': must be more than 0 (1 = none)"),
+    ("generation.top_p=5", "key 'generation.top_p': must be more than 0 and at most 1, got 5.0"),
+    ("generation.top_p=0", "key 'generation.top_p': must be more than 0 and at most 1, got 0.0"),
+    ("generation.threads=-1", "key 'generation.threads': must be at least 0 (0 = the engine's default), got -1"),
+    ("search.hnsw_ef=-5", "key 'search.hnsw_ef': must be at least 0 (0 = the store's default), got -5"),
+    ("search.rrf_k=-60", "key 'search.rrf_k': must be more than 0, got -60"),
+    ("search.rrf_k=0", "key 'search.rrf_k': must be more than 0, got 0"),
+    ("search.dense_weight=-1", "key 'search.dense_weight': must be at least 0, got -1.0"),
+    ("search.candidates=0", "key 'search.candidates': must be at least 1, got 0"),
+    ("chunk.size=4", "key 'chunk.size': must be at least 8, got 4"),
+    ("chunk.overlap=300", "key 'chunk.overlap': must be at most half of chunk.size 256 (128), got 300"),
+    ("serve.port=70000", "key 'serve.port': must be at least 1 and at most 65535, got 70000"),
+    ("eval.bootstrap=0", "key 'eval.bootstrap': must be at least 1, got 0"),
+    ("train.epochs=-1", "key 'train.epochs': must be more than 0 (0 only when train.max_steps > 0 sets the length), "
+                        "got -1.0"),
+    ("train.learning_rate=.nan", "key 'train.learning_rate': must be a finite number, got nan"),
+    ("train.learning_rate=1e999", "key 'train.learning_rate': must be a finite number, got inf"),
+    ("search.hnsw_ef=" + "9" * 25, "key 'search.hnsw_ef': must be at least 0 and at most 9223372036854775807"),
+])
+def test_out_of_range_values_name_the_key_and_the_range(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    (problem,) = exc.value.problems
+    assert problem.startswith(f"override '{override}': {message}")
+
+
+def test_every_range_problem_at_once_where_it_was_written(tmp_path: Path) -> None:
+    p = write(tmp_path, "train:\n  warmup_ratio: 2\n  lora:\n    dropout: 1.5\nsearch:\n  rrf_k: -60\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, ["generation.top_p=5"])
+    assert exc.value.problems == [
+        f"{p}: key 'train.warmup_ratio': must be at least 0 and at most 1, got 2.0",
+        f"{p}: key 'train.lora.dropout': must be at least 0 and below 1, got 1.5",
+        f"{p}: key 'search.rrf_k': must be more than 0, got -60",
+        "override 'generation.top_p=5': key 'generation.top_p': must be more than 0 and at most 1, got 5.0",
+    ]
+
+
+def test_epochs_zero_needs_max_steps() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.epochs=0", "train.max_steps=0"])
+    assert exc.value.problems == ["override 'train.epochs=0': key 'train.epochs': must be more than 0 (0 only when "
+                                  "train.max_steps > 0 sets the length), got 0.0"]
+    assert load_config(None, ["train.epochs=0", "train.max_steps=5"]).train.max_steps == 5
+
+
+def test_overlap_is_at_most_half_the_chunk_and_judged_once() -> None:
+    assert load_config(None, ["chunk.size=96", "chunk.overlap=48"]).chunk.overlap == 48
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["chunk.size=96", "chunk.overlap=49"])
+    assert exc.value.problems == ["override 'chunk.overlap=49': key 'chunk.overlap': must be at most half of "
+                                  "chunk.size 96 (48), got 49"]
+    # the default overlap is "at most half a chunk": a smaller chunk.size alone is no error
+    assert load_config(None, ["chunk.size=96"]).chunk.overlap == 128
+    with pytest.raises(ConfigError) as exc:  # a size refused on its own is not judged against the overlap
+        load_config(None, ["chunk.size=4", "chunk.overlap=100"])
+    assert len(exc.value.problems) == 1 and "chunk.size" in exc.value.problems[0]
+
+
+def test_hybrid_needs_a_weighted_channel() -> None:
+    with pytest.raises(ConfigError, match="key 'search.dense_weight': must be more than 0 when search.sparse_weight"):
+        load_config(None, ["search.dense_weight=0", "search.sparse_weight=0"])
+    assert load_config(None, ["search.dense_weight=0", "search.sparse_weight=0", "search.mode=dense"])
+
+
+def test_range_rules_name_real_settings_and_the_defaults_pass() -> None:
+    from ragtune.config import RANGES, flat_settings
+
+    settings = flat_settings()
+    assert set(RANGES) <= set(settings)
+    assert all(rule.allows(settings[key]) for key, rule in RANGES.items())
+
+
+def test_a_cut_chunk_size_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    from ragtune.retrieval.ingest import _fit_chunk_size
+
+    cfg = load_config(None, ["chunk.size=1000", "chunk.overlap=300"])
+    with caplog.at_level(logging.DEBUG, logger="ragtune.retrieval.ingest"):
+        assert _fit_chunk_size(cfg, 254) == 254
+        assert _fit_chunk_size(cfg, 254) == 254
+    said = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1
+    assert said[0].getMessage() == (
+        "chunk.size 1000 is more than the embedder reads: chunks are cut to 254 tokens, its maximum, and "
+        "chunk.overlap 300 to 127; set 'chunk.size=254 chunk.overlap=127' (or less) to choose the size yourself")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ragtune.retrieval.ingest"):  # the default's cut is expected
+        assert _fit_chunk_size(load_config(), 254) == 254
+        assert _fit_chunk_size(load_config(None, ["chunk.size=200", "chunk.overlap=100"]), 254) == 200
+    assert not caplog.records
 
 
 def test_bad_override_is_reported_with_the_fix() -> None:
@@ -130,6 +242,32 @@ def test_unknown_override_key_blames_the_override(tmp_path: Path) -> None:
     assert str(p) not in msg
 
 
+def test_unknown_section_in_an_override_blames_the_override(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["trian.epochs=2", "train.lorra.r=4", "trian2.whatever=1"])
+    sections = "model, data, train, embedder, chunk, store, index, search, generation, rag, serve, eval"
+    assert exc.value.problems[0] == (f"override 'trian.epochs=2': unknown section 'trian' (allowed: {sections}); "
+                                     "did you mean 'train.epochs=2'?")
+    assert exc.value.problems[1].startswith("override 'trian2.whatever=1': unknown section 'trian2' (allowed: ")
+    assert exc.value.problems[1].endswith("did you mean 'train'?")  # train.whatever is no setting either
+    assert exc.value.problems[2].startswith("override 'train.lorra.r=4': unknown section 'train.lorra' (allowed: ")
+    assert exc.value.problems[2].endswith("did you mean 'train.lora.r=4'?")
+    p = write(tmp_path, "trian:\n  seed: 1\n")  # the file has the section too: the file is where to fix it
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, ["trian.epochs=2"])
+    assert exc.value.problems[0].startswith(f"{p}: unknown key 'trian' (allowed: ")
+    assert main(["train", "--dry-run", "trian.epochs=2"]) == 2
+    assert "error: override 'trian.epochs=2': unknown section 'trian'" in capsys.readouterr().err
+
+
+def test_the_last_override_of_a_key_is_blamed() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.seed=-1", "train.seed=-2"])
+    assert exc.value.problems == ["override 'train.seed=-2': key 'train.seed': must be at least 0 and at most "
+                                  "4294967295, got -2"]
+
+
 def test_all_problems_at_once(tmp_path: Path) -> None:
     p = write(tmp_path, "train:\n  epoch: 2\n  batch_size: x\nmodel:\n  dtype: int3\n")
     with pytest.raises(ConfigError) as exc:
@@ -143,6 +281,36 @@ def test_invalid_yaml_names_line(tmp_path: Path) -> None:
         load_config(p)
     assert str(exc.value).startswith(f"{p}: line ")
     assert "not valid YAML" in str(exc.value)
+
+
+def test_invalid_yaml_names_where_the_construct_began(tmp_path: Path) -> None:
+    """An unclosed quote breaks at the end of the file; the line to fix is where the quote opened."""
+    p = write(tmp_path, 'model:\n  path: "abc\ntrain:\n  epochs: 2\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert exc.value.problems == [f"{p}: line 2: not valid YAML: while scanning a quoted scalar at line 2, column 9, "
+                                  "found unexpected end of stream at line 5, column 1"]
+
+
+def test_a_config_that_is_not_utf8_says_where_and_how_to_fix(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"model:\n  path: \xff\xfe\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert exc.value.problems == [f"{p}: line 2, column 9: not UTF-8 text (byte 0xff at byte offset 15); "
+                                  "save the file as UTF-8"]
+    assert main(["doctor", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "save the file as UTF-8" in err and "Traceback" not in err
+
+
+def test_a_directory_as_config_is_called_a_directory(tmp_path: Path) -> None:
+    write(tmp_path, "train:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(tmp_path)
+    assert exc.value.problems == [f"{tmp_path}: is a directory, not a config file; pass a YAML file with --config "
+                                  "(YAML files there: cfg.yaml)"]
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -361,6 +361,12 @@ def check_inputs(models: list[str], adapters: list[str], indexes: list[str], con
         p = Path(c).expanduser()
         if not p.is_file():
             raise UsageError(f"--config '{p}' does not exist")
+        from ragtune.config import load_config
+
+        try:  # the far side has no one to fix it: a file that does not load is refused here
+            load_config(p)
+        except UsageError as exc:
+            raise UsageError(f"--config '{p}' would not load on the far side: {exc}") from None
         config_files.append(p.resolve())
     wheel_files = [Path(w).expanduser().resolve() for w in extra_wheels]
     for w in wheel_files:

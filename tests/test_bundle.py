@@ -100,6 +100,10 @@ def test_create_checks_inputs_first(tmp_path: Path) -> None:
         create_bundle(tmp_path / "b", adapters=[str(pickled)], deps="none", default_models=False)
     with pytest.raises(UsageError, match="index 'nope' does not exist"):
         create_bundle(tmp_path / "b", indexes=["nope"], deps="none", default_models=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n  learning_rat: 0.001\n")
+    with pytest.raises(UsageError, match="--config '.*bad.yaml' would not load on the far side: .*learning_rat"):
+        create_bundle(tmp_path / "b", configs=[str(bad)], deps="none", default_models=False)
     assert not (tmp_path / "b").exists()
 
 

@@ -281,7 +281,8 @@ def _resume_point(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> s
     if resume:
         resume_from = last_complete_checkpoint(ckpt_dir, remove_incomplete=first_process())
         if resume_from is None:
-            raise UsageError(f"--resume: no checkpoint in '{ckpt_dir}'; train without --resume to start a new run")
+            again = "with --overwrite instead of --resume" if finished else "without --resume"
+            raise UsageError(f"--resume: no checkpoint in '{ckpt_dir}' to continue from; start a new run {again}")
         return resume_from
     if (finished or has_ckpt) and not overwrite:
         what = "a trained adapter" if finished else "checkpoints of an unfinished run"

@@ -74,3 +74,20 @@ def test_no_complete_checkpoint_is_a_clear_refusal(trainable_llama: Path, qa_fil
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "--resume: no checkpoint in" in err and "Traceback" not in err
+
+
+def test_resume_without_checkpoints_says_which_way_to_start_over(tmp_path: Path) -> None:
+    """Once an interrupted --overwrite has cleared the checkpoints, the advice must be one that works."""
+    from ragtune.errors import UsageError
+    from ragtune.train.recipe import _resume_point
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UsageError, match="start a new run without --resume"):
+        _resume_point(out, out / "checkpoints", resume=True, overwrite=False)
+    (out / "adapter_config.json").write_text("{}")  # the last finished adapter is still there
+    with pytest.raises(UsageError, match="start a new run with --overwrite instead of --resume"):
+        _resume_point(out, out / "checkpoints", resume=True, overwrite=False)
+    with pytest.raises(UsageError, match="pass --resume to continue it, --overwrite to start over"):
+        _resume_point(out, out / "checkpoints", resume=False, overwrite=False)
+    assert _resume_point(out, out / "checkpoints", resume=False, overwrite=True) is None

@@ -849,6 +849,11 @@ def parse_request(body: bytes, cfg: Any) -> ChatRequest:
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
     extra = req.model_extra or {}
+    for name, now in (("functions", "tools"), ("function_call", "tool_choice")):  # ignored, a call would not come
+        if extra.get(name) is not None:
+            raise APIError(400, f"{name} is OpenAI's deprecated form of {now}, which this server takes: send the "
+                           f"functions as tools=[{{\"type\": \"function\", \"function\": {{...}}}}] and {now}",
+                           param=name, code="unsupported")
     for name in ("logprobs", "top_logprobs"):  # asked for and answered with null would look like a server bug
         if extra.get(name):
             raise APIError(400, f"{name} is not supported by this server (answers carry no token "
@@ -941,7 +946,8 @@ def to_messages(req: ChatRequest) -> list[dict[str, str]]:
 
 def unknown_model(name: str, runtime: Runtime) -> APIError:
     aliases = f"; aliases: {', '.join(runtime.aliases)}" if runtime.aliases else ""
-    return APIError(404, f"model '{name}' is not a deployment of this server (available: "
+    shown = name if len(name) <= 80 else name[:80] + "..."  # a 200 KB name is not echoed back whole
+    return APIError(404, f"model '{shown}' is not a deployment of this server (available: "
                     f"{', '.join(runtime.deployments)}{aliases}); see GET /v1/models, or name it in "
                     "serve.model_aliases", param="model", code="model_not_found")
 

@@ -284,3 +284,12 @@ def test_a_client_hanging_up_mid_upload_is_not_a_server_error(tmp_path: Path, ti
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def test_legacy_functions_are_refused_and_long_model_names_not_echoed(client: Any) -> None:
+    """`functions` used to be ignored silently: the answer came back as text, never as a call."""
+    body = ask("base", "hi", functions=[{"name": "f", "parameters": {"type": "object"}}], function_call="auto")
+    e = assert_error(post(client, body), 400, "unsupported")
+    assert e["param"] == "functions" and "tools=" in e["message"]
+    e = assert_error(post(client, ask("m" * 3000, "hi")), 404, "model_not_found")
+    assert len(e["message"]) < 1000

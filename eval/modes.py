@@ -51,7 +51,7 @@ def parse_adapters(specs: str | Sequence[str] | Mapping[str, str] | None) -> dic
     out: dict[str, str] = {}
     for name, path in pairs:
         if not _NAME.fullmatch(name) or name in FIXED_MODES:
-            raise UsageError(f"--adapter {name}={path}: the name must be letters, digits, '.', '_' or '-' "
+            raise UsageError(f"--adapter {name}={path}: the name '{name}' must be letters, digits, '.', '_' or '-' "
                              f"(not {' or '.join(FIXED_MODES)}), e.g. --adapter plain={path}")
         if name in out:
             hint = ("name each one, e.g. --adapter plain=DIR1 --adapter rag-trained=DIR2" if name == BARE_NAME
@@ -65,8 +65,10 @@ def parse_adapters(specs: str | Sequence[str] | Mapping[str, str] | None) -> dic
 
 
 def _split(spec: str) -> tuple[str, str]:
+    """NAME=DIR, or a bare DIR (named ft). A spec with "=" that is not itself a folder is meant as
+    NAME=DIR, so its name is checked as one ('=DIR' and 'a b=DIR' are bad names, not missing folders)."""
     name, sep, path = str(spec).partition("=")
-    if sep and name and _NAME.fullmatch(name) and path:
+    if sep and not Path(str(spec)).expanduser().is_dir():
         return name, path
     return BARE_NAME, str(spec)
 

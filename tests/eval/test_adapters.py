@@ -27,8 +27,14 @@ def test_adapter_specs_and_modes(tmp_path: Path) -> None:
     assert parse_adapters([f"plain={a}", f"rag-trained={b}"]) == {"plain": str(a), "rag-trained": str(b)}
     with pytest.raises(UsageError, match="two adapters are named 'ft'.*--adapter plain=DIR1"):
         parse_adapters([str(a), str(b)])
-    with pytest.raises(UsageError, match="the name must be letters"):
+    with pytest.raises(UsageError, match="the name 'rag' must be letters"):
         parse_adapters([f"rag={a}"])  # a name that is already a mode
+    for bad in ("", "a b"):  # NAME=DIR with a bad name is said as such, not as a missing folder "ft==DIR"
+        with pytest.raises(UsageError, match=f"--adapter {bad}={a}: the name '{bad}' must be letters"):
+            parse_adapters([f"{bad}={a}"])
+    odd = tmp_path / "x=y"  # a folder whose own name holds "=" is still a bare DIR
+    odd.mkdir()
+    assert parse_adapters([str(odd)]) == {"ft": str(odd)}
     with pytest.raises(UsageError, match="'.*missing' is not a folder"):
         parse_adapters([f"x={tmp_path / 'missing'}"])
     names = ["plain", "rag-trained"]

@@ -27,8 +27,10 @@ ragtune never sends telemetry and never downloads models: everything loads from 
 
 
 def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
-    """Pull --config FILE and key.sub=value items out of argv, wherever they are."""
+    """Pull --config FILE and key.sub=value items out of argv, wherever they are; -q/-v after the
+    command are moved before it, where argparse takes them."""
     rest: list[str] = []
+    front: list[str] = []
     overrides: list[str] = []
     config = None
     i = 0
@@ -52,12 +54,17 @@ def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             raise UsageError("--config needs a file: --config FILE.yaml (before or after the command)")
         elif OVERRIDE_RE.match(a):
             overrides.append(a)
+        elif a in ("--set", "-s") and i + 1 < len(argv) and OVERRIDE_RE.match(argv[i + 1]):
+            raise UsageError(f"'{a} {argv[i + 1]}': overrides take no flag; write '{argv[i + 1]}' on its own "
+                             "(before or after the command)")
+        elif words and (a in ("-q", "--quiet", "--verbose") or re.fullmatch(r"-v+", a)):
+            front.append(a)
         else:
             if not a.startswith("-"):
                 words.append(a)
             rest.append(a)
         i += 1
-    return rest, config, overrides
+    return front + rest, config, overrides
 
 
 def print_json(obj: Any) -> None:

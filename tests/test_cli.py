@@ -11,6 +11,7 @@ import pytest
 
 from ragtune import __version__
 from ragtune.cli import _split_globals, build_parser, main
+from ragtune.errors import UsageError
 
 COMMANDS = ["models", "data", "train", "merge", "index", "search", "ask", "chat", "serve", "eval", "doctor",
             "export", "bundle", "jobs"]
@@ -63,12 +64,18 @@ def test_unknown_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_globals_before_or_after_command() -> None:
     rest, cfg, ov = _split_globals(["ask", "--config", "a.yaml", "hello", "train.epochs=2", "-v"])
-    assert (rest, cfg, ov) == (["ask", "hello", "-v"], "a.yaml", ["train.epochs=2"])
+    assert (rest, cfg, ov) == (["-v", "ask", "hello"], "a.yaml", ["train.epochs=2"])  # -v/-q go before the command
     rest, cfg, ov = _split_globals(["--config=b.yaml", "doctor"])
     assert (rest, cfg, ov) == (["doctor"], "b.yaml", [])
     # a question with '=' that is not a dotted key stays an argument
     rest, _, ov = _split_globals(["ask", "is x=1 true?"])
     assert rest == ["ask", "is x=1 true?"] and ov == []
+    with pytest.raises(UsageError, match="'--set train.epochs=2': overrides take no flag; write 'train.epochs=2'"):
+        _split_globals(["train", "--set", "train.epochs=2"])
+
+
+def test_quiet_after_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["index", "list", "--all", "-q"]) == 0 and main(["index", "list", "--all", "--quiet", "-vv"]) == 0
 
 
 def test_bundle_create_keeps_its_own_config_option() -> None:

@@ -325,7 +325,11 @@ def _remote(args_list: list[str]) -> int | None:
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        more = ""
+        if args.command == "index" and getattr(args, "index_cmd", "") in ("add", "sync"):
+            more = ("; the documents written so far are kept and searchable, and the index is consistent: run the same "
+                    "command again to finish (it skips what is done)")
+        print("interrupted" + more, file=sys.stderr)
         return 130
 
 

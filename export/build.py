@@ -69,7 +69,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
     from ragtune.export.quantize import require_llama_cpp
 
     t0 = time.perf_counter()
-    out, src = _check_request(source, out, type, lora, force)
+    out, src = _check_request(source, out, type, lora, force, modelfile)
     require_llama_cpp()
     converter_dir()  # fails early, with the fix, when the pinned sdist is missing
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
         else:
             conv = _convert_model(src, tmp, type, f16_gguf, template, check, margin, threads)
         _require_passed(conv.check, src, out, type)
-        mf, verified = _write_modelfile(out, conv, template, Path(modelfile) if modelfile else None, lora)
+        mf, verified = _write_modelfile(out, conv, template, Path(modelfile) if modelfile else None, lora, force)
         os.replace(conv.produced, out)
 
     entry = _entry(out, src, type, lora, conv, mf, verified)
@@ -96,7 +96,9 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
     return ExportResult(out, type, entry["sha256"], entry["size_bytes"], mf, card_path, entry, conv.check, secs)
 
 
-def _check_request(source: str | Path, out: str | Path, type: str, lora: bool, force: bool) -> tuple[Path, Source]:
+def _check_request(source: str | Path, out: str | Path, type: str, lora: bool, force: bool,
+                   modelfile: str | Path | None = None) -> tuple[Path, Source]:
+    from ragtune.export.ollama import modelfile_path
     from ragtune.export.quantize import check_type
     from ragtune.export.source import classify_source
 
@@ -106,6 +108,7 @@ def _check_request(source: str | Path, out: str | Path, type: str, lora: bool, f
         raise UsageError(f"--out '{out}' must end in .gguf")
     if out.exists() and not force:
         raise UsageError(f"'{out}' already exists; pass --force to replace it")
+    modelfile_path(out, Path(modelfile) if modelfile else None, force)  # refused now, not after the export
     src = classify_source(source)
     if lora and src.kind != "adapter":
         raise UsageError(f"--lora needs an adapter folder (with adapter_config.json); '{src.path}' is a model directory")
@@ -217,13 +220,14 @@ def _require_passed(report: dict[str, Any] | None, src: Source, out: Path, type:
 
 
 def _write_modelfile(out: Path, conv: _Converted, template: str | None, modelfile: Path | None,
-                     lora: bool) -> tuple[Path, bool]:
+                     lora: bool, force: bool) -> tuple[Path, bool]:
     from ragtune.export.ollama import write_modelfile
     from ragtune.export.parity import chat_renderer
 
     chat = chat_renderer(conv.tok_dir, template)
     from_file = conv.base_file if lora and conv.base_file is not None else out
-    return write_modelfile(out, chat, chat.special_tokens, chat.eos, modelfile, from_file, out if lora else None)
+    return write_modelfile(out, chat, chat.special_tokens, chat.eos, modelfile, from_file, out if lora else None,
+                           force)
 
 
 def _entry(out: Path, src: Source, type: str, lora: bool, conv: _Converted, mf: Path,

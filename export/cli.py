@@ -41,6 +41,10 @@ def _run_export(args: argparse.Namespace, cfg: Any) -> int:
     if res.modelfile is not None:
         tpl = "" if res.entry.get("modelfile_template_verified") else " (no TEMPLATE: Ollama uses the GGUF's)"
         print(f"Ollama: ollama create NAME -f {res.modelfile}{tpl}")
+        kept = res.path.parent / "Modelfile"
+        if not args.modelfile and res.modelfile != kept:
+            print(f"  (kept the existing {kept}: a Modelfile is replaced only with --force, and only when it "
+                  "names this GGUF)")
     print(f"Python: LlamaCppEngine('{res.path}').load() (ragtune.serve.llamacpp)")
     return EXIT_OK
 
@@ -78,13 +82,15 @@ def register(sub: Any) -> None:
     g.add_argument("--base-gguf", default="", metavar="FILE",
                    help="with --lora: the base GGUF its Modelfile names (default: an f16 export of the base, "
                         "written beside --out)")
-    g.add_argument("--modelfile", default="", metavar="FILE", help="where to write the Modelfile (default: "
-                                                                  "Modelfile beside --out)")
+    g.add_argument("--modelfile", default="", metavar="FILE",
+                   help="where to write the Modelfile (default: Modelfile beside --out; when a Modelfile is there "
+                        "already, NAME.Modelfile for --out NAME.gguf: an existing one is replaced only with --force)")
     g.add_argument("--no-check", action="store_true", help="skip the comparison with transformers")
     g.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help=f"logit gap under which a divergence counts as a near-tie (default {DEFAULT_MARGIN})")
     g.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = all usable cores; 1 for files under 64 MB)")
-    g.add_argument("--force", action="store_true", help="replace an existing --out")
+    g.add_argument("--force", action="store_true",
+                   help="replace an existing --out and its Modelfile (a Modelfile that names another file is kept)")
     g.add_argument("--json", action="store_true", help="print the export entry as JSON")
     s = esub.add_parser("setup", help="fetch and verify the pinned llama.cpp converter (needs PyPI once)")
     s.add_argument("--json", action="store_true")

@@ -277,30 +277,49 @@ def relative(path: Path, start: Path) -> str:
     return r if r.startswith("..") else f"./{r}"
 
 
-def modelfile_path(out: Path, modelfile: Path | None, from_file: Path, adapter_file: Path | None) -> Path:
-    """Where the Modelfile goes: MODELFILE if given, else `Modelfile` beside OUT unless that one
-    belongs to another export (then OUT's stem + `.Modelfile`)."""
+def modelfile_path(out: Path, modelfile: Path | None, force: bool = False) -> Path:
+    """Where the Modelfile for OUT goes: MODELFILE if given, else `Modelfile` beside OUT, else OUT's
+    stem + `.Modelfile`. An existing Modelfile is replaced only with `force`, and `Modelfile` only when
+    it names OUT (a hand-written one or another export's is kept: the stem's file is used instead).
+    Raises before the export when the one file left to write exists and `force` is not given."""
+    from ragtune.errors import UsageError
+
     if modelfile is not None:
-        return modelfile
+        mf = Path(modelfile).expanduser()
+        if mf.resolve().is_dir():
+            raise UsageError(f"--modelfile '{mf}' is a folder; name a file, such as '{mf / 'Modelfile'}'")
+        if mf.resolve().exists() and not force:
+            raise UsageError(f"--modelfile '{mf}' already exists; pass --force to replace it, or name another "
+                             "--modelfile")
+        return mf
     default = out.parent / "Modelfile"
-    if not default.is_file():
+    if not default.exists() or (force and _names(default, out)):
         return default
+    own = out.with_name(out.stem + ".Modelfile")
+    if own.exists() and not force:
+        raise UsageError(f"'{default}' and '{own}' already exist and are kept; pass --force to replace '{own}', or "
+                         "name another file with --modelfile FILE")
+    return own
+
+
+def _names(modelfile: Path, out: Path) -> bool:
+    """Whether MODELFILE (beside OUT) is the one an export of OUT writes: its ADAPTER, else FROM, is OUT."""
     try:
-        prev = parse_modelfile(default.read_text(encoding="utf-8"))
-    except ValueError:
-        prev = {}
-    mine = {relative(from_file, out.parent), relative(adapter_file, out.parent) if adapter_file else None}
-    if prev.get("ADAPTER", prev.get("FROM")) in mine:
-        return default
-    return out.with_name(out.stem + ".Modelfile")  # another export's Modelfile: keep it
+        prev = parse_modelfile(modelfile.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, or not a Modelfile we can read: not ours
+        return False
+    return prev.get("ADAPTER", prev.get("FROM")) == relative(out, out.parent)
 
 
 def write_modelfile(out: Path, render: Render, special_tokens: Sequence[str], eos: Sequence[str],
-                    modelfile: Path | None, from_file: Path, adapter_file: Path | None) -> tuple[Path, bool]:
-    """Write the Modelfile for OUT atomically; (its path, whether its TEMPLATE was verified)."""
+                    modelfile: Path | None, from_file: Path, adapter_file: Path | None,
+                    force: bool = False) -> tuple[Path, bool]:
+    """Write the Modelfile for OUT atomically where `modelfile_path` says (asked again here: another
+    export into the folder may have written a Modelfile meanwhile); (its path, whether its TEMPLATE
+    was verified)."""
     from ragtune.io import atomic_write_text
 
-    path = modelfile_path(out, modelfile, from_file, adapter_file)
+    path = modelfile_path(out, modelfile, force)
     text, verified = modelfile_text(relative(from_file, path.parent), render, special_tokens, eos,
                                     relative(adapter_file, path.parent) if adapter_file else None, note=out.name)
     atomic_write_text(path, text)

@@ -79,13 +79,15 @@ def _run_data(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.train import data
 
     if args.data_cmd == "check":
+        if args.write_clean:  # refused before the check, which may load a tokenizer
+            data.clean_targets(args.file, args.write_clean, args.force)
         tok, tpl, model = _tokenizer_for_check(args.model, cfg)
         max_len = args.max_length or cfg.data.max_length
         rep = data.check_file(args.file, tok, tpl, max_len, dedupe=cfg.data.dedupe)
         rag = _rag_check(args.rag, rep, tok, tpl, max_len, cfg) if args.rag else None
         written = None
         if args.write_clean:
-            written = data.write_clean(rep, args.write_clean)
+            written = data.write_clean(rep, args.write_clean, force=args.force)
         if args.json:
             d = rep.as_dict()
             d["model"] = model
@@ -104,14 +106,19 @@ def _run_data(args: argparse.Namespace, cfg: Any) -> int:
         return EXIT_OK if rep.ok and (rag is None or rag[1]["ok"]) else EXIT_FAILED
     if args.data_cmd == "convert":
         out, n, skipped = data.convert(args.file, args.question_col, args.answer_col, args.system, args.out,
-                                       encoding=args.encoding)
+                                       encoding=args.encoding, force=args.force)
         for s in skipped:
             print(f"skipped {s}")
+        if not n:  # an empty training file is no result
+            print(f"no records to write (no rows, or every row was skipped); {out} not written")
+            return EXIT_FAILED
         print(f"wrote {n} record{'' if n == 1 else 's'} to {out}")
-        return EXIT_OK if n else EXIT_FAILED  # an empty training file is no result
+        return EXIT_OK
     if args.data_cmd == "split":
-        tr, ev, ntr, nev = data.split(args.file, args.eval_fraction, args.seed, args.out_dir)
-        print(f"wrote {ntr} records to {tr} and {nev} to {ev}")
+        tr, ev, ntr, nev, left_out = data.split(args.file, args.eval_fraction, args.seed, args.out_dir,
+                                                force=args.force, skip_invalid=args.skip_invalid)
+        print(f"wrote {ntr} records to {tr} and {nev} to {ev}"
+              + (f" ({left_out} invalid record{'' if left_out == 1 else 's'} left out, --skip-invalid)" if left_out else ""))
         return EXIT_OK
     return EXIT_OK
 
@@ -195,7 +202,9 @@ def register(sub: Any) -> None:
                     help="also build the records as retrieval-built training prompts from INDEX (data.rag.*): how "
                          "many have their gold source in the top k, token lengths with the sources, truncation")
     pc.add_argument("--write-clean", metavar="OUT", default="",
-                    help="write the valid records to OUT and rejected lines with reasons to OUT.rejected.jsonl")
+                    help="write the valid records to OUT and rejected lines with reasons to OUT.rejected.jsonl "
+                         "(OUT's stem + .rejected.jsonl); never the checked FILE itself")
+    pc.add_argument("--force", action="store_true", help="with --write-clean: replace existing OUT / OUT.rejected.jsonl")
     pv = dsub.add_parser("convert", help="question/answer table, ShareGPT, Alpaca or prompt/completion -> chat JSONL",
                          description="Write chat JSONL from a question/answer table (.csv, .tsv, .jsonl, .json; "
                                      "name the columns) or, without column names, from ShareGPT, Alpaca or "
@@ -208,11 +217,15 @@ def register(sub: Any) -> None:
     pv.add_argument("--encoding", default="auto",
                     help="the table's text encoding, e.g. cp949 (Korean Excel) or cp1252 (Western Excel); "
                          "auto = UTF-8, or UTF-16 when the file starts with its byte-order mark")
+    pv.add_argument("--force", action="store_true", help="replace an existing output file")
     ps = dsub.add_parser("split", help="deterministic train/eval split")
     ps.add_argument("file", help="chat JSONL file")
     ps.add_argument("--eval-fraction", type=float, required=True)
     ps.add_argument("--seed", type=int, default=42)
     ps.add_argument("--out-dir", default="", help="where FILE.train.jsonl / FILE.eval.jsonl go (default: beside FILE)")
+    ps.add_argument("--force", action="store_true", help="replace existing FILE.train.jsonl / FILE.eval.jsonl")
+    ps.add_argument("--skip-invalid", action="store_true",
+                    help="split the valid records, leaving out invalid ones (default: stop with the report, as train does)")
     p.set_defaults(func=_run_data)
 
     t = sub.add_parser("train", help="LoRA fine-tuning with TRL",

@@ -1,8 +1,10 @@
 """Chat JSONL: check (every problem, with its line number), clean, convert and split.
 
-    ragtune data check train.jsonl [--model DIR] [--max-length 1024] [--json] [--write-clean OUT]
-    ragtune data convert faq.csv --question-col question --answer-col answer [--system TEXT]
-    ragtune data split train.jsonl --eval-fraction 0.1 --seed 42
+    ragtune data check train.jsonl [--model DIR] [--max-length 1024] [--json] [--write-clean OUT [--force]]
+    ragtune data convert faq.csv --question-col question --answer-col answer [--system TEXT] [--out F] [--force]
+    ragtune data split train.jsonl --eval-fraction 0.1 --seed 42 [--out-dir DIR] [--force] [--skip-invalid]
+
+No command replaces a file that is there already unless --force, and none writes over its input.
 
 The format is OpenAI fine-tuning JSONL: one {"messages": [{"role", "content"}, ...]} per line,
 roles system/user/assistant; assistant messages may carry "weight": 0 or 1 (0 = not trained).
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ragtune.errors import UsageError
+from ragtune.errors import CheckFailed, UsageError
 from ragtune.text import UTF16_BOMS, detect_encoding
 
 log = logging.getLogger(__name__)
@@ -396,7 +398,16 @@ def _line_items(lines: list[tuple[int, bytes]], report: CheckReport) -> Iterator
             report.problems.append(Problem(n, "invalid_json", f"{exc.msg} at column {exc.colno}{json_hint(raw, exc)}"))
             report.rejected[n] = raw
             continue
+        except RecursionError:
+            report.problems.append(Problem(n, "invalid_json", TOO_DEEP))
+            report.rejected[n] = raw
+            continue
         yield n, raw, obj
+
+
+# json.loads gives up (RecursionError) past about a thousand levels of [ and {
+TOO_DEEP = ("nested too deeply: more levels of [ and { than the JSON reader follows (a record needs a few); "
+            "the line is damaged, or not a record")
 
 
 def json_hint(raw: str, exc: json.JSONDecodeError) -> str:
@@ -458,7 +469,7 @@ def _whole_file_values(lines: list[tuple[int, bytes]]) -> tuple[str, list[tuple[
             multiline |= "\n" in text[pos:end]
             out.append((line_of(pos), obj))
             pos = skip(end)
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, RecursionError):
         return None
     return ("lines", out) if multiline else None
 
@@ -529,12 +540,44 @@ def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None
     stats["over_max_length"] = over
 
 
-def write_clean(report: CheckReport, out: str | Path) -> tuple[Path, Path]:
-    """Write the valid records to OUT and each rejected line with its reasons to OUT.rejected.jsonl."""
+def _exists(p: Path) -> bool:
+    """Whether writing P would replace something: 'new/../x' names x though 'new' is not there yet
+    (the writer creates it), so the path is resolved first."""
+    return p.exists() or p.resolve().exists()
+
+
+def _refuse_existing(paths: list[Path], other: str) -> None:
+    """Refuse outputs that are there already (the fix: --force, or OTHER)."""
+    existing = [t for t in paths if _exists(t)]
+    if existing:
+        were = "already exists" if len(existing) == 1 else "already exist"
+        raise UsageError(f"{' and '.join(repr(str(t)) for t in existing)} {were}; pass --force to replace, or {other}")
+
+
+def clean_targets(path: str | Path, out: str | Path, force: bool = False) -> tuple[Path, Path]:
+    """Where `--write-clean OUT` writes for the checked file PATH: (OUT, OUT's stem + .rejected.jsonl).
+
+    Refused before anything is checked: a target that is PATH itself (the check would rewrite its own
+    input), a folder, or an existing file unless `force`."""
+    src, out = Path(path), Path(out)
+    quarantine = out.with_name(out.stem + ".rejected.jsonl")
+    for target, what in ((out, "--write-clean"), (quarantine, "its rejected-lines file")):
+        if target.resolve() == src.resolve():
+            raise UsageError(f"{what} '{target}' is the file being checked ('{src}'); write to another file, "
+                             "look the result over, then replace the original yourself")
+        if target.resolve().is_dir():
+            raise UsageError(f"{what} '{target}' is a folder; name a file, such as '{target / 'clean.jsonl'}'")
+    if not force:
+        _refuse_existing([out, quarantine], "name another --write-clean file")
+    return out, quarantine
+
+
+def write_clean(report: CheckReport, out: str | Path, force: bool = False) -> tuple[Path, Path]:
+    """Write the valid records to OUT and each rejected line with its reasons to OUT.rejected.jsonl
+    (refused as `clean_targets` says)."""
     from ragtune.io import atomic_write_jsonl, atomic_write_text
 
-    out = Path(out)
-    quarantine = out.with_name(out.stem + ".rejected.jsonl")
+    out, quarantine = clean_targets(report.path, out, force)
     atomic_write_text(out, "".join(json.dumps({"messages": r.messages}, ensure_ascii=False) + "\n"
                                    for r in report.records))
     reasons: dict[int, list[str]] = {}
@@ -568,8 +611,10 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
         try:
             rows = json.loads(decode_text(path, path.read_bytes(), encoding))
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg}); .json input must be one "
-                             "array of objects (name JSON Lines files .jsonl)") from exc
+            raise UsageError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}; .json input "
+                             "must be one array of objects (name JSON Lines files .jsonl)") from None
+        except RecursionError:
+            raise UsageError(f"{path}: {TOO_DEEP}") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise UsageError(f"{path}: expected a JSON array of objects (name JSON Lines files .jsonl)")
         return _columns(rows), rows
@@ -579,9 +624,17 @@ def _read_table(path: Path, encoding: str = "auto") -> tuple[list[str], list[dic
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise UsageError(f"{path}: line {n}: not valid UTF-8 JSON ({exc})") from exc
+                raw = line.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{path}: line {n}: byte 0x{line[exc.start]:02x} is not UTF-8 text; save the file as "
+                                 "UTF-8, or name its encoding (e.g. --encoding cp949 or --encoding cp1252)") from None
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}: line {n}: invalid JSON: {exc.msg} at column {exc.colno}"
+                                 f"{json_hint(raw, exc)}; each line must be one JSON object") from None
+            except RecursionError:
+                raise UsageError(f"{path}: line {n}: {TOO_DEEP}") from None
             if not isinstance(obj, dict):
                 raise UsageError(f"{path}: line {n}: expected a JSON object with the question and answer columns")
             rows.append(obj)
@@ -651,15 +704,39 @@ def _format_messages(fmt: str, row: dict[str, Any], system: str) -> tuple[list[d
         {"role": r, "content": c} for r, c in pairs], ""
 
 
+def _absent_columns(row: dict[Any, Any], cols: list[str], absent: list[str], table: bool) -> str:
+    """Why a row lacks a named column: a CSV/TSV row with fewer fields than the header, or a record without the key."""
+    names = " and ".join(map(repr, absent))
+    if not table:
+        return f"no {names} key"
+    n = sum(1 for k, v in row.items() if k is not None and v is not None)
+    return (f"{n} column{'' if n == 1 else 's'} where the header has {len(cols)}: no {names} on this row (a line "
+            "break inside an unquoted field, or a missing separator? quote the field)")
+
+
+def _convert_dest(src: Path, out: str | Path | None) -> tuple[Path, str]:
+    """Where convert writes (--out, else FILE.chat.jsonl beside FILE) and how to name it in a message;
+    refused when it is the input or a folder."""
+    dest = Path(out) if out else src.with_name(src.stem + ".chat.jsonl")
+    what = f"--out '{dest}'" if out else f"the output '{dest}' (FILE.chat.jsonl, the default)"
+    if dest.resolve() == src.resolve():
+        raise UsageError(f"--out '{dest}' is the input file; name another file for the chat JSONL")
+    if dest.resolve().is_dir():
+        raise UsageError(f"{what} is a folder; name a file, such as '{dest / (src.stem + '.jsonl')}'")
+    return dest, what
+
+
 def convert(path: str | Path, question_col: str = "", answer_col: str = "", system: str = "",
-            out: str | Path | None = None, encoding: str = "auto") -> tuple[Path, int, list[str]]:
+            out: str | Path | None = None, encoding: str = "auto", force: bool = False) -> tuple[Path, int, list[str]]:
     """Question/answer table, or ShareGPT / Alpaca / prompt-completion records -> chat JSONL (UTF-8,
-    non-ASCII kept). Returns (out, written, skipped notes)."""
+    non-ASCII kept). Returns (out, written, skipped notes). An existing output is replaced only with
+    `force`, and never when it is the input."""
     from ragtune.io import atomic_write_jsonl
 
     src = Path(path)
     if not src.is_file():
-        raise UsageError(f"input file '{src}' does not exist")
+        raise UsageError(f"input file '{src}' " + ("is not a file" if src.exists() else "does not exist"))
+    dest, what = _convert_dest(src, out)
     cols, rows = _read_table(src, encoding)
     fmt = ""
     if not (question_col or answer_col):
@@ -680,11 +757,11 @@ def convert(path: str | Path, question_col: str = "", answer_col: str = "", syst
     missing = [c for c in (question_col, answer_col) if c and c not in cols]
     if missing:
         raise UsageError(f"{src}: no column {', '.join(map(repr, missing))}; columns are: {', '.join(cols) or '(none)'}")
-    dest = Path(out) if out else src.with_name(src.stem + ".chat.jsonl")
-    if dest.resolve() == src.resolve():
-        raise UsageError(f"output '{dest}' would overwrite the input; pass --out")
+    if _exists(dest) and not force:
+        raise UsageError(f"{what} already exists; pass --force to replace it, or name another file with --out")
     records, skipped = [], []
-    first_data_line = 2 if src.suffix.lower() in (".csv", ".tsv") else 1
+    table = src.suffix.lower() in (".csv", ".tsv")
+    first_data_line = 2 if table else 1
     for i, row in enumerate(rows):
         where = f"{'record' if src.suffix.lower() == '.json' else 'row'} {i + first_data_line}"
         if row.get(None):  # csv.DictReader keeps fields beyond the header's under None
@@ -710,6 +787,10 @@ def convert(path: str | Path, question_col: str = "", answer_col: str = "", syst
                 continue
             records.append({"messages": msgs})
             continue
+        absent = [c for c in (question_col, answer_col) if c not in row or (table and row[c] is None)]
+        if absent:
+            skipped.append(f"{where}: {_absent_columns(row, cols, absent, table)}")
+            continue
         q, a = row.get(question_col), row.get(answer_col)
         q = "" if q is None else str(q).strip()
         a = "" if a is None else str(a).strip()
@@ -719,36 +800,43 @@ def convert(path: str | Path, question_col: str = "", answer_col: str = "", syst
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": q}, {"role": "assistant", "content": a}]
         records.append({"messages": msgs})
-    atomic_write_jsonl(dest, records)
+    if records:  # no records is no result: nothing written, an existing file left as it was
+        atomic_write_jsonl(dest, records)
     return dest, len(records), skipped
 
 
-def split(path: str | Path, eval_fraction: float, seed: int = 42,
-          out_dir: str | Path | None = None) -> tuple[Path, Path, int, int]:
-    """Deterministic train/eval split of the file's lines (same file + fraction + seed = same split)."""
+def split(path: str | Path, eval_fraction: float, seed: int = 42, out_dir: str | Path | None = None,
+          force: bool = False, skip_invalid: bool = False) -> tuple[Path, Path, int, int, int]:
+    """Deterministic train/eval split of the file's records (same file + fraction + seed = same split).
+
+    The file is checked as `train` checks it (structure only): invalid records stop the split unless
+    `skip_invalid`, which leaves them out. Existing outputs are replaced only with `force`.
+    Returns (train file, eval file, train records, eval records, invalid records left out)."""
     from ragtune.io import atomic_write_text
 
     src = Path(path)
     if not 0 < eval_fraction < 1:
         raise UsageError(f"--eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
-    lines = []
-    for n, ln in read_lines(src):
-        if not ln.strip():
-            continue
-        try:
-            lines.append(ln.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"{src}: line {n}: byte 0x{ln[exc.start]:02x} is not UTF-8 text; save the file as "
-                             f"UTF-8 ('ragtune data check {src}' lists every such line)") from None
-    if len(lines) < 2:
-        raise UsageError(f"'{src}' holds {len(lines)} record(s); a split needs at least 2")
-    train_lines, eval_lines = split_items(lines, eval_fraction, seed, key=_line_prompt)
     d = Path(out_dir) if out_dir else src.parent
-    stem = src.stem
-    tr, ev = d / f"{stem}.train.jsonl", d / f"{stem}.eval.jsonl"
+    tr, ev = d / f"{src.stem}.train.jsonl", d / f"{src.stem}.eval.jsonl"
+    if not force:
+        _refuse_existing([tr, ev], "--out-dir DIR to write elsewhere")
+    rep = check_file(src)
+    rep.stats = {}  # no token checks here: the report lists the problems only
+    whole = any(p.kind == "not_jsonl" for p in rep.problems)  # records are not lines: nothing to skip
+    valid = len(rep.records) + len(rep.tool_lines)
+    if rep.problems and (not skip_invalid or whole or not valid):
+        fix = "" if whole or not valid else f", or pass --skip-invalid to split the {valid} valid records"
+        raise CheckFailed(f"{src} has problems; nothing was split:\n{rep.format()}\nfix the lines above (or write the "
+                          f"valid records with 'ragtune data check {src} --write-clean CLEAN.jsonl' and split that)"
+                          + fix)
+    lines = [ln.decode("utf-8") for n, ln in read_lines(src) if ln.strip() and n not in rep.rejected]
+    if len(lines) < 2:
+        raise UsageError(f"'{src}' holds {len(lines)} {'valid ' if rep.rejected else ''}record(s); a split needs at least 2")
+    train_lines, eval_lines = split_items(lines, eval_fraction, seed, key=_line_prompt)
     atomic_write_text(tr, "".join(ln.rstrip("\r") + "\n" for ln in train_lines))
     atomic_write_text(ev, "".join(ln.rstrip("\r") + "\n" for ln in eval_lines))
-    return tr, ev, len(train_lines), len(eval_lines)
+    return tr, ev, len(train_lines), len(eval_lines), len(rep.rejected)
 
 
 def shared_system_prompt(records: list[Record]) -> str | None:
@@ -776,7 +864,7 @@ def prompt_key(messages: Any) -> str:
 def _line_prompt(line: str) -> str:
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return line
     return prompt_key(obj.get("messages")) if isinstance(obj, dict) else line
 

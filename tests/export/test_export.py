@@ -295,3 +295,66 @@ def test_modelfile_template_is_derived_and_checked(tiny_smol: Path) -> None:
     text, verified = modelfile_text("./m.gguf", lambda m, g: render(m, g, odd), [], ["<|im_end|>"])
     assert not verified and "TEMPLATE" not in parse_modelfile(text)
     assert "No TEMPLATE" in text
+
+
+def test_modelfile_path_keeps_existing_modelfiles_unless_forced(tmp_path: Path) -> None:
+    """A Modelfile there already (hand-written, or another export's) is never replaced without --force;
+    with --force only the one that names this GGUF is; an explicit --modelfile follows --force."""
+    from ragtune.export.ollama import modelfile_path
+
+    out = tmp_path / "x.gguf"
+    default, own = tmp_path / "Modelfile", tmp_path / "x.Modelfile"
+    assert modelfile_path(out, None) == default
+    default.write_text("FROM ./x.gguf\nPARAMETER temperature 0.2\n")  # the user's own, naming this very file
+    assert modelfile_path(out, None) == own
+    assert modelfile_path(out, None, force=True) == default
+    default.write_text("FROM ./y.gguf\n")  # another export's
+    assert modelfile_path(out, None, force=True) == own
+    own.write_text("FROM ./x.gguf\n")
+    with pytest.raises(UsageError, match=r"'.*Modelfile' and '.*x\.Modelfile' already exist and are kept; pass --force"):
+        modelfile_path(out, None)
+    assert modelfile_path(out, None, force=True) == own
+    mine = tmp_path / "ollama" / "mine.Modelfile"
+    mine.parent.mkdir()
+    assert modelfile_path(out, mine) == mine
+    mine.write_text("FROM ./x.gguf\n")
+    with pytest.raises(UsageError, match="--modelfile '.*mine.Modelfile' already exists; pass --force"):
+        modelfile_path(out, mine)
+    assert modelfile_path(out, mine, force=True) == mine
+    with pytest.raises(UsageError, match="is a folder"):
+        modelfile_path(out, mine.parent, force=True)
+
+
+def test_existing_modelfile_is_refused_before_the_export(tiny_smol: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    mine = tmp_path / "Modelfile.custom"
+    mine.write_text("FROM ./x.gguf\n")
+    out = tmp_path / "x.gguf"
+    assert main(["export", "gguf", str(tiny_smol), "--out", str(out), "--modelfile", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--modelfile '{mine}' already exists; pass --force" in err and "Traceback" not in err
+    assert mine.read_text() == "FROM ./x.gguf\n" and not out.exists()
+    (tmp_path / "Modelfile").write_text("FROM ./y.gguf\n")
+    (tmp_path / "x.Modelfile").write_text("FROM ./x.gguf\n")
+    assert main(["export", "gguf", str(tiny_smol), "--out", str(out)]) == 2
+    assert "already exist and are kept" in capsys.readouterr().err and not out.exists()
+
+
+@NEEDS_LLAMA_CPP
+def test_exports_into_one_folder_keep_a_hand_written_modelfile(tiny_smol: Path, llama_home: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    hand = tmp_path / "Modelfile"
+    hand.write_text("FROM ./x.gguf\nPARAMETER temperature 0.1\n")
+    common = ["--no-check", "--threads", "1"]
+    assert main(["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf"), *common]) == 0
+    out = capsys.readouterr().out
+    assert f"-f {tmp_path / 'x.Modelfile'}" in out and f"kept the existing {hand}" in out
+    assert main(["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "y.gguf"), *common]) == 0
+    assert hand.read_text() == "FROM ./x.gguf\nPARAMETER temperature 0.1\n"
+    assert parse_modelfile((tmp_path / "x.Modelfile").read_text())["FROM"] == "./x.gguf"
+    assert parse_modelfile((tmp_path / "y.Modelfile").read_text())["FROM"] == "./y.gguf"
+    # --force replaces the GGUF and the Modelfiles that name it; y's is left alone
+    y_before = (tmp_path / "y.Modelfile").read_text()
+    assert main(["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf"), "--force", *common]) == 0
+    assert parse_modelfile(hand.read_text())["FROM"] == "./x.gguf" and "temperature" not in hand.read_text()
+    assert (tmp_path / "y.Modelfile").read_text() == y_before

@@ -30,7 +30,8 @@ def docs(tmp_path: Path) -> Path:
 
 def test_ask_questions_keeps_order_and_reports_bad_lines(tiny_llama: Path, tiny_adapter: Path, tmp_path: Path,
                                                          capsys) -> None:
-    f = tmp_path / "q.jsonl"
+    """A text file mixes plain questions with JSON lines: a bad one is reported in its place."""
+    f = tmp_path / "q.txt"
     f.write_text(json.dumps({"question": QA[0][0]}) + "\n" + "{not json\n\n" + json.dumps({"q": "x"}) + "\n"
                  + QA[1][0] + "\n", encoding="utf-8")
     rc = main(["-q", "ask", "--questions", str(f), f"model.path={tiny_llama}", "--adapter", str(tiny_adapter),
@@ -83,6 +84,25 @@ def test_ask_questions_are_answered_in_batched_waves_with_the_one_by_one_answers
     assert batched[3] == {"line": 4, "error": 'line 4: "system" must be a string'}
     assert all(x["answer"] == QA[(x["line"] - 1) % 2][1] for x in batched if "error" not in x)
     assert [(x.get("answer"), x.get("error")) for x in batched] == [(x.get("answer"), x.get("error")) for x in runs[1]]
+
+
+def test_ask_questions_jsonl_with_a_bad_line_asks_nothing(tmp_path: Path, capsys, monkeypatch) -> None:
+    """In a .jsonl file a line that is not a {"question": ...} object is an error naming the file and
+    the line, before any model loads (a broken line was asked as a literal question)."""
+    from ragtune.serve import commands
+
+    monkeypatch.setattr(commands, "_LocalAsk", lambda *a, **k: pytest.fail("a model was loaded"))
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"question": QA[0][0]}) + "\nnot json {\n\n" + json.dumps({"q": "x"}) + "\n"
+                 + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    assert main(["-q", "ask", "--questions", str(f), "--no-rag"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert f"--questions '{f}': 3 lines are not a JSON object with a \"question\" string; nothing was asked" in err
+    assert "line 2: invalid JSON: Expecting value at column 1 (near: 'not json {')" in err
+    assert 'line 4: no "question" string' in err and "line 5: invalid JSON: nested too deeply" in err
+    assert main(["-q", "ask", "--questions", str(tmp_path), "--no-rag"]) == 2
+    assert f"--questions '{tmp_path}' is a folder; give a file" in capsys.readouterr().err
 
 
 def test_ask_needs_a_question_or_a_file(capsys) -> None:

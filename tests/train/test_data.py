@@ -267,8 +267,9 @@ def test_empty_inputs_and_ragged_rows_are_reported(tmp_path: Path, capsys) -> No
     out = capsys.readouterr().out
     assert "skipped row 2: 3 fields, the header has 2" in out and "wrote 1 record to" in out
     src.write_text("q,a\nx,\n")
-    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]) == 1
-    assert "wrote 0 records" in capsys.readouterr().out
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a", "--force"]) == 1
+    assert "no records to write" in capsys.readouterr().out
+    assert len((tmp_path / "ragged.chat.jsonl").read_text().splitlines()) == 1  # the earlier result is kept
 
 
 def test_check_reads_utf16_jsonl(tmp_path: Path, capsys) -> None:
@@ -406,9 +407,10 @@ def test_split_names_the_line_that_is_not_utf8(tmp_path: Path, capsys) -> None:
     path = tmp_path / "latin.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"messages": [{"role": "user", "content": "café"}]}'
                      .encode("cp1252") + b"\n")
-    assert main(["data", "split", str(path), "--eval-fraction", "0.5"]) == 2
+    assert main(["data", "split", str(path), "--eval-fraction", "0.5"]) == 1
     err = capsys.readouterr().err
-    assert f"{path}: line 2: byte 0xe9 is not UTF-8 text" in err and "Traceback" not in err
+    assert "nothing was split" in err and "not valid UTF-8 (1):\n  line 2: byte" in err and "Traceback" not in err
+    assert not (tmp_path / "latin.train.jsonl").exists()
 
 
 def test_convert_takes_a_csv_field_over_the_csv_modules_limit(tmp_path: Path, capsys) -> None:
@@ -418,3 +420,111 @@ def test_convert_takes_a_csv_field_over_the_csv_modules_limit(tmp_path: Path, ca
     assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]) == 0
     rec = json.loads((tmp_path / "long.chat.jsonl").read_text())
     assert rec["messages"][1]["content"] == long_answer.strip()
+
+
+def _ninety(tmp_path: Path, name: str = "train.jsonl") -> Path:
+    return write_jsonl(tmp_path / name, [chat(f"q{i}", f"a{i}") for i in range(90)])
+
+
+def test_convert_refuses_an_existing_out_unless_force(tmp_path: Path, capsys) -> None:
+    train = _ninety(tmp_path)
+    before = train.read_bytes()
+    src = tmp_path / "faq.csv"
+    src.write_text("q,a\nWhy?,Because.\n", encoding="utf-8")
+    args = ["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]
+    assert main([*args, "--out", str(train)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{train}' already exists; pass --force to replace it" in err and "Traceback" not in err
+    assert train.read_bytes() == before
+    # a path through a folder that is not there yet names the same file
+    assert main([*args, "--out", str(tmp_path / "new" / ".." / "train.jsonl")]) == 2
+    assert train.read_bytes() == before and not (tmp_path / "new").exists()
+    assert main([*args]) == 0  # the default faq.chat.jsonl, then refused the second time
+    assert main([*args]) == 2
+    assert "(FILE.chat.jsonl, the default) already exists; pass --force" in capsys.readouterr().err
+    assert main([*args, "--out", str(train), "--force"]) == 0
+    assert [json.loads(x) for x in train.read_text().splitlines()] == [chat("Why?", "Because.")]
+
+
+def test_convert_names_the_input_as_out_a_json_error_and_a_short_row(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "faq.csv"
+    src.write_text("q,a\nWhy?,Because.\nlonely\n", encoding="utf-8")
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a", "--out", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{src}' is the input file" in err and "pass --out" not in err
+    assert main(["data", "convert", str(src), "--question-col", "q", "--answer-col", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped row 3: 1 column where the header has 2: no 'a' on this row" in out and "empty answer" not in out
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text('{"q": "x", "a": "y"}\n{"q": "x" "a": 1}\n', encoding="utf-8")
+    assert main(["data", "convert", str(bad), "--question-col", "q", "--answer-col", "a"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: line 2: invalid JSON: Expecting ',' delimiter at column 11" in err
+    assert "UTF-8" not in err and "Traceback" not in err
+
+
+def test_write_clean_never_replaces_the_checked_file_or_an_existing_one_unasked(tmp_path: Path, capsys) -> None:
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, {"messages": [U]}, chat("q", "a")])
+    before = path.read_bytes()
+    assert main(["data", "check", str(path), "--write-clean", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--write-clean '{path}' is the file being checked ('{path}')" in err
+    assert main(["data", "check", str(path), "--write-clean", str(path), "--force"]) == 2
+    assert path.read_bytes() == before and not (tmp_path / "data.rejected.jsonl").exists()
+    # checking a quarantine file with --write-clean of its stem would write the rejected lines over it
+    rejected = write_jsonl(tmp_path / "x.rejected.jsonl", [GOOD])
+    assert main(["data", "check", str(rejected), "--write-clean", str(tmp_path / "x.jsonl")]) == 2
+    assert "its rejected-lines file" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+    clean, side = tmp_path / "clean.jsonl", tmp_path / "clean.rejected.jsonl"
+    side.write_text("mine\n")
+    assert main(["data", "check", str(path), "--write-clean", str(clean)]) == 2
+    assert f"'{side}' already exists; pass --force" in capsys.readouterr().err
+    assert side.read_text() == "mine\n" and not clean.exists()
+    clean.write_text("mine too\n")
+    assert main(["data", "check", str(path), "--write-clean", str(clean)]) == 2
+    assert f"'{clean}' and '{side}' already exist" in capsys.readouterr().err and clean.read_text() == "mine too\n"
+    assert main(["data", "check", str(path), "--write-clean", str(clean), "--force"]) == 1  # 1: the file has a problem
+    assert len(clean.read_text().splitlines()) == 2 and json.loads(side.read_text())["line"] == 2
+    assert path.read_bytes() == before
+
+
+def test_split_refuses_existing_outputs_and_invalid_records(tmp_path: Path, capsys) -> None:
+    path = _ninety(tmp_path, "all.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = write_jsonl(out / "all.train.jsonl", [GOOD])
+    args = ["data", "split", str(path), "--eval-fraction", "0.5", "--out-dir", str(out)]
+    assert main(args) == 2
+    assert f"'{mine}' already exists; pass --force" in capsys.readouterr().err
+    assert mine.read_text() == json.dumps(GOOD) + "\n" and not (out / "all.eval.jsonl").exists()
+    assert main([*args, "--force"]) == 0
+    assert len(mine.read_text().splitlines()) == 45 and len((out / "all.eval.jsonl").read_text().splitlines()) == 45
+    # an invalid record stops the split, as it stops train
+    with path.open("a") as f:
+        f.write("not json\n" + json.dumps({"messages": [U]}) + "\n")
+    assert main([*args, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing was split" in err and "line 91:" in err and "line 92:" in err
+    assert f"'ragtune data check {path} --write-clean CLEAN.jsonl'" in err and "--skip-invalid" in err
+    assert len(mine.read_text().splitlines()) == 45
+    assert main([*args, "--force", "--skip-invalid"]) == 0
+    assert "(2 invalid records left out, --skip-invalid)" in capsys.readouterr().out
+    kept = mine.read_text().splitlines() + (out / "all.eval.jsonl").read_text().splitlines()
+    assert sorted(kept) == sorted(path.read_text().splitlines()[:90])
+
+
+def test_a_line_nested_too_deeply_is_an_invalid_line(tmp_path: Path, capsys) -> None:
+    from ragtune.train.data import check_file
+
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    rep = check_file(path)
+    assert [(p.line, p.kind) for p in rep.problems] == [(2, "invalid_json")] and "nested too deeply" in rep.problems[0].message
+    assert [r.line for r in rep.records] == [1]
+    assert main(["data", "check", str(path)]) == 1
+    assert "line 2: nested too deeply" in capsys.readouterr().out
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")  # the whole file is tried as JSON too
+    assert main(["data", "check", str(path)]) == 1
+    assert "line 1: nested too deeply" in capsys.readouterr().out
+    assert main(["data", "convert", str(path), "--question-col", "q", "--answer-col", "a"]) == 2
+    assert "line 1: nested too deeply" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_ask_reads_stdin_and_gives_json(tiny_llama: Path, tiny_adapter: Path, ca
 
 @pytest.mark.parametrize("argv, message", [
     (["ask", ""], "question is empty"),
-    (["ask", "q", "--adapter", "/nonexistent/adapter"], "adapter_config.json"),
+    (["ask", "q", "--adapter", "/nonexistent/adapter"], "does not exist; give the train.output_dir"),
     (["ask", "q", "--index", "nosuch"], "nosuch"),
     (["ask", "q", "--engine", "vllm"], "invalid choice"),
     (["ask", "q", "--max-new-tokens", "0"], "--max-new-tokens"),

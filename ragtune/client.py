@@ -151,6 +151,7 @@ def get_json(url: str, path: str, key: str = "") -> Any:
 def read_batch(source: str, field: str) -> list[tuple[int, dict[str, Any] | None, str]]:
     """Lines of FILE (or stdin for '-'): a JSON object with `field`, or the text itself. Blank lines
     are skipped; a bad line gives (line, None, why) so the caller reports it and goes on."""
+    flag = f"--{field.replace('question', 'questions').replace('query', 'queries')}"
     if source == "-":
         text = sys.stdin.read()
     else:
@@ -158,8 +159,9 @@ def read_batch(source: str, field: str) -> list[tuple[int, dict[str, Any] | None
             with open(source, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            raise UsageError(f"--{field.replace('question', 'questions').replace('query', 'queries')} file "
-                             f"'{source}' does not exist") from None
+            raise UsageError(f"{flag} file '{source}' does not exist") from None
+        except IsADirectoryError:
+            raise UsageError(f"{flag} '{source}' is a folder; give a file with one {field} per line") from None
         except UnicodeDecodeError as exc:
             raise UsageError(f"'{source}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     rows: list[tuple[int, dict[str, Any] | None, str]] = []
@@ -170,6 +172,9 @@ def read_batch(source: str, field: str) -> list[tuple[int, dict[str, Any] | None
         if s.startswith("{"):
             try:
                 obj = json.loads(s)
+            except RecursionError:
+                rows.append((n, None, f"line {n} is JSON nested too deeply to read"))
+                continue
             except ValueError as exc:
                 rows.append((n, None, f"line {n} is not valid JSON ({exc})"))
                 continue

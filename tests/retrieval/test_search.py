@@ -99,6 +99,12 @@ def test_cli_search_json(cfg: Config, docs: Path, capsys: pytest.CaptureFixture)
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0] == {"line": 1, "error": "top_k must be an integer of 1 or more, got 0"}
     assert len(lines[1]["hits"]) == 1
+    batch.write_text('{"query": ' + "[" * 50_000 + '\n{"query": "passwords"}\n', encoding="utf-8")
+    assert main(["search", "--queries", str(batch), *args]) == 3  # the bad line said, the good one answered
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"line": 1, "error": "line 1 is JSON nested too deeply to read"} and lines[1]["hits"]
+    assert main(["search", "--queries", str(docs), *args]) == 2
+    assert f"--queries '{docs}' is a folder" in capsys.readouterr().err
 
 
 def test_reranker_reorders_candidates_and_drives_abstention(cfg: Config, docs: Path, tiny_embedder: Path,

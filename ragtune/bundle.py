@@ -316,14 +316,15 @@ def create_bundle(
     force: bool = False,
 ) -> Path:
     """Check every input, then write the bundle folder at once (temp + rename), and OUT.tar with `tar`."""
-    from ragtune.io import atomic_dir
+    from ragtune.io import atomic_dir, check_output_dir
 
-    out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UsageError(f"bundle dir '{out}' exists and is not empty; pass --force to replace it")
     if platform not in ("cpu", "cuda"):
         raise UsageError(f"--platform must be cpu or cuda, got '{platform}'")
     inputs = check_inputs(models, adapters, indexes, configs, extra_wheels, default_models)
+    carried = {f"{kind} '{p.name}'": p for kind, paths in (("model", inputs.models), ("adapter", inputs.adapters),
+                                                           ("index", inputs.indexes), ("config", inputs.configs),
+                                                           ("wheel", inputs.wheels)) for p in paths}
+    out = check_output_dir(out, "bundle dir", force, carried)
     if deps == "all" and platform == "cpu" and torch_index_url():
         check_index_reachable(torch_index_url())  # before copying anything: pip would wait for minutes
     t0 = time.perf_counter()

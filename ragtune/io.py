@@ -67,6 +67,38 @@ def _unprivate(root: Path) -> None:
                     os.chmod(p, ordinary & ~umask)
 
 
+def check_output_dir(out: str | Path, flag: str, force: bool, inputs: dict[str, Path] = {}) -> Path:  # noqa: B006
+    """The resolved folder a command will replace (atomic_dir), refused up front: not empty without
+    `force`; never one that is or holds an input (`inputs`: what each is called -> its path), the
+    working folder or a folder above it, or the home folder, even with `force` (atomic_dir removes
+    what was there); and its parent must take a new folder (said now, not after the work is done)."""
+    from ragtune.errors import UsageError
+
+    p = Path(out).expanduser().resolve()
+    for what, src in inputs.items():
+        src = Path(src).resolve()
+        if p == src or src.is_relative_to(p):
+            where = "is" if p == src else "holds"
+            raise UsageError(f"{flag} '{p}' {where} the {what} ('{src}'); replacing it would delete it: "
+                             f"name a new folder for {flag}")
+    for special, name in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
+        if p == special or special.is_relative_to(p):
+            raise UsageError(f"{flag} '{p}' is or holds {name}, which it would replace: name a new folder for {flag}")
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} '{p}' is a file; name a folder")
+    if p.exists() and any(p.iterdir()) and not force:
+        raise UsageError(f"{flag} '{p}' exists and is not empty; pass --force to replace it, or name a new folder")
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:  # the same temp folder atomic_dir will make: an unwritable place fails before the work
+        Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)).rmdir()
+    except OSError as exc:
+        raise UsageError(f"{flag} '{p}': cannot create a folder in '{parent}' ({exc.strerror or exc}); "
+                         "name a writable place") from None
+    return p
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp dir beside `path`; on success it replaces `path` (old content removed)."""

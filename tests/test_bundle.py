@@ -328,3 +328,12 @@ def test_downloads_show_progress(small_bundle: Path, tmp_path: Path, caplog: pyt
     with pytest.raises(RagtuneError, match="No matching distribution"):
         _run_showing_progress([sys.executable, "-m", "pip", "download", "--no-index", "--dest", str(dest),
                                "no-such-package-anywhere"], "downloading")
+
+
+def test_create_never_replaces_a_folder_holding_what_it_carries(tmp_path: Path, tiny_llama: Path) -> None:
+    """--force replaces the bundle folder: one that holds a model, adapter or config being carried is refused."""
+    work = tmp_path / "work"
+    adapter = fake_adapter(tiny_llama, work / "adapter")
+    with pytest.raises(UsageError, match="bundle dir '.*work' holds the adapter 'adapter'"):
+        create_bundle(work, adapters=[str(adapter)], deps="none", default_models=False, force=True)
+    assert (adapter / "adapter_config.json").is_file()

@@ -26,17 +26,13 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ragtune.io import atomic_dir
+    from ragtune.io import atomic_dir, check_output_dir
     from ragtune.modeling import check_adapter_dir, check_memory, text_sha256
     from ragtune.runcard import adapter_base, update_runcard
 
     adapter = check_adapter_dir(Path(adapter_dir).expanduser())
-    out = Path(out_dir).expanduser().resolve()
-    if out == adapter:
-        raise UsageError("--out must be a new folder, not the adapter folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UsageError(f"output dir '{out}' exists and is not empty; pass --force to replace it")
     card, base = adapter_base(adapter)
+    out = check_output_dir(out_dir, "--out", force, {"adapter": adapter, "base model": base})
     template = card["chat_template"]["template"]
     src_dtype = json.loads((base / "config.json").read_text()).get("dtype") or "float32"
     torch_dtype = getattr(torch, src_dtype if dtype == "auto" else dtype, torch.float32)

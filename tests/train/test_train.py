@@ -95,7 +95,7 @@ def test_output_folder_and_run_card(memorized: dict) -> None:
     assert steps[0] == 1 and steps[-1] == 200
 
 
-def test_merged_model_equals_base_plus_adapter(memorized: dict, tmp_path: Path) -> None:
+def test_merged_model_equals_base_plus_adapter(memorized: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -119,6 +119,14 @@ def test_merged_model_equals_base_plus_adapter(memorized: dict, tmp_path: Path) 
     card = json.loads((out / "ragtune.json").read_text())
     assert card["exports"][-1]["kind"] == "merged" and card["exports"][-1]["path"] == str(merged_dir.resolve())
     assert main(["merge", str(out), "--out", str(merged_dir)]) == 2  # not empty, no --force
+    # --force replaces the folder it names, so never one that is or holds an input, or the working folder
+    keep = out.parent / "notes.txt"
+    keep.write_text("mine")
+    for bad, said in [(out.parent, "holds the adapter"), (out, "is the adapter"),
+                      (memorized["base"], "is the base model"), (Path.cwd(), "is or holds the current folder")]:
+        assert main(["merge", str(out), "--out", str(bad), "--force"]) == 2, bad
+        assert said in capsys.readouterr().err
+    assert keep.read_text() == "mine" and (out / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "phi3"])

@@ -276,8 +276,16 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
 
 
 def _resume_point(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> str | None:
-    """The checkpoint --resume continues from (None for a new run); refuses to overwrite a run unasked."""
+    """The checkpoint --resume continues from (None for a new run); refuses to overwrite a run unasked,
+    and any folder that holds something other than a run (the finished run replaces the folder whole)."""
     finished, has_ckpt = _out_state(out)
+    if out.is_file():
+        raise UsageError(f"train.output_dir '{out}' is a file; name a folder for the adapter")
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if others and not (finished or ckpt_dir.is_dir() or (out / "ragtune.json").is_file()):
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise UsageError(f"train.output_dir '{out}' holds files that are not a ragtune run ({shown}); the finished "
+                         "run replaces the folder whole, so they would be deleted: name a new or empty folder")
     if resume:
         resume_from = last_complete_checkpoint(ckpt_dir, remove_incomplete=first_process())
         if resume_from is None:

@@ -91,3 +91,20 @@ def test_resume_without_checkpoints_says_which_way_to_start_over(tmp_path: Path)
     with pytest.raises(UsageError, match="pass --resume to continue it, --overwrite to start over"):
         _resume_point(out, out / "checkpoints", resume=False, overwrite=False)
     assert _resume_point(out, out / "checkpoints", resume=False, overwrite=True) is None
+
+
+def test_an_output_dir_holding_other_files_is_refused(tmp_path: Path) -> None:
+    """The finished run replaces output_dir whole: train.output_dir=. in a project folder would delete it."""
+    from ragtune.errors import UsageError
+    from ragtune.train.recipe import _resume_point
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.jsonl").write_text("{}\n")
+    for overwrite in (False, True):
+        with pytest.raises(UsageError, match=r"holds files that are not a ragtune run \(train.jsonl\)"):
+            _resume_point(project, project / "checkpoints", resume=False, overwrite=overwrite)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        _resume_point(tmp_path / "afile", tmp_path / "afile" / "checkpoints", resume=False, overwrite=True)
+    assert _resume_point(tmp_path / "new", tmp_path / "new" / "checkpoints", resume=False, overwrite=False) is None

@@ -140,8 +140,9 @@ def _check_import(gguf_file: str | Path, out_dir: str | Path, force: bool) -> tu
         raise ModelPathError(f"GGUF file '{src}' does not exist")
     if src.suffix.lower() != ".gguf":
         raise ModelPathError(f"'{src}' is not a .gguf file")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise RagtuneError(f"output dir '{out}' exists and is not empty; pass --force to replace it")
+    from ragtune.io import check_output_dir
+
+    out = check_output_dir(out, "--out", force, {"GGUF file": src})
     try:
         import gguf
     except ImportError as exc:  # pragma: no cover - a dependency

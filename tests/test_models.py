@@ -200,3 +200,10 @@ def test_import_rejects_a_cut_gguf_before_reading_it(tmp_path: Path, capsys: pyt
     fake.write_bytes(b"PK\x03\x04 a zip")
     assert main(["models", "import", str(fake), "--out", str(tmp_path / "out")]) == 2
     assert "is not a GGUF file (it starts with b'PK\\x03\\x04'" in capsys.readouterr().err
+
+
+def test_import_never_replaces_the_folder_holding_the_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert main(["models", "import", str(gguf), "--out", str(tmp_path), "--force"]) == 2
+    assert "holds the GGUF file" in capsys.readouterr().err and gguf.is_file()

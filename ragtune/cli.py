@@ -375,6 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RagtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `ragtune ... | head`: the reader has gone; end quietly, as a SIGPIPE'd tool does
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except OSError as exc:  # unwritable folder, full disk, a file where a folder belongs...
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_FAILED

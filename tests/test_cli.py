@@ -181,3 +181,28 @@ def test_doctor_reports_a_llama_cpp_install_that_does_not_load(tmp_path: Path) -
     assert "Traceback" not in proc.stderr, proc.stderr
     check = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "llama.cpp build")
     assert check["status"] == "warn" and "does not load" in check["detail"] and "setup.sh" in check["fix"]
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`ragtune ... | head -1`: no 'Broken pipe: (no path given)' message once the reader has gone."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "many_lines.py"  # `ragtune doctor` made to print more than a pipe holds
+    script.write_text(
+        "import sys\n"
+        "from ragtune import cli\n"
+        "def lines(args, cfg):\n"
+        "    for i in range(100_000):\n"
+        "        print('line', i)\n"
+        "build = cli.build_parser\n"
+        "def parser():\n"
+        "    p = build()\n"
+        "    p._subparsers._group_actions[0].choices['doctor'].set_defaults(func=lines)\n"
+        "    return p\n"
+        "cli.build_parser = parser\n"
+        "sys.exit(cli.main(['doctor']))\n")
+    p = subprocess.run(f"'{sys.executable}' '{script}' | head -1", shell=True, capture_output=True, text=True,
+                       env=dict(os.environ), timeout=120)
+    assert p.stdout == "line 0\n" and "Broken pipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr

@@ -3,8 +3,10 @@
     ragtune chat --adapter runs/adapter --index default
 
 Commands: /sources (the last answer's sources), /rag on|off, /reset (forget the conversation),
-/help, /exit (or Ctrl-D). Ctrl-C stops an answer mid-stream. With retrieval on, each question
+/help, /exit (or Ctrl-D); case does not matter, and "//" at the start asks a question that begins
+with "/". Ctrl-C stops an answer, before or after its first token. With retrieval on, each question
 searches with the recent user turns (so follow-ups keep their topic) and the answer cites [n].
+Bytes that are not UTF-8 (a Latin-1 terminal) are replaced by U+FFFD, never passed on as surrogates.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ class ChatSession:
     def command(self, line: str) -> bool:
         """Handle a /command; False means exit."""
         cmd, _, arg = line.partition(" ")
-        arg = arg.strip().lower()
+        cmd, arg = cmd.lower(), arg.strip().lower()
         if cmd in ("/exit", "/quit"):
             return False
-        if cmd == "/reset":
+        if cmd in ("/reset", "/sources", "/help") and arg:
+            self.say(f"({cmd} takes nothing after it; {HELP})")
+        elif cmd == "/rag" and arg not in ("on", "off"):
+            self.say(f"(/rag takes on or off, got '{arg}')" if arg else "(/rag takes on or off: /rag on, /rag off)")
+        elif cmd == "/reset":
             self.history, self.last_sources = [], []
             self.say("(conversation cleared)")
         elif cmd == "/sources":
@@ -82,12 +88,17 @@ class ChatSession:
 
     def ask(self, question: str) -> None:
         self.history.append({"role": "user", "content": question})
-        try:
+        try:  # preparing (tokenizing, retrieving, reranking) can take a while: Ctrl-C stops it too
             stream = self.gen.stream(self.messages(), adapter=self.adapter,
                                      retriever=self.retriever if self.rag else None)
+        except KeyboardInterrupt:
+            self.history.pop()
+            self.say("\n(stopped)")
+            return
         except RagtuneError as exc:
             self.history.pop()
-            self.err.write(f"error: {exc}\n")
+            hint = ("; /reset starts a new conversation" if "model's context" in str(exc) and self.history else "")
+            self.err.write(f"error: {exc}{hint}\n")
             return
         try:
             for delta in stream:
@@ -134,14 +145,26 @@ class ChatSession:
                 continue
             if not interactive and line == "":  # end of piped input
                 return 0
-            line = line.strip()
+            line = well_formed(line.strip())
             if not line:
                 continue
-            if line.startswith("/"):
+            if line.startswith("//"):  # a question that begins with "/"
+                line = line[1:]
+            elif line.startswith("/"):
                 if not self.command(line):
                     return 0
                 continue
             self.ask(line)
+
+
+def well_formed(text: str) -> str:
+    """`text` with what is not valid Unicode replaced by U+FFFD: stdin's surrogateescape bytes (a Latin-1
+    terminal) and lone surrogates would otherwise reach the tokenizer and end the session."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
 
 
 def run_chat(args: argparse.Namespace, cfg: Any) -> int:
@@ -153,7 +176,8 @@ def run_chat(args: argparse.Namespace, cfg: Any) -> int:
     retriever = retriever_for(cfg, args.index or None, args.no_rag, read_copy=True)
     gen, adapter = load_for_cli(cfg, args.adapter)
     session = ChatSession(gen, adapter, retriever, system=args.system,
-                          open_retriever=lambda: open_retriever(cfg, args.index or cfg.index.name, read_copy=True))
+                          open_retriever=lambda: open_retriever(cfg, args.index or cfg.index.name, read_copy=True,
+                                                                without="keep /rag off"))
     try:
         return session.loop()
     finally:

@@ -56,3 +56,20 @@ def test_source_labels_do_not_repeat_the_title() -> None:
     assert to_source(hit, 1)["score"] == 0.61
     assert to_source({**hit, "rerank_score": 3.5}, 1)["score"] == 3.5
     assert to_source({"source": "a.md", "score": 0.2}, 1)["score"] == 0.2  # nothing better known
+
+
+def test_chat_takes_any_bytes_and_says_what_a_command_takes(loaded_gen: Any) -> None:
+    """A Latin-1 terminal's bytes (surrogateescape on stdin) used to end the session with a tokenizer
+    traceback; commands are case-blind, say what they take, and '//' asks a question starting with '/'."""
+    out, err = io.StringIO(), io.StringIO()
+    s = ChatSession(loaded_gen, adapter="policies", out=out, err=err)
+    latin1 = b"caf\xe9?".decode("utf-8", "surrogateescape")
+    s.loop(io.StringIO(f"{latin1}\nlone \ud800 surrogate\n/rag maybe\n/rag\n/RESET\n/sources now\n"
+                       f"//etc/hosts is what?\n{QA[0][0]}\n"))
+    text = out.getvalue()
+    assert "(/rag takes on or off, got 'maybe')" in text and "(/rag takes on or off: /rag on, /rag off)" in text
+    assert "(conversation cleared)" in text and "(/sources takes nothing after it" in text
+    assert not err.getvalue(), err.getvalue()
+    assert QA[0][1] in text.splitlines() and s.history[-2]["content"] == QA[0][0]
+    assert "/etc/hosts is what?" in [m["content"] for m in s.history]
+    assert all(m["content"].encode("utf-8") for m in s.history)  # every turn is valid Unicode

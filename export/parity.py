@@ -96,7 +96,12 @@ def _transformers_model(model_dir: Path, adapter_dir: str | Path | None) -> Any:
     if adapter_dir:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        from ragtune.modeling import adapter_mismatch
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        except RuntimeError as exc:
+            raise adapter_mismatch(exc, adapter_dir, model_dir) or exc
     return model.eval()
 
 

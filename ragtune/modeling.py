@@ -80,9 +80,28 @@ def check_adapter_dir(path: str | Path, what: str = "adapter") -> Path:
     if not (p / "adapter_model.safetensors").is_file():
         raise UsageError(f"{what} '{p}' has no adapter_model.safetensors (ragtune never loads pickle weights); "
                          "point it at a folder written by 'ragtune train'")
-    check_json_file(p / "adapter_config.json", what)
-    check_safetensors(p / "adapter_model.safetensors", what)
+    config = check_json_file(p / "adapter_config.json", what)
+    header = check_safetensors(p / "adapter_model.safetensors", what)
+    r = config.get("r")
+    if isinstance(r, int) and not config.get("rank_pattern"):  # a LoRA's A matrices are r rows
+        wrong = [(k, v.get("shape")) for k, v in header.items()
+                 if k != "__metadata__" and ".lora_A." in k and (v.get("shape") or [r])[0] != r]
+        if wrong:
+            raise UsageError(f"{what} '{p}': adapter_config.json says r={r} but {wrong[0][0]} has shape {wrong[0][1]} "
+                             f"({len(wrong)} such tensors); the config and the weights do not belong together (an "
+                             "edited config, or files from two runs): copy the folder again or train again")
     return p.resolve()
+
+
+def adapter_mismatch(exc: BaseException, adapter: Path, base: Any) -> UsageError | None:
+    """peft's "size mismatch" RuntimeError, when loading an adapter onto a base it was not trained on,
+    as one line; None for any other error."""
+    text = str(exc)
+    if "size mismatch" not in text:
+        return None
+    first = next((ln.strip() for ln in text.splitlines() if "size mismatch" in ln), "")
+    return UsageError(f"adapter '{adapter}' does not fit the base model '{base}': {first[:300]}; it was trained on "
+                      "another base (see its ragtune.json), or its files were mixed: use the base it was trained on")
 
 
 def check_json_file(f: Path, what: str) -> dict[str, Any]:
@@ -101,13 +120,13 @@ def check_json_file(f: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def check_safetensors(f: Path, what: str) -> None:
-    """The safetensors header of `f` is whole and every tensor it lists fits in the file (a cut copy
-    fails here with its size, not inside the loader)."""
+def check_safetensors(f: Path, what: str) -> dict[str, Any]:
+    """The safetensors header of `f` (tensor name -> dtype, shape, offsets), checked whole and with every
+    tensor it lists inside the file (a cut copy fails here with its size, not inside the loader)."""
     import struct
 
     size = f.stat().st_size
-    why = ""
+    why, header = "", {}
     with f.open("rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -128,6 +147,7 @@ def check_safetensors(f: Path, what: str) -> None:
     if why:
         raise UsageError(f"{what}: '{f}' is not a whole safetensors file ({why}); the folder is damaged (an interrupted "
                          "copy or download?): copy it again or write it again")
+    return header
 
 
 def check_model_dir(path: str | Path, what: str = "model.path") -> Path:

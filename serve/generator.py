@@ -447,10 +447,15 @@ class Generator:
             return name
         from peft import PeftModel
 
-        if not self.adapters:
-            self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name, is_trainable=False)
-        else:
-            self.model.load_adapter(str(p), adapter_name=name, is_trainable=False)
+        from ragtune.modeling import adapter_mismatch
+
+        try:
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name, is_trainable=False)
+            else:
+                self.model.load_adapter(str(p), adapter_name=name, is_trainable=False)
+        except RuntimeError as exc:
+            raise adapter_mismatch(exc, p, self.base_path) or exc
         self.model.eval()
         if self.cfg.generation.fast_lora:
             from ragtune.serve.fast_lora import FastLora

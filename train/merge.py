@@ -41,7 +41,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype, local_files_only=True,
                                                  use_safetensors=True)
-    model = PeftModel.from_pretrained(model, str(adapter), local_files_only=True)
+    from ragtune.modeling import adapter_mismatch
+
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), local_files_only=True)
+    except RuntimeError as exc:
+        raise adapter_mismatch(exc, adapter, base) or exc
     merged = model.merge_and_unload()
     tok = AutoTokenizer.from_pretrained(str(adapter), local_files_only=True)
     tok.chat_template = template

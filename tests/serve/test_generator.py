@@ -303,3 +303,42 @@ def test_held_back_equals_the_plain_definition_and_is_linear() -> None:
         assert held_back(text, stops) == plain(text, stops), (text, stops)
     stop = "a" * 255 + "b"
     assert held_back("a" * 100_000, [stop]) == 255  # one pass over the last 255 characters
+
+
+def test_an_adapter_whose_weights_do_not_fit_the_base_is_one_line(tiny_llama: Path, tiny_adapter: Path,
+                                                                    tmp_path: Path) -> None:
+    """Weights of another shape than the base (files of two runs mixed) get peft's "size mismatch"
+    RuntimeError, hundreds of lines; it is said in one line naming both folders."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ragtune.config import load_config
+    from ragtune.errors import UsageError
+    from ragtune.serve.generator import Generator
+
+    mixed = Path(shutil.copytree(tiny_adapter, tmp_path / "mixed"))
+    weights = load_file(str(mixed / "adapter_model.safetensors"))
+    save_file({k: torch.zeros(v.shape[0], v.shape[1] // 2) if ".lora_A." in k else v for k, v in weights.items()},
+              str(mixed / "adapter_model.safetensors"))
+    gen = Generator(load_config(None, [f"model.path={tiny_llama}", "generation.engine=transformers"]))
+    with pytest.raises(UsageError) as err:
+        gen.load(base=tiny_llama, adapters={"policies": mixed})
+    msg = str(err.value)
+    assert "does not fit the base model" in msg and "size mismatch" in msg and len(msg) < 800, msg
+
+
+def test_an_adapter_config_that_does_not_match_its_weights_is_refused(tiny_adapter: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from ragtune.errors import UsageError
+    from ragtune.modeling import check_adapter_dir
+
+    edited = Path(shutil.copytree(tiny_adapter, tmp_path / "edited"))
+    cfg = json.loads((edited / "adapter_config.json").read_text())
+    cfg["r"] = cfg["r"] * 2
+    (edited / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match=f"adapter_config.json says r={cfg['r']} but .*lora_A.* has shape"):
+        check_adapter_dir(edited)

@@ -47,13 +47,20 @@ def read_runcard(adapter_dir: str | Path) -> dict[str, Any]:
         )
     try:
         card = json.loads(p.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise RagtuneError(f"{p}: not valid JSON ({exc}); the run card is damaged") from exc
-    version = card.get("schema_version", 0)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise UsageError(f"{p}: not valid JSON ({exc}); the run card is damaged: copy the adapter folder again "
+                         "or train again") from None
+    version = card.get("schema_version", 0) if isinstance(card, dict) else 0
+    version = version if isinstance(version, int) else 0
     if version > SCHEMA_VERSION:
         raise UsageError(
             f"{p}: schema_version {version} is newer than this ragtune understands ({SCHEMA_VERSION}); upgrade ragtune"
         )
+    base = card.get("base_model") if isinstance(card, dict) else None
+    if not isinstance(base, dict) or not isinstance(base.get("path"), str) or not isinstance(base.get("hash"), str):
+        got = type(card).__name__ if not isinstance(card, dict) else f"base_model {json.dumps(base)[:80]}"
+        raise UsageError(f"{p}: the run card is damaged: it needs an object with base_model {{\"path\": ..., "
+                         f"\"hash\": ...}}, got {got}; copy the adapter folder again or train again")
     return card
 
 

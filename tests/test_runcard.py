@@ -36,3 +36,12 @@ def test_base_mismatch_says_which() -> None:
         check_compatible(card, "b" * 64, "/models/b")
     with pytest.raises(RunCardMismatch, match="chat template"):
         check_compatible(card, "a" * 64, "/models/a", "u" * 64)
+
+
+@pytest.mark.parametrize("card,said", [("[]", "got list"), ('{"base_model": "/m"}', 'got base_model "/m"'),
+                                       ('{"base_model": {"path": "/m"}}', "got base_model"), ("{oops", "not valid JSON")])
+def test_a_damaged_card_is_said_not_tracebacked(tmp_path: Path, card: str, said: str) -> None:
+    (tmp_path / "ragtune.json").write_text(card)
+    with pytest.raises(UsageError, match="the run card is damaged|not valid JSON") as err:
+        read_runcard(tmp_path)
+    assert said in str(err.value)

@@ -23,6 +23,7 @@ def _run_export(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.export.parity import describe_check
     from ragtune.modeling import quiet_libraries
 
+    _check_args(args)
     quiet_libraries()
     res = export_gguf(
         args.source, args.out, args.type, lora=args.lora, base_gguf=args.base_gguf or None,
@@ -47,6 +48,24 @@ def _run_export(args: argparse.Namespace, cfg: Any) -> int:
                   "names this GGUF)")
     print(f"Python: LlamaCppEngine('{res.path}').load() (ragtune.serve.llamacpp)")
     return EXIT_OK
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What argparse's types let through, refused before the export starts."""
+    import math
+
+    from ragtune.errors import UsageError
+
+    if not math.isfinite(args.margin) or args.margin < 0:
+        raise UsageError(f"--margin {args.margin}: give a number of 0 or more (the logit margin below which a "
+                         f"differing greedy token is forgiven; default {DEFAULT_MARGIN})")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: give 0 (all usable cores) or more")
+    if args.base_gguf and not args.lora:
+        raise UsageError("--base-gguf names the base a LoRA GGUF is checked and served over: it goes with --lora; "
+                         "leave it out to export the merged model")
+    if args.no_check and args.margin != DEFAULT_MARGIN:
+        raise UsageError("--margin sets the check that --no-check skips: give one of them")
 
 
 def _run_setup(args: argparse.Namespace) -> int:

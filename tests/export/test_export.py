@@ -226,6 +226,14 @@ def test_bad_type_is_a_usage_error(tiny_smol: Path, tmp_path: Path, capsys: pyte
     assert "invalid choice: 'q5_x'" in capsys.readouterr().err
     with pytest.raises(UsageError, match="is not one of f16, q8_0, q4_k_m"):
         export_gguf(tiny_smol, tmp_path / "x.gguf", "q5_x")
+    out = ["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf")]
+    for extra, said in [(["--margin", "-1"], "--margin -1.0: give a number of 0 or more"),
+                        (["--margin", "nan"], "--margin nan"), (["--threads", "-3"], "--threads -3"),
+                        (["--base-gguf", "/nope.gguf"], "it goes with --lora"),
+                        (["--no-check", "--margin", "2"], "--margin sets the check that --no-check skips")]:
+        assert main([*out, *extra]) == 2, extra
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_non_model_source_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

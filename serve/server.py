@@ -221,6 +221,15 @@ class Runtime:
         return self.deployments.get(self.aliases.get(name, name))
 
     def load(self) -> "Runtime":
+        """Every deployment's generator, adapter and index; one that fails closes what was opened (an
+        index's reader copy is not left behind by a server that never started)."""
+        try:
+            return self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self) -> "Runtime":
         from ragtune.modeling import resolve_model_path
         from ragtune.serve.answer import open_retriever
         from ragtune.runcard import trained_base

@@ -42,3 +42,19 @@ def test_shipped_serve_configs_load(yaml_file: Path) -> None:
 
     cfg = load_config(yaml_file)
     assert cfg.serve.host == "127.0.0.1" and all(d.name for d in cfg.serve.deployments)
+
+
+def test_a_server_that_fails_to_start_leaves_no_copy_of_its_index(tiny_llama: Path, tiny_embedder: Path,
+                                                                    ragtune_home: Path, tmp_path: Path, capsys) -> None:
+    from ragtune.retrieval.ingest import ingest
+    from tests.retrieval.conftest import make_cfg, write_docs
+
+    ingest(make_cfg(tiny_embedder), [str(write_docs(tmp_path / "docs"))], index="docs", progress=False)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model:\n  path: {tiny_llama}\nembedder:\n  path: {tiny_embedder}\n  device: cpu\n"
+                   "serve:\n  deployments:\n    - {name: a, index: docs}\n"
+                   f"    - {{name: b, adapter: {tmp_path / 'no-such-adapter'}}}\n")
+    assert main(["serve", "--config", str(cfg)]) == 2
+    assert "deployment 'b'" in capsys.readouterr().err
+    readers = ragtune_home / "indexes" / "docs" / ".readers"
+    assert not readers.exists() or not any(readers.iterdir())

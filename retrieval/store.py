@@ -350,6 +350,26 @@ def copy_sparse(src: str | Path, dst: str | Path) -> None:
     shutil.copystat(src, dst)
 
 
+def data_end(path: str | Path) -> int:
+    """Where a file's last written byte ends: its size less a trailing hole (the file size where the
+    file system cannot say)."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = pos = os.lseek(fd, start, os.SEEK_HOLE)
+        return end
+    except (AttributeError, OSError):
+        return size
+    finally:
+        os.close(fd)
+
+
 def local_indexes() -> list[str]:
     """The names of the edge indexes under $RAGTUNE_HOME/indexes that hold a store."""
     root = indexes_root()

@@ -188,9 +188,12 @@ def _result_file(job_id: str, out: Path) -> str | None:
     rows = []
     metrics = out / "metrics.jsonl"
     if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            if "loss" in r or "eval_loss" in r:
+        for line in metrics.read_bytes().splitlines():
+            try:
+                r = json.loads(line.decode("utf-8", errors="replace"))
+            except ValueError:  # a line cut by a crash: the CSV is written from the whole ones
+                continue
+            if isinstance(r, dict) and ("loss" in r or "eval_loss" in r):
                 rows.append([r.get("step"), r.get("epoch"), r.get("loss", ""), r.get("eval_loss", "")])
     buf = io.StringIO()
     w = csv.writer(buf)

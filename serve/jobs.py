@@ -32,6 +32,7 @@ stops with the server), jobs still validating are validated again, and queued on
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -42,10 +43,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from fastapi import Request  # module level: FastAPI resolves the routes' annotations here
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints, ValidationInfo,
+                      field_validator)
 
 from ragtune.errors import RagtuneError, UsageError
-from ragtune.serve.job_store import CANCEL, FINAL, PRIVATE, RUN, JobStore, new_id, page, public, worker_alive
+from ragtune.serve.job_store import (CANCEL, FINAL, PRIVATE, RUN, DamagedRecord, JobStore, ended, new_id, page,
+                                     public, worker_alive)
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +56,25 @@ POLL_S = 0.5  # how often the scheduler looks at the worker and the queue
 STOP_WAIT_S = 60.0  # how long a cancel or a shutdown waits for the worker to stop before killing it
 
 
+RANGES = {"n_epochs": (1, 1000), "batch_size": (1, 4096),
+          # below 1/1000 of train.learning_rate a LoRA run barely moves off the base model
+          "learning_rate_multiplier": (0.001, 100)}
+
+
 class Hyperparameters(BaseModel):
+    """Strict numbers: `true` is not 1 and "3" is not 3 (the job would train with a value nobody sent)."""
     model_config = ConfigDict(extra="forbid")
-    n_epochs: Union[Literal["auto"], Annotated[int, Field(ge=1, le=1000)]] = "auto"
-    batch_size: Union[Literal["auto"], Annotated[int, Field(ge=1, le=4096)]] = "auto"
-    learning_rate_multiplier: Union[Literal["auto"], Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]] = "auto"
+    n_epochs: Union[Literal["auto"], StrictInt] = "auto"
+    batch_size: Union[Literal["auto"], StrictInt] = "auto"
+    learning_rate_multiplier: Union[Literal["auto"], StrictFloat] = "auto"
+
+    @field_validator("n_epochs", "batch_size", "learning_rate_multiplier")
+    @classmethod
+    def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        lo, hi = RANGES[info.field_name or ""]
+        if value != "auto" and not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"must be between {lo} and {hi}, or \"auto\"")
+        return value
 
 
 class Supervised(BaseModel):
@@ -77,11 +94,13 @@ class JobRequest(BaseModel):
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(default=None, max_length=64)
     suffix: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, strict=True)
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
     integrations: list[Any] | None = None
-    metadata: dict[str, str] | None = None
+    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512, strings only
+    metadata: dict[Annotated[str, StringConstraints(max_length=64)],
+                   Annotated[str, StringConstraints(max_length=512)]] | None = Field(default=None, max_length=16)
 
 
 class JobManager:
@@ -121,6 +140,7 @@ class JobManager:
             raise UsageError(f"another 'ragtune serve' with serve.fine_tuning runs its jobs from {self.store.root}; "
                              "stop it, or give this server its own RAGTUNE_HOME") from None
         self._server_lock = fd
+        _record_url(fd, self.cfg.serve)
         return self
 
     def start(self) -> "JobManager":
@@ -149,6 +169,7 @@ class JobManager:
             with self.lock:
                 self._reap()
         if self._server_lock is not None:
+            os.ftruncate(self._server_lock, 0)  # the URL in it is no longer served
             fcntl.flock(self._server_lock, fcntl.LOCK_UN)
             os.close(self._server_lock)
             self._server_lock = None
@@ -204,6 +225,9 @@ class JobManager:
             raise APIError(400, "hyperparameters and method.supervised.hyperparameters differ; send one of them",
                            param="hyperparameters", code="invalid_request")
         hp = hp or nested or Hyperparameters()
+        if req.validation_file is not None and not req.validation_file.strip():
+            raise APIError(400, "validation_file is empty; send a file id, or leave validation_file out to train "
+                           "without one", param="validation_file", code="invalid_request")
         files = {}
         for param in ("training_file", "validation_file"):
             fid = getattr(req, param)
@@ -251,6 +275,10 @@ class JobManager:
                 raise APIError(400, "a file of this job was deleted while the job was being created; upload it "
                                "again", param="training_file", code="invalid_file") from None
             self.store.event(job_id, f"Created fine-tuning job: {job_id}")
+            if req.validation_file == req.training_file:
+                self.store.event(job_id, f"validation_file is the training file ({req.training_file}): the validation "
+                                 "loss measures the training data itself, not how the model does on new data",
+                                 level="warn")
         self._wake.set()
         return job
 
@@ -267,7 +295,7 @@ class JobManager:
                 "already has an adapter" if d.adapter else "retrieves from an index" if d.index else
                 "is unavailable")
             raise APIError(400, f"model '{name}' {why}; fine-tune one of the served base models: "
-                           f"{', '.join(ok) or 'none'} (a succeeded job's model also gets a +rag twin)",
+                           f"{', '.join(ok) or 'none'}",
                            param="model", code="model_not_available")
         return d
 
@@ -294,8 +322,9 @@ class JobManager:
         job_id = job["id"]
         self.store.event(job_id, "Validating training file: " + job["training_file"]
                          + (f" and validation file: {job['validation_file']}" if job.get("validation_file") else ""))
+        notes: list[str] = []
         try:
-            error = self._check_files(job)
+            error = self._check_files(job, notes)
         except Exception as exc:  # a fault while checking: the job fails with it rather than staying stuck
             log.exception("validating %s", job_id)
             error = {"code": "validation_failed", "message": f"the files could not be checked: "
@@ -303,6 +332,8 @@ class JobManager:
         with self.lock:
             if self.store.get(job_id)["status"] != "validating_files":
                 return  # cancelled meanwhile
+            for note in notes:  # what `ragtune data check` prints as notes: the job trains, but should know
+                self.store.event(job_id, note, level="warn")
             if error:
                 self.store.update(job_id, status="failed", error=error, finished_at=int(time.time()))
                 self.store.event(job_id, "Fine-tuning job failed: " + error["message"], level="error")
@@ -310,7 +341,9 @@ class JobManager:
                 self.store.update(job_id, status="queued")
                 self.store.event(job_id, "Files validated, moving job to queued state")
 
-    def _check_files(self, job: dict[str, Any]) -> dict[str, Any] | None:
+    def _check_files(self, job: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
+        """The error object of the first file with problems (None when both are fine); `notes` gets the
+        data check's notes on files that pass."""
         from ragtune.train.data import check_file
 
         tok, template = self._tokenizer(job[PRIVATE]["base_path"])
@@ -319,15 +352,16 @@ class JobManager:
         for param, local, what in (("training_file", "training.jsonl", "training"),
                                    ("validation_file", "validation.jsonl", "validation")):
             fid = job.get(param)
-            if not fid:
-                continue
+            if not fid or (param == "validation_file" and fid == job["training_file"]):
+                continue  # the same file is checked once (its note is an event of its own)
             filename = job[PRIVATE]["filenames"].get(param) or local
             label = f"{filename} ({fid})"
             code = f"invalid_{param}"
             try:
                 rep = check_file(job_dir / local, tok, template, dcfg.max_length, dedupe=dcfg.dedupe)
             except RagtuneError as exc:  # not text, a table instead of JSONL, ...
-                return {"code": code, "param": param, "message": str(exc).replace(str(job_dir / local), label)}
+                return {"code": code, "param": param, "message": _for_api(str(exc).replace(str(job_dir / local),
+                                                                                            label))}
             rep.path = label
             fix = (f"fix the lines above and upload the file again (check it first with 'ragtune data check "
                    f"{filename}'; 'ragtune data check {filename} --write-clean OUT.jsonl' writes the valid records)")
@@ -339,6 +373,7 @@ class JobManager:
                         "message": f"the {what} data has problems; nothing was trained:\n{rep.format()}\n{fix}"
                                    + (", or set data.skip_invalid: true in the server's config to train on the "
                                       f"{len(rep.records)} valid records" if what == "training" else "")}
+            notes += _notes(rep, label, dcfg.max_length)
         return None
 
     def _tokenizer(self, base: str) -> tuple[Any, str]:
@@ -406,7 +441,7 @@ class JobManager:
         with self.lock:
             job = self.store.get(job_id)
             if job["status"] in FINAL:
-                raise APIError(400, f"job {job_id} has already {job['status']}; only a job that is validating_files, "
+                raise APIError(400, f"job {job_id} {ended(job['status'])}; only a job that is validating_files, "
                                "queued or running can be cancelled", param="fine_tuning_job_id",
                                code="job_not_cancellable")
             job_dir = self.store.dir(job_id)
@@ -467,11 +502,50 @@ class JobManager:
         log.info("serving %s", ", ".join(new))
 
 
+def _record_url(fd: int, serve: Any) -> None:
+    """Write the URL this server answers on into its lock file, for `ragtune jobs cancel` to find it."""
+    import json
+
+    host = serve.host if serve.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{serve.port}"
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps({"url": url, "pid": os.getpid()}) + "\n").encode("utf-8"), 0)
+    except OSError as exc:  # the lock holds all the same; `jobs cancel` then needs --server
+        log.warning("could not record this server's URL in the jobs folder's lock: %s", exc)
+
+
+def _for_api(message: str) -> str:
+    """A data-file error as an API client can act on it: no CLI flag to name an encoding (the server reads UTF-8)."""
+    import re
+
+    fixed, n = re.subn(r", or name its encoding \(.*\)$", " and upload it again", message, flags=re.S)
+    return fixed if n else message
+
+
+def _notes(rep: Any, label: str, max_length: int) -> list[str]:
+    """The notes `ragtune data check` prints under a file that passes, said for an API user."""
+    out = [n.replace(" (--json lists all)", "") for n in (rep.tool_note(), rep.duplicate_note(), rep.conflict_note())
+           if n]
+    cut = (rep.stats or {}).get("cut_lines") or []
+    if cut:
+        lines = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        out.append(f"{label}: the answers of {len(cut)} record(s) are cut at data.max_length {max_length} tokens "
+                   f"(lines {lines}): their ends and stop tokens are not trained; shorten them, or raise "
+                   "data.max_length in the server's config")
+    if rep.rejected:
+        bad = sorted(rep.rejected)
+        out.append(f"{label}: {len(bad)} invalid record(s) left out (data.skip_invalid: true): lines "
+                   + ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
+    return out
+
+
 def jobs_router(manager: JobManager) -> Any:
     """The /v1/fine_tuning/jobs routes (mounted by create_app behind the same API key as the rest of /v1)."""
     from fastapi import APIRouter
     from starlette.concurrency import run_in_threadpool
 
+    from ragtune.serve.files import query_limit
     from ragtune.serve.server import APIError, parse_body, read_body
 
     router = APIRouter()
@@ -481,13 +555,16 @@ def jobs_router(manager: JobManager) -> Any:
     def get(job_id: str) -> dict[str, Any]:
         try:
             return store.get(job_id)
+        except DamagedRecord as exc:
+            raise APIError(404, f"fine-tuning job '{job_id}' cannot be read: its record {exc}; create the job again "
+                           "(the server's operator can remove that folder)", param="fine_tuning_job_id",
+                           code="job_damaged") from None
         except KeyError:
             raise APIError(404, f"no fine-tuning job '{job_id}' (GET /v1/fine_tuning/jobs lists them)",
                            param="fine_tuning_job_id", code="job_not_found") from None
 
-    def listing(rows: list[dict[str, Any]], after: str, limit: int, what: str) -> dict[str, Any]:
-        if not 1 <= limit <= 100:
-            raise APIError(400, f"limit {limit} is not between 1 and 100", param="limit", code="invalid_request")
+    def listing(rows: list[dict[str, Any]], after: str, raw_limit: str, what: str) -> dict[str, Any]:
+        limit = query_limit(raw_limit, 100)
         got = page(rows, after, limit)
         if got is None:
             raise APIError(404, f"after: no {what} '{after}' in this list", param="after", code="not_found")
@@ -499,7 +576,7 @@ def jobs_router(manager: JobManager) -> Any:
         return public(await run_in_threadpool(manager.create, req))
 
     @router.get("/v1/fine_tuning/jobs")
-    async def list_jobs(after: str = "", limit: int = 20) -> Any:
+    async def list_jobs(after: str = "", limit: str = "20") -> Any:
         return listing([public(j) for j in store.list()], after, limit, "job")
 
     @router.get("/v1/fine_tuning/jobs/{job_id}")
@@ -512,12 +589,12 @@ def jobs_router(manager: JobManager) -> Any:
         return public(await run_in_threadpool(manager.cancel, job_id))
 
     @router.get("/v1/fine_tuning/jobs/{job_id}/events")
-    async def events(job_id: str, after: str = "", limit: int = 20) -> Any:
+    async def events(job_id: str, after: str = "", limit: str = "20") -> Any:
         get(job_id)
         return listing(store.events(job_id), after, limit, "event")
 
     @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    async def checkpoints(job_id: str, after: str = "", limit: int = 10) -> Any:
+    async def checkpoints(job_id: str, after: str = "", limit: str = "10") -> Any:
         get(job_id)
         return listing(store.checkpoints(job_id), after, limit, "checkpoint")
 

@@ -5,8 +5,9 @@
     ragtune jobs cancel ftjob-... [--server URL] [--api-key KEY]
 
 list and show read $RAGTUNE_HOME/jobs directly, with or without a server. cancel asks the server
-that schedules the jobs (its POST /v1/fine_tuning/jobs/{id}/cancel stops a training worker); with
-no server running it cancels a waiting job on disk itself.
+that schedules the jobs (its POST /v1/fine_tuning/jobs/{id}/cancel stops a training worker): the one
+--server names, else the URL that server wrote into `$RAGTUNE_HOME/jobs/.server.lock`, else
+serve.host:serve.port; with no server running it cancels a waiting job on disk itself.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def register(sub: Any) -> None:
     pc = jsub.add_parser("cancel", help="cancel a waiting or training job")
     pc.add_argument("job_id", help="ftjob-...")
     pc.add_argument("--server", metavar="URL", default=None,
-                    help="the server running the jobs (default: env RAGTUNE_SERVER, else serve.host:serve.port)")
+                    help="the server running the jobs (default: env RAGTUNE_SERVER, else the URL the server recorded "
+                         "in $RAGTUNE_HOME/jobs/.server.lock, else serve.host:serve.port)")
     pc.add_argument("--api-key", metavar="KEY", default=None, help="its API key (default: env RAGTUNE_API_KEY)")
     pc.add_argument("--json", action="store_true", help="the job object as JSON")
     for q in (pl, ps, pc):
@@ -71,8 +73,14 @@ def run_jobs(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _get(store: Any, job_id: str) -> dict[str, Any]:
+    from ragtune.errors import RagtuneError
+    from ragtune.serve.job_store import DamagedRecord
+
     try:
         return store.get(job_id)
+    except DamagedRecord as exc:
+        raise RagtuneError(f"fine-tuning job '{job_id}' cannot be read: {exc}; move {exc.path.parent} out of "
+                           f"{store.root} (or restore its job.json)") from None
     except KeyError:
         raise UsageError(f"no fine-tuning job '{job_id}' in {store.root}; 'ragtune jobs list' lists them") from None
 
@@ -111,17 +119,17 @@ def _cancel(store: Any, job: dict[str, Any], args: argparse.Namespace, cfg: Any)
     import fcntl
     import os
 
-    from ragtune.serve.job_store import FINAL
+    from ragtune.serve.job_store import FINAL, ended
 
     if job["status"] in FINAL:
-        raise UsageError(f"job {job['id']} has already {job['status']}; only a waiting or training job can be cancelled")
+        raise UsageError(f"job {job['id']} {ended(job['status'])}; only a waiting or training job can be cancelled")
     store.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(store.root / ".server.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # a server runs the jobs: it must stop the worker
-            return _cancel_on_server(job["id"], args, cfg)
+            return _cancel_on_server(store, job["id"], args, cfg)
         job = store.get(job["id"])
         if job["status"] in FINAL:
             return job
@@ -133,12 +141,47 @@ def _cancel(store: Any, job: dict[str, Any], args: argparse.Namespace, cfg: Any)
         os.close(fd)
 
 
-def _cancel_on_server(job_id: str, args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+def _cancel_on_server(store: Any, job_id: str, args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    """POST the cancel to --server, else to the server that holds the jobs folder (the URL it recorded in its
+    lock, then serve.host:serve.port); a usage error when none of those answers."""
     from ragtune.client import api_key, post_json, server_url
 
-    url = server_url(args.server)
-    if not url:
-        host = cfg.serve.host if cfg.serve.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.serve.port}"
+    path = f"/v1/fine_tuning/jobs/{job_id}/cancel"
     key = api_key(args.api_key) or cfg.serve.api_key
-    return post_json(url, f"/v1/fine_tuning/jobs/{job_id}/cancel", {}, key)
+    url = server_url(args.server)
+    if url:  # named by the user: its own errors as they are
+        return post_json(url, path, {}, key)
+    lock = store.root / ".server.lock"
+    host = cfg.serve.host if cfg.serve.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    tried = list(dict.fromkeys(u for u in (_recorded_url(lock), f"http://{f'[{host}]' if ':' in host else host}:"
+                                           f"{cfg.serve.port}") if u))
+    for candidate in tried:
+        if _answers(candidate):
+            return post_json(candidate, path, {}, key)
+    raise UsageError(f"a ragtune server holds the jobs folder {store.root} (its lock {lock}) and only it can stop "
+                     f"the job, but nothing answers at {' or '.join(tried)}; pass --server URL (or set "
+                     "RAGTUNE_SERVER) with the address that server listens on, or the --config it was started with")
+
+
+def _recorded_url(lock: Any) -> str:
+    """The URL a running server wrote into the jobs folder's lock ("" when there is none)."""
+    import json
+
+    try:
+        url = json.loads(lock.read_bytes().decode("utf-8")).get("url", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return url if isinstance(url, str) and url.startswith("http://") else ""
+
+
+def _answers(url: str) -> bool:
+    """Whether something accepts connections at `url`'s host and port."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False

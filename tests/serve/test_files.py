@@ -94,3 +94,110 @@ def test_files_routes_are_off_unless_fine_tuning_is_on(tmp_path: Path, tiny_llam
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def _post(url: str, **kw: Any) -> Any:
+    import httpx
+
+    return httpx.post(f"{url}/files", headers={"Authorization": "Bearer k-test"}, **kw)
+
+
+def test_multipart_mistakes_name_the_field_and_names_are_sanitised(files_url: str) -> None:
+    r = _post(files_url, files={"purpose": ("p.txt", b"fine-tune"), "file": ("a.jsonl", RECORDS)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    assert "purpose must be a text field" in r.json()["error"]["message"]
+    r = _post(files_url, files={"purpose": (None, "fine-tune"), "file": (None, "sometext")})  # multipart text fields
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+    assert "file must be a file part" in r.json()["error"]["message"]
+    for n in (300, 5000):  # past python-multipart's header limit, and under it
+        r = _post(files_url, data={"purpose": "fine-tune"}, files={"file": ("a" * n + ".jsonl", RECORDS[:50])})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "file" and "255 characters" in err["message"], err
+    for sent, stored in (("..", "upload.jsonl"), ("../../etc/x.jsonl", "x.jsonl"), ("C:\\data\\w.jsonl", "w.jsonl")):
+        r = _post(files_url, data={"purpose": "fine-tune"}, files={"file": (sent, RECORDS[:200])})
+        assert r.status_code == 200 and r.json()["filename"] == stored, (sent, r.text)
+
+
+def test_a_fine_tune_file_that_is_not_jsonl_is_refused_at_upload(files_url: str) -> None:
+    def refused(name: str, data: bytes) -> str:
+        r = _post(files_url, data={"purpose": "fine-tune"}, files={"file": (name, data)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+        return r.json()["error"]["message"]
+
+    msg = refused("faq.csv", b"question,answer\nhi,there\n")
+    assert "looks like a table" in msg and "ragtune data convert faq.csv" in msg
+    assert "ragtune data convert" in refused("notes.jsonl", b"\n\nhello, this is not json\n")
+    assert "JSON array" in refused("all.json", b'[{"messages": []}]\n')
+    assert "blank lines" in refused("blank.jsonl", b"\n  \n")
+    # what training reads is accepted: a UTF-8 BOM, UTF-16 with its BOM, blank lines first
+    for data in (b"\xef\xbb\xbf" + RECORDS, b"\xff\xfe" + RECORDS.decode().encode("utf-16-le"), b"\n\n" + RECORDS):
+        r = _post(files_url, data={"purpose": "fine-tune"}, files={"file": ("ok.jsonl", data[:1900])})
+        assert r.status_code == 200, r.text
+
+
+def test_a_chunked_upload_is_refused_once_it_passes_the_limit(files_url: str) -> None:
+    """No Content-Length: the 413 comes while the client is still sending, not after the whole body is spooled."""
+    import socket
+    from urllib.parse import urlsplit
+
+    port = urlsplit(files_url).port
+    b = "XyZ"
+    head = (f"--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n").encode()
+    total, sent, block = 64 << 20, 0, b"{" + b"x" * (64 << 10)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall((f"POST /v1/files HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer k-test\r\n"
+                   f"Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary={b}\r\n\r\n").encode())
+        s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+        try:
+            while sent < total:
+                s.sendall(b"%x\r\n%s\r\n" % (len(block), block))
+                sent += len(block)
+                s.setblocking(False)
+                try:
+                    if s.recv(1, socket.MSG_PEEK):
+                        break  # the server has answered
+                except BlockingIOError:
+                    pass
+                finally:
+                    s.setblocking(True)
+                    s.settimeout(20)
+        except (ConnectionError, socket.timeout):
+            pass  # the server answered and closed while this client was still sending
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413") and b"serve.max_file_bytes" in answer, answer[:300]
+    assert sent < 16 << 20, f"the server read {sent} bytes before refusing a 2000-byte limit"
+
+
+def test_damaged_file_records_are_left_out_and_named(files_url: str, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import httpx
+
+    h = {"Authorization": "Bearer k-test"}
+    good = _post(files_url, data={"purpose": "fine-tune"}, files={"file": ("a.jsonl", RECORDS)}).json()
+    root = tmp_path / "home" / "files"
+    for fid, text in (("file-0000000000000000000000aa", "[]"), ("file-0000000000000000000000bb", '{"id": 3}'),
+                      ("file-0000000000000000000000cc", "{not json")):
+        (root / fid).mkdir()
+        (root / fid / "file.json").write_text(text)
+    with caplog.at_level("WARNING", logger="ragtune.serve.job_store"):
+        for _ in range(3):
+            r = httpx.get(f"{files_url}/files", headers=h)
+            assert r.status_code == 200 and [f["id"] for f in r.json()["data"]] == [good["id"]]
+    warned = [rec.getMessage() for rec in caplog.records if "is damaged" in rec.getMessage()]
+    assert len(warned) == 3 and any("file-0000000000000000000000aa" in w for w in warned)  # once per file
+    r = httpx.get(f"{files_url}/files/file-0000000000000000000000aa", headers=h)
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["code"] == "file_damaged" and err["param"] == "file_id"
+    assert str(root / "file-0000000000000000000000aa" / "file.json") in err["message"] and "an array" in err["message"]
+    assert httpx.get(f"{files_url}/files/file-0000000000000000000000bb/content", headers=h).status_code == 404
+
+
+def test_list_parameters_are_named_in_errors(files_url: str) -> None:
+    import httpx
+
+    h = {"Authorization": "Bearer k-test"}
+    for query, param, status in (("after=file-nope", "after", 404), ("limit=abc", "limit", 400),
+                                 ("limit=0", "limit", 400), ("order=up", "order", 400)):
+        r = httpx.get(f"{files_url}/files?{query}", headers=h)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (query, r.text)

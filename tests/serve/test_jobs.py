@@ -371,3 +371,133 @@ def test_openai_model_names_kept_through_serve_model_aliases(tmp_path: Path, tra
                       ("base=base", "already a deployment's own name")):
         with pytest.raises(UsageError, match=why):
             Server(bad, trainable_llama, serve_extra=f"  model_aliases: ['{item}']\n")
+
+
+class Records(list):
+    """Log records of one logger, kept by a handler of its own (the CLI's logging set-up leaves it alone)."""
+
+    def __init__(self, name: str):
+        import logging
+
+        super().__init__()
+        self.logger = logging.getLogger(name)
+        self.handler = logging.Handler()
+        self.handler.emit = self.append  # type: ignore[method-assign]
+        self.logger.addHandler(self.handler)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self.handler)
+
+
+def test_damaged_job_records_and_torn_event_lines_do_not_stop_the_other_jobs(server: Server, ragtune_home: Path,
+                                                                            capsys: Any) -> None:
+    import openai
+
+    jobs = ragtune_home / "jobs"
+    damaged = {"ftjob-0000000000000000000000aa": '{"id": "ftjob-0000000000000000000000aa"}',
+               "ftjob-0000000000000000000000bb": "[]"}
+    for job_id, text in damaged.items():
+        (jobs / job_id).mkdir(parents=True)
+        (jobs / job_id / "job.json").write_text(text)
+    logged = Records("ragtune.serve.job_store")
+    try:
+        client = server.client()
+        job = client.fine_tuning.jobs.create(training_file=upload(client, records(FACTS)).id, model="base",
+                                             hyperparameters={"n_epochs": 1000})
+        wait_for(client, job.id, ("running",), timeout=60)  # the scheduler validated and started it all the same
+        time.sleep(3 * 0.5)  # a few more scheduler rounds
+        assert [j.id for j in client.fine_tuning.jobs.list().data] == [job.id]
+    finally:
+        logged.close()
+    warned = [r.getMessage() for r in logged if "is damaged" in r.getMessage()]
+    assert len(warned) == 2 and all(any(i in w for w in warned) for i in damaged), warned  # once per file
+    with pytest.raises(openai.NotFoundError) as e:
+        client.fine_tuning.jobs.retrieve("ftjob-0000000000000000000000bb")
+    assert e.value.body["code"] == "job_damaged" and e.value.body["param"] == "fine_tuning_job_id"
+    assert str(jobs / "ftjob-0000000000000000000000bb" / "job.json") in e.value.message
+    assert "an array" in e.value.message
+    with pytest.raises(openai.NotFoundError, match="is damaged"):
+        client.fine_tuning.jobs.cancel("ftjob-0000000000000000000000aa")
+
+    with open(jobs / job.id / "events.jsonl", "ab") as fh:  # a torn, undecodable line among the events
+        fh.write(b'{"torn\xff\n')
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert events[-1].message == f"Created fine-tuning job: {job.id}" and all(e.id for e in events)
+    assert main(["-q", "jobs", "show", job.id]) == 0
+    assert f"Created fine-tuning job: {job.id}" in capsys.readouterr().out
+    assert main(["-q", "jobs", "list", "--json"]) == 0
+    assert [j["id"] for j in json.loads(capsys.readouterr().out)["data"]] == [job.id]
+    assert main(["-q", "jobs", "show", "ftjob-0000000000000000000000aa"]) == 1
+    err = capsys.readouterr().err
+    assert "is damaged" in err and str(jobs / "ftjob-0000000000000000000000aa") in err and "Traceback" not in err
+
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError, match=f"job {job.id} is already cancelled; only"):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_job_requests_are_strict_and_the_data_checks_notes_become_events(server: Server) -> None:
+    import httpx
+    import openai
+
+    client = server.client()
+    long_answer = " ".join(f"word{i}" for i in range(400))  # past data.max_length 128: its end is not trained
+    data = records(FACTS + [("Describe the gate.", long_answer), (FACTS[0][0], "The code is pear.")])
+    f = upload(client, data, "notes.jsonl")
+
+    def refused(match: str, param: str, **kw: Any) -> None:
+        with pytest.raises(openai.BadRequestError, match=match) as e:
+            client.fine_tuning.jobs.create(**{"training_file": f.id, "model": "base", **kw})
+        assert e.value.body["param"] == param, e.value.body
+
+    refused("valid integer", "hyperparameters.n_epochs", hyperparameters={"n_epochs": True})
+    refused("valid integer", "hyperparameters.batch_size", hyperparameters={"batch_size": "4"})
+    refused("between 0.001 and 100", "hyperparameters.learning_rate_multiplier",
+            hyperparameters={"learning_rate_multiplier": 1e-300})
+    refused("valid integer", "seed", seed=True)
+    refused("at most 16 items", "metadata", metadata={f"k{i}": "v" for i in range(17)})
+    refused("at most 64 characters", "metadata." + "k" * 65, metadata={"k" * 65: "v"})
+    refused("at most 512 characters", "metadata.k", metadata={"k": "v" * 513})
+    refused("valid string", "metadata.k", metadata={"k": 1})
+    refused("validation_file is empty", "validation_file", validation_file="")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(training_file=f.id, model="ft:base:x:0123")
+    assert "is not served here; fine-tune one of the served base models: base" in e.value.message
+    assert "+rag" not in e.value.message
+    h = {"Authorization": f"Bearer {KEY}"}
+    for query, param in (("limit=abc", "limit"), ("limit=0", "limit"), ("after=ftjob-nope", "after")):
+        r = httpx.get(f"{server.url}/fine_tuning/jobs?{query}", headers=h)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (query, r.text)
+
+    job = client.fine_tuning.jobs.create(training_file=f.id, validation_file=f.id, model="base",
+                                         hyperparameters={"n_epochs": 1000, "learning_rate_multiplier": 2},
+                                         metadata={"team": "policies"})
+    assert job.metadata == {"team": "policies"} and job.hyperparameters.learning_rate_multiplier == 2.0
+    wait_for(client, job.id, ("queued", "running"), timeout=120)
+    warns = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.level == "warn"]
+    assert len(warns) == 3, warns  # the same file as both: checked once
+    assert any("validation_file is the training file" in w and "measures the training data" in w for w in warns)
+    assert any(f"notes.jsonl ({f.id}): the answers of 1 record(s) are cut at data.max_length 128" in w
+               and "(lines 3)" in w for w in warns)
+    assert any("asked with different answers" in w and "lines 1, 4" in w for w in warns)
+    client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_jobs_cancel_from_the_shell_finds_the_server_by_its_lock(server: Server, ragtune_home: Path,
+                                                                capsys: Any) -> None:
+    lock = ragtune_home / "jobs" / ".server.lock"
+    recorded = json.loads(lock.read_text())
+    assert recorded["pid"] == os.getpid() and recorded["url"] == "http://127.0.0.1:8000"  # the config's host:port
+    client = server.client()
+    job = client.fine_tuning.jobs.create(training_file=upload(client, records(FACTS)).id, model="base",
+                                         hyperparameters={"n_epochs": 1000})
+    wait_for(client, job.id, ("queued", "running"), timeout=120)
+    lock.write_text(json.dumps({"url": f"http://127.0.0.1:{free_port()}"}))  # the same file: the server's lock holds
+    assert main(["-q", "jobs", "cancel", job.id, "--api-key", KEY, f"serve.port={free_port()}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "a ragtune server holds the jobs folder" in err and "pass --server URL" in err and "--config" in err
+    assert len(err.splitlines()) == 1
+    lock.write_text(json.dumps({"url": server.url.removesuffix("/v1")}))
+    assert main(["-q", "jobs", "cancel", job.id, "--api-key", KEY, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"

@@ -81,7 +81,11 @@ def check_output_dir(out: str | Path, flag: str, force: bool, inputs: dict[str, 
             where = "is" if p == src else "holds"
             raise UsageError(f"{flag} '{p}' {where} the {what} ('{src}'); replacing it would delete it: "
                              f"name a new folder for {flag}")
-    for special, name in ((Path.cwd().resolve(), "the current folder"), (Path.home().resolve(), "your home folder")):
+    try:
+        cwd = [(Path.cwd().resolve(), "the current folder")]
+    except OSError:  # the working folder was deleted under this process
+        cwd = []
+    for special, name in cwd + [(Path.home().resolve(), "your home folder")]:
         if p == special or special.is_relative_to(p):
             raise UsageError(f"{flag} '{p}' is or holds {name}, which it would replace: name a new folder for {flag}")
     if p.exists() and not p.is_dir():

@@ -129,7 +129,7 @@ async def _upload(request: Request, files: FileStore, limit: int) -> dict[str, A
 
     from starlette.formparsers import MultiPartParser
 
-    from ragtune.serve.server import APIError
+    from ragtune.serve.server import APIError, limited_stream
 
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + ENVELOPE:
@@ -138,7 +138,8 @@ async def _upload(request: Request, files: FileStore, limit: int) -> dict[str, A
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "POST /v1/files takes multipart/form-data with fields 'file' and 'purpose'")
     # two file parts at most, so that a purpose sent as a file gets its own message below
-    parser = MultiPartParser(request.headers, _counted(request, limit), max_files=2, max_fields=8)
+    stream = limited_stream(request, limit + ENVELOPE, _too_large(limit))
+    parser = MultiPartParser(request.headers, stream, max_files=2, max_fields=8)
     form = await _parse(parser)
     try:
         purpose, upload = _fields(form)
@@ -170,25 +171,6 @@ def _too_large(limit: int) -> Exception:
     from ragtune.serve.server import APIError
 
     return APIError(413, f"upload is over {limit} bytes (serve.max_file_bytes)", code="file_too_large")
-
-
-async def _counted(request: Request, limit: int) -> Any:
-    """The request's body, stopped with a 413 as soon as it passes the limit (a chunked upload declares no
-    length: without this, the parser would spool all of it to disk first)."""
-    from starlette.requests import ClientDisconnect
-
-    from ragtune.serve.server import APIError
-
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit + ENVELOPE:
-                raise _too_large(limit)
-            yield chunk
-    except ClientDisconnect:
-        raise APIError(400, "the client disconnected before sending the whole upload",
-                       code="client_disconnected") from None
 
 
 async def _parse(parser: Any) -> Any:

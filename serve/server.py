@@ -799,21 +799,28 @@ async def read_body(request: Any, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body is {declared} bytes; the limit is {limit} (serve.max_body_bytes)",
                        code="body_too_large")
+    too_large = APIError(413, f"request body is over {limit} bytes (serve.max_body_bytes)", code="body_too_large")
+    return b"".join([chunk async for chunk in limited_stream(request, limit, too_large)])
+
+
+async def limited_stream(request: Any, limit: int, too_large: APIError) -> AsyncIterator[bytes]:
+    """The request body's chunks, ended by `too_large` as soon as more than `limit` bytes have come (a
+    chunked body declares no length); a client that hangs up mid-way is logged as such (info, no
+    traceback: the client's doing) and ends it with a 400 there is no one left to read."""
     from starlette.requests import ClientDisconnect
 
-    size, chunks = 0, []
+    size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"request body is over {limit} bytes (serve.max_body_bytes)", code="body_too_large")
-            chunks.append(chunk)
-    except ClientDisconnect:  # the client's doing, not a server fault: a line, no traceback, and no answer to send
+                raise too_large
+            yield chunk
+    except ClientDisconnect:
         log.info("client disconnected while sending a %s %s body (%d bytes received)", request.method,
                  request.url.path, size)
         raise APIError(400, "the client disconnected before sending the whole body", code="client_disconnected") \
             from None
-    return b"".join(chunks)
 
 
 TYPE_TAG = re.compile(r"(str|int|float|bool|list|dict|none|ContentPart|ChatMessage|StreamOptions|.*\[.*\]|function-.*)")

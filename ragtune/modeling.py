@@ -418,14 +418,9 @@ def text_sha256(text: str) -> str:
 
 def count_parameters(path: str | Path) -> int:
     """Parameter count from safetensors headers, without loading weights."""
-    import struct
-
     total = 0
     for f in weight_files(Path(path)):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
+        for name, meta in check_safetensors(f, "model").items():
             if name == "__metadata__":
                 continue
             count = 1

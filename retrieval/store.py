@@ -24,6 +24,7 @@ stack trace. Edge also locks its files for whoever has them open, reader or writ
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -317,57 +318,46 @@ def open_store(cfg: Any, name: str) -> Store:
     return ServerStore(name, url, cfg.store.api_key, cfg.store.collection_prefix)
 
 
+def data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each written region of the open file `fd` of `size` bytes, holes left out
+    (SEEK_DATA / SEEK_HOLE); from where the file system cannot say on, the rest as one region."""
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole is left
+                    return
+                raise
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            yield start, pos
+    except (AttributeError, OSError):  # no SEEK_DATA here: the rest as written
+        if pos < size:
+            yield pos, size
+
+
 def copy_sparse(src: str | Path, dst: str | Path) -> None:
     """Copy a file holding its holes as holes: Qdrant Edge preallocates its mmap files (32 MB pages, a
     WAL segment) that stay mostly unwritten, so a plain copy of a 1 MB index writes 220 MB. Only the
-    data regions (SEEK_DATA / SEEK_HOLE) are copied; the size is set to the source's. Falls back to a
-    plain copy where the file system cannot say where the holes are."""
+    data regions are copied; the size is set to the source's."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         size = os.fstat(fin.fileno()).st_size
-        try:
-            pos = 0
-            while pos < size:
-                try:
-                    start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole is left
-                    break
-                end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
-                fin.seek(start)
-                fout.seek(start)
-                left = end - start
-                while left > 0:
-                    block = fin.read(min(left, 1 << 20))
-                    if not block:
-                        break
-                    fout.write(block)
-                    left -= len(block)
-                pos = end
-        except (AttributeError, OSError):  # no SEEK_DATA here: copy every byte
-            fin.seek(0)
-            fout.seek(0)
-            shutil.copyfileobj(fin, fout, 1 << 20)
+        for start, end in data_regions(fin.fileno(), size):
+            fin.seek(start)
+            fout.seek(start)
+            left = end - start
+            while left > 0 and (block := fin.read(min(left, 1 << 20))):
+                fout.write(block)
+                left -= len(block)
         fout.truncate(size)
     shutil.copystat(src, dst)
 
 
 def data_end(path: str | Path) -> int:
-    """Where a file's last written byte ends: its size less a trailing hole (the file size where the
-    file system cannot say)."""
-    size = os.path.getsize(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        end = pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = pos = os.lseek(fd, start, os.SEEK_HOLE)
-        return end
-    except (AttributeError, OSError):
-        return size
-    finally:
-        os.close(fd)
+    """Where a file's last written byte ends: its size less a trailing hole."""
+    with open(path, "rb") as f:
+        return max((end for _, end in data_regions(f.fileno(), os.fstat(f.fileno()).st_size)), default=0)
 
 
 def local_indexes() -> list[str]:

@@ -27,6 +27,13 @@ class ConfigError(UsageError):
         super().__init__("\n".join(self.problems))
 
 
+class PromptTooLong(UsageError):
+    """A prompt (with its sources) that does not fit the model's context; the server answers it with
+    OpenAI's code for it, chat with a pointer to /reset."""
+
+    api_code = "context_length_exceeded"
+
+
 class ModelPathError(UsageError):
     """A model path that does not exist or is not a loadable model directory."""
 

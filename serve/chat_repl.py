@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any, Callable, TextIO
 
-from ragtune.errors import RagtuneError
+from ragtune.errors import PromptTooLong, RagtuneError
 from ragtune.serve.answer import source_label
 
 HELP = "commands: /sources  /rag on|off  /reset  /help  /exit"
@@ -97,7 +97,7 @@ class ChatSession:
             return
         except RagtuneError as exc:
             self.history.pop()
-            hint = ("; /reset starts a new conversation" if "model's context" in str(exc) and self.history else "")
+            hint = "; /reset starts a new conversation" if isinstance(exc, PromptTooLong) and self.history else ""
             self.err.write(f"error: {exc}{hint}\n")
             return
         try:

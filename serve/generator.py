@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ragtune.errors import RagtuneError, UsageError
+from ragtune.errors import PromptTooLong, RagtuneError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -632,7 +632,7 @@ class Generator:
         if self._max_positions:
             if len(ids) >= self._max_positions:
                 fix = f" or lower rag.top_k ({rcfg.top_k})" if sources else ""
-                raise UsageError(
+                raise PromptTooLong(
                     f"the prompt is {len(ids)} tokens but the model's context is {self._max_positions}; "
                     f"shorten the conversation{fix}"
                 )

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ragtune.errors import RagtuneError, UsageError
+from ragtune.errors import PromptTooLong, RagtuneError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ class LlamaCppEngine:
             raise UsageError("LlamaCppEngine.generate: the prompt is empty")
         n_ctx = self.n_ctx
         if len(ids_in) >= n_ctx:
-            raise UsageError(
+            raise PromptTooLong(
                 f"the prompt is {len(ids_in)} tokens but the llama.cpp context is {n_ctx}; shorten it or "
                 "load the engine with a larger n_ctx"
             )

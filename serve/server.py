@@ -565,10 +565,9 @@ def output_kwargs(req: ChatRequest, d: Deployment) -> dict[str, Any]:
 
 
 def request_error(exc: RagtuneError) -> APIError:
-    """A generator's refusal as a 400; a prompt over the model's context gets OpenAI's code for it."""
+    """A generator's refusal as a 400, with the OpenAI code its kind carries (`api_code`: a prompt over the
+    model's context is ragtune.errors.PromptTooLong, context_length_exceeded)."""
     code = getattr(exc, "api_code", None)
-    if code is None and re.match(r"the prompt is \d+ tokens but the model's context is \d+", str(exc)):
-        code = "context_length_exceeded"
     return APIError(400, str(exc), param="messages" if code == "context_length_exceeded" else None, code=code)
 
 

@@ -44,6 +44,9 @@ def test_chat_reports_errors_and_keeps_going(loaded_gen: Any) -> None:
     s.loop(io.StringIO("word " * 3000 + "\n" + QA[1][0] + "\n"))
     assert "context" in err.getvalue() and QA[1][1] in out.getvalue().splitlines()
     assert len(s.history) == 2
+    assert "/reset" not in err.getvalue()  # nothing to reset when the first question is too long
+    s.loop(io.StringIO("word " * 3000 + "\n"))  # once a conversation has outgrown the context: /reset
+    assert err.getvalue().rstrip().endswith("shorten the conversation; /reset starts a new conversation")
 
 
 def test_source_labels_do_not_repeat_the_title() -> None:

@@ -211,6 +211,9 @@ class ServeConfig:
     model_aliases: tuple[str, ...] = ()
     fine_tuning: bool = False  # OpenAI's Files and fine-tuning jobs APIs (/v1/files, /v1/fine_tuning/jobs)
     max_file_bytes: int = 100_000_000  # the largest upload /v1/files accepts
+    # web pages on other origins that may call this server from a browser ("https://app.example:8443", "*" =
+    # any); the server's own chat page needs no entry (docs/serving.md, "Browser pages and origins")
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """A light client for a running `ragtune serve` (stdlib only, so `--server` calls import nothing heavy).
 
-    body = post_json("http://127.0.0.1:8000", "/v1/search", {"query": "remote days"}, api_key="")
-    rows = read_batch("questions.jsonl", "question")     # [(line number, text or None, error or "")]
+    body = post_json("http://127.0.0.1:8000", "/v1/search", {"query": "remote days"}, key="")
+    rows = read_batch("queries.txt", "query")           # [(line, {"query": ...} or None, error or "")]
+    rows = read_batch("q.jsonl", "question", jsonl=True) # a .jsonl file: any bad line is a UsageError
 
 The URL comes from `--server` or RAGTUNE_SERVER, the key from `--api-key` or RAGTUNE_API_KEY.
 HTTP errors become RagtuneError/UsageError with the server's own message: 401 says how to pass the
@@ -148,22 +149,17 @@ def get_json(url: str, path: str, key: str = "") -> Any:
     return _request(url, path, None, key)
 
 
-def read_batch(source: str, field: str) -> list[tuple[int, dict[str, Any] | None, str]]:
+def read_batch(source: str, field: str, *, jsonl: bool = False) -> list[tuple[int, dict[str, Any] | None, str]]:
     """Lines of FILE (or stdin for '-'): a JSON object with `field`, or the text itself. Blank lines
-    are skipped; a bad line gives (line, None, why) so the caller reports it and goes on."""
+    are skipped; a bad line gives (line, None, why) so the caller reports it and goes on.
+
+    With jsonl=True a FILE named *.jsonl is JSON Lines throughout: a line that is not a JSON object
+    with a `field` string would be asked as literal text or dropped, so every such line is named in one
+    UsageError and no row is returned (stdin and other files are read as above)."""
     flag = f"--{field.replace('question', 'questions').replace('query', 'queries')}"
-    if source == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(source, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise UsageError(f"{flag} file '{source}' does not exist") from None
-        except IsADirectoryError:
-            raise UsageError(f"{flag} '{source}' is a folder; give a file with one {field} per line") from None
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"'{source}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = _read_source(source, flag, field)
+    if jsonl and source != "-" and source.lower().endswith(".jsonl"):
+        return _strict_jsonl(text, source, flag, field)
     rows: list[tuple[int, dict[str, Any] | None, str]] = []
     for n, line in enumerate(text.splitlines(), 1):
         s = line.strip()
@@ -185,4 +181,52 @@ def read_batch(source: str, field: str) -> list[tuple[int, dict[str, Any] | None
             rows.append((n, obj, ""))
         else:
             rows.append((n, {field: s}, ""))
+    return rows
+
+
+def _read_source(source: str, flag: str, field: str) -> str:
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        with open(os.path.expanduser(source), encoding="utf-8-sig") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{flag} file '{source}' does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} '{source}' is a folder; give a file with one {field} per line") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{flag} '{source}' is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         "save it as UTF-8") from None
+
+
+def _strict_jsonl(text: str, source: str, flag: str, field: str) -> list[tuple[int, dict[str, Any] | None, str]]:
+    rows: list[tuple[int, dict[str, Any] | None, str]] = []
+    bad: list[str] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        why = ""
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            why = f"invalid JSON: {exc.msg} at column {exc.colno} (near: {line[max(0, exc.pos - 20):exc.pos + 20]!r})"
+        except RecursionError:
+            why = "invalid JSON: nested too deeply"
+        else:
+            val = obj.get(field) if isinstance(obj, dict) else None
+            if not isinstance(obj, dict):
+                why = f"a JSON {type(obj).__name__}, not an object {{\"{field}\": ...}}"
+            elif not isinstance(val, str) or not val.strip():
+                why = f"no \"{field}\" string" if field not in obj else f"\"{field}\" is not a non-empty string"
+        if why:
+            bad.append(f"  line {n}: {why}")
+        else:
+            rows.append((n, obj, ""))
+    if bad:
+        plural = flag[2:]
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise UsageError(f"{flag} '{source}': {len(bad)} line{'s are' if len(bad) > 1 else ' is'} not a JSON object "
+                         f"with a \"{field}\" string; nothing was asked:\n" + "\n".join(bad[:10]) + more
+                         + f"\nfix those lines (one {{\"{field}\": \"...\", ...}} object per line), or put plain "
+                         f"{plural} one a line in a .txt file")
     return rows

@@ -115,13 +115,14 @@ def read_question(text: str) -> str:
 
 
 def run_ask(args: argparse.Namespace, cfg: Any) -> int:
-    from ragtune.client import server_url
+    from ragtune.client import read_batch, server_url
 
     if (args.question is None) == (args.questions is None):
         raise UsageError("give one QUESTION or --questions FILE (JSONL with a \"question\" field, or one question "
                          "a line; '-' reads stdin)")
     url = server_url(getattr(args, "server", None))
-    batch = read_questions(args.questions) if args.questions is not None else None
+    # checked before any model loads; in a .jsonl file every line must be a {"question": ...} object
+    batch = read_batch(args.questions, "question", jsonl=True) if args.questions is not None else None
     question = read_question(args.question) if batch is None else ""
     cfg = generation_overrides(cfg, args)
     schema = getattr(args, "schema", None)
@@ -138,56 +139,6 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
     else:
         sys.stdout.write(str(out["answer"]).strip() + "\n")
     return 0
-
-
-def read_questions(source: str) -> list[tuple[int, dict[str, Any] | None, str]]:
-    """`--questions FILE` as (line, {"question", "system"?} or None, why) rows, checked before any model loads.
-
-    A text file (or stdin) holds one question a line, or a JSON object where a line starts with "{";
-    a bad line there is reported in its place and the rest are answered. A .jsonl file is JSON Lines
-    throughout: a line that is not a JSON object with a "question" string would be asked as literal
-    text or dropped, so every such line is named and nothing is asked."""
-    from pathlib import Path
-
-    from ragtune.client import read_batch
-
-    p = Path(source).expanduser()
-    if source == "-" or p.suffix.lower() != ".jsonl" or not p.is_file():
-        return read_batch(source, "question")  # it also names a folder, or a file that is not there or not UTF-8
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"--questions '{source}' is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                         "save it as UTF-8") from None
-    rows: list[tuple[int, dict[str, Any] | None, str]] = []
-    bad: list[str] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        why = ""
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            why = f"invalid JSON: {exc.msg} at column {exc.colno} (near: {line[max(0, exc.pos - 20):exc.pos + 20]!r})"
-        except RecursionError:
-            why = "invalid JSON: nested too deeply"
-        else:
-            q = obj.get("question") if isinstance(obj, dict) else None
-            if not isinstance(obj, dict):
-                why = f"a JSON {type(obj).__name__}, not an object {{\"question\": ...}}"
-            elif not isinstance(q, str) or not q.strip():
-                why = "no \"question\" string" if "question" not in obj else "\"question\" is not a non-empty string"
-        if why:
-            bad.append(f"  line {n}: {why}")
-        else:
-            rows.append((n, obj, ""))
-    if bad:
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise UsageError(f"--questions '{source}': {len(bad)} line{'s are' if len(bad) > 1 else ' is'} not a JSON object "
-                         "with a \"question\" string; nothing was asked:\n" + "\n".join(bad[:10]) + more
-                         + "\nfix those lines (one {\"question\": \"...\", \"system\"?: \"...\"} per line), or put plain "
-                         "questions one a line in a .txt file")
-    return rows
 
 
 def schema_format(path: str) -> dict[str, Any]:

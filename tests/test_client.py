@@ -1,16 +1,18 @@
 """ragtune/client.py's own HTTP/1.1 over a socket (plain http to a local server), against a real
-http.server: Content-Length, chunked transfer coding, errors with the server's message, no server."""
+http.server: Content-Length, chunked transfer coding, errors with the server's message, no server;
+and read_batch, the --questions/--queries file reader."""
 
 from __future__ import annotations
 
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from ragtune.client import get_json, post_json
+from ragtune.client import get_json, post_json, read_batch
 from ragtune.errors import RagtuneError, UsageError
 from tests.conftest import free_port
 
@@ -73,3 +75,31 @@ def test_errors_carry_the_servers_message_and_the_fix(url: str) -> None:
         post_json(url, "/v1/x", {"bad": True}, "k")
     with pytest.raises(RagtuneError, match="no ragtune server answers at"):
         get_json(f"http://127.0.0.1:{free_port()}", "/v1/models", "k")
+
+
+def test_read_batch_lenient_and_jsonl_modes(tmp_path: Path) -> None:
+    """Lenient: a bad line is a row with its reason and the rest go on. jsonl=True on a .jsonl file:
+    every bad line is named in one error; the same lines elsewhere (a .txt) stay lenient."""
+    lines = '\ufeff{"question": "a"}\nplain text\n\n{"q": 1}\n[1]\n'
+    txt, jl = tmp_path / "q.txt", tmp_path / "q.jsonl"
+    txt.write_text(lines, encoding="utf-8")
+    jl.write_text(lines, encoding="utf-8")
+    want = [(1, {"question": "a"}, ""), (2, {"question": "plain text"}, ""),
+            (4, None, 'line 4 has no "question" string'), (5, {"question": "[1]"}, "")]
+    assert read_batch(str(txt), "question") == want  # the byte-order mark is not part of line 1
+    assert read_batch(str(txt), "question", jsonl=True) == want
+    assert read_batch(str(jl), "question") == want
+    with pytest.raises(UsageError) as exc:
+        read_batch(str(jl), "question", jsonl=True)
+    msg = str(exc.value)
+    assert msg.startswith(f"--questions '{jl}': 3 lines are not a JSON object with a \"question\" string; nothing was asked")
+    assert "line 2: invalid JSON: Expecting value at column 1 (near: 'plain text')" in msg
+    assert 'line 4: no "question" string' in msg and "line 5: a JSON list, not an object" in msg
+    jl.write_text('{"query": "ok"}\n{"query": " "}\n', encoding="utf-8")
+    with pytest.raises(UsageError, match=r"--queries '.*': 1 line is not .*\n  line 2: \"query\" is not a non-empty"):
+        read_batch(str(jl), "query", jsonl=True)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"question": "\xff"}\n')
+    with pytest.raises(UsageError, match=r"--questions '.*bad.jsonl' is not UTF-8 text .*; save it as UTF-8"):
+        read_batch(str(tmp_path / "bad.jsonl"), "question", jsonl=True)
+    with pytest.raises(UsageError, match="--questions file '.*nope.jsonl' does not exist"):
+        read_batch(str(tmp_path / "nope.jsonl"), "question", jsonl=True)

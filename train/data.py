@@ -314,11 +314,13 @@ def check_file(
     max_length: int = 1024,
     tokenize: Callable[..., Any] | None = None,
     dedupe: bool = False,
+    lines: list[tuple[int, bytes]] | None = None,
 ) -> CheckReport:
     """Check every line; with a tokenizer also the token-level problems and token stats.
 
     Exact repeats are noted and kept (users upsample on purpose), or dropped with `dedupe`; records
-    that use tools are noted and left out."""
+    that use tools are noted and left out. `lines` is the file as read_lines(path) already read it,
+    for a caller that goes on to use those same lines."""
     p = Path(path)
     if p.suffix.lower() in TABLE_SUFFIXES and p.is_file():
         raise UsageError(
@@ -326,7 +328,8 @@ def check_file(
             f"'ragtune data convert {p}' (naming --question-col and --answer-col for a question/answer table)")
     report = CheckReport(path=str(p))
     seen: dict[str, int] = {}
-    lines = read_lines(p)
+    if lines is None:
+        lines = read_lines(p)
     first = next((line.strip() for _, line in lines if line.strip()), b"")
     opens_alone = first in (b"[", b"{")  # plainly not one record per line: try the whole file first
     whole = _whole_file_values(lines) if opens_alone else None
@@ -821,7 +824,8 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42, out_dir: str |
     tr, ev = d / f"{src.stem}.train.jsonl", d / f"{src.stem}.eval.jsonl"
     if not force:
         _refuse_existing([tr, ev], "--out-dir DIR to write elsewhere")
-    rep = check_file(src)
+    raw = read_lines(src)  # read once: the lines checked are the lines split
+    rep = check_file(src, lines=raw)
     rep.stats = {}  # no token checks here: the report lists the problems only
     whole = any(p.kind == "not_jsonl" for p in rep.problems)  # records are not lines: nothing to skip
     valid = len(rep.records) + len(rep.tool_lines)
@@ -830,7 +834,7 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42, out_dir: str |
         raise CheckFailed(f"{src} has problems; nothing was split:\n{rep.format()}\nfix the lines above (or write the "
                           f"valid records with 'ragtune data check {src} --write-clean CLEAN.jsonl' and split that)"
                           + fix)
-    lines = [ln.decode("utf-8") for n, ln in read_lines(src) if ln.strip() and n not in rep.rejected]
+    lines = [ln.decode("utf-8") for n, ln in raw if ln.strip() and n not in rep.rejected]
     if len(lines) < 2:
         raise UsageError(f"'{src}' holds {len(lines)} {'valid ' if rep.rejected else ''}record(s); a split needs at least 2")
     train_lines, eval_lines = split_items(lines, eval_fraction, seed, key=_line_prompt)

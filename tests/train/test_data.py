@@ -304,6 +304,29 @@ def test_split_is_deterministic(tmp_path: Path) -> None:
     assert main(["data", "split", str(path), "--eval-fraction", "1.5"]) == 2
 
 
+def test_split_writes_the_lines_it_checked(tmp_path: Path, monkeypatch) -> None:
+    """The file is read once: one rewritten between the check and the split (an editor saving, a
+    sync) cannot slip unchecked lines into the outputs or shift the left-out line numbers."""
+    from ragtune.train import data
+
+    rows = [chat(f"q{i}", f"a{i}") for i in range(10)]
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    path.write_text(path.read_text() + "not json\n", encoding="utf-8")
+    first = path.read_text().splitlines()[:10]
+    read = data.read_lines
+
+    def read_then_rewrite(p: Path, encoding: str = "auto") -> list[tuple[int, bytes]]:
+        lines = read(p, encoding)
+        p.write_text("not json\n" + "".join(json.dumps(chat(f"new{i}", "x")) + "\n" for i in range(10)),
+                     encoding="utf-8")
+        return lines
+
+    monkeypatch.setattr(data, "read_lines", read_then_rewrite)
+    tr, ev, ntr, nev, left_out = data.split(path, 0.2, seed=1, out_dir=tmp_path / "out", skip_invalid=True)
+    assert (ntr, nev, left_out) == (8, 2, 1)
+    assert sorted(tr.read_text().splitlines() + ev.read_text().splitlines()) == sorted(first)
+
+
 def test_split_keeps_records_that_ask_the_same_question_together(tmp_path: Path) -> None:
     """A question trained on must not come back in the held-out part (paraphrased answers, repeated
     records, case or spacing changes alike), or eval loss flatters the adapter."""

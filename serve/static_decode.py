@@ -4,7 +4,7 @@
     ids = dec.generate(prompt_ids, max_new_tokens=128, stop_ids={2}, on_token=print, cancel=event)
 
 What `generation.cache: static` answers through on CUDA for greedy requests without a grammar or stop
-strings (serve/generator.py). transformers' `generate(cache_implementation="static")` also compiles
+strings (serve/decoding.py). transformers' `generate(cache_implementation="static")` also compiles
 the model's step, but it still runs its per-token Python (logits processors, stopping criteria,
 streamer) and copies every token to the host before launching the next step; at batch 1 that
 overhead, not the GPU, sets the speed. Here one compiled function does the model step, the

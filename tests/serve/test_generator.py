@@ -176,7 +176,7 @@ def test_fast_lora_matches_peft_and_restores_its_forwards(loaded_gen: Generator,
 
 
 def test_decoder_never_splits_a_multibyte_character(loaded_gen: Generator) -> None:
-    from ragtune.serve.generator import _Decoder
+    from ragtune.serve.stops import _Decoder
 
     text = "서울은 한국의 수도입니다. Three days per week — 재택근무 OK."
     ids = loaded_gen.tokenizer(text, add_special_tokens=False)["input_ids"]

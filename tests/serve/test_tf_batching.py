@@ -324,7 +324,7 @@ def sentencepiece_tokenizer() -> Any:
 def test_decoder_deltas_are_prefixes_of_the_full_decode_and_concatenate_to_it(kind: str, tiny_llama: Path) -> None:
     from transformers import AutoTokenizer
 
-    from ragtune.serve.generator import _Decoder
+    from ragtune.serve.stops import _Decoder
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama)) if kind == "byte-level" else sentencepiece_tokenizer()
     rnd = random.Random(0)

@@ -21,6 +21,7 @@ Up to `serve.max_batch` requests decode together: in one llama.cpp batch, or in 
 the transformers engine (serve/tf_batching.py). Others queue (up to `serve.max_queue`, then 429). Errors
 use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; a malformed request is a 400.
 When `serve.api_key` (or env RAGTUNE_API_KEY) is set, every /v1 route needs `Authorization: Bearer KEY`.
+Browsers: the page at / and `serve.allowed_origins` may call it (CORS); other origins get a 403 (serve/origins.py).
 """
 
 from __future__ import annotations
@@ -338,7 +339,9 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
     from fastapi import FastAPI
 
     from ragtune import __version__
+    from ragtune.serve.origins import parse_origins
 
+    allowed = parse_origins(cfg.serve.allowed_origins)  # a bad entry is refused before any model loads
     runtime = Runtime(cfg, generator, retrievers, warmup).load()
 
     @asynccontextmanager
@@ -369,6 +372,7 @@ def create_app(cfg: Any, generator: Any = None, retrievers: dict[str, Any] | Non
         add_file_routes(app, cfg)
         app.state.jobs = JobManager(runtime).claim()
         app.include_router(jobs_router(app.state.jobs))
+    add_origins(app, allowed, api_key_of(cfg))
     app.add_middleware(TrailingSlash)  # /v1/models/ is /v1/models, served without a redirect
     return app
 
@@ -431,6 +435,17 @@ def add_auth(app: Any, key: str) -> None:
     A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect."""
     if key:
         app.add_middleware(ApiKey, key=key)
+
+
+def add_origins(app: Any, allowed: Any, key: str) -> None:
+    """Browser pages: the server's own and serve.allowed_origins may call it (CORS), others get a 403
+    (serve/origins.py). Added after the API-key check, so it runs first: a preflight carries no key."""
+    from ragtune.serve.origins import Origins
+
+    if allowed.any and not key:
+        log.warning("serve.allowed_origins is \"*\" and no API key is set: any web page opened on a machine that "
+                    "reaches this server can use its models; set serve.api_key or %s, or list the origins", API_KEY_ENV)
+    app.add_middleware(Origins, allowed=allowed)
 
 
 class ApiKey:

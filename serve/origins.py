@@ -207,7 +207,8 @@ def origin_refusal(origin: str) -> str:
     norm = normalize_origin(origin)
     fix = (f"if that page is yours, add it to {SETTING} (e.g. {SETTING}={norm}) or \"*\" to allow any"
            if norm and norm != "null" else
-           f"a page without a web origin (a file or sandboxed frame) is allowed only by {SETTING}=\"*\"")
+           f"a page without a web origin (a file or a sandboxed frame) is allowed only when {SETTING} lists "
+           "\"null\" or \"*\"")
     return (f"origin '{shown(origin)}' may not call this server: the browser sent this request for a page on "
             f"another site, and such pages cannot use its models, files or jobs; {fix}")
 

@@ -80,6 +80,9 @@ def test_a_cross_site_simple_post_is_refused_before_it_acts(url: str, calls: lis
     assert httpx.get(url + "/v1/fine_tuning/jobs").json()["data"] == []
     # a read from another site is refused too (its CORS answer would hide it; the server need not make it)
     assert_error(httpx.get(url + "/v1/files", headers={"Origin": EVIL}), 403, "origin_not_allowed")
+    e = assert_error(httpx.post(url + "/v1/chat/completions", content=chat_body(), headers={"Origin": "null"}), 403,
+                     "origin_not_allowed")  # a page opened from a file, or a sandboxed frame
+    assert "lists \"null\"" in e["message"] and len(calls) == 1
 
 
 def test_preflight_for_an_allowed_origin_and_a_refused_one(url: str) -> None:

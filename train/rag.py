@@ -371,7 +371,8 @@ def _generation(name: str) -> str:
 
 def check_with_rag(report: Any, built: RagBuild, tokenizer: Any, template: str | None, max_length: int) -> Any:
     """A data.check_file report over the rebuilt records: token lengths with the sources, truncation."""
-    from ragtune.train.data import CheckReport, _token_checks
+    from ragtune.train.data_check import _token_checks
+    from ragtune.train.data_report import CheckReport
 
     rep = CheckReport(path=f"{report.path} (with sources from index '{built.index['name']}')", lines=report.lines,
                       records=list(built.records))

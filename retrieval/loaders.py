@@ -5,18 +5,25 @@
 Supported: .txt, .md/.markdown, .html/.htm, .pdf (one page number per block), .docx, and .jsonl
 (one document per line: "text" plus optional "title", "id" and any other keys as metadata).
 A file that cannot be read (unsupported, empty, corrupt, scanned PDF without a text layer) raises
-`Skip` whose message is the reason the ingest summary prints.
+`Skip` whose message is the reason the ingest summary prints. A file whose bytes say it is another
+format than its name (a PDF saved as .html, a web page saved as .txt) is read as what it is.
+Every block's text goes through `cleaning.clean_chars`; PDF pages also lose their running headers,
+footers and page numbers and their end-of-line hyphenation (retrieval/cleaning.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from ragtune.retrieval.cleaning import clean_chars, hyphenated_words, join_hyphenated, strip_running_lines
+
+log = logging.getLogger(__name__)
 TEXT_SUFFIXES = {".txt", ".text"}
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
@@ -57,7 +64,7 @@ class _Builder:
         self.blocks: list[Block] = []
 
     def add(self, text: str, heading: tuple[str, ...] = (), page: int | None = None) -> None:
-        text = text.strip()
+        text = clean_chars(text).strip()
         if not text:
             return
         if self.parts:
@@ -100,12 +107,17 @@ def load_file(path: Path, source: str, data: bytes | None = None) -> list[Docume
             raise Skip(f"cannot read: {exc.strerror or exc}") from None
     if not data.strip():
         raise Skip("empty file")
+    kind = sniff(data, suffix)
+    if kind != suffix:
+        log.warning("%s: its content is %s, not %s; read as %s", source, _KIND_NAMES[kind],
+                    _KIND_NAMES.get(suffix, suffix), _KIND_NAMES[kind])
+        suffix = kind
     if suffix in TEXT_SUFFIXES:
         docs = [load_text(decode_text(data), source, path.stem)]
     elif suffix in MARKDOWN_SUFFIXES:
         docs = [load_markdown(decode_text(data), source, path.stem)]
     elif suffix in HTML_SUFFIXES:
-        docs = [load_html(decode_text(data), source, path.stem)]
+        docs = [load_html(decode_html(data), source, path.stem)]
     elif suffix == ".pdf":
         docs = [load_pdf(data, source, path.stem)]
     elif suffix == ".docx":
@@ -119,6 +131,59 @@ def load_file(path: Path, source: str, data: bytes | None = None) -> list[Docume
     if not docs:
         raise Skip("no text found")
     return docs
+
+
+_KIND_NAMES = {".pdf": "PDF", ".docx": "DOCX", ".html": "HTML", ".htm": "HTML", ".txt": "plain text",
+               ".text": "plain text", ".md": "Markdown", ".markdown": "Markdown", ".jsonl": "JSONL"}
+_HTML_START = re.compile(rb"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html[\s>])", re.I | re.S)
+
+
+def sniff(data: bytes, suffix: str) -> str:
+    """The suffix of the format `data` really is: a PDF or DOCX by its magic bytes whatever the name
+    says, an HTML page saved as .txt by its opening tag; otherwise `suffix` itself."""
+    head = data[:1024]
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"%PDF-"):
+        return ".pdf"
+    if data.startswith(b"PK\x03\x04") and suffix != ".docx":
+        if b"word/" in data[:65536]:
+            return ".docx"
+        raise Skip("a ZIP archive (an office file other than .docx?), not "
+                   f"{_KIND_NAMES.get(suffix, suffix)}; save it as .docx, .pdf or text")
+    if suffix == ".pdf" and b"%PDF-" not in head:
+        what = "an HTML page (a failed download?)" if _HTML_START.match(head) else "no %PDF- header"
+        raise Skip(f"not a PDF: {what}; get the PDF again or give the file its real extension")
+    if suffix in TEXT_SUFFIXES and _HTML_START.match(head.lstrip(b"\xef\xbb\xbf")):
+        return ".html"
+    return suffix
+
+
+_DECLARED = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([\w.:-]+)|<\?xml[^>]+encoding\s*=\s*["']([\w.:-]+)""", re.I)
+
+
+def decode_html(data: bytes) -> str:
+    """UTF-8 if it is; else the charset the page declares (<meta charset>, <?xml encoding>), read as
+    browsers read it (ISO-8859-1 and ASCII as windows-1252); else the legacy code page rule."""
+    import codecs
+
+    from ragtune import text
+
+    if text.is_binary(data):
+        return decode_text(data)  # refused with the reason
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    m = _DECLARED.search(data[:4096])
+    if m:
+        name = (m.group(1) or m.group(2)).decode("ascii").lower()
+        if name in ("iso-8859-1", "latin1", "latin-1", "us-ascii", "ascii", "iso8859-1"):
+            name = "cp1252"
+        try:
+            codecs.lookup(name)
+            return data.decode(name)
+        except (LookupError, UnicodeDecodeError):
+            pass  # a wrong or unknown declaration: tell the encoding from the bytes
+    return decode_text(data)
 
 
 # --- formats ----------------------------------------------------------------------------------
@@ -147,7 +212,7 @@ def load_markdown(text: str, source: str, title: str) -> Document:
         if tok.level != 0 or tok.map is None or tok.nesting == -1:
             continue  # only top-level blocks; their children are inside the lines taken below
         if tok.type == "heading_open":
-            level, name = int(tok.tag[1]), tokens[i + 1].content.strip()
+            level, name = int(tok.tag[1]), clean_chars(tokens[i + 1].content).strip()
             if level == 1 and not first_h1:
                 first_h1 = name
             path = [(lv, h) for lv, h in path if lv < level] + [(level, name)]
@@ -173,6 +238,8 @@ class _HTMLText(HTMLParser):
     HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
     SKIP = {"script", "style", "nav", "header", "footer", "aside", "noscript", "template", "svg", "head", "button"}
     SKIP_CLASSES = ("sphinxsidebar", "related", "headerlink", "navigation", "sidebar", "breadcrumb")
+    # whole class names only: DocBook's page navigation and tables of contents, Sphinx's footer div
+    SKIP_CLASS_NAMES = {"navheader", "navfooter", "toc", "footer"}
     VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "source", "wbr", "param", "track"}
 
     def __init__(self) -> None:
@@ -188,6 +255,7 @@ class _HTMLText(HTMLParser):
         self.title = ""
         self.in_title = False
         self.first_h1 = ""
+        self.first_heading = ""  # the title of a page with no <h1> and no <title> (a DocBook part)
 
     def _flush(self) -> None:
         text = "".join(self.buf)
@@ -209,7 +277,8 @@ class _HTMLText(HTMLParser):
             return
         a = dict(attrs)
         cls = a.get("class") or ""
-        if tag in self.SKIP or a.get("role") == "navigation" or any(c in cls for c in self.SKIP_CLASSES):
+        if (tag in self.SKIP or a.get("role") == "navigation" or any(c in cls for c in self.SKIP_CLASSES)
+                or not self.SKIP_CLASS_NAMES.isdisjoint(cls.split())):
             self.skip_depth = len(self.stack)
             return
         if tag in self.HEADINGS:
@@ -233,12 +302,13 @@ class _HTMLText(HTMLParser):
                 if depth == self.skip_depth:
                     self.skip_depth = None
             elif open_tag in self.HEADINGS and self.heading_level:
-                name = re.sub(r"\s+", " ", "".join(self.heading_buf)).replace("\u00b6", "").strip()
+                name = clean_chars(" ".join("".join(self.heading_buf).split()).replace("\u00b6", "")).strip()
                 level = self.heading_level
                 self.heading_level = 0
                 if name:
                     if level == 1 and not self.first_h1:
                         self.first_h1 = name
+                    self.first_heading = self.first_heading or name
                     self.path = [(lv, h) for lv, h in self.path if lv < level] + [(level, name)]
             elif open_tag in self.BLOCK:
                 self._flush()
@@ -264,75 +334,97 @@ def load_html(text: str, source: str, title: str) -> Document:
     p.feed(text)
     p.close()
     p._flush()
-    name = p.first_h1 or re.sub(r"\s+", " ", p.title).strip() or title
+    name = p.first_h1 or clean_chars(" ".join(p.title.split())) or p.first_heading or title
     return p.builder.document(source, name)
 
 
 def load_pdf(data: bytes, source: str, title: str) -> Document:
+    """The text layer page by page, without running headers, footers, page numbers and end-of-line
+    hyphenation. A page pypdf cannot read costs only itself (and a warning)."""
     import io
-    import logging
 
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import DependencyError
 
     logging.getLogger("pypdf").setLevel(logging.ERROR)
+    bad = 0
     try:
         reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted:
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise Skip("encrypted PDF that needs a password; save a copy without one")
+        texts: list[str] = []
+        for page in reader.pages:
             try:
-                reader.decrypt("")
-            except Exception:  # noqa: BLE001 - any failure means we cannot read it
-                raise Skip("encrypted PDF; save an unencrypted copy") from None
-        pages = list(reader.pages)
-        meta_title = ""
-        try:
-            meta_title = str((reader.metadata or {}).get("/Title") or "").strip()
-        except Exception:  # noqa: BLE001 - metadata is optional
-            meta_title = ""
-        b = _Builder()
-        for number, page in enumerate(pages, 1):
-            text = page.extract_text() or ""
-            for para in _PARA_SPLIT.split(text):
-                b.add(para, (), number)
+                texts.append(page.extract_text() or "")
+            except DependencyError:
+                raise
+            except Exception:  # noqa: BLE001 - pypdf fails in many ways on a damaged page
+                bad += 1
+                texts.append("")
+        meta_title = _pdf_title(reader)
     except Skip:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError, AssertionError) as exc:
+    except DependencyError:
+        raise Skip("PDF encrypted with AES, which pypdf reads only with the 'cryptography' package: "
+                   "pip install cryptography (or save a copy without encryption)") from None
+    except Exception as exc:  # noqa: BLE001 - pypdf raises many types on malformed files
         raise Skip(f"corrupt or unreadable PDF ({type(exc).__name__}: {exc})") from None
+    if texts and bad == len(texts):
+        raise Skip(f"corrupt or unreadable PDF (none of its {bad} pages could be read)")
+    if bad:
+        log.warning("%s: %d of %d pages could not be read and are left out", source, bad, len(texts))
+    b = _Builder()
+    compounds = hyphenated_words(texts)
+    for number, text in enumerate(strip_running_lines(texts), 1):
+        for para in _PARA_SPLIT.split(join_hyphenated(text, compounds)):
+            b.add(para, (), number)
     if not b.blocks:
-        raise Skip(f"PDF has no text layer ({len(pages)} pages, scanned?); run OCR on it first")
+        raise Skip(f"PDF has no text layer ({len(texts)} pages, scanned?); run OCR on it first")
     return b.document(source, meta_title or title)
 
 
+def _pdf_title(reader: Any) -> str:
+    try:
+        return clean_chars(" ".join(str((reader.metadata or {}).get("/Title") or "").split()))
+    except Exception:  # noqa: BLE001 - metadata is optional
+        return ""
+
+
 def load_docx(data: bytes, source: str, title: str) -> Document:
+    """Paragraphs and tables in document order: `Heading N` styles make the heading path, a table is
+    one block per row under the heading above it (a merged cell counted once)."""
     import io
-    import zipfile
 
     import docx
+    from docx.table import Table
 
     try:
         d = docx.Document(io.BytesIO(data))
-    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - python-docx and zipfile raise many types on damaged files
         raise Skip(f"corrupt or unreadable DOCX ({type(exc).__name__}: {exc})") from None
     b = _Builder()
     path: list[tuple[int, str]] = []
     doc_title = ""
-    for para in d.paragraphs:
-        style = (para.style.name if para.style is not None else "") or ""
-        text = para.text.strip()
+    for item in d.iter_inner_content():
+        heading = tuple(h for _, h in path)
+        if isinstance(item, Table):
+            for row in item.rows:
+                cells = list({id(c._tc): c for c in row.cells}.values())  # a merged cell repeats per column
+                b.add(" | ".join(" ".join(c.text.split()) for c in cells), heading)
+            continue
+        style = (item.style.name if item.style is not None else "") or ""
+        text = item.text.strip()
         if not text:
             continue
         if style == "Title":
-            doc_title = doc_title or text
+            doc_title = doc_title or clean_chars(text)
             continue
         m = re.match(r"Heading (\d)", style)
         if m:
             level = int(m.group(1))
-            path = [(lv, h) for lv, h in path if lv < level] + [(level, text)]
+            path = [(lv, h) for lv, h in path if lv < level] + [(level, clean_chars(text))]
             continue
-        b.add(text, tuple(h for _, h in path))
-    for table in d.tables:
-        for row in table.rows:
-            b.add(" | ".join(c.text.strip() for c in row.cells), tuple(h for _, h in path))
+        b.add(text, heading)
     return b.document(source, doc_title or (d.core_properties.title or "").strip() or title)
 
 

@@ -100,3 +100,111 @@ def test_cp949_korean_text(tmp_path: Path) -> None:
     p = tmp_path / "legacy.txt"
     p.write_bytes("서울은 한국의 수도입니다.".encode("cp949"))
     assert "서울" in _one(p).text
+
+
+# --- what real documents carry (audit on Debian's manuals: r-doc-pdf, bash-doc, debian-reference,
+# --- aptitude-doc-en, freedombox-doc-en, libxslt1-dev, python3.11-doc)
+
+
+def test_pdf_running_headers_page_numbers_and_hyphenation_removed(tmp_path: Path) -> None:
+    bodies = ["The impeller must be in-\nspected every month.", "Check the seals for wear and tear.",
+              "Replace the bearings after two thousand hours.", "Log every service in the ledger."]
+    p = make_pdf(tmp_path / "pump.pdf", [f"Chapter 2: Maintenance {n + 11}\n{b}\n{n + 11}" for n, b in enumerate(bodies)])
+    doc = _one(p)
+    assert "Maintenance" not in doc.text and "\n11" not in doc.text
+    assert "inspected every month" in doc.text
+    assert [b.page for b in doc.blocks] == [1, 2, 3, 4]
+
+
+def test_ligatures_and_invisible_characters_normalised(tmp_path: Path) -> None:
+    p = tmp_path / "groff.txt"
+    p.write_text("The \ufb01le system \ufb02ag is docu\u00admented with zero\u200bwidth care.", encoding="utf-8")
+    assert _one(p).text == "The file system flag is documented with zerowidth care."
+
+
+def _encrypted(src: Path, out: Path, user_password: str, aes: bool = False) -> Path:
+    from pypdf import PdfWriter
+    from pypdf.generic import DictionaryObject, NameObject, NumberObject
+
+    w = PdfWriter(clone_from=str(src))
+    w.encrypt(user_password=user_password, owner_password="owner", algorithm="RC4-128")
+    if aes:  # declare AES (V4 shares R3's key derivation): what a reader without `cryptography` meets
+        enc = w._encrypt_entry
+        enc[NameObject("/V")], enc[NameObject("/R")] = NumberObject(4), NumberObject(4)
+        cf = DictionaryObject({NameObject("/CFM"): NameObject("/AESV2"), NameObject("/Length"): NumberObject(16)})
+        enc[NameObject("/CF")] = DictionaryObject({NameObject("/StdCF"): cf})
+        enc[NameObject("/StmF")], enc[NameObject("/StrF")] = NameObject("/StdCF"), NameObject("/StdCF")
+    w.write(str(out))
+    return out
+
+
+def test_pdf_with_password_is_skipped_saying_so(tmp_path: Path) -> None:
+    p = _encrypted(make_pdf(tmp_path / "a.pdf", ["Secret text."]), tmp_path / "locked.pdf", "pw")
+    with pytest.raises(Skip, match="needs a password"):
+        load_file(p, "locked.pdf")
+
+
+def test_aes_pdf_without_cryptography_is_skipped_with_the_install_line(tmp_path: Path) -> None:
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("cryptography is installed: pypdf reads AES")
+    p = _encrypted(make_pdf(tmp_path / "a.pdf", ["Restricted text."]), tmp_path / "aes.pdf", "", aes=True)
+    with pytest.raises(Skip, match="pip install cryptography"):
+        load_file(p, "aes.pdf")
+
+
+def test_file_read_as_what_its_bytes_are(tmp_path: Path) -> None:
+    import docx
+
+    pdf = make_pdf(tmp_path / "m.pdf", ["Wear gloves at all times."])
+    (tmp_path / "manual.html").write_bytes(pdf.read_bytes())
+    assert "gloves" in _one(tmp_path / "manual.html").text
+    (tmp_path / "page.txt").write_text("<!DOCTYPE html>\n" + SECURITY_HTML, encoding="utf-8")
+    page = _one(tmp_path / "page.txt")
+    assert "<p>" not in page.text and "Navigation junk" not in page.text and page.title == "Security"
+    d = docx.Document()
+    d.add_paragraph("Book economy class.")
+    d.save(str(tmp_path / "travel.pdf"))
+    assert "economy" in _one(tmp_path / "travel.pdf").text
+    (tmp_path / "report.pdf").write_text("<html><body><h1>404 Not Found</h1></body></html>", encoding="utf-8")
+    with pytest.raises(Skip, match="not a PDF: an HTML page"):
+        load_file(tmp_path / "report.pdf", "report.pdf")
+
+
+DOCBOOK_HTML = """<html><head><meta http-equiv="Content-Type" content="text/html; charset=ISO-8859-1"></head><body>
+<div class="navheader"><table><tr><td>Prev</td><td>Chapter 2. Reference guide</td><td>Next</td></tr></table></div>
+<section class="article"><div class="titlepage"><h2 class="title">Calibre</h2></div>
+<div class="toc"><p><b>Table of Contents</b></p><dl><dt>1.1. What is this FAQ?</dt></dl></div>
+<p>Written by St\xe9phane, the library is shared with every user.</p></section>
+<div class="footer">\xa9 Copyright 2001-2026. Created using Sphinx.</div>
+<div class="navfooter">Up | Home | Chapter 3. Packages</div></body></html>"""
+
+
+def test_html_docbook_navigation_toc_footer_skipped_declared_charset_and_heading_title(tmp_path: Path) -> None:
+    p = tmp_path / "Calibre.part.html"
+    p.write_bytes(DOCBOOK_HTML.encode("latin-1"))
+    doc = _one(p)
+    assert doc.text == "Written by St\u00e9phane, the library is shared with every user."
+    assert doc.title == "Calibre"
+
+
+def test_docx_tables_in_document_order_under_their_heading(tmp_path: Path) -> None:
+    import docx
+
+    d = docx.Document()
+    d.add_heading("Dosage", level=1)
+    t = d.add_table(rows=2, cols=3)
+    t.cell(0, 0).merge(t.cell(0, 2)).text = "Adult dose"
+    for i, v in enumerate(["Paracetamol", "500 mg", "every 6 h"]):
+        t.cell(1, i).text = v
+    d.add_heading("Storage", level=1)
+    d.add_paragraph("Keep below 25 degrees.")
+    p = tmp_path / "drug.docx"
+    d.save(str(p))
+    doc = _one(p)
+    assert [(b.heading, b.text) for b in doc.blocks] == [
+        (("Dosage",), "Adult dose"), (("Dosage",), "Paracetamol | 500 mg | every 6 h"),
+        (("Storage",), "Keep below 25 degrees.")]

@@ -94,6 +94,7 @@ RANGES: dict[str, Range] = {
     "serve.max_tokens_limit": Range(1),
     "serve.max_queue": Range(1),
     "serve.max_batch": Range(1),
+    "serve.prefill_chunk": Range(0, means="0 = up to the engine's batch of 512 tokens"),
     "serve.max_file_bytes": Range(1),
     "eval.max_new_tokens": Range(1),
     "eval.bootstrap": Range(1),

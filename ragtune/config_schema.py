@@ -198,6 +198,9 @@ class ServeConfig:
     max_tokens_limit: int = 2048
     max_queue: int = 32  # requests waiting or running at once; more answer 429
     max_batch: int = 8  # requests decoded together per model (sequence slots); 1 = one at a time
+    # llama.cpp engine: prompt tokens one decode step carries while other answers are running, so a long
+    # prompt joining them delays each of their tokens by this much prefill, not by 512 tokens' (0 = 512)
+    prefill_chunk: int = 128
     deployments: tuple[DeploymentConfig, ...] = ()
     # other names a deployment answers to, "ALIAS=DEPLOYMENT": code written for OpenAI keeps its model names
     # (e.g. "gpt-4o-mini-2024-07-18=base", "gpt-4o=base+rag")

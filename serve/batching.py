@@ -230,9 +230,10 @@ class Scheduler(StepThread):
 
     engine_name = "the llama.cpp engine"
 
-    def __init__(self, engine: Any, lock: Any = None, quantum: int = QUANTUM):
+    def __init__(self, engine: Any, lock: Any = None, quantum: int = QUANTUM, prefill_chunk: int = 0):
         super().__init__(lock, quantum)
         self.engine = engine
+        self.prefill_chunk = int(prefill_chunk)  # prompt tokens per step while others decode (0: n_batch)
         self.slots = [_Slot() for _ in range(engine.n_seq)]
         self._running: list[_Seq] = []
         self._group: str | None = None
@@ -333,9 +334,14 @@ class Scheduler(StepThread):
         return [s for s in self._running if s.req.adapter == self._group]
 
     def _build(self, batch: list[_Seq]) -> tuple[list[tuple[int, list[int], int, bool]], list[_Seq]]:
-        """Decoding sequences first (one token each), then prompt chunks in arrival order."""
+        """Decoding sequences first (one token each), then prompt chunks in arrival order; while any
+        sequence decodes, prompts get at most `prefill_chunk` tokens of the step, so a long prompt
+        joining slows each running answer's next token by that much prefill, not by a whole n_batch."""
         room = self.engine.n_batch
         order = sorted(batch, key=lambda s: (len(s.feed) > 1, s.req.t_submit))
+        decoding = sum(1 for s in order if len(s.feed) == 1)
+        if decoding and 0 < self.prefill_chunk:
+            room = min(room, decoding + self.prefill_chunk)
         items, owners, kept = [], [], []
         for s in order:
             if room <= 0:

@@ -113,11 +113,12 @@ class LlamaCppEngine:
     not re-entrant); `generate` hands it a sequence and waits. `lock` (the Generator's) is held
     around each decode step, so generators that share it never run the CPU at the same time.
     `flash_attn=False` is llama.cpp's unfused attention over every slot's cells (bench/bench_rag_batch.py).
+    `prefill_chunk` caps the prompt tokens a step carries while other sequences decode (0: up to n_batch).
     """
 
     def __init__(self, gguf_path: str | Path, lora: dict[str, str | Path] | None = None, n_threads: int = 0,
                  n_ctx: int = 0, n_batch: int = 512, max_batch: int = 1, lock: Any = None, verbose: bool = False,
-                 flash_attn: bool = True):
+                 flash_attn: bool = True, prefill_chunk: int = 0):
         self.gguf_path = Path(gguf_path).expanduser()
         self.flash_attn = bool(flash_attn)
         self.lora_paths = {k: Path(v).expanduser() for k, v in (lora or {}).items()}
@@ -127,6 +128,7 @@ class LlamaCppEngine:
         if not 1 <= int(max_batch) <= 256:
             raise UsageError(f"max_batch must be between 1 and 256 (llama.cpp's sequence limit), got {max_batch}")
         self.n_seq = int(max_batch)
+        self.prefill_chunk = int(prefill_chunk)  # prompt tokens per step while others decode (0: n_batch)
         self.lock = lock
         self.verbose = verbose
         self.model: Any = None  # llama_cpp._internals.LlamaModel
@@ -200,7 +202,7 @@ class LlamaCppEngine:
         self._eog = frozenset(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(vocab, t))
         for name, path in list(self.lora_paths.items()):
             self._init_lora(name, path)
-        self.scheduler = Scheduler(self, lock=self.lock)
+        self.scheduler = Scheduler(self, lock=self.lock, prefill_chunk=self.prefill_chunk)
         log.info("llama.cpp loaded %s (%d threads, n_ctx %d, %d slots, LoRA adapters: %d) in %.2fs", self.gguf_path,
                  self.n_threads, n_ctx, self.n_seq, len(self._adapters), time.perf_counter() - t0)
         return self

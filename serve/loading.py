@@ -201,7 +201,8 @@ class GeneratorLoading:
         gguf = ensure_gguf(path, type=self.cfg.generation.gguf_type)
         self.engine_impl = LlamaCppEngine(gguf, n_threads=self.cfg.generation.threads,
                                           n_ctx=min(positions, 32768) if positions else 0,
-                                          max_batch=self.cfg.serve.max_batch, lock=self.lock).load()
+                                          max_batch=self.cfg.serve.max_batch, lock=self.lock,
+                                          prefill_chunk=self.cfg.serve.prefill_chunk).load()
         self._max_positions = self.engine_impl.n_ctx
         log.info("loaded %s with llama.cpp (%s) in %.1fs", path, gguf, time.perf_counter() - t0)
 

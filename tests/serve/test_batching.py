@@ -180,3 +180,42 @@ def test_a_streaming_client_that_hangs_up_frees_its_slot_on_the_server(
     finally:
         server.should_exit = True
         t.join(10)
+
+
+def test_a_long_prompt_joining_running_answers_prefills_in_capped_chunks(engine: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """While anything decodes, a step carries at most prefill_chunk prompt tokens, so the running answers
+    keep getting a token every short step. (The running answer's ids are not compared: over 120 tokens the
+    tiny random model has near-ties that another batch shape's rounding flips, capped or not.)"""
+    sched = engine.scheduler
+    steps: list[tuple[int, int]] = []  # (decoding sequences, prompt tokens) of each decode call
+    real = engine.decode
+
+    def spy(items: Any) -> Any:
+        steps.append((sum(1 for it in items if len(it[1]) == 1), sum(len(it[1]) for it in items if len(it[1]) > 1)))
+        return real(items)
+
+    long_q = chat(" ".join(QUESTIONS * 6))  # ~200 prompt tokens
+    calls = [dict(prompt_text=chat(QUESTIONS[0]), max_new_tokens=120, stop_ids=[-1], reuse_prefix=False),
+             dict(prompt_text=long_q, max_new_tokens=4, stop_ids=[-1], reuse_prefix=False)]
+    alone = [engine.generate(**c)["ids"] for c in calls]
+    monkeypatch.setattr(engine, "decode", spy)
+
+    def run(chunk: int) -> list[list[int]]:
+        monkeypatch.setattr(sched, "prefill_chunk", chunk)
+        steps.clear()
+        out: list[Any] = [None, None]
+        first = threading.Thread(target=lambda: out.__setitem__(0, engine.generate(**calls[0])))
+        first.start()
+        while sched.steps == 0 or not any(d for d, _ in steps):  # the first answer is decoding
+            time.sleep(0.001)
+        out[1] = engine.generate(**calls[1])
+        first.join(120)
+        return [r["ids"] for r in out]
+
+    assert run(16)[1] == alone[1]
+    beside = [p for d, p in steps if d and p]
+    assert beside and max(beside) <= 16, steps
+    assert sum(beside) >= 150  # the long prompt was prefilled beside the running answer, 16 tokens a step
+    assert run(0)[1] == alone[1]
+    assert max(p for d, p in steps if d) > 16, steps  # without the cap one step takes the whole prompt

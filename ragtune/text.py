@@ -19,6 +19,7 @@ UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 # itself it calls Western European text Baltic, cp775, or short accented words UTF-16)
 LEGACY_ENCODINGS = ("cp949", "shift_jis", "euc_jp", "gb18030", "big5", "cp1252", "cp1250", "cp1251",
                     "cp1253", "cp1254", "cp1255", "cp1256", "cp1257", "cp874")
+MULTI_BYTE = frozenset({"cp949", "shift_jis", "euc_jp", "gb18030", "big5"})
 MAX_CHAOS = 0.2  # charset-normalizer's mess ratio above which a decoding is noise, not text
 TIE = 0.05  # candidates this close to the least messy one are told apart by `plausibility`
 
@@ -52,10 +53,19 @@ def detect_encoding(data: bytes) -> str | None:
 
 
 def plausibility(text: str, encoding: str) -> float:
-    """Share of the non-ASCII characters that belong to the script `encoding` is used for."""
+    """Share of the non-ASCII characters that belong to the script `encoding` is used for.
+
+    For the multi-byte code pages a character wedged between two ASCII letters does not count: an
+    accented letter of mostly-English text read two bytes at a time ("Fran\xe7ois" in Shift-JIS is
+    "Fran輟is") makes one such character, while real Korean, Japanese or Chinese text comes in runs."""
     chars = [c for c in text if ord(c) > 0x7F]
     if not chars:
         return 1.0
+    if encoding in MULTI_BYTE:
+        chars = [c for i, c in enumerate(text) if ord(c) > 0x7F
+                 and not (0 < i < len(text) - 1 and _ascii_letter(text[i - 1]) and _ascii_letter(text[i + 1]))]
+        if not chars:
+            return 0.0
     if encoding == "cp949":  # real Korean keeps to the 2,350 common syllables (EUC-KR); mojibake does not
         good = sum(1 for c in chars if "\uac00" <= c <= "\ud7a3" and _ks_x_1001(c))
     elif encoding in ("shift_jis", "euc_jp"):
@@ -65,6 +75,10 @@ def plausibility(text: str, encoding: str) -> float:
     else:  # single-byte code pages: letters, not symbols
         good = sum(1 for c in chars if c.isalpha())
     return good / len(chars)
+
+
+def _ascii_letter(c: str) -> bool:
+    return c.isascii() and c.isalpha()
 
 
 def _ks_x_1001(c: str) -> bool:

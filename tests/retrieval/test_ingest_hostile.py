@@ -87,6 +87,13 @@ def test_a_jsonl_file_with_no_good_line_is_skipped_naming_every_line(tmp_path: P
     ("cp949", "직원은 주 3일까지 재택근무를 할 수 있습니다. 휴가는 2주 전에 신청합니다."),
     ("shift_jis", "会議は午後三時に始まります。資料は前日までに共有してください。"),
     ("cp1251", "Сотрудники могут работать удаленно три дня в неделю."),
+    # shaped like /usr/share/doc/ed/AUTHORS (Latin-1): English with one accented name, which was read as
+    # Shift-JIS ("Fran輟is")
+    ("cp1252", "The original info page and the first port of the code were kindly provided\nby François Pinard.\n\n"
+               "The editor has also benefitted from the contributions of numerous people\nwho reported problems, "
+               "suggested various improvements or submitted actual\ncode.  Among these are the following:\n\n"
+               + "".join(f"Name{i} Surname{i}\t\t<user{i}@example.org>\n" for i in range(6))
+               + "François Pinard\t\t<pinard@example.org>"),
 ])
 def test_legacy_encodings_are_detected_not_forced_into_korean(tmp_path: Path, encoding: str, text: str) -> None:
     p = tmp_path / "legacy.txt"

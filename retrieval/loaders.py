@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -340,35 +341,8 @@ def load_html(text: str, source: str, title: str) -> Document:
 
 def load_pdf(data: bytes, source: str, title: str) -> Document:
     """The text layer page by page, without running headers, footers, page numbers and end-of-line
-    hyphenation. A page pypdf cannot read costs only itself (and a warning)."""
-    import io
-
-    from pypdf import PdfReader
-    from pypdf.errors import DependencyError
-
-    logging.getLogger("pypdf").setLevel(logging.ERROR)
-    bad = 0
-    try:
-        reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted and not reader.decrypt(""):
-            raise Skip("encrypted PDF that needs a password; save a copy without one")
-        texts: list[str] = []
-        for page in reader.pages:
-            try:
-                texts.append(page.extract_text() or "")
-            except DependencyError:
-                raise
-            except Exception:  # noqa: BLE001 - pypdf fails in many ways on a damaged page
-                bad += 1
-                texts.append("")
-        meta_title = _pdf_title(reader)
-    except Skip:
-        raise
-    except DependencyError:
-        raise Skip("PDF encrypted with AES, which pypdf reads only with the 'cryptography' package: "
-                   "pip install cryptography (or save a copy without encryption)") from None
-    except Exception as exc:  # noqa: BLE001 - pypdf raises many types on malformed files
-        raise Skip(f"corrupt or unreadable PDF ({type(exc).__name__}: {exc})") from None
+    hyphenation. A page PDFium cannot load costs only itself (and a warning)."""
+    texts, bad, meta_title = pdf_pages(data)
     if texts and bad == len(texts):
         raise Skip(f"corrupt or unreadable PDF (none of its {bad} pages could be read)")
     if bad:
@@ -383,11 +357,67 @@ def load_pdf(data: bytes, source: str, title: str) -> Document:
     return b.document(source, meta_title or title)
 
 
-def _pdf_title(reader: Any) -> str:
+# PDFium is not thread-safe, not even across documents: one extraction at a time in this process
+_PDFIUM_LOCK = threading.Lock()
+# PDFium's text: CRLF line ends, and U+0002 where it joined a word hyphenated at a line end
+# ("ex\x02pressions"); put the hyphen and line end back so that cleaning.join_hyphenated decides
+_PDFIUM_TEXT = re.compile(r"\x02\r?\n?|\r\n?")
+
+
+def pdf_pages(data: bytes) -> tuple[list[str], int, str]:
+    """(text of each page, how many pages could not be loaded, the /Title) through PDFium (pypdfium2).
+
+    PDFium places word spaces by glyph positions where pypdf glued words together on some fonts
+    (xdvipdfmx, groff): docs/benchmarks.md, "PDF text extraction". Opening tries the empty user
+    password, so "restricted" PDFs (RC4 or AES) are read; one that needs a password, or a file PDFium
+    cannot parse at all, raises Skip."""
+    import pypdfium2 as pdfium
+
+    with _PDFIUM_LOCK:
+        try:
+            pdf = pdfium.PdfDocument(data)
+        except pdfium.PdfiumError as exc:
+            if getattr(exc, "err_code", None) == pdfium.raw.FPDF_ERR_PASSWORD:
+                raise Skip("encrypted PDF that needs a password; save a copy without one") from None
+            reason = re.search(r"PDFium: [^)]*", str(exc))  # "Failed to load document (PDFium: Data format error)."
+            raise Skip(f"corrupt or unreadable PDF ({reason.group() if reason else exc})") from None
+        try:
+            texts: list[str] = []
+            bad = 0
+            for i in range(len(pdf)):
+                try:
+                    texts.append(_PDFIUM_TEXT.sub(_pdfium_break, _page_text(pdf, i)))
+                except Exception:  # noqa: BLE001 - a damaged page (PdfiumError, a bad text object) costs only itself
+                    bad += 1
+                    texts.append("")
+            try:
+                meta_title = clean_chars(" ".join(pdf.get_metadata_value("Title").split()))
+            except pdfium.PdfiumError:
+                meta_title = ""
+        finally:
+            pdf.close()
+    return texts, bad, meta_title
+
+
+# the whole text layer: by default PDFium keeps to the page's box, and a table of contents whose lines
+# run off the page (docbook-xsl's reference.pdf) would lose 40-65% of its words
+_FAR = 1e9
+
+
+def _page_text(pdf: Any, index: int) -> str:
+    page = pdf[index]
     try:
-        return clean_chars(" ".join(str((reader.metadata or {}).get("/Title") or "").split()))
-    except Exception:  # noqa: BLE001 - metadata is optional
-        return ""
+        textpage = page.get_textpage()
+        try:
+            return str(textpage.get_text_bounded(-_FAR, -_FAR, _FAR, _FAR))
+        finally:
+            textpage.close()
+    finally:
+        page.close()
+
+
+def _pdfium_break(m: re.Match[str]) -> str:
+    return "-\n" if m.group().startswith("\x02") else "\n"
 
 
 def load_docx(data: bytes, source: str, title: str) -> Document:

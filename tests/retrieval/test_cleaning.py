@@ -1,7 +1,8 @@
 """cleaning: ligatures and invisible characters, running page headers/footers, end-of-line hyphenation.
 
-The page texts are shaped like pypdf's extraction of real manuals (R-intro.pdf, gnuplot.pdf,
-bash.pdf from Debian's r-doc-pdf, gnuplot-doc, bash-doc)."""
+The page texts are shaped like the extraction of real manuals (R-intro.pdf, gnuplot.pdf, bash.pdf
+from Debian's r-doc-pdf, gnuplot-doc, bash-doc): pypdf's then, and PDFium's as loaders.pdf_pages
+hands it on now (line ends as "\n", a hyphen PDFium marked as a line-end one put back as "-\n")."""
 
 from __future__ import annotations
 

@@ -122,30 +122,86 @@ def test_ligatures_and_invisible_characters_normalised(tmp_path: Path) -> None:
     assert _one(p).text == "The file system flag is documented with zerowidth care."
 
 
-def _encrypted(src: Path, out: Path, user_password: str) -> Path:
+def _encrypted(src: Path, out: Path, user_password: str, algorithm: str = "RC4-128") -> Path:
     from pypdf import PdfWriter
 
     w = PdfWriter(clone_from=str(src))
-    w.encrypt(user_password=user_password, owner_password="owner", algorithm="RC4-128")
+    w.encrypt(user_password=user_password, owner_password="owner", algorithm=algorithm)
     w.write(str(out))
     return out
 
 
-def test_pdf_with_password_is_skipped_saying_so(tmp_path: Path) -> None:
-    p = _encrypted(make_pdf(tmp_path / "a.pdf", ["Secret text."]), tmp_path / "locked.pdf", "pw")
+@pytest.mark.parametrize("algorithm", ["RC4-128", "AES-256"])
+def test_pdf_with_password_is_skipped_saying_so(tmp_path: Path, algorithm: str) -> None:
+    p = _encrypted(make_pdf(tmp_path / "a.pdf", ["Secret text."]), tmp_path / "locked.pdf", "pw", algorithm)
     with pytest.raises(Skip, match="needs a password"):
         load_file(p, "locked.pdf")
 
 
-def test_aes_pdf_without_a_password_is_read(tmp_path: Path) -> None:
-    """A "restricted" PDF (AES, empty user password: opens without asking, printing or copying limited),
-    common for company documents; pypdf decrypts AES through `cryptography`, a ragtune dependency."""
-    from pypdf import PdfWriter
+@pytest.mark.parametrize("algorithm", ["RC4-128", "AES-128", "AES-256"])
+def test_encrypted_pdf_without_a_password_is_read(tmp_path: Path, algorithm: str) -> None:
+    """A "restricted" PDF (empty user password: opens without asking, printing or copying limited),
+    common for company documents; PDFium tries the empty password itself."""
+    src = make_pdf(tmp_path / "a.pdf", ["Restricted text about remote work."])
+    assert "Restricted text about remote work." in _one(_encrypted(src, tmp_path / "r.pdf", "", algorithm)).text
 
-    w = PdfWriter(clone_from=str(make_pdf(tmp_path / "a.pdf", ["Restricted text about remote work."])))
-    w.encrypt(user_password="", owner_password="owner", algorithm="AES-256")
-    w.write(str(tmp_path / "aes.pdf"))
-    assert "Restricted text about remote work." in _one(tmp_path / "aes.pdf").text
+
+def test_pdf_words_spaced_by_kerning_alone_are_not_run_together(tmp_path: Path) -> None:
+    """debian-reference.en.pdf (xdvipdfmx) has no space characters: each word is a string of a TJ
+    array and the gap between words a kerning of -249/1000 em. Its fonts' code 32 is a glyph 564
+    units wide ('='), which pypdf took for the space and so read "Therearetwomethodsofassociatingafile";
+    PDFium goes by where the glyphs are. The same PDF in small: Times-Roman whose code 32 is that wide."""
+    from pypdf import PdfWriter
+    from pypdf.generic import ArrayObject, NameObject, NumberObject
+    from reportlab.pdfbase.pdfmetrics import getFont
+    from reportlab.pdfgen import canvas
+
+    words = ["There", "are", "two", "methods", "of", "associating", "a", "file"]
+    c = canvas.Canvas(str(tmp_path / "k.pdf"))
+    t = c.beginText(72, 720)
+    t.setFont("Times-Roman", 10)
+    t._code.append("[" + "-249".join(f"({w})" for w in words) + "] TJ")  # no space character at all
+    c.drawText(t)
+    c.showPage()
+    c.save()
+    w = PdfWriter(clone_from=str(tmp_path / "k.pdf"))
+    font = w.pages[0]["/Resources"]["/Font"]
+    for name in font:
+        f = font[name].get_object()
+        f[NameObject("/FirstChar")], f[NameObject("/LastChar")] = NumberObject(32), NumberObject(255)
+        f[NameObject("/Widths")] = ArrayObject([NumberObject(564)] + [NumberObject(int(x)) for x in getFont("Times-Roman").widths[33:256]])
+    w.write(str(tmp_path / "xdvipdfmx-like.pdf"))
+    assert _one(tmp_path / "xdvipdfmx-like.pdf").text == "There are two methods of associating a file"
+
+
+def test_pdf_page_that_cannot_be_read_costs_only_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    import pypdfium2
+
+    from ragtune.retrieval import loaders
+
+    p = make_pdf(tmp_path / "m.pdf", ["Pumps are checked monthly.", "A damaged page.", "Seals are replaced yearly."])
+    real = loaders._page_text
+
+    def flaky(pdf: object, index: int) -> str:
+        if index == 1:
+            raise pypdfium2.PdfiumError("Failed to load page.")
+        return real(pdf, index)
+
+    monkeypatch.setattr(loaders, "_page_text", flaky)
+    doc = _one(p)
+    assert [b.page for b in doc.blocks] == [1, 3] and "damaged" not in doc.text
+    assert "1 of 3 pages could not be read" in caplog.text
+    monkeypatch.setattr(loaders, "_page_text", lambda pdf, index: 1 / 0)
+    with pytest.raises(Skip, match=r"corrupt or unreadable PDF \(none of its 3 pages could be read\)"):
+        load_file(p, "m.pdf")
+
+
+def test_truncated_pdf_is_skipped_as_corrupt(tmp_path: Path) -> None:
+    data = make_pdf(tmp_path / "m.pdf", ["Wear gloves at all times."] * 3).read_bytes()
+    (tmp_path / "cut.pdf").write_bytes(data[: len(data) * 6 // 10])  # an interrupted download
+    with pytest.raises(Skip, match=r"corrupt or unreadable PDF \(PDFium: Data format error\)"):
+        load_file(tmp_path / "cut.pdf", "cut.pdf")
 
 
 def test_file_read_as_what_its_bytes_are(tmp_path: Path) -> None:

@@ -57,8 +57,7 @@ def extract(extractor: str, path: Path, max_pages: int) -> list[str]:
     if extractor == "pdfium":
         from ragtune.retrieval.loaders import pdf_pages
 
-        texts = pdf_pages(data)[0]
-        return texts[:max_pages] if max_pages else texts
+        return pdf_pages(data)[0]  # all pages: the caller keeps the first max_pages
     import logging
 
     from pypdf import PdfReader
@@ -90,9 +89,11 @@ def child(extractor: str, path: Path, max_pages: int, out: Path) -> None:
     t0 = time.perf_counter()
     texts = extract(extractor, path, max_pages)
     seconds = time.perf_counter() - t0
+    pages_read = len(texts)
+    texts = texts[:max_pages] if max_pages else texts
     peak = _hwm_mb()
     out.write_text(json.dumps(texts), encoding="utf-8")
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak, "import_rss_mb": base}))
+    print(json.dumps({"seconds": seconds, "pages_read": pages_read, "peak_rss_mb": peak, "import_rss_mb": base}))
 
 
 def _hwm_mb() -> float:
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict[str, Any] = {"file": path.name, "producer": producer(path)}
         for ex in EXTRACTORS:
             stats, texts = run_one(ex, path, args.pages)
-            entry[ex] = {**score(texts, vocab), "ms_per_page": round(1000 * stats["seconds"] / max(1, len(texts)), 1),
+            entry[ex] = {**score(texts, vocab), "ms_per_page": round(1000 * stats["seconds"] / max(1, stats["pages_read"]), 1),
                          "peak_rss_mb": round(stats["peak_rss_mb"]), "import_rss_mb": round(stats["import_rss_mb"])}
             print(f"{path.name:32} {ex:7} glued/1k {entry[ex]['glued_per_1k']:6} split/10k {entry[ex]['split_per_10k']:6} "
                   f"in-dict {entry[ex]['in_dict']:.3f} odd {entry[ex]['odd_chars']:5} {entry[ex]['ms_per_page']:6} ms/page "

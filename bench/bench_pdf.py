@@ -17,8 +17,8 @@ texts (before retrieval/cleaning.py) are then scored the same way for both:
   spelled out), a whole-text check that neither count can game by dropping text;
 - odd: ligature code points, soft hyphens and zero-width characters, private-use and control
   characters, U+FFFD, before cleaning;
-- ms/page and peak RSS (VmHWM of the fresh process, imports included). Without --dict (or /usr/share/dict/words) the dictionary is the document's
-  own words seen 3 times or more.
+- ms/page and peak RSS (VmHWM of the fresh process, imports included).
+Without --dict (or /usr/share/dict/words) the dictionary is the document's own words seen 3 times or more.
 `--robustness` also runs both on encrypted, image-only, truncated and damaged PDFs made on the spot.
 pypdf must be installed (it is a test dependency).
 """

@@ -169,7 +169,8 @@ def test_pdf_words_spaced_by_kerning_alone_are_not_run_together(tmp_path: Path) 
     for name in font:
         f = font[name].get_object()
         f[NameObject("/FirstChar")], f[NameObject("/LastChar")] = NumberObject(32), NumberObject(255)
-        f[NameObject("/Widths")] = ArrayObject([NumberObject(564)] + [NumberObject(int(x)) for x in getFont("Times-Roman").widths[33:256]])
+        widths = [564] + [int(x) for x in getFont("Times-Roman").widths[33:256]]
+        f[NameObject("/Widths")] = ArrayObject([NumberObject(x) for x in widths])
     w.write(str(tmp_path / "xdvipdfmx-like.pdf"))
     assert _one(tmp_path / "xdvipdfmx-like.pdf").text == "There are two methods of associating a file"
 

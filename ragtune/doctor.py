@@ -21,7 +21,7 @@ from ragtune import __version__
 REQUIRED_PACKAGES = (
     "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
     "sentence-transformers", "gguf", "qdrant-edge-py", "qdrant-client", "kiwipiepy", "kiwipiepy-model",
-    "pyyaml", "fastapi", "uvicorn", "pypdf",
+    "pyyaml", "fastapi", "uvicorn", "pypdfium2",
 )
 OPTIONAL_PACKAGES = ("bitsandbytes", "llama-cpp-python", "openai")
 MIN_FREE_GB = 2.0

@@ -32,6 +32,13 @@ SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx"
 
 _PARA_SPLIT = re.compile(r"\n[ \t]*\n+")
 
+# The version of each format's reading, stored with every chunk: raise one when a change gives a
+# document of that format other text, and `index sync`/`add` re-read (and re-embed) the documents
+# an older reader read (retrieval/ingest.py). Leave the others alone: a bump re-embeds every such file.
+READER_VERSIONS = {"text": 1, "markdown": 1, "html": 2, "pdf": 2, "docx": 1, "jsonl": 1}
+READER_NAMES = {"text": "plain text", "markdown": "Markdown", "html": "HTML", "pdf": "PDF", "docx": "DOCX",
+                "jsonl": "JSONL"}
+
 
 class Skip(Exception):
     """A file that is not indexed; str(exc) is the reason."""
@@ -132,6 +139,21 @@ def load_file(path: Path, source: str, data: bytes | None = None) -> list[Docume
     if not docs:
         raise Skip("no text found")
     return docs
+
+
+def reader_format(path: Path, data: bytes) -> str:
+    """The READER_VERSIONS key of the reader `load_file` gives these bytes (what `sniff` says they are)."""
+    try:
+        suffix = sniff(data, path.suffix.lower())
+    except Skip:
+        suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix in MARKDOWN_SUFFIXES:
+        return "markdown"
+    if suffix in HTML_SUFFIXES:
+        return "html"
+    return suffix.lstrip(".")
 
 
 _KIND_NAMES = {".pdf": "PDF", ".docx": "DOCX", ".html": "HTML", ".htm": "HTML", ".txt": "plain text",

@@ -207,6 +207,8 @@ def _run_index(args: argparse.Namespace, cfg: Any) -> int:
             print(f"embedder   {emb.get('path')} (dim {emb.get('dim')}, hash {str(emb.get('hash'))[:12]})")
             print(f"chunker    {st['chunker']}   schema_version {st['schema_version']}")
             print(f"disk       {human_size(st['disk_bytes'])}   updated {st['updated']}")
+            for why, n in sorted(st["reread_pending"].items()):
+                print(f"re-read    {n} documents on the next 'ragtune index sync' ({why})")
             for r in st["roots"]:
                 print(f"root       {r}")
         return EXIT_OK
@@ -256,14 +258,21 @@ def _print_ingest(res: Any) -> None:
         for label, items in (("add", res.added), ("replace", res.replaced), ("delete", res.deleted)):
             for s in items:
                 print(f"  {label:8s}{s}")
-        print(f"  would add {len(res.added)}, replace {len(res.replaced)}, delete {len(res.deleted)}, "
-              f"keep {res.unchanged} unchanged")
+        for s, why in res.reread:
+            print(f"  re-read {s} ({why})")
+        print(f"  would add {len(res.added)}, replace {len(res.replaced)}, re-read {len(res.reread)}, "
+              f"delete {len(res.deleted)}, keep {res.unchanged} unchanged")
     else:
         embed_share = (res.embed_seconds / res.seconds * 100) if res.seconds else 0.0
-        print(f"index '{res.index}': added {len(res.added)}, "
-              f"replaced {len(res.replaced)}, deleted {len(res.deleted)}, unchanged {res.unchanged} documents; "
+        print(f"index '{res.index}': added {len(res.added)}, replaced {len(res.replaced)}, "
+              f"re-read {len(res.reread)}, deleted {len(res.deleted)}, unchanged {res.unchanged} documents; "
               f"{res.chunks_written} chunks written, {res.chunks_deleted} deleted in {res.seconds:.1f}s "
               f"({embed_share:.0f}% embedding)")
+        if res.reread:
+            reasons: dict[str, int] = {}
+            for _s, why in res.reread:
+                reasons[why] = reasons.get(why, 0) + 1
+            print("re-read unchanged files: " + ", ".join(f"{why} ({n})" for why, n in sorted(reasons.items())))
     if res.skipped:
         print(f"skipped {len(res.skipped)} files:")
         for path, reason in res.skipped:

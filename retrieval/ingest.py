@@ -4,8 +4,10 @@
 
 Identity: a document's id hashes its root, its path relative to that root, and its bytes (JSONL:
 each line is a document, keyed by its "id" or line number); a chunk's id is a UUID derived from
-(doc id, chunker signature, chunk number). Unchanged documents are never embedded again, and
-re-writing the same chunk overwrites the same point, so nothing is duplicated.
+(doc id, chunker signature, chunk number). Unchanged documents are never embedded again, unless
+the reader of their format is newer (loaders.READER_VERSIONS) than the one stored with their chunks:
+those are read again, in place. Re-writing the same chunk overwrites the same point, so nothing is
+duplicated.
 
 The store itself is the manifest: every chunk carries doc_id, root, file, n_chunks; a document is
 complete when the store holds n_chunks points for it. The order of writes makes any interruption
@@ -28,7 +30,8 @@ from typing import Any, Iterable
 
 from ragtune.config import ChunkConfig, Config
 from ragtune.errors import UsageError
-from ragtune.retrieval.loaders import Document, Skip, is_supported, iter_jsonl, load_file
+from ragtune.retrieval import loaders
+from ragtune.retrieval.loaders import Document, Skip, is_supported, iter_jsonl, load_file, reader_format
 from ragtune.retrieval.store import (
     SCHEMA_VERSION,
     IndexLock,
@@ -53,6 +56,7 @@ class DocRef:
     source: str  # file, or file#key for a JSONL line
     doc_hash: str  # sha256 of the bytes (the file, or the JSONL line)
     document: Document | None = None  # JSONL lines are parsed while planning
+    reader: str = "text"  # the loaders.READER_VERSIONS key of the reader its bytes go to
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Plan:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     replaced_files: set[str] = field(default_factory=set)
     rewritten: list[str] = field(default_factory=list)  # doc ids in `add` the store already has points of
+    reread: dict[str, str] = field(default_factory=dict)  # doc id in `add` -> why (its reader is newer)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class IngestResult:
     index: str
     added: list[str] = field(default_factory=list)  # sources written (new or replaced)
     replaced: list[str] = field(default_factory=list)
+    reread: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): unchanged, read again
     deleted: list[str] = field(default_factory=list)
     unchanged: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -85,6 +91,7 @@ class IngestResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "index": self.index, "dry_run": self.dry_run, "added": self.added, "replaced": self.replaced,
+            "reread": [{"source": s, "reason": r} for s, r in self.reread],
             "deleted": self.deleted, "unchanged": self.unchanged,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "chunks_written": self.chunks_written, "chunks_deleted": self.chunks_deleted,
@@ -165,6 +172,15 @@ def _state_file(state: dict[str, Any]) -> str | None:
     return str(Path(state["root"]) / state["file"])
 
 
+def outdated_reader(state: dict[str, Any], reader: str) -> str:
+    """Why a stored document must be read again: its chunks come from an older version of its
+    format's reader ("PDF reader updated"), or "" when they are current. A document stored
+    without a reader version (indexed before they were kept) counts as read by version 1."""
+    if int(state.get("reader_version") or 1) < loaders.READER_VERSIONS.get(reader, 1):
+        return f"{loaders.READER_NAMES.get(reader, reader)} reader updated"
+    return ""
+
+
 def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path, Path]], chunker_sig: str,
                 sparse_version: int, sync_roots: list[Path] | None = None) -> Plan:
     plan = Plan()
@@ -191,6 +207,7 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
             plan.skipped.append((rel, "empty file"))
             continue
         refs: list[DocRef] = []
+        reader = reader_format(path, data)
         if path.suffix.lower() == ".jsonl" and data.strip():
             good, problems = iter_jsonl(data, rel)  # bad lines are reported, the good ones indexed
             plan.skipped.extend((rel, problem) for problem in problems)
@@ -198,19 +215,22 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
                 continue
             for line, doc in good:
                 d, h = doc_id_for(str(root), doc.source, line)
-                refs.append(DocRef(d, str(root), rel, doc.source, h, doc))
+                refs.append(DocRef(d, str(root), rel, doc.source, h, doc, "jsonl"))
         else:
             d, h = doc_id_for(str(root), rel, data)
-            refs.append(DocRef(d, str(root), rel, rel, h))
+            refs.append(DocRef(d, str(root), rel, rel, h, reader=reader))
         ids = {r.doc_id for r in refs}
         current_ids |= ids
         for r in refs:
             st = store_states.get(r.doc_id)
             complete = (st is not None and st.get("count") == st.get("n_chunks")
                         and st.get("chunker") == chunker_sig and st.get("sparse") == sparse_version)
-            (plan.unchanged if complete else plan.add).append(r)
-            if st is not None and not complete:
+            why = outdated_reader(st, r.reader) if st is not None else ""
+            (plan.unchanged if complete and not why else plan.add).append(r)
+            if st is not None and (why or not complete):
                 plan.rewritten.append(r.doc_id)
+            if why:
+                plan.reread[r.doc_id] = why
         old = [st["doc_id"] for st in by_file.get(abs_file, []) if st["doc_id"] not in ids]
         if old:
             plan.stale[abs_file] = old
@@ -471,7 +491,10 @@ def _fill_dry_run(res: IngestResult, plan: Plan) -> None:
     replaced_files = plan.replaced_files
     for r in plan.add:
         abs_file = str(Path(r.root) / r.file)
-        (res.replaced if abs_file in replaced_files else res.added).append(r.source)
+        if r.doc_id in plan.reread:
+            res.reread.append((r.source, plan.reread[r.doc_id]))
+        else:
+            (res.replaced if abs_file in replaced_files else res.added).append(r.source)
     res.deleted = sorted({st.get("source", st["doc_id"]) for st in plan.removed})
 
 
@@ -491,7 +514,8 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
         sparse.avg_len = None  # type: ignore[assignment]  # set from the first group the writer weighs
     writer = _Writer(store, embedder, sparse, cfg.embedder.batch_size, bar)
     failed_files: set[str] = set()
-    cut: set[str] = set()  # doc ids chunked in this run
+    cut: dict[str, int] = {}  # doc id chunked in this run -> its number of chunks
+    rewritten = set(plan.rewritten)
     by_file: dict[str, list[DocRef]] = {}
     for r in plan.add:
         by_file.setdefault(str(Path(r.root) / r.file), []).append(r)
@@ -505,18 +529,26 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
                 continue
             for ref, doc in docs:
                 chunks = chunker.chunk(doc)
-                for i, ch in enumerate(chunks):
+                # the first chunk carries the document's state (doc_states): over a document's own
+                # points it is written last, so an interrupted re-read is never taken for a finished one
+                order = [*range(1, len(chunks)), 0] if ref.doc_id in rewritten else range(len(chunks))
+                for i in order:
+                    ch = chunks[i]
                     payload = {
                         "kind": "chunk", "doc_id": ref.doc_id, "doc_hash": ref.doc_hash, "root": ref.root,
                         "file": ref.file, "source": ref.source, "title": doc.title,
                         "heading": " > ".join(ch.heading), "heading_path": list(ch.heading), "page": ch.page,
                         "start": ch.start, "end": ch.end, "text": ch.text, "tokens": ch.tokens,
                         "chunk_index": i, "n_chunks": len(chunks), "chunker": sig, "sparse": SPARSE_VERSION,
+                        "reader": ref.reader, "reader_version": loaders.READER_VERSIONS.get(ref.reader, 1),
                         "meta": doc.meta,
                     }
                     writer.add(chunk_id(ref.doc_id, sig, i), ch.text, payload)
-                cut.add(ref.doc_id)
-                (res.replaced if abs_file in plan.replaced_files else res.added).append(ref.source)
+                cut[ref.doc_id] = len(chunks)
+                if ref.doc_id in plan.reread:
+                    res.reread.append((ref.source, plan.reread[ref.doc_id]))
+                else:
+                    (res.replaced if abs_file in plan.replaced_files else res.added).append(ref.source)
         writer.flush()
     finally:
         if bar is not None:
@@ -526,7 +558,7 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
     if writer.written and embedder.model is not None:
         res.embed_precision = embedder.doc_precision()
     # only now: delete what the new chunks replace, what left the folder, and interrupted leftovers
-    recut = _drop_other_cuts(store, [d for d in plan.rewritten if d in cut], sig)
+    recut = _drop_leftovers(store, {d: cut[d] for d in plan.rewritten if d in cut}, sig)
     doomed: list[str] = []
     for abs_file, ids in plan.stale.items():
         if abs_file not in failed_files:
@@ -537,20 +569,27 @@ def _run(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Plan, res
         before = store.count()
         store.delete_docs(sorted(set(doomed)))
         res.chunks_deleted = before - store.count()
+    res.chunks_deleted += recut
     res.deleted = sorted({st.get("source", st["doc_id"]) for st in plan.removed})
     if res.chunks_written or doomed or recut:
         update_lexical_stats(store, lex["stemmer"], sparse.avg_len if sparse is not None else None)
         store.optimize()  # build HNSW / merge segments now, not on the first query
 
 
-def _drop_other_cuts(store: Store, doc_ids: list[str], sig: str) -> int:
-    """Delete the points of these (just rewritten) documents that another chunker cut: a document
-    re-chunked with new settings keeps its doc id, and its new chunks have new ids, so the old ones
-    would otherwise stay beside them. Returns the number of points deleted."""
+def _drop_leftovers(store: Store, n_chunks: dict[str, int], sig: str) -> int:
+    """Delete the points of these (just rewritten) documents that this run did not write: a document
+    keeps its doc id when it is re-chunked with new settings (its new chunks have new ids) or re-read
+    by a newer reader into fewer chunks (chunks n.. keep their ids), so the old points would
+    otherwise stay beside the new ones. Returns the number of points deleted."""
+    doc_ids = sorted(n_chunks)
     old: list[str] = []
     for i in range(0, len(doc_ids), 256):
-        for pid, payload, _vec in store.scroll({"doc_id": doc_ids[i : i + 256]}, ["chunker"], with_vectors=False):
-            if payload.get("chunker") != sig:
+        for pid, payload, _vec in store.scroll({"doc_id": doc_ids[i : i + 256]}, ["doc_id", "chunk_index"],
+                                               with_vectors=False):
+            d, j = payload.get("doc_id"), payload.get("chunk_index")
+            if d not in n_chunks:
+                continue
+            if j is None or int(j) >= n_chunks[d] or uuid.UUID(pid) != uuid.UUID(chunk_id(d, sig, int(j))):
                 old.append(pid)
     store.delete_points(old)
     return len(old)
@@ -744,7 +783,21 @@ def stats(cfg: Config, index: str | None = None) -> dict[str, Any]:
             "disk_bytes": store.disk_bytes(), "schema_version": meta.get("schema_version"),
             "embedder": meta.get("embedder"), "chunker": meta.get("chunker"), "roots": meta.get("roots", []),
             "created": meta.get("created"), "updated": meta.get("updated"),
+            "reread_pending": _reread_pending(states),
         }
+    return out
+
+
+def _reread_pending(states: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """reason -> number of documents the next `sync`/`add` of their folder re-reads (outdated_reader);
+    a document stored without its reader is taken for what its extension says."""
+    out: dict[str, int] = {}
+    for st in states.values():
+        if st.get("file") is None:
+            continue
+        why = outdated_reader(st, st.get("reader") or reader_format(Path(st["file"]), b""))
+        if why:
+            out[why] = out.get(why, 0) + 1
     return out
 
 

@@ -27,7 +27,8 @@ DENSE = "dense"
 SPARSE = "sparse"
 KEYWORD_FIELDS = ("doc_id", "source", "file", "root", "kind", "title")
 INTEGER_FIELDS = ("chunk_index", "page")
-STATE_FIELDS = ["doc_id", "doc_hash", "root", "file", "source", "title", "n_chunks", "chunker", "sparse"]
+STATE_FIELDS = ["doc_id", "doc_hash", "root", "file", "source", "title", "n_chunks", "chunker", "sparse", "reader",
+                "reader_version"]
 
 
 @dataclass

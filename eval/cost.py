@@ -89,12 +89,14 @@ def ingest_cost(result: dict[str, Any], where: str = "") -> CostRow:
     if "seconds" not in result:
         raise UsageError(f"{where or 'ingest result'}: no 'seconds' key; save the output of 'ragtune index sync --json'")
     changed = len(result.get("replaced") or [])
-    added = len(result.get("added") or []) - changed
+    reread = len(result.get("reread") or [])  # unchanged files read again by a newer reader
+    added = len(result.get("added") or [])  # new files only: replaced and re-read ones are listed apart
     deleted = len(result.get("deleted") or [])
     chunks = result.get("chunks_written", 0)
-    if changed or deleted or result.get("unchanged"):
-        what = (f"absorb a changed document: re-sync the index ({changed} replaced, {max(added, 0)} added, "
-                f"{deleted} deleted, {result.get('unchanged', 0)} unchanged; {chunks} chunks embedded)")
+    if changed or deleted or reread or result.get("unchanged"):
+        again = f", {reread} re-read by a newer reader" if reread else ""
+        what = (f"absorb a changed document: re-sync the index ({changed} replaced, {added} added, "
+                f"{deleted} deleted{again}, {result.get('unchanged', 0)} unchanged; {chunks} chunks embedded)")
     else:
         what = f"index: embed and store {added} documents ({chunks} chunks)"
     src = f" in {where}" if where else ""

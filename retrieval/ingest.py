@@ -75,7 +75,7 @@ class Plan:
 @dataclass
 class IngestResult:
     index: str
-    added: list[str] = field(default_factory=list)  # sources written (new or replaced)
+    added: list[str] = field(default_factory=list)  # sources of new documents (replaced and re-read ones apart)
     replaced: list[str] = field(default_factory=list)
     reread: list[tuple[str, str]] = field(default_factory=list)  # (source, reason): unchanged, read again
     deleted: list[str] = field(default_factory=list)

@@ -107,7 +107,7 @@ def test_run_eval_four_modes(tmp_path: Path) -> None:
     cfg = load_config(None, ["eval.system_prompt=Be brief.", "rag.top_k=2", "eval.max_new_tokens=16",
                              "eval.bootstrap=200"])
     sync = tmp_path / "sync.json"
-    sync.write_text(json.dumps({"index": "p", "added": ["remote_work.md"], "replaced": ["remote_work.md"],
+    sync.write_text(json.dumps({"index": "p", "added": [], "replaced": ["remote_work.md"],
                                 "deleted": [], "unchanged": 7, "chunks_written": 3, "seconds": 1.25}))
     gen = ScriptedGenerator(TABLE)
     res = run_eval(cfg, questions=write_questions(tmp_path / "q.jsonl"), adapter=str(make_adapter(tmp_path)),
@@ -211,6 +211,10 @@ def test_cost_helpers(tmp_path: Path) -> None:
     row = ingest_cost({"added": ["a.md", "b.md"], "replaced": [], "deleted": [], "unchanged": 0,
                        "chunks_written": 9, "seconds": 3.0})
     assert row.what == "index: embed and store 2 documents (9 chunks)" and row.seconds == 3.0
+    row = ingest_cost({"added": ["new.md"], "replaced": ["a.md"], "reread": [{"source": "m.pdf", "reason": "r"}],
+                       "deleted": [], "unchanged": 3, "chunks_written": 7, "seconds": 2.0})
+    assert row.what == ("absorb a changed document: re-sync the index (1 replaced, 1 added, 0 deleted, 1 re-read by a "
+                        "newer reader, 3 unchanged; 7 chunks embedded)")
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([{"what": "copy docs", "seconds": 0.1}]))
     assert load_cost_file(rows)[0].what == "copy docs"

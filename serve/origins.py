@@ -129,6 +129,7 @@ def is_loopback(addr: str) -> bool:
 def host_allowed(host: str, allowed: Allowed) -> bool:
     """Whether a Host header on a loopback connection is one a rebound name cannot fake."""
     name, _ = split_host(host)
+    name = name[:-1] if name.endswith(".") else name  # "localhost." is the same name, fully qualified
     if not name:
         return False
     try:

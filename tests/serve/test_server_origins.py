@@ -12,7 +12,7 @@ import pytest
 
 from ragtune.config import load_config
 from ragtune.errors import UsageError
-from ragtune.serve.origins import normalize_origin, same_origin, split_host
+from ragtune.serve.origins import Allowed, host_allowed, normalize_origin, same_origin, split_host
 from ragtune.serve.server import create_app
 from tests.conftest import start_server
 from tests.serve.test_server import ask, assert_error
@@ -195,3 +195,12 @@ def test_same_origin_compares_host_and_port() -> None:
     assert not same_origin("http://127.0.0.1:8001", "127.0.0.1:8000")
     assert not same_origin("null", "127.0.0.1:8000") and not same_origin("http://a", "")
     assert split_host("[::1]:80") == ("::1", 80) and split_host("A.example") == ("a.example", None)
+
+
+def test_a_fully_qualified_local_name_with_its_trailing_dot_is_allowed() -> None:
+    """http://localhost.:8000/ is localhost (the root's trailing dot); a rebound name stays refused with it."""
+    allowed = Allowed(hosts=frozenset({"app.example"}))
+    for host in ("localhost.:8000", "LOCALHOST.", "chat.localhost.:8000", "app.example.:3000", "127.0.0.1:8000"):
+        assert host_allowed(host, allowed), host
+    for host in ("evil.example.:8000", ".:8000", "localhost..:8000"):
+        assert not host_allowed(host, allowed), host

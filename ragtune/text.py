@@ -55,15 +55,17 @@ def detect_encoding(data: bytes) -> str | None:
 def plausibility(text: str, encoding: str) -> float:
     """Share of the non-ASCII characters that belong to the script `encoding` is used for.
 
-    For the multi-byte code pages a character wedged between two ASCII letters does not count: an
-    accented letter of mostly-English text read two bytes at a time ("Fran\xe7ois" in Shift-JIS is
-    "Fran輟is") makes one such character, while real Korean, Japanese or Chinese text comes in runs."""
+    For the multi-byte code pages a character that reads as an accented Latin letter plus an ASCII
+    letter, wedged between two ASCII letters, does not count: that is a Western word read two bytes
+    at a time ("Fran\xe7ois" in Shift-JIS is "Fran輟is"), while "AとB" keeps its と (its second
+    byte is not ASCII)."""
     chars = [c for c in text if ord(c) > 0x7F]
     if not chars:
         return 1.0
     if encoding in MULTI_BYTE:
-        chars = [c for i, c in enumerate(text) if ord(c) > 0x7F
-                 and not (0 < i < len(text) - 1 and _ascii_letter(text[i - 1]) and _ascii_letter(text[i + 1]))]
+        chars = [c for i, c in enumerate(text) if ord(c) > 0x7F and not (
+            0 < i < len(text) - 1 and _ascii_letter(text[i - 1]) and _ascii_letter(text[i + 1])
+            and _latin_pair(c, encoding))]
         if not chars:
             return 0.0
     if encoding == "cp949":  # real Korean keeps to the 2,350 common syllables (EUC-KR); mojibake does not
@@ -79,6 +81,16 @@ def plausibility(text: str, encoding: str) -> float:
 
 def _ascii_letter(c: str) -> bool:
     return c.isascii() and c.isalpha()
+
+
+def _latin_pair(c: str, encoding: str) -> bool:
+    """Whether `c`'s two bytes in `encoding` read in cp1252 as an accented letter and an ASCII letter."""
+    try:
+        raw = c.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return (len(raw) == 2 and raw[1] < 0x80 and chr(raw[1]).isalpha()
+            and raw[:1].decode("cp1252", "replace").isalpha())
 
 
 def _ks_x_1001(c: str) -> bool:

@@ -84,12 +84,14 @@ def _shape(line: str) -> tuple[str, list[int]]:
 def strip_running_lines(pages: list[str]) -> list[str]:
     """Drop the page headers, footers and page numbers that repeat across pages.
 
-    Looks only at the first and last EDGE_LINES non-blank lines of each page. A line is running
+    Looks only at the first and last EDGE_LINES non-blank lines of each page (one at each end of a
+    page of 2 * EDGE_LINES lines or fewer, where the edges would be the whole page). A line is running
     when (a) the same line ends at least half the pages, MIN_REPEATS at least ("BASH(1) General
     Commands Manual BASH(1)"), or (b) with its numbers masked it recurs on MIN_REPEATS pages or more
     with a number that keeps step with the page ("gnuplot 5.4 22", "Chapter 3: Objects ... 15", a
     bare "15"): that number minus the page index is the same on all of them. Chapter titles, which
-    recur with numbers that do not follow the pages, are kept."""
+    recur with numbers that do not follow the pages, are kept, and a page is never emptied: where
+    every line of a page would go (a form or slide repeated page after page), the page stays whole."""
     if len(pages) < MIN_REPEATS:
         return pages
     lines = [p.split("\n") for p in pages]
@@ -97,7 +99,8 @@ def strip_running_lines(pages: list[str]) -> list[str]:
     shaped: dict[str, list[tuple[int, int, list[int]]]] = defaultdict(list)
     for pi, page in enumerate(lines):
         filled = [i for i, line in enumerate(page) if line.strip()]
-        for li in sorted(set(filled[:EDGE_LINES] + filled[-EDGE_LINES:])):
+        edge = EDGE_LINES if len(filled) > 2 * EDGE_LINES else 1
+        for li in sorted(set(filled[:edge] + filled[-edge:])):
             exact[" ".join(page[li].split())].append((pi, li))
             shape, numbers = _shape(page[li])
             if numbers:
@@ -117,4 +120,8 @@ def strip_running_lines(pages: list[str]) -> list[str]:
                 drop |= spots
     if not drop:
         return pages
-    return ["\n".join(line for li, line in enumerate(page) if (pi, li) not in drop) for pi, page in enumerate(lines)]
+    out = []
+    for pi, page in enumerate(lines):
+        kept = [line for li, line in enumerate(page) if (pi, li) not in drop]
+        out.append("\n".join(kept) if any(line.strip() for line in kept) else pages[pi])
+    return out

@@ -53,6 +53,14 @@ def test_content_repeated_on_some_page_ends_is_kept() -> None:
     assert strip_running_lines(chapters) == chapters  # "Chapter N" on chapter starts does not follow the pages
 
 
+def test_short_pages_keep_their_content() -> None:
+    """A form or slide deck: every line of a 4-line page is at an edge, and some repeat on every page."""
+    form = [f"Request {p + 1}\nName: ______\nDate: ______\nSigned" for p in range(5)]
+    assert strip_running_lines(form) == ["Name: ______\nDate: ______" for _ in range(5)]  # one edge line each end
+    tiny = [f"Table {p + 1}\nitem a | 3" for p in range(4)]  # every line would go: the pages stay whole
+    assert strip_running_lines(tiny) == tiny
+
+
 def test_short_documents_untouched() -> None:
     texts = ["Header\nbody one", "Header\nbody two"]
     assert strip_running_lines(texts) == texts

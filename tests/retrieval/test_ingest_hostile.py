@@ -94,6 +94,7 @@ def test_a_jsonl_file_with_no_good_line_is_skipped_naming_every_line(tmp_path: P
                "suggested various improvements or submitted actual\ncode.  Among these are the following:\n\n"
                + "".join(f"Name{i} Surname{i}\t\t<user{i}@example.org>\n" for i in range(6))
                + "François Pinard\t\t<pinard@example.org>"),
+    ("shift_jis", "AとB\nCとD\nEとF"),  # wedged between ASCII letters, but と's second byte is not ASCII
 ])
 def test_legacy_encodings_are_detected_not_forced_into_korean(tmp_path: Path, encoding: str, text: str) -> None:
     p = tmp_path / "legacy.txt"

@@ -714,6 +714,17 @@ class SearchRequest(BaseModel):
 MAX_EMBED_INPUTS = 2048
 
 
+def refuse_token_ids(data: Any) -> None:
+    """OpenAI accepts `input` as token ids (its own tokenizer's); ragtune's embedder has another
+    tokenizer, so such ids would embed nonsense. LangChain's OpenAIEmbeddings sends them by default."""
+    inp = data.get("input") if isinstance(data, dict) else None
+    rows = inp if isinstance(inp, list) and inp and all(isinstance(x, list) for x in inp) else [inp]
+    if any(isinstance(r, list) and r and all(isinstance(x, int) and not isinstance(x, bool) for x in r) for r in rows):
+        raise APIError(400, "input holds token ids; ragtune's embedder reads text with its own tokenizer, so "
+                       "send the text itself (LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False))",
+                       param="input", code="unsupported")
+
+
 def parse_body(body: bytes, schema: Any) -> Any:
     try:
         return schema.model_validate(read_json(body))
@@ -751,7 +762,9 @@ def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
 
     @app.post("/v1/embeddings")
     async def embed(request: Request) -> Any:
-        req = parse_body(await read_body(request, cfg.serve.max_body_bytes), EmbeddingsRequest)
+        body = await read_body(request, cfg.serve.max_body_bytes)
+        refuse_token_ids(read_json(body))
+        req = parse_body(body, EmbeddingsRequest)
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         if len(texts) > MAX_EMBED_INPUTS:
             raise APIError(400, f"{len(texts)} inputs; the limit is {MAX_EMBED_INPUTS}", param="input",

@@ -100,3 +100,11 @@ def test_a_bad_truncate_prompt_tokens_is_a_400_naming_it(served: Any, value: Any
     assert e["param"] == "truncate_prompt_tokens", e
     if isinstance(value, int):
         assert f"from 1 to {emb.max_tokens}" in e["message"]
+
+
+@pytest.mark.parametrize("ids", [[101, 2023, 102], [[101, 2023], [7592]]])
+def test_token_id_inputs_are_refused_saying_to_send_text(served: Any, ids: Any) -> None:
+    """What LangChain's OpenAIEmbeddings sends unless check_embedding_ctx_length=False (tiktoken ids)."""
+    url, _ = served
+    e = assert_error(post(url, input=ids), 400, "unsupported")
+    assert e["param"] == "input" and "token ids" in e["message"] and "check_embedding_ctx_length=False" in e["message"]

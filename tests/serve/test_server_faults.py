@@ -183,7 +183,7 @@ def test_non_streaming_client_that_disconnects_cancels_its_generation(tmp_path: 
     server, t, port = start_server(app)
     deadline = time.time() + 30
     runtime = app.state.runtime
-    caplog.set_level(logging.INFO, logger="ragtune.serve.server")
+    caplog.set_level(logging.INFO, logger="ragtune.serve.chat")
     try:
         with loaded_gen.lock:
             body = json.dumps(ask("base", "Tell me a long story", max_tokens=200, temperature=0)).encode()
@@ -269,7 +269,7 @@ def test_a_client_hanging_up_mid_upload_is_not_a_server_error(tmp_path: Path, ti
     f.write_text(f"model:\n  path: {tiny_llama}\nserve:\n  deployments:\n    - {{name: base}}\n")
     app = create_app(load_config(f), generator=loaded_gen)
     server, t, port = start_server(app)
-    caplog.set_level(logging.INFO, logger="ragtune.serve.server")
+    caplog.set_level(logging.INFO, logger="ragtune.serve.protocol")
     try:
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

@@ -25,7 +25,7 @@ When `serve.api_key` (or env RAGTUNE_API_KEY) is set, every /v1 route needs `Aut
 Browsers: the page at / and `serve.allowed_origins` may call it (CORS); other origins get a 403 (serve/origins.py).
 
 Here: create_app (the wiring, API key, origins) and run_serve. The routes and their parts:
-serve/chat.py (chat completions; the request in serve/chat_request.py), serve/retrieval_routes.py
+serve/chat_route.py (chat completions; the request in serve/chat_request.py), serve/retrieval_routes.py
 (embeddings, search), serve/deployments.py (Deployment, Runtime), serve/protocol.py (errors, bodies).
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ragtune.errors import UsageError
-from ragtune.serve.chat import add_chat_route
+from ragtune.serve.chat_route import add_chat_route
 from ragtune.serve.chat_request import MAX_STOP_CHARS  # noqa: F401 - imported from here by tests
 from ragtune.serve.deployments import (  # noqa: F401 - Deployment, plan_deployments: imported from here
     Deployment, Runtime, plan_deployments, unknown_model)

@@ -183,7 +183,7 @@ def test_non_streaming_client_that_disconnects_cancels_its_generation(tmp_path: 
     server, t, port = start_server(app)
     deadline = time.time() + 30
     runtime = app.state.runtime
-    caplog.set_level(logging.INFO, logger="ragtune.serve.chat")
+    caplog.set_level(logging.INFO, logger="ragtune.serve.chat_route")
     try:
         with loaded_gen.lock:
             body = json.dumps(ask("base", "Tell me a long story", max_tokens=200, temperature=0)).encode()

@@ -215,7 +215,8 @@ def test_recovery_after_kill_9_midway(cfg: Config, docs: Path, tmp_path: Path, r
         from ragtune.config import load_config
         from ragtune.retrieval import ingest as ing
         from ragtune.retrieval.store import EdgeStore
-        ing.EMBED_GROUP = 4
+        from ragtune.retrieval import ingest_write
+        ingest_write.EMBED_GROUP = 4
         calls = [0]
         real = EdgeStore.upsert
         def upsert(self, points):

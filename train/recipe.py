@@ -16,6 +16,9 @@ What ragtune does on top of a plain `SFTTrainer`:
 - checkpoints in output_dir/checkpoints, `resume` continues from the last one's step, and the
   final folder (adapter, tokenizer + template, ragtune.json, metrics.jsonl, loss.png) appears at
   once (temp + rename).
+
+prepare.py checks and prepares the data, outputs.py writes the metrics, run card and adapter folder;
+this module loads the model, builds the Trainer and runs it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ragtune.errors import CheckFailed, UsageError
-from ragtune.train.callbacks import make_callbacks, records_per_step
+from ragtune.errors import UsageError
+from ragtune.train.callbacks import make_callbacks
 from ragtune.train.checkpoints import (
     RUN_SETTINGS,
     check_resume_settings,
@@ -37,7 +40,6 @@ from ragtune.train.checkpoints import (
     last_complete_checkpoint,
     run_settings,
     say_how_to_resume,
-    whole_run_loss_mean,
 )
 from ragtune.train.compact_loss import install_compact_loss, make_trainer_class
 from ragtune.train.device import (
@@ -49,146 +51,17 @@ from ragtune.train.device import (
     packing_supported,
     set_threads,
 )
+from ragtune.train.outputs import CHECKPOINTS, METRICS, dry_run_plan, run_card, run_metrics, write_adapter
+from ragtune.train.prepare import (  # noqa: F401  (Prepared, PAD_CANDIDATES, template_text_sample: re-exported)
+    PAD_CANDIDATES,
+    Prepared,
+    choose_pad_token,
+    encode,
+    prepare,
+    template_text_sample,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|padding|>")
-
-
-@dataclass
-class Prepared:
-    """Everything resolved before the model is loaded (cheap; also used by the benchmark)."""
-
-    base: Path
-    tokenizer: Any
-    template: str
-    train_records: list[Any]
-    eval_records: list[Any]
-    train_report: Any
-    eval_report: Any | None
-    skipped: int
-    rag: Any = None  # ragtune.train.rag.RagBuild: the records rebuilt with retrieved sources (data.rag.index)
-
-
-def _read_template(cfg: Any, tokenizer: Any) -> str:
-    from ragtune.train.template import template_of
-
-    if cfg.train.chat_template:
-        p = Path(cfg.train.chat_template).expanduser()
-        if not p.is_file():
-            raise UsageError(f"train.chat_template '{p}' does not exist; give a .jinja file or leave it empty")
-        return p.read_text(encoding="utf-8")
-    return template_of(tokenizer)
-
-
-def prepare(cfg: Any, rag_cache: Path | None = None) -> Prepared:
-    """Resolve the base model and tokenizer, check the data, split off eval records; with data.rag.index,
-    rebuild them as served prompts with retrieved sources (reusing `rag_cache` when it matches)."""
-    from ragtune.modeling import load_tokenizer, resolve_model_path
-    from ragtune.train.data import check_file, record_prompt, split_items
-
-    if not cfg.data.train_file:
-        raise UsageError("no training data: set data.train_file=FILE.jsonl (chat JSONL, one {\"messages\": [...]} per line)")
-    base = resolve_model_path(cfg.model.path)
-    tok = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
-    template = _read_template(cfg, tok)
-    tok.chat_template = template
-    max_len = cfg.data.max_length
-    rep = check_file(cfg.data.train_file, tok, template, max_len, dedupe=cfg.data.dedupe)
-    for note in (rep.tool_note(), rep.duplicate_note()):
-        if note:
-            log.warning("%s", note)
-    skipped = len(rep.rejected)
-    if not rep.records:
-        raise CheckFailed(f"no valid training records in {cfg.data.train_file}; nothing was trained:\n{rep.format()}")
-    if not rep.ok:
-        if not cfg.data.skip_invalid:
-            raise CheckFailed(
-                f"the training data has problems; nothing was trained:\n{rep.format()}\n"
-                f"fix the lines above (or 'ragtune data check {cfg.data.train_file} --write-clean OUT'), "
-                f"or pass --skip-invalid to train on the {len(rep.records)} valid records"
-            )
-        log.warning("skipping %d invalid records of %s (data.skip_invalid)", skipped, cfg.data.train_file)
-    if rep.conflicts:
-        log.warning("%s", rep.conflict_note())
-    cut = rep.stats.get("cut_lines") or []
-    if cut:
-        log.warning("the answers of %d record(s) of %s are cut at data.max_length=%d (lines %s): their ends and stop "
-                    "tokens are not trained", len(cut), cfg.data.train_file, max_len,
-                    ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else ""))
-    train_records = rep.records
-    eval_records: list[Any] = []
-    eval_rep = None
-    if cfg.data.eval_file:
-        eval_rep = check_file(cfg.data.eval_file, tok, template, max_len, dedupe=cfg.data.dedupe)
-        if eval_rep.tool_lines:
-            log.warning("%s", eval_rep.tool_note())
-        if not eval_rep.ok and not cfg.data.skip_invalid:
-            raise CheckFailed(f"the eval data has problems; nothing was trained:\n{eval_rep.format()}")
-        eval_records = eval_rep.records
-        seen = {record_prompt(r) for r in train_records}
-        shared = [r.line for r in eval_records if record_prompt(r) in seen]
-        if shared:
-            lines = ", ".join(map(str, shared[:5])) + (", ..." if len(shared) > 5 else "")
-            log.warning("%d of %d eval records ask a question the training data also asks (%s line %s): their eval "
-                        "loss measures memory, not generalisation; remove them from one of the files",
-                        len(shared), len(eval_records), cfg.data.eval_file, lines)
-    elif cfg.data.eval_fraction > 0:
-        train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed,
-                                                  key=record_prompt)
-    rag = None
-    if cfg.data.rag.index:
-        from ragtune.train.rag import apply_rag
-
-        train_records, eval_records, rag = apply_rag(cfg, tok, template, rep, train_records, eval_records, rag_cache)
-    return Prepared(base, tok, template, train_records, eval_records, rep, eval_rep, skipped, rag)
-
-
-def choose_pad_token(tokenizer: Any, template: str) -> str:
-    """A pad token distinct from eos, taken from the existing vocabulary (no resize) when possible."""
-    eos = tokenizer.eos_token
-    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
-        return tokenizer.pad_token
-    vocab = tokenizer.get_vocab()
-    for cand in PAD_CANDIDATES:
-        if cand in vocab and cand != eos:
-            return cand
-    used = {eos, tokenizer.bos_token}
-    sample = template_text_sample(tokenizer, template)
-    if tokenizer.unk_token and tokenizer.unk_token not in used and tokenizer.unk_token not in sample:
-        return tokenizer.unk_token
-    for tok_text in tokenizer.get_added_vocab():
-        if tok_text not in used and tok_text not in sample:
-            return tok_text
-    raise UsageError(
-        "the tokenizer has no token that can serve as padding distinct from its end-of-sequence token; "
-        "add a pad token to the base model's tokenizer (tokenizer.add_special_tokens({'pad_token': '<|pad|>'}) "
-        "and resize the embeddings), then train again"
-    )
-
-
-def template_text_sample(tokenizer: Any, template: str) -> str:
-    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    try:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template)
-    except Exception:  # noqa: BLE001 - only a heuristic
-        return ""
-
-
-def encode(records: list[Any], tokenizer: Any, template: str, max_length: int) -> dict[str, list[list[int]]]:
-    """input_ids and labels (-100 off the assistant answers), truncated to max_length."""
-    from ragtune.train.template import tokenize_conversation
-
-    ids_all, labels_all = [], []
-    for r in records:
-        enc = getattr(r, "enc", None) or tokenize_conversation(tokenizer, r.messages, template)
-        ids = enc.input_ids[:max_length]
-        labels = [t if m else -100 for t, m in zip(ids, enc.mask[:max_length])]
-        ids_all.append(ids)
-        labels_all.append(labels)
-    return {"input_ids": ids_all, "labels": labels_all}
 
 
 # --- run --------------------------------------------------------------------------------------
@@ -208,8 +81,8 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
 
     Steps: check the output folder (`_resume_point`), prepare the data (`prepare`), load the base model
     for training (`_load_for_training`), encode the records (`_encode_sets`), build the Trainer
-    (`_sft_args`, `_build_trainer`), train (`_fit`), measure (`_run_metrics`), then write the adapter
-    folder atomically with its run card (`_write_adapter`)."""
+    (`_sft_args`, `_build_trainer`), train (`_fit`), measure (`run_metrics`), then write the adapter
+    folder atomically with its run card (`write_adapter`)."""
     from ragtune.train.rag import RAG_PROMPTS
 
     t_start = time.time()
@@ -233,7 +106,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     trainer, training = _build_trainer(cfg, prep, loaded, sets, ckpt_dir, callbacks)
     if dry_run:
         try:
-            return _dry_run_plan(trainer, tc, sets.train_enc, sets.n_tokens, sets.n_trained, len(prep.eval_records),
+            return dry_run_plan(trainer, tc, sets.train_enc, sets.n_tokens, sets.n_trained, len(prep.eval_records),
                                  resume_step, training)
         finally:
             for d in (ckpt_dir, out):  # the Trainer makes its output folder on creation: leave no trace
@@ -251,7 +124,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     state = trainer.state
     if resume_from and state.global_step <= resume_step and (tc.max_steps <= 0 or tc.max_steps > resume_step):
         raise UsageError(f"resume from step {resume_step} did not continue (now at step {state.global_step})")
-    metrics = _run_metrics(trainer, result, train_secs, callbacks[0].rows, resume_step, sets.has_eval)
+    metrics = run_metrics(trainer, result, train_secs, callbacks[0].rows, resume_step, sets.has_eval)
 
     # Every rank takes part in saving (FSDP gathers the sharded weights); rank 0 writes the folder.
     staging = out.parent / f".{out.name}.saving"
@@ -268,8 +141,8 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
         trainer.accelerator.wait_for_everyone()  # until rank 0 has written the folder
         return out
     metrics["wall_seconds"] = round(time.time() - t_start, 2)
-    card = _run_card(cfg, prep, metrics, training)
-    _write_adapter(out, staging, ckpt_dir, prep, card, callbacks[0].rows)
+    card = run_card(cfg, prep, metrics, training)
+    write_adapter(out, staging, ckpt_dir, prep, card, callbacks[0].rows)
     log.info("wrote %s (%d steps, %.0f tokens/s)", out, state.global_step, metrics["tokens_per_second"] or 0)
     trainer.accelerator.wait_for_everyone()
     return out
@@ -506,141 +379,3 @@ def _fit(trainer: Any, cfg: Any, ckpt_dir: Path, resume_from: str | None) -> tup
                if last_complete_checkpoint(ckpt_dir) else "")
         ) from exc
     return result, time.time() - t0
-
-
-def _run_metrics(trainer: Any, result: Any, train_secs: float, rows: list[dict[str, Any]], resume_step: int,
-                 has_eval: bool) -> dict[str, Any]:
-    """The run card's metrics, for the whole run (a resumed one included)."""
-    state = trainer.state
-    # Trainer's clock includes the evaluations run during training: take them out of tokens/s
-    in_loop_eval = sum(r.get("eval_runtime", 0.0) for r in rows if resume_step < r["step"] <= state.global_step)
-    runtime = max(1e-9, float(result.metrics.get("train_runtime", train_secs)) - in_loop_eval)
-    eval_loss = None
-    if has_eval:
-        last = [r for r in state.log_history if "eval_loss" in r]  # the same on every rank
-        if last and last[-1].get("step") == state.global_step:
-            eval_loss = float(last[-1]["eval_loss"])
-        else:
-            eval_loss = float(trainer.evaluate()["eval_loss"])
-    tokens = _gather_sum(trainer, trainer.tokens_seen)  # this segment's (the rate); the whole run's below
-    run_tokens = int(state.num_input_tokens_seen or 0) or tokens
-    train_losses = [r["loss"] for r in rows if "loss" in r]
-    tail = train_losses[-max(1, len(train_losses) // 10):] if train_losses else []
-    return {
-        "train_loss": sum(tail) / len(tail) if tail else None,
-        "train_loss_mean": whole_run_loss_mean(rows, resume_step, float(result.training_loss), state.global_step),
-        "eval_loss": eval_loss,
-        "train_tokens": run_tokens,
-        "tokens_per_second": tokens / runtime if runtime > 0 else None,
-        "wall_seconds": None,  # set by run_train: its whole wall time
-        "train_seconds": round(runtime, 2),
-        "steps": state.global_step,
-        "resumed_from_step": resume_step or None,
-    }
-
-
-def _run_card(cfg: Any, prep: Any, metrics: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
-    from ragtune import __version__
-    from ragtune.config import to_dict
-    from ragtune.modeling import file_sha256, model_hash, text_sha256
-    from ragtune.train.data import shared_system_prompt
-
-    card = {
-        "ragtune_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "base_model": {"path": str(prep.base), "hash": model_hash(prep.base)},
-        "chat_template": {"template": prep.template, "hash": text_sha256(prep.template)},
-        "system_prompt": shared_system_prompt(prep.train_report.records),  # as in the file; serving adds it by default
-        "config": to_dict(cfg, secrets=False),  # a run card travels with its adapter: no keys in it
-        "data": {
-            "train_file": str(Path(cfg.data.train_file).resolve()),
-            "train_sha256": file_sha256(cfg.data.train_file),
-            "train_records": len(prep.train_records),
-            "eval_file": str(Path(cfg.data.eval_file).resolve()) if cfg.data.eval_file else "",
-            "eval_records": len(prep.eval_records),
-            "skipped_records": prep.skipped,
-        },
-        "metrics": metrics,
-        "training": training,
-        "exports": [],
-    }
-    if prep.rag is not None:
-        card["rag"] = prep.rag.block()
-    return card
-
-
-def _write_adapter(out: Path, staging: Path, ckpt_dir: Path, prep: Any, card: dict[str, Any],
-                   rows: list[dict[str, Any]]) -> None:
-    """The output folder, whole or not at all: adapter, tokenizer, template, run card, metrics, loss plot."""
-    from ragtune.io import atomic_dir
-    from ragtune.runcard import repoint_adapter, write_runcard
-    from ragtune.train.plots import plot_losses
-    from ragtune.train.rag import RAG_PROMPTS
-
-    with atomic_dir(out) as tmp:
-        for item in staging.iterdir():
-            os.replace(item, tmp / item.name)
-        staging.rmdir()
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run card holds the config
-        repoint_adapter(tmp, prep.base)
-        prep.tokenizer.save_pretrained(str(tmp))
-        (tmp / "chat_template.jinja").write_text(prep.template, encoding="utf-8")
-        write_runcard(tmp, card)
-        if prep.rag is not None:
-            prep.rag.write(tmp / RAG_PROMPTS)
-        shutil.copyfile(ckpt_dir / METRICS, tmp / METRICS)
-        plot_losses(rows, tmp / "loss.png")
-        if ckpt_dir.exists():
-            os.replace(ckpt_dir, tmp / CHECKPOINTS)
-
-
-def _dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_tokens: int, n_trained: int,
-                  n_eval: int, resume_step: int, training: dict[str, Any]) -> dict[str, Any]:
-    """What `train` would do: steps, tokens, trainable parameters, and a time estimate from timed batches."""
-    import math
-
-    import torch
-
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # GPU work is asynchronous
-
-    args = trainer.args
-    loader = trainer.get_train_dataloader()
-    updates_per_epoch = max(1, len(loader) // args.gradient_accumulation_steps)
-    steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.epochs * updates_per_epoch)
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    batches = iter(loader)
-    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by the training loop
-    seconds_per_token = None
-    if trainer.args.world_size == 1:  # time forward + backward on real batches (the first warms up)
-        for i in range(2):
-            batch = next(batches, None)
-            if batch is None:
-                break
-            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
-            sync()
-            t0 = time.perf_counter()
-            trainer.training_step(trainer.model, batch)
-            sync()
-            trainer.model.zero_grad(set_to_none=True)
-            if i == 1 or seconds_per_token is None:
-                seconds_per_token = (time.perf_counter() - t0) / max(tokens, 1)
-    epochs = steps / updates_per_epoch
-    left = max(0, steps - resume_step) / steps
-    estimate = seconds_per_token * n_tokens * epochs * left if seconds_per_token else None
-    return {
-        "train_records": len(enc["input_ids"]), "eval_records": n_eval, "tokens_per_epoch": n_tokens,
-        "trained_tokens_per_epoch": n_trained, "steps": steps, "resume_from_step": resume_step or None,
-        "epochs": round(epochs, 3), "records_per_step": records_per_step(args),
-        "trainable_parameters": trainable, "total_parameters": total,
-        "estimated_train_seconds": estimate,
-        "training": training,
-    }
-
-
-def _gather_sum(trainer: Any, n: int) -> int:
-    import torch
-
-    if trainer.accelerator.num_processes <= 1:
-        return n
-    t = torch.tensor([n], device=trainer.accelerator.device)
-    return int(trainer.accelerator.gather(t).sum())

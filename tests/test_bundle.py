@@ -323,11 +323,11 @@ def test_downloads_show_progress(small_bundle: Path, tmp_path: Path, caplog: pyt
     # pip download with its output streamed: each package it collects and saves is logged as it happens
     import logging
 
-    from ragtune.bundle import _run_showing_progress
+    from ragtune.bundle_wheels import _run_showing_progress
 
     wheels = small_bundle / "wheels"
     dest = tmp_path / "dest"
-    caplog.set_level(logging.INFO, logger="ragtune.bundle")
+    caplog.set_level(logging.INFO, logger="ragtune.bundle_wheels")
     _run_showing_progress([sys.executable, "-m", "pip", "download", "--no-index", "--no-deps", "--find-links",
                            str(wheels), "--dest", str(dest), "--progress-bar", "off", "ragtune"], "downloading")
     lines = [r.getMessage() for r in caplog.records]

@@ -179,21 +179,21 @@ def test_pdf_page_that_cannot_be_read_costs_only_itself(tmp_path: Path, monkeypa
                                                         caplog: pytest.LogCaptureFixture) -> None:
     import pypdfium2
 
-    from ragtune.retrieval import loaders
+    from ragtune.retrieval import pdf_reader
 
     p = make_pdf(tmp_path / "m.pdf", ["Pumps are checked monthly.", "A damaged page.", "Seals are replaced yearly."])
-    real = loaders._page_text
+    real = pdf_reader._page_text
 
     def flaky(pdf: object, index: int) -> str:
         if index == 1:
             raise pypdfium2.PdfiumError("Failed to load page.")
         return real(pdf, index)
 
-    monkeypatch.setattr(loaders, "_page_text", flaky)
+    monkeypatch.setattr(pdf_reader, "_page_text", flaky)
     doc = _one(p)
     assert [b.page for b in doc.blocks] == [1, 3] and "damaged" not in doc.text
     assert "1 of 3 pages could not be read" in caplog.text
-    monkeypatch.setattr(loaders, "_page_text", lambda pdf, index: 1 / 0)
+    monkeypatch.setattr(pdf_reader, "_page_text", lambda pdf, index: 1 / 0)
     with pytest.raises(Skip, match=r"corrupt or unreadable PDF \(none of its 3 pages could be read\)"):
         load_file(p, "m.pdf")
 

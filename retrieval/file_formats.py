@@ -1,0 +1,92 @@
+"""What a file is and how its bytes become text: the suffixes ragtune reads, the format the bytes
+really are (`sniff`), and decoding of text and HTML in UTF-8, UTF-16 or a legacy code page.
+
+    from ragtune.retrieval.file_formats import SUPPORTED, decode_html, decode_text, is_supported, sniff
+
+    is_supported(Path("notes.md"))           # by suffix: SUPPORTED
+    sniff(data, ".txt")                      # ".html" for a web page saved as .txt, ".pdf" for %PDF- bytes
+    decode_text(data)                        # str, or Skip with the reason (binary, unknown encoding)
+    decode_html(data)                        # UTF-8, else the charset the page declares, else as decode_text
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ragtune.retrieval.documents import Skip
+
+TEXT_SUFFIXES = {".txt", ".text"}
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
+HTML_SUFFIXES = {".html", ".htm"}
+SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx", ".jsonl"}
+
+
+def is_supported(path: Path) -> bool:
+    return path.suffix.lower() in SUPPORTED
+
+
+def decode_text(data: bytes, what: str = "file") -> str:
+    """UTF-8/UTF-16, or the legacy code page `ragtune.text.detect_encoding` recognises; Skip otherwise."""
+    from ragtune import text
+
+    if text.is_binary(data):
+        raise Skip(f"binary content in a {what} (NUL bytes); not a text file")
+    decoded = text.decode(data)
+    if decoded is None:
+        raise Skip(f"the {what} is not UTF-8 and its encoding cannot be told (no code page reads as text); "
+                   "save it as UTF-8")
+    return decoded
+
+
+_KIND_NAMES = {".pdf": "PDF", ".docx": "DOCX", ".html": "HTML", ".htm": "HTML", ".txt": "plain text",
+               ".text": "plain text", ".md": "Markdown", ".markdown": "Markdown", ".jsonl": "JSONL"}
+_HTML_START = re.compile(rb"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html[\s>])", re.I | re.S)
+
+
+def sniff(data: bytes, suffix: str) -> str:
+    """The suffix of the format `data` really is: a PDF or DOCX by its magic bytes whatever the name
+    says, an HTML page saved as .txt by its opening tag; otherwise `suffix` itself."""
+    head = data[:1024]
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"%PDF-"):
+        return ".pdf"
+    if data.startswith(b"PK\x03\x04") and suffix != ".docx":
+        if b"word/" in data[:65536]:
+            return ".docx"
+        raise Skip("a ZIP archive (an office file other than .docx?), not "
+                   f"{_KIND_NAMES.get(suffix, suffix)}; save it as .docx, .pdf or text")
+    if suffix == ".pdf" and b"%PDF-" not in head:
+        what = "an HTML page (a failed download?)" if _HTML_START.match(head) else "no %PDF- header"
+        raise Skip(f"not a PDF: {what}; get the PDF again or give the file its real extension")
+    if suffix in TEXT_SUFFIXES and _HTML_START.match(head.lstrip(b"\xef\xbb\xbf")):
+        return ".html"
+    return suffix
+
+
+_DECLARED = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([\w.:-]+)|<\?xml[^>]+encoding\s*=\s*["']([\w.:-]+)""", re.I)
+
+
+def decode_html(data: bytes) -> str:
+    """UTF-8 if it is; else the charset the page declares (<meta charset>, <?xml encoding>), read as
+    browsers read it (ISO-8859-1 and ASCII as windows-1252); else the legacy code page rule."""
+    import codecs
+
+    from ragtune import text
+
+    if text.is_binary(data):
+        return decode_text(data)  # refused with the reason
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    m = _DECLARED.search(data[:4096])
+    if m:
+        name = (m.group(1) or m.group(2)).decode("ascii").lower()
+        if name in ("iso-8859-1", "latin1", "latin-1", "us-ascii", "ascii", "iso8859-1"):
+            name = "cp1252"
+        try:
+            codecs.lookup(name)
+            return data.decode(name)
+        except (LookupError, UnicodeDecodeError):
+            pass  # a wrong or unknown declaration: tell the encoding from the bytes
+    return decode_text(data)

@@ -1,0 +1,125 @@
+"""The HTML reader: text blocks under their heading path, without navigation, sidebars, headers,
+footers, scripts and styles (Sphinx, DocBook and plain pages).
+
+    from ragtune.retrieval.html_reader import load_html
+
+    doc = load_html(decode_html(data), "guide/index.html", "index")
+    doc.title                # the first <h1>, else <title>, else the first heading, else "index"
+"""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+from ragtune.retrieval.cleaning import clean_chars
+from ragtune.retrieval.documents import Document, _Builder
+
+
+class _HTMLText(HTMLParser):
+    BLOCK = {
+        "p", "div", "li", "ul", "ol", "pre", "table", "tr", "td", "th", "dd", "dt", "dl", "blockquote",
+        "section", "article", "main", "body", "br", "hr", "figure", "figcaption", "caption", "form",
+    }
+    HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
+    SKIP = {"script", "style", "nav", "header", "footer", "aside", "noscript", "template", "svg", "head", "button"}
+    SKIP_CLASSES = ("sphinxsidebar", "related", "headerlink", "navigation", "sidebar", "breadcrumb")
+    # whole class names only: DocBook's page navigation and tables of contents, Sphinx's footer div
+    SKIP_CLASS_NAMES = {"navheader", "navfooter", "toc", "footer"}
+    VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "source", "wbr", "param", "track"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.builder = _Builder()
+        self.stack: list[str] = []
+        self.skip_depth: int | None = None  # stack depth where a skipped element opened
+        self.buf: list[str] = []
+        self.pre = 0
+        self.heading_level = 0
+        self.heading_buf: list[str] = []
+        self.path: list[tuple[int, str]] = []
+        self.title = ""
+        self.in_title = False
+        self.first_h1 = ""
+        self.first_heading = ""  # the title of a page with no <h1> and no <title> (a DocBook part)
+
+    def _flush(self) -> None:
+        text = "".join(self.buf)
+        self.buf = []
+        if not self.pre:
+            text = re.sub(r"[ \t\r\f\v]+", " ", text)
+            text = re.sub(r" *\n *", "\n", text)
+        self.builder.add(text.replace("\u00b6", ""), tuple(h for _, h in self.path))
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "title":
+            self.in_title = True
+        if tag in self.VOID:
+            if tag == "br" and self.skip_depth is None:
+                self.buf.append("\n")
+            return
+        self.stack.append(tag)
+        if self.skip_depth is not None:
+            return
+        a = dict(attrs)
+        cls = a.get("class") or ""
+        if (tag in self.SKIP or a.get("role") == "navigation" or any(c in cls for c in self.SKIP_CLASSES)
+                or not self.SKIP_CLASS_NAMES.isdisjoint(cls.split())):
+            self.skip_depth = len(self.stack)
+            return
+        if tag in self.HEADINGS:
+            self._flush()
+            self.heading_level = self.HEADINGS[tag]
+            self.heading_buf = []
+        elif tag in self.BLOCK:
+            self._flush()
+            if tag == "pre":
+                self.pre += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "title":
+            self.in_title = False
+        if tag in self.VOID or tag not in self.stack:
+            return
+        while self.stack:
+            open_tag = self.stack.pop()
+            depth = len(self.stack) + 1
+            if self.skip_depth is not None:
+                if depth == self.skip_depth:
+                    self.skip_depth = None
+            elif open_tag in self.HEADINGS and self.heading_level:
+                name = clean_chars(" ".join("".join(self.heading_buf).split()).replace("\u00b6", "")).strip()
+                level = self.heading_level
+                self.heading_level = 0
+                if name:
+                    if level == 1 and not self.first_h1:
+                        self.first_h1 = name
+                    self.first_heading = self.first_heading or name
+                    self.path = [(lv, h) for lv, h in self.path if lv < level] + [(level, name)]
+            elif open_tag in self.BLOCK:
+                self._flush()
+                if open_tag == "pre":
+                    self.pre = max(0, self.pre - 1)
+            if open_tag == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self.in_title:
+            self.title += data
+            return
+        if self.skip_depth is not None:
+            return
+        if self.heading_level:
+            self.heading_buf.append(data)
+        else:
+            self.buf.append(data)
+
+
+def load_html(text: str, source: str, title: str) -> Document:
+    p = _HTMLText()
+    p.feed(text)
+    p.close()
+    p._flush()
+    name = p.first_h1 or clean_chars(" ".join(p.title.split())) or p.first_heading or title
+    return p.builder.document(source, name)
+

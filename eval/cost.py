@@ -92,11 +92,13 @@ def ingest_cost(result: dict[str, Any], where: str = "") -> CostRow:
     reread = len(result.get("reread") or [])  # unchanged files read again by a newer reader
     added = len(result.get("added") or [])  # new files only: replaced and re-read ones are listed apart
     deleted = len(result.get("deleted") or [])
-    chunks = result.get("chunks_written", 0)
+    kept = int(result.get("chunks_reused") or 0)  # written with the vector their unchanged text had
+    chunks = int(result.get("chunks_written", 0) or 0) - kept
     if changed or deleted or reread or result.get("unchanged"):
         again = f", {reread} re-read by a newer reader" if reread else ""
+        also = f", {kept} unchanged chunks kept" if kept else ""
         what = (f"absorb a changed document: re-sync the index ({changed} replaced, {added} added, "
-                f"{deleted} deleted{again}, {result.get('unchanged', 0)} unchanged; {chunks} chunks embedded)")
+                f"{deleted} deleted{again}, {result.get('unchanged', 0)} unchanged; {chunks} chunks embedded{also})")
     else:
         what = f"index: embed and store {added} documents ({chunks} chunks)"
     src = f" in {where}" if where else ""

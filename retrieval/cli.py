@@ -308,7 +308,7 @@ def _print_ingest(res: Any) -> None:
         embed_share = (res.embed_seconds / res.seconds * 100) if res.seconds else 0.0
         print(f"index '{res.index}': added {len(res.added)}, replaced {len(res.replaced)}, "
               f"re-read {len(res.reread)}, deleted {len(res.deleted)}, unchanged {res.unchanged} documents; "
-              f"{res.chunks_written} chunks written, {res.chunks_deleted} deleted in {res.seconds:.1f}s "
+              f"{res.chunks_written} chunks written{_reused(res)}, {res.chunks_deleted} deleted in {res.seconds:.1f}s "
               f"({embed_share:.0f}% embedding)")
         if res.reread:
             reasons: dict[str, int] = {}
@@ -319,6 +319,12 @@ def _print_ingest(res: Any) -> None:
         print(f"skipped {len(res.skipped)} files:")
         for path, reason in res.skipped:
             print(f"  {path}: {reason}")
+
+
+def _reused(res: Any) -> str:
+    """The summary's note on chunks of changed files whose text did not change (their vectors were kept)."""
+    n = res.chunks_reused
+    return f" ({n} unchanged, not embedded again)" if n else ""
 
 
 def _run_search(args: argparse.Namespace, cfg: Any) -> int:

@@ -12,7 +12,6 @@ index_manage.py and are importable from here too.
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ class IngestResult:
     unchanged: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     chunks_written: int = 0
+    chunks_reused: int = 0  # of those written, chunks that kept their previous version's vector (not embedded)
     chunks_deleted: int = 0
     seconds: float = 0.0
     embed_seconds: float = 0.0
@@ -66,7 +66,8 @@ class IngestResult:
             "reread": [{"source": s, "reason": r} for s, r in self.reread],
             "deleted": self.deleted, "unchanged": self.unchanged,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-            "chunks_written": self.chunks_written, "chunks_deleted": self.chunks_deleted,
+            "chunks_written": self.chunks_written, "chunks_reused": self.chunks_reused,
+            "chunks_deleted": self.chunks_deleted,
             "seconds": round(self.seconds, 3), "embed_seconds": round(self.embed_seconds, 3),
             "embed_precision": self.embed_precision or None,
         }
@@ -75,21 +76,55 @@ class IngestResult:
 _SIZE_CUT_SAID: set[tuple[int, int, int]] = set()
 
 
-def _fit_chunk_size(cfg: Config, max_tokens: int) -> int:
-    """chunk.size, cut to what the embedder reads; a size the user chose is said to be cut (once), the
-    default's cut to MiniLM's 254 is expected and only logged at debug."""
-    size = min(cfg.chunk.size, max_tokens)
-    said = (cfg.chunk.size, max_tokens, cfg.chunk.overlap)
-    if size < cfg.chunk.size and said not in _SIZE_CUT_SAID:
+def _index_chunking(meta: dict[str, Any], states: dict[str, dict[str, Any]]) -> tuple[int, int] | None:
+    """The (size, overlap) an existing index was cut with, which unset chunk settings keep: its meta's chunker,
+    unless none of its documents holds that one (meta written before it followed the chunks), then the one
+    most of them hold; None when neither says (unset settings then cut as for a new index). The version is
+    left out: a newer chunker cuts with the index's size and overlap."""
+    from collections import Counter
+
+    from ragtune.retrieval.chunking import parse_signature
+
+    held = Counter(st.get("chunker") for st in states.values() if parse_signature(st.get("chunker")))
+    sig = meta.get("chunker")
+    if parse_signature(sig) is None or (held and sig not in held):
+        sig = held.most_common(1)[0][0] if held else None
+    parsed = parse_signature(sig)
+    return (parsed[1], parsed[2]) if parsed else None
+
+
+def _fit_chunk_size(cfg: Config, max_tokens: int, index_cut: tuple[int, int] | None = None) -> int:
+    """The size this run cuts with (chunk.size, else the index's own `index_cut`, else a new index's 256), cut
+    to what the embedder reads; a size the user chose is said to be cut (once), the default's cut to MiniLM's
+    254 is expected and only logged at debug. An index's own size was cut when it was built: reused, it gives
+    the same signature."""
+    want, want_overlap = cfg.chunk.resolve(index_cut)
+    size = min(want, max_tokens)
+    said = (want, max_tokens, want_overlap)
+    if size < want and said not in _SIZE_CUT_SAID:
         _SIZE_CUT_SAID.add(said)
-        cut = cfg.chunk.overlap > size // 2
-        overlap = f", and chunk.overlap {cfg.chunk.overlap} to {size // 2}" if cut else ""
+        cut = want_overlap > size // 2
+        overlap = f", and chunk.overlap {want_overlap} to {size // 2}" if cut else ""
         fix = f"chunk.size={size}" + (f" chunk.overlap={size // 2}" if cut else "")
-        chosen = cfg.chunk.size != ChunkConfig().size
+        chosen = cfg.chunk.size > 0
         (log.warning if chosen else log.debug)(
             "chunk.size %d is more than the embedder reads: chunks are cut to %d tokens, its maximum%s; set "
-            "'%s' (or less) to choose the size yourself", cfg.chunk.size, size, overlap, fix)
+            "'%s' (or less) to choose the size yourself", want, size, overlap, fix)
     return size
+
+
+def _chunk_overlap(cfg: Config, max_tokens: int, index_cut: tuple[int, int] | None, name: str) -> int:
+    """The overlap this run cuts with (chunk.overlap, else the index's own, else a new index's 128; the chunker
+    cuts it to half a chunk). One set without chunk.size is judged against the size the run keeps, as the
+    config check judges a pair: more than half of it is refused, unless that size is the embedder's maximum
+    (an index's size cut to it from a larger one: the overlap is cut with it, as when the index was built)."""
+    size, overlap = cfg.chunk.resolve(index_cut)
+    if cfg.chunk.overlap < 0 or cfg.chunk.size or overlap <= size // 2 or (index_cut and size >= max_tokens):
+        return overlap
+    whose = (f"index '{name}''s chunk.size {size} ({size // 2}), which it keeps while chunk.size is unset"
+             if index_cut else f"chunk.size {size} ({size // 2}), a new index's while chunk.size is unset")
+    raise UsageError(f"chunk.overlap {overlap} is more than half of {whose}; set chunk.overlap to at most "
+                     f"{size // 2}, or set chunk.size too")
 
 
 def _check_meta(store: Store, meta: dict[str, Any], identity: dict[str, Any], name: str) -> None:
@@ -146,13 +181,15 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             elif exists or not dry_run:
                 max_tokens = embedder.load().max_tokens
             else:
-                max_tokens = cfg.chunk.size
-            size = _fit_chunk_size(cfg, max_tokens)
-            sig = chunker_signature(size, cfg.chunk.overlap) if (exists or not dry_run) else "?"
+                max_tokens = cfg.chunk.resolve()[0]  # a new index's dry run loads no model
+            index_cut = _index_chunking(meta, states) if exists else None  # what unset chunk settings keep
+            size = _fit_chunk_size(cfg, max_tokens, index_cut)
+            overlap = _chunk_overlap(cfg, max_tokens, index_cut, name)
+            sig = chunker_signature(size, overlap) if (exists or not dry_run) else "?"
             plan = plan_ingest(states, files, sig, SPARSE_VERSION,
                                [Path(r) for r in roots] if delete_missing else None)
             if exists and sig != "?":
-                _check_one_chunking(name, meta, states, plan, sig)
+                _check_one_chunking(name, meta, states, plan, sig, cfg.chunk)
             res.skipped = links_skipped + list(plan.skipped)
             res.unchanged = len(plan.unchanged)
             if delete_missing and not dry_run:
@@ -182,7 +219,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                 meta["roots"] = sorted(set(meta.get("roots", [])) | new_roots)
                 meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 store.write_meta(meta)
-            chunker = Chunker(embedder.tokenizer, size, cfg.chunk.overlap) if plan.add else None
+            chunker = Chunker(embedder.tokenizer, size, overlap) if plan.add else None
             write_plan(cfg, store, embedder, chunker, plan, res, progress)
         finally:
             store.close()
@@ -206,17 +243,23 @@ def _refuse_emptying(name: str, roots: list[str], files: list[tuple[Path, Path]]
 
 
 def _describe_chunker(sig: str) -> str:
-    m = re.fullmatch(r"v(\d+)-s(\d+)-o(\d+)", sig or "")
-    if not m:
+    from ragtune.retrieval.chunking import parse_signature
+
+    parsed = parse_signature(sig)
+    if not parsed:
         return f"chunker '{sig}'"
-    return f"chunk.size {m[2]} / chunk.overlap {m[3]} (chunker version {m[1]})"
+    return f"chunk.size {parsed[1]} / chunk.overlap {parsed[2]} (chunker version {parsed[0]})"
 
 
 def _check_one_chunking(name: str, meta: dict[str, Any], states: dict[str, dict[str, Any]], plan: Plan,
-                        sig: str) -> None:
+                        sig: str, chosen: ChunkConfig) -> None:
     """Refuse a run that would leave the index holding chunks of two chunkings (documents this run
     writes with `sig` beside documents it leaves as another chunker cut them): search would compare
-    chunks of different sizes. A run that re-chunks every document the index holds is fine."""
+    chunks of different sizes. A run that re-chunks every document the index holds is fine. With
+    chunk settings unset, `sig` is the index's own, so only a newer chunker version (or an index that
+    already mixed two) meets this."""
+    from ragtune.retrieval.chunking import parse_signature
+
     if not plan.add:
         return
     rewritten = {r.doc_id for r in plan.add}
@@ -232,16 +275,19 @@ def _check_one_chunking(name: str, meta: dict[str, Any], states: dict[str, dict[
     olds = sorted({str(st.get("chunker")) for st in left})
     roots = " ".join(shlex.quote(r) for r in meta.get("roots", [])) or "ROOT..."
     keep = ""
-    m = re.fullmatch(r"v(\d+)-s(\d+)-o(\d+)", olds[0])
-    if len(olds) == 1 and m and int(m[1]) == int(sig.split("-")[0][1:]):
-        keep = (f"keep the index's chunking by adding 'chunk.size={m[2]} chunk.overlap={m[3]}' to the command "
-                "(or setting them in your config), or ")
+    old, new = parse_signature(olds[0]), parse_signature(sig)
+    # the settings this run chose: the re-chunking sync needs them too (unset, it keeps the index's chunking)
+    settings = ([f"chunk.size={chosen.size}"] if chosen.size > 0 else []) + (
+        [f"chunk.overlap={chosen.overlap}"] if chosen.overlap >= 0 else [])
+    if settings and len(olds) == 1 and old and new and old[0] == new[0]:
+        keep = (f"keep the index's chunking by leaving chunk.size and chunk.overlap unset (drop them from the "
+                f"command and your config) or setting 'chunk.size={old[1]} chunk.overlap={old[2]}', or ")
     raise UsageError(
         f"index '{name}' holds {len(left)} document(s) cut with {' and '.join(_describe_chunker(o) for o in olds)}, "
         f"which this run would not re-chunk, and this configuration cuts new ones with {_describe_chunker(sig)}: "
         f"the index would mix two chunkings. Either {keep}re-chunk the whole index with "
-        f"'ragtune index sync {roots} --index {shlex.quote(name)}' (every folder it holds, in one command; it "
-        "re-embeds every document)")
+        f"'ragtune index sync {roots} --index {shlex.quote(name)}{''.join(' ' + s for s in settings)}' (every "
+        "folder it holds, in one command; it re-embeds every document)")
 
 
 def _stemmer(cfg: Config) -> str:

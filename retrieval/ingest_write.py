@@ -1,6 +1,9 @@
 """Write a plan into the store: read and chunk its documents, embed them in groups, upsert dense +
 sparse vectors with their payloads, then delete what they replace, and keep the index's lexical
-statistics current.
+statistics current. A chunk whose text the file's previous version (or an older reader's reading of
+it, or the same file under the name it had before a move) already holds keeps that chunk's dense
+vector instead of being embedded again: chunks never cross a heading or a page, so editing one section
+of a long document re-embeds that section only.
 
     write_plan(cfg, store, embedder, chunker, plan, res, progress=True)   # ingest does this under the writer lock
     update_lexical_stats(store, stemmer)                                   # after deleting points (index remove)
@@ -39,27 +42,34 @@ class _Writer:
         self.sparse = sparse
         self.batch_size = batch_size
         self.progress = progress
-        self.pending: list[tuple[str, str, dict[str, Any]]] = []  # (id, text, payload)
+        self.pending: list[tuple[str, str, dict[str, Any], Any]] = []  # (id, text, payload, kept vector)
         self.written = 0
+        self.reused = 0  # chunks written with a vector kept from the document's previous version
         self.embed_seconds = 0.0
 
-    def add(self, pid: str, text: str, payload: dict[str, Any]) -> None:
-        self.pending.append((pid, text, payload))
+    def add(self, pid: str, text: str, payload: dict[str, Any], vector: Any = None) -> None:
+        self.pending.append((pid, text, payload, vector))
         if len(self.pending) >= EMBED_GROUP:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
-        texts = [t for _, t, _ in self.pending]
-        t0 = time.perf_counter()
-        dense = self.embedder.embed_documents(texts, batch_size=self.batch_size)
-        self.embed_seconds += time.perf_counter() - t0
+        texts = [t for _, t, _, _ in self.pending]
+        dense = [v for _, _, _, v in self.pending]
+        todo = [i for i, v in enumerate(dense) if v is None]
+        if todo:
+            t0 = time.perf_counter()
+            fresh = self.embedder.embed_documents([texts[i] for i in todo], batch_size=self.batch_size)
+            self.embed_seconds += time.perf_counter() - t0
+            for i, vec in zip(todo, fresh):
+                dense[i] = vec
+        self.reused += len(texts) - len(todo)
         counted = [self.sparse.counts(text) for text in texts]
         if self.sparse.avg_len is None:  # a new index: weigh with this group's mean, re-weighed at the end
             self.sparse.avg_len = max(1.0, sum(n for _, n in counted) / len(counted))
         points = []
-        for i, (pid, _text, payload) in enumerate(self.pending):
+        for i, (pid, _text, payload, _kept) in enumerate(self.pending):
             tf, n_terms = counted[i]
             payload["n_terms"] = n_terms
             points.append(PointData(pid, dense[i], self.sparse.weigh(tf, n_terms), payload))
@@ -92,6 +102,7 @@ def write_plan(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Pla
     by_file: dict[str, list[DocRef]] = {}
     for r in plan.add:
         by_file.setdefault(str(Path(r.root) / r.file), []).append(r)
+    moved = _moved(plan)
     try:
         for abs_file, refs in by_file.items():
             try:
@@ -100,6 +111,9 @@ def write_plan(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Pla
                 res.skipped.append((refs[0].file, str(exc)))
                 failed_files.add(abs_file)
                 continue
+            old_ids = plan.stale.get(abs_file, []) + [r.doc_id for r in refs if r.doc_id in rewritten]
+            old_ids += [d for r in refs for d in moved.get(r.doc_hash, [])]
+            kept = kept_vectors(store, old_ids)
             for ref, doc in docs:
                 chunks = chunker.chunk(doc)
                 # the first chunk carries the document's state (doc_states): over a document's own
@@ -116,7 +130,7 @@ def write_plan(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Pla
                         "reader": ref.reader, "reader_version": loaders.READER_VERSIONS.get(ref.reader, 1),
                         "meta": doc.meta,
                     }
-                    writer.add(chunk_id(ref.doc_id, sig, i), ch.text, payload)
+                    writer.add(chunk_id(ref.doc_id, sig, i), ch.text, payload, kept.get(ch.text))
                 cut[ref.doc_id] = len(chunks)
                 if ref.doc_id in plan.reread:
                     res.reread.append((ref.source, plan.reread[ref.doc_id]))
@@ -127,6 +141,7 @@ def write_plan(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Pla
         if bar is not None:
             bar.close()
     res.chunks_written = writer.written
+    res.chunks_reused = writer.reused
     res.embed_seconds = writer.embed_seconds
     if writer.written and embedder.model is not None:
         res.embed_precision = embedder.doc_precision()
@@ -147,6 +162,33 @@ def write_plan(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Pla
     if res.chunks_written or doomed or recut:
         update_lexical_stats(store, lex["stemmer"], sparse.avg_len if sparse is not None else None)
         store.optimize()  # build HNSW / merge segments now, not on the first query
+
+
+def _moved(plan: Plan) -> dict[str, list[str]]:
+    """Content hash -> doc ids of documents this sync removes whose bytes a new document has: a file
+    moved or renamed within the folder keeps its vectors too."""
+    wanted = {r.doc_hash for r in plan.add}
+    out: dict[str, list[str]] = {}
+    for st in plan.removed:
+        if st.get("doc_hash") in wanted:
+            out.setdefault(st["doc_hash"], []).append(st["doc_id"])
+    return out
+
+
+def kept_vectors(store: Store, doc_ids: list[str]) -> dict[str, Any]:
+    """Chunk text -> dense vector over the points these documents hold: what a new version of their
+    file can keep where its chunks did not change. The index has one embedder (checked before any
+    write), so the same text would embed to the same vector."""
+    from ragtune.retrieval.store_base import DENSE
+
+    out: dict[str, Any] = {}
+    for i in range(0, len(doc_ids), 256):
+        for _pid, payload, vec in store.scroll({"doc_id": doc_ids[i : i + 256]}, ["text"], with_vectors=True):
+            dense = vec.get(DENSE) if isinstance(vec, dict) else None
+            text = payload.get("text")
+            if dense is not None and isinstance(text, str):
+                out[text] = dense
+    return out
 
 
 def _drop_leftovers(store: Store, n_chunks: dict[str, int], sig: str) -> int:

@@ -142,7 +142,7 @@ def test_chunks_fit_the_model_with_its_special_tokens(cfg: Config, tmp_path: Pat
 
     model = SentenceTransformer(str(cfg.embedder.path), device="cpu")
     limit = model.max_seq_length
-    assert cfg.chunk.size > limit  # the configured size is over the model's limit: the cap must act
+    assert cfg.chunk.resolve()[0] > limit  # a new index's size is over the model's limit: the cap must act
     words = " ".join(f"word{i} alpha beta" for i in range(400))  # one paragraph, no sentence ends: token windows
     (tmp_path / "long.txt").write_text(words + "\n\nA short closing paragraph.\n", encoding="utf-8")
     ingest(cfg, [str(tmp_path / "long.txt")], progress=False)

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ragtune.config_schema import ChunkConfig
+
 if TYPE_CHECKING:
     from ragtune.config_schema import Config
 
@@ -34,15 +36,17 @@ class Range:
     low_open: bool = False  # low itself is not allowed
     high_open: bool = False
     means: str = ""
+    also: float | None = None  # one value outside low..high that is allowed too (an "unset" that `means` explains)
 
     def allows(self, v: float) -> bool:
-        return ((self.low is None or (v > self.low if self.low_open else v >= self.low))
-                and (self.high is None or (v < self.high if self.high_open else v <= self.high)))
+        return v == self.also or ((self.low is None or (v > self.low if self.low_open else v >= self.low))
+                                  and (self.high is None or (v < self.high if self.high_open else v <= self.high)))
 
     def describe(self) -> str:
         low = "" if self.low is None else f"{'more than' if self.low_open else 'at least'} {_num(self.low)}"
         high = "" if self.high is None else f"{'below' if self.high_open else 'at most'} {_num(self.high)}"
-        return " and ".join(x for x in (low, high) if x) + (f" ({self.means})" if self.means else "")
+        also = "" if self.also is None else f"{_num(self.also)} or "
+        return also + " and ".join(x for x in (low, high) if x) + (f" ({self.means})" if self.means else "")
 
 
 def _num(x: float) -> str:
@@ -73,8 +77,10 @@ RANGES: dict[str, Range] = {
     "train.lora.alpha": Range(0, low_open=True),
     "train.lora.dropout": Range(0, 1, high_open=True),
     "embedder.batch_size": Range(1),
-    "chunk.size": Range(8),  # the chunker's floor (retrieval/chunking.py)
-    "chunk.overlap": Range(0),  # and at most half of chunk.size (check_together)
+    # 8: the chunker's floor (retrieval/chunking.py)
+    "chunk.size": Range(8, also=0, means=f"0 = the index's own, {ChunkConfig.NEW_SIZE} for a new index"),
+    # at most half of chunk.size (check_together; set alone, judged at ingest against the index's size)
+    "chunk.overlap": Range(-1, means=f"-1 = the index's own, {ChunkConfig.NEW_OVERLAP} for a new index"),
     "search.top_k": Range(1),
     "search.rerank_candidates": Range(1),
     "search.candidates": Range(1),
@@ -94,7 +100,7 @@ RANGES: dict[str, Range] = {
     "serve.max_tokens_limit": Range(1),
     "serve.max_queue": Range(1),
     "serve.max_batch": Range(1),
-    "serve.prefill_chunk": Range(0, means="0 = up to the engine's batch of 512 tokens"),
+    "serve.prefill_chunk": Range(0, means="0 = no cap: llama.cpp's batch of 512 tokens, a whole prompt on transformers"),
     "serve.max_file_bytes": Range(1),
     "eval.max_new_tokens": Range(1),
     "eval.bootstrap": Range(1),
@@ -130,8 +136,9 @@ def check_together(cfg: Config, given: set[str], where: str, problems: list[str]
     check(("train.epochs", "train.max_steps"), t.epochs > 0 or (t.epochs == 0 and t.max_steps > 0),
           f"must be more than 0 (0 only when train.max_steps > 0 sets the length), got {t.epochs!r}")
     c = cfg.chunk
-    # the default overlap (128, half the default size) is at most half of a smaller chunk.size, as documented
-    check(("chunk.overlap", "chunk.size"), c.overlap <= c.size // 2 or "chunk.overlap" not in given,
+    # judged when both are set: an unset overlap (the index's own, or 128) is cut to half of a smaller size, as
+    # documented, and an overlap set alone is judged at ingest against the index's size (retrieval/ingest.py)
+    check(("chunk.overlap", "chunk.size"), c.size == 0 or c.overlap < 0 or c.overlap <= c.size // 2,
           f"must be at most half of chunk.size {c.size} ({c.size // 2}), got {c.overlap!r}")
     s = cfg.search
     check(("search.dense_weight", "search.sparse_weight", "search.mode"),

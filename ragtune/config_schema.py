@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,23 @@ class EmbedderConfig:
 
 @dataclass(frozen=True)
 class ChunkConfig:
-    size: int = 256  # tokens, counted with the embedder's tokenizer
-    # tokens repeated from the previous chunk, at most half a chunk; half gave the best default hybrid on the
-    # FAQ question sets (docs/benchmarks.md) and costs ~1.4x the chunks of long pages against 32
-    overlap: int = 128
+    """Unset (0 / -1), a setting keeps an existing index's own chunking, as an unset embedder.path keeps its
+    embedder: syncing an index built with chunk.size=500 needs no chunk settings. A new index is cut with
+    NEW_SIZE / NEW_OVERLAP."""
+
+    size: int = 0  # tokens, counted with the embedder's tokenizer; 0 = the index's own (NEW_SIZE for a new index)
+    overlap: int = -1  # tokens repeated from the previous chunk, at most half a chunk; -1 = the index's own
+
+    NEW_SIZE: ClassVar[int] = 256
+    # half a chunk gave the best default hybrid on the FAQ question sets (docs/benchmarks.md) and costs ~1.4x
+    # the chunks of long pages against 32
+    NEW_OVERLAP: ClassVar[int] = 128
+
+    def resolve(self, index: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(size, overlap) to cut with, before the cut to what the embedder reads: each setting where set,
+        else the index's own (`index`: an existing index's (size, overlap)), else a new index's."""
+        size, overlap = index or (self.NEW_SIZE, self.NEW_OVERLAP)
+        return (self.size or size, overlap if self.overlap < 0 else self.overlap)
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,7 @@ class SearchConfig:
     hnsw_ef: int = 128  # HNSW search breadth; 0 = the store's default (recall@10 0.98 vs 0.99 at 128, same speed)
 
 
-GgufType = Literal["f16", "q8_0", "q4_k_m"]  # the GGUF types ragtune writes (ragtune.export.quantize.TYPES)
+GgufType = Literal["f16", "bf16", "q8_0", "q4_k_m"]  # the GGUF types ragtune writes (ragtune.export.quantize.TYPES)
 GGUF_TYPES: tuple[str, ...] = typing.get_args(GgufType)
 
 
@@ -159,9 +172,11 @@ class GenerationConfig:
     api_key: str = ""  # its key ("" = env RAGTUNE_ENGINE_API_KEY, else none)
     cache: Literal["dynamic", "static"] = "dynamic"  # static: KV cache + transformers' compile path, CUDA only
     threads: int = 0  # CPU threads while generating (torch or llama.cpp); 0 = the engine's default
-    # the base model's GGUF for the llama.cpp engine; f16 is the fastest file for a RAG answer on the CPUs
-    # measured (prefill dominates a ~350-token prompt, docs/benchmarks.md) and answers like transformers
-    gguf_type: GgufType = "f16"
+    # the base model's GGUF for the llama.cpp engine. auto: bf16 where the llama.cpp build multiplies bf16 in
+    # hardware (AVX512_BF16: its prefill is ~1.5x f16's, and prefill dominates a ~350-token RAG prompt,
+    # docs/benchmarks.md), else f16, the fastest file elsewhere; `ragtune eval` answers from f16 under auto,
+    # whose greedy ids are transformers' (serve.llamacpp.resolve_gguf_type)
+    gguf_type: Literal["auto", "f16", "bf16", "q8_0", "q4_k_m"] = "auto"
     fast_lora: bool = True  # lean forwards for unmerged LoRA adapters (peft's own path when false)
 
 
@@ -198,8 +213,9 @@ class ServeConfig:
     max_tokens_limit: int = 2048
     max_queue: int = 32  # requests waiting or running at once; more answer 429
     max_batch: int = 8  # requests decoded together per model (sequence slots); 1 = one at a time
-    # llama.cpp engine: prompt tokens one decode step carries while other answers are running, so a long
-    # prompt joining them delays each of their tokens by this much prefill, not by 512 tokens' (0 = 512)
+    # prompt tokens one step carries while other answers are running (both engines), so a long prompt joining
+    # them delays each of their tokens by this much prefill, not by its whole prompt's (0 = no cap: llama.cpp's
+    # batch of 512 tokens, the whole prompt on transformers)
     prefill_chunk: int = 128
     deployments: tuple[DeploymentConfig, ...] = ()
     # other names a deployment answers to, "ALIAS=DEPLOYMENT": code written for OpenAI keeps its model names

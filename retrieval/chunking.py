@@ -2,6 +2,7 @@
 
     chunker = Chunker(tokenizer, size=254, overlap=32)
     chunks = chunker.chunk(doc)          # list[Chunk]; chunk.text == doc.text[chunk.start:chunk.end]
+    chunker.signature()                  # 'v1-s254-o32', stored with every chunk; parse_signature reads it back
 
 Structure first: a chunk never crosses a heading or a page; within a section whole paragraphs are
 packed up to `size` tokens; a paragraph too long is split into sentences, a sentence too long into
@@ -20,6 +21,7 @@ from ragtune.retrieval.loaders import Document
 
 CHUNKER_VERSION = 1  # bump when the splitting rules change: every document is re-chunked
 
+_SIGNATURE = re.compile(r"v(\d+)-s(\d+)-o(\d+)")
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])[\"'”’)\]]*\s+|\n+")
 
 
@@ -43,6 +45,13 @@ class _Unit:
 def chunker_signature(size: int, overlap: int) -> str:
     """Recorded on every chunk: a document chunked with other settings is re-chunked on sync."""
     return f"v{CHUNKER_VERSION}-s{size}-o{max(0, min(overlap, size // 2))}"
+
+
+def parse_signature(sig: str | None) -> tuple[int, int, int] | None:
+    """(version, size, overlap) of a chunker signature, None for one that is not; the size and overlap
+    give back the same signature (at the current version): `chunker_signature(*parse_signature(s)[1:])`."""
+    m = _SIGNATURE.fullmatch(sig or "")
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
 
 
 class Chunker:

@@ -157,8 +157,10 @@ def test_doctor_names_the_cpu_features_a_portable_llama_cpp_build_leaves_unused(
     portable = llama_build_check(PORTABLE_INFO, avx512)
     assert portable.status == "warn"
     assert "AVX512, AVX512_VNNI, AVX512_BF16" in portable.detail and "GGML_NATIVE=ON" in portable.fix
-    assert llama_build_check(NATIVE_INFO, avx512).status == "ok"
-    assert llama_build_check(PORTABLE_INFO, {"avx2", "fma", "f16c"}).status == "ok"  # an AVX2 CPU: nothing unused
+    native = llama_build_check(NATIVE_INFO, avx512)
+    assert native.status == "ok" and native.detail.endswith("generation.gguf_type auto serves bf16")
+    avx2 = llama_build_check(PORTABLE_INFO, {"avx2", "fma", "f16c"})  # an AVX2 CPU: nothing unused
+    assert avx2.status == "ok" and avx2.detail.endswith("generation.gguf_type auto serves f16")
     # the installed build on this machine: set-up compiles it for this CPU, so nothing is left unused
     installed = llama_build_check()
     assert installed.status == "ok", installed

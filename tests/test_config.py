@@ -98,16 +98,17 @@ def test_bad_value_names_key_and_expected_type(tmp_path: Path) -> None:
 def test_counts_below_their_minimum_name_the_key(tmp_path: Path) -> None:
     """A count of 0 or less (top_k, max_new_tokens, batch sizes...) is refused where it was written, every one
     at once; a setting whose 0 or -1 means something (data.rag.top_k, data.rag.distractors) keeps it."""
-    p = write(tmp_path, "rag:\n  top_k: 0\nchunk:\n  overlap: -1\ngeneration:\n  temperature: -0.5\n")
+    p = write(tmp_path, "rag:\n  top_k: 0\nchunk:\n  overlap: -2\ngeneration:\n  temperature: -0.5\n")
     with pytest.raises(ConfigError) as exc:
         load_config(p, ["serve.max_batch=0", "data.rag.top_k=0", "data.rag.distractors=-1"])
     assert exc.value.problems == [
-        f"{p}: key 'chunk.overlap': must be at least 0, got -1",
+        f"{p}: key 'chunk.overlap': must be at least -1 (-1 = the index's own, 128 for a new index), got -2",
         f"{p}: key 'generation.temperature': must be at least 0 (0 = greedy), got -0.5",
         f"{p}: key 'rag.top_k': must be at least 1, got 0",
         "override 'serve.max_batch=0': key 'serve.max_batch': must be at least 1, got 0",
     ]
     assert load_config(None, ["data.rag.top_k=0", "data.rag.distractors=-1", "chunk.overlap=0"]).data.rag.top_k == 0
+    assert load_config(None, ["chunk.overlap=-1", "chunk.size=0"]).chunk == Config().chunk  # unset, spelt out
 
 
 @pytest.mark.parametrize("override, message", [
@@ -138,8 +139,8 @@ def test_counts_below_their_minimum_name_the_key(tmp_path: Path) -> None:
     ("search.rrf_k=0", "key 'search.rrf_k': must be more than 0, got 0"),
     ("search.dense_weight=-1", "key 'search.dense_weight': must be at least 0, got -1.0"),
     ("search.candidates=0", "key 'search.candidates': must be at least 1, got 0"),
-    ("chunk.size=4", "key 'chunk.size': must be at least 8, got 4"),
-    ("chunk.overlap=300", "key 'chunk.overlap': must be at most half of chunk.size 256 (128), got 300"),
+    ("chunk.size=4", "key 'chunk.size': must be 0 or at least 8 (0 = the index's own, 256 for a new index), got 4"),
+    ("chunk.size=-8", "key 'chunk.size': must be 0 or at least 8 (0 = the index's own, 256 for a new index), got -8"),
     ("serve.port=70000", "key 'serve.port': must be at least 1 and at most 65535, got 70000"),
     ("eval.bootstrap=0", "key 'eval.bootstrap': must be at least 1, got 0"),
     ("train.epochs=-1", "key 'train.epochs': must be more than 0 (0 only when train.max_steps > 0 sets the length), "
@@ -181,8 +182,10 @@ def test_overlap_is_at_most_half_the_chunk_and_judged_once() -> None:
         load_config(None, ["chunk.size=96", "chunk.overlap=49"])
     assert exc.value.problems == ["override 'chunk.overlap=49': key 'chunk.overlap': must be at most half of "
                                   "chunk.size 96 (48), got 49"]
-    # the default overlap is "at most half a chunk": a smaller chunk.size alone is no error
-    assert load_config(None, ["chunk.size=96"]).chunk.overlap == 128
+    # an unset overlap (the index's own, or 128) is "at most half a chunk": a smaller chunk.size alone is no error
+    assert load_config(None, ["chunk.size=96"]).chunk.overlap == -1
+    # an overlap alone is judged at ingest, against the size the index keeps (tests/retrieval/test_index_chunking.py)
+    assert load_config(None, ["chunk.overlap=300"]).chunk.overlap == 300
     with pytest.raises(ConfigError) as exc:  # a size refused on its own is not judged against the overlap
         load_config(None, ["chunk.size=4", "chunk.overlap=100"])
     assert len(exc.value.problems) == 1 and "chunk.size" in exc.value.problems[0]
@@ -411,14 +414,15 @@ def test_the_demo_serve_config_names_what_the_demo_builds() -> None:
     assert {d.adapter for d in serve.serve.deployments} >= built
 
 
-def test_one_gguf_type_list_with_f16_by_default() -> None:
-    """The config, the export CLI/cache and the quantizer read one list; the default stays f16, the fastest
-    file for a RAG answer in docs/benchmarks.md's measurement (prefill of a ~350-token prompt dominates)."""
+def test_one_gguf_type_list_with_auto_by_default() -> None:
+    """The config, the export CLI/cache and the quantizer read one list; the default is auto (bf16 where
+    llama.cpp multiplies bf16 in hardware, else f16: the fastest files for a RAG answer in docs/benchmarks.md,
+    where prefill of a ~350-token prompt dominates)."""
     import typing
 
     from ragtune.config import GenerationConfig
     from ragtune.export.quantize import LLAMA_FTYPES, TYPES
 
-    assert typing.get_args(typing.get_type_hints(GenerationConfig)["gguf_type"]) == TYPES
+    assert typing.get_args(typing.get_type_hints(GenerationConfig)["gguf_type"]) == ("auto", *TYPES)
     assert tuple(LLAMA_FTYPES) == TYPES
-    assert load_config(None).generation.gguf_type == "f16"
+    assert load_config(None).generation.gguf_type == "auto"

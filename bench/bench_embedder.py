@@ -53,7 +53,8 @@ def measure(path: str, set_name: str, root: Path) -> dict[str, object]:
     emb = Embedder(cfg.embedder)
     emb._load_st()  # sentence-transformers, as ingest loads it (it needs the tokenizer)
     load_s = time.perf_counter() - t0
-    chunker = Chunker(emb.tokenizer, min(cfg.chunk.size, emb.max_tokens), cfg.chunk.overlap)
+    size, overlap = cfg.chunk.resolve()  # a new index's chunking: 256 / 128, as ingest cuts it
+    chunker = Chunker(emb.tokenizer, min(size, emb.max_tokens), overlap)
     texts = [c.text for d, t in docs.items() for c in chunker.chunk(load_text(t, f"{d}.txt", d))]
     emb.embed_documents(texts[:4])  # settles the bf16 decision outside the timing
     t0 = time.perf_counter()

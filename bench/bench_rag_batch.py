@@ -1,7 +1,9 @@
-"""RAG-sized requests batched on the llama.cpp engine: flash attention on (ragtune's default) against off.
+"""RAG-sized requests batched on the llama.cpp engine: flash attention on (ragtune's default) against off,
+and one GGUF type against another.
 
     python bench/bench_rag_batch.py                                   # default model's f16 export
     python bench/bench_rag_batch.py --requests 8 --prompt 250 --tokens 30 --repeats 3 --threads 2 --out runs/bench/rag_batch.json
+    python bench/bench_rag_batch.py --types f16,bf16 --flash on       # the GGUF types, flash attention on
 
 Each row runs `--requests` prompts of `--prompt` tokens (a RAG prompt with its sources: eval's rag modes
 average ~255 on the demo) and `--tokens` answer tokens each (exactly: no stop token) through ragtune's
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import cpu_name, f16_gguf
+from common import cpu_name, gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=30, help="answer tokens per request")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", default="f16", help="GGUF types, comma-separated (ragtune export's: f16, bf16, ...)")
+    ap.add_argument("--flash", default="on,off", help="flash attention settings to run: on, off or on,off")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
@@ -63,25 +67,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from ragtune.serve.llamacpp import LlamaCppEngine
 
-    gguf = f16_gguf(args.model)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    ggufs = {t: gguf(args.model, t) for t in types}
     rng = np.random.default_rng(0)
     prompts = [[int(x) for x in rng.integers(100, 40000, args.prompt)] for _ in range(args.requests)]
-    engines = {fa: LlamaCppEngine(gguf, n_threads=args.threads, max_batch=args.requests, flash_attn=fa).load()
-               for fa in (True, False)}
+    flash = [f.strip() == "on" for f in args.flash.split(",")]
+    engines = {(t, fa): LlamaCppEngine(ggufs[t], n_threads=args.threads, max_batch=args.requests, flash_attn=fa).load()
+               for t in types for fa in flash}
     for eng in engines.values():
         eng.generate(prompt_ids=prompts[0][:8], max_new_tokens=2)  # warm-up
     cells: dict[str, list[tuple[float, float]]] = {}
     load0 = os.getloadavg()[0]
     for _ in range(args.repeats):
-        for fa, eng in engines.items():
+        for (t, fa), eng in engines.items():
             for together in (False, True):
-                key = f"flash attention {'on' if fa else 'off'}, {'all at once' if together else 'one at a time'}"
+                key = (f"{t}, flash attention {'on' if fa else 'off'}, "
+                       f"{'all at once' if together else 'one at a time'}")
                 cells.setdefault(key, []).append(run(eng, prompts, args.tokens, together))
     rows = {k: {"wall_s": statistics.median(w for w, _ in v), "cpu_s": statistics.median(c for _, c in v)}
             for k, v in cells.items()}
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "threads": args.threads,
             "requests": args.requests, "prompt_tokens": args.prompt, "answer_tokens": args.tokens,
-            "repeats": args.repeats, "gguf": str(gguf), "load_avg_start": load0, "load_avg_end": os.getloadavg()[0]}
+            "repeats": args.repeats, "gguf": {t: str(g) for t, g in ggufs.items()}, "load_avg_start": load0, "load_avg_end": os.getloadavg()[0]}
     print(f"{meta['date']}, {meta['cpu']}, {args.threads} threads, {args.requests} requests x {args.prompt} prompt "
           f"+ {args.tokens} answer tokens, load {load0:.1f} -> {meta['load_avg_end']:.1f}")
     print("| row | wall s | CPU s |\n| --- | ---: | ---: |")

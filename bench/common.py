@@ -51,10 +51,14 @@ def emit(out: dict[str, Any], path: str = "", ensure_ascii: bool = True) -> None
         Path(path).write_text(text + "\n", encoding="utf-8")
 
 
-def f16_gguf(model: str = "") -> Path:
-    """The f16 GGUF export of `model` (a model folder; default the prepared SmolLM2-135M-Instruct),
+def gguf(model: str = "", type: str = "f16") -> Path:
+    """The GGUF export of `model` (a model folder; default the prepared SmolLM2-135M-Instruct) in `type`,
     made once and cached: what the llama.cpp benchmarks load."""
     from ragtune.modeling import default_chat_model_dir
     from ragtune.serve.llamacpp import ensure_gguf
 
-    return ensure_gguf(Path(model) if model else default_chat_model_dir(), type="f16")
+    return ensure_gguf(Path(model) if model else default_chat_model_dir(), type=type)
+
+
+def f16_gguf(model: str = "") -> Path:
+    return gguf(model, "f16")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -110,7 +110,12 @@ def run_eval(
 ) -> EvalResult:
     """Answer, score and report. `adapter`: "DIR", "NAME=DIR", a list of them or {name: dir}
     (None = model.adapter). `generator`/`retriever` may be passed in already loaded.
-    `engine` ("auto" | "transformers" | "llama.cpp" | "openai", None = eval.engine) answers every mode."""
+    `engine` ("auto" | "transformers" | "llama.cpp" | "openai", None = eval.engine) answers every mode.
+    On llama.cpp, `generation.gguf_type: auto` answers from the f16 file, whose greedy ids are transformers'."""
+    if cfg.generation.gguf_type == "auto":
+        from ragtune.serve.llamacpp import resolve_gguf_type
+
+        cfg = replace(cfg, generation=replace(cfg.generation, gguf_type=resolve_gguf_type("auto", for_eval=True)))
     plan = _plan(cfg, questions, adapter, index, modes, engine, check=generator is None)
     out = Path(out_dir or cfg.eval.out_dir)
     if out.exists() and not out.is_dir():  # said now, not after every question has been answered

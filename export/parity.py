@@ -8,8 +8,8 @@ Greedy decoding is an argmax on both sides, so an f16 file gives transformers' i
 top-2 logit margin is clear. Each prompt's verdict: "equal"; "near-tie" (the first divergence is at a
 step where transformers' logit for llama.cpp's token is within `margin` of its top token: f16
 rounding may flip it; reported, not failed); "diverged" (a clear margin, or prompt ids that differ).
-A quantized file is not compared token by token (quantization is a further, expected loss): it must
-load, generate and tokenize as transformers does (`check_loads`).
+A quantized or bf16 file is not compared token by token (a further, expected loss; bf16 rounds
+activations more coarsely than f16): it must load, generate and tokenize as transformers does (`check_loads`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ragtune.errors import RagtuneError, UsageError
 log = logging.getLogger(__name__)
 
 TYPES = GGUF_TYPES  # spelled once, in the config's GgufType
-LLAMA_FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+LLAMA_FTYPES = {"f16": "LLAMA_FTYPE_MOSTLY_F16", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
                 "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 UNQUANTIZED_FILE_TYPES = (0, 1)  # general.file_type ALL_F32, MOSTLY_F16
 

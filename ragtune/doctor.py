@@ -167,7 +167,11 @@ def llama_build_check(system_info: str | None = None, flags: set[str] | None = N
         return Check("llama.cpp build", "warn",
                      f"built without {', '.join(unused)}, which this CPU has (a portable build); uses {', '.join(used)}",
                      "rebuild for this CPU: " + _llama_rebuild("CMAKE_ARGS=-DGGML_NATIVE=ON "))
-    return Check("llama.cpp build", "ok", f"uses {', '.join(used) or 'no vector extension llama.cpp reports'}")
+    from ragtune.serve.llamacpp import bf16_in
+
+    gguf = "bf16" if bf16_in(system_info) else "f16"  # the rule resolve_gguf_type("auto") applies
+    return Check("llama.cpp build", "ok", f"uses {', '.join(used) or 'no vector extension llama.cpp reports'}; "
+                 f"generation.gguf_type auto serves {gguf}")
 
 
 def run_doctor(cfg: Any = None, as_json: bool = False) -> int:

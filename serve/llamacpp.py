@@ -76,6 +76,30 @@ def ensure_gguf(model_dir: str | Path, adapter_dir: str | Path | None = None, ty
     return cached_gguf(model_dir, adapter_dir=adapter_dir, type=type, merged=merged)
 
 
+def resolve_gguf_type(kind: str, for_eval: bool = False) -> str:
+    """The GGUF type `generation.gguf_type` asks for. "auto": bf16 where this llama.cpp build multiplies
+    bf16 in hardware (its system info reports AVX512_BF16: prefill ~1.5x f16's on such a CPU,
+    docs/benchmarks.md; emulated bf16 would be slower than f16), else f16; for eval always f16, whose
+    greedy ids are transformers' (a bf16 file rounds activations to bf16 too)."""
+    if kind != "auto":
+        return kind
+    return "f16" if for_eval or not native_bf16() else "bf16"
+
+
+def native_bf16() -> bool:
+    """Does the installed llama.cpp build use the CPU's bf16 instructions (AVX512_BF16)?"""
+    try:
+        info = import_llama_cpp().llama_print_system_info().decode(errors="replace")
+    except (RagtuneError, AttributeError):
+        return False
+    return bf16_in(info)
+
+
+def bf16_in(system_info: str) -> bool:
+    """Whether llama_print_system_info() text reports native bf16 (what `auto` serves bf16 on)."""
+    return "AVX512_BF16 = 1" in system_info
+
+
 def _usable_cpus() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -215,6 +215,9 @@ def test_cost_helpers(tmp_path: Path) -> None:
                        "deleted": [], "unchanged": 3, "chunks_written": 7, "seconds": 2.0})
     assert row.what == ("absorb a changed document: re-sync the index (1 replaced, 1 added, 0 deleted, 1 re-read by a "
                         "newer reader, 3 unchanged; 7 chunks embedded)")
+    row = ingest_cost({"added": [], "replaced": ["a.md"], "deleted": [], "unchanged": 3, "chunks_written": 8,
+                       "chunks_reused": 6, "seconds": 1.0})
+    assert row.what.endswith("3 unchanged; 2 chunks embedded, 6 unchanged chunks kept)")
     rows = tmp_path / "rows.json"
     rows.write_text(json.dumps([{"what": "copy docs", "seconds": 0.1}]))
     assert load_cost_file(rows)[0].what == "copy docs"

@@ -203,6 +203,18 @@ def test_q4_k_m_quantizes_to_a_loadable_file(tiny_f16: dict[str, Any], tmp_path:
     eng.close()
 
 
+@NEEDS_LLAMA_CPP
+def test_bf16_keeps_the_size_and_loads(tiny_f16: dict[str, Any], tmp_path: Path) -> None:
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    out = quantize(tiny_f16["path"], tmp_path / "tiny-bf16.gguf", "bf16", threads=1)
+    assert gguf_metadata(out, ["general.file_type"])["general.file_type"] == 32  # MOSTLY_BF16
+    assert abs(out.stat().st_size - tiny_f16["path"].stat().st_size) < 0.05 * tiny_f16["path"].stat().st_size
+    eng = LlamaCppEngine(out, n_threads=1).load()
+    assert len(eng.generate(prompt_text="<|im_start|>user\nHi<|im_end|>\n", max_new_tokens=4)["ids"]) >= 1
+    eng.close()
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -224,7 +236,7 @@ def test_wrong_sdist_is_refused(ragtune_home: Path) -> None:
 def test_bad_type_is_a_usage_error(tiny_smol: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf"), "--type", "q5_x"]) == 2
     assert "invalid choice: 'q5_x'" in capsys.readouterr().err
-    with pytest.raises(UsageError, match="is not one of f16, q8_0, q4_k_m"):
+    with pytest.raises(UsageError, match="is not one of f16, bf16, q8_0, q4_k_m"):
         export_gguf(tiny_smol, tmp_path / "x.gguf", "q5_x")
     out = ["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf")]
     for extra, said in [(["--margin", "-1"], "--margin -1.0: give a number of 0 or more"),

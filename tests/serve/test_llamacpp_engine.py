@@ -41,7 +41,8 @@ def smol_adapter(tiny_smol: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def cfg(tiny_smol: Path) -> Any:
     from ragtune.config import load_config
 
-    return load_config(None, [f"model.path={tiny_smol}", "generation.threads=1"])
+    # f16: the file whose greedy ids are transformers' (auto picks bf16 on CPUs with AVX512_BF16)
+    return load_config(None, [f"model.path={tiny_smol}", "generation.threads=1", "generation.gguf_type=f16"])
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,7 @@ def test_accelerator_possible_reads_the_device_nodes(platform: str, dev: Any, po
 def test_eval_engine_answers_every_mode_with_llama_cpp(cfg: Any, gens: dict[str, Any], cpp_home: Path,
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
+    from dataclasses import replace
 
     from ragtune.eval.run import run_eval
     from ragtune.serve.generator import Generator
@@ -197,6 +199,9 @@ def test_eval_engine_answers_every_mode_with_llama_cpp(cfg: Any, gens: dict[str,
     monkeypatch.setattr(Generator, "_run_llama_cpp", lambda self, *a: calls.append(1) or real(self, *a))
     q = tmp_path / "q.jsonl"
     q.write_text("".join(json.dumps({"question": x, "answer": "Paris"}) + "\n" for x in PROMPTS))
+    # generation.gguf_type auto (the default) answers eval from f16 even where serving would pick bf16
+    monkeypatch.setattr("ragtune.serve.llamacpp.native_bf16", lambda: True)
+    cfg = replace(cfg, generation=replace(cfg.generation, gguf_type="auto"))
     res = run_eval(cfg, questions=q, modes="base", out_dir=tmp_path / "ev", progress=False, engine="llama.cpp")
     assert res.exit_code == 0 and res.errors == 0 and res.paths["json"].is_file()
     assert len(calls) >= len(PROMPTS)  # every answer (and the warm-up) ran on llama.cpp
@@ -213,6 +218,34 @@ def test_gguf_type_picks_the_quantized_base(tiny_smol: Path, cpp_home: Path, mon
     assert Path(gen.engine_impl.gguf_path).name == "model-q8_0.gguf"
     ans = gen.answer(user(PROMPTS[0]), max_new_tokens=4, temperature=0.0)
     assert ans.completion_tokens > 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_gguf_type_is_bf16_only_where_llama_cpp_multiplies_bf16(native: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragtune.serve import llamacpp
+
+    lc = llamacpp.import_llama_cpp()
+    info = b"CPU : AVX2 = 1 | AVX512 = 1 | AVX512_BF16 = " + (b"1" if native else b"0") + b" | "
+    monkeypatch.setattr(lc, "llama_print_system_info", lambda: info)
+    assert llamacpp.native_bf16() is native
+    assert llamacpp.resolve_gguf_type("auto") == ("bf16" if native else "f16")
+    assert llamacpp.resolve_gguf_type("auto", for_eval=True) == "f16"  # transformers' greedy ids
+    assert llamacpp.resolve_gguf_type("q8_0") == "q8_0"
+
+
+def test_a_bf16_base_answers_with_an_adapter(tiny_smol: Path, smol_adapter: Path, cpp_home: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragtune.config import load_config
+    from ragtune.serve.generator import Generator
+
+    monkeypatch.setenv("RAGTUNE_HOME", str(cpp_home))
+    cfg = load_config(None, [f"model.path={tiny_smol}", "generation.threads=1", "generation.gguf_type=bf16"])
+    gen = Generator(cfg, engine="llama.cpp").load(adapters={"ft": str(smol_adapter)})
+    assert Path(gen.engine_impl.gguf_path).name == "model-bf16.gguf"
+    base = gen.answer(user(PROMPTS[0]), max_new_tokens=6, temperature=0.0)
+    tuned = gen.answer(user(PROMPTS[0]), max_new_tokens=6, temperature=0.0, adapter="ft")
+    assert base.completion_tokens > 0 and tuned.completion_tokens > 0
 
 
 def test_stop_strings_end_the_answer_like_transformers(gens: dict[str, Any]) -> None:

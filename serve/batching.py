@@ -130,9 +130,10 @@ class StepThread:
 
     engine_name = "the engine"  # in messages: "the llama.cpp engine", "the transformers engine"
 
-    def __init__(self, lock: Any = None, quantum: int = QUANTUM):
+    def __init__(self, lock: Any = None, quantum: int = QUANTUM, prefill_chunk: int = 0):
         self.lock = lock  # held around each step (the Generator's lock: one model call at a time)
         self.quantum = max(1, int(quantum))
+        self.prefill_chunk = int(prefill_chunk)  # prompt tokens per step while others decode (0: no cap)
         self._waiting: collections.deque[SeqRequest] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -153,6 +154,12 @@ class StepThread:
         finally:
             with self._cv:
                 self._throughput -= 1
+
+    def prefill_cap(self, decoding: bool) -> int | None:
+        """Prompt tokens this step may carry: `prefill_chunk` while answers are decoding (so a long prompt
+        joining delays their next token by that much prefill), None (no cap) when nothing decodes, when
+        prefill_chunk is 0, or inside `throughput()`."""
+        return self.prefill_chunk if decoding and self.prefill_chunk > 0 and not self._throughput else None
 
     @contextlib.contextmanager
     def hold(self) -> Any:
@@ -245,9 +252,8 @@ class Scheduler(StepThread):
     engine_name = "the llama.cpp engine"
 
     def __init__(self, engine: Any, lock: Any = None, quantum: int = QUANTUM, prefill_chunk: int = 0):
-        super().__init__(lock, quantum)
+        super().__init__(lock, quantum, prefill_chunk)  # prefill_chunk 0: up to n_batch
         self.engine = engine
-        self.prefill_chunk = int(prefill_chunk)  # prompt tokens per step while others decode (0: n_batch)
         self.slots = [_Slot() for _ in range(engine.n_seq)]
         self._running: list[_Seq] = []
         self._group: str | None = None
@@ -355,8 +361,9 @@ class Scheduler(StepThread):
         room = self.engine.n_batch
         order = sorted(batch, key=lambda s: (len(s.feed) > 1, s.req.t_submit))
         decoding = sum(1 for s in order if len(s.feed) == 1)
-        if decoding and 0 < self.prefill_chunk and not self._throughput:
-            room = min(room, decoding + self.prefill_chunk)
+        cap = self.prefill_cap(decoding > 0)
+        if cap is not None:
+            room = min(room, decoding + cap)
         items, owners, kept = [], [], []
         for s in order:
             if room <= 0:

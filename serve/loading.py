@@ -149,7 +149,7 @@ class GeneratorLoading:
         if why:
             log.info("model %s answers one request at a time: %s", self.base_path, why)
             return None
-        return TfScheduler(self, slots, lock=self.lock)
+        return TfScheduler(self, slots, lock=self.lock, prefill_chunk=self.cfg.serve.prefill_chunk)
 
     def _adapters_base(self, adapters: dict[str, str] | None) -> str:
         if adapters is None:
@@ -172,7 +172,7 @@ class GeneratorLoading:
         transformers' (and the check is made, for the next load)."""
         from ragtune.modeling import eos_token_ids, model_hash
         from ragtune.serve import light_tokenizer
-        from ragtune.serve.llamacpp import LlamaCppEngine, ensure_gguf
+        from ragtune.serve.llamacpp import LlamaCppEngine, ensure_gguf, resolve_gguf_type
 
         mcfg = self.cfg.model
         self.device = "cpu"
@@ -198,7 +198,7 @@ class GeneratorLoading:
             mconf = AutoConfig.from_pretrained(str(path), trust_remote_code=mcfg.trust_remote_code,
                                                local_files_only=True)
             positions = int(getattr(mconf, "max_position_embeddings", 0) or 0)
-        gguf = ensure_gguf(path, type=self.cfg.generation.gguf_type)
+        gguf = ensure_gguf(path, type=resolve_gguf_type(self.cfg.generation.gguf_type))
         self.engine_impl = LlamaCppEngine(gguf, n_threads=self.cfg.generation.threads,
                                           n_ctx=min(positions, 32768) if positions else 0,
                                           max_batch=self.cfg.serve.max_batch, lock=self.lock,

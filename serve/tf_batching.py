@@ -1,30 +1,41 @@
 """Batched decoding on the transformers engine: concurrent requests share each decode step.
 
-    sched = TfScheduler(gen, max_batch=8)        # gen: a loaded transformers Generator (its model, adapters)
+    sched = TfScheduler(gen, max_batch=8, prefill_chunk=128)  # gen: a loaded transformers Generator
     req = sched.submit(SeqRequest(prompt=ids, budget=64, temperature=0.0, on_token=q.put))
     req.wait()                                   # req.ids, req.finish, req.t_first, ... once done
     sched.close()
 
 Dynamic padded batches with a `DynamicCache` whose layers append each token into spare room at the
 end of a buffer (transformers' own layer copies the whole cache per token), one thread owning the
-model. Each step it (1) retires cancelled sequences, (2) admits waiting requests into free slots (`max_batch`, from
-`serve.max_batch`): a new request's prompt is prefilled alone — exactly the forward a lone request
-gets, so its first token is the lone one — and its KV cache joins the running batch of its adapter,
-left-padded to the batch's length (or the batch is left-padded to the prompt's), (3) picks one
-adapter group (peft switches adapters for the whole model, so a batch never mixes them; groups with
-running sequences take turns every `quantum` steps, paused ones keep their cache), and (4) decodes
-one token for every sequence of that group in one forward, with a 2-D attention mask that hides the
-padding and each row's own position ids (its real length, not the padded one: RoPE sees the
-positions a lone request has), then samples each row with its own settings (repetition penalty,
-grammar mask, temperature, top-p, its own seeded generator). New requests join at the next step
-boundary; a finished or cancelled sequence leaves at once, its rows are cut out of the cache, and
-columns that became padding in every row are trimmed, so the batch does not stay as long as its
-longest past member.
+model. Each step it
+
+1. retires cancelled sequences (a prompt being prefilled included);
+2. admits waiting requests into free slots (`max_batch`, from `serve.max_batch`; a request whose
+   prompt is being prefilled holds its slot);
+3. prefills admitted prompts, each alone into its own cache: whole when nothing is decoding (exactly
+   the forward a lone request gets, so its first token is the lone one) or inside `throughput()`;
+   otherwise at most `prefill_chunk` prompt tokens this step (`serve.prefill_chunk`; in arrival
+   order, the rest in later steps at the positions after the cached ones), so a long prompt joining
+   delays the running answers' next token by one piece of prefill, not by the whole prompt. A
+   prompt's last piece gives its first token, and its KV cache joins the running batch of its
+   adapter, left-padded to the batch's length (or the batch is left-padded to the prompt's);
+4. picks one adapter group (peft switches adapters for the whole model, so a batch never mixes
+   them; groups with running sequences take turns every `quantum` steps, paused ones keep their
+   cache);
+5. decodes one token for every sequence of that group in one forward, with a 2-D attention mask that
+   hides the padding and each row's own position ids (its real length, not the padded one: RoPE sees
+   the positions a lone request has), then samples each row with its own settings (repetition
+   penalty, grammar mask, temperature, top-p, its own seeded generator).
+
+A finished or cancelled sequence leaves at once, its rows are cut out of the cache, and columns that
+became padding in every row are trimmed, so the batch does not stay as long as its longest past
+member.
 
 Greedy is the argmax of the row's own logits: padding is masked to exact zeros in the softmax, but a
 different batch shape may round a matmul differently in the last bit, so a batched answer gets the
 lone ids wherever the top-2 margin is clear of that (tested on tiny random models, whose margins are
-the narrowest). Models whose cache is not plain full attention (sliding-window, linear-attention or
+the narrowest). A prompt prefilled in pieces gets the whole prefill's logits up to the same
+rounding. Models whose cache is not plain full attention (sliding-window, linear-attention or
 shared-KV layers) cannot be padded this way: `batchable` says why and the Generator answers them one
 at a time.
 """
@@ -86,6 +97,15 @@ class _Row:
 
 
 @dataclass(eq=False)
+class _Prefill:
+    """An admitted request whose prompt is going into its own cache: `done` prompt tokens are in it."""
+
+    req: SeqRequest
+    cache: Any
+    done: int = 0
+
+
+@dataclass(eq=False)
 class _Group:
     """The running sequences of one adapter: one padded KV cache, one attention mask (1 real, 0 pad)."""
 
@@ -100,17 +120,19 @@ class TfScheduler(StepThread):
 
     engine_name = "the transformers engine"
 
-    def __init__(self, gen: Any, max_batch: int, lock: Any = None, quantum: int = QUANTUM):
+    def __init__(self, gen: Any, max_batch: int, lock: Any = None, quantum: int = QUANTUM, prefill_chunk: int = 0):
         if int(max_batch) < 1:
             raise RagtuneError(f"max_batch must be at least 1, got {max_batch}")
-        super().__init__(lock, quantum)
+        super().__init__(lock, quantum, prefill_chunk)  # prefill_chunk 0: the whole prompt in one forward
         self.gen = gen
         self.max_batch = int(max_batch)
         self._groups: dict[str | None, _Group] = {}
+        self._prefilling: list[_Prefill] = []  # admitted, prompt not all in its cache yet (arrival order)
         self._turn: str | None = None
         self._turn_steps = 0
         self._cache_kw, self._keep_one = forward_params(gen.model)
         self.steps = 0  # batched decode forwards made (for tests and benchmarks)
+        self.prefill_forwards = 0  # prompt pieces fed (a whole prompt is one)
         self.max_seen_batch = 0  # the most sequences decoded in one forward
         _LIVE.add(self)
 
@@ -121,8 +143,8 @@ class TfScheduler(StepThread):
 
     @property
     def active(self) -> int:
-        """Sequences running now (slots in use)."""
-        return sum(len(g.rows) for g in self._groups.values())
+        """Sequences running now, their prompts' prefill included (slots in use)."""
+        return sum(len(g.rows) for g in self._groups.values()) + len(self._prefilling)
 
     @property
     def width(self) -> int:
@@ -138,7 +160,10 @@ class TfScheduler(StepThread):
         for g in list(self._groups.values()):
             gone = [r for r in g.rows if r.req.cancel is not None and r.req.cancel.is_set()]
             self._retire(g, gone, "cancelled", now)
+        for p in [p for p in self._prefilling if p.req.cancel is not None and p.req.cancel.is_set()]:
+            self._drop_prefill(p, "cancelled", now)
         self._admit()
+        self._prefill()
         group = self._choose_group()
         if group is not None:
             self._decode(group)
@@ -150,26 +175,49 @@ class TfScheduler(StepThread):
                     return
                 req = self._waiting.popleft()
             req.t_admit = time.perf_counter()
-            self._prefill(req)
+            self._prefilling.append(_Prefill(req, _growing_cache(self.gen.model.config)))
 
-    def _prefill(self, req: SeqRequest) -> None:
-        """The prompt alone (no padding: the lone request's forward), its first token, then its cache joins."""
+    def _prefill(self) -> None:
+        """This step's prompt tokens: all of them when nothing decodes or inside `throughput()` (a batch
+        nobody streams: only its total time counts), else at most `prefill_chunk`, in arrival order."""
+        decoding = any(g.rows for g in self._groups.values())
+        room = self.prefill_cap(decoding)
+        for p in list(self._prefilling):
+            n = len(p.req.prompt) - p.done
+            if room is not None:
+                if room <= 0:
+                    return
+                n = min(n, room)
+                room -= n
+            self._piece(p, n)
+
+    def _piece(self, p: _Prefill, n: int) -> None:
+        """The next `n` prompt tokens into the request's own cache; after the last, its first token, then its
+        cache joins its adapter's group. A whole prompt is the lone request's forward, unchanged."""
         import torch
 
-        model = self.gen.model
-        ids = torch.tensor([req.prompt], device=model.device)
-        cache = _growing_cache(model.config)
-        kw = {self._cache_kw: cache, **({"logits_to_keep": 1} if self._keep_one else {})}
-        with self.gen._adapter_ctx(req.adapter):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kw)
+        req = p.req
+        logits = prefill_forward(self.gen.model, p.cache, req.prompt, p.done, p.done + n, self._cache_kw,
+                                 self._keep_one, self.gen._adapter_ctx(req.adapter))
+        p.done += n
+        self.prefill_forwards += 1
+        if p.done < len(req.prompt):
+            return
+        self._prefilling.remove(p)
+        logits = logits.float().cpu()
         row = _Row(req=req, rng=_generator(req.seed), seen=None, length=len(req.prompt))
-        logits = out.logits[0, -1, :].float().cpu()
         if req.repeat_penalty != 1.0:
             row.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
             row.seen[torch.tensor(req.prompt)] = True
         group = self._groups.setdefault(req.adapter, _Group(req.adapter))
-        self._join(group, row, cache)
+        self._join(group, row, p.cache)
         self._sample(group, [row], logits[None, :], time.perf_counter())
+
+    def _drop_prefill(self, p: _Prefill, finish: str, t: float) -> None:
+        """A request leaves mid-prefill: its slot and its cache go, it ends without a token."""
+        self._prefilling.remove(p)
+        p.req.finish, p.req.t_end = finish, t
+        p.req.done.set()
 
     def _join(self, group: _Group, row: _Row, cache: Any) -> None:
         import torch
@@ -277,6 +325,9 @@ class TfScheduler(StepThread):
             for r in g.rows:
                 r.req.error = exc
             self._retire(g, list(g.rows), "cancelled", t)
+        for p in list(self._prefilling):
+            p.req.error = exc
+            self._drop_prefill(p, "cancelled", t)
         self._fail_waiting(exc, t)
 
 
@@ -291,6 +342,25 @@ def forward_params(model: Any) -> tuple[str, bool]:
     except (TypeError, ValueError):
         return "past_key_values", False
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def prefill_forward(model: Any, cache: Any, prompt: list[int], start: int, end: int, cache_kw: str, keep_one: bool,
+                    adapter_ctx: Any) -> Any:
+    """Feed `prompt[start:end]` into `cache`, which holds `prompt[:start]` (a batch of one, no padding),
+    under `adapter_ctx`; the last position's logits. A piece after the first gets the
+    positions after the cached ones (RoPE); only the last row of logits is computed where the forward
+    takes `logits_to_keep` (an earlier piece's is discarded: the LM head over one row costs little)."""
+    import torch
+
+    dev = model.device
+    ids = torch.tensor([prompt[start:end]], device=dev)
+    kw = {cache_kw: cache, **({"logits_to_keep": 1} if keep_one else {})}
+    if start:
+        kw["position_ids"] = torch.arange(start, end, device=dev)[None, :]
+    mask = torch.ones((1, end), dtype=torch.long, device=dev)
+    with adapter_ctx:
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+    return out.logits[0, -1, :]
 
 
 def _growing_cache(config: Any) -> Any:

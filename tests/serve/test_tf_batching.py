@@ -200,6 +200,170 @@ def test_requests_on_different_adapters_never_share_a_forward(tiny_llama: Path, 
     assert set().union(*seen) == {None, "policies", "other"}
 
 
+# --- a long prompt joining running answers: prefilled in pieces of serve.prefill_chunk ----------------
+
+
+@pytest.mark.parametrize("model", ["sharp_llama", "sharp_qwen3"])
+def test_a_prompt_prefilled_in_pieces_gets_the_logits_and_cache_of_the_whole_prefill(
+        model: str, request: pytest.FixtureRequest) -> None:
+    """Pieces after the first sit at the positions after the cached ones (RoPE): the last piece's logits
+    and the cache equal the whole prompt's up to float rounding."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.serve.tf_batching import _growing_cache, forward_params, prefill_forward
+
+    lm = AutoModelForCausalLM.from_pretrained(str(request.getfixturevalue(model)), dtype=torch.float32).eval()
+    cache_kw, keep_one = forward_params(lm)
+    prompt = [(7 * i + 3) % 600 + 20 for i in range(61)]  # the tiny vocabulary has 673 ids
+    whole, pieces = _growing_cache(lm.config), _growing_cache(lm.config)
+    with torch.inference_mode():
+        want = prefill_forward(lm, whole, prompt, 0, len(prompt), cache_kw, keep_one, contextlib.nullcontext())
+        for start in range(0, len(prompt), 8):
+            got = prefill_forward(lm, pieces, prompt, start, min(start + 8, len(prompt)), cache_kw, keep_one,
+                                  contextlib.nullcontext())
+    got, want = got.float(), want.float()
+    assert got.shape == want.shape == (lm.config.vocab_size,)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert int(got.argmax()) == int(want.argmax())
+    for a, b in zip(pieces.layers, whole.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["sharp_llama", "sharp_qwen3"])
+def test_a_long_prompt_prefilled_in_pieces_beside_a_running_answer_gets_the_lone_answer(
+        model: str, request: pytest.FixtureRequest) -> None:
+    """serve.prefill_chunk reaches the scheduler; a prompt longer than it, joining a running answer, goes in
+    pieces, and both answers are still the ones the one-at-a-time path gives."""
+    path = request.getfixturevalue(model)
+    lone_gen, batched = generator(path, 1), generator(path, 4, "serve.prefill_chunk=8")
+    sched = batched.batcher
+    assert sched.prefill_chunk == 8
+    calls = [dict(q=QUESTIONS[0], max_new_tokens=40, temperature=0.0),
+             dict(q=" ".join(QUESTIONS), max_new_tokens=10, temperature=0.0)]
+    lone = [run_ids(lone_gen, c) for c in calls]
+    out: list[Any] = [None]
+    first = threading.Thread(target=lambda: out.__setitem__(0, run_ids(batched, calls[0])))
+    first.start()
+    while sched.steps == 0:  # the first answer is decoding
+        time.sleep(0.001)
+    pieces = sched.prefill_forwards
+    long = run_ids(batched, calls[1])
+    pieces = sched.prefill_forwards - pieces
+    first.join(120)
+    assert long[0] == lone[1][0] and out[0][0] == lone[0][0]
+    n_prompt = len(batched.prepare([{"role": "user", "content": calls[1]["q"]}]).input_ids)
+    assert n_prompt > 40 and pieces == -(-n_prompt // 8), (n_prompt, pieces)
+
+
+def test_pieces_of_a_prompt_run_under_its_own_adapter_between_another_adapters_tokens(
+        tiny_llama: Path, tiny_adapter: Path, other_adapter: Path) -> None:
+    """peft switches adapters for the whole model: each piece of the joining prompt runs under its adapter,
+    each decode step of the running answer under its own, so both get their lone answers."""
+    from tests.serve.conftest import QA
+
+    adapters = {"policies": str(tiny_adapter), "other": str(other_adapter)}
+    lone_gen = generator(tiny_llama, 1, adapters=adapters)
+    batched = generator(tiny_llama, 4, "serve.prefill_chunk=8", adapters=adapters)
+    sched = batched.batcher
+    long_q = " ".join(QUESTIONS) + " " + QA[0][0]
+    running = dict(q=QUESTIONS[0], max_new_tokens=40, temperature=0.0)  # no adapter: 40 tokens, no EOS
+    joining = {a: dict(q=long_q, adapter=a, max_new_tokens=10, temperature=0.0) for a in (None, "policies", "other")}
+    lone = {a: run_ids(lone_gen, c)[0] for a, c in joining.items()}
+    lone_running = run_ids(lone_gen, running)[0]
+    assert len({tuple(v) for v in lone.values()}) == 3  # the adapter decides the answer
+    n_prompt = len(batched.prepare([{"role": "user", "content": long_q}]).input_ids)
+    for a in ("policies", "other"):
+        out: list[Any] = [None]
+        first = threading.Thread(target=lambda: out.__setitem__(0, run_ids(batched, running)))
+        steps = sched.steps
+        first.start()
+        while sched.steps == steps:
+            time.sleep(0.001)
+        pieces = sched.prefill_forwards
+        got = run_ids(batched, joining[a])[0]
+        assert sched.prefill_forwards - pieces == -(-n_prompt // 8)  # every piece beside the running answer
+        first.join(120)
+        assert got == lone[a] and out[0][0] == lone_running
+
+
+def long_prompt(sched: Any) -> list[int]:
+    ids = sched.gen.tokenizer(" ".join(QUESTIONS * 4), add_special_tokens=False)["input_ids"][:80]
+    assert len(ids) == 80
+    return ids
+
+
+def join_beside(sched: Any, chunk: int, cancel_long: bool = False) -> dict[str, Any]:
+    """A short prompt answers; at its second token a long prompt (80 tokens) arrives, then a short one (2
+    slots: it waits). Records (slots in use, requests waiting) at each token of the running answer while the
+    long prompt is admitted and has no token yet, and the prompt pieces fed after the running answer's own
+    prefill. `cancel_long`: the long request is cancelled at the second such token, the running one too."""
+    from ragtune.serve.tf_batching import SeqRequest
+
+    sched.prefill_chunk = chunk
+    running = SeqRequest(prompt=[5, 9, 13, 17, 21, 25], budget=60, cancel=threading.Event())
+    late = [SeqRequest(prompt=long_prompt(sched), budget=4, cancel=threading.Event()),
+            SeqRequest(prompt=[7, 11, 19, 23], budget=3)]
+    beside: list[tuple[int, int]] = []
+
+    def on_token(_tok: int) -> None:  # in the scheduler thread, between two steps
+        if len(running.ids) == 2:
+            for r in late:
+                sched.submit(r)
+        elif late[0].t_admit and not late[0].ids:
+            beside.append((sched.active, sched.waiting))
+            if cancel_long and len(beside) == 2:
+                late[0].cancel.set()
+                running.cancel.set()
+
+    running.on_token = on_token
+    pieces = sched.prefill_forwards
+    sched.submit(running)
+    for r in [running, *late]:
+        assert r.done.wait(120)
+    return {"beside": beside, "pieces": sched.prefill_forwards - pieces - 1, "late": late, "running": running}
+
+
+def test_a_running_answer_gets_tokens_between_the_pieces_of_a_long_prompt(sharp_llama: Path) -> None:
+    """With prefill_chunk 8 the running answer decodes between the long prompt's 10 pieces; with 0 the long
+    prompt is prefilled in one forward and the running answer waits for all of it. The prefilling request
+    holds a slot (active counts it) and its first token is the one it gets alone."""
+    from ragtune.serve.tf_batching import SeqRequest
+
+    sched = generator(sharp_llama, 2).batcher
+    alone = sched.submit(SeqRequest(prompt=long_prompt(sched), budget=4)).wait().ids
+    capped = join_beside(sched, 8)
+    assert len(capped["beside"]) == 9 and set(capped["beside"]) == {(2, 1)}, capped["beside"]
+    assert capped["pieces"] == 10 + 1  # the long prompt in 10 pieces, then the short one whole
+    assert capped["late"][0].ids == alone and capped["late"][0].finish == "length"
+    whole = join_beside(sched, 0)
+    assert whole["beside"] == [] and whole["pieces"] == 2 and whole["late"][0].ids == alone
+    assert sched.active == 0 and sched.waiting == 0
+
+
+def test_cancelling_a_request_mid_prefill_frees_its_slot(sharp_llama: Path) -> None:
+    sched = generator(sharp_llama, 2).batcher
+    got = join_beside(sched, 8, cancel_long=True)
+    long, short = got["late"]
+    assert long.finish == "cancelled" and long.ids == [] and long.t_first is None and long.error is None
+    assert got["running"].finish == "cancelled"
+    assert got["beside"] == [(2, 1), (2, 1)]  # the short request waited for the slot the long one held...
+    assert short.finish == "length" and len(short.ids) == 3  # ...and got it
+    assert sched.active == 0 and sched.waiting == 0 and sched._prefilling == []
+
+
+def test_batch_answering_prefills_a_long_prompt_whole_even_beside_running_answers(sharp_llama: Path) -> None:
+    """Inside throughput() (Generator.answer_all: eval, ask --questions) nobody watches the running answers'
+    tokens, so prefill_chunk does not split prompts there."""
+    sched = generator(sharp_llama, 2).batcher
+    with sched.throughput():
+        got = join_beside(sched, 8)
+    assert got["beside"] == [] and got["pieces"] == 2
+    assert sched.active == 0 and sched.waiting == 0
+
+
 def test_the_growing_cache_holds_what_dynamic_cache_holds_and_appends_in_place(sharp_llama: Path) -> None:
     """The scheduler's cache layers give the forward the keys and values transformers' DynamicCache gives
     (the same logits, bit for bit), append each token into spare room of one buffer instead of copying the

@@ -178,9 +178,13 @@ def test_bad_training_data_fails_the_job_with_the_lines_and_the_fix(server: Serv
 
 def test_list_pagination_queue_order_and_cancel(server: Server, ragtune_home: Path, capsys: Any) -> None:
     client = server.client()
-    f = upload(client, records(FACTS))
-    long = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1000})
-    waiting = [client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1000})
+    # 100 records at batch 1: 100k steps, so no job can finish before the test cancels it (2 records were
+    # 1,000 tiny steps, which an idle machine trained in the moment between "running" and the cancel)
+    f = upload(client, records(FACTS * 50))
+    long = client.fine_tuning.jobs.create(training_file=f.id, model="base",
+                                          hyperparameters={"n_epochs": 1000, "batch_size": 1})
+    waiting = [client.fine_tuning.jobs.create(training_file=f.id, model="base",
+                                              hyperparameters={"n_epochs": 1000, "batch_size": 1})
                for _ in range(2)]
     listed = client.fine_tuning.jobs.list(limit=2)
     assert [j.id for j in listed.data] == [waiting[1].id, waiting[0].id] and listed.has_more  # newest first
@@ -224,7 +228,9 @@ def test_a_killed_worker_and_a_restart_leave_consistent_states(tmp_path: Path, t
     try:
         client = first.client()
         f = upload(client, records(FACTS))
-        killed = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1000})
+        big = upload(client, records(FACTS * 50))  # 100k steps: these two never finish before the kill and the stop
+        killed = client.fine_tuning.jobs.create(training_file=big.id, model="base",
+                                                hyperparameters={"n_epochs": 1000, "batch_size": 1})
         running = wait_for(client, killed.id, ("running",), timeout=120)
         assert running.status == "running"
         pid = first.app.state.jobs.proc.pid
@@ -233,8 +239,8 @@ def test_a_killed_worker_and_a_restart_leave_consistent_states(tmp_path: Path, t
         assert failed.error.code == "worker_died" and "killed by signal 9" in failed.error.message
         assert not (ragtune_home / "jobs" / killed.id / "run" / "adapter_config.json").exists()
 
-        interrupted = client.fine_tuning.jobs.create(training_file=f.id, model="base",
-                                                     hyperparameters={"n_epochs": 1000})
+        interrupted = client.fine_tuning.jobs.create(training_file=big.id, model="base",
+                                                     hyperparameters={"n_epochs": 1000, "batch_size": 1})
         wait_for(client, interrupted.id, ("running",), timeout=120)
         queued = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1})
         dropped = client.fine_tuning.jobs.create(training_file=f.id, model="base", hyperparameters={"n_epochs": 1})

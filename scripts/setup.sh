@@ -38,7 +38,16 @@ fi
 # builds its own portable wheel for other machines. CMAKE_ARGS overrides (-DGGML_NATIVE=OFF for a venv
 # that other CPUs will use, -DGGML_CUDA=on for a GPU).
 LLAMA_CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}"
-llama_build="$LLAMA_CPP_PYTHON_VERSION $LLAMA_CMAKE_ARGS"
+# Without AMX: on a 2-core Sapphire Rapids VM that lists amx_tile/amx_int8, the native build's AMX
+# kernels (used for q4/q8 GGUF types) died with SIGILL at `tileloadd` inside llama.cpp, taking the
+# whole process with them. AMX only speeds up quantized types' matrix products; f16/bf16 (what ragtune
+# serves by default) never use it. A user's own CMAKE_ARGS/CFLAGS are left as they are.
+LLAMA_CFLAGS=""
+if [ -z "${CMAKE_ARGS:-}" ] && echo 'int main(void) { return 0; }' \
+        | "${CC:-cc}" -x c -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 -fsyntax-only - 2>/dev/null; then
+    LLAMA_CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
+llama_build="$LLAMA_CPP_PYTHON_VERSION $LLAMA_CMAKE_ARGS${LLAMA_CFLAGS:+ CFLAGS=$LLAMA_CFLAGS}"
 
 stamp="$VENV/.ragtune-install-stamp"
 want="$( (cat pyproject.toml constraints.txt; echo "$llama_build") | sha256sum | cut -d' ' -f1)"
@@ -57,8 +66,8 @@ python -m pip install -q -c constraints.txt "${torch_args[@]}" "torch==2.13.0"
 # here would be reused for other flags (and for other machines' bundles).
 llama_stamp="$VENV/.ragtune-llama-cpp-build"
 if [ "$(cat "$llama_stamp" 2>/dev/null)" != "$llama_build" ]; then
-    echo "setup: compiling llama.cpp for this CPU (CMAKE_ARGS='$LLAMA_CMAKE_ARGS'; 5-10 minutes on 2 cores, once)"
-    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" python -m pip install -q --no-cache-dir --no-deps --force-reinstall \
+    echo "setup: compiling llama.cpp for this CPU (CMAKE_ARGS='$LLAMA_CMAKE_ARGS'${LLAMA_CFLAGS:+ CFLAGS='$LLAMA_CFLAGS'}; 5-10 minutes on 2 cores, once)"
+    CFLAGS="${CFLAGS:-} $LLAMA_CFLAGS" CXXFLAGS="${CXXFLAGS:-} $LLAMA_CFLAGS" CMAKE_ARGS="$LLAMA_CMAKE_ARGS" python -m pip install -q --no-cache-dir --no-deps --force-reinstall \
         -c constraints.txt "$llama_sdist"
     echo "$llama_build" > "$llama_stamp"
 fi

@@ -128,6 +128,8 @@ def training_recipe(card: Mapping[str, Any]) -> str:
                      + (" (target: the not-found message)" if rag.get("withheld_answer") == "not_found" else ""))
     if rag.get("cite") is not None:
         parts.append("target cites [n]" if rag["cite"] else "no [n] in the target")
+    if rag.get("order") == "shuffled":
+        parts.append("sources in shuffled order")
     if rag.get("prompt_format") is not None:
         parts.append(f"prompt format {rag['prompt_format']}")
     return "trained with retrieval (sources in its prompts" + (": " + ", ".join(parts) if parts else "") + ")"

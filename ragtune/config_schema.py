@@ -40,6 +40,9 @@ class RagDataConfig:
     # "not_found": rag.not_found_message (learn to say the sources do not hold the answer)
     withheld_answer: Literal["keep", "not_found"] = "keep"
     cite: bool = False  # end the target answer with [n], the gold source's number
+    # where the gold source sits among the prompt's sources: "retrieval" order (as served) or
+    # "shuffled" (seeded per record: RAFT's gold at a random position, so position is no cue)
+    order: Literal["retrieval", "shuffled"] = "retrieval"
 
 
 @dataclass(frozen=True)

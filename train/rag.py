@@ -21,8 +21,9 @@ The gold source is the passage the answer is grounded in:
    MATCH_MIN; ties go to the higher-ranked chunk;
 3. else none: the record is counted and listed, and keeps the sources served for its question.
 The prompt holds the gold source plus `distractors` other retrieved chunks, in retrieval order
-(with every top_k chunk when distractors=-1: exactly what serving shows). For a `withheld` share
-of the records (drawn with train.seed) the gold source, and any chunk holding the answer, is left
+(with every top_k chunk when distractors=-1: exactly what serving shows), or with `order: shuffled`
+in an order drawn per record with train.seed, so the gold's position is no cue (RAFT's placement).
+For a `withheld` share of the records (drawn with train.seed) the gold source, and any chunk holding the answer, is left
 out. Their target is the record's answer (`withheld_answer: keep`: the model also learns to answer
 when retrieval misses, RAFT's P < 1) or `rag.not_found_message` (`withheld_answer: not_found`: it
 learns to say so when its sources do not hold the answer, as serving instructs it to). Failure mode:
@@ -138,6 +139,8 @@ def resolve_settings(cfg: Any) -> dict[str, Any]:
     if problems:
         raise UsageError("the retrieval training settings are invalid:\n  " + "\n  ".join(problems))
     extra = {"withheld_answer": "not_found", "not_found_message": cfg.rag.not_found_message} if not_found else {}
+    if rc.order != "retrieval":  # absent at the default, so runs and caches built before the setting still match
+        extra["order"] = rc.order
     return {
         "top_k": top_k,
         "distractors": rc.distractors if rc.distractors >= 0 else top_k - 1,
@@ -340,12 +343,15 @@ def build_rag(cfg: Any, records: Sequence[Any], retriever: Any = None, cache: st
             retriever.close()
     found = [i for i, b in enumerate(built) if b[4].get("how")]
     rng = random.Random(f"{settings['seed']}:withheld")
+    shuffle = settings.get("order") == "shuffled"
     n_withheld = round(settings["withheld"] * len(found))
     withheld = set(rng.sample(found, n_withheld)) if n_withheld else set()
     out_records, gold_info, missing = [], {}, []
     for i, (r, history, answer_turn, hits, info) in enumerate(built):
         gold = info["rank"] - 1 if info.get("how") else None
         chosen = choose_sources(hits, gold, n_src, i in withheld, answer_turn["content"])
+        if shuffle:  # one generator per record: a record's order does not depend on the records before it
+            random.Random(f"{settings['seed']}:order:{r.line}").shuffle(chosen)
         sources = [to_source(h, n) for n, h in enumerate(chosen, 1)]
         answer = answer_turn["content"]
         if i in withheld and settings.get("withheld_answer") == "not_found":

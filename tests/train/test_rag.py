@@ -205,3 +205,37 @@ def test_not_found_target_needs_a_not_found_message(tmp_path: Path, tiny_embedde
         resolve_settings(cfg)
     with pytest.raises(Exception, match="data.rag.withheld_answer"):
         load_config(None, ["data.rag.withheld_answer=abstain"])
+
+
+def test_shuffled_order_moves_the_gold_among_the_same_sources_and_is_seeded(tmp_path: Path, tiny_embedder: Path) -> None:
+    import re
+
+    from ragtune.runcard import describe_recipe
+    from ragtune.train.data import Record
+    from ragtune.train.rag import build_rag
+
+    _, emb = _index(tmp_path, tiny_embedder)
+    qa = [("How many days per week can I work remotely?", "You can work remotely up to 2 days per week."),
+          ("When must I file my expenses?", "Within 30 days of the purchase."),
+          ("Must I wear my badge?", "Wear your badge visibly at all times inside the building.")] * 3
+    records = [Record(line=i, messages=chat(q, a, SYS)["messages"], raw="") for i, (q, a) in enumerate(qa, 1)]
+    base = ["data.rag.index=pol", "rag.top_k=3", "rag.min_score=-1", *emb]
+
+    def sources(built) -> dict[int, list[str]]:
+        blocks = {r.line: re.split(r"\n\n(?=\[\d\] )", r.messages[0]["content"].split("Sources:\n", 1)[1])
+                  for r in built.records}
+        return {line: [re.sub(r"^\[\d\] ", "", x) for x in bs] for line, bs in blocks.items()}
+
+    plain = build_rag(load_config(None, base), records)
+    mixed = build_rag(load_config(None, [*base, "data.rag.order=shuffled"]), records)
+    a, b = sources(plain), sources(mixed)
+    assert all(len(a[line]) == 3 and sorted(a[line]) == sorted(b[line]) for line in a)  # the same sources
+    assert any(a[line] != b[line] for line in a)  # in another order
+    assert len({g["n"] for g in mixed.gold.values()}) > 1  # the gold is not always in one place
+    for line, g in mixed.gold.items():  # the recorded number is where the gold chunk now stands
+        assert b[line][g["n"] - 1] == a[line][plain.gold[line]["n"] - 1]
+    assert sources(build_rag(load_config(None, [*base, "data.rag.order=shuffled"]), records)) == b  # seeded
+    assert "order" not in plain.settings and mixed.block()["order"] == "shuffled"
+    assert describe_recipe({"rag": mixed.block()}).endswith(", sources shuffled, prompt format 1")
+    with pytest.raises(Exception, match="data.rag.order"):
+        load_config(None, ["data.rag.order=random"])

@@ -324,8 +324,8 @@ def _messages(q: Question, system_prompt: str) -> list[dict[str, str]]:
 
 def _answer_batched(gen: Any, rec: _RecordingRetriever | None, questions: Sequence[Question], mode: str,
                     adapter: str | None, cfg: Any, max_new: int, on_done: Any = None) -> list[AnswerRecord]:
-    """A mode's questions through the engine's batch scheduler in question order (`Generator.answer_all`),
-    so a re-run gives the same answers. Latency is an answer's retrieval plus its time from admission
+    """A mode's questions through the engine's batch scheduler in a fixed order (`Generator.answer_all`:
+    sorted by prompt, so shared prefixes are prefilled once), so a re-run gives the same answers. Latency is an answer's retrieval plus its time from admission
     to its last token: all of a mode's questions are queued at once, so waiting for a slot is left out."""
     recorders = [_RecordingRetriever(rec.inner) if rec is not None else None for _ in questions]
     got = gen.answer_all([(_messages(q, cfg.eval.system_prompt), r) for q, r in zip(questions, recorders)],
@@ -361,8 +361,10 @@ def _scored(q: Question, ans: Any, recorder: _RecordingRetriever | None, cfg: An
 def _batching_label(generator: Any, cfg: Any) -> str:
     sched = getattr(generator, "batch_scheduler", None)
     if sched is not None:
-        return (f"; each mode's questions queued together in question order and decoded {sched.width} at a time in one batch "
-                "(the same batches on every run; latency: retrieval + time from a free slot to the last token)")
+        shares = " (shared prefixes prefilled once)" if hasattr(sched, "shared_tokens") else ""
+        return (f"; each mode's questions queued together sorted by prompt{shares} and decoded {sched.width} at a "
+                "time in one batch (the same batches on every run; latency: retrieval + time from a free slot to the "
+                "last token)")
     return f"; {cfg.eval.concurrency} questions at a time (latencies include the batch)"
 
 

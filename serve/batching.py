@@ -7,7 +7,10 @@
 
 One thread owns the llama.cpp context. Each step it (1) retires cancelled sequences, (2) admits
 waiting requests into free sequence slots (`engine.n_seq`, from `serve.max_batch`), reusing the
-longest cached prefix a slot holds for the same adapter, (3) picks one adapter group — llama.cpp
+longest cached prefix a slot holds for the same adapter — its own, or a running sequence's, whose
+cells the new one then shares (llama.cpp's `seq_cp`: RAG prompts with the same sources, or one long
+system prompt, are prefilled once; a request whose prefix another is still prefilling waits for it
+one step rather than computing it twice) — (3) picks one adapter group — llama.cpp
 applies LoRA to the whole context, so one batch never mixes adapters; groups with running
 sequences take turns every `quantum` steps and paused ones keep their KV cache — (4) builds one
 batch of every running sequence of that group (a prompt chunk for a new one, one token for a
@@ -38,6 +41,7 @@ from ragtune.errors import RagtuneError
 log = logging.getLogger(__name__)
 
 QUANTUM = 16  # steps an adapter group decodes before another group with running sequences gets its turn
+SHARE_WAIT = 32  # prompt tokens another sequence is still prefilling that make a request wait a step to share them
 
 
 @dataclass
@@ -119,6 +123,16 @@ def hand_out(req: SeqRequest, tok: int, seen: Any, t: float) -> str:
     if req.cancel is not None and req.cancel.is_set():
         return "cancelled"
     return ""
+
+
+def _common(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of `a` and `b`, at most `limit`."""
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
 
 
 class StepThread:
@@ -260,6 +274,7 @@ class Scheduler(StepThread):
         self._group_steps = 0
         self.steps = 0  # decode calls made (for tests and benchmarks)
         self.max_seen_batch = 0  # the most sequences decoded in one call
+        self.shared_tokens = 0  # prompt tokens taken from another sequence's cache instead of computed
 
     @property
     def active(self) -> int:
@@ -303,6 +318,9 @@ class Scheduler(StepThread):
             if not free:
                 return
             slot, keep = self._pick_slot(req, free)
+            donor, shared, pending = self._running_prefix(req)
+            if pending - max(keep, shared) >= SHARE_WAIT:
+                return  # a running prompt is computing this one's prefix: share it next step (FIFO: the rest wait too)
             need = len(req.prompt) + req.budget
             reserved = sum(len(s.req.prompt) + s.req.budget for s in self._running)
             idle = sorted((i for i in free if i != slot and self.slots[i].tokens), key=lambda i: self.slots[i].last_used)
@@ -317,7 +335,13 @@ class Scheduler(StepThread):
             with self._cv:
                 self._waiting.popleft()
             sl = self.slots[slot]
-            self.engine.seq_rm(slot, keep)
+            if donor is not None and shared > keep:
+                self.engine.seq_rm(slot, 0)
+                self.engine.seq_cp(donor, slot, shared)
+                sl.tokens, keep = list(req.prompt[:shared]), shared
+                self.shared_tokens += shared
+            else:
+                self.engine.seq_rm(slot, keep)
             sl.busy, sl.adapter, sl.tokens = True, req.adapter, sl.tokens[:keep]
             req.t_admit = now
             self._running.append(_Seq(req, slot, keep, self.engine.n_vocab))
@@ -338,6 +362,35 @@ class Scheduler(StepThread):
                 best, best_keep = i, keep
         assert best is not None
         return best, max(best_keep, 0)
+
+    def forget(self) -> int:
+        """Drop every idle slot's cached prefix (benchmarks and tests start from a cold cache); the
+        cached tokens dropped. Call it while `hold()` keeps steps from starting."""
+        dropped = 0
+        for i, sl in enumerate(self.slots):
+            if not sl.busy and sl.tokens:
+                dropped += len(sl.tokens)
+                sl.tokens, sl.adapter = [], None
+                self.engine.seq_rm(i, 0)
+        return dropped
+
+    def _running_prefix(self, req: SeqRequest) -> tuple[int | None, int, int]:
+        """The running sequence (same adapter) whose tokens share the longest prefix with the prompt: its
+        slot, how many of those tokens its cache holds now, and how many it will once its prompt is in."""
+        donor, shared, pending = None, 0, 0
+        if not req.reuse_prefix:
+            return donor, shared, pending
+        limit = len(req.prompt) - 1  # evaluate at least one token for fresh logits
+        for s in self._running:
+            if s.req.adapter != req.adapter:
+                continue
+            n = _common(s.tokens, req.prompt, limit)
+            if n > shared:
+                donor, shared = s.slot, n
+            if n == len(s.tokens) and s.feed:  # still prefilling: what it is about to compute counts too
+                n += _common(s.feed, req.prompt[n:], limit - n)
+            pending = max(pending, n)
+        return donor, shared, pending
 
     def _choose_group(self) -> list[_Seq]:
         groups: list[str | None] = []

@@ -202,7 +202,10 @@ class Generator(GeneratorLoading, GeneratorDecoding):
         that, two runs of an eval could differ in a few answers. Without a scheduler the answers run
         one after another (the same answers as `answer`). For a process that is the scheduler's only
         client (eval, `ask --questions`): a server's requests arriving meanwhile would join the waves.
-        `on_done(i)` is called as each result lands (from the answering threads: a progress bar)."""
+        `on_done(i)` is called as each result lands (from the answering threads: a progress bar).
+        The prompts are queued sorted by their token ids, so prompts that begin alike (one system
+        instruction, the same sources) sit side by side and the scheduler prefills each shared prefix
+        once (`Scheduler` lends a running sequence's cells); the results stay in `requests`' order."""
         jobs: list[Any] = []
         for messages, retriever in requests:
             try:
@@ -230,6 +233,7 @@ class Generator(GeneratorLoading, GeneratorDecoding):
                 run(i, job)
             else:
                 todo.append(i)
+        todo.sort(key=lambda i: (jobs[i].input_ids, i))
         with sched.throughput() if todo else contextlib.nullcontext():
             for start in range(0, len(todo), max(1, wave)):
                 threads = []

@@ -323,6 +323,11 @@ class LlamaCppEngine:
         """Drop sequence `seq`'s cached tokens from position `keep` on."""
         self._lc.llama_memory_seq_rm(self.ctx.memory, seq, keep, -1)
 
+    def seq_cp(self, src: int, dst: int, n: int) -> None:
+        """Give sequence `dst` the cached tokens of `src` at positions [0, n). In the unified cache this
+        tags the same cells with both sequences: nothing is copied or computed again."""
+        self._lc.llama_memory_seq_cp(self.ctx.memory, src, dst, 0, n)
+
     def decode(self, items: Sequence[tuple[int, Sequence[int], int, bool]]) -> list[Any]:
         """One llama_decode of `items` = (sequence, tokens, first position, logits for the last token?);
         returns the logits rows asked for, in order (views, valid until the next decode)."""

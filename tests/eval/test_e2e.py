@@ -127,7 +127,7 @@ def test_eval_end_to_end(tmp_path: Path, tiny_llama: Path, tiny_embedder: Path,
             assert a2["answer"] == a1["answer"], (q1["id"], mode)
             assert [s["source"] for s in a2["sources"]] == [s["source"] for s in a1["sources"]]
             assert a2["scores"] == a1["scores"], (q1["id"], mode)
-    assert "queued together in question order" in rep2["meta"]["decoding"]
+    assert "queued together sorted by prompt" in rep2["meta"]["decoding"]
     assert main(["eval", "--questions", str(qfile), "--out", str(tmp_path / "r3"), *overrides,
                  "eval.concurrency=0"]) == 2
     assert "key 'eval.concurrency': must be at least 1, got 0" in capsys.readouterr().err

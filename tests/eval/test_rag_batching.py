@@ -154,4 +154,4 @@ def test_batched_eval_gives_the_same_batches_and_answers_on_every_run(
     assert steps1 == steps2
     assert max(len(s) for s in steps1) == SLOTS
     assert answers1 == answers2
-    assert "queued together in question order" in res.report["meta"]["decoding"]
+    assert "queued together sorted by prompt" in res.report["meta"]["decoding"]

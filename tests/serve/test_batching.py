@@ -73,6 +73,43 @@ def test_concurrent_greedy_requests_get_the_ids_they_get_alone(engine: Any) -> N
     assert engine.scheduler.steps - steps < sum(len(a) for a in alone)  # fewer steps than one at a time
 
 
+def test_requests_with_one_long_prefix_prefill_it_once_and_get_the_ids_they_get_alone(
+        engine: Any, tiny_f16: dict[str, Any]) -> None:
+    from ragtune.serve.batching import SeqRequest
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    sources = " ".join(f"Policy {i}: staff may work remotely {i % 5} days and file expenses within {i} days."
+                       for i in range(7))  # a RAG system turn: the same sources for every question
+    system = f"<|im_start|>system\nAnswer from the sources.\n\nSources:\n{sources}<|im_end|>\n"
+    prompts = [engine.tokenize(system + chat(q)) for q in QUESTIONS[:4]]
+    prefix = len(engine.tokenize(system))
+    assert prefix > 100
+
+    def submit_in_order(eng: Any, reuse: bool = True) -> list[list[int]]:
+        with eng.scheduler.hold():  # admitted in this order at the next step, from a cold cache
+            eng.scheduler.forget()
+            reqs = [eng.scheduler.submit(SeqRequest(prompt=list(p), budget=6, reuse_prefix=reuse)) for p in prompts]
+        return [r.wait().ids for r in reqs]
+
+    shared = engine.scheduler.shared_tokens
+    got = submit_in_order(engine)
+    # the first computes the prefix; the three others wait one step and share its cells
+    assert engine.scheduler.shared_tokens - shared >= 3 * prefix
+    # one at a time on one slot, each reusing the prefix the one before left: the same pieces prefilled,
+    # so the same numbers (sharing a cell is exact; a prompt prefilled in two pieces rounds differently
+    # from one piece, which a tiny random model's near-ties can show)
+    ref = LlamaCppEngine(tiny_f16["path"], n_threads=1, n_ctx=1024, max_batch=1).load()
+    try:
+        alone = [ref.generate(prompt_ids=p, max_new_tokens=6, stop_ids=[-1])["ids"] for p in prompts]
+    finally:
+        ref.close()
+    assert got == alone
+    # without prefix reuse nothing is shared
+    shared = engine.scheduler.shared_tokens
+    submit_in_order(engine, reuse=False)
+    assert engine.scheduler.shared_tokens == shared
+
+
 def test_per_request_sampling_settings_hold_inside_a_batch(engine: Any) -> None:
     # a seeded draw is only reproducible across batch shapes where rounding cannot move it (a tiny
     # random model's near-flat distribution moves it), so sampling is checked through what it must do

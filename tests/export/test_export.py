@@ -378,3 +378,29 @@ def test_exports_into_one_folder_keep_a_hand_written_modelfile(tiny_smol: Path, 
     assert main(["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf"), "--force", *common]) == 0
     assert parse_modelfile(hand.read_text())["FROM"] == "./x.gguf" and "temperature" not in hand.read_text()
     assert (tmp_path / "y.Modelfile").read_text() == y_before
+
+
+@NEEDS_LLAMA_CPP
+def test_export_cache_makes_the_files_the_engine_then_loads_without_converting(
+        tiny_adapter: Path, llama_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragtune.export import build
+    from ragtune.export.source import classify_source
+    from ragtune.serve.llamacpp import ensure_gguf
+
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "adapter")
+    assert main(["export", "cache", str(adapter), "--json"]) == 0, capsys.readouterr().err
+    printed = json.loads(capsys.readouterr().out)
+    lora = Path(printed[0]["gguf"])
+    assert printed[0]["source"] == str(adapter) and lora.is_file() and lora.name == "lora-f16.gguf"
+    assert lora.is_relative_to(llama_home / "gguf")
+
+    def no_export(*a: Any, **k: Any) -> Any:
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(build, "export_gguf", no_export)  # what the engine loads is there already
+    base = classify_source(adapter).base_dir
+    assert ensure_gguf(base, adapter_dir=adapter) == lora
+    assert ensure_gguf(base).is_file()  # the base's f16 file, which the LoRA file sits on
+    assert main(["export", "cache", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err

@@ -325,8 +325,9 @@ def _messages(q: Question, system_prompt: str) -> list[dict[str, str]]:
 def _answer_batched(gen: Any, rec: _RecordingRetriever | None, questions: Sequence[Question], mode: str,
                     adapter: str | None, cfg: Any, max_new: int, on_done: Any = None) -> list[AnswerRecord]:
     """A mode's questions through the engine's batch scheduler in a fixed order (`Generator.answer_all`:
-    sorted by prompt, so shared prefixes are prefilled once), so a re-run gives the same answers. Latency is an answer's retrieval plus its time from admission
-    to its last token: all of a mode's questions are queued at once, so waiting for a slot is left out."""
+    sorted by prompt, so shared prefixes are prefilled once), so a re-run gives the same answers.
+    Latency is an answer's retrieval plus its time from admission to its last token: all of a mode's
+    questions are queued at once, so waiting for a slot is left out."""
     recorders = [_RecordingRetriever(rec.inner) if rec is not None else None for _ in questions]
     got = gen.answer_all([(_messages(q, cfg.eval.system_prompt), r) for q, r in zip(questions, recorders)],
                          adapter=adapter, max_new_tokens=max_new, temperature=0.0, seed=int(cfg.eval.seed),

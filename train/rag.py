@@ -23,8 +23,8 @@ The gold source is the passage the answer is grounded in:
 The prompt holds the gold source plus `distractors` other retrieved chunks, in retrieval order
 (with every top_k chunk when distractors=-1: exactly what serving shows), or with `order: shuffled`
 in an order drawn per record with train.seed, so the gold's position is no cue (RAFT's placement).
-For a `withheld` share of the records (drawn with train.seed) the gold source, and any chunk holding the answer, is left
-out. Their target is the record's answer (`withheld_answer: keep`: the model also learns to answer
+For a `withheld` share of the records (drawn with train.seed) the gold source, and any chunk
+holding the answer, is left out. Their target is the record's answer (`withheld_answer: keep`: the model also learns to answer
 when retrieval misses, RAFT's P < 1) or `rag.not_found_message` (`withheld_answer: not_found`: it
 learns to say so when its sources do not hold the answer, as serving instructs it to). Failure mode:
 a record whose answer is not in the documents at all (gold missing) teaches reciting from memory.

@@ -353,11 +353,7 @@ class Scheduler(StepThread):
             s = self.slots[i]
             keep = 0
             if req.reuse_prefix and s.tokens and s.adapter == req.adapter:
-                for a, b in zip(s.tokens, req.prompt):
-                    if a != b:
-                        break
-                    keep += 1
-            keep = min(keep, len(req.prompt) - 1)  # evaluate at least one token for fresh logits
+                keep = _common(s.tokens, req.prompt, len(req.prompt) - 1)  # at least one token for fresh logits
             if keep > best_keep or (keep == best_keep and not s.tokens and best is not None and self.slots[best].tokens):
                 best, best_keep = i, keep
         assert best is not None

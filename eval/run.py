@@ -117,9 +117,7 @@ def run_eval(
 
         cfg = replace(cfg, generation=replace(cfg.generation, gguf_type=resolve_gguf_type("auto", for_eval=True)))
     plan = _plan(cfg, questions, adapter, index, modes, engine, check=generator is None)
-    out = Path(out_dir or cfg.eval.out_dir)
-    if out.exists() and not out.is_dir():  # said now, not after every question has been answered
-        raise UsageError(f"eval.out_dir / --out '{out}' is a file; the report goes in a folder: name another")
+    out = _check_out_dir(Path(out_dir or cfg.eval.out_dir))
     cost, notes = _run_card_costs(plan, cost_files)
     engine_note = ""
     if generator is None:
@@ -174,6 +172,18 @@ def _plan(cfg: Any, questions: str | Path | None, adapter: AdapterSpecs, index: 
     adapters = {name: EvalAdapter(name, path, read_runcard(path)) for name, path in given.items() if name in used}
     return _Plan(str(qpath), load_questions(qpath), mode_list, adapters, index or cfg.index.name, engine,
                  int(ecfg.max_new_tokens), refused)
+
+
+def _check_out_dir(out: Path) -> Path:
+    """The report folder, refused now rather than after every question has been answered: it must not be
+    a file, nor lie under one (`--out notes.txt/eval`)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"eval.out_dir / --out '{out}' is a file; the report goes in a folder: name another")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"eval.out_dir / --out '{out}': '{above}' is a file, so no folder can be made under it; "
+                         "name a folder elsewhere")
+    return out
 
 
 def _remote_modes(modes: str | Sequence[str], adapter_names: list[str]) -> tuple[list[str], list[str]]:

@@ -166,6 +166,8 @@ def test_run_eval_modes_errors_and_partial(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("mine")  # refused before a question is answered (object() cannot answer)
     with pytest.raises(UsageError, match="--out '.*afile' is a file; the report goes in a folder"):
         run_eval(cfg, questions=q, modes="base", out_dir=tmp_path / "afile", generator=object())
+    with pytest.raises(UsageError, match="--out '.*afile/eval': '.*afile' is a file, so no folder can be made"):
+        run_eval(cfg, questions=q, modes="base", out_dir=tmp_path / "afile" / "eval", generator=object())
     with pytest.raises(UsageError, match=r"index 'nope' does not exist .*, or leave the modes with retrieval out of "
                                          r"--modes"):
         run_eval(cfg, questions=q, modes="base,rag", index="nope", out_dir=tmp_path / "o", generator=object())

@@ -45,6 +45,24 @@ def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
     return out, t.seconds
 
 
+def _number(value: Any, where: str, key: str, *, integer: bool = False) -> float:
+    """A measured count or number of seconds from a JSON file, or a UsageError naming the file and key."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok or not math.isfinite(value) or value < 0:
+        kind = "a whole number of 0 or more" if integer else "a number of seconds, 0 or more"
+        raise UsageError(f"{where}: key '{key}': expected {kind} as a JSON number (e.g. {7 if integer else 12.5}), "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _row_seconds(row: dict[str, Any], path: Path, i: int) -> float | None:
+    return None if row["seconds"] is None else _number(row["seconds"], f"{path}, row {i}", "seconds")
+
+
 def training_cost(adapter_dir: str | Path, name: str = "") -> list[CostRow]:
     """Training wall time from the adapter's run card, and what absorbing a change costs it (a re-train)."""
     from ragtune.runcard import read_runcard
@@ -58,6 +76,7 @@ def _runcard_rows(card: dict[str, Any], where: str, name: str = "") -> list[Cost
     secs = metrics.get("wall_seconds")
     if secs is None:
         raise UsageError(f"{where}: run card has no metrics.wall_seconds; was the adapter trained by 'ragtune train'?")
+    secs = _number(secs, where, "metrics.wall_seconds")
     data = card.get("data") or {}
     train_cfg = (card.get("config") or {}).get("train") or {}
     device = (card.get("training") or {}).get("device", "")
@@ -76,9 +95,9 @@ def _runcard_rows(card: dict[str, Any], where: str, name: str = "") -> list[Cost
     how = " on retrieval-built prompts" if card.get("rag") else ""
     what = f"train: LoRA fine-tune{who}{how}" + (f" ({', '.join(parts)})" if parts else "")
     return [
-        CostRow(what, float(secs), f"measured: metrics.wall_seconds in {where}"),
+        CostRow(what, secs, f"measured: metrics.wall_seconds in {where}"),
         CostRow(f"absorb a changed document: re-train {f'adapter {name!r}' if name else 'the adapter'} "
-                "(= its training time, not measured)", float(secs),
+                "(= its training time, not measured)", secs,
                 "not measured: the training time above, which a re-train with the same data and settings repeats; "
                 "until then the fine-tuned model answers from what it learned"),
     ]
@@ -88,12 +107,16 @@ def ingest_cost(result: dict[str, Any], where: str = "") -> CostRow:
     """One row from `ragtune index add/sync --json` output (an IngestResult dict)."""
     if "seconds" not in result:
         raise UsageError(f"{where or 'ingest result'}: no 'seconds' key; save the output of 'ragtune index sync --json'")
+    src = f" in {where}" if where else ""
+    where = where or "ingest result"
+    seconds = _number(result["seconds"], where, "seconds")
     changed = len(result.get("replaced") or [])
     reread = len(result.get("reread") or [])  # unchanged files read again by a newer reader
     added = len(result.get("added") or [])  # new files only: replaced and re-read ones are listed apart
     deleted = len(result.get("deleted") or [])
-    kept = int(result.get("chunks_reused") or 0)  # written with the vector their unchanged text had
-    chunks = int(result.get("chunks_written", 0) or 0) - kept
+    # chunks_reused: written with the vector their unchanged text had
+    kept = int(_number(result.get("chunks_reused") or 0, where, "chunks_reused", integer=True))
+    chunks = int(_number(result.get("chunks_written") or 0, where, "chunks_written", integer=True)) - kept
     if changed or deleted or reread or result.get("unchanged"):
         again = f", {reread} re-read by a newer reader" if reread else ""
         also = f", {kept} unchanged chunks kept" if kept else ""
@@ -101,8 +124,7 @@ def ingest_cost(result: dict[str, Any], where: str = "") -> CostRow:
                 f"{deleted} deleted{again}, {result.get('unchanged', 0)} unchanged; {chunks} chunks embedded{also})")
     else:
         what = f"index: embed and store {added} documents ({chunks} chunks)"
-    src = f" in {where}" if where else ""
-    return CostRow(what, float(result["seconds"]), f"measured: 'ragtune index --json' seconds{src}")
+    return CostRow(what, seconds, f"measured: 'ragtune index --json' seconds{src}")
 
 
 def load_cost_file(path: str | Path) -> list[CostRow]:
@@ -123,8 +145,8 @@ def load_cost_file(path: str | Path) -> list[CostRow]:
     if isinstance(data, dict) and "chunks_written" in data:
         return [ingest_cost(data, str(p))]
     if isinstance(data, list) and all(isinstance(r, dict) and "what" in r and "seconds" in r for r in data):
-        return [CostRow(str(r["what"]), None if r["seconds"] is None else float(r["seconds"]),
-                        str(r.get("detail", f"from {p}"))) for r in data]
+        return [CostRow(str(r["what"]), _row_seconds(r, p, i),
+                        str(r.get("detail", f"from {p}"))) for i, r in enumerate(data, 1)]
     raise UsageError(
         f"--cost '{p}': not a run card, an 'index add/sync --json' result, or a list of "
         '{"what", "seconds", "detail"} rows'

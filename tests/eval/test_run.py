@@ -228,3 +228,11 @@ def test_cost_helpers(tmp_path: Path) -> None:
         load_cost_file(tmp_path / "bad.json")
     with pytest.raises(UsageError, match="file not found"):
         load_cost_file(tmp_path / "missing.json")
+    # a value of the wrong type names the file and key (was a ValueError traceback from float())
+    for data, said in [([{"what": "copy docs", "seconds": "soon"}], "rows.json, row 1: key 'seconds': expected a number"),
+                       ({"chunks_written": 3, "seconds": "2s"}, "rows.json: key 'seconds'"),
+                       ({"chunks_written": "many", "seconds": 1.0}, "rows.json: key 'chunks_written': expected a whole"),
+                       ({"base_model": {}, "metrics": {"wall_seconds": True}}, "key 'metrics.wall_seconds'")]:
+        rows.write_text(json.dumps(data))
+        with pytest.raises(UsageError, match=said):
+            load_cost_file(rows)

@@ -62,7 +62,7 @@ def load_questions(path: str | Path) -> list[Question]:
             "(for the demo: examples/policies/questions.jsonl)"
         )
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
     except UnicodeDecodeError as exc:
         raise UsageError(f"{p}: not UTF-8 text ({exc}); save the file as UTF-8") from exc
     problems: list[str] = []

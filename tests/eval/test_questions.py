@@ -79,3 +79,10 @@ def test_missing_and_empty_files(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n\n", encoding="utf-8")
     with pytest.raises(UsageError, match="no questions"):
         load_questions(tmp_path / "empty.jsonl")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path) -> None:
+    # a file saved by a Windows editor starts with a BOM; line 1 was "not valid JSON (Unexpected UTF-8 BOM)"
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "Q?", "answer": "A"}).encode() + b"\n")
+    assert [q.question for q in load_questions(f)] == ["Q?"]

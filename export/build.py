@@ -69,7 +69,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
     from ragtune.export.quantize import require_llama_cpp
 
     t0 = time.perf_counter()
-    out, src = _check_request(source, out, type, lora, force, modelfile)
+    out, src = _check_request(source, out, type, lora, force, modelfile, base_gguf)
     require_llama_cpp()
     converter_dir()  # fails early, with the fix, when the pinned sdist is missing
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
 
 
 def _check_request(source: str | Path, out: str | Path, type: str, lora: bool, force: bool,
-                   modelfile: str | Path | None = None) -> tuple[Path, Source]:
+                   modelfile: str | Path | None = None, base_gguf: str | Path | None = None) -> tuple[Path, Source]:
     from ragtune.export.ollama import modelfile_path
     from ragtune.export.quantize import check_type
     from ragtune.export.source import classify_source
@@ -115,7 +115,24 @@ def _check_request(source: str | Path, out: str | Path, type: str, lora: bool, f
     if lora and type != "f16":
         raise UsageError("--lora writes the adapter in f16 (its base GGUF may be quantized); drop --type")
     _require_template(src)
+    if base_gguf:
+        _check_base_gguf(Path(base_gguf).expanduser().resolve())
     return out, src
+
+
+def _check_base_gguf(path: Path) -> None:
+    """--base-gguf is read before the conversion, not after it: it must be a whole GGUF file."""
+    from ragtune.errors import RagtuneError
+    from ragtune.export.header import gguf_metadata
+
+    fix = ("give the base model's GGUF, e.g. one 'ragtune export gguf BASE_MODEL_DIR --out base-f16.gguf' wrote, or "
+           "leave --base-gguf out to use an f16 export of the adapter's base")
+    if not path.is_file():
+        raise UsageError(f"--base-gguf '{path}' {'is a folder' if path.is_dir() else 'does not exist'}; {fix}")
+    try:
+        gguf_metadata(path)  # the whole header, so a file cut short in it is refused too
+    except RagtuneError as exc:
+        raise UsageError(f"--base-gguf {exc}; {fix}") from exc
 
 
 def _require_template(src: Source) -> None:
@@ -160,10 +177,7 @@ def _base_gguf(base_dir: Path, out: Path, base_gguf: str | Path | None) -> Path:
     from ragtune.export.cache import cached_gguf
 
     if base_gguf:
-        base_file = Path(base_gguf).expanduser().resolve()
-        if not base_file.is_file():
-            raise UsageError(f"--base-gguf '{base_file}' does not exist")
-        return base_file
+        return Path(base_gguf).expanduser().resolve()  # checked by _check_request
     base_file = out.with_name(f"{base_dir.name}-f16.gguf")
     if not base_file.exists():
         _link_or_copy(cached_gguf(base_dir, type="f16"), base_file)

@@ -404,3 +404,46 @@ def test_export_cache_makes_the_files_the_engine_then_loads_without_converting(
     assert ensure_gguf(base).is_file()  # the base's f16 file, which the LoRA file sits on
     assert main(["export", "cache", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def _gguf_header(kv: dict[str, str]) -> bytes:
+    """A GGUF v3 header with string metadata and no tensors (what gguf_metadata reads)."""
+    import struct
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    body = b"".join(s(k) + struct.pack("<I", 8) + s(v) for k, v in kv.items())
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(kv)) + body
+
+
+def test_a_damaged_gguf_header_is_an_error_that_names_the_file(tmp_path: Path) -> None:
+    # were ValueError (cannot mmap an empty file) and struct.error tracebacks
+    whole = _gguf_header({"general.architecture": "llama", "tokenizer.chat_template": "{{ x }}"})
+    f = tmp_path / "m.gguf"
+    f.write_bytes(whole)
+    assert gguf_metadata(f) == {"general.architecture": "llama", "tokenizer.chat_template": "{{ x }}"}
+    for data, said in [(b"", r"is not a GGUF file \(it is empty or shorter than a GGUF header\)"),
+                       (whole[:-5], "is truncated or damaged: its GGUF header does not read"),
+                       (b"PK\x03\x04" + whole[4:], r"is not a GGUF file \(bad magic\)")]:
+        f.write_bytes(data)
+        with pytest.raises(RagtuneError, match=said):
+            gguf_metadata(f)
+
+
+def test_base_gguf_is_checked_before_the_conversion(tiny_adapter: Path, ragtune_home: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # an empty or cut-short --base-gguf was a traceback after the adapter's conversion; a missing one was said
+    # only after it. ragtune_home holds no converter: each is refused before the converter is looked for.
+    good = _gguf_header({"general.architecture": "llama", "tokenizer.chat_template": "{{ x }}"})
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    (tmp_path / "cut.gguf").write_bytes(good[:-5])
+    out = tmp_path / "lora.gguf"
+    for base, said in [("empty.gguf", "is not a GGUF file"), ("cut.gguf", "is truncated or damaged"),
+                       ("missing.gguf", "does not exist")]:
+        rc = main(["export", "gguf", str(tiny_adapter), "--out", str(out), "--lora", "--base-gguf",
+                   str(tmp_path / base)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--base-gguf '{tmp_path / base}'" in err and said in err, err
+        assert "leave --base-gguf out" in err and "Traceback" not in err and "converter" not in err
+    assert not out.exists()

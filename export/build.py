@@ -106,6 +106,12 @@ def _check_request(source: str | Path, out: str | Path, type: str, lora: bool, f
     out = Path(out).expanduser().resolve()
     if out.suffix != ".gguf":
         raise UsageError(f"--out '{out}' must end in .gguf")
+    if out.is_dir():
+        raise UsageError(f"--out '{out}' is a folder; name the file to write, e.g. --out {out / 'model-f16.gguf'}")
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():
+        raise UsageError(f"--out '{out}': '{above}' is a file, so no folder can be made under it; name a path "
+                         "in a folder")
     if out.exists() and not force:
         raise UsageError(f"'{out}' already exists; pass --force to replace it")
     modelfile_path(out, Path(modelfile) if modelfile else None, force)  # refused now, not after the export

@@ -447,3 +447,18 @@ def test_base_gguf_is_checked_before_the_conversion(tiny_adapter: Path, ragtune_
         assert rc == 2 and f"--base-gguf '{tmp_path / base}'" in err and said in err, err
         assert "leave --base-gguf out" in err and "Traceback" not in err and "converter" not in err
     assert not out.exists()
+
+
+def test_out_under_a_file_or_a_folder_is_refused_before_the_export(tiny_smol: Path, ragtune_home: Path,
+                                                                   tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # --out notes.txt/x.gguf was "File exists: '.../notes.txt'" (exit 1); --out DIR --force failed after converting
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "models.gguf").mkdir()
+    for out, said in [(tmp_path / "notes.txt" / "x.gguf", f"'{tmp_path / 'notes.txt'}' is a file, so no folder"),
+                      (tmp_path / "notes.txt" / "sub" / "x.gguf", "is a file, so no folder can be made under it"),
+                      (tmp_path / "models.gguf", "is a folder; name the file to write")]:
+        assert main(["export", "gguf", str(tiny_smol), "--out", str(out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "converter" not in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "models.gguf").iterdir())

@@ -111,7 +111,24 @@ def read_question(text: str) -> str:
     q = q.strip()
     if not q:
         raise UsageError("the question is empty; pass it as an argument or on stdin with '-'")
+    why = not_unicode(q)
+    if why:
+        raise UsageError(f"the question is not valid text: {why}")
     return q
+
+
+def not_unicode(text: str) -> str:
+    """Why `text` cannot go to a tokenizer or a server ('' when it can): bytes that were not UTF-8 (Python
+    keeps them from argv and stdin as surrogates \\udc80-\\udcff) or a lone surrogate from a JSON escape."""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as exc:
+        ch = text[exc.start]
+        if "\udc80" <= ch <= "\udcff":
+            return f"byte 0x{ord(ch) - 0xdc00:02x} at character {exc.start} is not UTF-8; give the text as UTF-8"
+        return (f"character {exc.start} is a lone surrogate ({ch!r}, e.g. a JSON escape \\ud800 without its pair), "
+                "which is not valid Unicode; send well-formed text")
 
 
 def run_ask(args: argparse.Namespace, cfg: Any) -> int:
@@ -124,6 +141,8 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
     # checked before any model loads; in a .jsonl file every line must be a {"question": ...} object
     batch = read_batch(args.questions, "question", jsonl=True) if args.questions is not None else None
     question = read_question(args.question) if batch is None else ""
+    if args.system and (why := not_unicode(args.system)):
+        raise UsageError(f"--system is not valid text: {why}")
     cfg = generation_overrides(cfg, args)
     schema = getattr(args, "schema", None)
     args.response_format = schema_format(schema) if schema else None
@@ -183,6 +202,11 @@ def _ask_batch(asker: Any, rows: list[Any], args: argparse.Namespace) -> int:
             system = obj.get("system", args.system)
             if not isinstance(system, str):
                 outs[i] = {"line": n, "error": f'line {n}: "system" must be a string'}
+                continue
+            bad = [f'line {n}: "{k}" is not valid text: {why}' for k, v in (("question", obj["question"]),
+                                                                          ("system", system)) if (why := not_unicode(v))]
+            if bad:
+                outs[i] = {"line": n, "error": bad[0]}
                 continue
             todo.append((i, obj["question"].strip(), system))
         if wave > 1:

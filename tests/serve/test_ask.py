@@ -75,3 +75,22 @@ def test_eval_engine_llama_cpp_without_the_package_says_how_to_install(tiny_llam
                f"model.path={tiny_llama}"])
     out, err = capsys.readouterr()
     assert rc == 2 and "pip install 'ragtune[llamacpp]'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, stdin, message", [
+    (["ask", "caf\udce9?"], "", "the question is not valid text: byte 0xe9 at character 3 is not UTF-8"),
+    (["ask", "-"], "caf\udce9?\n", "the question is not valid text: byte 0xe9 at character 3 is not UTF-8"),
+    (["ask", "a\ud800b"], "", "character 1 is a lone surrogate"),
+    (["ask", "hi", "--system", "\udcff"], "", "--system is not valid text: byte 0xff at character 0"),
+])
+def test_ask_text_that_is_not_unicode_exits_2_before_loading(tiny_llama: Path, argv, stdin, message, capsys,
+                                                             monkeypatch) -> None:
+    """Bytes that are not UTF-8 reach argv and stdin as surrogates (a Latin-1 terminal): they ended in a
+    UnicodeEncodeError traceback from the tokenizer or the --server client."""
+    from ragtune.serve import commands
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    monkeypatch.setattr(commands, "_LocalAsk", lambda *a, **k: pytest.fail("a model was loaded"))
+    rc = main([*argv, "--no-rag", f"model.path={tiny_llama}"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and message in err and "Traceback" not in err, err

@@ -252,3 +252,22 @@ def test_search_server_skips_the_full_cli_and_prints_the_same(server: Any, capsy
     assert (rc, loaded, out) == (2, [], "")
     assert main(["search", "x", "--server", url, "--api-key", KEY, "--filter", "colour=red"]) == 2
     assert "cannot filter on 'colour'" in capsys.readouterr().err
+
+
+def test_ask_questions_line_that_is_not_unicode_is_reported_in_its_place(tiny_llama: Path, tiny_adapter: Path,
+                                                                         tmp_path: Path, capsys) -> None:
+    """A JSON escape of a lone surrogate is valid JSON: that line ended the whole run in a tokenizer
+    TypeError (a UnicodeEncodeError with --server) instead of an error line beside the others' answers."""
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"question": QA[0][0]}) + "\n" + '{"question": "a\\ud800b"}\n'
+                 + json.dumps({"question": QA[1][0], "system": "x\udbff"}) + "\n"
+                 + json.dumps({"question": QA[1][0]}) + "\n", encoding="utf-8")
+    rc = main(["-q", "ask", "--questions", str(f), f"model.path={tiny_llama}", "--adapter", str(tiny_adapter),
+               "--no-rag", "--engine", "transformers", "--temperature", "0"])
+    out, err = capsys.readouterr()
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert rc == 3 and "Traceback" not in err
+    assert [x["line"] for x in lines] == [1, 2, 3, 4]
+    assert lines[0]["answer"] == QA[0][1] and lines[3]["answer"] == QA[1][1]
+    assert lines[1]["error"].startswith('line 2: "question" is not valid text: character 1 is a lone surrogate')
+    assert lines[2]["error"].startswith('line 3: "system" is not valid text: character 1 is a lone surrogate')

@@ -110,7 +110,8 @@ def check_inputs(models: list[str], adapters: list[str], indexes: list[str], con
         if not d.is_dir():
             raise UsageError("the default chat model is not prepared; run 'ragtune models prepare' or pass --no-default-models")
         model_dirs.insert(0, check_model_dir(d, "default model"))
-    adapter_dirs = [check_adapter_dir(Path(a).expanduser(), "--adapter") for a in adapters]
+    adapter_dirs = _unique_names([check_adapter_dir(Path(a).expanduser(), "--adapter") for a in adapters], "--adapter",
+                                 "adapters", "ragtune ask --adapter NAME")
     index_dirs = []
     for name in indexes:
         if not EdgeStore(name).exists():
@@ -128,11 +129,26 @@ def check_inputs(models: list[str], adapters: list[str], indexes: list[str], con
         except UsageError as exc:
             raise UsageError(f"--config '{p}' would not load on the far side: {exc}") from None
         config_files.append(p.resolve())
+    config_files = _unique_names(config_files, "--config", "configs", "$RAGTUNE_HOME/configs/NAME")
     wheel_files = [Path(w).expanduser().resolve() for w in extra_wheels]
     for w in wheel_files:
         if not w.is_file() or w.suffix != ".whl":
             raise UsageError(f"--wheel '{w}' is not a wheel file")
     return BundleInputs(model_dirs, adapter_dirs, index_dirs, config_files, wheel_files)
+
+
+def _unique_names(paths: list[Path], flag: str, kind: str, used_as: str) -> list[Path]:
+    """The same folder or file given twice is carried once; two different ones with the same name are refused
+    (the bundle holds and restores them by name: one would replace the other)."""
+    out: dict[str, Path] = {}
+    for p in paths:
+        other = out.get(p.name)
+        if other is None:
+            out[p.name] = p
+        elif other.resolve() != p.resolve():
+            raise UsageError(f"{flag} '{other}' and {flag} '{p}' are both named '{p.name}'; a bundle carries and "
+                             f"restores {kind} by name ({used_as}), so one would replace the other: rename one")
+    return list(out.values())
 
 
 def _trim_trailing_holes(folder: Path) -> dict[str, int]:

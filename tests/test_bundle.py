@@ -107,6 +107,30 @@ def test_create_checks_inputs_first(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
 
 
+def test_two_inputs_of_one_name_are_refused_and_one_given_twice_is_carried_once(tiny_llama: Path,
+                                                                                 tmp_path: Path) -> None:
+    # two adapters named 'adapter' (the usual training output) failed with "File exists: '.../.b.tmp/adapters/
+    # adapter'" after copying; two configs named alike were both listed while the second replaced the first
+    a1, a2 = fake_adapter(tiny_llama, tmp_path / "plain" / "adapter"), fake_adapter(tiny_llama, tmp_path / "raft" / "adapter")
+    with pytest.raises(UsageError, match=r"--adapter '.*plain/adapter' and --adapter '.*raft/adapter' are both named "
+                                         r"'adapter'; .* rename one"):
+        create_bundle(tmp_path / "b", adapters=[str(a1), str(a2)], deps="none", default_models=False)
+    (tmp_path / "c1").mkdir()
+    (tmp_path / "c2").mkdir()
+    c1, c2 = tmp_path / "c1" / "ragtune.yaml", tmp_path / "c2" / "ragtune.yaml"
+    c1.write_text("train:\n  epochs: 2\n")
+    c2.write_text("train:\n  epochs: 3\n")
+    with pytest.raises(UsageError, match="--config '.*c1/ragtune.yaml' and --config '.*c2/ragtune.yaml' are both named"):
+        create_bundle(tmp_path / "b", configs=[str(c1), str(c2)], deps="none", default_models=False)
+    assert not (tmp_path / "b").exists()
+    out = create_bundle(tmp_path / "b", adapters=[str(a1), str(tmp_path / "plain" / ".." / "plain" / "adapter")],
+                        configs=[str(c1), str(c1)], deps="none", default_models=False)
+    contents = json.loads((out / "bundle.json").read_text())["contents"]
+    assert [a["name"] for a in contents["adapters"]] == ["adapter"] and [c["name"] for c in contents["configs"]] == [
+        "ragtune.yaml"]
+    assert verify_bundle(out)[0] == []
+
+
 def test_restore_repoints_adapter_to_restored_base(small_bundle: Path, ragtune_home: Path) -> None:
     done = restore_bundle(small_bundle)
     base = ragtune_home / "models" / "tiny-llama"

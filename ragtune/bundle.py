@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 from ragtune.bundle_create import (
     BundleInputs,
@@ -53,7 +54,6 @@ from ragtune.bundle_wheels import (
     torch_index_url,
 )
 from ragtune.errors import CheckFailed, UsageError
-from ragtune.modeling import file_sha256
 from ragtune.runcard import repoint_adapter
 
 __all__ = [
@@ -84,26 +84,24 @@ def _unpack_if_tar(bundle: Path) -> Path:
     return dest
 
 
+def _verifier() -> dict[str, Any]:
+    """verify.py's functions, run here too: one check on both sides of the air gap."""
+    ns: dict[str, Any] = {"__name__": "ragtune_bundle_verify"}
+    exec(compile(VERIFY_PY, "verify.py", "exec"), ns)  # noqa: S102 - our own constant, not the bundle's file
+    return ns
+
+
 def verify_bundle(bundle: str | Path) -> tuple[list[str], int]:
-    """Problems (missing, wrong size, sha256 mismatch) and the number of files checked."""
+    """Problems (missing, wrong size, sha256 mismatch, a path outside the bundle, a file bundle.json does not
+    list) and the number of files checked."""
     root = _unpack_if_tar(Path(bundle).expanduser())
     mf = root / MANIFEST
     if not mf.is_file():
         raise UsageError(f"'{root}' is not a ragtune bundle (no {MANIFEST})")
     try:
-        manifest = json.loads(mf.read_text(encoding="utf-8"))
+        return _verifier()["check"](str(root))
     except ValueError as exc:
-        raise CheckFailed(f"{mf} is damaged ({exc}); copy the bundle again") from exc
-    problems = []
-    for entry in manifest["files"]:
-        p = root / entry["path"]
-        if not p.is_file():
-            problems.append(f"missing: {entry['path']}")
-        elif p.stat().st_size != entry["size"]:
-            problems.append(f"wrong size: {entry['path']} ({p.stat().st_size} bytes, expected {entry['size']})")
-        elif file_sha256(p) != entry["sha256"]:
-            problems.append(f"corrupted (sha256 mismatch): {entry['path']}")
-    return problems, len(manifest["files"])
+        raise CheckFailed(f"{root}: {exc}; copy the bundle again") from exc
 
 
 def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
@@ -117,6 +115,7 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
     if problems:
         raise CheckFailed("bundle check failed:\n" + "\n".join(problems))
     manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    _check_contents(manifest, root)
     home = ragtune_home()
     done: dict[str, list[str]] = {"models": [], "adapters": [], "indexes": [], "configs": []}
     base_by_hash: dict[str, Path] = {}
@@ -158,6 +157,33 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         shutil.copy2(root / c["path"], dest)
         done["configs"].append(str(dest))
     return done
+
+
+def _check_contents(manifest: dict[str, Any], root: Path) -> None:
+    """What restore copies where, checked before anything is copied: bundle.json is not covered by its own
+    sha256s, so an edited one must not name a folder outside $RAGTUNE_HOME ('../..') or outside the bundle."""
+    contents = manifest.get("contents")
+    problems = []
+    if not isinstance(contents, dict):
+        problems.append("it has no 'contents' object")
+        contents = {}
+    inside = _verifier()["inside"]
+    for kind in ("models", "adapters", "indexes", "configs", "llama_cpp"):
+        items = contents.get(kind, [])
+        if not isinstance(items, list):
+            problems.append(f"contents.{kind} is not a list")
+            continue
+        for i, item in enumerate(items):
+            where = f"contents.{kind}[{i}]"
+            name = item.get("name") if isinstance(item, dict) else None
+            path = item.get("path") if isinstance(item, dict) else None
+            if not isinstance(name, str) or not inside(name) or "/" in name:
+                problems.append(f"{where}: name {name!r} is not a plain file or folder name")
+            if not isinstance(path, str) or not inside(path) or not (root / path).exists():
+                problems.append(f"{where}: path {path!r} is not a file or folder of the bundle")
+    if problems:
+        raise CheckFailed(f"{root / MANIFEST} is damaged or was edited, nothing was restored:\n  "
+                          + "\n  ".join(problems) + "\ncopy the bundle again")
 
 
 def install_bundle(bundle: str | Path, venv: str | None = None) -> int:

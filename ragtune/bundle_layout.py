@@ -15,39 +15,85 @@ SCHEMA_VERSION = 1
 UNHASHED = {MANIFEST}
 
 # Stdlib only: it must run on the far side before anything is installed.
-VERIFY_PY = r'''"""Check every file of this bundle against bundle.json (sha256 and size). Stdlib only.
+VERIFY_PY = r'''"""Check every file of this bundle against bundle.json (sha256 and size), and that it holds no other. Stdlib only.
 
     python3 verify.py [BUNDLE_DIR]      exit 0 when intact, 1 naming each bad file
 """
 import hashlib, json, os, sys
 
-def main(root):
+MANIFEST = "bundle.json"
+
+
+def load(root):
+    """bundle.json's file entries; ValueError saying what is wrong when it is missing or damaged."""
     try:
-        manifest = json.load(open(os.path.join(root, "bundle.json"), encoding="utf-8"))
+        with open(os.path.join(root, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
     except (OSError, ValueError) as exc:
-        print("bundle.json is missing or damaged (%s); copy the bundle again" % exc, file=sys.stderr)
-        return 1
-    bad = []
-    for entry in manifest["files"]:
-        path = os.path.join(root, entry["path"])
+        raise ValueError("%s is missing or damaged (%s)" % (MANIFEST, exc))
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, list):
+        raise ValueError("%s is damaged: it has no list of files" % MANIFEST)
+    for i, e in enumerate(files):
+        size = e.get("size") if isinstance(e, dict) else None
+        if not (isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+                and isinstance(size, int) and not isinstance(size, bool)):
+            raise ValueError('%s is damaged: files[%d] is not {"path", "size", "sha256"}: %r' % (MANIFEST, i, e))
+    return files
+
+
+def inside(rel):
+    """A relative path that stays in the bundle: no leading /, no . or .. parts."""
+    return bool(rel) and not rel.startswith("/") and all(p not in ("", ".", "..") for p in rel.split("/"))
+
+
+def check(root):
+    """(problems, number of files listed); ValueError when bundle.json itself is missing or damaged."""
+    files = load(root)
+    bad, listed = [], {MANIFEST}
+    for entry in files:
+        rel = entry["path"]
+        if not inside(rel):
+            bad.append("outside the bundle: %s (bundle.json is damaged or was edited)" % rel)
+            continue
+        listed.add(rel)
+        path = os.path.join(root, *rel.split("/"))
         if not os.path.isfile(path):
-            bad.append("missing: %s" % entry["path"])
+            bad.append("missing: %s" % rel)
             continue
         if os.path.getsize(path) != entry["size"]:
-            bad.append("wrong size: %s (%d bytes, expected %d)" % (entry["path"], os.path.getsize(path), entry["size"]))
+            bad.append("wrong size: %s (%d bytes, expected %d)" % (rel, os.path.getsize(path), entry["size"]))
             continue
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         if h.hexdigest() != entry["sha256"]:
-            bad.append("corrupted (sha256 mismatch): %s" % entry["path"])
+            bad.append("corrupted (sha256 mismatch): %s" % rel)
+    # a file added since to a carried folder (wheels/, models/...): pip or restore would take it too. Other
+    # top-level entries are not installed (install.sh makes its venv here: ./venv, or wherever --venv says)
+    for top in sorted({rel.split("/")[0] for rel in listed if "/" in rel}):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
+            prefix = os.path.relpath(dirpath, root).replace(os.sep, "/") + "/"
+            dirnames.sort()
+            for name in sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                if prefix + name not in listed:
+                    bad.append("not in bundle.json: %s (added after the bundle was made)" % (prefix + name))
+    return bad, len(files)
+
+
+def main(root):
+    try:
+        bad, n = check(root)
+    except ValueError as exc:
+        print("%s; copy the bundle again (nothing was installed)" % exc, file=sys.stderr)
+        return 1
     if bad:
         for line in bad:
             print("bundle check failed: " + line, file=sys.stderr)
-        print("%d of %d files failed; copy the bundle again (nothing was installed)" % (len(bad), len(manifest["files"])), file=sys.stderr)
+        print("%d problem(s) in %d files; copy the bundle again (nothing was installed)" % (len(bad), n), file=sys.stderr)
         return 1
-    print("bundle ok: %d files verified" % len(manifest["files"]))
+    print("bundle ok: %d files verified" % n)
     return 0
 
 if __name__ == "__main__":

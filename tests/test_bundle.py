@@ -89,6 +89,70 @@ def test_missing_file_is_named(small_bundle: Path) -> None:
     assert verify_bundle(small_bundle)[0] == ["missing: configs/default.yaml"]
 
 
+def _verify_py(bundle: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(bundle / "verify.py"), str(bundle)], capture_output=True, text=True)
+
+
+def test_a_file_the_manifest_does_not_list_is_named(small_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a wheel dropped into wheels/ passed verify, and pip --find-links wheels/ would have taken it
+    whl = next((small_bundle / "wheels").glob("*.whl"))
+    shutil.copy(whl, small_bundle / "wheels" / "zzz-9.9-py3-none-any.whl")
+    (small_bundle / "venv" / "bin").mkdir(parents=True)  # install.sh's default venv is made in the bundle: not a problem
+    (small_bundle / "venv" / "bin" / "python").write_text("")
+    said = "not in bundle.json: wheels/zzz-9.9-py3-none-any.whl (added after the bundle was made)"
+    assert verify_bundle(small_bundle)[0] == [said]
+    assert main(["bundle", "verify", str(small_bundle)]) == 1 and said in capsys.readouterr().err
+    out = _verify_py(small_bundle)
+    assert out.returncode == 1 and said in out.stderr
+    (small_bundle / "wheels" / "zzz-9.9-py3-none-any.whl").unlink()
+    assert verify_bundle(small_bundle)[0] == [] and _verify_py(small_bundle).returncode == 0
+
+
+@pytest.mark.parametrize("damage,said", [
+    (lambda m: {}, "bundle.json is damaged: it has no list of files"),
+    (lambda m: [m], "bundle.json is damaged: it has no list of files"),
+    (lambda m: {**m, "files": [{**m["files"][0], "size": "12"}] + m["files"][1:]},
+     'bundle.json is damaged: files[0] is not {"path", "size", "sha256"}'),
+])
+def test_a_damaged_manifest_is_named_not_a_traceback(small_bundle: Path, damage, said: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # valid JSON of another shape was a KeyError / TypeError traceback, in ragtune and in verify.py
+    mf = small_bundle / "bundle.json"
+    mf.write_text(json.dumps(damage(json.loads(mf.read_text()))))
+    with pytest.raises(CheckFailed, match="copy the bundle again"):
+        verify_bundle(small_bundle)
+    assert main(["bundle", "verify", str(small_bundle)]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+    out = _verify_py(small_bundle)
+    assert out.returncode == 1 and said in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_edited_manifest_cannot_reach_outside_the_bundle_or_home(small_bundle: Path, ragtune_home: Path,
+                                                                   tmp_path: Path) -> None:
+    # bundle.json is not covered by its own sha256s: a path '../x' was read from outside the bundle, and a
+    # name '../../x' made restore replace a folder outside $RAGTUNE_HOME
+    mf = small_bundle / "bundle.json"
+    manifest = json.loads(mf.read_text())
+    edited = json.loads(mf.read_text())
+    edited["files"][0]["path"] = "../elsewhere/" + manifest["files"][0]["path"]
+    mf.write_text(json.dumps(edited))
+    problems = verify_bundle(small_bundle)[0]
+    assert f"outside the bundle: ../elsewhere/{manifest['files'][0]['path']} (bundle.json is damaged or was edited)" \
+        in problems
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("mine")
+    edited = json.loads(json.dumps(manifest))
+    edited["contents"]["models"][0]["name"] = os.path.relpath(victim, ragtune_home / "models")
+    mf.write_text(json.dumps(edited))
+    assert verify_bundle(small_bundle)[0] == []
+    with pytest.raises(CheckFailed, match=r"nothing was restored:\n  contents.models\[0\]: name '\.\./.*victim' is "
+                                          "not a plain"):
+        restore_bundle(small_bundle)
+    assert (victim / "precious.txt").read_text() == "mine" and not (ragtune_home / "models").exists()
+
+
 def test_create_checks_inputs_first(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="has no adapter_config.json"):
         create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ragtune import __version__
@@ -112,16 +113,24 @@ def run_checks() -> list[Check]:
         "the ragtune CLI sets them itself; export them in your own scripts" if unset else "",
     ))
 
-    home = ragtune_home()
+    checks.append(_cache_check(ragtune_home()))
+    return checks
+
+
+def _cache_check(home: Path) -> Check:
+    """$RAGTUNE_HOME (or the folder it will be made in) is a folder, writable, with room for models."""
     probe = home if home.exists() else next((p for p in home.parents if p.exists()), home)
+    if not probe.is_dir():  # a file where the cache folder (or a folder above it) belongs
+        what = "RAGTUNE_HOME" if probe == home else f"'{probe}', above it,"
+        return Check("cache", "fail", f"{home}: {what} is a file, not a folder",
+                     f"set RAGTUNE_HOME to a folder, or move the file '{probe}' out of the way")
     free_gb = shutil.disk_usage(probe).free / 1e9
     writable = os.access(probe, os.W_OK)
     status = "ok" if free_gb >= MIN_FREE_GB and writable else "fail"
     fix = "" if status == "ok" else (
         f"free at least {MIN_FREE_GB:.0f} GB or set RAGTUNE_HOME to a larger disk"
         if writable else f"make {probe} writable or set RAGTUNE_HOME to a writable folder")
-    checks.append(Check("cache", status, f"{home} ({free_gb:.1f} GB free{'' if writable else ', not writable'})", fix))
-    return checks
+    return Check("cache", status, f"{home} ({free_gb:.1f} GB free{'' if writable else ', not writable'})", fix)
 
 
 # llama.cpp's CPU feature names (llama_print_system_info) -> the /proc/cpuinfo flag that says the CPU has it

@@ -152,7 +152,8 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
 
     name = index or cfg.index.name
     t0 = time.perf_counter()
-    files, links_skipped = collect(paths, cfg.index.follow_links)
+    unlisted: list[Path] = []  # folders that could not be listed: a sync keeps their documents
+    files, links_skipped = collect(paths, cfg.index.follow_links, unlisted)
     roots = sorted({str(Path(p).expanduser().resolve()) for p in paths if Path(p).expanduser().is_dir()})
     store = open_store(cfg, name)
     res = IngestResult(name, dry_run=dry_run)
@@ -188,6 +189,8 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             sig = chunker_signature(size, overlap) if (exists or not dry_run) else "?"
             plan = plan_ingest(states, files, sig, SPARSE_VERSION,
                                [Path(r) for r in roots] if delete_missing else None)
+            plan.removed = [st for st in plan.removed
+                            if not any(Path(state_file(st) or "").is_relative_to(d) for d in unlisted)]
             if exists and sig != "?":
                 _check_one_chunking(name, meta, states, plan, sig, cfg.chunk)
             res.skipped = links_skipped + list(plan.skipped)

@@ -67,29 +67,50 @@ def chunk_id(doc_id: str, chunker: str, i: int) -> str:
 # --- walking and planning ---------------------------------------------------------------------
 
 
-def collect(paths: Iterable[str | Path], follow_links: bool = False
+def collect(paths: Iterable[str | Path], follow_links: bool = False, unlisted: list[Path] | None = None
             ) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
-    """(root, file) for every file under the given paths, and (path, reason) for links not followed.
+    """(root, file) for every regular file under the given paths, and (path, reason) for what was
+    passed over: links not followed, link loops, named pipes and devices (reading one would hang), and
+    folders that cannot be listed (their absolute paths also go to `unlisted`, so that a sync does not
+    take their documents for deleted ones).
 
     Hidden files and folders are ignored. A symbolic link whose target lies outside its root is not
     followed unless `follow_links` (`index.follow_links`, `--follow-links`): a link to /etc/passwd in a
     documents folder must not end up in the index and in answers."""
     out: list[tuple[Path, Path]] = []
     skipped: list[tuple[str, str]] = []
+    unlisted = unlisted if unlisted is not None else []
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
-            raise UsageError(f"path '{raw}' does not exist; give files or folders of documents to index")
+            why = "is a symbolic link loop" if _resolve(p) is None else "does not exist"
+            raise UsageError(f"path '{raw}' {why}; give files or folders of documents to index")
         p = p.resolve()
+        kind = _special_kind(p)
+        if kind:
+            raise UsageError(f"path '{raw}' is {kind}, not a file or folder of documents; give files or folders "
+                             "of documents to index")
         if p.is_file():
             out.append((p.parent, p))
             continue
         seen_dirs = {p}
-        for dirpath, dirnames, filenames in os.walk(p, followlinks=follow_links):
+
+        def unreadable(exc: OSError, root: Path = p) -> None:
+            where = Path(exc.filename) if exc.filename else root
+            unlisted.append(where)
+            rel = where.relative_to(root).as_posix() if where.is_relative_to(root) else str(where)
+            skipped.append((f"{rel}/", f"cannot list this folder ({exc.strerror or exc}); its files were not "
+                                       "indexed, nor deleted by a sync: make it readable (chmod +rx) and run "
+                                       "the command again"))
+
+        for dirpath, dirnames, filenames in os.walk(p, onerror=unreadable, followlinks=follow_links):
             here = Path(dirpath)
             keep = []
             for d in sorted(d for d in dirnames if not d.startswith(".")):
-                target = (here / d).resolve()
+                target = _resolve(here / d)
+                if target is None:
+                    skipped.append(((here / d).relative_to(p).as_posix(), _LOOP))
+                    continue
                 if (here / d).is_symlink() and not _link_allowed(p, here / d, target, follow_links, skipped):
                     continue
                 if target in seen_dirs:  # a link back into a folder already walked: no loop, no duplicate
@@ -101,10 +122,45 @@ def collect(paths: Iterable[str | Path], follow_links: bool = False
                 f = here / name
                 if name.startswith("."):
                     continue
-                if f.is_symlink() and not _link_allowed(p, f, f.resolve(), follow_links, skipped):
+                target = _resolve(f)
+                if target is None:
+                    skipped.append((f.relative_to(p).as_posix(), _LOOP))
+                    continue
+                if f.is_symlink() and not _link_allowed(p, f, target, follow_links, skipped):
+                    continue
+                kind = _special_kind(target)
+                if kind:
+                    skipped.append((f.relative_to(p).as_posix(), f"{kind}, not a regular file: not read"))
                     continue
                 out.append((p, f))
     return out, skipped
+
+
+_LOOP = "symbolic link loop (a link that leads back to itself): not followed; fix or delete the link"
+
+
+def _resolve(path: Path) -> Path | None:
+    """The path with its links resolved; None for a link loop (Python raises RuntimeError or OSError)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return None
+
+
+def _special_kind(path: Path) -> str:
+    """What a file that is not a regular file is ("" for a regular one): reading a named pipe blocks
+    until something writes to it, a device may never end."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""  # reported when it is read
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return ""
 
 
 def _link_allowed(root: Path, link: Path, target: Path, follow: bool, skipped: list[tuple[str, str]]) -> bool:

@@ -136,3 +136,69 @@ def test_training_data_in_a_legacy_encoding_names_the_encoding_to_pass(tmp_path:
     data = '{"messages": [{"role": "user", "content": "직원은 주 3일까지 재택근무를 할 수 있습니다."}]}\n'.encode("cp949")
     with pytest.raises(UsageError, match="line 1: .*it reads as cp949: --encoding cp949"):
         decode_text(tmp_path / "t.jsonl", data)
+
+
+def test_link_loops_and_named_pipes_are_reported_not_crashed_on_or_waited_for(cfg: Config, tmp_path: Path,
+                                                                               capsys) -> None:
+    import os
+
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "a.txt").write_text("The canteen serves lunch from noon to two.", encoding="utf-8")
+    (root / "loop1.txt").symlink_to(root / "loop2.txt")  # loop1 -> loop2 -> loop1
+    (root / "loop2.txt").symlink_to(root / "loop1.txt")
+    os.mkfifo(root / "pipe.txt")  # reading it would block until something writes to it
+    files, skipped = collect([root])
+    assert [f.name for _, f in files] == ["a.txt"]
+    reasons = dict(skipped)
+    assert set(reasons) == {"loop1.txt", "loop2.txt", "pipe.txt"}
+    assert "symbolic link loop" in reasons["loop1.txt"] and "named pipe" in reasons["pipe.txt"]
+
+    rc = main(["-q", "index", "add", str(root), f"embedder.path={cfg.embedder.path}", "embedder.device=cpu",
+               "--json", "--no-progress"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 3 and out["added"] == ["a.txt"], out
+    assert {s["path"] for s in out["skipped"]} == {"loop1.txt", "loop2.txt", "pipe.txt"}
+    for given, why in ((root / "loop1.txt", "is a symbolic link loop"), (root / "pipe.txt", "is a named pipe")):
+        assert main(["-q", "index", "add", str(given), f"embedder.path={cfg.embedder.path}"]) == 2
+        assert why in capsys.readouterr().err
+
+
+def _without_root_read(argv: list[str]) -> list[str]:
+    """`argv` run without the power to read any folder (root's CAP_DAC_*): chmod 000 then works as for a user."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return argv
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: an unreadable folder cannot be made")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
+
+
+def test_sync_reports_a_folder_it_cannot_list_and_keeps_its_documents(cfg: Config, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = tmp_path / "docs"
+    (root / "private").mkdir(parents=True)
+    (root / "a.txt").write_text("The canteen serves lunch from noon to two.", encoding="utf-8")
+    (root / "private" / "b.txt").write_text("Parking permits are issued by reception.", encoding="utf-8")
+    ingest(cfg, [str(root)], progress=False)
+    assert set(sources(snapshot())) == {"a.txt", "private/b.txt"}
+    code = ("import json, sys; from pathlib import Path; from tests.retrieval.conftest import make_cfg; "
+            "from ragtune.retrieval.ingest import ingest; "
+            "r = ingest(make_cfg(Path(sys.argv[1])), [sys.argv[2]], delete_missing=True, progress=False); "
+            "print(json.dumps(r.to_dict()))")
+    (root / "private").chmod(0)
+    try:
+        proc = subprocess.run(_without_root_read([sys.executable, "-c", code, str(cfg.embedder.path), str(root)]),
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    finally:
+        (root / "private").chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["deleted"] == [], out  # not read is not gone
+    (skip,) = out["skipped"]
+    assert skip["path"] == "private/" and "cannot list this folder" in skip["reason"] and "chmod" in skip["reason"]
+    assert set(sources(snapshot())) == {"a.txt", "private/b.txt"}

@@ -4,7 +4,8 @@
     modes = parse_modes("base,ft,rag,ft+rag", adapters)
     # ['base', 'plain', 'rag-trained', 'rag', 'plain+rag', 'rag-trained+rag']
 
-An adapter is given as NAME=DIR (repeatable) or as a bare DIR, which is named `ft`. The modes are
+An adapter is given as NAME=DIR (repeatable) or as a bare DIR, which is named `ft`; a DIR that is a bare
+name and no folder here is the adapter `ragtune bundle restore` put in $RAGTUNE_HOME/adapters/NAME. The modes are
 `base` (the base model alone), `rag` (base + retrieved sources), and for each adapter `NAME`
 (base + adapter) and `NAME+rag` (both). In a mode list, `ft` stands for every adapter's NAME mode
 and `ft+rag` for every NAME+rag mode (a lone bare DIR is `ft` itself), so the default list
@@ -42,6 +43,8 @@ class EvalAdapter:
 def parse_adapters(specs: str | Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
     """{name: dir} from NAME=DIR / DIR strings (or a mapping), checked: names unique and usable in a
     mode list, each dir an existing folder."""
+    from ragtune.modeling import adapter_dir
+
     if not specs:
         return {}
     if isinstance(specs, Mapping):
@@ -57,9 +60,13 @@ def parse_adapters(specs: str | Sequence[str] | Mapping[str, str] | None) -> dic
             hint = ("name each one, e.g. --adapter plain=DIR1 --adapter rag-trained=DIR2" if name == BARE_NAME
                     else "give each adapter its own name")
             raise UsageError(f"--adapter: two adapters are named '{name}' ({out[name]} and {path}); {hint}")
+        restored = adapter_dir(path)  # a bare NAME that is no folder here: one 'ragtune bundle restore' put in place
+        if restored != Path(path).expanduser():
+            path = str(restored)
         if not Path(path).expanduser().is_dir():
             raise UsageError(f"--adapter {name}={path}: '{path}' is not a folder; give an adapter folder written by "
-                             "'ragtune train' (it holds adapter_config.json and ragtune.json)")
+                             "'ragtune train' (it holds adapter_config.json and ragtune.json), or the name of one "
+                             "'ragtune bundle restore' put in $RAGTUNE_HOME/adapters")
         out[name] = path
     return out
 

@@ -49,6 +49,20 @@ def test_adapter_specs_and_modes(tmp_path: Path) -> None:
         parse_modes("base,ft", [])
 
 
+def test_a_restored_adapter_is_found_by_its_name(ragtune_home: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # 'ragtune bundle restore' says "use a restored adapter by name"; ask took the name, eval said "not a folder"
+    restored = ragtune_home / "adapters" / "policies"
+    restored.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert parse_adapters(["policies"]) == {"ft": str(restored)}
+    assert parse_adapters(["plain=policies"]) == {"plain": str(restored)}
+    (tmp_path / "policies").mkdir()  # a folder of that name here is the one meant
+    assert parse_adapters(["policies"]) == {"ft": "policies"}
+    with pytest.raises(UsageError, match="'other' is not a folder; .*or the name of one 'ragtune bundle restore' put"):
+        parse_adapters(["plain=other"])
+
+
 def test_training_recipe_from_the_run_card() -> None:
     assert training_recipe({}).startswith("plain: trained on the records as written")
     assert training_recipe({"rag": None}).startswith("plain")

@@ -107,6 +107,10 @@ def _parse(rec: dict[str, Any], where: str, lineno: int, problems: list[str]) ->
     if not isinstance(sources, list) or not all(isinstance(s, str) and s.strip() for s in sources):
         problems.append(f"{where}: key 'sources': expected a list of source paths (strings), got {sources!r}")
         sources = []
+    old = rec.get("old_answer")
+    if old is not None and not (isinstance(old, str) and old.strip()):  # else "gives the old answer" skips it unsaid
+        problems.append(f"{where}: key 'old_answer': expected the answer the documents used to give (a non-empty "
+                        f"string), got {old!r}")
     qid = rec.get("id", f"q{lineno}")
     if not isinstance(qid, (str, int)) or isinstance(qid, bool) or not str(qid).strip():
         problems.append(f"{where}: key 'id': expected a non-empty string, got {qid!r}")

@@ -86,3 +86,14 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path: Path) -> None
     f = tmp_path / "bom.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "Q?", "answer": "A"}).encode() + b"\n")
     assert [q.question for q in load_questions(f)] == ["Q?"]
+
+
+def test_an_old_answer_that_is_not_text_is_named(tmp_path: Path) -> None:
+    # "old_answer": 2 was kept silently, and "gives the old answer" then left the question out
+    f = write(tmp_path / "q.jsonl", [{"question": "Remote days?", "answer": "3", "old_answer": 2},
+                                     {"question": "Meals?", "answer": "$60", "old_answer": "$50"}])
+    with pytest.raises(UsageError, match=f"{f}:1: key 'old_answer': expected the answer the documents used to give "
+                                         r"\(a non-empty string\), got 2"):
+        load_questions(f)
+    f = write(tmp_path / "q.jsonl", [{"question": "Meals?", "answer": "$60", "old_answer": "$50"}])
+    assert load_questions(f)[0].meta == {"old_answer": "$50"}

@@ -86,6 +86,10 @@ def iter_jsonl(data: bytes, file_source: str) -> tuple[list[tuple[bytes, Documen
         meta = {k: v for k, v in obj.items() if k not in ("text", "title", "id")}
         title = str(obj.get("title") or key)
         doc = load_text(obj["text"], f"{file_source}#{key}", title)
+        if not doc.blocks:  # never stored, it would count as added on every run
+            problems.append(f"line {lineno}: \"text\" is empty (nothing to index); give the line its text "
+                            "or delete it")
+            continue
         doc.meta = meta
         out.append((raw, doc))
     return out, problems

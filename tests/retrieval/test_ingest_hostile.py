@@ -202,3 +202,17 @@ def test_sync_reports_a_folder_it_cannot_list_and_keeps_its_documents(cfg: Confi
     (skip,) = out["skipped"]
     assert skip["path"] == "private/" and "cannot list this folder" in skip["reason"] and "chmod" in skip["reason"]
     assert set(sources(snapshot())) == {"a.txt", "private/b.txt"}
+
+
+def test_a_jsonl_line_with_empty_text_is_reported_not_counted_as_added_on_every_run(cfg: Config,
+                                                                                   tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "faq.jsonl").write_bytes(b'{"id": "a", "text": "Lunch is served at noon in the canteen."}\n'
+                                     b'{"id": "b", "text": "  \\n "}\n')
+    first = ingest(cfg, [str(root)], progress=False)
+    assert first.added == ["faq.jsonl#a"]
+    assert first.skipped == [("faq.jsonl", 'line 2: "text" is empty (nothing to index); give the line its text '
+                                           "or delete it")]
+    again = ingest(cfg, [str(root)], progress=False)
+    assert again.added == [] and again.unchanged == 1

@@ -68,6 +68,7 @@ class _HTMLText(HTMLParser):
             self.skip_depth = len(self.stack)
             return
         if tag in self.HEADINGS:
+            self.end_open_heading()
             self._flush()
             self.heading_level = self.HEADINGS[tag]
             self.heading_buf = []
@@ -103,6 +104,14 @@ class _HTMLText(HTMLParser):
             if open_tag == tag:
                 break
 
+    def end_open_heading(self) -> None:
+        """A heading whose end tag never came (the next heading, or the end of the page): what it
+        gathered is kept as text, not dropped with it."""
+        if self.heading_level:
+            self.heading_level = 0
+            self.buf.extend(self.heading_buf)
+            self.heading_buf = []
+
     def handle_data(self, data: str) -> None:
         if self.in_title:
             self.title += data
@@ -119,6 +128,7 @@ def load_html(text: str, source: str, title: str) -> Document:
     p = _HTMLText()
     p.feed(text)
     p.close()
+    p.end_open_heading()
     p._flush()
     name = p.first_h1 or clean_chars(" ".join(p.title.split())) or p.first_heading or title
     return p.builder.document(source, name)

@@ -216,3 +216,17 @@ def test_a_jsonl_line_with_empty_text_is_reported_not_counted_as_added_on_every_
                                            "or delete it")]
     again = ingest(cfg, [str(root)], progress=False)
     assert again.added == [] and again.unchanged == 1
+
+
+@pytest.mark.parametrize("html", [
+    # a heading never closed, to the end of the page: its text and all after it went into the heading
+    b"<html><body><h1>Bonus rules <p>The yearly bonus is paid in <b>March</b>.<div><table><tr><td>Ten percent",
+    # one never closed before the next heading: what it gathered was dropped with it
+    b"<h1>Bonus rules<p>The yearly bonus is paid in March.</p><p>Ten percent</p><h2>Other</h2><p>Rest.</p>",
+])
+def test_html_text_after_a_heading_that_is_never_closed_is_kept(tmp_path: Path, html: bytes) -> None:
+    p = tmp_path / "broken.html"
+    p.write_bytes(html)
+    (doc,) = load_file(p, p.name)
+    text = " ".join(doc.text.split())
+    assert "The yearly bonus is paid in March." in text and "Ten percent" in text

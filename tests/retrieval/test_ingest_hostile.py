@@ -230,3 +230,36 @@ def test_html_text_after_a_heading_that_is_never_closed_is_kept(tmp_path: Path, 
     (doc,) = load_file(p, p.name)
     text = " ".join(doc.text.split())
     assert "The yearly bonus is paid in March." in text and "Ten percent" in text
+
+
+def test_an_interrupted_index_add_says_what_it_left_and_the_rerun_finishes(cfg: Config, tmp_path: Path,
+                                                                          monkeypatch, capsys) -> None:
+    from ragtune.retrieval import ingest_write
+    from ragtune.retrieval.embedder import Embedder
+
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "long.txt").write_text("\n\n".join(f"Paragraph {i} on the travel policy: rule number {i} applies."
+                                             for i in range(40)), encoding="utf-8")
+    monkeypatch.setattr(ingest_write, "EMBED_GROUP", 4)
+    real, calls = Embedder.embed_documents, []
+
+    def ctrl_c_on_the_second_group(self: Embedder, texts: list[str], batch_size: int | None = None):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the middle of embedding
+        return real(self, texts, batch_size)
+
+    monkeypatch.setattr(Embedder, "embed_documents", ctrl_c_on_the_second_group)
+    args = ["-q", "index", "add", str(root), f"embedder.path={cfg.embedder.path}", "embedder.device=cpu",
+            "chunk.size=16", "chunk.overlap=0", "--no-progress"]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "index 'default' keeps the documents written before the interruption" in err
+    assert "run the same command again to finish" in err
+    assert main(["-q", "index", "list", "--json", f"embedder.path={cfg.embedder.path}"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["complete"] is False
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["added"] == ["long.txt"] and out["chunks_reused"] == 4

@@ -109,10 +109,20 @@ here="$(cd "$(dirname "$0")" && pwd)"
 venv="$here/venv"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --venv) venv="$2"; shift 2 ;;
+        --venv) [ $# -ge 2 ] || { echo "install.sh: --venv needs a folder (usage: ./install.sh [--venv DIR])" >&2; exit 2; }
+                venv="$2"; shift 2 ;;
         *) echo "install.sh: unknown argument '$1' (usage: ./install.sh [--venv DIR])" >&2; exit 2 ;;
     esac
 done
+if [ -e "$venv" ] && [ ! -x "$venv/bin/python" ]; then  # pip would install among someone else's files
+    if [ ! -d "$venv" ]; then
+        echo "install.sh: --venv '$venv' is a file; name a folder for the virtual environment" >&2; exit 2
+    fi
+    if [ -n "$(ls -A "$venv")" ]; then
+        echo "install.sh: --venv '$venv' holds files but is no virtual environment (no bin/python); name a new or" \
+             "empty folder, or an existing venv" >&2; exit 2
+    fi
+fi
 PYTHON="${PYTHON:-python3}"
 echo "== verifying every file against bundle.json"
 "$PYTHON" "$here/verify.py" "$here"

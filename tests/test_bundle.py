@@ -153,6 +153,24 @@ def test_an_edited_manifest_cannot_reach_outside_the_bundle_or_home(small_bundle
     assert (victim / "precious.txt").read_text() == "mine" and not (ragtune_home / "models").exists()
 
 
+def test_install_refuses_a_venv_folder_that_holds_other_files(small_bundle: Path, tmp_path: Path) -> None:
+    # --venv naming a project folder made a venv among its files (and pip installed into it)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    assert install_bundle(small_bundle, venv=str(project)) == 2
+    assert [p.name for p in project.iterdir()] == ["notes.txt"]
+    run = lambda *args: subprocess.run(["bash", str(small_bundle / "install.sh"), *args],  # noqa: E731
+                                       capture_output=True, text=True)
+    out = run("--venv", str(project))
+    assert out.returncode == 2 and f"--venv '{project}' holds files but is no virtual environment" in out.stderr
+    out = run("--venv", str(project / "notes.txt"))
+    assert out.returncode == 2 and "is a file; name a folder for the virtual environment" in out.stderr
+    out = run("--venv")  # was bash's "$2: unbound variable" (exit 1)
+    assert out.returncode == 2 and "--venv needs a folder" in out.stderr
+    assert "verifying" not in out.stdout and not (small_bundle / "venv").exists()
+
+
 def test_create_checks_inputs_first(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="has no adapter_config.json"):
         create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)

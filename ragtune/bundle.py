@@ -73,14 +73,21 @@ def _unpack_if_tar(bundle: Path) -> Path:
     if not tarfile.is_tarfile(bundle):
         raise UsageError(f"'{bundle}' is a file but not a bundle .tar; give the bundle folder or the .tar "
                          "'ragtune bundle create --tar' wrote")
-    with tarfile.open(bundle) as tf:
-        tops = {Path(m.name).parts[0] for m in tf.getmembers() if Path(m.name).parts}
-        if len(tops) != 1 or f"{next(iter(tops))}/{MANIFEST}" not in tf.getnames():
-            raise UsageError(f"'{bundle}' does not hold one bundle folder with {MANIFEST}; it was not written by "
-                             "'ragtune bundle create --tar'")
-        dest = bundle.parent / next(iter(tops))
-        log.info("unpacking %s into %s", bundle, dest)
-        tf.extractall(bundle.parent, filter="data")
+    try:
+        with tarfile.open(bundle) as tf:
+            members = tf.getmembers()  # reads every header: a .tar cut short fails here, before anything is written
+            tops = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
+            if len(tops) != 1 or f"{next(iter(tops))}/{MANIFEST}" not in tf.getnames():
+                raise UsageError(f"'{bundle}' does not hold one bundle folder with {MANIFEST}; it was not written by "
+                                 "'ragtune bundle create --tar'")
+            dest = bundle.parent / next(iter(tops))
+            for m in members:  # a member that would land outside the folder is refused before any is unpacked
+                tarfile.data_filter(m, str(bundle.parent))
+            log.info("unpacking %s into %s", bundle, dest)
+            tf.extractall(bundle.parent, members=members, filter="data")
+    except tarfile.TarError as exc:
+        raise CheckFailed(f"'{bundle}' is damaged or was edited ({exc}); nothing was unpacked: copy the .tar "
+                          "again") from exc
     return dest
 
 

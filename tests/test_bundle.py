@@ -171,6 +171,35 @@ def test_install_refuses_a_venv_folder_that_holds_other_files(small_bundle: Path
     assert "verifying" not in out.stdout and not (small_bundle / "venv").exists()
 
 
+def test_a_cut_short_or_edited_tar_is_named_and_nothing_is_unpacked(small_bundle: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # were tarfile.ReadError / OutsideDestinationError tracebacks, the second after unpacking the members before it
+    import io
+    import tarfile
+
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tf:
+        tf.add(small_bundle, arcname="shipped")
+    cut = tmp_path / "cut" / "b.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    edited = tmp_path / "edited" / "b.tar"
+    edited.parent.mkdir()
+    with tarfile.open(edited, "w") as tf:
+        for name, data in [("shipped/bundle.json", b'{"files": []}'), ("shipped/../../escape.txt", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    for tar, said in [(cut, "unexpected end of data"), (edited, "which is outside the destination")]:
+        with pytest.raises(CheckFailed, match=f"is damaged or was edited .*{said}.*nothing was unpacked"):
+            verify_bundle(tar)
+        assert main(["bundle", "verify", str(tar)]) == 1
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+        assert [p.name for p in tar.parent.iterdir()] == ["b.tar"]
+    assert not (tmp_path / "escape.txt").exists()
+
+
 def test_create_checks_inputs_first(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="has no adapter_config.json"):
         create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)

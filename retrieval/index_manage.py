@@ -24,6 +24,9 @@ from ragtune.retrieval.store import IndexLock, PointData, Store, missing_index, 
 def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[str, Any]:
     """Delete the documents whose source, file, or absolute path (file or folder) matches."""
     name = index or cfg.index.name
+    if any(not want.strip() for want in sources):  # "" resolves to the working folder: every document under it
+        raise UsageError(f"a SOURCE to remove is empty (an unset shell variable?), nothing was removed; name "
+                         f"documents as 'ragtune index list --index {name}' shows them, or a file or folder path")
     store = open_store(cfg, name)
     if not store.exists():
         raise missing_index(name)

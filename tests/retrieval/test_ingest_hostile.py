@@ -263,3 +263,14 @@ def test_an_interrupted_index_add_says_what_it_left_and_the_rerun_finishes(cfg: 
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["added"] == ["long.txt"] and out["chunks_reused"] == 4
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_index_remove_of_an_empty_source_removes_nothing(cfg: Config, docs: Path, monkeypatch, capsys,
+                                                         blank: str) -> None:
+    ingest(cfg, [str(docs)], progress=False)
+    before = sources(snapshot())
+    monkeypatch.chdir(docs)  # '' is the working folder, under which every document lies
+    assert main(["-q", "index", "remove", "hr.md", blank, f"embedder.path={cfg.embedder.path}"]) == 2
+    assert "a SOURCE to remove is empty (an unset shell variable?), nothing was removed" in capsys.readouterr().err
+    assert sources(snapshot()) == before

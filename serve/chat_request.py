@@ -54,6 +54,9 @@ class ChatRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)  # typed, then refused
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, allow_inf_nan=False)  # unless 0 (unsupported)
+    logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     response_format: Any = None  # checked by ragtune.serve.constrained (400s that name the part)
     tools: Any = None  # these three by ragtune.serve.tools
@@ -88,6 +91,12 @@ def parse_request(body: bytes, cfg: Any) -> ChatRequest:
         if extra.get(name):
             raise APIError(400, f"{name} is not supported by this server (answers carry no token "
                                 "log-probabilities); leave it out or set it to false/0", param=name, code="unsupported")
+    for name in ("presence_penalty", "frequency_penalty", "logit_bias"):  # ignored, the answer would differ unsaid
+        if getattr(req, name):  # 0, {} and null are what clients send when they mean none
+            raise APIError(400, f"{name} is not supported by this server: its decoding has no OpenAI-style penalties "
+                           "or token biases (the server's generation.repetition_penalty applies to every answer); "
+                           "leave it out or send " + ("{}" if name == "logit_bias" else "0"), param=name,
+                           code="unsupported")
     if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
         raise APIError(400, f"temperature={req.temperature} is too small to sample with (its probabilities "
                        f"overflow); use 0 for greedy decoding or at least {MIN_TEMPERATURE}",

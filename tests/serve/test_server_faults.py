@@ -293,3 +293,18 @@ def test_legacy_functions_are_refused_and_long_model_names_not_echoed(client: An
     assert e["param"] == "functions" and "tools=" in e["message"]
     e = assert_error(post(client, ask("m" * 3000, "hi")), 404, "model_not_found")
     assert len(e["message"]) < 1000
+
+
+@pytest.mark.parametrize("field,value,wrong,default", [("presence_penalty", 1.5, "x", 0),
+                                                       ("frequency_penalty", -0.5, 3, 0),
+                                                       ("logit_bias", {"50256": -100}, {"1": "x"}, {})])
+def test_penalties_and_logit_bias_are_refused_not_ignored(client: Any, field: str, value: Any, wrong: Any,
+                                                          default: Any) -> None:
+    """They were dropped without a word: a client banning a token got it anyway. 0, {} and null (what
+    clients send by default) still answer; a wrong type or range is a 400 naming the field."""
+    e = assert_error(post(client, ask("base", "hi", max_tokens=2, **{field: value})), 400, "unsupported")
+    assert e["param"] == field and "repetition_penalty" in e["message"], e
+    e = assert_error(post(client, ask("base", "hi", **{field: wrong})), 400, "invalid_request")
+    assert e["param"].startswith(field), e
+    for none in (default, None):
+        assert post(client, ask("base", "hi", max_tokens=2, **{field: none})).status_code == 200

@@ -81,6 +81,9 @@ def collect(paths: Iterable[str | Path], follow_links: bool = False, unlisted: l
     skipped: list[tuple[str, str]] = []
     unlisted = unlisted if unlisted is not None else []
     for raw in paths:
+        if not str(raw).strip():  # Path("") is the working folder: an unset variable would index all of it
+            raise UsageError("a PATH to index is empty (an unset shell variable?); give files or folders of "
+                             "documents to index ('.' for the working folder)")
         p = Path(raw).expanduser()
         if not p.exists():
             why = "is a symbolic link loop" if _resolve(p) is None else "does not exist"

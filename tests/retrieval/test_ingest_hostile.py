@@ -274,3 +274,12 @@ def test_index_remove_of_an_empty_source_removes_nothing(cfg: Config, docs: Path
     assert main(["-q", "index", "remove", "hr.md", blank, f"embedder.path={cfg.embedder.path}"]) == 2
     assert "a SOURCE to remove is empty (an unset shell variable?), nothing was removed" in capsys.readouterr().err
     assert sources(snapshot()) == before
+
+
+@pytest.mark.parametrize("command", ["add", "sync"])
+def test_index_add_or_sync_of_an_empty_path_indexes_nothing(cfg: Config, docs: Path, monkeypatch, capsys,
+                                                            command: str) -> None:
+    monkeypatch.chdir(docs)  # '' is the working folder
+    assert main(["-q", "index", command, "", f"embedder.path={cfg.embedder.path}", "--no-progress"]) == 2
+    assert "a PATH to index is empty (an unset shell variable?)" in capsys.readouterr().err
+    assert main(["-q", "index", "list", f"embedder.path={cfg.embedder.path}"]) == 2  # no index was made

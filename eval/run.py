@@ -126,6 +126,7 @@ def run_eval(
         from ragtune.retrieval.sources import open_retriever
 
         retriever = open_retriever(cfg, plan.index, without="leave the modes with retrieval out of --modes")
+        notes += _gold_not_indexed(cfg, plan)
     answers = _answer_all(cfg, plan, generator, _RecordingRetriever(retriever) if plan.needs_rag else None, progress)
     cost += _answer_costs(answers)
     paths = write_report(out, plan.questions, answers.runs, cost, k=cfg.rag.top_k,
@@ -238,6 +239,30 @@ def _seen_in_training(adapter: EvalAdapter, qs: Sequence[Question]) -> str:
             "training for a fair comparison.")
     log.warning(note)
     return note
+
+
+def _gold_not_indexed(cfg: Any, plan: _Plan) -> list[str]:
+    """A note (and a warning) naming gold sources that no document of the index matches: a typo or a path
+    not relative to the indexed folder scores recall 0 whatever is retrieved, and says nothing."""
+    from ragtune.eval.metrics import same_source
+    from ragtune.retrieval.index_manage import list_documents
+
+    indexed = [d["source"] for d in list_documents(cfg, plan.index)]
+    missing: dict[str, list[str]] = {}
+    for q in plan.questions:
+        for src in q.sources:
+            if not any(same_source(src, doc) for doc in indexed):
+                missing.setdefault(src, []).append(q.id)
+    if not missing:
+        return []
+    named = "; ".join(f"'{src}' ({', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''})"
+                      for src, ids in list(missing.items())[:8])
+    note = (f"{len(missing)} gold source(s) in {plan.questions_path} match no document of index '{plan.index}': "
+            f"{named}{'; ...' if len(missing) > 8 else ''}. Their questions score recall 0 whatever is retrieved: "
+            f"give sources relative to the folder that was indexed ('ragtune index list --index {plan.index}' shows "
+            "them), or index the missing documents.")
+    log.warning(note)
+    return [note]
 
 
 # --- loading --------------------------------------------------------------------------------------

@@ -70,7 +70,9 @@ class TrainConfig:
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
+    # the learning-rate schedules that take no further settings (transformers' get_scheduler names)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                          "polynomial", "inverse_sqrt"] = "cosine"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 8

@@ -74,7 +74,7 @@ def _sample(key: str) -> str:
     value: object = c.Config()
     for part in key.split("."):
         value = getattr(value, part)
-    return {bool: "true", int: "1", float: "0.1", str: "x", tuple: "[q_proj]"}[type(value)]
+    return {bool: "true", int: "1", float: "0.1", str: str(value or "x"), tuple: "[q_proj]"}[type(value)]  # a choice: its default
 
 
 def test_unknown_section(tmp_path: Path) -> None:
@@ -426,3 +426,15 @@ def test_one_gguf_type_list_with_auto_by_default() -> None:
     assert typing.get_args(typing.get_type_hints(GenerationConfig)["gguf_type"]) == ("auto", *TYPES)
     assert tuple(LLAMA_FTYPES) == TYPES
     assert load_config(None).generation.gguf_type == "auto"
+
+
+def test_an_unknown_lr_scheduler_is_a_config_error_not_a_traceback_after_the_model_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="key 'train.lr_scheduler': expected one of 'cosine', 'linear'"):
+        load_config(None, ["train.lr_scheduler=bogus"])
+    with pytest.raises(ConfigError, match="key 'train.lr_scheduler'"):  # needs min_lr, which ragtune has no key for
+        load_config(None, ["train.lr_scheduler=cosine_with_min_lr"])
+    assert load_config(None, ["train.lr_scheduler=constant_with_warmup"]).train.lr_scheduler == "constant_with_warmup"
+    out = tmp_path / "run"
+    assert main(["train", "train.lr_scheduler=bogus", f"train.output_dir={out}"]) == 2
+    assert "train.lr_scheduler" in capsys.readouterr().err and not out.exists()

@@ -172,8 +172,11 @@ def migrate(cfg: Config, to_url: str, index: str | None = None, api_key: str = "
         raise UsageError(f"index '{name}' does not exist at {src.location()}; nothing to migrate")
     if to_url in ("edge", ""):
         dst: Store = EdgeStore(name)
+    elif to_url.startswith(("http://", "https://", "local:")) and to_url.split(":", 1)[1].strip("/ "):
+        dst = ServerStore(name, to_url, api_key or cfg.store.api_key, cfg.store.collection_prefix, setting="--to")
     else:
-        dst = ServerStore(name, to_url, api_key or cfg.store.api_key, cfg.store.collection_prefix)
+        raise UsageError(f"--to '{to_url}' is not a place to migrate to; give a Qdrant server's URL "
+                         "(http://HOST:6333 or https://...), local:PATH for qdrant-client's local mode, or 'edge'")
     if dst.location() == src.location():
         raise UsageError(f"index '{name}' is already at {src.location()}")
     t0 = time.perf_counter()

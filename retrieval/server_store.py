@@ -39,9 +39,11 @@ class ServerStore(Store):
 
     kind = "server"
 
-    def __init__(self, name: str, url: str, api_key: str = "", prefix: str = "ragtune_") -> None:
+    def __init__(self, name: str, url: str, api_key: str = "", prefix: str = "ragtune_",
+                 setting: str = "store.url") -> None:
         super().__init__(name)
         self.url = url
+        self.setting = setting  # where the URL came from, for errors ('--to' of index migrate)
         self.api_key = api_key
         self.collection = f"{prefix}{name}"
         self.client: Any = None
@@ -80,7 +82,7 @@ class ServerStore(Store):
             raise
         except Exception as exc:  # noqa: BLE001 - connection errors of every kind
             raise RagtuneError(
-                f"cannot reach the Qdrant server at store.url '{self.url}': {exc}; start it or fix store.url"
+                f"cannot reach the Qdrant server at {self.setting} '{self.url}': {exc}; start it or fix {self.setting}"
             ) from exc
 
     def exists(self) -> bool:

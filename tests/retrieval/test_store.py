@@ -115,3 +115,17 @@ def test_a_readers_copy_keeps_the_holes_of_edge_s_preallocated_files(tmp_path: P
         assert _on_disk(reader.copy_dir) <= _on_disk(s.shard_dir) + (1 << 20)
     finally:
         reader.close()
+
+
+def test_migrate_names_a_bad_or_unreachable_to(cfg: Config, docs: Path, capsys) -> None:
+    from ragtune.cli import main
+    from ragtune.retrieval.ingest import ingest
+
+    ingest(cfg, [str(docs)], progress=False)
+    emb = f"embedder.path={cfg.embedder.path}"
+    assert main(["-q", "index", "migrate", "--to", "qdrant.local", emb]) == 2
+    assert "--to 'qdrant.local' is not a place to migrate to; give a Qdrant server's URL (http://HOST:6333" \
+        in capsys.readouterr().err
+    assert main(["-q", "index", "migrate", "--to", "http://127.0.0.1:1", emb]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the Qdrant server at --to 'http://127.0.0.1:1'" in err and "fix --to" in err

@@ -15,7 +15,8 @@ sequence's logits row is masked and the usual sampler picks from it (greedy = ar
 row), then the picked token advances the matcher. JSON is compact (no free whitespace), so a
 random model cannot pad forever: after the closing brace the only allowed token is end-of-text.
 A schema keyword llguidance does not implement (`not`, `if`, `uniqueItems`, ...) is refused up
-front with its name (`UnsupportedSchema`), never silently ignored. An answer cut by max_tokens
+front with its name (`UnsupportedSchema`), never silently ignored; so is a `$ref` cycle with no value in
+between (`ref_cycle`), which llguidance would only give up on at the first token. An answer cut by max_tokens
 (finish_reason "length") is a prefix of valid JSON, as with OpenAI.
 """
 
@@ -63,12 +64,92 @@ def schema_grammar(schema: Any, param: str) -> str:
     """A compact-JSON grammar for a JSON schema (a dict); checked."""
     if not isinstance(schema, dict):
         raise UnsupportedSchema(f"{param} must be a JSON schema object, got {type(schema).__name__}", param)
+    cycle = ref_cycle(schema)
+    if cycle:
+        raise UnsupportedSchema(f"{param}: $ref '{cycle[0]}' leads back to itself ({' -> '.join(cycle)}) before any "
+                                "value is read, so no JSON can match it; give the recursion a base case (an optional "
+                                "property, an array that may be empty, an anyOf with a branch of its own) or remove "
+                                "the cycle", param)
     llg = _llguidance()
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), COMPACT)
     except (ValueError, TypeError) as exc:
         raise UnsupportedSchema(f"{param}: not a usable JSON schema ({exc})", param) from exc
     return check_grammar(grammar, param)
+
+
+NOT_SCHEMAS = {"$defs", "definitions", "enum", "const", "default", "examples", "properties", "patternProperties",
+               "dependentSchemas"}  # hold data or maps of names, walked apart from the keys whose values are schemas
+
+
+def ref_cycle(schema: dict[str, Any]) -> list[str]:
+    """A chain of local `$ref`s in use that comes back to where it started without a value in between
+    (`{"$ref": "#"}`, a -> b -> a, allOf: [{"$ref": "#"}]), as the refs taken; [] when there is none.
+    llguidance accepts such a schema up front and gives up on its first token (NoExtensionBias)."""
+    def resolve(ref: str) -> Any:
+        if ref == "#":
+            return schema
+        if not ref.startswith("#/"):
+            return None  # remote and anchor refs: llguidance names those itself
+        node: Any = schema
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None
+        return node
+
+    def same_place(node: dict[str, Any]) -> list[tuple[str, Any]]:
+        """What `node` applies to the same value: its ref's target, allOf members, a lone anyOf/oneOf member."""
+        out = []
+        ref = node.get("$ref")
+        if isinstance(ref, str) and isinstance(resolve(ref), dict):
+            out.append((ref, resolve(ref)))
+        for key in ("allOf", "anyOf", "oneOf"):
+            members = node.get(key)
+            if isinstance(members, list) and (key == "allOf" or len(members) == 1):
+                out += [("", m) for m in members if isinstance(m, dict)]
+        return out
+
+    reached: dict[int, dict[str, Any]] = {}
+    todo: list[Any] = [schema]
+    while todo:  # the schemas in use: the root, what it holds, and what their refs point at
+        node = todo.pop()
+        if not isinstance(node, dict) or id(node) in reached:
+            continue
+        reached[id(node)] = node
+        for key, value in node.items():
+            if key in ("properties", "patternProperties", "dependentSchemas") and isinstance(value, dict):
+                todo += list(value.values())
+            elif key not in NOT_SCHEMAS:
+                todo += value if isinstance(value, list) else [value]
+        if isinstance(node.get("$ref"), str):
+            todo.append(resolve(node["$ref"]))
+    state: dict[int, int] = {}  # 1: on the current path, 2: explored
+    for root in reached.values():  # depth-first along same-place edges; reaching a node on the path is a cycle
+        if id(root) in state:
+            continue
+        state[id(root)] = 1
+        path = [(root, "", iter(same_place(root)))]  # (node, the ref taken to it, its edges left)
+        while path:
+            node, _, edges = path[-1]
+            step = next(edges, None)
+            if step is None:
+                state[id(node)] = 2
+                path.pop()
+                continue
+            ref, target = step
+            if state.get(id(target)) == 1:
+                i = next(k for k, (n, _, _) in enumerate(path) if n is target)
+                chain = [r for r in (path[i][1], *(r for _, r, _ in path[i + 1:]), ref) if r]
+                return chain if len(chain) > 1 else chain * 2
+            if id(target) not in state:
+                state[id(target)] = 1
+                path.append((target, ref, iter(same_place(target))))
+    return []
 
 
 def response_format_grammar(rf: Any) -> str | None:

@@ -130,6 +130,40 @@ def test_an_unsupported_schema_feature_is_named_in_the_400(tf_url: str, keyword:
     assert f'"{keyword}"' in e.value.body["message"] and e.value.body["param"] == "response_format.json_schema.schema"
 
 
+LOOP = {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("schema, chain", [
+    ({"$ref": "#"}, "# -> #"),
+    ({"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "$defs": LOOP}, "#/$defs/a -> #/$defs/b -> #/$defs/a"),
+    ({"anyOf": [{"$ref": "#"}]}, "# -> #"),
+])
+def test_a_ref_cycle_without_a_value_is_a_400_up_front(tf_url: str, schema: Any, chain: str, stream: bool) -> None:
+    """llguidance accepted these and gave up on the first token: a 400 blaming "repetition counts in
+    `pattern`", and for a stream a 200 with the error in-band. Recursion through a value still answers."""
+    import httpx
+
+    def post(body: dict[str, Any]) -> Any:
+        return httpx.post(tf_url + "/chat/completions", json={
+            "model": "base", "messages": [{"role": "user", "content": "q"}], "max_tokens": 8, "stream": stream,
+            **body}, timeout=60)
+
+    r = post({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format.json_schema.schema" and err["code"] == "invalid_response_format"
+    assert f"({chain})" in err["message"] and "base case" in err["message"], err
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "$defs": LOOP,
+                                                                           "properties": {"x": {"$ref": "#/$defs/a"}}}}}]
+    r = post({"tools": tools, "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools.0.function.parameters", r.text
+    tree = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
+            "$defs": LOOP}  # recursion through an array, and an unused cycle in $defs
+    r = post({"response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": tree}}})
+    assert r.status_code == 200 and "error" not in r.text, r.text
+
+
 @NEEDS_LLAMA_CPP
 def test_every_json_schema_answer_validates_on_the_batched_llama_cpp_engine(
         tiny_smol: Path, converter_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -125,7 +125,45 @@ def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         problems.append(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
         return {}
+    problems.extend(_duplicate_keys(path, text))
     return loaded
+
+
+def _duplicate_keys(path: Path, text: str) -> list[str]:
+    """A key given twice in one mapping: YAML keeps the last value without a word, so an edit made to the
+    first copy would silently do nothing."""
+    import yaml
+
+    out: list[str] = []
+    seen_nodes: set[int] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        if id(node) in seen_nodes:  # an alias of a node already walked (or of itself)
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, Any] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    name = f"{prefix}{key.value}"
+                    if key.value in first:
+                        out.append(f"{path}: line {key.start_mark.line + 1}: key '{name}' is given twice (first at line "
+                                   f"{first[key.value].start_mark.line + 1}); YAML would keep only the last value: "
+                                   "remove one of them")
+                    else:
+                        first[key.value] = key
+                    walk(value, name + ".")
+                else:
+                    walk(value, prefix)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix[:-1]}[{i}]." if prefix else f"[{i}].")
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:  # pragma: no cover - safe_load read the same text
+        pass
+    return out
 
 
 def _not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError) -> str:

@@ -438,3 +438,22 @@ def test_an_unknown_lr_scheduler_is_a_config_error_not_a_traceback_after_the_mod
     out = tmp_path / "run"
     assert main(["train", "train.lr_scheduler=bogus", f"train.output_dir={out}"]) == 2
     assert "train.lr_scheduler" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_key_given_twice_in_the_yaml_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys without a word: an edit to the first would do nothing."""
+    p = write(tmp_path, "train:\n  epochs: 1\n  lora:\n    r: 4\n    r: 8\n  epochs: 2\n"
+                        "serve:\n  deployments:\n    - name: a\n      name: b\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert exc.value.problems == [
+        f"{p}: line 5: key 'train.lora.r' is given twice (first at line 4); YAML would keep only the last value: "
+        "remove one of them",
+        f"{p}: line 6: key 'train.epochs' is given twice (first at line 2); YAML would keep only the last value: "
+        "remove one of them",
+        f"{p}: line 10: key 'serve.deployments[0].name' is given twice (first at line 9); YAML would keep only the "
+        "last value: remove one of them",
+    ]
+    # the same key in two sections, a merge key and a self-referring alias are not repeats
+    p = write(tmp_path, "model:\n  device: cpu\nembedder:\n  device: cpu\ntrain:\n  <<: {epochs: 1}\n  epochs: 2\n")
+    assert load_config(p).train.epochs == 2

@@ -291,6 +291,10 @@ def modelfile_path(out: Path, modelfile: Path | None, force: bool = False) -> Pa
         if mf.resolve().exists() and not force:
             raise UsageError(f"--modelfile '{mf}' already exists; pass --force to replace it, or name another "
                              "--modelfile")
+        above = next(p for p in mf.resolve().parents if p.exists())
+        if not above.is_dir():
+            raise UsageError(f"--modelfile '{mf}': '{above}' is a file, so no folder can be made under it; name a "
+                             "path in a folder")
         return mf
     default = out.parent / "Modelfile"
     if not default.exists() or (force and _names(default, out)):

@@ -461,4 +461,9 @@ def test_out_under_a_file_or_a_folder_is_refused_before_the_export(tiny_smol: Pa
         assert main(["export", "gguf", str(tiny_smol), "--out", str(out), "--force"]) == 2
         err = capsys.readouterr().err
         assert said in err and "converter" not in err, err
+    # the same for --modelfile (was "File exists" with exit 1 after the conversion)
+    assert main(["export", "gguf", str(tiny_smol), "--out", str(tmp_path / "x.gguf"), "--modelfile",
+                 str(tmp_path / "notes.txt" / "Modelfile")]) == 2
+    err = capsys.readouterr().err
+    assert f"--modelfile '{tmp_path / 'notes.txt' / 'Modelfile'}': '{tmp_path / 'notes.txt'}' is a file" in err, err
     assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "models.gguf").iterdir())

@@ -56,6 +56,10 @@ class Question:
 def load_questions(path: str | Path) -> list[Question]:
     """Parse and validate the whole file; raise one UsageError listing every problem."""
     p = Path(path)
+    if p.is_dir():
+        found = sorted(x.name for x in p.glob("*.jsonl"))[:3]
+        raise UsageError(f"questions file '{p}' is a folder; pass the JSONL file itself"
+                         + (f", e.g. --questions {p / found[0]}" if found else ""))
     if not p.is_file():
         raise UsageError(
             f"questions file '{p}' not found; pass --questions FILE.jsonl "

@@ -76,6 +76,11 @@ def test_every_problem_named_with_file_line_and_key(tmp_path: Path) -> None:
 def test_missing_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not found; pass --questions FILE.jsonl"):
         load_questions(tmp_path / "nope.jsonl")
+    (tmp_path / "qs").mkdir()  # a folder was "not found"
+    (tmp_path / "qs" / "held_out.jsonl").write_text("")
+    with pytest.raises(UsageError, match=f"'{tmp_path / 'qs'}' is a folder; pass the JSONL file itself, e.g. "
+                                         f"--questions {tmp_path / 'qs' / 'held_out.jsonl'}"):
+        load_questions(tmp_path / "qs")
     (tmp_path / "empty.jsonl").write_text("\n\n", encoding="utf-8")
     with pytest.raises(UsageError, match="no questions"):
         load_questions(tmp_path / "empty.jsonl")

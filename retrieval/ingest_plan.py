@@ -89,6 +89,9 @@ def collect(paths: Iterable[str | Path], follow_links: bool = False, unlisted: l
             why = "is a symbolic link loop" if _resolve(p) is None else "does not exist"
             raise UsageError(f"path '{raw}' {why}; give files or folders of documents to index")
         p = p.resolve()
+        if not _utf8(str(p)):
+            raise UsageError(f"path '{_shown(str(p))}' is not valid UTF-8, which sources in an index and citations "
+                             "must be; rename it (or the folder it is in)")
         kind = _special_kind(p)
         if kind:
             raise UsageError(f"path '{raw}' is {kind}, not a file or folder of documents; give files or folders "
@@ -135,11 +138,30 @@ def collect(paths: Iterable[str | Path], follow_links: bool = False, unlisted: l
                 if kind:
                     skipped.append((f.relative_to(p).as_posix(), f"{kind}, not a regular file: not read"))
                     continue
+                rel = f.relative_to(p).as_posix()
+                if not _utf8(rel):
+                    skipped.append((_shown(rel), "its name is not valid UTF-8, which sources in an index and "
+                                                 "citations must be: not read; rename it"))
+                    continue
                 out.append((p, f))
-    return out, skipped
+    return out, [(_shown(path), _shown(why)) for path, why in skipped]
 
 
 _LOOP = "symbolic link loop (a link that leads back to itself): not followed; fix or delete the link"
+
+
+def _utf8(name: str) -> bool:
+    """False for a name the file system gave with bytes that are not UTF-8 (Python's surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    """A name with undecodable bytes as U+FFFD, printable and JSON-safe."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _resolve(path: Path) -> Path | None:

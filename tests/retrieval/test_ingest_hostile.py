@@ -283,3 +283,22 @@ def test_index_add_or_sync_of_an_empty_path_indexes_nothing(cfg: Config, docs: P
     assert main(["-q", "index", command, "", f"embedder.path={cfg.embedder.path}", "--no-progress"]) == 2
     assert "a PATH to index is empty (an unset shell variable?)" in capsys.readouterr().err
     assert main(["-q", "index", "list", f"embedder.path={cfg.embedder.path}"]) == 2  # no index was made
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_the_fix(cfg: Config, tmp_path: Path, capsys) -> None:
+    import os
+
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "ok.txt").write_text("The canteen serves lunch from noon to two.", encoding="utf-8")
+    with open(os.path.join(os.fsencode(root), b"overtime-\xff.txt"), "wb") as f:  # a Latin-1 name, say
+        f.write(b"Overtime is paid at one and a half times the hourly rate.")
+    emb = f"embedder.path={cfg.embedder.path}"
+    assert main(["-q", "index", "add", str(root), emb, "--no-progress"]) == 3
+    out = capsys.readouterr().out
+    assert "overtime-\ufffd.txt: its name is not valid UTF-8" in out and "rename it" in out
+    assert set(sources(snapshot())) == {"ok.txt"}
+    bad_root = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(bad_root)
+    assert main(["-q", "index", "add", os.fsdecode(bad_root), emb, "--no-progress"]) == 2
+    assert "caf\ufffd' is not valid UTF-8" in capsys.readouterr().err

@@ -5,7 +5,7 @@ collected in `problems` as a line naming the file or override ("where") and the 
     RANGES["train.lora.dropout"].describe()       # 'at least 0 and below 1'
     problems: list[str] = []
     in_range(0, "search.top_k", "cfg.yaml", problems)   # False; problems[0] names the key and its range
-    check_together(cfg, given_keys, "cfg.yaml", problems)  # epochs vs max_steps, overlap vs size, hybrid weights
+    check_together(cfg, given_keys, "cfg.yaml", problems)  # epochs vs max_steps, LoRA targets, overlap vs size, ...
 
 A setting not in RANGES takes any finite number.
 """
@@ -135,6 +135,10 @@ def check_together(cfg: Config, given: set[str], where: str, problems: list[str]
     t = cfg.train
     check(("train.epochs", "train.max_steps"), t.epochs > 0 or (t.epochs == 0 and t.max_steps > 0),
           f"must be more than 0 (0 only when train.max_steps > 0 sets the length), got {t.epochs!r}")
+    targets = t.lora.target_modules
+    check(("train.lora.target_modules",), bool(targets) and ("all-linear" not in targets or len(targets) == 1),
+          "must name the modules LoRA adapts (q_proj,v_proj) or be all-linear alone (every linear layer but the "
+          f"output head), got {list(targets)!r}")
     c = cfg.chunk
     # judged when both are set: an unset overlap (the index's own, or 128) is cut to half of a smaller size, as
     # documented, and an overlap set alone is judged at ingest against the index's size (retrieval/ingest.py)

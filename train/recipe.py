@@ -100,6 +100,7 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     if resume:
         check_resume_settings(ckpt_dir, settings)
     loaded = _load_for_training(cfg, prep)
+    _check_lora_targets(loaded.model, tc.lora.target_modules)
     sets = _encode_sets(cfg, prep)
     resume_step = checkpoint_step(resume_from)
     callbacks = [] if dry_run else make_callbacks(ckpt_dir / METRICS, resume_step)
@@ -356,6 +357,30 @@ def _build_trainer(cfg: Any, prep: Any, loaded: _Loaded, sets: _Sets, ckpt_dir: 
         "group_by_length": tc.group_by_length and not tc.packing,
     }
     return trainer, training
+
+
+def _check_lora_targets(model: Any, targets: tuple[str, ...]) -> None:
+    """Every train.lora.target_modules name matches a layer of this model, as peft matches a name list (the
+    whole module name, or its last dotted parts); refused before anything is written, naming the model's own."""
+    import torch
+
+    if list(targets) == ["all-linear"]:
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    # the layer types peft's LoRA adapts (a whole block such as `mlp` is refused by peft with a traceback)
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D,
+             torch.nn.MultiheadAttention)
+    layers = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in layers)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"})
+        raise UsageError(
+            f"train.lora.target_modules: {', '.join(repr(t) for t in missing)} "
+            f"{'matches' if len(missing) == 1 else 'match'} no layer LoRA can adapt in this model; its linear layers are "
+            f"{', '.join(linear) or '(none)'}: name some of them (train.lora.target_modules=[{','.join(linear[:2])}]) "
+            "or use all-linear")
 
 
 def _fit(trainer: Any, cfg: Any, ckpt_dir: Path, resume_from: str | None) -> tuple[Any, float]:

@@ -100,15 +100,15 @@ def _verifier() -> dict[str, Any]:
 
 def verify_bundle(bundle: str | Path) -> tuple[list[str], int]:
     """Problems (missing, wrong size, sha256 mismatch, a path outside the bundle, a file bundle.json does not
-    list) and the number of files checked."""
+    list, bundle.json itself damaged) and the number of files checked."""
     root = _unpack_if_tar(Path(bundle).expanduser())
     mf = root / MANIFEST
     if not mf.is_file():
         raise UsageError(f"'{root}' is not a ragtune bundle (no {MANIFEST})")
     try:
         return _verifier()["check"](str(root))
-    except ValueError as exc:
-        raise CheckFailed(f"{root}: {exc}; copy the bundle again") from exc
+    except ValueError as exc:  # a problem like any other: `bundle verify --json` still prints its report
+        return [f"{exc}; copy the bundle again"], 0
 
 
 def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:

@@ -119,11 +119,15 @@ def test_a_damaged_manifest_is_named_not_a_traceback(small_bundle: Path, damage,
     # valid JSON of another shape was a KeyError / TypeError traceback, in ragtune and in verify.py
     mf = small_bundle / "bundle.json"
     mf.write_text(json.dumps(damage(json.loads(mf.read_text()))))
-    with pytest.raises(CheckFailed, match="copy the bundle again"):
-        verify_bundle(small_bundle)
+    problems, _ = verify_bundle(small_bundle)
+    assert len(problems) == 1 and problems[0].startswith(said) and problems[0].endswith("; copy the bundle again")
     assert main(["bundle", "verify", str(small_bundle)]) == 1
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err
+    assert main(["bundle", "verify", "--json", str(small_bundle)]) == 1  # a script still gets its report
+    assert json.loads(capsys.readouterr().out)["problems"] == problems
+    with pytest.raises(CheckFailed, match="nothing was installed"):
+        install_bundle(small_bundle)
     out = _verify_py(small_bundle)
     assert out.returncode == 1 and said in out.stderr and "Traceback" not in out.stderr
 

@@ -97,4 +97,19 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
             if self.bar is not None:
                 self.bar.close()
 
-    return [MetricsFile(), Progress()]
+    class NothingLeft(TrainerCallback):
+        """Refuse a --resume whose checkpoint has reached the run's length: the Trainer would train one step
+        past it and the finished adapter would be rewritten."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if resume_step and state.global_step >= state.max_steps:
+                from ragtune.errors import UsageError
+
+                span = (f"train.max_steps={args.max_steps}" if args.max_steps > 0
+                        else f"train.epochs={args.num_train_epochs:g}")
+                raise UsageError(
+                    f"--resume: the last checkpoint is at step {state.global_step} and this run is {state.max_steps} "
+                    f"steps long ({span}): nothing is left to train; raise train.max_steps or train.epochs to train "
+                    "further (the output folder is unchanged)")
+
+    return [MetricsFile(), Progress(), NothingLeft()]

@@ -29,3 +29,25 @@ def test_lora_targets_the_model_lacks_are_refused_before_anything_is_written(
     assert _train(trainable_llama, qa_file, out, "train.max_steps=1", "train.lora.target_modules=") == 2
     assert "must name the modules LoRA adapts" in capsys.readouterr().err and not out.exists()
     assert _train(trainable_llama, qa_file, out, "train.max_steps=1", "train.lora.target_modules=[q_proj,v_proj]") == 0
+
+
+def test_resume_of_a_run_with_no_steps_left_is_refused_and_leaves_the_adapter_as_it_was(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert _train(trainable_llama, qa_file, out, "train.max_steps=4") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    # the Trainer trained step 5 of 4 (same length) or rewrote the adapter from checkpoint-4 at 0 tokens/s (shorter)
+    for length in ("train.max_steps=4", "train.max_steps=3"):
+        assert _train(trainable_llama, qa_file, out, length, "--resume") == 2
+        err = capsys.readouterr().err
+        assert f"--resume: the last checkpoint is at step 4 and this run is {length[-1]} steps long ({length}): " \
+               "nothing is left to train; raise train.max_steps or train.epochs" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # a run by epochs (20 records, batch 4: 5 steps an epoch) that has finished them
+    out = tmp_path / "epochs"
+    assert _train(trainable_llama, qa_file, out, "train.epochs=1") == 0
+    capsys.readouterr()
+    assert _train(trainable_llama, qa_file, out, "train.epochs=1", "--resume") == 2
+    assert "this run is 5 steps long (train.epochs=1): nothing is left to train" in capsys.readouterr().err
+    assert _train(trainable_llama, qa_file, out, "train.epochs=2", "--resume") == 0

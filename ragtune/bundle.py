@@ -100,8 +100,11 @@ def _verifier() -> dict[str, Any]:
 
 def verify_bundle(bundle: str | Path) -> tuple[list[str], int]:
     """Problems (missing, wrong size, sha256 mismatch, a path outside the bundle, a file bundle.json does not
-    list, bundle.json itself damaged) and the number of files checked."""
-    root = _unpack_if_tar(Path(bundle).expanduser())
+    list, bundle.json itself damaged, a damaged .tar) and the number of files checked."""
+    try:
+        root = _unpack_if_tar(Path(bundle).expanduser())
+    except CheckFailed as exc:
+        return [str(exc)], 0
     mf = root / MANIFEST
     if not mf.is_file():
         raise UsageError(f"'{root}' is not a ragtune bundle (no {MANIFEST})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import os
 import shutil
@@ -195,11 +196,15 @@ def test_a_cut_short_or_edited_tar_is_named_and_nothing_is_unpacked(small_bundle
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     for tar, said in [(cut, "unexpected end of data"), (edited, "which is outside the destination")]:
-        with pytest.raises(CheckFailed, match=f"is damaged or was edited .*{said}.*nothing was unpacked"):
-            verify_bundle(tar)
+        problems, _ = verify_bundle(tar)
+        assert len(problems) == 1 and re.search(f"is damaged or was edited .*{said}.*nothing was unpacked", problems[0])
         assert main(["bundle", "verify", str(tar)]) == 1
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err
+        assert main(["bundle", "verify", "--json", str(tar)]) == 1
+        assert json.loads(capsys.readouterr().out)["problems"] == problems
+        with pytest.raises(CheckFailed, match=said):
+            restore_bundle(tar)
         assert [p.name for p in tar.parent.iterdir()] == ["b.tar"]
     assert not (tmp_path / "escape.txt").exists()
 

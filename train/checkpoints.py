@@ -3,6 +3,7 @@ the run's figures over every segment.
 
     from ragtune.train.checkpoints import last_complete_checkpoint, run_settings, check_resume_settings
     last = last_complete_checkpoint(out / "checkpoints", remove_incomplete=True)
+    check_checkpoint(last)                                                 # UsageError when its files are damaged
     check_resume_settings(out / "checkpoints", run_settings(cfg, prep))   # UsageError naming each change
 
 Failure modes: kill -9 while the Trainer saves leaves a checkpoint folder without its
@@ -101,6 +102,37 @@ def last_complete_checkpoint(ckpt_dir: Path, remove_incomplete: bool = False) ->
             if remove_incomplete:
                 shutil.rmtree(p, ignore_errors=True)
     return None
+
+
+def check_checkpoint(path: str) -> None:
+    """Refuse to resume from a checkpoint whose files are damaged (a bad disk, a cut copy, an edit): the
+    Trainer would stop on it with a traceback from safetensors or torch.load. Weights are checked to be whole
+    safetensors files, and the optimizer, scheduler and RNG states whole archives (every member's CRC)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    ckpt = Path(path)
+    for f in sorted(ckpt.iterdir()):
+        problem = ""
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt"):
+                    pass
+            elif f.suffix in (".pt", ".pth"):
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+                    problem = f"member {bad} fails its checksum" if bad else ""
+        except Exception as exc:  # noqa: BLE001 - safetensors and zipfile each raise their own kinds
+            problem = str(exc).strip() or type(exc).__name__
+        if problem:
+            earlier = sorted((p for p in ckpt.parent.glob("checkpoint-*")
+                              if p.name.removeprefix("checkpoint-").isdigit()
+                              and int(p.name.removeprefix("checkpoint-")) < checkpoint_step(path)),
+                             key=lambda p: int(p.name.removeprefix("checkpoint-")))
+            how = (f"delete '{ckpt}' and run the same command again to resume from {earlier[-1].name}" if earlier
+                   else f"delete '{ckpt}' and start over with --overwrite")
+            raise UsageError(f"--resume: checkpoint '{ckpt}' is damaged ({f.name}: {problem}); {how}")
 
 
 def whole_run_loss_mean(rows: list[dict[str, Any]], resume_step: int, segment_mean: float, last_step: int) -> float:

@@ -35,6 +35,7 @@ from ragtune.errors import UsageError
 from ragtune.train.callbacks import make_callbacks
 from ragtune.train.checkpoints import (
     RUN_SETTINGS,
+    check_checkpoint,
     check_resume_settings,
     checkpoint_step,
     last_complete_checkpoint,
@@ -165,6 +166,7 @@ def _resume_point(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> s
         if resume_from is None:
             again = "with --overwrite instead of --resume" if finished else "without --resume"
             raise UsageError(f"--resume: no checkpoint in '{ckpt_dir}' to continue from; start a new run {again}")
+        check_checkpoint(resume_from)
         return resume_from
     if (finished or has_ckpt) and not overwrite:
         what = "a trained adapter" if finished else "checkpoints of an unfinished run"

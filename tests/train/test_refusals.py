@@ -51,3 +51,32 @@ def test_resume_of_a_run_with_no_steps_left_is_refused_and_leaves_the_adapter_as
     assert _train(trainable_llama, qa_file, out, "train.epochs=1", "--resume") == 2
     assert "this run is 5 steps long (train.epochs=1): nothing is left to train" in capsys.readouterr().err
     assert _train(trainable_llama, qa_file, out, "train.epochs=2", "--resume") == 0
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_one_to_resume_from(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    assert _train(trainable_llama, qa_file, out, "train.max_steps=4", "train.save_total_limit=0") == 0
+    last = out / "checkpoints" / "checkpoint-4"
+    saved = tmp_path / "saved"
+    shutil.copytree(last, saved)
+    for name, cut in (("adapter_model.safetensors", "truncate"), ("optimizer.pt", "truncate"),
+                      ("optimizer.pt", "flip")):
+        f = last / name
+        data = bytearray((saved / name).read_bytes())
+        if cut == "truncate":
+            data = data[:len(data) - 10]
+        else:  # same length, damaged inside: only the archive's checksums tell
+            data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+        f.write_bytes(bytes(data))
+        capsys.readouterr()
+        assert _train(trainable_llama, qa_file, out, "train.max_steps=6", "--resume") == 2
+        err = capsys.readouterr().err
+        assert f"--resume: checkpoint '{last}' is damaged ({name}: " in err, err
+        assert f"delete '{last}' and run the same command again to resume from checkpoint-2" in err
+        assert "Traceback" not in err
+        f.write_bytes((saved / name).read_bytes())
+    shutil.rmtree(last)
+    assert _train(trainable_llama, qa_file, out, "train.max_steps=6", "--resume") == 0

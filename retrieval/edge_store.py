@@ -219,7 +219,13 @@ class EdgeStore(Store):
     def facet_doc_ids(self, limit: int) -> dict[str, int]:
         from qdrant_edge import FacetRequest
 
-        res = self.shard.facet(FacetRequest(key="doc_id", limit=max(1, limit), exact=True))
+        try:
+            res = self.shard.facet(FacetRequest(key="doc_id", limit=max(1, limit), exact=True))
+        except Exception as exc:  # the bindings raise plain Exception: a shard whose payload index is gone
+            raise RagtuneError(
+                f"cannot read the documents of index '{self.name}' at {self.shard_dir}: {exc}. The index is damaged "
+                f"(a file of it was deleted or not copied?): rebuild it with 'ragtune index drop {self.name}' and "
+                f"'ragtune index add PATH --index {self.name}'") from None
         return {str(h.value): int(h.count) for h in res.hits}
 
     def scroll(self, filters: dict[str, Any] | None, fields: list[str] | bool, with_vectors: bool,

@@ -129,3 +129,24 @@ def test_migrate_names_a_bad_or_unreachable_to(cfg: Config, docs: Path, capsys) 
     assert main(["-q", "index", "migrate", "--to", "http://127.0.0.1:1", emb]) == 1
     err = capsys.readouterr().err
     assert "cannot reach the Qdrant server at --to 'http://127.0.0.1:1'" in err and "fix --to" in err
+
+
+def test_an_index_whose_segments_were_deleted_is_reported_damaged_not_a_traceback(cfg: Config, docs: Path,
+                                                                                    capsys) -> None:
+    import json
+    import shutil
+
+    from ragtune.cli import main
+    from ragtune.retrieval.index_dirs import index_dir
+    from ragtune.retrieval.ingest import ingest
+
+    ingest(cfg, [str(docs)], progress=False)
+    shutil.rmtree(index_dir("default") / "shard" / "segments")  # a copy that left them out, say
+    ingest(cfg, [str(docs / "hr.md")], progress=False)
+    emb = f"embedder.path={cfg.embedder.path}"
+    assert main(["-q", "index", "list", emb]) == 1
+    err = capsys.readouterr().err
+    assert "cannot read the documents of index 'default'" in err and "ragtune index drop default" in err
+    assert main(["-q", "index", "list", "--all", "--json", emb]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["index"] == "default" and "The index is damaged" in row["error"]

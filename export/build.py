@@ -164,8 +164,8 @@ def _convert_lora(src: Source, out: Path, tmp: Path, base_gguf: str | Path | Non
     from ragtune.export.quantize import UNQUANTIZED_FILE_TYPES
 
     assert src.base_dir is not None
-    produced = convert_lora(src.path, src.base_dir, tmp / "lora.gguf", "f16")
     base_file = _base_gguf(src.base_dir, out, base_gguf)
+    produced = convert_lora(src.path, src.base_dir, tmp / "lora.gguf", "f16")
     report = None
     base_type = gguf_metadata(base_file, ["general.file_type"]).get("general.file_type")
     if check and base_type not in UNQUANTIZED_FILE_TYPES:
@@ -185,9 +185,22 @@ def _base_gguf(base_dir: Path, out: Path, base_gguf: str | Path | None) -> Path:
     if base_gguf:
         return Path(base_gguf).expanduser().resolve()  # checked by _check_request
     base_file = out.with_name(f"{base_dir.name}-f16.gguf")
+    cached = cached_gguf(base_dir, type="f16")
     if not base_file.exists():
-        _link_or_copy(cached_gguf(base_dir, type="f16"), base_file)
+        _link_or_copy(cached, base_file)
+    elif not _same_content(base_file, cached):  # another model's of that folder name: never name it as the base
+        raise UsageError(f"'{base_file}' is already there but is not the f16 export of '{base_dir}', the adapter's "
+                         "base (another model in a folder of that name?); move it away, export into another folder, "
+                         f"or pass --base-gguf {cached}")
     return base_file
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    from ragtune.modeling import cached_file_sha256
+
+    if os.path.samefile(a, b):  # the usual case: the link made by an earlier export
+        return True
+    return a.stat().st_size == b.stat().st_size and cached_file_sha256(a) == cached_file_sha256(b)
 
 
 def _convert_model(src: Source, tmp: Path, type: str, f16_gguf: str | Path | None, template: str | None,

@@ -467,3 +467,27 @@ def test_out_under_a_file_or_a_folder_is_refused_before_the_export(tiny_smol: Pa
     err = capsys.readouterr().err
     assert f"--modelfile '{tmp_path / 'notes.txt' / 'Modelfile'}': '{tmp_path / 'notes.txt'}' is a file" in err, err
     assert (tmp_path / "notes.txt").read_text() == "mine" and not any((tmp_path / "models.gguf").iterdir())
+
+
+@NEEDS_LLAMA_CPP
+def test_lora_export_never_names_another_models_f16_file_as_its_base(tiny_smol: Path, smol_tokenizer_dir: Path,
+                                                                    tiny_f16: dict[str, Any], llama_home: Path,
+                                                                    tmp_path: Path) -> None:
+    # the base GGUF linked beside OUT is named after the base's folder; one already there was taken as the base
+    # unchecked, so an adapter of another model in a folder of the same name got a Modelfile over the wrong base
+    from tests.export.conftest import make_adapter
+    from tests.tinymodels import build_tiny_smol
+
+    other = build_tiny_smol(tmp_path / "elsewhere" / tiny_smol.name, smol_tokenizer_dir, seed=7)
+    adapter = make_adapter(other, tmp_path / "adapter")
+    out = tmp_path / "out" / "lora.gguf"
+    out.parent.mkdir()
+    theirs = out.with_name(f"{tiny_smol.name}-f16.gguf")
+    shutil.copyfile(tiny_f16["path"], theirs)  # tiny_smol's f16 export, left by an earlier export into this folder
+    with pytest.raises(UsageError, match=f"'{theirs}' is already there but is not the f16 export of '{other}'"):
+        export_gguf(adapter, out, lora=True, check=False, threads=1)
+    assert not out.exists() and not (out.parent / "Modelfile").exists()
+    theirs.unlink()  # the right one, made and linked by the export itself, is reused on the next export
+    res = export_gguf(adapter, out, lora=True, check=False, threads=1)
+    assert res.entry["base_gguf"] == str(theirs)
+    assert export_gguf(adapter, out, lora=True, check=False, threads=1, force=True).entry["base_gguf"] == str(theirs)

@@ -182,7 +182,7 @@ def _run_merge(args: argparse.Namespace, cfg: Any) -> int:
 
     quiet_libraries()
 
-    out = merge_adapter(args.adapter, args.out, force=args.force, dtype=args.dtype)
+    out = merge_adapter(args.adapter, args.out, force=args.force, dtype=args.dtype, base_dir=args.base)
     print(f"merged model: {out}")
     return EXIT_OK
 
@@ -252,4 +252,7 @@ def register(sub: Any) -> None:
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    m.add_argument("--base", default="", metavar="DIR",
+                   help="the base model's folder, when it is no longer where the adapter was trained "
+                        "(checked by content hash; default: the folder the adapter's ragtune.json names)")
     m.set_defaults(func=_run_merge)

@@ -1,6 +1,7 @@
 """Merge a LoRA adapter into its base model: a plain safetensors model dir (transformers, vLLM).
 
     ragtune merge runs/adapter --out runs/merged
+    ragtune merge runs/adapter --out runs/merged --base /models/smollm2   # the base has moved since training
 
 The base comes from the adapter's run card and must still hash the same; the merged folder
 carries the tokenizer (with the pad token used in training) and the chat template trained with,
@@ -21,17 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = False,
-                  dtype: str = "auto") -> Path:
+                  dtype: str = "auto", base_dir: str | Path = "") -> Path:
+    """Merge the adapter into its base (`base_dir`, else the folder its run card names; either way checked
+    by content hash) and write the merged model folder whole."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ragtune.io import atomic_dir, check_output_dir
     from ragtune.modeling import check_adapter_dir, check_memory, text_sha256
-    from ragtune.runcard import adapter_base, update_runcard
+    from ragtune.runcard import update_runcard
 
     adapter = check_adapter_dir(Path(adapter_dir).expanduser())
-    card, base = adapter_base(adapter)
+    card, base = _base_of(adapter, base_dir)
     out = check_output_dir(out_dir, "--out", force, {"adapter": adapter, "base model": base})
     template = card["chat_template"]["template"]
     src_dtype = json.loads((base / "config.json").read_text()).get("dtype") or "float32"
@@ -67,3 +70,27 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     update_runcard(adapter, exports=exports)
     log.info("merged %s into %s -> %s in %.1fs", adapter, base, out, time.time() - t0)
     return out
+
+
+def _base_of(adapter: Path, base_dir: str | Path) -> tuple[dict[str, Any], Path]:
+    """The adapter's run card and base model folder: `base_dir` (--base) when given, else the one the card
+    names; a base that has moved since training is asked for by --base, never guessed."""
+    from ragtune.errors import ModelPathError
+    from ragtune.modeling import check_model_dir, model_hash
+    from ragtune.runcard import adapter_base, check_compatible, read_runcard
+
+    if base_dir:
+        card = read_runcard(adapter)
+        base = check_model_dir(base_dir, what="--base")
+        check_compatible(card, model_hash(base), str(base))
+        return card, base
+    try:
+        return adapter_base(adapter)
+    except ModelPathError:
+        recorded = read_runcard(adapter)["base_model"]
+        if Path(recorded["path"]).expanduser().exists():
+            raise
+        raise ModelPathError(
+            f"the adapter's base model '{recorded['path']}' (named in {adapter / 'ragtune.json'}) is not there any "
+            f"more; pass --base DIR with that model where it is now (checked by content hash, "
+            f"{str(recorded.get('hash', ''))[:12]})") from None

@@ -80,3 +80,29 @@ def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_one_to_resume_f
         f.write_bytes((saved / name).read_bytes())
     shutil.rmtree(last)
     assert _train(trainable_llama, qa_file, out, "train.max_steps=6", "--resume") == 0
+
+
+def test_merge_of_an_adapter_whose_base_moved_asks_for_base_and_checks_it_by_hash(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(trainable_llama, base)
+    adapter = tmp_path / "adapter"
+    assert _train(base, qa_file, adapter, "train.max_steps=1") == 0
+    moved = base.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"the adapter's base model '{base}' (named in {adapter / 'ragtune.json'}) is not there any more; pass " \
+           "--base DIR with that model where it is now" in err, err
+    assert "models prepare" not in err and not (tmp_path / "m").exists()
+    other = tmp_path / "other"  # another model: refused by its hash
+    shutil.copytree(moved, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "m"), "--base", str(other)]) == 2
+    assert "hash" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "m"), "--base", str(moved)]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()

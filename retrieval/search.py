@@ -185,7 +185,12 @@ class Retriever:
         if self.store is None:
             self.load()
         if not query or not query.strip():
-            raise UsageError("the search query is empty")
+            raise UsageError("the search query is empty; give the words to search for")
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes from argv or stdin that are not UTF-8 (surrogate escapes)
+            raise UsageError(f"the search query is not valid UTF-8 text (an undecodable byte at character "
+                             f"{exc.start + 1}); give it in UTF-8 (check the terminal's or the file's encoding)") from None
         mode = mode or self.cfg.search.mode
         if mode not in MODES:
             raise UsageError(f"search mode '{mode}' is not one of {', '.join(MODES)}")

@@ -208,3 +208,14 @@ def test_equal_scores_rank_by_source_wherever_the_folder_lies(cfg: Config, tmp_p
         with Retriever(c) as r:
             orders.append([Path(h["source"]).name for h in r.search("where do visitors sign in", top_k=6, mode=mode)])
     assert orders[0] == orders[1] == sorted(names)
+
+
+def test_a_query_that_is_not_utf8_is_refused_not_a_tokenizer_traceback(cfg: Config, docs: Path, capsys) -> None:
+    import os
+
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]
+    assert main(["index", "add", str(docs), "--no-progress", *args]) == 0
+    capsys.readouterr()
+    query = os.fsdecode(b"caf\xe9 opening hours")  # what Python makes of a Latin-1 argument on a UTF-8 system
+    assert main(["search", query, *args]) == 2
+    assert "the search query is not valid UTF-8 text (an undecodable byte at character 4)" in capsys.readouterr().err

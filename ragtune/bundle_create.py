@@ -236,9 +236,13 @@ def write_manifest(tmp: Path, contents: dict[str, Any], platform: str, deps: str
 def write_tar(out: Path) -> Path:
     tar_path = out.with_suffix(".tar")
     tmp_tar = tar_path.with_name(f".{tar_path.name}.tmp")
-    with tarfile.open(tmp_tar, "w") as tf:
-        tf.add(out, arcname=out.name)
-    os.replace(tmp_tar, tar_path)
+    try:
+        with tarfile.open(tmp_tar, "w") as tf:
+            tf.add(out, arcname=out.name)
+        os.replace(tmp_tar, tar_path)
+    except BaseException:  # interrupted or the disk filled: no half-written .tar left behind
+        tmp_tar.unlink(missing_ok=True)
+        raise
     return tar_path
 
 

@@ -11,6 +11,7 @@ import site
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,6 +208,27 @@ def test_a_cut_short_or_edited_tar_is_named_and_nothing_is_unpacked(small_bundle
             restore_bundle(tar)
         assert [p.name for p in tar.parent.iterdir()] == ["b.tar"]
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_an_interrupted_tar_leaves_nothing_behind(small_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while OUT.tar was written left the hidden .OUT.tar.tmp (as big as the bundle) behind
+    import tarfile
+
+    from ragtune.bundle import write_tar
+
+    real_addfile = tarfile.TarFile.addfile
+    written: list[str] = []
+
+    def interrupted(self: tarfile.TarFile, tarinfo: tarfile.TarInfo, fileobj: Any = None) -> None:
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(tarinfo.name)
+        real_addfile(self, tarinfo, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_tar(small_bundle)
+    assert len(written) == 3 and sorted(p.name for p in small_bundle.parent.iterdir()) == ["bundle"]
 
 
 def test_create_checks_inputs_first(tmp_path: Path) -> None:

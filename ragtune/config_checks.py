@@ -135,6 +135,9 @@ def check_together(cfg: Config, given: set[str], where: str, problems: list[str]
     t = cfg.train
     check(("train.epochs", "train.max_steps"), t.epochs > 0 or (t.epochs == 0 and t.max_steps > 0),
           f"must be more than 0 (0 only when train.max_steps > 0 sets the length), got {t.epochs!r}")
+    check(("train.output_dir",), bool(t.output_dir.strip()),
+          "is empty (an unset shell variable?): the adapter would be written into the current folder; name the "
+          "folder for it, e.g. train.output_dir=runs/adapter")
     targets = t.lora.target_modules
     check(("train.lora.target_modules",), bool(targets) and ("all-linear" not in targets or len(targets) == 1),
           "must name the modules LoRA adapts (q_proj,v_proj) or be all-linear alone (every linear layer but the "

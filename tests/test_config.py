@@ -457,3 +457,15 @@ def test_a_key_given_twice_in_the_yaml_is_an_error_naming_both_lines(tmp_path: P
     # the same key in two sections, a merge key and a self-referring alias are not repeats
     p = write(tmp_path, "model:\n  device: cpu\nembedder:\n  device: cpu\ntrain:\n  <<: {epochs: 1}\n  epochs: 2\n")
     assert load_config(p).train.epochs == 2
+
+
+def test_an_empty_output_dir_is_refused_not_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`train.output_dir=$OUT` with OUT unset resolved to the current folder, which the finished run replaced."""
+    with pytest.raises(ConfigError, match=r"key 'train.output_dir': is empty \(an unset shell variable\?\)"):
+        load_config(None, ["train.output_dir="])
+    with pytest.raises(ConfigError, match="key 'train.output_dir': is empty"):
+        load_config(write(tmp_path, "train:\n  output_dir: ' '\n"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "train.output_dir=", "data.train_file=x.jsonl"]) == 2
+    assert "train.output_dir" in capsys.readouterr().err

@@ -84,6 +84,9 @@ def create_bundle(
                                                            ("index", inputs.indexes), ("config", inputs.configs),
                                                            ("wheel", inputs.wheels)) for p in paths}
     out = check_output_dir(out, "bundle dir", force, carried)
+    if tar and out.with_suffix(".tar").exists() and not force:  # said now, not after the bundle is written
+        raise UsageError(f"'{out.with_suffix('.tar')}' already exists; pass --force to replace it with the new "
+                         "bundle's .tar, or name another bundle dir")
     if deps == "all" and platform == "cpu" and torch_index_url():
         check_index_reachable(torch_index_url())  # before copying anything: pip would wait for minutes
     t0 = time.perf_counter()

@@ -231,6 +231,14 @@ def test_an_interrupted_tar_leaves_nothing_behind(small_bundle: Path, monkeypatc
     assert len(written) == 3 and sorted(p.name for p in small_bundle.parent.iterdir()) == ["bundle"]
 
 
+def test_an_existing_tar_is_replaced_only_with_force(tiny_llama: Path, tmp_path: Path) -> None:
+    # bundle create OUT --tar replaced an existing OUT.tar (another bundle's) without --force
+    (tmp_path / "b.tar").write_bytes(b"another bundle")
+    with pytest.raises(UsageError, match=r"'.*b.tar' already exists; pass --force to replace it"):
+        create_bundle(tmp_path / "b", models=[str(tiny_llama)], deps="none", default_models=False, tar=True)
+    assert (tmp_path / "b.tar").read_bytes() == b"another bundle" and not (tmp_path / "b").exists()
+
+
 def test_create_checks_inputs_first(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="has no adapter_config.json"):
         create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)

@@ -67,6 +67,7 @@ from typing import Any, Sequence
 from ragtune.errors import PromptTooLong, RagtuneError, UsageError
 from ragtune.serve.decoding import GeneratorDecoding
 from ragtune.serve.loading import EngineUnavailable, GeneratorLoading, _Adapter, check_engine
+from ragtune.serve.prompt_ids import mask_typed, prompt_ids
 from ragtune.serve.stops import cut_at_stop, held_back
 from ragtune.serve.streaming import AnswerStream
 
@@ -295,16 +296,17 @@ class Generator(GeneratorLoading, GeneratorDecoding):
                 msgs = rag_messages(msgs, sources, rcfg.system_prompt)
         template = self.adapters[name].template if name else None
         rendering = None
-        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs):
+        masked, typed = mask_typed(self.tokenizer, msgs)  # a typed <|im_start|> stays text (serve/prompt_ids.py)
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in masked):
             from ragtune.serve.tools import render_with_tools  # `tools` is a ragtune.serve.tools.ToolPlan
 
             try:
-                prompt, rendering = render_with_tools(self.tokenizer, msgs, tools, template)
+                prompt, rendering = render_with_tools(self.tokenizer, masked, tools, template)
             except ValueError as exc:
                 raise UsageError(f"model '{self.base_path}': {exc}") from exc
         else:
-            prompt = self._render(msgs, template)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            prompt = self._render(masked, template)
+        ids, prompt = prompt_ids(self.tokenizer, prompt, typed)
         new = int(gcfg.max_new_tokens if max_new_tokens is None else max_new_tokens)
         if new < 1:
             raise UsageError(f"max_new_tokens must be at least 1, got {new}")

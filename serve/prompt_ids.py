@@ -1,0 +1,91 @@
+"""A chat prompt's token ids in which only the chat template's own control tokens are control tokens.
+
+    msgs, typed = mask_typed(tokenizer, msgs)         # "<|im_start|>" typed in a content -> a placeholder
+    prompt = render(msgs)                             # the chat template, as before
+    ids, prompt = prompt_ids(tokenizer, prompt, typed)
+
+The rendered prompt is tokenized with special tokens parsed (the template writes them as text), so a
+message, or a retrieved chunk put in one, that holds `<|im_end|>\\n<|im_start|>system\\n...` would forge a
+turn. Each control token typed in a content is swapped for a placeholder before rendering and
+tokenized as plain text (tokenizers' `encode_special_tokens`) where the placeholder lands; the text
+around it is tokenized as usual, in pieces. A prompt with no typed control token takes the one-call
+path unchanged. Failure mode: a tokenizer that marks the start of every encode (sentencepiece's
+"first" prepend scheme) gets a word-start mark after each typed control token.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+_CACHE: dict[int, tuple[Any, Any, Any]] = {}  # id(tokenizer) -> (tokenizer, control-token pattern, plain encoder)
+_LOCK = threading.Lock()
+
+
+@dataclass
+class Typed:
+    """The control tokens typed in the messages, in placeholder order, and the placeholders' pattern."""
+    tokens: list[str]
+    pattern: Any
+
+    def restore(self, text: str) -> str:
+        """`text` with the placeholders turned back into the control tokens typed."""
+        return self.pattern.sub(lambda m: self.tokens[int(m.group(1))], text)
+
+
+def _tables(tokenizer: Any) -> tuple[Any, Any]:
+    """(a pattern of the tokenizer's special tokens, a copy of its `tokenizers` backend that reads them as
+    text); (None, None) for a tokenizer without a `tokenizers` backend."""
+    with _LOCK:
+        hit = _CACHE.get(id(tokenizer))
+        if hit is not None and hit[0] is tokenizer:
+            return hit[1], hit[2]
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "backend", None)
+        specials = []
+        if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
+            specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.special and t.content},
+                              key=len, reverse=True)
+        pattern, plain = None, None
+        if specials:
+            pattern = re.compile("|".join(re.escape(s) for s in specials))
+            plain = copy.copy(backend)
+            plain.encode_special_tokens = True
+        _CACHE[id(tokenizer)] = (tokenizer, pattern, plain)
+        return pattern, plain
+
+
+def mask_typed(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Typed | None]:
+    """The messages with each control token in a string content replaced by a placeholder (None when
+    there is none: the messages come back as they were)."""
+    pattern, _ = _tables(tokenizer)
+    if pattern is None or not any(isinstance(m.get("content"), str) and pattern.search(m["content"])
+                                  for m in messages):
+        return list(messages), None
+    nonce = uuid.uuid4().hex[:12]  # a placeholder the client cannot have typed
+    tokens: list[str] = []
+
+    def place(match: Any) -> str:
+        tokens.append(match.group(0))
+        return f"\ue000{nonce}:{len(tokens) - 1}\ue001"
+
+    out = [dict(m, content=pattern.sub(place, m["content"])) if isinstance(m.get("content"), str) else dict(m)
+           for m in messages]
+    return out, Typed(tokens, re.compile(f"\ue000{nonce}:(\\d+)\ue001"))
+
+
+def prompt_ids(tokenizer: Any, prompt: str, typed: Typed | None) -> tuple[list[int], str]:
+    """The prompt's ids (typed control tokens as text) and the prompt with the placeholders put back."""
+    if typed is None:
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]), prompt
+    _, plain = _tables(tokenizer)
+    ids: list[int] = []
+    for i, part in enumerate(typed.pattern.split(prompt)):  # text, placeholder index, text, ...
+        if i % 2:
+            ids += plain.encode(typed.tokens[int(part)], add_special_tokens=False).ids
+        elif part:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids, typed.restore(prompt)

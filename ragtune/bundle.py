@@ -142,6 +142,8 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
             base = base_by_hash.get(a.get("base_hash") or "")
             if base is not None:
                 repoint_adapter(tmp, base)
+            else:
+                _warn_base_not_here(a["name"], tmp)
         done["adapters"].append(str(dest))
     for item in manifest["contents"].get("llama_cpp", []):
         dest = home / "llama.cpp" / item["name"]
@@ -167,6 +169,20 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         shutil.copy2(root / c["path"], dest)
         done["configs"].append(str(dest))
     return done
+
+
+def _warn_base_not_here(name: str, adapter: Path) -> None:
+    """An adapter whose base model the bundle does not carry works only where that model already is."""
+    try:
+        base = json.loads((adapter / "ragtune.json").read_text(encoding="utf-8")).get("base_model") or {}
+    except (OSError, ValueError):
+        base = {}
+    path = str(base.get("path") or "")
+    if path and Path(path).is_dir():
+        return
+    log.warning("adapter '%s': its base model (%s, hash %s) is not in this bundle and not at that path here; bring "
+                "it (ragtune bundle create --model DIR) or give it with model.path=DIR when you use the adapter",
+                name, path or "not recorded", str(base.get("hash") or "?")[:12])
 
 
 def _check_contents(manifest: dict[str, Any], root: Path) -> None:

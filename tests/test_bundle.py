@@ -239,6 +239,18 @@ def test_an_existing_tar_is_replaced_only_with_force(tiny_llama: Path, tmp_path:
     assert (tmp_path / "b.tar").read_bytes() == b"another bundle" and not (tmp_path / "b").exists()
 
 
+def test_restore_warns_of_an_adapter_whose_base_did_not_come(tiny_llama: Path, tmp_path: Path, ragtune_home: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # the adapter was restored in silence, still pointing at the connected side's base: it failed on first use
+    adapter = fake_adapter(tiny_llama, tmp_path / "policies")
+    out = create_bundle(tmp_path / "b", adapters=[str(adapter)], deps="none", default_models=False)
+    with caplog.at_level("WARNING", logger="ragtune.bundle"):
+        done = restore_bundle(out)
+    assert done["adapters"] == [str(ragtune_home / "adapters" / "policies")]
+    assert ("adapter 'policies': its base model (/connected/side/base, hash " + model_hash(tiny_llama)[:12]
+            + ") is not in this bundle and not at that path here") in caplog.text
+
+
 def test_create_checks_inputs_first(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="has no adapter_config.json"):
         create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ragtune.errors import EXIT_OK, EXIT_PARTIAL, RagtuneError, UsageError
+from ragtune.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, RagtuneError, UsageError
 from ragtune.eval.modes import EvalAdapter, adapter_of, parse_adapters, parse_modes, uses_retrieval
 from ragtune.eval.questions import Question, load_questions
 from ragtune.eval.report import CostRow, human_seconds, write_report
@@ -52,7 +52,11 @@ class EvalResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_PARTIAL if self.errors else EXIT_OK
+        """0; 3 when some answers failed; 1 when every one did (nothing was measured)."""
+        if not self.errors:
+            return EXIT_OK
+        total = sum(len(recs) for recs in self.runs.values())
+        return EXIT_FAILED if total and self.errors >= total else EXIT_PARTIAL
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ragtune.config import load_config
-from ragtune.errors import EXIT_PARTIAL, UsageError
+from ragtune.errors import EXIT_FAILED, EXIT_PARTIAL, UsageError
 from ragtune.eval.cost import Timer, ingest_cost, load_cost_file, timed, training_cost
 from ragtune.eval.run import parse_modes, run_eval
 from ragtune.runcard import write_runcard
@@ -179,6 +179,11 @@ def test_run_eval_modes_errors_and_partial(tmp_path: Path) -> None:
     rec = res.report["questions"][-1]["answers"]["base"]
     assert rec["error"] == "the prompt is too long" and rec["scores"]["correct"] == 0.0
     assert res.report["speed"]["base"]["errors"] == 1
+    # every answer failed: nothing was measured, so the run failed (it was "partial success", exit 3)
+    q.write_text("".join(json.dumps({"id": f"b{i}", "question": "boom", "answer": "x"}) + "\n" for i in range(2)))
+    res = run_eval(cfg, questions=q, modes="base", out_dir=tmp_path / "o", progress=False,
+                   generator=ScriptedGenerator(TABLE))
+    assert res.errors == 2 and res.exit_code == EXIT_FAILED and res.paths["md"].is_file()
 
 
 def test_questions_the_adapter_was_trained_on_are_named(tmp_path: Path, caplog) -> None:

@@ -121,9 +121,22 @@ def _check_request(source: str | Path, out: str | Path, type: str, lora: bool, f
     if lora and type != "f16":
         raise UsageError("--lora writes the adapter in f16 (its base GGUF may be quantized); drop --type")
     _require_template(src)
+    if lora:  # the LoRA file must not take the place of the base GGUF its Modelfile names
+        assert src.base_dir is not None
+        base_file = Path(base_gguf).expanduser().resolve() if base_gguf else _base_beside(out, src.base_dir)
+        if base_file == out:
+            raise UsageError(f"--out '{out}' is the base GGUF the LoRA file is used over ("
+                             + ("--base-gguf" if base_gguf else "its base's f16 export is linked there")
+                             + "); name the LoRA file otherwise, e.g. --out "
+                             + str(out.with_name(out.stem + "-lora.gguf")))
     if base_gguf:
         _check_base_gguf(Path(base_gguf).expanduser().resolve())
     return out, src
+
+
+def _base_beside(out: Path, base_dir: Path) -> Path:
+    """Where a LoRA export links its base's f16 file when no --base-gguf is given."""
+    return out.with_name(f"{base_dir.name}-f16.gguf")
 
 
 def _check_base_gguf(path: Path) -> None:
@@ -184,7 +197,7 @@ def _base_gguf(base_dir: Path, out: Path, base_gguf: str | Path | None) -> Path:
 
     if base_gguf:
         return Path(base_gguf).expanduser().resolve()  # checked by _check_request
-    base_file = out.with_name(f"{base_dir.name}-f16.gguf")
+    base_file = _base_beside(out, base_dir)
     cached = cached_gguf(base_dir, type="f16")
     if not base_file.exists():
         _link_or_copy(cached, base_file)

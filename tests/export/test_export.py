@@ -491,3 +491,16 @@ def test_lora_export_never_names_another_models_f16_file_as_its_base(tiny_smol: 
     res = export_gguf(adapter, out, lora=True, check=False, threads=1)
     assert res.entry["base_gguf"] == str(theirs)
     assert export_gguf(adapter, out, lora=True, check=False, threads=1, force=True).entry["base_gguf"] == str(theirs)
+
+
+def test_a_lora_out_that_is_its_base_gguf_is_refused(tiny_adapter: Path, tiny_smol: Path, ragtune_home: Path,
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --out named like the base's f16 file (or the --base-gguf itself): the LoRA replaced the base it was
+    # linked over, and the Modelfile's FROM and ADAPTER both named the LoRA file
+    for out, extra, said in [(tmp_path / f"{tiny_smol.name}-f16.gguf", [], "its base's f16 export is linked there"),
+                             (tmp_path / "base.gguf", ["--base-gguf", str(tmp_path / "base.gguf")], "(--base-gguf)")]:
+        assert main(["export", "gguf", str(tiny_adapter), "--lora", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--out '{out}' is the base GGUF the LoRA file is used over" in err and said in err, err
+        assert f"--out {out.with_name(out.stem + '-lora.gguf')}" in err and "converter" not in err
+    assert not any(tmp_path.glob("*.gguf"))

@@ -36,8 +36,8 @@ def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[st
             states = store.doc_states()
             doomed: dict[str, str] = {}
             for want in sources:
-                p = Path(want).expanduser()
-                absolute = str(p.resolve()) if p.exists() or p.is_absolute() else None
+                # a path as the shell gives it, also of a file already deleted (the usual reason to remove it)
+                absolute = str(Path(want).expanduser().resolve())
                 hits = []
                 for st in states.values():
                     f = state_file(st)

@@ -86,8 +86,10 @@ def collect(paths: Iterable[str | Path], follow_links: bool = False, unlisted: l
                              "documents to index ('.' for the working folder)")
         p = Path(raw).expanduser()
         if not p.exists():
-            why = "is a symbolic link loop" if _resolve(p) is None else "does not exist"
-            raise UsageError(f"path '{raw}' {why}; give files or folders of documents to index")
+            if _resolve(p) is None:
+                raise UsageError(f"path '{raw}' is a symbolic link loop; give files or folders of documents to index")
+            raise UsageError(f"path '{raw}' does not exist; give files or folders of documents to index (to take "
+                             f"a deleted file out of an index: 'ragtune index remove {raw}', or sync its folder)")
         p = p.resolve()
         if not _utf8(str(p)):
             raise UsageError(f"path '{_shown(str(p))}' is not valid UTF-8, which sources in an index and citations "

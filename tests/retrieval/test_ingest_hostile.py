@@ -302,3 +302,16 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_the_fix(cfg: Config, tmp_p
     os.mkdir(bad_root)
     assert main(["-q", "index", "add", os.fsdecode(bad_root), emb, "--no-progress"]) == 2
     assert "caf\ufffd' is not valid UTF-8" in capsys.readouterr().err
+
+
+def test_index_remove_takes_the_relative_path_of_a_file_already_deleted(cfg: Config, docs: Path, monkeypatch,
+                                                                        capsys) -> None:
+    ingest(cfg, [str(docs)], progress=False)
+    (docs / "hr.md").unlink()  # the usual reason to remove it
+    (docs / "ko" / "seoul.txt").unlink()
+    monkeypatch.chdir(docs.parent)
+    assert main(["-q", "index", "remove", "docs/hr.md", "./docs/ko", "--json", f"embedder.path={cfg.embedder.path}"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == ["hr.md", "ko/seoul.txt"]
+    assert "hr.md" not in sources(snapshot())
+    assert main(["-q", "index", "sync", "docs/hr.md", f"embedder.path={cfg.embedder.path}"]) == 2
+    assert "take a deleted file out of an index: 'ragtune index remove docs/hr.md'" in capsys.readouterr().err

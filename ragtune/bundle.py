@@ -207,6 +207,10 @@ def _check_contents(manifest: dict[str, Any], root: Path) -> None:
                 problems.append(f"{where}: name {name!r} is not a plain file or folder name")
             if not isinstance(path, str) or not inside(path) or not (root / path).exists():
                 problems.append(f"{where}: path {path!r} is not a file or folder of the bundle")
+            trimmed = item.get("trimmed") or {} if isinstance(item, dict) else {}
+            if not isinstance(trimmed, dict) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in trimmed.values()):
+                problems.append(f"{where}: trimmed {trimmed!r} is not {{file: size in bytes}}")
     if problems:
         raise CheckFailed(f"{root / MANIFEST} is damaged or was edited, nothing was restored:\n  "
                           + "\n  ".join(problems) + "\ncopy the bundle again")

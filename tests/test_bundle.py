@@ -157,6 +157,11 @@ def test_an_edited_manifest_cannot_reach_outside_the_bundle_or_home(small_bundle
                                           "not a plain"):
         restore_bundle(small_bundle)
     assert (victim / "precious.txt").read_text() == "mine" and not (ragtune_home / "models").exists()
+    edited = json.loads(json.dumps(manifest))  # an index's trimmed sizes were int()-ed: a ValueError traceback
+    edited["contents"]["indexes"] = [{"name": "policies", "path": "configs", "trimmed": {"a.dat": "lots"}}]
+    mf.write_text(json.dumps(edited))
+    with pytest.raises(CheckFailed, match=r"contents.indexes\[0\]: trimmed \{'a.dat': 'lots'\} is not"):
+        restore_bundle(small_bundle)
 
 
 def test_install_refuses_a_venv_folder_that_holds_other_files(small_bundle: Path, tmp_path: Path) -> None:

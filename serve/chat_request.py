@@ -137,7 +137,29 @@ def to_messages(req: ChatRequest) -> list[dict[str, str]]:
                     **tool_fields(m.model_dump(), i)})
     if not any(m["role"] == "user" for m in out):
         raise APIError(400, "messages need at least one user message", param="messages", code="invalid_request")
+    pair_tool_results(out)
     return out
+
+
+def pair_tool_results(messages: list[dict[str, Any]]) -> None:
+    """Each tool message answers a call an earlier assistant turn made (OpenAI's rule): its tool_call_id
+    is checked, and the call's function name is put on it where the client left it out (OpenAI's tool
+    messages carry none; the generic tool rendering shows the model that name)."""
+    calls: dict[str, str] = {}  # call id -> function name
+    for i, m in enumerate(messages):
+        for c in m.get("tool_calls") or ():
+            if c["id"]:
+                calls[c["id"]] = c["function"]["name"]
+        if m["role"] != "tool":
+            continue
+        cid = m["tool_call_id"]
+        if cid not in calls:
+            made = ", ".join(f"{k} ({v})" for k, v in list(calls.items())[-8:]) or "none"
+            shown = cid if len(cid) <= 80 else cid[:80] + "..."
+            raise APIError(400, f"messages[{i}]: tool_call_id '{shown}' answers no call of an earlier assistant turn "
+                           f"(calls made: {made}); send the id of the tool_calls entry this result answers",
+                           param=f"messages.{i}.tool_call_id", code="invalid_request")
+        m.setdefault("name", calls[cid])
 
 
 def tool_fields(m: dict[str, Any], i: int) -> dict[str, Any]:

@@ -105,6 +105,31 @@ def test_a_tool_result_is_accepted_in_the_next_request(client: Any, loaded_gen: 
     assert '"name": "add"' in job.prompt and job.rendering == "generic"
 
 
+def test_a_tool_result_names_its_call_or_is_refused(client: Any, loaded_gen: Any) -> None:
+    """OpenAI's tool messages carry tool_call_id, not the function's name: the generic rendering showed the
+    model `<tool_response name="">`, and a result answering no call was taken as if it did."""
+    import httpx
+
+    from ragtune.serve.chat_request import ChatRequest, to_messages
+
+    made = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}
+    history = ASK + [made, {"role": "tool", "tool_call_id": "c1", "content": "18 C, sunny"}]
+    msgs = to_messages(ChatRequest.model_validate({"model": "base", "messages": history}))
+    assert msgs[-1]["name"] == "get_weather"
+    job = loaded_gen.prepare(msgs, tools=None)
+    assert '<tool_response name="get_weather" id="c1">\n18 C, sunny\n</tool_response>' in job.prompt
+    url = str(client.base_url).rstrip("/") + "/chat/completions"
+    for wrong, at in ((history[:1] + [{"role": "tool", "tool_call_id": "c1", "content": "r"}], 1),
+                      (history[:-1] + [{"role": "tool", "tool_call_id": "c2", "content": "r"}], 2)):
+        r = httpx.post(url, json={"model": "base", "messages": wrong, "tools": TOOLS}, timeout=30)
+        assert r.status_code == 400, r.text
+        e = r.json()["error"]
+        assert e["param"] == f"messages.{at}.tool_call_id" and "answers no call" in e["message"], e
+    r = httpx.post(url, json={"model": "base", "messages": history, "tools": TOOLS, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("body, param", [
     ({"tools": "nope"}, "tools"),
     ({"tools": [{"type": "function"}]}, "tools.0"),

@@ -158,9 +158,9 @@ def test_an_edited_manifest_cannot_reach_outside_the_bundle_or_home(small_bundle
         restore_bundle(small_bundle)
     assert (victim / "precious.txt").read_text() == "mine" and not (ragtune_home / "models").exists()
     edited = json.loads(json.dumps(manifest))  # an index's trimmed sizes were int()-ed: a ValueError traceback
-    edited["contents"]["indexes"] = [{"name": "policies", "path": "configs", "trimmed": {"a.dat": "lots"}}]
+    edited["contents"]["indexes"] = [{"name": "policies", "path": "configs", "trimmed": {"default.yaml": "lots"}}]
     mf.write_text(json.dumps(edited))
-    with pytest.raises(CheckFailed, match=r"contents.indexes\[0\]: trimmed \{'a.dat': 'lots'\} is not"):
+    with pytest.raises(CheckFailed, match=r"contents.indexes\[0\]: trimmed \{'default.yaml': 'lots'\} is not"):
         restore_bundle(small_bundle)
 
 

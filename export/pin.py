@@ -99,7 +99,8 @@ def converter_dir() -> Path:
     sdist = verify_sdist()
     out = llama_cpp_dir() / f"converter-{LLAMA_CPP_PYTHON_VERSION}"
     stamp = out / ".sdist-sha256"
-    if stamp.is_file() and stamp.read_text().strip() == SDIST_SHA256:
+    whole = all((out / f).is_file() for f in CONVERTER_FILES)  # a script removed since: unpack again
+    if whole and stamp.is_file() and stamp.read_text().strip() == SDIST_SHA256:
         return out
     log.info("unpacking llama.cpp's converter from %s", sdist)
     with atomic_dir(out) as tmp, tarfile.open(sdist, "r:gz") as tar:

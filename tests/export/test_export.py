@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -504,3 +505,13 @@ def test_a_lora_out_that_is_its_base_gguf_is_refused(tiny_adapter: Path, tiny_sm
         assert f"--out '{out}' is the base GGUF the LoRA file is used over" in err and said in err, err
         assert f"--out {out.with_name(out.stem + '-lora.gguf')}" in err and "converter" not in err
     assert not any(tmp_path.glob("*.gguf"))
+
+
+def test_a_converter_folder_missing_a_script_is_unpacked_again(real_sdist: Path, ragtune_home: Path) -> None:
+    # a converter folder with its stamp but without convert_hf_to_gguf.py was used as it was: every export then
+    # failed in the converter subprocess, blamed on the model's architecture
+    (ragtune_home / "llama.cpp").mkdir(parents=True)
+    os.symlink(real_sdist, ragtune_home / "llama.cpp" / SDIST_NAME)
+    conv = converter_dir()
+    (conv / "convert_hf_to_gguf.py").unlink()
+    assert converter_dir() == conv and (conv / "convert_hf_to_gguf.py").is_file()

@@ -4,6 +4,7 @@ at all (temp + rename); and, for a dry run, the plan it prints instead.
     metrics = run_metrics(trainer, result, train_secs, rows, resume_step, has_eval)
     write_adapter(out, staging, ckpt_dir, prep, run_card(cfg, prep, metrics, training), rows)
     plan = dry_run_plan(trainer, cfg.train, enc, n_tokens, n_trained, n_eval, resume_step, training)
+    with output_lock(out): ...                            # one run per output folder; a second is refused
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from ragtune.errors import UsageError
 
 from ragtune.train.callbacks import records_per_step
 from ragtune.train.checkpoints import whole_run_loss_mean
@@ -105,6 +109,45 @@ def write_adapter(out: Path, staging: Path, ckpt_dir: Path, prep: Any, card: dic
         plot_losses(rows, tmp / "loss.png")
         if ckpt_dir.exists():
             os.replace(ckpt_dir, tmp / CHECKPOINTS)
+
+
+@contextmanager
+def output_lock(out: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold `out`'s run lock (an fcntl lock on .ragtune-train-NAME.lock beside it: the folder itself is
+    replaced whole at the end) for a run, so a second `ragtune train` into the same folder is refused instead
+    of mixing its checkpoints and metrics with the first's. The lock dies with its process; a folder the run
+    made only to hold the lock is removed again when the run wrote nothing."""
+    import fcntl
+
+    if not enabled:
+        yield
+        return
+    parent = out.parent
+    made = [p for p in (parent, *parent.parents) if not p.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    path = parent / f".ragtune-train-{out.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        raise UsageError(f"train.output_dir '{out}' is in use by another 'ragtune train' ({holder or 'running'}); "
+                         "wait for it to finish, or set train.output_dir to another folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        if made and not out.exists():
+            path.unlink(missing_ok=True)
+            for p in made:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def dry_run_plan(trainer: Any, tc: Any, enc: dict[str, list[list[int]]], n_tokens: int, n_trained: int,

@@ -52,7 +52,8 @@ from ragtune.train.device import (
     packing_supported,
     set_threads,
 )
-from ragtune.train.outputs import CHECKPOINTS, METRICS, dry_run_plan, run_card, run_metrics, write_adapter
+from ragtune.train.outputs import (CHECKPOINTS, METRICS, dry_run_plan, output_lock, run_card, run_metrics,
+                                   write_adapter)
 from ragtune.train.prepare import (  # noqa: F401  (Prepared, PAD_CANDIDATES, template_text_sample: re-exported)
     PAD_CANDIDATES,
     Prepared,
@@ -78,7 +79,14 @@ def _out_state(out: Path) -> tuple[bool, bool]:
 def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> Any:
     """Train a LoRA adapter per `cfg`; return the output folder (adapter + run card). With `dry_run`,
     check and prepare everything, time two batches, and return the plan (a dict) without training or
-    writing anything.
+    writing anything. One run at a time per output folder (`output_lock`): a second is refused at once."""
+    out = Path(cfg.train.output_dir).expanduser().resolve()
+    with output_lock(out, enabled=not dry_run and first_process()):
+        return _run(cfg, out, resume, overwrite, dry_run)
+
+
+def _run(cfg: Any, out: Path, resume: bool, overwrite: bool, dry_run: bool) -> Any:
+    """run_train's work, under the output folder's lock.
 
     Steps: check the output folder (`_resume_point`), prepare the data (`prepare`), load the base model
     for training (`_load_for_training`), encode the records (`_encode_sets`), build the Trainer
@@ -88,7 +96,6 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
 
     t_start = time.time()
     tc = cfg.train
-    out = Path(tc.output_dir).expanduser().resolve()
     ckpt_dir = out / CHECKPOINTS
     existed = {d for d in (out, ckpt_dir) if d.exists()}
     resume_from = _resume_point(out, ckpt_dir, resume, overwrite)
@@ -380,7 +387,8 @@ def _check_lora_targets(model: Any, targets: tuple[str, ...]) -> None:
                          if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"})
         raise UsageError(
             f"train.lora.target_modules: {', '.join(repr(t) for t in missing)} "
-            f"{'matches' if len(missing) == 1 else 'match'} no layer LoRA can adapt in this model; its linear layers are "
+            f"{'matches' if len(missing) == 1 else 'match'} no layer LoRA can adapt in this model; "
+            "its linear layers are "
             f"{', '.join(linear) or '(none)'}: name some of them (train.lora.target_modules=[{','.join(linear[:2])}]) "
             "or use all-linear")
 

@@ -106,3 +106,43 @@ def test_merge_of_an_adapter_whose_base_moved_asks_for_base_and_checks_it_by_has
     assert "hash" in capsys.readouterr().err and not (tmp_path / "m").exists()
     assert main(["merge", str(adapter), "--out", str(tmp_path / "m"), "--base", str(moved)]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_while_the_first_trains(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two runs into one folder both 'succeeded', with their checkpoints and metrics.jsonl interleaved."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs" / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "ragtune", "-q", "train", f"model.path={trainable_llama}", f"data.train_file={qa_file}",
+         f"train.output_dir={out}", "train.max_steps=100000", "train.save_steps=100000", *QUICK[:2]],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        settings = out / "checkpoints" / "ragtune-run.json"
+        deadline = time.time() + 120
+        while not settings.is_file() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert settings.is_file(), first.stderr.read() if first.poll() is not None else "first run did not start"
+        before = settings.read_bytes()
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            assert _train(trainable_llama, qa_file, out, "train.max_steps=2", *extra) == 2
+            err = capsys.readouterr().err
+            assert f"train.output_dir '{out}' is in use by another 'ragtune train' (pid {first.pid}); wait for it " \
+                   "to finish, or set train.output_dir to another folder" in err, err
+        assert settings.read_bytes() == before  # --overwrite did not delete the first run's checkpoints
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
+    # the lock dies with its holder; a refused run whose folder did not exist leaves no folder behind
+    assert _train(trainable_llama, qa_file, out, "train.max_steps=2", "--overwrite") == 0
+    assert _train(trainable_llama, qa_file, tmp_path / "new" / "deeper" / "run", "train.max_steps=1",
+                  "train.lora.target_modules=nope") == 2
+    assert not (tmp_path / "new").exists()
+    assert json.loads((out / "ragtune.json").read_text())["metrics"]["steps"] == 2

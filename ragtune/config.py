@@ -147,9 +147,9 @@ def _duplicate_keys(path: Path, text: str) -> list[str]:
                 if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                     name = f"{prefix}{key.value}"
                     if key.value in first:
-                        out.append(f"{path}: line {key.start_mark.line + 1}: key '{name}' is given twice (first at line "
-                                   f"{first[key.value].start_mark.line + 1}); YAML would keep only the last value: "
-                                   "remove one of them")
+                        out.append(f"{path}: line {key.start_mark.line + 1}: key '{name}' is given twice (first "
+                                   f"at line {first[key.value].start_mark.line + 1}); YAML would keep only the last "
+                                   "value: remove one of them")
                     else:
                         first[key.value] = key
                     walk(value, name + ".")

@@ -74,7 +74,8 @@ def _sample(key: str) -> str:
     value: object = c.Config()
     for part in key.split("."):
         value = getattr(value, part)
-    return {bool: "true", int: "1", float: "0.1", str: str(value or "x"), tuple: "[q_proj]"}[type(value)]  # a choice: its default
+    # a string setting takes its default (a choice accepts no other), else "x"
+    return {bool: "true", int: "1", float: "0.1", str: str(value or "x"), tuple: "[q_proj]"}[type(value)]
 
 
 def test_unknown_section(tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ from ragtune.retrieval.store import IndexLock, PointData, Store, missing_index, 
 
 
 def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[str, Any]:
-    """Delete the documents whose source, file, or absolute path (file or folder) matches."""
+    """Delete the documents whose source, file, or absolute path (file or folder) matches. A source
+    name that documents under two roots share (each folder's 'a.txt') is refused unless its path tells
+    which; `removed` has one entry a document (a shared source with its root)."""
     name = index or cfg.index.name
     if any(not want.strip() for want in sources):  # "" resolves to the working folder: every document under it
         raise UsageError(f"a SOURCE to remove is empty (an unset shell variable?), nothing was removed; name "
@@ -34,23 +36,10 @@ def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[st
         store.open()
         try:
             states = store.doc_states()
-            doomed: dict[str, str] = {}
+            doomed: dict[str, dict[str, Any]] = {}
             for want in sources:
-                # a path as the shell gives it, also of a file already deleted (the usual reason to remove it)
-                absolute = str(Path(want).expanduser().resolve())
-                hits = []
-                for st in states.values():
-                    f = state_file(st)
-                    if want in (st.get("source"), st.get("file")) or (
-                        absolute and f and (f == absolute or Path(f).is_relative_to(absolute))
-                    ):
-                        hits.append(st)
-                if not hits:
-                    raise UsageError(
-                        f"no document in index '{name}' matches '{want}'; see 'ragtune index list --index {name}'"
-                    )
-                for st in hits:
-                    doomed[st["doc_id"]] = st.get("source", st["doc_id"])
+                for st in _remove_matches(states, want, name):
+                    doomed[st["doc_id"]] = st
             before = store.count()
             store.delete_docs(sorted(doomed))
             after = store.count()
@@ -58,7 +47,40 @@ def remove(cfg: Config, sources: list[str], index: str | None = None) -> dict[st
             store.flush()
         finally:
             store.close()
-    return {"index": name, "removed": sorted(set(doomed.values())), "chunks_deleted": before - after}
+    return {"index": name, "removed": _removed_names(list(doomed.values())), "chunks_deleted": before - after}
+
+
+def _remove_matches(states: dict[str, dict[str, Any]], want: str, name: str) -> list[dict[str, Any]]:
+    """The documents `index remove WANT` means: by source or file name, or under WANT as a path."""
+    # a path as the shell gives it, also of a file already deleted (the usual reason to remove it)
+    absolute = str(Path(want).expanduser().resolve())
+    named = [st for st in states.values() if want in (st.get("source"), st.get("file"))]
+    under = [st for st in states.values()
+             if (f := state_file(st)) and (f == absolute or Path(f).is_relative_to(absolute))]
+    roots = sorted({str(st.get("root", "")) for st in named})
+    if len(roots) > 1:
+        if under:
+            return under  # the path says which of them
+        examples = " or ".join(f"'{Path(r) / want}'" for r in roots[:2])
+        raise UsageError(f"'{want}' names documents under {len(roots)} roots of index '{name}' ({', '.join(roots)}), "
+                         f"nothing was removed; give the path of the one to remove ({examples}), or each path "
+                         "to remove them all")
+    hits = {st["doc_id"]: st for st in named + under}
+    if not hits:
+        raise UsageError(f"no document in index '{name}' matches '{want}'; see 'ragtune index list --index {name}'")
+    return list(hits.values())
+
+
+def _removed_names(states: list[dict[str, Any]]) -> list[str]:
+    """One entry a removed document: its source, with its root where another removed one has the same."""
+    seen: dict[str, int] = {}
+    for st in states:
+        seen[str(st.get("source", st["doc_id"]))] = seen.get(str(st.get("source", st["doc_id"])), 0) + 1
+    out = []
+    for st in states:
+        src = str(st.get("source", st["doc_id"]))
+        out.append(f"{src} (in {st.get('root')})" if seen[src] > 1 else src)
+    return sorted(out)
 
 
 def list_documents(cfg: Config, index: str | None = None) -> list[dict[str, Any]]:

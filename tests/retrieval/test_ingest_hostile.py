@@ -315,3 +315,24 @@ def test_index_remove_takes_the_relative_path_of_a_file_already_deleted(cfg: Con
     assert "hr.md" not in sources(snapshot())
     assert main(["-q", "index", "sync", "docs/hr.md", f"embedder.path={cfg.embedder.path}"]) == 2
     assert "take a deleted file out of an index: 'ragtune index remove docs/hr.md'" in capsys.readouterr().err
+
+
+def test_index_remove_of_a_source_two_roots_share_asks_which_and_counts_right(cfg: Config, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    from ragtune.errors import UsageError
+    from ragtune.retrieval.ingest import remove
+
+    for folder, text in (("a", "Folder a's copy: lunch rules."), ("b", "Folder b's copy: parking rules.")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "rules.txt").write_text(text, encoding="utf-8")
+        ingest(cfg, [str(tmp_path / folder)], progress=False)
+    with pytest.raises(UsageError, match=r"'rules.txt' names documents under 2 roots .*nothing was removed; give "
+                                         r"the path of the one to remove \('.*/a/rules.txt' or '.*/b/rules.txt'\)"):
+        remove(cfg, ["rules.txt"])
+    assert sources(snapshot()) == {"rules.txt": 2}
+    monkeypatch.chdir(tmp_path)
+    assert remove(cfg, ["a/rules.txt"])["removed"] == ["rules.txt"]
+    ingest(cfg, [str(tmp_path / "a")], progress=False)
+    out = remove(cfg, [str(tmp_path)])  # a folder above both: both go, each counted
+    assert out["removed"] == [f"rules.txt (in {tmp_path.resolve() / 'a'})", f"rules.txt (in {tmp_path.resolve() / 'b'})"]
+    assert snapshot() == {}

@@ -63,4 +63,6 @@ def _valid_entry(path: Path, sdist_sha256: str) -> bool:
         info = json.loads(card.read_text())
     except ValueError:
         return False
-    return info.get("converter", {}).get("sdist_sha256") == sdist_sha256
+    if not isinstance(info, dict) or info.get("size_bytes") != path.stat().st_size:  # cut short since: made again
+        return False
+    return (info.get("converter") or {}).get("sdist_sha256") == sdist_sha256

@@ -515,3 +515,18 @@ def test_a_converter_folder_missing_a_script_is_unpacked_again(real_sdist: Path,
     conv = converter_dir()
     (conv / "convert_hf_to_gguf.py").unlink()
     assert converter_dir() == conv and (conv / "convert_hf_to_gguf.py").is_file()
+
+
+@NEEDS_LLAMA_CPP
+def test_a_cached_gguf_cut_short_is_made_again(tiny_smol: Path, llama_home: Path) -> None:
+    # a cached file cut short since it was written (a full disk, a copy stopped midway) was reused as it was:
+    # every load failed with "export it again", and the cache kept handing back the same file
+    from ragtune.export.cache import cached_gguf
+
+    path = cached_gguf(tiny_smol, type="q8_0")
+    size = path.stat().st_size
+    os.truncate(path, size // 2)
+    assert cached_gguf(tiny_smol, type="q8_0") == path and path.stat().st_size == size
+    card = path.with_name(path.name + ".json")
+    card.write_text("[]")  # a card of another shape is no valid entry either (was an AttributeError)
+    assert cached_gguf(tiny_smol, type="q8_0") == path and json.loads(card.read_text())["size_bytes"] == size

@@ -76,11 +76,15 @@ def _rag_check(index: str, rep: Any, tok: Any, tpl: str | None, max_len: int, cf
 
 def _run_data(args: argparse.Namespace, cfg: Any) -> int:
     from ragtune.cli import print_json
+    from ragtune.errors import UsageError
     from ragtune.train import data
 
     if args.data_cmd == "check":
         if args.write_clean:  # refused before the check, which may load a tokenizer
             data.clean_targets(args.file, args.write_clean, args.force)
+        if args.max_length < 0:
+            raise UsageError(f"--max-length must be a number of tokens (at least 1; 0 = data.max_length, "
+                             f"{cfg.data.max_length}), got {args.max_length}")
         tok, tpl, model = _tokenizer_for_check(args.model, cfg)
         max_len = args.max_length or cfg.data.max_length
         rep = data.check_file(args.file, tok, tpl, max_len, dedupe=cfg.data.dedupe)

@@ -80,6 +80,9 @@ def run_train(cfg: Any, resume: bool = False, overwrite: bool = False, dry_run: 
     """Train a LoRA adapter per `cfg`; return the output folder (adapter + run card). With `dry_run`,
     check and prepare everything, time two batches, and return the plan (a dict) without training or
     writing anything. One run at a time per output folder (`output_lock`): a second is refused at once."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite ask for opposite things: --resume continues the run in "
+                         "train.output_dir from its last checkpoint, --overwrite deletes it and starts over; pass one")
     out = Path(cfg.train.output_dir).expanduser().resolve()
     with output_lock(out, enabled=not dry_run and first_process()):
         return _run(cfg, out, resume, overwrite, dry_run)

@@ -146,3 +146,15 @@ def test_a_second_run_into_the_same_output_dir_is_refused_while_the_first_trains
                   "train.lora.target_modules=nope") == 2
     assert not (tmp_path / "new").exists()
     assert json.loads((out / "ragtune.json").read_text())["metrics"]["steps"] == 2
+
+
+def test_contradictory_or_nonsense_flags_are_usage_errors(qa_file: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume with --overwrite resumed (ignoring --overwrite); data check --max-length -5 reported
+    'tokens per epoch -100' and exit 0."""
+    out = tmp_path / "run"
+    assert main(["train", f"data.train_file={qa_file}", f"train.output_dir={out}", "--resume", "--overwrite"]) == 2
+    assert "--resume and --overwrite ask for opposite things" in capsys.readouterr().err and not out.exists()
+    assert main(["data", "check", str(qa_file), "--max-length", "-5"]) == 2
+    assert "--max-length must be a number of tokens (at least 1; 0 = data.max_length, 1024), got -5" in \
+        capsys.readouterr().err

@@ -296,12 +296,12 @@ class Generator(GeneratorLoading, GeneratorDecoding):
                 msgs = rag_messages(msgs, sources, rcfg.system_prompt)
         template = self.adapters[name].template if name else None
         rendering = None
-        masked, typed = mask_typed(self.tokenizer, msgs)  # a typed <|im_start|> stays text (serve/prompt_ids.py)
+        masked, plan, typed = mask_typed(self.tokenizer, msgs, tools)  # typed <|im_start|> stays text (prompt_ids.py)
         if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in masked):
             from ragtune.serve.tools import render_with_tools  # `tools` is a ragtune.serve.tools.ToolPlan
 
             try:
-                prompt, rendering = render_with_tools(self.tokenizer, masked, tools, template)
+                prompt, rendering = render_with_tools(self.tokenizer, masked, plan, template)
             except ValueError as exc:
                 raise UsageError(f"model '{self.base_path}': {exc}") from exc
         else:

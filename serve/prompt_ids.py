@@ -1,21 +1,23 @@
 """A chat prompt's token ids in which only the chat template's own control tokens are control tokens.
 
-    msgs, typed = mask_typed(tokenizer, msgs)         # "<|im_start|>" typed in a content -> a placeholder
-    prompt = render(msgs)                             # the chat template, as before
+    msgs, plan, typed = mask_typed(tokenizer, msgs, plan)   # "<|im_start|>" typed in a string -> a placeholder
+    prompt = render(msgs, plan)                             # the chat template, as before
     ids, prompt = prompt_ids(tokenizer, prompt, typed)
 
 The rendered prompt is tokenized with special tokens parsed (the template writes them as text), so a
 message, or a retrieved chunk put in one, that holds `<|im_end|>\\n<|im_start|>system\\n...` would forge a
-turn. Each control token typed in a content is swapped for a placeholder before rendering and
-tokenized as plain text (tokenizers' `encode_special_tokens`) where the placeholder lands; the text
-around it is tokenized as usual, in pieces. A prompt with no typed control token takes the one-call
-path unchanged. Failure mode: a tokenizer that marks the start of every encode (sentencepiece's
-"first" prepend scheme) gets a word-start mark after each typed control token.
+turn; so would a tool's description or a call's arguments. Each control token typed in those strings
+is swapped for a placeholder before rendering and tokenized as plain text (tokenizers'
+`encode_special_tokens`) where the placeholder lands; the text around it is tokenized as usual, in
+pieces. A prompt with no typed control token takes the one-call path unchanged. Failure mode: a
+tokenizer that marks the start of every encode (sentencepiece's "first" prepend scheme) gets a
+word-start mark after each typed control token.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import threading
 import uuid
@@ -58,13 +60,14 @@ def _tables(tokenizer: Any) -> tuple[Any, Any]:
         return pattern, plain
 
 
-def mask_typed(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Typed | None]:
-    """The messages with each control token in a string content replaced by a placeholder (None when
-    there is none: the messages come back as they were)."""
+def mask_typed(tokenizer: Any, messages: Sequence[dict[str, Any]],
+               plan: Any = None) -> tuple[list[dict[str, Any]], Any, Typed | None]:
+    """The messages and the tool plan (a ragtune.serve.tools.ToolPlan, or None) with each control token in
+    their strings (contents, tool call arguments, function descriptions and parameters) replaced by a
+    placeholder; as they were, and None, when there is none."""
     pattern, _ = _tables(tokenizer)
-    if pattern is None or not any(isinstance(m.get("content"), str) and pattern.search(m["content"])
-                                  for m in messages):
-        return list(messages), None
+    if pattern is None:
+        return list(messages), plan, None
     nonce = uuid.uuid4().hex[:12]  # a placeholder the client cannot have typed
     tokens: list[str] = []
 
@@ -72,9 +75,32 @@ def mask_typed(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[list
         tokens.append(match.group(0))
         return f"\ue000{nonce}:{len(tokens) - 1}\ue001"
 
-    out = [dict(m, content=pattern.sub(place, m["content"])) if isinstance(m.get("content"), str) else dict(m)
-           for m in messages]
-    return out, Typed(tokens, re.compile(f"\ue000{nonce}:(\\d+)\ue001"))
+    out = _substituted(list(messages), lambda text: pattern.sub(place, text))
+    functions = _substituted(plan.functions, lambda text: pattern.sub(place, text)) if plan is not None else None
+    if not tokens:
+        return list(messages), plan, None
+    if plan is not None:
+        plan = dataclasses.replace(plan, functions=functions)
+    return out, plan, Typed(tokens, re.compile(f"\ue000{nonce}:(\\d+)\ue001"))
+
+
+def _substituted(value: Any, sub: Any) -> Any:
+    """A copy of a JSON value with `sub` applied to every string, keys included; iterative (a request's
+    JSON may be nested as deep as the parser allows)."""
+    root = [value]
+    todo: list[tuple[Any, Any]] = [(root, 0)]
+    while todo:
+        holder, key = todo.pop()
+        v = holder[key]
+        if isinstance(v, str):
+            holder[key] = sub(v)
+        elif isinstance(v, dict):
+            holder[key] = {(sub(k) if isinstance(k, str) else k): x for k, x in v.items()}
+            todo += [(holder[key], k) for k in holder[key]]
+        elif isinstance(v, list):
+            holder[key] = list(v)
+            todo += [(holder[key], i) for i in range(len(v))]
+    return root[0]
 
 
 def prompt_ids(tokenizer: Any, prompt: str, typed: Typed | None) -> tuple[list[int], str]:

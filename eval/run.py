@@ -174,6 +174,12 @@ def _plan(cfg: Any, questions: str | Path | None, adapter: AdapterSpecs, index: 
         asked, refused = _remote_modes(asked, list(given))
     mode_list = parse_modes(asked, list(given))
     used = {adapter_of(m) for m in mode_list}
+    if check:  # its files, before its run card: a whole model given as an adapter is said as such
+        from ragtune.modeling import check_adapter_dir
+
+        for name, path in given.items():
+            if name in used:
+                check_adapter_dir(path, f"adapter '{name}' at")
     adapters = {name: EvalAdapter(name, path, read_runcard(path)) for name, path in given.items() if name in used}
     return _Plan(str(qpath), load_questions(qpath), mode_list, adapters, index or cfg.index.name, engine,
                  int(ecfg.max_new_tokens), refused)

@@ -4,6 +4,7 @@ real run on a tiny model with two LoRA adapters (every mode's rows, abstention b
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,25 @@ def test_a_restored_adapter_is_found_by_its_name(ragtune_home: Path, tmp_path: P
     assert parse_adapters(["policies"]) == {"ft": "policies"}
     with pytest.raises(UsageError, match="'other' is not a folder; .*or the name of one 'ragtune bundle restore' put"):
         parse_adapters(["plain=other"])
+
+
+def test_a_whole_model_or_a_bare_run_card_as_adapter_is_named_before_loading(tiny_llama: Path, tmp_path: Path) -> None:
+    # a whole model was "has no ragtune.json; it was not written by 'ragtune train'"; a folder with a run card
+    # but no adapter files was refused only after the base model had loaded
+    cfg = load_config(None, [f"model.path={tiny_llama}", "eval.engine=transformers"])
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question": "Q?", "answer": "A"}) + "\n", encoding="utf-8")
+    card_only = tmp_path / "card-only"
+    card_only.mkdir()
+    shutil.copyfile(make_adapter(tmp_path) / "ragtune.json", card_only / "ragtune.json")
+    for spec, said in [(f"m={tiny_llama}", f"adapter 'm' at '{tiny_llama}' has no adapter_config.json: it holds a "
+                                            "whole model (config.json and weights), which is given as model.path="),
+                       (str(card_only), f"adapter 'ft' at '{card_only}' has no adapter_config.json")]:
+        with pytest.raises(UsageError) as err:
+            run_eval(cfg, questions=q, adapter=[spec], modes="base,ft" if "=" not in spec else "base,m",
+                     out_dir=tmp_path / "out", progress=False)
+        assert said in str(err.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_training_recipe_from_the_run_card() -> None:

@@ -137,7 +137,28 @@ def check_inputs(models: list[str], adapters: list[str], indexes: list[str], con
     for w in wheel_files:
         if not w.is_file() or w.suffix != ".whl":
             raise UsageError(f"--wheel '{w}' is not a wheel file")
+        _check_wheel(w)
     return BundleInputs(model_dirs, adapter_dirs, index_dirs, config_files, wheel_files)
+
+
+def _check_wheel(w: Path) -> None:
+    """A --wheel pip will take on the far side: NAME-VERSION(-BUILD)-PY-ABI-PLATFORM.whl, a zip with a
+    .dist-info folder (a renamed or cut-short file is found here, not by pip on the air-gapped machine)."""
+    import zipfile
+
+    fix = "build it with 'pip wheel --no-deps -w DIR PROJECT' and pass the file pip wrote"
+    if len(w.stem.split("-")) not in (5, 6):
+        raise UsageError(f"--wheel '{w}': '{w.name}' is not a wheel's file name (NAME-VERSION-PY-ABI-PLATFORM.whl), "
+                         f"so pip will not install it; {fix}")
+    try:
+        with zipfile.ZipFile(w) as z:
+            names = z.namelist()
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise UsageError(f"--wheel '{w}' is not a whole wheel ({exc}); {fix}") from exc
+    if bad is not None or not any(n.split("/")[0].endswith(".dist-info") for n in names):
+        what = f"its member '{bad}' is damaged" if bad else "it has no .dist-info folder"
+        raise UsageError(f"--wheel '{w}' is not a whole wheel ({what}); {fix}")
 
 
 def _unique_names(paths: list[Path], flag: str, kind: str, used_as: str) -> list[Path]:

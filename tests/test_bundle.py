@@ -256,6 +256,19 @@ def test_restore_warns_of_an_adapter_whose_base_did_not_come(tiny_llama: Path, t
             + ") is not in this bundle and not at that path here") in caplog.text
 
 
+def test_a_wheel_pip_would_refuse_is_refused_when_the_bundle_is_made(small_bundle: Path, tmp_path: Path) -> None:
+    # any file named *.whl was carried, and pip refused it on the air-gapped machine
+    good = next((small_bundle / "wheels").glob("ragtune-*.whl"))
+    renamed = tmp_path / "mytool.whl"
+    shutil.copyfile(good, renamed)
+    cut = tmp_path / "mytool-1.0-py3-none-any.whl"
+    cut.write_bytes(good.read_bytes()[:2000])
+    for w, said in [(renamed, "'mytool.whl' is not a wheel's file name"), (cut, "is not a whole wheel")]:
+        with pytest.raises(UsageError, match=said):
+            create_bundle(tmp_path / "b", extra_wheels=[str(w)], deps="none", default_models=False)
+    assert not (tmp_path / "b").exists()
+
+
 def test_create_checks_inputs_first(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="has no adapter_config.json"):
         create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)

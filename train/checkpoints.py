@@ -36,11 +36,11 @@ RESUME_MAY_CHANGE = frozenset({
 def run_settings(cfg: Any, prep: Any) -> dict[str, Any]:
     """The settings a run's checkpoints belong to, flattened (files by content, not by name)."""
     from ragtune.config import flat_settings
-    from ragtune.modeling import cached_file_sha256, text_sha256
+    from ragtune.modeling import cached_file_sha256, model_hash, text_sha256
 
     flat = {k: v for k, v in flat_settings(cfg).items()
             if k.split(".", 1)[0] in ("model", "data", "train") and k not in RESUME_MAY_CHANGE}
-    flat["model.path"] = str(prep.base)
+    flat["model.path"] = "sha256:" + model_hash(prep.base)  # the base's content: it may move, not change
     flat["data.train_file"] = "sha256:" + cached_file_sha256(cfg.data.train_file)
     flat["data.eval_file"] = "sha256:" + cached_file_sha256(cfg.data.eval_file) if cfg.data.eval_file else ""
     flat["train.chat_template"] = "sha256:" + text_sha256(prep.template)
@@ -55,6 +55,8 @@ def check_resume_settings(ckpt_dir: Path, now: dict[str, Any]) -> None:
     if not path.is_file():
         return
     then = json.loads(path.read_text(encoding="utf-8"))
+    if not str(then.get("model.path", "")).startswith("sha256:"):  # older checkpoints recorded the path: not compared
+        then["model.path"] = now.get("model.path")
     show = lambda v: "(none)" if v is None else (v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:")  # noqa: E731
                                                 else json.dumps(v, ensure_ascii=False))
     diffs = [f"{k}: {show(then.get(k))} in the checkpoints, {show(now.get(k))} now"

@@ -158,3 +158,27 @@ def test_contradictory_or_nonsense_flags_are_usage_errors(qa_file: Path, tmp_pat
     assert main(["data", "check", str(qa_file), "--max-length", "-5"]) == 2
     assert "--max-length must be a number of tokens (at least 1; 0 = data.max_length, 1024), got -5" in \
         capsys.readouterr().err
+
+
+def test_resume_follows_the_base_model_by_content_not_by_path(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The checkpoints recorded model.path by name: a base changed in place resumed silently (two models'
+    training mixed), and the same base moved elsewhere was refused."""
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(trainable_llama, base)
+    out = tmp_path / "run"
+    assert _train(base, qa_file, out, "train.max_steps=2") == 0
+    original = (base / "config.json").read_text()
+    cfg = json.loads(original)
+    (base / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))  # another model, same path
+    capsys.readouterr()
+    assert _train(base, qa_file, out, "train.max_steps=4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "belong to a run with other settings:\n  model.path: sha256:" in err, err
+    (base / "config.json").write_text(original)
+    moved = base.rename(tmp_path / "moved")  # the same model elsewhere
+    assert _train(moved, qa_file, out, "train.max_steps=4", "--resume") == 0
+    assert json.loads((out / "ragtune.json").read_text())["metrics"]["steps"] == 4

@@ -54,7 +54,13 @@ def check_resume_settings(ckpt_dir: Path, now: dict[str, Any]) -> None:
     path = ckpt_dir / RUN_SETTINGS
     if not path.is_file():
         return
-    then = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        then = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        then = None
+    if not isinstance(then, dict):
+        raise UsageError(f"--resume: '{path}' (the settings the checkpoints belong to) is damaged, so the run cannot "
+                         "be checked to continue as it began; start a new run with --overwrite")
     if not str(then.get("model.path", "")).startswith("sha256:"):  # older checkpoints recorded the path: not compared
         then["model.path"] = now.get("model.path")
     show = lambda v: "(none)" if v is None else (v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:")  # noqa: E731

@@ -182,3 +182,13 @@ def test_resume_follows_the_base_model_by_content_not_by_path(
     moved = base.rename(tmp_path / "moved")  # the same model elsewhere
     assert _train(moved, qa_file, out, "train.max_steps=4", "--resume") == 0
     assert json.loads((out / "ragtune.json").read_text())["metrics"]["steps"] == 4
+
+
+def test_resume_with_damaged_run_settings_is_a_usage_error(tmp_path: Path) -> None:
+    from ragtune.errors import UsageError
+    from ragtune.train.checkpoints import RUN_SETTINGS, check_resume_settings
+
+    for text in ('{"model.pa', "[]", "\udcff"):
+        (tmp_path / RUN_SETTINGS).write_text(text, encoding="utf-8", errors="surrogateescape")
+        with pytest.raises(UsageError, match=f"--resume: '{tmp_path / RUN_SETTINGS}' .* is damaged"):
+            check_resume_settings(tmp_path, {"model.path": "sha256:x"})

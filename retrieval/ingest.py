@@ -200,15 +200,16 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             if dry_run:
                 _fill_dry_run(res, plan)
                 return res
-            if not exists and not plan.add:
+            if not plan.add and (not exists or not (delete_missing or plan.unchanged)):
                 from ragtune.retrieval.loaders import SUPPORTED
 
                 why = ""
                 if res.skipped:
                     first = f"{res.skipped[0][0]}: {res.skipped[0][1]}"
                     why = f" ({len(res.skipped)} skipped, the first {first})"
-                raise UsageError(f"no documents to index in {' '.join(str(p) for p in paths)}{why}; index '{name}' "
-                                 f"was not created (ragtune reads {', '.join(sorted(SUPPORTED))} files)")
+                done = f"nothing was added to index '{name}'" if exists else f"index '{name}' was not created"
+                raise UsageError(f"no documents to index in {' '.join(str(p) for p in paths)}{why}; {done} "
+                                 f"(ragtune reads {', '.join(sorted(SUPPORTED))} files)")
             stemmer = _stemmer(cfg)  # checked before anything is written
             if plan.add or not exists:
                 embedder.load()

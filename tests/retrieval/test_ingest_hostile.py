@@ -336,3 +336,20 @@ def test_index_remove_of_a_source_two_roots_share_asks_which_and_counts_right(cf
     out = remove(cfg, [str(tmp_path)])  # a folder above both: both go, each counted
     assert out["removed"] == [f"rules.txt (in {tmp_path.resolve() / 'a'})", f"rules.txt (in {tmp_path.resolve() / 'b'})"]
     assert snapshot() == {}
+
+
+def test_index_add_of_a_folder_with_no_documents_to_an_existing_index_fails_as_for_a_new_one(
+        cfg: Config, docs: Path, tmp_path: Path, capsys) -> None:
+    from ragtune.retrieval.ingest import stats
+
+    emb = f"embedder.path={cfg.embedder.path}"
+    assert main(["-q", "index", "add", str(docs), emb, "--no-progress"]) == 0
+    (tmp_path / "unmounted").mkdir()  # an empty mount point, a mistyped folder
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "x.py").write_text("print('hi')\n", encoding="utf-8")
+    for folder, why in (("unmounted", ""), ("code", " (1 skipped, the first x.py: unsupported file type '.py')")):
+        assert main(["-q", "index", "add", str(tmp_path / folder), emb, "--no-progress"]) == 2
+        assert (f"no documents to index in {tmp_path / folder}{why}; nothing was added to index 'default'"
+                in capsys.readouterr().err)
+    assert stats(cfg)["roots"] == [str(docs.resolve())]  # the empty folders were not recorded as roots
+    assert main(["-q", "index", "add", str(docs), emb, "--no-progress"]) == 0  # re-adding the same: a no-op

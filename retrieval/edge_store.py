@@ -109,7 +109,10 @@ class EdgeStore(Store):
         except Exception as exc:  # the bindings raise plain Exception
             if "WouldBlock" in str(exc) or "lock" in str(exc).lower():
                 raise self._busy(exc) from None
-            raise RagtuneError(f"cannot open index '{self.name}' at {self.shard_dir}: {exc}") from exc
+            raise RagtuneError(
+                f"cannot open index '{self.name}' at {self.shard_dir}: {exc}. If its files are damaged (a disk "
+                f"error, an interrupted copy), rebuild it with 'ragtune index drop {self.name}' and 'ragtune index "
+                f"add PATH --index {self.name}'") from exc
         for f in KEYWORD_FIELDS:
             self.shard.update(UpdateOperation.create_field_index(f, PayloadSchemaType.Keyword))
         for f in INTEGER_FIELDS:

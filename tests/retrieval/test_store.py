@@ -150,3 +150,15 @@ def test_an_index_whose_segments_were_deleted_is_reported_damaged_not_a_tracebac
     assert main(["-q", "index", "list", "--all", "--json", emb]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["index"] == "default" and "The index is damaged" in row["error"]
+
+
+def test_an_index_whose_config_file_is_damaged_names_the_rebuild(cfg: Config, docs: Path, capsys) -> None:
+    from ragtune.cli import main
+    from ragtune.retrieval.index_dirs import index_dir
+    from ragtune.retrieval.ingest import ingest
+
+    ingest(cfg, [str(docs)], progress=False)
+    (index_dir("default") / "shard" / "edge_config.json").write_text("{trunc", encoding="utf-8")
+    assert main(["-q", "search", "badges", f"embedder.path={cfg.embedder.path}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot open index 'default'" in err and "rebuild it with 'ragtune index drop default'" in err

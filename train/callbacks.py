@@ -34,10 +34,19 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
             if not first_process():
                 return  # the first process alone reads and writes the file (others raced it empty on resume)
             if metrics_path.is_file() and resume_step > 0:
-                for line in metrics_path.read_text(encoding="utf-8").splitlines():
-                    row = json.loads(line)
-                    if row.get("step", 0) <= resume_step:
+                damaged = 0
+                for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        row = None
+                    if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+                        damaged += bool(line.strip())  # a line cut short by a kill while it was appended
+                    elif row.get("step", 0) <= resume_step:
                         self.rows.append(row)
+                if damaged:
+                    log.warning("%s: %d damaged line%s left out (cut short when the run was killed?)", metrics_path,
+                                damaged, "" if damaged == 1 else "s")
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
 

@@ -192,3 +192,18 @@ def test_resume_with_damaged_run_settings_is_a_usage_error(tmp_path: Path) -> No
         (tmp_path / RUN_SETTINGS).write_text(text, encoding="utf-8", errors="surrogateescape")
         with pytest.raises(UsageError, match=f"--resume: '{tmp_path / RUN_SETTINGS}' .* is damaged"):
             check_resume_settings(tmp_path, {"model.path": "sha256:x"})
+
+
+def test_resume_after_a_kill_that_cut_the_metrics_line_short(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    out = tmp_path / "run"
+    assert _train(trainable_llama, qa_file, out, "train.max_steps=4") == 0
+    metrics = out / "checkpoints" / "metrics.jsonl"
+    with open(metrics, "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "lo')  # kill -9 while the next row was being appended
+    assert _train(trainable_llama, qa_file, out, "train.max_steps=6", "--resume") == 0
+    assert f"{metrics}: 1 damaged line left out" in caplog.text
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s <= 4] and max(steps) == 6

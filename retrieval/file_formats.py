@@ -31,12 +31,34 @@ def decode_text(data: bytes, what: str = "file") -> str:
     from ragtune import text
 
     if text.is_binary(data):
-        raise Skip(f"binary content in a {what} (NUL bytes); not a text file")
+        utf16 = _bomless_utf16(data)
+        if utf16 is None:
+            raise Skip(f"binary content in a {what} (NUL bytes); not a text file")
+        return utf16
     decoded = text.decode(data)
     if decoded is None:
         raise Skip(f"the {what} is not UTF-8 and its encoding cannot be told (no code page reads as text); "
                    "save it as UTF-8")
     return decoded
+
+
+def _bomless_utf16(data: bytes) -> str | None:
+    """UTF-16 text saved without a byte-order mark (some Windows tools write it so), else None: the
+    NUL bytes are the high bytes of Latin characters, so they sit at every other position and nowhere
+    else; binary data puts them anywhere."""
+    if len(data) < 4 or len(data) % 2:
+        return None
+    even, odd = data[0::2], data[1::2]
+    for codec, high, low in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
+        if high.count(0) < 0.5 * len(high) or low.count(0):
+            continue
+        try:
+            decoded = data.decode(codec)
+        except UnicodeDecodeError:
+            continue
+        if sum(c.isprintable() or c in "\t\r\n\f" for c in decoded) >= 0.98 * len(decoded):
+            return decoded
+    return None
 
 
 _KIND_NAMES = {".pdf": "PDF", ".docx": "DOCX", ".html": "HTML", ".htm": "HTML", ".txt": "plain text",

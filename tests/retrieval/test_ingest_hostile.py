@@ -353,3 +353,16 @@ def test_index_add_of_a_folder_with_no_documents_to_an_existing_index_fails_as_f
                 in capsys.readouterr().err)
     assert stats(cfg)["roots"] == [str(docs.resolve())]  # the empty folders were not recorded as roots
     assert main(["-q", "index", "add", str(docs), emb, "--no-progress"]) == 0  # re-adding the same: a no-op
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_utf16_text_without_a_byte_order_mark_is_read_not_called_binary(tmp_path: Path, codec: str) -> None:
+    text = "Parking permits are issued by reception.\r\n\r\nCafé hours: 8–17, Monday to Friday."
+    p = tmp_path / "notes.txt"
+    p.write_bytes(text.encode(codec))
+    (doc,) = load_file(p, p.name)
+    assert "Parking permits are issued by reception." in doc.text and "Café hours: 8–17" in doc.text
+    noise = tmp_path / "noise.txt"  # NUL bytes at no such rhythm: still binary
+    noise.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(Skip, match="binary content"):
+        load_file(noise, noise.name)

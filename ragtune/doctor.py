@@ -88,6 +88,7 @@ def run_checks() -> list[Check]:
 
     if _version("llama-cpp-python"):
         checks.append(llama_build_check())
+        checks.append(converter_check())
 
     chat_dir = default_chat_model_dir()
     if (chat_dir / models.MODEL_CARD).is_file():
@@ -131,6 +132,22 @@ def _cache_check(home: Path) -> Check:
         f"free at least {MIN_FREE_GB:.0f} GB or set RAGTUNE_HOME to a larger disk"
         if writable else f"make {probe} writable or set RAGTUNE_HOME to a writable folder")
     return Check("cache", status, f"{home} ({free_gb:.1f} GB free{'' if writable else ', not writable'})", fix)
+
+
+def converter_check() -> Check:
+    """The pinned llama.cpp converter that GGUF exports (and the llama.cpp engine's first use of a model) need:
+    without it, `ragtune export` fails and `eval --engine auto` answers through transformers."""
+    from ragtune.errors import UsageError
+    from ragtune.export.pin import SDIST_NAME, sdist_path, verify_sdist
+
+    try:
+        path = verify_sdist()
+    except UsageError as exc:
+        fix = f"ragtune export setup (or copy {SDIST_NAME} from a bundle's llama.cpp/ folder)"
+        if sdist_path().is_file():  # there, but not the pinned file
+            fix = f"delete {sdist_path()}, then {fix}"
+        return Check("llama.cpp converter", "warn", str(exc).split(";")[0], fix)
+    return Check("llama.cpp converter", "ok", f"{path.name} (sha256 verified)")
 
 
 # llama.cpp's CPU feature names (llama_print_system_info) -> the /proc/cpuinfo flag that says the CPU has it

@@ -120,6 +120,10 @@ def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         problems.append(_yaml_problem(path, exc))
         return {}
+    except RecursionError:  # PyYAML builds nested [ and { recursively
+        problems.append(f"{path}: not valid YAML for a config: nested too deeply (a config has a few levels of "
+                        "sections); the file is damaged, or not a ragtune config")
+        return {}
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -161,7 +165,7 @@ def _duplicate_keys(path: Path, text: str) -> list[str]:
 
     try:
         walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
-    except yaml.YAMLError:  # pragma: no cover - safe_load read the same text
+    except (yaml.YAMLError, RecursionError):  # pragma: no cover - safe_load read the same text
         pass
     return out
 
@@ -206,7 +210,7 @@ def _apply_override(raw: dict[str, Any], item: str, problems: list[str]) -> None
         return
     try:
         value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # taken as the text typed; too deep a value is refused as a string
         value = text
     if not isinstance(value, (str, dict, list)):
         value = _Typed(value, text.strip())  # a string key takes the text as typed: No, 007, 1e3

@@ -470,3 +470,13 @@ def test_an_empty_output_dir_is_refused_not_the_current_folder(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     assert main(["train", "train.output_dir=", "data.train_file=x.jsonl"]) == 2
     assert "train.output_dir" in capsys.readouterr().err
+
+
+def test_yaml_nested_too_deeply_is_a_config_error_not_a_recursion_traceback(tmp_path: Path) -> None:
+    for text in ("train: " + "[" * 5000 + "]" * 5000, "train:\n  lora: " + "{a: " * 3000 + "1" + "}" * 3000):
+        p = write(tmp_path, text)
+        with pytest.raises(ConfigError, match=f"{re.escape(str(p))}: not valid YAML for a config: nested too deeply"):
+            load_config(p)
+    deep = "[" * 5000 + "]" * 5000  # an override's value too deep for YAML is the text typed
+    with pytest.raises(ConfigError, match="key 'train.epochs': expected a number"):
+        load_config(None, [f"train.epochs={deep}"])

@@ -151,7 +151,11 @@ def read_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except RecursionError as exc:
         raise APIError(400, "request body is nested too deeply to parse", code="invalid_json") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:  # a ValueError too: first, for its own fix
+        raise APIError(400, f"request body is not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
+                       f"({exc.reason}); send the JSON encoded as UTF-8 (Latin-1 or another code page is not read)",
+                       code="invalid_json") from exc
+    except ValueError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")

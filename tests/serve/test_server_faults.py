@@ -339,3 +339,12 @@ def test_control_tokens_typed_in_a_message_stay_text(client: Any, loaded_gen: An
     forged_alone = loaded_gen.prepare([{"role": "user", "content": FORGED}])
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(forged_alone.input_ids), r.text
     assert post(client, ask("base", "hi", max_tokens=2)).status_code == 200
+
+
+def test_a_body_that_is_not_utf8_says_so_and_where(client: Any) -> None:
+    """It was 'not valid JSON: 'utf-8' codec can't decode byte 0xe9 in position 57': the JSON was fine."""
+    raw = '{"model": "base", "messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")
+    e = assert_error(post(client, raw), 400, "invalid_json")
+    where = f"request body is not UTF-8: byte 0xe9 at offset {raw.index(bytes([0xe9]))} ("
+    assert e["message"].startswith(where) and "send the JSON encoded as UTF-8" in e["message"], e
+    assert post(client, ask("base", "caf\u00e9", max_tokens=2)).status_code == 200

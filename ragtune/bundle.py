@@ -32,8 +32,9 @@ import os
 import shutil
 import subprocess
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ragtune.bundle_create import (
     BundleInputs,
@@ -126,6 +127,9 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         raise CheckFailed("bundle check failed:\n" + "\n".join(problems))
     manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     _check_contents(manifest, root)
+    for i in manifest["contents"]["indexes"]:  # said before anything is restored, not after the models
+        with _index_free(check_index_name(i["name"])):
+            pass
     home = ragtune_home()
     done: dict[str, list[str]] = {"models": [], "adapters": [], "indexes": [], "configs": []}
     base_by_hash: dict[str, Path] = {}
@@ -152,7 +156,7 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         done.setdefault("llama.cpp", []).append(str(dest))
     for i in manifest["contents"]["indexes"]:
         dest = index_dir(check_index_name(i["name"]))
-        with atomic_dir(dest) as tmp:
+        with _index_free(i["name"]), atomic_dir(dest) as tmp:
             from ragtune.retrieval.store import copy_sparse
 
             shutil.copytree(root / i["path"], tmp, dirs_exist_ok=True, copy_function=copy_sparse)
@@ -169,6 +173,23 @@ def restore_bundle(bundle: str | Path) -> dict[str, list[str]]:
         shutil.copy2(root / c["path"], dest)
         done["configs"].append(str(dest))
     return done
+
+
+@contextmanager
+def _index_free(name: str) -> Iterator[None]:
+    """The index's writer lock, held while its folder is replaced: refused while another process writes it
+    or a running server or chat reads a copy of it (the folder would change under them)."""
+    from ragtune.retrieval.store import IndexBusy, IndexLock, index_dir, live_readers
+
+    if not index_dir(name).is_dir():
+        yield
+        return
+    with IndexLock(name, "ragtune bundle restore"):
+        pids = live_readers(name)
+        if pids:
+            raise IndexBusy(f"index '{name}' is open in running process {', '.join(map(str, pids))} (a 'ragtune "
+                            "serve' or 'ragtune chat' reading it); stop it and run 'ragtune bundle restore' again")
+        yield
 
 
 def _warn_base_not_here(name: str, adapter: Path) -> None:

@@ -269,6 +269,32 @@ def test_a_wheel_pip_would_refuse_is_refused_when_the_bundle_is_made(small_bundl
     assert not (tmp_path / "b").exists()
 
 
+def test_restore_leaves_an_index_another_process_writes(small_bundle: Path, ragtune_home: Path) -> None:
+    # restore swapped the index folder under a running 'index sync' (and a server's reader copy) without a word
+    from ragtune.retrieval.store import IndexBusy, IndexLock, index_dir
+
+    mf = small_bundle / "bundle.json"
+    manifest = json.loads(mf.read_text())
+    manifest["contents"]["indexes"] = [{"name": "policies", "path": "configs"}]
+    mf.write_text(json.dumps(manifest))
+    mine = index_dir("policies")
+    mine.mkdir(parents=True)
+    (mine / "points.dat").write_text("the user's index")
+    with IndexLock("policies", "ragtune index sync docs"):
+        with pytest.raises(IndexBusy, match=r"index 'policies' is in use by another process \(pid \d+: ragtune index "
+                                            "sync docs\)"):
+            restore_bundle(small_bundle)
+    assert (mine / "points.dat").read_text() == "the user's index"
+    assert not (ragtune_home / "models").exists()  # refused before anything was restored
+    reader = mine / ".readers" / f"{os.getpid()}-copy"  # a running server's read copy (this process: alive)
+    reader.mkdir(parents=True)
+    with pytest.raises(IndexBusy, match=f"open in running process {os.getpid()}"):
+        restore_bundle(small_bundle)
+    shutil.rmtree(mine / ".readers")
+    done = restore_bundle(small_bundle)
+    assert done["indexes"] == [str(mine)] and (mine / "default.yaml").is_file() and not (mine / "points.dat").exists()
+
+
 def test_create_checks_inputs_first(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="has no adapter_config.json"):
         create_bundle(tmp_path / "b", adapters=[str(tmp_path)], deps="none", default_models=False)

@@ -23,7 +23,8 @@ def records_per_step(args: Any) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
-def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
+def make_callbacks(metrics_path: Path, resume_step: int, finished: bool = False) -> list[Any]:
+    """`finished`: the output folder already holds the run's adapter (a --resume of it must train on)."""
     from transformers import TrainerCallback
 
     class MetricsFile(TrainerCallback):
@@ -107,11 +108,12 @@ def make_callbacks(metrics_path: Path, resume_step: int) -> list[Any]:
                 self.bar.close()
 
     class NothingLeft(TrainerCallback):
-        """Refuse a --resume whose checkpoint has reached the run's length: the Trainer would train one step
-        past it and the finished adapter would be rewritten."""
+        """Refuse a --resume of a finished run whose last checkpoint has reached the run's length: the Trainer
+        would train one step past it and rewrite the adapter. (A run stopped after its last step, before its
+        adapter was written, goes on: that extra step is the way to its adapter.)"""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if resume_step and state.global_step >= state.max_steps:
+            if finished and resume_step and state.global_step >= state.max_steps:
                 from ragtune.errors import UsageError
 
                 span = (f"train.max_steps={args.max_steps}" if args.max_steps > 0

@@ -114,7 +114,7 @@ def _run(cfg: Any, out: Path, resume: bool, overwrite: bool, dry_run: bool) -> A
     _check_lora_targets(loaded.model, tc.lora.target_modules)
     sets = _encode_sets(cfg, prep)
     resume_step = checkpoint_step(resume_from)
-    callbacks = [] if dry_run else make_callbacks(ckpt_dir / METRICS, resume_step)
+    callbacks = [] if dry_run else make_callbacks(ckpt_dir / METRICS, resume_step, _out_state(out)[0])
     trainer, training = _build_trainer(cfg, prep, loaded, sets, ckpt_dir, callbacks)
     if dry_run:
         try:

@@ -44,6 +44,12 @@ def test_resume_of_a_run_with_no_steps_left_is_refused_and_leaves_the_adapter_as
         assert f"--resume: the last checkpoint is at step 4 and this run is {length[-1]} steps long ({length}): " \
                "nothing is left to train; raise train.max_steps or train.epochs" in err, err
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # stopped after its last step, before the adapter was written (Ctrl-C in the final evaluation): it goes on
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (out / "checkpoints").rename(cut / "checkpoints")
+    assert _train(trainable_llama, qa_file, cut, "train.max_steps=4", "--resume") == 0
+    assert (cut / "adapter_model.safetensors").is_file()
     # a run by epochs (20 records, batch 4: 5 steps an epoch) that has finished them
     out = tmp_path / "epochs"
     assert _train(trainable_llama, qa_file, out, "train.epochs=1") == 0

@@ -22,6 +22,9 @@ def parse_filters(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise UsageError(f"--filter '{item}': expected key=value, e.g. --filter source=handbook.md")
         check_filter_key(key)
+        if not value.strip() and not key.startswith("meta."):  # no document has an empty source, title...
+            raise UsageError(f"--filter '{item}': the value is empty (an unset shell variable?), so nothing would "
+                             f"match; give the {key} to match, e.g. --filter source=handbook.md")
         val: Any = int(value) if key == "page" and value.strip().isdigit() else value
         if key in out:
             prev = out[key] if isinstance(out[key], list) else [out[key]]

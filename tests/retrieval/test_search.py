@@ -219,3 +219,12 @@ def test_a_query_that_is_not_utf8_is_refused_not_a_tokenizer_traceback(cfg: Conf
     query = os.fsdecode(b"caf\xe9 opening hours")  # what Python makes of a Latin-1 argument on a UTF-8 system
     assert main(["search", query, *args]) == 2
     assert "the search query is not valid UTF-8 text (an undecodable byte at character 4)" in capsys.readouterr().err
+
+
+def test_a_filter_with_an_empty_value_is_refused_not_an_empty_answer(cfg: Config, docs: Path, capsys) -> None:
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]
+    assert main(["index", "add", str(docs), "--no-progress", *args]) == 0
+    capsys.readouterr()
+    assert main(["search", "badges", "--filter", "source=", *args]) == 2  # --filter source=$DOC, DOC unset
+    assert "--filter 'source=': the value is empty (an unset shell variable?)" in capsys.readouterr().err
+    assert parse_filters(["meta.dept="]) == {"meta.dept": ""}  # metadata may hold an empty string

@@ -136,7 +136,12 @@ def _run(cfg: Any, out: Path, resume: bool, overwrite: bool, dry_run: bool) -> A
     state = trainer.state
     if resume_from and state.global_step <= resume_step and (tc.max_steps <= 0 or tc.max_steps > resume_step):
         raise UsageError(f"resume from step {resume_step} did not continue (now at step {state.global_step})")
-    metrics = run_metrics(trainer, result, train_secs, callbacks[0].rows, resume_step, sets.has_eval)
+    try:  # the final evaluation can take a while: a Ctrl-C in it says how to get the adapter too
+        metrics = run_metrics(trainer, result, train_secs, callbacks[0].rows, resume_step, sets.has_eval)
+    except KeyboardInterrupt:
+        if trainer.is_world_process_zero():
+            say_how_to_resume(ckpt_dir, state.global_step, tc.save_steps)
+        raise
 
     # Every rank takes part in saving (FSDP gathers the sharded weights); rank 0 writes the folder.
     staging = out.parent / f".{out.name}.saving"

@@ -213,3 +213,26 @@ def test_resume_after_a_kill_that_cut_the_metrics_line_short(
     assert f"{metrics}: 1 damaged line left out" in caplog.text
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s <= 4] and max(steps) == 6
+
+
+def test_ctrl_c_in_the_final_evaluation_says_how_to_resume_and_resume_writes_the_adapter(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import TrainerCallback
+
+    from ragtune.train import recipe
+
+    class CtrlC(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kw):  # noqa: ANN001
+            raise KeyboardInterrupt  # the evaluation after the last step, mid-epoch: run_metrics evaluates
+
+    real = recipe.make_callbacks
+    monkeypatch.setattr(recipe, "make_callbacks", lambda *a: real(*a) + [CtrlC()])
+    out = tmp_path / "run"
+    args = ["train.max_steps=2", "data.eval_fraction=0.2", "train.eval_steps=0"]  # once per epoch: 4 steps
+    assert _train(trainable_llama, qa_file, out, *args) == 130
+    assert f"stopped at step 2; {out / 'checkpoints' / 'checkpoint-2'} is kept: run the same command with --resume" \
+           in caplog.text
+    monkeypatch.setattr(recipe, "make_callbacks", real)
+    assert _train(trainable_llama, qa_file, out, *args, "--resume") == 0
+    assert (out / "adapter_model.safetensors").is_file()

@@ -228,6 +228,9 @@ def _index_list(args: argparse.Namespace, cfg: Any) -> int:
     rows = ing.list_documents(cfg, args.index)
     if args.json:
         print_json(rows)
+    elif not rows:
+        name = args.index or cfg.index.name
+        print(f"index '{name}' holds no documents; add some with 'ragtune index add PATH --index {name}'")
     else:
         for r in rows:
             r["complete"] = "" if r["complete"] else "incomplete"

@@ -366,3 +366,13 @@ def test_utf16_text_without_a_byte_order_mark_is_read_not_called_binary(tmp_path
     noise.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(Skip, match="binary content"):
         load_file(noise, noise.name)
+
+
+def test_index_list_of_an_emptied_index_says_so(cfg: Config, docs: Path, capsys) -> None:
+    from ragtune.retrieval.ingest import remove
+
+    ingest(cfg, [str(docs)], progress=False)
+    remove(cfg, [str(docs)])
+    assert main(["-q", "index", "list", f"embedder.path={cfg.embedder.path}"]) == 0
+    assert capsys.readouterr().out == ("index 'default' holds no documents; add some with "
+                                       "'ragtune index add PATH --index default'\n")

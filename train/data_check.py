@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ragtune.errors import UsageError
-from ragtune.train.data_files import TABLE_SUFFIXES, TOO_DEEP, _refuse_existing, _whole_file_values, json_hint, read_lines
+from ragtune.train.data_files import (TABLE_SUFFIXES, TOO_DEEP, _refuse_existing, _whole_file_values, json_hint,
+                                      read_lines, refuse_file_as_folder)
 from ragtune.train.data_report import KINDS, CheckReport, Problem
 from ragtune.train.records import Record, fold, record_problems, record_prompt, uses_tools
 
@@ -201,6 +202,7 @@ def clean_targets(path: str | Path, out: str | Path, force: bool = False) -> tup
                              "look the result over, then replace the original yourself")
         if target.resolve().is_dir():
             raise UsageError(f"{what} '{target}' is a folder; name a file, such as '{target / 'clean.jsonl'}'")
+    refuse_file_as_folder(out.parent, "--write-clean's folder")
     if not force:
         _refuse_existing([out, quarantine], "name another --write-clean file")
     return out, quarantine

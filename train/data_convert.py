@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.errors import UsageError
-from ragtune.train.data_files import _exists, _read_table
+from ragtune.train.data_files import _exists, _read_table, refuse_file_as_folder
 from ragtune.train.records import FORMATS, SHAREGPT_ROLES, detect_format
 
 
@@ -69,6 +69,7 @@ def _convert_dest(src: Path, out: str | Path | None) -> tuple[Path, str]:
         raise UsageError(f"--out '{dest}' is the input file; name another file for the chat JSONL")
     if dest.resolve().is_dir():
         raise UsageError(f"{what} is a folder; name a file, such as '{dest / (src.stem + '.jsonl')}'")
+    refuse_file_as_folder(dest.parent, "--out's folder")
     return dest, what
 
 

@@ -7,6 +7,7 @@
     json_hint(raw, exc)                     # " (curly quotes ... ; near: '...')": what a hand edit got wrong
     _read_table(Path("faq.csv"))            # (columns, rows) of .csv .tsv .json .jsonl .parquet (convert)
     _refuse_existing([out], "name another file")   # outputs are replaced only with --force
+    refuse_file_as_folder(Path("out/dir"), "--out-dir")   # a file where the output folder belongs
 
 Nothing here imports torch; .parquet needs pyarrow.
 """
@@ -133,6 +134,14 @@ def _exists(p: Path) -> bool:
     """Whether writing P would replace something: 'new/../x' names x though 'new' is not there yet
     (the writer creates it), so the path is resolved first."""
     return p.exists() or p.resolve().exists()
+
+
+def refuse_file_as_folder(folder: Path, what: str) -> None:
+    """Refuse, before any work, an output folder that is a file or lies under one (`what`: the flag naming it)."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        inside = "" if blocker == folder else f" lies under '{blocker}', which"
+        raise UsageError(f"{what} '{folder}'{inside} is a file, not a folder; name a folder for the output")
 
 
 def _refuse_existing(paths: list[Path], other: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ragtune.errors import CheckFailed, UsageError
 from ragtune.train.data_check import check_file
-from ragtune.train.data_files import _refuse_existing, read_lines
+from ragtune.train.data_files import _refuse_existing, read_lines, refuse_file_as_folder
 from ragtune.train.records import prompt_key
 
 
@@ -37,6 +37,7 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42, out_dir: str |
     if not 0 < eval_fraction < 1:
         raise UsageError(f"--eval-fraction must be between 0 and 1 (exclusive), got {eval_fraction}")
     d = Path(out_dir) if out_dir else src.parent
+    refuse_file_as_folder(d, "--out-dir")
     tr, ev = d / f"{src.stem}.train.jsonl", d / f"{src.stem}.eval.jsonl"
     if not force:
         _refuse_existing([tr, ev], "--out-dir DIR to write elsewhere")

@@ -236,3 +236,24 @@ def test_ctrl_c_in_the_final_evaluation_says_how_to_resume_and_resume_writes_the
     monkeypatch.setattr(recipe, "make_callbacks", real)
     assert _train(trainable_llama, qa_file, out, *args, "--resume") == 0
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_data_outputs_under_a_file_are_usage_errors_naming_the_file(qa_file: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """They were OSErrors ('File exists', exit 1) from the write, after the whole check or split."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    cases = [
+        (["data", "split", str(qa_file), "--eval-fraction", "0.2", "--out-dir", str(a_file)],
+         f"--out-dir '{a_file}' is a file, not a folder"),
+        (["data", "split", str(qa_file), "--eval-fraction", "0.2", "--out-dir", str(a_file / "sub")],
+         f"--out-dir '{a_file / 'sub'}' lies under '{a_file}', which is a file, not a folder"),
+        (["data", "check", str(qa_file), "--write-clean", str(a_file / "clean.jsonl")],
+         f"--write-clean's folder '{a_file}' is a file, not a folder"),
+        (["data", "convert", str(qa_file), "--out", str(a_file / "chat.jsonl")],
+         f"--out's folder '{a_file}' is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert a_file.read_text() == "x"

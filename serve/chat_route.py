@@ -63,9 +63,13 @@ def add_chat_route(app: Any, runtime: Runtime) -> None:
 
 def request_error(exc: RagtuneError) -> APIError:
     """A generator's refusal as a 400, with the OpenAI code its kind carries (`api_code`: a prompt over the
-    model's context is ragtune.errors.PromptTooLong, context_length_exceeded)."""
+    model's context is ragtune.errors.PromptTooLong, context_length_exceeded); a kind with an `api_status`
+    keeps it (a remote engine that is down: ragtune.serve.remote.RemoteFailed, a 502 server_error)."""
     code = getattr(exc, "api_code", None)
-    return APIError(400, str(exc), param="messages" if code == "context_length_exceeded" else None, code=code)
+    status = getattr(exc, "api_status", 400)
+    kind = "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
+    return APIError(status, str(exc), kind, param="messages" if code == "context_length_exceeded" else None,
+                    code=code)
 
 
 DISCONNECT_POLL_S = 0.1

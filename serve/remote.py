@@ -10,7 +10,8 @@ server (vLLM, Ollama, llama.cpp's server) generates.
 The messages sent are the ones a local engine would render (the retrieval system turn with the
 numbered sources from `ragtune.chat.rag_messages`), so citations and abstention behave the same;
 abstention never calls the remote server. Errors from the remote server come back as RagtuneError
-naming the URL and its status. Token counts are the remote server's `usage` (a stream from a server
+naming the URL and its status: RemoteFailed (a 502 from `ragtune serve`) where the remote is down or
+failed, a plain RagtuneError (the request's 400) where it refused the request. Token counts are the remote server's `usage` (a stream from a server
 that sends none counts its content chunks as tokens and leaves prompt tokens at 0).
 
 `response_format`, `tools`, `tool_choice` and `parallel_tool_calls` are forwarded as they are; the
@@ -33,6 +34,26 @@ from ragtune.errors import RagtuneError, UsageError
 from ragtune.serve.generator import Answer
 
 KEY_ENV = "RAGTUNE_ENGINE_API_KEY"  # the remote's key when generation.api_key is empty
+
+
+class RemoteFailed(RagtuneError):
+    """The remote engine is down, broke off, or refused for a reason of this server's (its key, its model
+    name, a 5xx): `ragtune serve` answers 502, a server error a client may retry, not the client's 400.
+    A remote's 429 stays a 429; its other 4xx (a prompt over its context, ...) stay the request's 400."""
+
+    def __init__(self, message: str, status: int = 502, code: str = "engine_unavailable"):
+        super().__init__(message)
+        self.api_status, self.api_code = status, code
+
+
+def remote_refusal(url: str, status: int, detail: str) -> RagtuneError:
+    """What a remote's non-200 answer is here (see RemoteFailed)."""
+    message = f"remote engine {url} answered {status}: {detail}"
+    if status == 429:
+        return RemoteFailed(message, 429, "server_busy")
+    if status >= 500 or status in (401, 403, 404):
+        return RemoteFailed(message, 502, "engine_error")
+    return RagtuneError(message)
 PASSED = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # forwarded as they are
 
 
@@ -186,7 +207,7 @@ class RemoteGenerator:
                     if r.status_code == 200:
                         self.schema_form = "json_object"
         except httpx.HTTPError as exc:
-            raise RagtuneError(f"remote engine {self.url} could not be reached: {exc}") from exc
+            raise RemoteFailed(f"remote engine {self.url} could not be reached: {exc}") from exc
         if r.status_code != 200:
             r.read()
             r.close()
@@ -211,7 +232,7 @@ class RemoteGenerator:
                     if r.status_code == 200:
                         self.schema_form = "json_object"
         except httpx.HTTPError as exc:
-            raise RagtuneError(f"remote engine {self.url} could not be reached: {exc}") from exc
+            raise RemoteFailed(f"remote engine {self.url} could not be reached: {exc}") from exc
         if r.status_code != 200:
             await r.aread()
             await r.aclose()
@@ -259,7 +280,7 @@ class RemoteGenerator:
             detail = r.json().get("error", {}).get("message") or r.text[:300]
         except (ValueError, AttributeError):
             detail = r.text[:300]
-        return RagtuneError(f"remote engine {self.url} answered {r.status_code}: {detail}")
+        return remote_refusal(self.url, r.status_code, detail)
 
     def answer(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -312,8 +333,8 @@ class RemoteGenerator:
             choice = body["choices"][0]
             message = choice["message"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise RagtuneError(f"remote engine {self.url} answered 200 without a chat completion "
-                               f"({type(exc).__name__}: {exc}): {r.text[:300]}") from None
+            raise RemoteFailed(f"remote engine {self.url} answered 200 without a chat completion "
+                               f"({type(exc).__name__}: {exc}): {r.text[:300]}", code="engine_error") from None
         return self._answer(job, message.get("content") or "", choice.get("finish_reason") or "stop",
                             body.get("usage") or {}, None, message.get("tool_calls"), bool(passed.get("tools")))
 
@@ -392,7 +413,7 @@ class RemoteStream:
             finally:
                 r.close()
         except httpx.HTTPError as exc:
-            raise RagtuneError(f"remote engine {gen.url} failed: {exc}") from exc
+            raise RemoteFailed(f"remote engine {gen.url} failed: {exc}") from exc
         self.answer = events.answer(gen, job, self.body)
 
 
@@ -436,7 +457,7 @@ class RemoteAsyncStream:
             finally:
                 await r.aclose()
         except httpx.HTTPError as exc:
-            raise RagtuneError(f"remote engine {gen.url} failed: {exc}") from exc
+            raise RemoteFailed(f"remote engine {gen.url} failed: {exc}") from exc
         self.answer = events.answer(gen, job, self.body)
 
 
@@ -460,7 +481,7 @@ class _Events:
             return []
         event = json.loads(data)
         if "error" in event:
-            raise RagtuneError(f"remote engine {self.url}: {event['error'].get('message')}")
+            raise RemoteFailed(f"remote engine {self.url}: {event['error'].get('message')}", code="engine_error")
         self.usage = event.get("usage") or self.usage
         out = []
         for choice in event.get("choices") or []:

@@ -99,6 +99,10 @@ def _run(cfg: Any, out: Path, resume: bool, overwrite: bool, dry_run: bool) -> A
 
     t_start = time.time()
     tc = cfg.train
+    if cfg.model.adapter:  # set for ask/serve in a shared config, or in the hope of training an adapter further
+        log.warning("model.adapter '%s' is not trained further: train makes a new adapter on model.path (to go on "
+                    "with an adapter, merge it first, 'ragtune merge ADAPTER --out DIR', and set model.path=DIR; to "
+                    "continue an interrupted run, --resume)", cfg.model.adapter)
     ckpt_dir = out / CHECKPOINTS
     existed = {d for d in (out, ckpt_dir) if d.exists()}
     resume_from = _resume_point(out, ckpt_dir, resume, overwrite)

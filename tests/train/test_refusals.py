@@ -257,3 +257,13 @@ def test_data_outputs_under_a_file_are_usage_errors_naming_the_file(qa_file: Pat
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert a_file.read_text() == "x"
+
+
+def test_train_says_model_adapter_is_not_trained_further(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """model.adapter was ignored without a word: a user hoping to train an adapter further got a new one."""
+    first = tmp_path / "first"
+    assert _train(trainable_llama, qa_file, first, "train.max_steps=1") == 0
+    assert "model.adapter" not in caplog.text
+    assert _train(trainable_llama, qa_file, tmp_path / "second", "train.max_steps=1", f"model.adapter={first}") == 0
+    assert f"model.adapter '{first}' is not trained further: train makes a new adapter on model.path" in caplog.text

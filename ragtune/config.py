@@ -102,7 +102,7 @@ def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
         there = f" (YAML files there: {', '.join(found[:8])}{', ...' if len(found) > 8 else ''})" if found else ""
         problems.append(f"{path}: is a directory, not a config file; pass a YAML file with --config{there}")
         return {}
-    if not path.is_file():
+    if not path.exists():  # a pipe (--config <(...)) or /dev/null is read like a file
         problems.append(f"{path}: config file not found")
         return {}
     try:

@@ -480,3 +480,19 @@ def test_yaml_nested_too_deeply_is_a_config_error_not_a_recursion_traceback(tmp_
     deep = "[" * 5000 + "]" * 5000  # an override's value too deep for YAML is the text typed
     with pytest.raises(ConfigError, match="key 'train.epochs': expected a number"):
         load_config(None, [f"train.epochs={deep}"])
+
+
+def test_a_config_from_a_pipe_is_read(tmp_path: Path) -> None:
+    """`--config <(...)` (a pipe under /dev/fd) and /dev/null were 'config file not found'."""
+    import os
+
+    r, w = os.pipe()
+    os.write(w, b"train:\n  epochs: 7\n")
+    os.close(w)
+    try:
+        assert load_config(f"/dev/fd/{r}").train.epochs == 7
+    finally:
+        os.close(r)
+    assert load_config("/dev/null") == Config()
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")

@@ -217,6 +217,9 @@ def outdated_reader(state: dict[str, Any], reader: str) -> str:
     return ""
 
 
+KEPT_OLD = "; the index keeps its previous version"  # said of a skipped file whose documents the index has
+
+
 def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path, Path]], chunker_sig: str,
                 sparse_version: int, sync_roots: list[Path] | None = None) -> Plan:
     plan = Plan()
@@ -234,13 +237,14 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
         if not is_supported(path):
             plan.skipped.append((rel, f"unsupported file type '{path.suffix or path.name}'"))
             continue
+        kept_old = KEPT_OLD if by_file.get(abs_file) else ""
         try:
             data = path.read_bytes()
         except OSError as exc:
-            plan.skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
+            plan.skipped.append((rel, f"cannot read: {exc.strerror or exc}{kept_old}"))
             continue
         if not data.strip():
-            plan.skipped.append((rel, "empty file"))
+            plan.skipped.append((rel, f"empty file{kept_old}"))
             continue
         refs: list[DocRef] = []
         reader = reader_format(path, data)

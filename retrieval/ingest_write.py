@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ragtune.config import Config
 from ragtune.retrieval import loaders
-from ragtune.retrieval.ingest_plan import DocRef, Plan, chunk_id
+from ragtune.retrieval.ingest_plan import KEPT_OLD, DocRef, Plan, chunk_id
 from ragtune.retrieval.loaders import Document, Skip, load_file
 from ragtune.retrieval.store import PointData, Store
 
@@ -108,7 +108,8 @@ def write_plan(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Pla
             try:
                 docs = _load_docs(Path(abs_file), refs)
             except Skip as exc:
-                res.skipped.append((refs[0].file, str(exc)))
+                kept_old = KEPT_OLD if plan.stale.get(abs_file) else ""
+                res.skipped.append((refs[0].file, f"{exc}{kept_old}"))
                 failed_files.add(abs_file)
                 continue
             old_ids = plan.stale.get(abs_file, []) + [r.doc_id for r in refs if r.doc_id in rewritten]

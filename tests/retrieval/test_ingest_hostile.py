@@ -376,3 +376,17 @@ def test_index_list_of_an_emptied_index_says_so(cfg: Config, docs: Path, capsys)
     assert main(["-q", "index", "list", f"embedder.path={cfg.embedder.path}"]) == 0
     assert capsys.readouterr().out == ("index 'default' holds no documents; add some with "
                                        "'ragtune index add PATH --index default'\n")
+
+
+def test_a_document_whose_new_version_cannot_be_read_says_the_old_one_stays(cfg: Config, tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "policy.html").write_text("<h1>Policy</h1><p>Badges are worn at all times.</p>", encoding="utf-8")
+    ingest(cfg, [str(root)], progress=False)
+    (root / "policy.html").write_bytes(b"<html><body><script>only a script</script></body></html>")  # no text now
+    res = ingest(cfg, [str(root)], delete_missing=True, progress=False)
+    assert res.skipped == [("policy.html", "no text found; the index keeps its previous version")]
+    assert set(sources(snapshot())) == {"policy.html"}  # as said
+    (root / "policy.html").write_bytes(b"  \n")
+    res = ingest(cfg, [str(root)], delete_missing=True, progress=False)
+    assert res.skipped == [("policy.html", "empty file; the index keeps its previous version")]

@@ -68,8 +68,15 @@ class IndexLock:
         import fcntl
         import time
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # RAGTUNE_HOME a file, or read-only
+            from ragtune.modeling import ragtune_home
+
+            raise RagtuneError(
+                f"cannot use index '{self.name}' in {self.path.parent}: {exc.strerror or exc}; indexes live under "
+                f"RAGTUNE_HOME ({ragtune_home()}): set RAGTUNE_HOME to a folder you can write to") from None
         deadline = time.monotonic() + self.wait
         while True:
             try:

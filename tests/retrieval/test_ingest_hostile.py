@@ -390,3 +390,13 @@ def test_a_document_whose_new_version_cannot_be_read_says_the_old_one_stays(cfg:
     (root / "policy.html").write_bytes(b"  \n")
     res = ingest(cfg, [str(root)], delete_missing=True, progress=False)
     assert res.skipped == [("policy.html", "empty file; the index keeps its previous version")]
+
+
+def test_a_ragtune_home_that_is_a_file_is_named_with_the_fix(cfg: Config, docs: Path, tmp_path: Path,
+                                                            monkeypatch, capsys) -> None:
+    home = tmp_path / "home.txt"
+    home.write_text("not a folder", encoding="utf-8")
+    monkeypatch.setenv("RAGTUNE_HOME", str(home))
+    assert main(["-q", "index", "add", str(docs), f"embedder.path={cfg.embedder.path}", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"indexes live under RAGTUNE_HOME ({home}): set RAGTUNE_HOME to a folder you can write to" in err

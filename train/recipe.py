@@ -117,6 +117,7 @@ def _run(cfg: Any, out: Path, resume: bool, overwrite: bool, dry_run: bool) -> A
     loaded = _load_for_training(cfg, prep)
     _check_lora_targets(loaded.model, tc.lora.target_modules)
     sets = _encode_sets(cfg, prep)
+    _check_context(loaded.model, sets, cfg.data.max_length, prep.base)
     resume_step = checkpoint_step(resume_from)
     callbacks = [] if dry_run else make_callbacks(ckpt_dir / METRICS, resume_step, _out_state(out)[0])
     trainer, training = _build_trainer(cfg, prep, loaded, sets, ckpt_dir, callbacks)
@@ -378,6 +379,22 @@ def _build_trainer(cfg: Any, prep: Any, loaded: _Loaded, sets: _Sets, ckpt_dir: 
         "group_by_length": tc.group_by_length and not tc.packing,
     }
     return trainer, training
+
+
+def _check_context(model: Any, sets: _Sets, max_length: int, base: Path) -> None:
+    """Refuse records longer than the model's context: it has never seen those positions (RoPE past its range),
+    so training there teaches at positions serving never reaches well, without a sign in the loss."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    context = getattr(config, "max_position_embeddings", None)
+    rows = sets.train_enc["input_ids"] + (list(sets.eval_ds["input_ids"]) if sets.eval_ds is not None else [])
+    longest = max(map(len, rows), default=0)
+    if isinstance(context, int) and 0 < context < longest:
+        over = sum(len(r) > context for r in rows)
+        raise UsageError(
+            f"{over} record{'' if over == 1 else 's'} {'is' if over == 1 else 'are'} longer than the model's context "
+            f"(up to {longest} tokens, data.max_length={max_length}; the model takes {context}: max_position_embeddings "
+            f"in {base / 'config.json'}); set data.max_length={context} (records are cut there; one whose answer "
+            "starts past it is reported invalid) or shorten them")
 
 
 def _check_lora_targets(model: Any, targets: tuple[str, ...]) -> None:

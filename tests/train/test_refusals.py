@@ -267,3 +267,22 @@ def test_train_says_model_adapter_is_not_trained_further(
     assert "model.adapter" not in caplog.text
     assert _train(trainable_llama, qa_file, tmp_path / "second", "train.max_steps=1", f"model.adapter={first}") == 0
     assert f"model.adapter '{first}' is not trained further: train makes a new adapter on model.path" in caplog.text
+
+
+def test_records_longer_than_the_models_context_are_refused(
+        trainable_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """data.max_length above the model's max_position_embeddings trained 2000-token records on a 1024-token
+    model without a word."""
+    import json
+
+    from tests.train.conftest import chat, write_jsonl
+
+    context = json.loads((trainable_llama / "config.json").read_text())["max_position_embeddings"]
+    data = write_jsonl(tmp_path / "long.jsonl", [chat("apple bread cheese " * (context // 6) + str(i), f"ok {i}")
+                                                 for i in range(4)])
+    out = tmp_path / "run"
+    assert _train(trainable_llama, data, out, "train.max_steps=1", f"data.max_length={4 * context}") == 2
+    err = capsys.readouterr().err
+    assert f"4 records are longer than the model's context (up to " in err, err
+    assert f"the model takes {context}: max_position_embeddings in {trainable_llama / 'config.json'}); set " \
+           f"data.max_length={context}" in err and not out.exists()

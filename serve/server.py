@@ -211,13 +211,48 @@ def run_serve(args: Any, cfg: Any) -> int:
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port (1-65535)")
     cfg = replace(cfg, serve=replace(serve, host=host, port=port))
-    quiet_libraries()
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key_of(cfg):
-        log.warning("binding to %s without an API key: anyone who can reach this port can use the models; "
-                    "set serve.api_key or %s", host, API_KEY_ENV)
-    app = create_app(cfg, warmup=True)
-    shown = f"[{host}]" if ":" in host else host
-    print(f"ragtune serve: http://{shown}:{port}/  (OpenAI base_url http://{shown}:{port}/v1; "
-          f"models: {', '.join(app.state.runtime.deployments)})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info" if args.verbose else "warning")
+    sock = listen_socket(host, port)  # before any model loads: a taken port is said at once, as a usage error
+    try:
+        quiet_libraries()
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key_of(cfg):
+            log.warning("binding to %s without an API key: anyone who can reach this port can use the models; "
+                        "set serve.api_key or %s", host, API_KEY_ENV)
+        app = create_app(cfg, warmup=True)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"ragtune serve: http://{shown}:{port}/  (OpenAI base_url http://{shown}:{port}/v1; "
+              f"models: {', '.join(app.state.runtime.deployments)})", flush=True)
+        config = uvicorn.Config(app, host=host, port=port, log_level="info" if args.verbose else "warning")
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def listen_socket(host: str, port: int) -> Any:
+    """The server's socket, bound to host:port; a UsageError that says why and what to do when it cannot be
+    (uvicorn's own bind would fail after the models load, log one line and exit 3, 'partial success')."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: not an address or a name this machine resolves ({exc.strerror}); give "
+                         "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses a port in TIME_WAIT
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"--port {port}: {host}:{port} is already in use (another 'ragtune serve', or another "
+                             "program); stop it, or pick a free port with --port N") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"--port {port}: not allowed to listen on {host}:{port} ({exc.strerror}; ports below "
+                             "1024 need root); pick a port above 1023 with --port N") from None
+        raise UsageError(f"--host {host}: cannot listen on {host}:{port} ({exc.strerror or exc}); give an address "
+                         "of this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    sock.set_inheritable(True)
+    return sock

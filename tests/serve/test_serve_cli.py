@@ -58,3 +58,28 @@ def test_a_server_that_fails_to_start_leaves_no_copy_of_its_index(tiny_llama: Pa
     assert "deployment 'b'" in capsys.readouterr().err
     readers = ragtune_home / "indexes" / "docs" / ".readers"
     assert not readers.exists() or not any(readers.iterdir())
+
+
+def test_serve_on_a_taken_port_or_a_foreign_host_exits_2_before_loading(capsys, monkeypatch) -> None:
+    """uvicorn's own bind failed after the models had loaded (minutes for a first GGUF export), after the
+    'ragtune serve: http://...' line claimed the address, with one log line and exit 3 (partial success)."""
+    import socket
+
+    from ragtune.serve import server
+
+    monkeypatch.setattr(server, "create_app", lambda *a, **k: pytest.fail("models were loaded"))
+    remote = ["generation.engine=openai", "generation.url=http://127.0.0.1:1/v1", "generation.model=x"]
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        assert main(["serve", "--port", str(port), *remote]) == 2
+        out, err = capsys.readouterr()
+        assert f"--port {port}: 127.0.0.1:{port} is already in use" in err and "--port N" in err and out == ""
+    finally:
+        taken.close()
+    assert main(["serve", "--host", "no-such-host.invalid", "--port", str(port), *remote]) == 2
+    assert "--host no-such-host.invalid: not an address" in capsys.readouterr().err
+    assert main(["serve", "--host", "192.0.2.1", "--port", str(port), *remote]) == 2  # TEST-NET: not this machine
+    assert "--host 192.0.2.1: cannot listen on 192.0.2.1" in capsys.readouterr().err

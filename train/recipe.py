@@ -176,7 +176,8 @@ def _resume_point(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> s
     finished, has_ckpt = _out_state(out)
     if out.is_file():
         raise UsageError(f"train.output_dir '{out}' is a file; name a folder for the adapter")
-    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    # hidden ones count too (a .git, a .gitkeep): the folder is replaced whole; only the Finder's own is let go
+    others = sorted(p.name for p in out.iterdir() if p.name != ".DS_Store") if out.is_dir() else []
     if others and not (finished or ckpt_dir.is_dir() or (out / "ragtune.json").is_file()):
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
         raise UsageError(f"train.output_dir '{out}' holds files that are not a ragtune run ({shown}); the finished "

@@ -286,3 +286,20 @@ def test_records_longer_than_the_models_context_are_refused(
     assert f"4 records are longer than the model's context (up to " in err, err
     assert f"the model takes {context}: max_position_embeddings in {trainable_llama / 'config.json'}); set " \
            f"data.max_length={context}" in err and not out.exists()
+
+
+def test_an_output_dir_holding_only_hidden_files_is_refused_not_emptied(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Hidden entries were not counted as the folder's own files, so the finished run deleted a .git with it."""
+    out = tmp_path / "repo"
+    (out / ".git").mkdir(parents=True)
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / ".gitkeep").touch()
+    assert _train(trainable_llama, qa_file, out, "train.max_steps=1", "--overwrite") == 2
+    assert f"train.output_dir '{out}' holds files that are not a ragtune run (.git, .gitkeep)" in capsys.readouterr().err
+    assert (out / ".git" / "HEAD").is_file() and not (out / "adapter_config.json").exists()
+    (out / ".git" / "HEAD").unlink()
+    (out / ".git").rmdir()
+    (out / ".gitkeep").unlink()
+    (out / ".DS_Store").touch()  # the Finder's, remade at will: no reason to refuse
+    assert _train(trainable_llama, qa_file, out, "train.max_steps=1") == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from ragtune.retrieval.ingest_write import (  # noqa: F401  (the lexical statist
     update_lexical_stats,
     write_plan,
 )
-from ragtune.retrieval.store import SCHEMA_VERSION, IndexLock, Store, open_store
+from ragtune.retrieval.store import SCHEMA_VERSION, IndexLock, Store, index_dir, open_store
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
     store = open_store(cfg, name)
     res = IngestResult(name, dry_run=dry_run)
     cmd = "ragtune index " + ("sync " if delete_missing else "add ") + " ".join(str(p) for p in paths)
+    fresh = not index_dir(name).exists()  # a run that fails before the index is made leaves no folder
     with IndexLock(name, cmd):
         from ragtune.retrieval.chunking import Chunker, chunker_signature
         from ragtune.retrieval.embedder import Embedder, index_embedder
@@ -225,10 +227,26 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                 store.write_meta(meta)
             chunker = Chunker(embedder.tokenizer, size, overlap) if plan.add else None
             write_plan(cfg, store, embedder, chunker, plan, res, progress)
+        except BaseException:
+            if fresh:
+                _forget_unmade(store, name)
+            raise
         finally:
             store.close()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _forget_unmade(store: Store, name: str) -> None:
+    """After a run that failed before the index was made (no documents, a refusal): delete the folder
+    its lock made, so no empty index folder stays behind."""
+    try:
+        if store.exists():
+            return
+        store.close()
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        return
+    shutil.rmtree(index_dir(name), ignore_errors=True)
 
 
 def _refuse_emptying(name: str, roots: list[str], files: list[tuple[Path, Path]], plan: Plan) -> None:

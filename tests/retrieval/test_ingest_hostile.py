@@ -400,3 +400,13 @@ def test_a_ragtune_home_that_is_a_file_is_named_with_the_fix(cfg: Config, docs: 
     assert main(["-q", "index", "add", str(docs), f"embedder.path={cfg.embedder.path}", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"indexes live under RAGTUNE_HOME ({home}): set RAGTUNE_HOME to a folder you can write to" in err
+
+
+def test_a_failed_first_add_leaves_no_index_folder_behind(cfg: Config, tmp_path: Path, capsys) -> None:
+    from ragtune.retrieval.index_dirs import index_dir
+
+    (tmp_path / "empty").mkdir()
+    assert main(["-q", "index", "add", str(tmp_path / "empty"), "--index", "t1",
+                 f"embedder.path={cfg.embedder.path}", "--no-progress"]) == 2
+    assert "index 't1' was not created" in capsys.readouterr().err
+    assert not index_dir("t1").exists()  # as said: nothing for 'index drop t1' to be unable to find

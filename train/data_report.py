@@ -3,7 +3,7 @@
     from ragtune.train.data_report import KINDS, CheckReport, Problem
 
     rep = check_file("train.jsonl")     # ragtune.train.data_check: a CheckReport
-    rep.ok                              # no problems and at least one record
+    rep.ok                              # no problems and at least one valid record
     print(rep.format())                 # problems grouped by kind (KINDS order), notes, token stats
     rep.as_dict()                       # the --json form
     rep.conflict_note(), rep.duplicate_note(), rep.tool_note()   # one line each, "" when nothing to say
@@ -70,7 +70,7 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.lines > 0
+        return not self.problems and bool(self.records)  # a file of skipped records (tools) trains nothing
 
     def by_kind(self) -> dict[str, list[Problem]]:
         out: dict[str, list[Problem]] = {}
@@ -133,6 +133,8 @@ class CheckReport:
         ]
         if not self.lines:
             out.append("the file holds no records (it is empty, or every line is blank)")
+        elif not self.records and not self.problems:
+            out.append("no record is left to train on: every one is skipped (see the note below)")
         for kind, items in self.by_kind().items():
             out.append(f"{KINDS[kind]} ({len(items)}):")
             for p in items[:limit]:

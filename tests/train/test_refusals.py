@@ -303,3 +303,23 @@ def test_an_output_dir_holding_only_hidden_files_is_refused_not_emptied(
     (out / ".gitkeep").unlink()
     (out / ".DS_Store").touch()  # the Finder's, remade at will: no reason to refuse
     assert _train(trainable_llama, qa_file, out, "train.max_steps=1") == 0
+
+
+def test_data_check_of_a_file_whose_every_record_is_skipped_fails(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """It said '0 valid records' and exited 0, so `data check F && train` went on to a train that fails."""
+    import json
+
+    from tests.train.conftest import write_jsonl
+
+    tool = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                         {"role": "tool", "content": "r", "tool_call_id": "c1"},
+                         {"role": "assistant", "content": "a"}]}
+    data = write_jsonl(tmp_path / "tools.jsonl", [tool, tool])
+    assert main(["data", "check", str(data)]) == 1
+    out = capsys.readouterr().out
+    assert "no record is left to train on: every one is skipped" in out and "use tools or function calling" in out
+    assert main(["data", "check", str(data), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False

@@ -311,6 +311,7 @@ def _remote(args_list: list[str]) -> int | None:
         from ragtune.retrieval.cli import remote_search_args as remote_args
     else:
         return None
+    args = None
     try:
         args = remote_args(words)
         if args is None:
@@ -319,11 +320,9 @@ def _remote(args_list: list[str]) -> int | None:
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
         return int(exc.code or 0)
     except RagtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(args, str(exc), exc.exit_code)
     except OSError as exc:
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(args, os_error_message(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         more = ""
         if args.command == "index" and getattr(args, "index_cmd", "") in ("add", "sync"):
@@ -331,6 +330,14 @@ def _remote(args_list: list[str]) -> int | None:
                     "command again to finish (it skips what is done)")
         print("interrupted" + more, file=sys.stderr)
         return 130
+
+
+def _fail(args: argparse.Namespace | None, message: str, code: int) -> int:
+    """Print the error; with --json, also as a JSON object on stdout, so a script reading it gets JSON."""
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "exit_code": code}, ensure_ascii=False))
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,16 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(config_path, overrides)
         return int(args.func(args, cfg) or 0)
     except RagtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(args, str(exc), exc.exit_code)
     except BrokenPipeError:  # `ragtune ... | head`: the reader has gone; end quietly, as a SIGPIPE'd tool does
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
     except OSError as exc:  # unwritable folder, full disk, a file where a folder belongs...
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(args, os_error_message(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

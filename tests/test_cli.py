@@ -208,3 +208,16 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     p = subprocess.run(f"'{sys.executable}' '{script}' | head -1", shell=True, capture_output=True, text=True,
                        env=dict(os.environ), timeout=120)
     assert p.stdout == "line 0\n" and "Broken pipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_an_error_under_json_is_json_on_stdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # a script reading `--json` output got an empty stdout (the message went to stderr only)
+    monkeypatch.setenv("RAGTUNE_HOME", str(tmp_path))
+    rc = main(["search", "--index", "nope", "--json", "hello"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "index 'nope' does not exist" in err
+    assert json.loads(out) == {"error": err.strip().removeprefix("error: "), "exit_code": 2}
+    rc = main(["search", "--index", "nope", "hello"])  # without --json: stdout stays empty
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "does not exist" in err

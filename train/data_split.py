@@ -54,6 +54,10 @@ def split(path: str | Path, eval_fraction: float, seed: int = 42, out_dir: str |
     if len(lines) < 2:
         raise UsageError(f"'{src}' holds {len(lines)} {'valid ' if rep.rejected else ''}record(s); a split needs at least 2")
     train_lines, eval_lines = split_items(lines, eval_fraction, seed, key=_line_prompt)
+    if not eval_lines:  # one question in every record: holding it out would leave nothing to train on
+        raise UsageError(f"'{src}': every record asks the same question, and a question's records stay on one "
+                         "side (the eval file never holds a trained question): there is nothing to hold out; add "
+                         "records with other questions, or write an eval file yourself")
     atomic_write_text(tr, "".join(ln.rstrip("\r") + "\n" for ln in train_lines))
     atomic_write_text(ev, "".join(ln.rstrip("\r") + "\n" for ln in eval_lines))
     return tr, ev, len(train_lines), len(eval_lines), len(rep.rejected)

@@ -104,6 +104,11 @@ def prepare(cfg: Any, rag_cache: Path | None = None) -> Prepared:
     elif cfg.data.eval_fraction > 0:
         train_records, eval_records = split_items(train_records, cfg.data.eval_fraction, cfg.train.seed,
                                                   key=record_prompt)
+        if not eval_records:
+            log.warning("data.eval_fraction=%g held out nothing: %s; training without eval data (give "
+                        "data.eval_file, or add records with other questions)", cfg.data.eval_fraction,
+                        "a single record cannot be split" if len(train_records) < 2 else
+                        "every record asks the same question, and a question's records stay on one side")
     rag = None
     if cfg.data.rag.index:
         from ragtune.train.rag import apply_rag

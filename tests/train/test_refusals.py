@@ -323,3 +323,18 @@ def test_data_check_of_a_file_whose_every_record_is_skipped_fails(tmp_path: Path
     assert "no record is left to train on: every one is skipped" in out and "use tools or function calling" in out
     assert main(["data", "check", str(data), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["ok"] is False
+
+
+def test_a_split_that_can_hold_nothing_out_says_so(trainable_llama: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Records that all ask one question stay on one side: split wrote an empty eval file and exit 0, and
+    train with data.eval_fraction trained without eval data without a word."""
+    from tests.train.conftest import chat, write_jsonl
+
+    data = write_jsonl(tmp_path / "same.jsonl", [chat("Which code?", f"Code {i}.") for i in range(5)])
+    assert main(["data", "split", str(data), "--eval-fraction", "0.2"]) == 2
+    assert "every record asks the same question" in capsys.readouterr().err
+    assert not (tmp_path / "same.eval.jsonl").exists() and not (tmp_path / "same.train.jsonl").exists()
+    assert _train(trainable_llama, data, tmp_path / "run", "train.max_steps=1", "data.eval_fraction=0.2") == 0
+    assert "data.eval_fraction=0.2 held out nothing: every record asks the same question" in caplog.text

@@ -171,7 +171,8 @@ def _run_bundle(args: argparse.Namespace, cfg: Any) -> int:
         else:
             for p in problems:
                 print(f"bundle check failed: {p}", file=sys.stderr)
-            print(f"bundle ok: {n} files verified" if not problems else f"{len(problems)} of {n} files failed")
+            print(f"bundle ok: {n} files verified" if not problems
+                  else f"bundle check failed: {len(problems)} problem(s) over the {n} files listed")
         return 1 if problems else 0
     if args.bundle_cmd == "restore":
         done = bundle.restore_bundle(args.bundle)

@@ -63,7 +63,8 @@ RANGES: dict[str, Range] = {
     "data.rag.withheld": Range(0, 1),
     "train.max_steps": Range(-1, means="-1 or 0 = train for train.epochs"),
     "train.learning_rate": Range(0, low_open=True),
-    "train.warmup_ratio": Range(0, 1),
+    # below 1: transformers reads a warmup of 1.0 as one step, not the whole run
+    "train.warmup_ratio": Range(0, 1, high_open=True),
     "train.weight_decay": Range(0),
     "train.batch_size": Range(1),
     "train.grad_accum": Range(1),

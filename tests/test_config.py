@@ -496,3 +496,10 @@ def test_a_config_from_a_pipe_is_read(tmp_path: Path) -> None:
     assert load_config("/dev/null") == Config()
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_warmup_ratio_of_one_is_refused_not_read_as_one_step() -> None:
+    """transformers takes warmup_steps=1.0 as one step (a float below 1 is a share of the run)."""
+    with pytest.raises(ConfigError, match="key 'train.warmup_ratio': must be at least 0 and below 1, got 1.0"):
+        load_config(None, ["train.warmup_ratio=1"])
+    assert load_config(None, ["train.warmup_ratio=0.99"]).train.warmup_ratio == 0.99

@@ -117,7 +117,7 @@ def test_counts_below_their_minimum_name_the_key(tmp_path: Path) -> None:
     ("train.learning_rate=-0.1", "key 'train.learning_rate': must be more than 0, got -0.1"),
     ("train.learning_rate=0", "key 'train.learning_rate': must be more than 0, got 0.0"),
     ("train.logging_steps=0", "key 'train.logging_steps': must be at least 1, got 0"),
-    ("train.warmup_ratio=2", "key 'train.warmup_ratio': must be at least 0 and at most 1, got 2.0"),
+    ("train.warmup_ratio=2", "key 'train.warmup_ratio': must be at least 0 and below 1, got 2.0"),
     ("train.weight_decay=-3", "key 'train.weight_decay': must be at least 0, got -3.0"),
     ("train.lora.alpha=0", "key 'train.lora.alpha': must be more than 0, got 0"),
     ("train.lora.r=0", "key 'train.lora.r': must be at least 1, got 0"),
@@ -162,7 +162,7 @@ def test_every_range_problem_at_once_where_it_was_written(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as exc:
         load_config(p, ["generation.top_p=5"])
     assert exc.value.problems == [
-        f"{p}: key 'train.warmup_ratio': must be at least 0 and at most 1, got 2.0",
+        f"{p}: key 'train.warmup_ratio': must be at least 0 and below 1, got 2.0",
         f"{p}: key 'train.lora.dropout': must be at least 0 and below 1, got 1.5",
         f"{p}: key 'search.rrf_k': must be more than 0, got -60",
         "override 'generation.top_p=5': key 'generation.top_p': must be more than 0 and at most 1, got 5.0",

@@ -375,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    previous = _sigterm_as_interrupt(args.command)
     try:
         from ragtune.config import load_config
 
@@ -389,9 +390,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except OSError as exc:  # unwritable folder, full disk, a file where a folder belongs...
         return _fail(args, os_error_message(exc), EXIT_FAILED)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a scheduler stopping the job), raised where Ctrl-C would be: the same
+    clean-up runs (temp files removed, how to resume printed), then exit 143."""
+
+
+def _sigterm_as_interrupt(command: str) -> Any:
+    """Make SIGTERM raise `Terminated` in the main thread while a command runs; the handler it replaced,
+    or None where it left SIGTERM alone (`serve`: uvicorn shuts down gracefully on its own; a handler
+    someone else set; not the main thread)."""
+    import signal
+    import threading
+
+    if command == "serve" or threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        return None
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, _raise)
+    return previous
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -221,3 +221,37 @@ def test_an_error_under_json_is_json_on_stdout(tmp_path: Path, monkeypatch: pyte
     rc = main(["search", "--index", "nope", "hello"])  # without --json: stdout stays empty
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and "does not exist" in err
+
+
+def test_sigterm_runs_the_clean_up_ctrl_c_runs_and_exits_143(tmp_path: Path) -> None:
+    """`timeout`/`kill` sent SIGTERM, which ended the process at once: an export's temporary folder (as big as
+    the model) and a bundle's .tar.tmp stayed behind. It now unwinds like Ctrl-C, through every `finally`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "cleaned"
+    script = tmp_path / "terminated.py"  # `ragtune doctor` made to be killed half-way through its work
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from ragtune import cli\n"
+        "def work(args, cfg):\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(30)\n"
+        "    finally:\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "build = cli.build_parser\n"
+        "def parser():\n"
+        "    p = build()\n"
+        "    p._subparsers._group_actions[0].choices['doctor'].set_defaults(func=work)\n"
+        "    return p\n"
+        "cli.build_parser = parser\n"
+        "rc = cli.main(['doctor'])\n"
+        "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, 'the handler outlived the command'\n"
+        "sys.exit(rc)\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=dict(os.environ),
+                       timeout=60)
+    assert p.returncode == 143 and p.stderr.strip().endswith("terminated"), p.stderr
+    assert marker.exists() and "Traceback" not in p.stderr

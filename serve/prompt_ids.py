@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-_CACHE: dict[int, tuple[Any, Any, Any]] = {}  # id(tokenizer) -> (tokenizer, control-token pattern, plain encoder)
+CACHE_ATTR = "_ragtune_control_tokens"  # (control-token pattern, plain encoder), set on the tokenizer once
 _LOCK = threading.Lock()
 
 
@@ -41,23 +41,26 @@ class Typed:
 
 def _tables(tokenizer: Any) -> tuple[Any, Any]:
     """(a pattern of the tokenizer's special tokens, a copy of its `tokenizers` backend that reads them as
-    text); (None, None) for a tokenizer without a `tokenizers` backend."""
+    text); (None, None) for a tokenizer without a `tokenizers` backend. Kept on the tokenizer."""
     with _LOCK:
-        hit = _CACHE.get(id(tokenizer))
-        if hit is not None and hit[0] is tokenizer:
-            return hit[1], hit[2]
+        tables = getattr(tokenizer, CACHE_ATTR, None)
+        if tables is not None:
+            return tables
         backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "backend", None)
         specials = []
         if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
             specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.special and t.content},
                               key=len, reverse=True)
-        pattern, plain = None, None
+        tables = (None, None)
         if specials:
-            pattern = re.compile("|".join(re.escape(s) for s in specials))
             plain = copy.copy(backend)
             plain.encode_special_tokens = True
-        _CACHE[id(tokenizer)] = (tokenizer, pattern, plain)
-        return pattern, plain
+            tables = (re.compile("|".join(re.escape(s) for s in specials)), plain)
+        try:
+            setattr(tokenizer, CACHE_ATTR, tables)
+        except AttributeError:  # a tokenizer that takes no attributes: built again next time
+            pass
+        return tables
 
 
 def mask_typed(tokenizer: Any, messages: Sequence[dict[str, Any]],

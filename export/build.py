@@ -313,10 +313,11 @@ def _record(src: Source, entry: dict[str, Any]) -> None:
         info = src.path / "ragtune-model.json"
         if info.is_file():
             try:
-                a = json.loads(info.read_text()).get("merged_from", {}).get("adapter")
-            except ValueError:
+                merged_from = json.loads(info.read_text()).get("merged_from", {})
+                a = merged_from.get("adapter") if isinstance(merged_from, dict) else None
+            except (ValueError, AttributeError):  # not JSON, or not an object: the export just goes unrecorded
                 a = None
-            if a and (Path(a) / RUNCARD_NAME).is_file():
+            if isinstance(a, str) and a and (Path(a) / RUNCARD_NAME).is_file():
                 adapter = Path(a)
     if adapter is None:
         return

@@ -530,3 +530,14 @@ def test_a_cached_gguf_cut_short_is_made_again(tiny_smol: Path, llama_home: Path
     card = path.with_name(path.name + ".json")
     card.write_text("[]")  # a card of another shape is no valid entry either (was an AttributeError)
     assert cached_gguf(tiny_smol, type="q8_0") == path and json.loads(card.read_text())["size_bytes"] == size
+
+
+@pytest.mark.parametrize("info", ["[]", '{"merged_from": []}', '{"merged_from": {"adapter": 3}}', "not json"])
+def test_a_merged_models_damaged_info_file_leaves_the_export_unrecorded(tmp_path: Path, info: str) -> None:
+    # a ragtune-model.json holding a JSON list was an AttributeError after the export had been written
+    from ragtune.export.build import _record
+    from ragtune.export.source import Source
+
+    (tmp_path / "ragtune-model.json").write_text(info)
+    _record(Source(kind="model", path=tmp_path, hash="x"), {"path": str(tmp_path / "m.gguf")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ragtune-model.json"]

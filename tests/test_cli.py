@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 import subprocess
 import sys
@@ -114,7 +115,8 @@ def test_doctor_ok_when_prepared(ragtune_home, capsys: pytest.CaptureFixture[str
     assert "all required checks passed" in out
 
 
-def test_os_errors_become_messages_with_the_path_and_the_fix(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_os_errors_become_messages_with_the_path_and_the_fix(tmp_path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # an output folder that cannot be made (a file stands where it would go) was a raw traceback
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
@@ -122,7 +124,16 @@ def test_os_errors_become_messages_with_the_path_and_the_fix(tmp_path, capsys: p
                             for i in range(4)))
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder")
-    rc = main(["data", "split", str(data), "--eval-fraction", "0.5", "--out-dir", str(blocker / "out")])
+    args = ["data", "split", str(data), "--eval-fraction", "0.5", "--out-dir", str(blocker / "out")]
+    assert main(args) == 2  # data split now sees it before writing
+    assert "lies under" in capsys.readouterr().err
+    from ragtune.train import data as data_mod
+
+    def split(*a: Any, **k: Any) -> None:  # an OSError no check foresaw, raised while writing
+        raise NotADirectoryError(20, "Not a directory", str(blocker / "out"))
+
+    monkeypatch.setattr(data_mod, "split", split)
+    rc = main(args)
     err = capsys.readouterr().err
     assert rc == 1, err
     assert err.startswith("error: Not a directory:") and str(blocker / "out") in err

@@ -9,6 +9,7 @@ at all (temp + rename); and, for a dry run, the plan it prints instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -20,6 +21,8 @@ from ragtune.errors import UsageError
 
 from ragtune.train.callbacks import records_per_step
 from ragtune.train.checkpoints import whole_run_loss_mean
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -134,6 +137,14 @@ def output_lock(out: Path, enabled: bool = True) -> Iterator[None]:
         os.close(fd)
         raise UsageError(f"train.output_dir '{out}' is in use by another 'ragtune train' ({holder or 'running'}); "
                          "wait for it to finish, or set train.output_dir to another folder") from None
+    except OSError as exc:  # a file system without locks (some network and FUSE mounts): train unguarded
+        os.close(fd)
+        log.warning("cannot lock %s (%s): nothing stops a second run into %s meanwhile", path,
+                    exc.strerror or exc, out)
+        fd = -1
+    if fd < 0:
+        yield
+        return
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)

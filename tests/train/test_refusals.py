@@ -296,7 +296,8 @@ def test_an_output_dir_holding_only_hidden_files_is_refused_not_emptied(
     (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (out / ".gitkeep").touch()
     assert _train(trainable_llama, qa_file, out, "train.max_steps=1", "--overwrite") == 2
-    assert f"train.output_dir '{out}' holds files that are not a ragtune run (.git, .gitkeep)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"train.output_dir '{out}' holds files that are not a ragtune run (.git, .gitkeep)" in err
     assert (out / ".git" / "HEAD").is_file() and not (out / "adapter_config.json").exists()
     (out / ".git" / "HEAD").unlink()
     (out / ".git").rmdir()
@@ -338,3 +339,21 @@ def test_a_split_that_can_hold_nothing_out_says_so(trainable_llama: Path, tmp_pa
     assert not (tmp_path / "same.eval.jsonl").exists() and not (tmp_path / "same.train.jsonl").exists()
     assert _train(trainable_llama, data, tmp_path / "run", "train.max_steps=1", "data.eval_fraction=0.2") == 0
     assert "data.eval_fraction=0.2 held out nothing: every record asks the same question" in caplog.text
+
+
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Some network and FUSE mounts answer flock with ENOLCK/EOPNOTSUPP: the run must still go ahead there."""
+    import errno
+    import fcntl
+
+    from ragtune.train.outputs import output_lock
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = False
+    with output_lock(tmp_path / "run"):
+        ran = True
+    assert ran and "cannot lock" in caplog.text and "No locks available" in caplog.text

@@ -29,19 +29,12 @@ def _tokenizer_for_check(model: str, cfg: Any) -> tuple[Any, str | None, str]:
 
 
 def _chat_template(cfg: Any, tok: Any, template_of: Any) -> str:
-    """train.chat_template's text (checked to be a readable file), else the tokenizer's own template."""
-    from ragtune.errors import UsageError
+    """train.chat_template's text (checked to be a readable Jinja file), else the tokenizer's own template."""
+    from ragtune.train.prepare import read_template_file
 
     if not cfg.train.chat_template:
         return template_of(tok)
-    p = Path(cfg.train.chat_template).expanduser()
-    if not p.is_file():
-        raise UsageError(f"train.chat_template '{p}' " + ("is not a file" if p.exists() else "does not exist")
-                         + "; give a .jinja file, or leave it empty to use the model's own template")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"train.chat_template '{p}' is not UTF-8 text; save the template as UTF-8") from None
+    return read_template_file(cfg.train.chat_template)
 
 
 def _rag_check(index: str, rep: Any, tok: Any, tpl: str | None, max_len: int, cfg: Any) -> tuple[str, dict[str, Any]]:

@@ -42,11 +42,33 @@ def _read_template(cfg: Any, tokenizer: Any) -> str:
     from ragtune.train.template import template_of
 
     if cfg.train.chat_template:
-        p = Path(cfg.train.chat_template).expanduser()
-        if not p.is_file():
-            raise UsageError(f"train.chat_template '{p}' does not exist; give a .jinja file or leave it empty")
-        return p.read_text(encoding="utf-8")
+        return read_template_file(cfg.train.chat_template)
     return template_of(tokenizer)
+
+
+def read_template_file(path: str | Path) -> str:
+    """train.chat_template's text, refused (naming the file and the fix) when it is no file, not UTF-8, or not
+    a Jinja template: otherwise every record would be reported as a data problem, or a traceback shown."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"train.chat_template '{p}' " + ("is not a file" if p.exists() else "does not exist")
+                         + "; give a .jinja file, or leave it empty to use the model's own template")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"train.chat_template '{p}' is not UTF-8 text; save the template as UTF-8") from None
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # pragma: no cover - another transformers: rendering the records reports it instead
+        return text
+    try:
+        _compile_jinja_template(text)  # as apply_chat_template compiles it ({% generation %} included)
+    except Exception as exc:  # noqa: BLE001 - jinja2's TemplateSyntaxError, and whatever the extensions raise
+        line = getattr(exc, "lineno", None)
+        raise UsageError(f"train.chat_template '{p}'{f' line {line}' if line else ''} is not a valid Jinja "
+                         f"template: {str(exc).rstrip('.')}; fix the template, or leave train.chat_template "
+                         "empty") from None
+    return text
 
 
 def prepare(cfg: Any, rag_cache: Path | None = None) -> Prepared:

@@ -357,3 +357,26 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path: P
     with output_lock(tmp_path / "run"):
         ran = True
     assert ran and "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
+def test_a_chat_template_file_that_is_no_template_names_the_file(
+        trainable_llama: Path, qa_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A non-UTF-8 file was a UnicodeDecodeError traceback, a folder 'does not exist', and a broken template
+    was reported as every record of the data failing to render."""
+    bad = tmp_path / "latin1.jinja"
+    bad.write_bytes(b"\xff\xfe{{ x }}")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content ")
+    cases = [(tmp_path, f"train.chat_template '{tmp_path}' is not a file"),
+             (bad, f"train.chat_template '{bad}' is not UTF-8 text"),
+             (broken, f"train.chat_template '{broken}' line 2 is not a valid Jinja template: unexpected end of "
+                      "template")]
+    out = tmp_path / "run"
+    for template, message in cases:
+        assert _train(trainable_llama, qa_file, out, "train.max_steps=1", f"train.chat_template={template}") == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "line 1:" not in err, err
+        assert main(["data", "check", str(qa_file), "--model", str(trainable_llama),
+                     f"train.chat_template={template}"]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()

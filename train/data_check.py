@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from ragtune.errors import UsageError
 from ragtune.train.data_files import (TABLE_SUFFIXES, TOO_DEEP, _refuse_existing, _whole_file_values, json_hint,
@@ -144,6 +144,11 @@ def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None
     cut: list[int] = []
     keep: list[Record] = []
     for r in recs:
+        typed = _typed_control_tokens(tokenizer, r.messages)
+        if typed:
+            report.problems.append(Problem(r.line, "control_token", typed))
+            report.rejected[r.line] = r.raw
+            continue
         try:
             enc = tokenize(tokenizer, r.messages, chat_template)
         except UsageError as exc:
@@ -187,6 +192,27 @@ def _token_checks(report: CheckReport, tokenizer: Any, chat_template: str | None
     stats["tokens_per_epoch"] = sum(min(n, max_length) for n in lengths)
     stats["trained_tokens_per_epoch"] = trained
     stats["over_max_length"] = over
+
+
+def _typed_control_tokens(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> str:
+    """Why a record that types one of the model's control tokens (`<|im_end|>`) in a content cannot be
+    trained on ("" when none does): serving reads a typed control token as text (serve/prompt_ids.py),
+    while the rendered training text would read it as a turn marker, so the two would differ."""
+    from ragtune.serve.prompt_ids import mask_typed
+
+    try:
+        _, _, typed = mask_typed(tokenizer, list(messages))
+    except (TypeError, AttributeError):  # a tokenizer without a `tokenizers` backend has no such table
+        return ""
+    if typed is None:
+        return ""
+    for i, m in enumerate(messages, 1):
+        found = [t for t in dict.fromkeys(typed.tokens) if isinstance(m.get("content"), str) and t in m["content"]]
+        if found:
+            return (f"message {i} ({m.get('role')}) holds {', '.join(repr(t) for t in found)}, a control token of the "
+                    "model: serving reads it as plain text, training would read it as a turn marker; remove it "
+                    "or write it another way")
+    return ""
 
 
 def clean_targets(path: str | Path, out: str | Path, force: bool = False) -> tuple[Path, Path]:

@@ -38,6 +38,7 @@ KINDS: dict[str, str] = {
     "no_assistant": "no assistant message",
     "role_order": "roles out of order",
     "template_error": "chat template cannot render the record",
+    "control_token": "a content types one of the model's control tokens",
     "answer_truncated": "assistant answer truncated away by max_length",
     "empty_assistant_mask": "assistant mask is empty (nothing to train on)",
 }

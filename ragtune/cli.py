@@ -333,6 +333,18 @@ def _remote(args_list: list[str]) -> int | None:
         return 130
 
 
+def _settings_without_value(words: list[str]) -> list[str]:
+    """The words that name a setting (train.epochs) but give it no value (`ragtune train train.epochs`)."""
+    dotted = [w for w in words if "." in w and "=" not in w and not w.startswith("-")]
+    if not dotted:
+        return []
+    from ragtune.config import load_config
+    from ragtune.config_schema import flat_settings
+
+    known = set(flat_settings(load_config(None, [])))
+    return [w for w in dotted if w in known]
+
+
 def _fail(args: argparse.Namespace | None, message: str, code: int) -> int:
     """Print the error; with --json, also as a JSON object on stdout, so a script reading it gets JSON."""
     print(f"error: {message}", file=sys.stderr)
@@ -360,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         bare = [a for a in unknown if BARE_OVERRIDE_RE.match(a)]
         if bare:
             print(f"error: {_bare_override_message(bare)}", file=sys.stderr)
+            return EXIT_USAGE
+        keys = _settings_without_value(unknown)
+        if keys:
+            print(f"error: {', '.join(repr(k) for k in keys)}: a setting needs a value; write it as key=value, e.g. "
+                  f"{keys[0]}=VALUE", file=sys.stderr)
             return EXIT_USAGE
         if unknown:
             args = parser.parse_args(args_list)  # argparse's own message for the rest

@@ -162,6 +162,16 @@ def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
             else ""
         )
         raise ModelPathError(f"{what} '{p}' is not a directory{hint}; {FIX_HINT}")
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        base = ""
+        try:
+            base = str(json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+        except (ValueError, AttributeError, OSError):
+            pass
+        raise ModelPathError(
+            f"{what} '{p}' is a LoRA adapter, not a model" + (f" (its base model: {base})" if base else "")
+            + "; give the base model here and the adapter as model.adapter (ask, serve, eval), or merge them "
+            f"into one model with 'ragtune merge {p} --out DIR' and give DIR")
     missing = []
     if not (p / "config.json").is_file():
         missing.append("config.json")
@@ -241,8 +251,16 @@ def pick_device(pref: str = "auto") -> str:
     import torch
 
     if pref != "auto":
-        if pref == "cuda" and not torch.cuda.is_available():
-            raise ModelPathError("device 'cuda' was asked for but torch sees no CUDA GPU; use device=auto or cpu")
+        kind, _, index = pref.partition(":")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ModelPathError(f"device '{pref}' was asked for but torch sees no CUDA GPU; use device=auto or cpu")
+        if kind == "cuda" and index.isdigit() and int(index) >= torch.cuda.device_count():
+            raise ModelPathError(f"device '{pref}' was asked for but torch sees {torch.cuda.device_count()} CUDA "
+                                 f"GPU(s), numbered from 0; use device=cuda or cuda:0")
+        mps = getattr(torch.backends, "mps", None)
+        if kind == "mps" and not (mps is not None and mps.is_available()):
+            raise ModelPathError(f"device '{pref}' was asked for but torch sees no Apple GPU (MPS) here; use "
+                                 "device=auto or cpu")
         return pref
     if torch.cuda.is_available():
         return "cuda"

@@ -136,6 +136,9 @@ def import_gguf(
 def _check_import(gguf_file: str | Path, out_dir: str | Path, force: bool) -> tuple[Path, Path]:
     src = Path(gguf_file).expanduser().resolve()
     out = Path(out_dir).expanduser()
+    if src.is_dir():
+        raise ModelPathError(f"'{src}' is a folder; give the .gguf file itself (a transformers model folder needs no "
+                             "import: give it as model.path)")
     if not src.is_file():
         raise ModelPathError(f"GGUF file '{src}' does not exist")
     if src.suffix.lower() != ".gguf":

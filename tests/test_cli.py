@@ -266,3 +266,45 @@ def test_sigterm_runs_the_clean_up_ctrl_c_runs_and_exits_143(tmp_path: Path) -> 
                        timeout=60)
     assert p.returncode == 143 and p.stderr.strip().endswith("terminated"), p.stderr
     assert marker.exists() and "Traceback" not in p.stderr
+
+
+def test_a_setting_without_a_value_says_to_write_key_equals_value(capsys: pytest.CaptureFixture[str]) -> None:
+    # `ragtune train train.epochs` got argparse's bare "unrecognized arguments: train.epochs"
+    assert main(["data", "check", "examples/policies/train_v1.jsonl", "train.epochs"]) == 2
+    err = capsys.readouterr().err
+    assert "'train.epochs': a setting needs a value; write it as key=value, e.g. train.epochs=VALUE" in err
+    assert main(["data", "check", "examples/policies/train_v1.jsonl", "other.jsonl"]) == 2  # a file name: argparse's
+    assert "unrecognized arguments: other.jsonl" in capsys.readouterr().err
+
+
+def test_a_device_this_machine_lacks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # model.device=mps on a machine without MPS was taken as is: the run card said mps, the work ran elsewhere
+    import torch
+
+    from ragtune.errors import ModelPathError
+    from ragtune.modeling import pick_device
+
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ModelPathError, match="'mps' was asked for but torch sees no Apple GPU"):
+            pick_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == "cuda:0"
+    with pytest.raises(ModelPathError, match="'cuda:1' was asked for but torch sees 1 CUDA GPU"):
+        pick_device("cuda:1")
+    assert pick_device("cpu") == "cpu"
+
+
+def test_an_adapter_folder_given_as_a_model_is_named_as_one(tmp_path: Path) -> None:
+    from ragtune.errors import ModelPathError
+    from ragtune.modeling import check_model_dir
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+    with pytest.raises(ModelPathError, match=r"is a LoRA adapter, not a model \(its base model: /models/base\); "
+                                             r"give the base model here and the adapter as model.adapter"):
+        check_model_dir(tmp_path)
+
+
+def test_models_import_of_a_folder_asks_for_the_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "import", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "is a folder; give the .gguf file itself" in capsys.readouterr().err

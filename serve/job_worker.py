@@ -45,13 +45,26 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Stopped()
 
 
-def _watch_parent(ppid: int) -> None:
-    """Stop this worker when the server that started it is gone (its parent changes)."""
+STOP_GRACE_S = 20.0
+_STOPPING = threading.Event()  # set where the main thread begins its clean-up after Stopped
+
+
+def _watch_parent(ppid: int, store: JobStore, job_id: str, job_dir: Path) -> None:
+    """Stop this worker when the server that started it is gone (its parent changes). SIGTERM raises Stopped
+    in the main thread; should that not begin the clean-up within STOP_GRACE_S (the exception lost in a
+    library's handler, the main thread stuck in native code), the job is marked stopped from here and the
+    process ends, rather than train on with no server."""
     while True:
         time.sleep(1.0)
         if os.getppid() != ppid:
             log.warning("the server (pid %d) is gone: stopping", ppid)
             os.kill(os.getpid(), signal.SIGTERM)
+            if not _STOPPING.wait(STOP_GRACE_S):
+                log.error("the training did not stop within %.0f s of SIGTERM: ending the worker", STOP_GRACE_S)
+                try:
+                    _stopped(store, job_id, job_dir)
+                finally:
+                    os._exit(1)
             return
 
 
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("another worker holds %s", job_dir / LOCK)
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(os.getppid(), store, job_id, job_dir), daemon=True).start()
     try:
         job = store.get(job_id)
         if job["status"] != "queued" or (job_dir / CANCEL).exists():
@@ -123,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         store.event(job_id, "Fine-tuning job started")
         return run(store, job_id, job_dir)
     except Stopped:  # before training began
+        _STOPPING.set()
         _stopped(store, job_id, job_dir)
         return 0
 
@@ -139,6 +153,7 @@ def run(store: JobStore, job_id: str, job_dir: Path) -> int:
         cfg = load_config(job_dir / "config.yaml")
         out = run_train(cfg, overwrite=True)
     except Stopped:
+        _STOPPING.set()
         events.stop.set()
         _stopped(store, job_id, job_dir)
         return 0

@@ -16,6 +16,7 @@ import pytest
 from tests.export.conftest import NEEDS_LLAMA_CPP, make_adapter
 
 pytestmark = NEEDS_LLAMA_CPP
+MARGIN = 0.05  # logits, as in tests/serve/test_llamacpp_engine.py
 QUESTIONS = ["What is the capital of France?", "How many remote days do I get?", "Name three colours.",
              "Why is the sky blue?", "Count to five.", "Who wrote Hamlet?"]
 
@@ -61,13 +62,31 @@ def together(engine: Any, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def test_concurrent_greedy_requests_get_the_ids_they_get_alone(engine: Any) -> None:
+def _gap(model_dir: Path, prompt: str, prefix: list[int]) -> float:
+    """transformers' top-2 logit gap (the f16 GGUF's source model) at the step after `prefix`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"] + prefix])
+    with torch.inference_mode():
+        top = model(input_ids=ids).logits[0, -1].topk(2).values
+    return float(top[0] - top[1])
+
+
+def test_concurrent_greedy_requests_get_the_ids_they_get_alone(engine: Any, tiny_smol: Path) -> None:
     calls = [dict(prompt_text=chat(q), max_new_tokens=8 + 3 * i, stop_ids=[-1], reuse_prefix=False)
              for i, q in enumerate(QUESTIONS)]  # 6 requests, 4 slots: two join when others leave
     alone = [engine.generate(**c)["ids"] for c in calls]
     steps = engine.scheduler.steps
     got = together(engine, calls)
-    assert [r["ids"] for r in got] == alone
+    flipped = [i for i, r in enumerate(got) if r["ids"] != alone[i]]
+    assert len(flipped) <= 1, (flipped, [r["ids"] for r in got], alone)
+    for i in flipped:  # which requests share a step depends on thread timing; a batch shape rounds differently
+        at = next(j for j, (a, b) in enumerate(zip(got[i]["ids"], alone[i])) if a != b)
+        gap = _gap(tiny_smol, chat(QUESTIONS[i]), alone[i][:at])
+        assert gap < MARGIN, (i, at, gap)  # only a near-tie of this random model may flip
     assert [r["completion_tokens"] for r in got] == [8 + 3 * i for i in range(len(calls))]
     assert engine.scheduler.max_seen_batch == 4  # they really shared decode steps
     assert engine.scheduler.steps - steps < sum(len(a) for a in alone)  # fewer steps than one at a time

@@ -6,7 +6,15 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 # shellcheck disable=SC1091
 source "${RAGTUNE_VENV:-.venv}/bin/activate"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+# Two pytest workers (pytest-xdist), one thread each: many tests wait on a subprocess or a server, so a
+# single worker left a 2-core machine half idle (11:10 -> 7:50 for the suite). RAGTUNE_TEST_WORKERS=1: one.
+workers="${RAGTUNE_TEST_WORKERS:-2}"
+if [ "$workers" -gt 1 ]; then
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    set -- -n "$workers" "$@"
+else
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+fi
 set +e
 python -m pytest -q "$@"
 rc=$?

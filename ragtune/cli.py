@@ -326,7 +326,7 @@ def _remote(args_list: list[str]) -> int | None:
         return _fail(args, os_error_message(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         more = ""
-        if args.command == "index" and getattr(args, "index_cmd", "") in ("add", "sync"):
+        if getattr(args, "command", "") == "index" and getattr(args, "index_cmd", "") in ("add", "sync"):
             more = ("; the documents written so far are kept and searchable, and the index is consistent: run the same "
                     "command again to finish (it skips what is done)")
         print("interrupted" + more, file=sys.stderr)
@@ -341,7 +341,10 @@ def _settings_without_value(words: list[str]) -> list[str]:
     from ragtune.config import load_config
     from ragtune.config_schema import flat_settings
 
-    known = set(flat_settings(load_config(None, [])))
+    try:
+        known = set(flat_settings(load_config(None, [])))
+    except Exception:  # only a hint: argparse's own message follows when the defaults cannot be read
+        return []
     return [w for w in dotted if w in known]
 
 

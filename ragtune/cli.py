@@ -325,11 +325,7 @@ def _remote(args_list: list[str]) -> int | None:
     except OSError as exc:
         return _fail(args, os_error_message(exc), EXIT_FAILED)
     except KeyboardInterrupt:
-        more = ""
-        if getattr(args, "command", "") == "index" and getattr(args, "index_cmd", "") in ("add", "sync"):
-            more = ("; the documents written so far are kept and searchable, and the index is consistent: run the same "
-                    "command again to finish (it skips what is done)")
-        print("interrupted" + more, file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
 
 

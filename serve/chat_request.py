@@ -79,6 +79,9 @@ def parse_request(body: bytes, cfg: Any) -> ChatRequest:
         if v is not None and v > s.max_tokens_limit:
             raise APIError(400, f"{name}={v} is over the limit {s.max_tokens_limit} (serve.max_tokens_limit)",
                            param=name, code="max_tokens_too_large")
+    if req.stream_options is not None and not req.stream:  # OpenAI's 400: the options would be ignored unsaid
+        raise APIError(400, "stream_options is only allowed when stream is true; send \"stream\": true or leave "
+                       "stream_options out", param="stream_options", code="invalid_request")
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n", code="unsupported")
     extra = req.model_extra or {}

@@ -111,6 +111,20 @@ def test_tool_call_arguments_nested_too_deeply_are_a_400(big_client: Any) -> Non
     assert e["param"] == "messages.1.tool_calls.0.function.arguments" and "nested too deeply" in e["message"], e
 
 
+@pytest.mark.parametrize("stream", [False, None, "missing"])
+@pytest.mark.parametrize("options", [{"include_usage": True}, {}])
+def test_stream_options_without_stream_is_a_400(client: Any, stream: Any, options: Any) -> None:
+    """As OpenAI: stream_options is only allowed with "stream": true (it was taken and ignored)."""
+    body = ask("base", "hi", max_tokens=2, stream_options=options)
+    if stream != "missing":
+        body["stream"] = stream
+    e = assert_error(post(client, body), 400, "invalid_request")
+    assert e["param"] == "stream_options" and "only allowed when stream is true" in e["message"], e
+    assert post(client, ask("base", "hi", max_tokens=2, stream_options=None)).status_code == 200
+    r = post(client, ask("base", "hi", max_tokens=2, stream=True, stream_options=options))
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+
+
 @pytest.mark.parametrize("content", ["missing", None, []])
 def test_user_message_without_content_is_refused(client: Any, content: Any) -> None:
     msg: dict[str, Any] = {"role": "user"}

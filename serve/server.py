@@ -2,7 +2,7 @@
 
     ragtune serve --port 8000 --config configs/serve/local.yaml
 
-    GET  /v1/models               the deployments (`base`, `policies`, `policies+rag`, ...)
+    GET  /v1/models               the deployments (`base`, `policies`, `policies+rag`, ...); /v1/models/{id} one
     POST /v1/chat/completions     OpenAI chat completions, streaming (SSE, ends with [DONE]) or not;
                                   the answer's sources come back in the extra field `sources`;
                                   response_format (serve/constrained.py) and tools (serve/tools.py)
@@ -11,6 +11,7 @@
     POST /v1/search               {"query", "index"?, "top_k"?, "mode"?, "filters"?} -> {"sources": [...]}
     GET  /health                  liveness and the deployments (no API key needed)
     GET  /                        a small chat page
+    (HEAD works as GET on /health, / and /v1/models[/{id}], for load balancers and probes)
 
 A deployment is `{name, base, adapter, index, engine}` (config `serve.deployments`), or
 `{name, engine: openai, url, model, api_key?, index}` to send generation to a remote
@@ -164,7 +165,7 @@ class ApiKey:
 
 
 def add_info_routes(app: Any, runtime: Runtime, key: str) -> None:
-    """/health (GET and HEAD, for load balancers), the chat page, and the model list."""
+    """/health, the chat page and the model list (GET and HEAD: load balancers and probes send HEAD)."""
     from fastapi.responses import HTMLResponse
 
     from ragtune import __version__
@@ -180,11 +181,11 @@ def add_info_routes(app: Any, runtime: Runtime, key: str) -> None:
     async def page() -> Any:
         return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])  # HEAD as GET, as /health: probes and SDK checks
     async def models() -> Any:
         return {"object": "list", "data": [model_card(d, created) for d in runtime.deployments.values()]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def model(name: str) -> Any:
         d = runtime.find(name)
         if d is None:

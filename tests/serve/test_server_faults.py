@@ -139,6 +139,15 @@ def test_head_health_and_page(client: Any) -> None:
     assert client.head("/").status_code == 200
 
 
+def test_head_models_answers_as_get(client: Any) -> None:
+    """Probes and SDK health checks send HEAD /v1/models; it was a 405 while GET answered."""
+    for path in ("/v1/models", "/v1/models/base", "/v1/models/policies+rag"):
+        get, head = client.get(path), client.head(path)
+        assert get.status_code == head.status_code == 200, (path, head.status_code)
+        assert head.headers["content-type"] == get.headers["content-type"] and head.content == b""
+    assert client.head("/v1/models/nope").status_code == client.get("/v1/models/nope").status_code == 404
+
+
 def test_trailing_slash_is_served_without_reflecting_the_host(client: Any) -> None:
     r = client.get("/v1/models/", headers={"host": "evil.example"}, follow_redirects=False)
     assert r.status_code == 200 and "evil" not in r.headers.get("location", "")

@@ -187,13 +187,43 @@ def _plan(cfg: Any, questions: str | Path | None, adapter: AdapterSpecs, index: 
 
 def _check_out_dir(out: Path) -> Path:
     """The report folder, refused now rather than after every question has been answered: it must not be
-    a file, nor lie under one (`--out notes.txt/eval`)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"eval.out_dir / --out '{out}' is a file; the report goes in a folder: name another")
-    above = next((p for p in out.parents if p.exists()), None)
+    a file, nor lie under one (`--out notes.txt/eval`), and a file must be creatable where the report goes
+    (the folder, or the nearest one above it that exists: read-only mounts, /proc, no permission), under
+    names the file system takes (NAME_MAX)."""
+    import os
+    import tempfile
+
+    def exists(p: Path) -> bool:  # False, not an error, for a name too long to look up
+        try:
+            return p.exists()
+        except OSError:
+            return False
+
+    flag = "eval.out_dir / --out"
+    if exists(out) and not out.is_dir():
+        raise UsageError(f"{flag} '{out}' is a file; the report goes in a folder: name another")
+    above = next((p for p in out.absolute().parents if exists(p)), None)
     if above is not None and not above.is_dir():
-        raise UsageError(f"eval.out_dir / --out '{out}': '{above}' is a file, so no folder can be made under it; "
+        raise UsageError(f"{flag} '{out}': '{above}' is a file, so no folder can be made under it; "
                          "name a folder elsewhere")
+    where = out if exists(out) else above
+    if where is None:
+        return out
+    try:
+        name_max = os.pathconf(where, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    long = [part for part in out.absolute().relative_to(where.absolute()).parts if len(os.fsencode(part)) > name_max]
+    if long:
+        raise UsageError(f"{flag} '{out}': the name '{long[0][:40]}...' is {len(os.fsencode(long[0]))} bytes, longer "
+                         f"than the {name_max} this file system allows; name a shorter folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ragtune-eval-", suffix=".probe", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{flag} '{out}' cannot be written: creating a file in '{where}' failed "
+                         f"({exc.strerror or exc}); name a folder you can write") from None
     return out
 
 

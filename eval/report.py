@@ -5,7 +5,8 @@
                          k=4, meta={"model": "...", "index": "policies"})
 
 Input: `runs` maps a mode name to one AnswerRecord per question (same order as `questions`);
-`cost` is a list of CostRow measured on this machine. Output, each written atomically:
+`cost` is a list of CostRow measured on this machine. Output, replaced as a set (all three written to
+temp names first, then renamed in one after another):
 
 * report.json -- everything: per-mode means with bootstrap CIs, speed, groups, paired
   differences, best mode per metric, the cost table and every answer;
@@ -21,6 +22,9 @@ be imported from this module.
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,7 +42,6 @@ from ragtune.eval.report_numbers import (
     summarize,
 )
 from ragtune.eval.scoring import METRICS, AnswerRecord
-from ragtune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = [
     "CHART_METRICS", "DIFF_METRICS", "GROUP_STR_KEYS", "MAX_CELL", "MIN_N_CLEAR", "SCHEMA_VERSION", "SPEED_COLUMNS",
@@ -109,9 +112,72 @@ def write_report(
     k = options["k"]
     md = render_markdown(questions, runs, report, cost, k=k, meta=options.get("meta"), notes=options.get("notes", ()))
     png = render_chart(report, k=k)
-    paths = {
-        "json": atomic_write_json(out / "report.json", report),
-        "png": atomic_write_bytes(out / "report.png", png),
-        "md": atomic_write_text(out / "report.md", md),
-    }
-    return paths
+    return _replace_as_set(out, {
+        "json": ("report.json", (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8")),
+        "png": ("report.png", png),
+        "md": ("report.md", md.encode("utf-8")),
+    })
+
+
+def _replace_as_set(out: Path, files: Mapping[str, tuple[str, bytes]]) -> dict[str, Path]:
+    """Write every file in full to a temp name in `out` (fsynced) and only then rename them over the old
+    ones, one right after another: a failure or interruption while writing (a full disk, Ctrl-C) leaves
+    the previous set as it was, never a new report.json beside an old report.md. A Ctrl-C that lands
+    between the renames finishes them before it is raised."""
+    out.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, data in files.values():
+            staged.append((_write_temp(out / name, data), out / name))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    try:
+        for tmp, dst in staged:
+            os.replace(tmp, dst)
+    except KeyboardInterrupt:  # the temps are complete: finish the set, then stop
+        for tmp, dst in staged:
+            if tmp.exists():
+                os.replace(tmp, dst)
+        raise
+    _fsync_dir(out)
+    return {key: out / name for key, (name, _) in files.items()}
+
+
+def _write_temp(dst: Path, data: bytes) -> Path:
+    """`data` in a new file beside `dst`, fsynced, with the mode `dst` has (or a plain open()'s)."""
+    for _ in range(100):
+        tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temp name beside {dst}")
+    try:
+        if dst.exists():
+            os.fchmod(fd, dst.stat().st_mode & 0o7777)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable (best effort: some file systems cannot open a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

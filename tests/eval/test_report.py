@@ -192,3 +192,38 @@ def test_the_answer_section_weighs_each_adapter_with_and_without_retrieval() -> 
     line = md.split("- Adapter ft without sources (ft − base): ")[1].split("\n")[0]
     assert line.startswith("+8 points [") and line.endswith("no clear difference (the interval includes 0).")
     assert "- Keeping current after a document changes: re-train adapter 'ft' 5.0 min." in md
+
+
+def test_a_failure_between_the_report_files_leaves_the_old_set(tmp_path: Path) -> None:
+    """The three files are one report: before, each was replaced on its own, so a failure while writing
+    the png (here: the file-size limit, which binds root too, as a full disk would) left the new
+    report.json beside the old report.md. Now nothing is replaced until all three are written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    write_report(out, questions(), runs(), k=K, meta={"model": "old"}, n_boot=50)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before["report.png"]) > 32768 > max(len(before["report.json"]), len(before["report.md"]))
+    code = (
+        "import errno, resource, signal, sys\n"
+        "from tests.eval.test_report import K, questions, runs\n"
+        "from ragtune.eval.report import write_report\n"
+        "import matplotlib.pyplot\n"  # its caches are written before the limit
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "try:\n"
+        f"    write_report({str(out)!r}, questions(), runs(), k=K, meta={{'model': 'new'}}, n_boot=50)\n"
+        "except OSError as exc:\n"
+        "    print('FAILED', errno.errorcode[exc.errno])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "FAILED EFBIG", p.stdout + p.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old set, whole; no temp files
+    assert json.loads(before["report.json"])["meta"]["model"] == "old"
+    # and with room, the new set replaces the old one
+    write_report(out, questions(), runs(), k=K, meta={"model": "new"}, n_boot=50)
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["meta"]["model"] == "new"
+    assert "- model: new" in (out / "report.md").read_text(encoding="utf-8")
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]

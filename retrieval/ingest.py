@@ -181,14 +181,15 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             built = meta.get("embedder", {})
             if built.get("hash") == identity["hash"] and built.get("max_tokens"):
                 max_tokens = int(built["max_tokens"])  # a no-op sync never loads the model
-            elif exists or not dry_run:
+            elif exists:
                 max_tokens = embedder.load().max_tokens
-            else:
-                max_tokens = cfg.chunk.resolve()[0]  # a new index's dry run loads no model
+            else:  # a new index loads the model once the plan has documents to embed
+                max_tokens = cfg.chunk.resolve()[0]
             index_cut = _index_chunking(meta, states) if exists else None  # what unset chunk settings keep
             size = _fit_chunk_size(cfg, max_tokens, index_cut)
             overlap = _chunk_overlap(cfg, max_tokens, index_cut, name)
-            sig = chunker_signature(size, overlap) if (exists or not dry_run) else "?"
+            # a new index has no stored chunks for the plan to compare a chunking with: "?" until it is known
+            sig = chunker_signature(size, overlap) if exists else "?"
             plan = plan_ingest(states, files, sig, SPARSE_VERSION,
                                [Path(r) for r in roots] if delete_missing else None)
             plan.removed = [st for st in plan.removed
@@ -213,6 +214,9 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                 raise UsageError(f"no documents to index in {' '.join(str(p) for p in paths)}{why}; {done} "
                                  f"(ragtune reads {', '.join(sorted(SUPPORTED))} files)")
             stemmer = _stemmer(cfg)  # checked before anything is written
+            if not exists:
+                size = _fit_chunk_size(cfg, embedder.load().max_tokens, None)
+                sig = chunker_signature(size, overlap)
             if plan.add or not exists:
                 embedder.load()
             if not exists:

@@ -354,6 +354,27 @@ def test_sync_of_a_folder_with_no_documents_deletes_nothing(cfg: Config, docs: P
     assert {d["source"] for d in list_documents(cfg)} == {"one.md"}
 
 
+def test_index_add_of_a_folder_with_no_documents_says_so_without_loading_the_embedder(
+        cfg: Config, tmp_path: Path) -> None:
+    """A new index: the folder's documents are checked before the model is loaded (seconds of torch and
+    sentence-transformers for nothing); the answer and exit code are those of a run that loads it."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "x.py").write_text("print('hi')\n", encoding="utf-8")
+    (tmp_path / "code" / "blank.md").write_text("  \n", encoding="utf-8")
+    code = ("import sys; from ragtune.cli import main; "
+            "rc = main(['index', 'add', sys.argv[1], 'embedder.path=' + sys.argv[2], 'embedder.device=cpu']); "
+            "print(rc, sorted(m for m in ('torch', 'sentence_transformers') if m in sys.modules))")
+    for folder, why in (("empty", ""), ("code", " (2 skipped, the first blank.md: empty file)")):
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / folder), str(cfg.embedder.path)],
+                              capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=300)
+        assert proc.stdout.split("\n")[0] == "2 []", (proc.stdout, proc.stderr)
+        assert (f"error: no documents to index in {tmp_path / folder}{why}; index 'default' was not created"
+                in proc.stderr)
+        assert "query encoder" not in proc.stderr  # the embedder's load said nothing: it was not loaded
+    assert list_indexes(cfg) == []
+
+
 def test_nothing_to_index_creates_no_index_and_an_empty_index_name_is_refused(
         cfg: Config, tmp_path: Path, ragtune_home: Path, capsys: pytest.CaptureFixture) -> None:
     args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]

@@ -13,7 +13,8 @@ import argparse
 import json
 import re
 import sys
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 from ragtune import __version__
 from ragtune.errors import EXIT_FAILED, EXIT_USAGE, RagtuneError, UsageError
@@ -314,7 +315,8 @@ def _remote(args_list: list[str]) -> int | None:
         return None
     args = None
     try:
-        args = remote_args(words)
+        with _usage_errors_as_json(_wants_json(words)):
+            args = remote_args(words)
         if args is None:
             return None
         return int(args.func(args, None) or 0)
@@ -348,16 +350,63 @@ def _fail(args: argparse.Namespace | None, message: str, code: int) -> int:
     """Print the error; with --json, also as a JSON object on stdout, so a script reading it gets JSON."""
     print(f"error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"error": message, "exit_code": code}, ensure_ascii=False))
+        _print_error_json(message, code)
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _print_error_json(message: str, code: int) -> None:
+    print(json.dumps({"error": message, "exit_code": code}, ensure_ascii=False))
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """--json among the options (not after `--`): errors before the arguments are parsed are JSON too."""
+    words = list(argv)
+    return "--json" in (words[:words.index("--")] if "--" in words else words)
+
+
+class _StderrTee:
+    """Writes through to stderr and keeps the last write: argparse's `PROG: error: MESSAGE` line."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.last = ""
+
+    def write(self, text: str) -> int:
+        self.last = text
+        return self.inner.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextmanager
+def _usage_errors_as_json(enabled: bool) -> Iterator[None]:
+    """argparse prints a usage error (unknown option, missing argument, bad choice) to stderr and exits 2;
+    with `enabled` (--json given) the error also goes to stdout as the JSON object `_fail` prints. The
+    usage text stays on stderr and the exit code stays 2."""
+    if not enabled:
+        yield
+        return
+    tee = _StderrTee(sys.stderr)
+    sys.stderr = tee
     try:
-        args_list, config_path, overrides = _split_globals(list(sys.argv[1:] if argv is None else argv))
+        yield
+    except SystemExit as exc:
+        if exc.code == EXIT_USAGE:
+            m = re.match(r"(.*?): error: (.*)", tee.last.strip(), re.DOTALL)
+            _print_error_json(f"{m[1]}: {m[2]}" if m else (tee.last.strip() or "usage error"), EXIT_USAGE)
+        raise
+    finally:
+        sys.stderr = tee.inner
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = argparse.Namespace(json=_wants_json(argv))  # for errors found before parsing ends
+    try:
+        args_list, config_path, overrides = _split_globals(argv)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(as_json, str(exc), exc.exit_code)
     if config_path is None and not overrides:  # a script asking a running server (ask/search --server)
         rc = _remote(args_list)
         if rc is not None:
@@ -367,27 +416,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_offline_env()  # before any Hugging Face import, in this process and its children
     parser = build_parser()
     try:
-        args, unknown = parser.parse_known_args(args_list)
-        bare = [a for a in unknown if BARE_OVERRIDE_RE.match(a)]
-        if bare:
-            print(f"error: {_bare_override_message(bare)}", file=sys.stderr)
-            return EXIT_USAGE
-        keys = _settings_without_value(unknown)
-        if keys:
-            print(f"error: {', '.join(repr(k) for k in keys)}: a setting needs a value; write it as key=value, e.g. "
-                  f"{keys[0]}=VALUE", file=sys.stderr)
-            return EXIT_USAGE
-        if unknown:
-            args = parser.parse_args(args_list)  # argparse's own message for the rest
+        with _usage_errors_as_json(as_json.json):
+            args, unknown = parser.parse_known_args(args_list)
+            bare = [a for a in unknown if BARE_OVERRIDE_RE.match(a)]
+            if bare:
+                return _fail(as_json, _bare_override_message(bare), EXIT_USAGE)
+            keys = _settings_without_value(unknown)
+            if keys:
+                return _fail(as_json, f"{', '.join(repr(k) for k in keys)}: a setting needs a value; write it as "
+                             f"key=value, e.g. {keys[0]}=VALUE", EXIT_USAGE)
+            if unknown:
+                args = parser.parse_args(args_list)  # argparse's own message for the rest
     except SystemExit as exc:  # argparse: --help (0) or usage error (2)
         return int(exc.code or 0)
     setup_logging(args.verbose, args.quiet)
     given = [b for a, b in zip(args_list, args_list[1:] + [None]) if a == "--index"]
     given += [a[len("--index="):] for a in args_list if a.startswith("--index=")]
     if any(v is not None and not v.strip() for v in given):
-        print("error: --index is empty (an unset shell variable?); name the index, or leave --index out for "
-              "index.name", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(as_json, "--index is empty (an unset shell variable?); name the index, or leave --index out "
+                     "for index.name", EXIT_USAGE)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE

@@ -308,3 +308,34 @@ def test_an_adapter_folder_given_as_a_model_is_named_as_one(tmp_path: Path) -> N
 def test_models_import_of_a_folder_asks_for_the_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "import", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "is a folder; give the .gguf file itself" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--json", "--frob"], "ragtune: unrecognized arguments: --frob"),
+    (["eval", "--engine", "nope", "--json"], "ragtune eval: argument --engine: invalid choice: 'nope'"),
+    (["eval", "--json", "--questions"], "ragtune eval: argument --questions: expected one argument"),
+    (["index", "add", "--json"], "ragtune index add: the following arguments are required: PATH"),
+    (["models", "import", "x.gguf", "--dtype", "int3", "--json"], "ragtune models import: argument --dtype: "
+                                                                  "invalid choice: 'int3'"),
+    (["search", "--json", "--top-k"], "ragtune search: argument --top-k: expected one argument"),
+    (["ask", "--server", "http://127.0.0.1:9", "--json", "--frob", "hi"], "ragtune: unrecognized arguments: --frob"),
+    (["eval", "--json", "train.epochs"], "'train.epochs': a setting needs a value"),
+])
+def test_usage_errors_under_json_are_json_on_stdout(argv: list[str], message: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse's own errors (and the settings checks before it) printed text to stderr only, so a script
+    # reading --json output got an empty stdout; now they are _fail's JSON object too, usage kept on stderr
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    got = json.loads(out)
+    assert set(got) == {"error", "exit_code"} and got["exit_code"] == 2 and got["error"].startswith(message), got
+    assert message.split(": ", 1)[-1].split(":")[0] in err
+    assert main([a for a in argv if a != "--json"]) == 2
+    assert capsys.readouterr().out == ""  # without --json, stdout stays empty
+
+
+def test_help_and_version_under_json_print_no_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--json", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: ragtune eval")
+    assert main(["--version", "eval", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == f"ragtune {__version__}"

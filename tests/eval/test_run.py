@@ -13,7 +13,8 @@ import pytest
 from ragtune.config import load_config
 from ragtune.errors import EXIT_FAILED, EXIT_PARTIAL, UsageError
 from ragtune.eval.cost import Timer, ingest_cost, load_cost_file, timed, training_cost
-from ragtune.eval.run import parse_modes, run_eval
+from ragtune.eval.modes import parse_modes
+from ragtune.eval.run import run_eval
 from ragtune.runcard import write_runcard
 
 NF = "I could not find this in the documents."

@@ -342,11 +342,25 @@ def _new_meta(embedder: Any, sig: str, stemmer: str) -> dict[str, Any]:
 
 
 def _fill_dry_run(res: IngestResult, plan: Plan) -> None:
-    replaced_files = plan.replaced_files
+    """What the run would do, each file to be written read as the run reads it (no chunking, no
+    embedding): one its reader refuses (corrupt, binary, no text) is listed as skipped, with the reason
+    and exit code the run gives, not as a document it would add."""
+    from ragtune.retrieval.ingest_plan import KEPT_OLD
+    from ragtune.retrieval.ingest_write import read_docs
+    from ragtune.retrieval.loaders import Skip
+
+    by_file: dict[str, list[DocRef]] = {}
     for r in plan.add:
-        abs_file = str(Path(r.root) / r.file)
-        if r.doc_id in plan.reread:
-            res.reread.append((r.source, plan.reread[r.doc_id]))
-        else:
-            (res.replaced if abs_file in replaced_files else res.added).append(r.source)
+        by_file.setdefault(str(Path(r.root) / r.file), []).append(r)
+    for abs_file, refs in by_file.items():
+        try:
+            read_docs(Path(abs_file), refs)
+        except Skip as exc:
+            res.skipped.append((refs[0].file, f"{exc}{KEPT_OLD if plan.stale.get(abs_file) else ''}"))
+            continue
+        for r in refs:
+            if r.doc_id in plan.reread:
+                res.reread.append((r.source, plan.reread[r.doc_id]))
+            else:
+                (res.replaced if abs_file in plan.replaced_files else res.added).append(r.source)
     res.deleted = sorted({st.get("source", st["doc_id"]) for st in plan.removed})

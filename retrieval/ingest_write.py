@@ -106,7 +106,7 @@ def write_plan(cfg: Config, store: Store, embedder: Any, chunker: Any, plan: Pla
     try:
         for abs_file, refs in by_file.items():
             try:
-                docs = _load_docs(Path(abs_file), refs)
+                docs = read_docs(Path(abs_file), refs)
             except Skip as exc:
                 kept_old = KEPT_OLD if plan.stale.get(abs_file) else ""
                 res.skipped.append((refs[0].file, f"{exc}{kept_old}"))
@@ -270,7 +270,8 @@ def update_lexical_stats(store: Store, stemmer: str, weighed_with: float | None 
     return meta["sparse"]
 
 
-def _load_docs(path: Path, refs: list[DocRef]) -> list[tuple[DocRef, Document]]:
+def read_docs(path: Path, refs: list[DocRef]) -> list[tuple[DocRef, Document]]:
+    """The documents of one planned file (its JSONL lines were parsed while planning); raises Skip."""
     if all(r.document is not None for r in refs):  # JSONL lines, parsed while planning
         return [(r, r.document) for r in refs]  # type: ignore[misc]
     docs = load_file(path, refs[0].source)

@@ -410,3 +410,46 @@ def test_a_failed_first_add_leaves_no_index_folder_behind(cfg: Config, tmp_path:
                  f"embedder.path={cfg.embedder.path}", "--no-progress"]) == 2
     assert "index 't1' was not created" in capsys.readouterr().err
     assert not index_dir("t1").exists()  # as said: nothing for 'index drop t1' to be unable to find
+
+
+def test_sync_dry_run_reports_the_files_the_sync_would_skip_not_as_documents_to_add(cfg: Config,
+                                                                                     tmp_path: Path) -> None:
+    """Every file the real sync skips (its reader refuses it, or it cannot be read at all) is listed by the
+    dry run as skipped with the same reason and exit code 3, and is in neither run's `added`."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "a.txt").write_text("The canteen serves lunch from noon to two.", encoding="utf-8")
+    (root / "bad.pdf").write_bytes(b"this was never a PDF\n")
+    (root / "bad.docx").write_bytes(b"nor is this a DOCX\n")
+    (root / "blob.txt").write_bytes(b"\x00\x01binary\x00" * 100)
+    (root / "empty.html").write_text("<html><body><p> </p></body></html>", encoding="utf-8")
+    (root / "locked.md").write_text("# Locked\n\nNobody may read this.\n", encoding="utf-8")
+    (root / "gone.md").symlink_to(tmp_path / "nowhere.md")
+    refused = {"bad.pdf", "bad.docx", "blob.txt", "empty.html", "locked.md", "gone.md"}
+
+    def sync(*extra: str) -> tuple[int, dict]:
+        argv = [sys.executable, "-m", "ragtune", "-q", "index", "sync", str(root), f"embedder.path={cfg.embedder.path}",
+                "embedder.device=cpu", "--json", "--no-progress", *extra]
+        (root / "locked.md").chmod(0)
+        try:
+            proc = subprocess.run(_without_root_read(argv), capture_output=True, text=True, timeout=300,
+                                  cwd=Path(__file__).resolve().parents[2])
+        finally:
+            (root / "locked.md").chmod(0o644)
+        assert proc.stdout, proc.stderr
+        return proc.returncode, json.loads(proc.stdout)
+
+    rc_dry, dry = sync("--dry-run")
+    rc, real = sync()
+    assert (rc_dry, rc) == (3, 3)
+    assert real["added"] == dry["added"] == ["a.txt"], dry
+    skipped = {s["path"]: s["reason"] for s in real["skipped"]}
+    assert set(skipped) == refused, skipped
+    assert {s["path"]: s["reason"] for s in dry["skipped"]} == skipped
+    assert "Permission denied" in skipped["locked.md"] and "broken symbolic link" in skipped["gone.md"]
+    rc_dry, dry = sync("--dry-run")  # over the index the sync made: still skipped, not "add"
+    assert rc_dry == 3 and dry["added"] == [] and dry["unchanged"] == 1
+    assert {s["path"]: s["reason"] for s in dry["skipped"]} == skipped

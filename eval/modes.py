@@ -91,15 +91,22 @@ def uses_retrieval(mode: str) -> bool:
     return mode == "rag" or mode.endswith(RAG_SUFFIX)
 
 
-def parse_modes(modes: str | Sequence[str], adapter_names: Sequence[str] = ()) -> list[str]:
-    """The mode list, `ft`/`ft+rag` expanded to every adapter, duplicates dropped, order kept."""
+def mode_items(modes: str | Sequence[str], adapter_names: Sequence[str] = ()) -> list[str]:
+    """The modes as written ("base, rag" or a list), each checked to be a mode name: base, rag, ft, ft+rag,
+    or an adapter's NAME / NAME+rag (a typo is an unknown mode, never taken for an adapter's)."""
     items = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
-    names = list(adapter_names)
     known = [*FIXED_MODES, BARE_NAME, BARE_NAME + RAG_SUFFIX]
-    known += [x for n in names for x in (n, n + RAG_SUFFIX) if x not in known]
+    known += [x for n in adapter_names for x in (n, n + RAG_SUFFIX) if x not in known]
     bad = [m for m in items if m not in known]
     if bad or not items:
         raise UsageError(f"--modes: unknown mode(s) {', '.join(bad) or '(none given)'}; choose from {','.join(known)}")
+    return items
+
+
+def parse_modes(modes: str | Sequence[str], adapter_names: Sequence[str] = ()) -> list[str]:
+    """The mode list, `ft`/`ft+rag` expanded to every adapter, duplicates dropped, order kept."""
+    names = list(adapter_names)
+    items = mode_items(modes, names)
     out: list[str] = []
     for m in items:
         if m in (BARE_NAME, BARE_NAME + RAG_SUFFIX) and names:

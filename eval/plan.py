@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ragtune.errors import UsageError
-from ragtune.eval.modes import EvalAdapter, adapter_of, parse_adapters, parse_modes, uses_retrieval
+from ragtune.eval.modes import EvalAdapter, adapter_of, mode_items, parse_adapters, parse_modes, uses_retrieval
 from ragtune.eval.questions import Question, load_questions
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def check_out_dir(out: Path) -> Path:
 
 def _remote_modes(modes: str | Sequence[str], adapter_names: list[str]) -> tuple[list[str], list[str]]:
     """(modes to run, modes refused) for engine openai: those that need an adapter are refused."""
-    items = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
+    items = mode_items(modes, adapter_names)
     refused = [m for m in items if adapter_of(m) is not None]
     run = [m for m in items if adapter_of(m) is None]
     if refused and not run:

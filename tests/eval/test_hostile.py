@@ -1,0 +1,31 @@
+"""`ragtune eval` given what a careless or hostile user gives it: typos, the wrong file, odd shapes.
+Each case ends in a clear message (exit 2), never a traceback or a report of something else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragtune.cli import main
+
+
+def _questions(path: Path) -> Path:
+    path.write_text(json.dumps({"id": "a", "question": "How many remote days?", "answer": "2 days"}) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("modes, bad", [("bsae,rag", "bsae"), ("base,RAG", "RAG"), ("rag,ft+rga", "ft+rga")])
+def test_a_mode_typo_against_a_remote_is_an_unknown_mode(modes: str, bad: str, tmp_path: Path, tiny_llama: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # with --engine openai a typo was taken for an adapter's mode: refused "as it needs an adapter" with a
+    # warning, and the run went on with the other modes (a report without the mode the user asked for)
+    q = _questions(tmp_path / "q.jsonl")
+    rc = main(["eval", "--questions", str(q), "--out", str(tmp_path / "ev"), f"model.path={tiny_llama}",
+               "--engine", "openai", "--url", "http://127.0.0.1:9/v1", "--model", "m", "--modes", modes])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--modes: unknown mode(s) {bad}; choose from base,rag,ft,ft+rag" in err, err
+    assert "need an adapter" not in err and "Traceback" not in err
+    assert not (tmp_path / "ev").exists()

@@ -12,7 +12,8 @@ One JSON object per line (blank lines are skipped):
 An unanswerable question (`"answerable": false`) may leave the answer out; the reference then
 is the not-found message the eval is run with. Any other keys (e.g. `"changed_in_v2": true`,
 `"old_answer": "..."`) are kept in `meta` and used to group results in the report. Every problem
-in the file is collected and raised once as a UsageError naming the file, line and key.
+in the file is collected and raised once as a UsageError naming the file, line and key (the first
+20 of them, then how many more).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ragtune.errors import UsageError
 
 KNOWN_KEYS = ("id", "question", "answer", "messages", "sources", "answerable")
 ROLES = ("system", "user", "assistant")
+MAX_LISTED = 20  # problems named in the message; a wrong file (a log, a CSV) has one a line
 FORMAT_HINT = (
     'each line must be {"question": "...", "answer": "...", "sources": ["doc.md"], "answerable": true} '
     'or a chat record {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}'
@@ -95,7 +97,9 @@ def load_questions(path: str | Path) -> list[Question]:
     if not questions and not problems:
         problems.append(f"{p}: no questions (the file is empty); {FORMAT_HINT}")
     if problems:
-        raise UsageError(f"{len(problems)} problem(s) in questions file {p}:\n  " + "\n  ".join(problems))
+        listed = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"]
+                                          if len(problems) > MAX_LISTED else [])
+        raise UsageError(f"{len(problems)} problem(s) in questions file {p}:\n  " + "\n  ".join(listed))
     return questions
 
 

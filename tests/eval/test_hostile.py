@@ -29,3 +29,18 @@ def test_a_mode_typo_against_a_remote_is_an_unknown_mode(modes: str, bad: str, t
     assert rc == 2 and f"--modes: unknown mode(s) {bad}; choose from base,rag,ft,ft+rag" in err, err
     assert "need an adapter" not in err and "Traceback" not in err
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_file_that_is_not_jsonl_gets_a_short_message(tmp_path: Path, tiny_llama: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # a log or CSV passed as --questions: every line was a problem and every one was printed (5000 lines,
+    # 370 kB of message); now the first 20 and how many more
+    q = tmp_path / "questions.csv"
+    q.write_text("".join(f"q{i},How many days?,{i} days\n" for i in range(5000)), encoding="utf-8")
+    rc = main(["eval", "--questions", str(q), "--modes", "base", "--out", str(tmp_path / "ev"), "--json",
+               f"model.path={tiny_llama}", "--engine", "transformers"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err
+    msg = json.loads(out)["error"]
+    assert msg.startswith(f"5000 problem(s) in questions file {q}:\n  {q}:1: not valid JSON")
+    assert msg.count("not valid JSON") == 20 and msg.endswith("\n  ... and 4980 more") and len(msg) < 3000

@@ -5,7 +5,8 @@
 A whole answer is generated as a stream too, cancelled when the client hangs up (answer_unless_disconnected);
 a streamed one holds its queue slot until the stream ends (start_stream, sse_events). The answer's sources
 come back in the extra field `sources`, ragtune's details in `ragtune`; with tools, `<tool_call>` text
-becomes tool_calls (serve/tools.py).
+becomes tool_calls (serve/tools.py), and a call cut off by max_tokens is a call with its arguments as far
+as they got and finish_reason "length", as on OpenAI's API.
 """
 
 from __future__ import annotations
@@ -190,14 +191,16 @@ def _usage(ans: Any) -> dict[str, int]:
             "total_tokens": ans.prompt_tokens + ans.completion_tokens}
 
 
-def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+def _finish(reason: str, calls: Any = ()) -> str:
+    """OpenAI's finish_reason: "length" when max_tokens cut the answer, calls or not (a cut call's arguments
+    are incomplete), else "tool_calls" when it made calls."""
+    return "length" if reason == "length" else "tool_calls" if calls else "stop"
 
 
 def completion_body(cid: str, created: int, d: Deployment, ans: Any, plan: Any = None) -> dict[str, Any]:
     from ragtune.serve.tools import parse_calls
 
-    calls, content = parse_calls(ans.text, plan)
+    calls, content = parse_calls(ans.text, plan, cut=ans.finish_reason == "length")
     if getattr(ans, "tool_calls", None):  # engine openai: the remote's own calls
         calls, content = remote_calls(ans.tool_calls), ans.text or None
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
@@ -206,7 +209,7 @@ def completion_body(cid: str, created: int, d: Deployment, ans: Any, plan: Any =
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": d.name, "system_fingerprint": None,
         "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": "tool_calls" if calls else _finish(ans.finish_reason)}],
+                     "finish_reason": _finish(ans.finish_reason, calls)}],
         "usage": _usage(ans),
         "sources": ans.sources,
         "ragtune": _meta(d, ans),
@@ -288,8 +291,7 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
         calls = remote_calls(getattr(ans, "tool_calls", None) or [])  # engine openai: the remote's own
         if held is not None:
             rest = "".join(held)[sent:]
-            calls, content = parse_calls(rest, plan)
-            content = content if calls else rest
+            calls, content = parse_calls(rest, plan, cut=ans.finish_reason == "length")
             if content:
                 yield _chunk(cid, created, d.name, {"content": content}, None, include_usage)
         for k, c in enumerate(calls):
@@ -298,7 +300,7 @@ async def sse_events(stream: Any, cid: str, created: int, d: Deployment, include
             yield _chunk(cid, created, d.name, {"tool_calls": [head]}, None, include_usage)
             yield _chunk(cid, created, d.name, {"tool_calls": [{"index": k, "function": {
                 "arguments": c["function"]["arguments"]}}]}, None, include_usage)
-        yield _chunk(cid, created, d.name, {}, "tool_calls" if calls else _finish(ans.finish_reason), include_usage,
+        yield _chunk(cid, created, d.name, {}, _finish(ans.finish_reason, calls), include_usage,
                      sources=ans.sources, ragtune=_meta(d, ans))
         if include_usage:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": d.name,

@@ -4,6 +4,7 @@
     prompt, rendering = render_with_tools(tokenizer, messages, plan, template)   # "template" or "generic"
     grammar = plan.grammar()                  # required / a named function: calls only; None for auto and none
     calls, content = parse_calls(text, plan)  # OpenAI tool_calls (id, type, function{name, arguments})
+    calls, content = parse_calls(text, plan, cut=True)  # the answer hit max_tokens: a call it ends inside too
 
 Rendering. A chat template that takes `tools` and writes calls as `<tool_call>{json}</tool_call>`
 (the Hermes / Qwen convention) renders them itself (`apply_chat_template(tools=...)`: "template").
@@ -16,7 +17,9 @@ Guarantees. With `tool_choice` "required" or a named function the answer is deco
 of calls only: a known name (the named one) and arguments that validate against its `parameters`
 schema, one call or, with `parallel_tool_calls`, up to MAX_PARALLEL. "auto" is best effort: the
 answer is parsed, and calls that are not valid JSON of a known function stay text. "none" renders
-no function list and parses nothing.
+no function list and parses nothing. An answer cut off by max_tokens inside a call (any choice) gives
+that call with its arguments as far as they got once its name is written (a named function's at once),
+as OpenAI's API does; the route says finish_reason "length". Under a forced choice no markup is content.
 """
 
 from __future__ import annotations
@@ -236,8 +239,12 @@ def generic_messages(messages: Sequence[dict[str, Any]], plan: ToolPlan | None) 
     return out
 
 
-def parse_calls(text: str, plan: ToolPlan | None) -> tuple[list[dict[str, Any]], str | None]:
-    """OpenAI tool_calls found in `text` and the content left around them (None when only calls)."""
+def parse_calls(text: str, plan: ToolPlan | None, cut: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+    """OpenAI tool_calls found in `text` and the content left around them (None when only calls).
+
+    `cut`: the answer was cut off by max_tokens (finish_reason "length"). A call it ends inside comes back
+    as a call with its arguments as far as they got, as OpenAI's API does; under a forced tool_choice the
+    text is all call markup (the grammar), so none of it is ever content."""
     if plan is None or plan.choice == "none":
         return [], text
     known = {f["name"] for f in plan.functions}
@@ -253,14 +260,61 @@ def parse_calls(text: str, plan: ToolPlan | None) -> tuple[list[dict[str, Any]],
         args = obj.get("arguments", obj.get("parameters", {}))
         if not isinstance(args, dict):
             continue
-        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                      "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}})
+        calls.append(_call(obj["name"], json.dumps(args, ensure_ascii=False)))
         rest.append(text[last:m.start()])
         last = m.end()
         if not plan.parallel:
             break
+    tail = text[last:]
+    if cut and (plan.parallel or not calls):
+        start = tail.rfind("<tool_call>")
+        if start < 0:  # cut inside the opening tag itself
+            start = next((len(tail) - k for k in range(len("<tool_call>") - 1, 0, -1)
+                          if tail.endswith("<tool_call>"[:k])), -1)
+        call = cut_call(tail[start:], plan) if start >= 0 and "</tool_call>" not in tail[start:] else None
+        if call is not None:
+            calls.append(call)
+            tail = tail[:start]
+    forced_cut = cut and plan.choice in ("required", "function")
+    if forced_cut:
+        tail = ""  # a call cut before its name is known (or a "<tool_" start): markup, never content
     if not calls:
-        return [], text
-    rest.append(text[last:])
+        return [], None if forced_cut else text
+    rest.append(tail)
     content = "".join(rest).strip()
     return calls, content or None
+
+
+PARTIAL_RE = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(.*)\Z',
+                        re.DOTALL)
+
+
+def cut_call(partial: str, plan: ToolPlan) -> dict[str, Any] | None:
+    """The call in `partial`, a `<tool_call>` block cut off by max_tokens: its name once that is written
+    whole (a named tool_choice's name from the start), its arguments as far as they got ("" before they
+    start; the complete JSON when only the closing tag was cut). None when the name is not known yet."""
+    known = {f["name"] for f in plan.functions} if plan.choice != "function" else {plan.name}
+    body = partial.rstrip()
+    closed = next((body[:-k] for k in range(len("</tool_call>"), 0, -1) if body.endswith("</tool_call>"[:k])), body)
+    try:
+        whole = json.loads(closed[len("<tool_call>"):])
+    except (ValueError, RecursionError):
+        whole = None
+    if isinstance(whole, dict) and whole.get("name") in known:
+        args = whole.get("arguments", whole.get("parameters", {}))
+        if isinstance(args, dict):
+            return _call(whole["name"], json.dumps(args, ensure_ascii=False))
+    m = PARTIAL_RE.match(body)
+    try:
+        name = json.loads('"' + m.group(1) + '"') if m else None
+    except ValueError:
+        name = None
+    if m and name in known:
+        return _call(name, m.group(2))
+    if plan.choice == "function":
+        return _call(plan.name or "", "")
+    return None
+
+
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": name, "arguments": arguments}}

@@ -71,6 +71,7 @@ def load_questions(path: str | Path) -> list[Question]:
         text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
     except UnicodeDecodeError as exc:
         raise UsageError(f"{p}: not UTF-8 text ({exc}); save the file as UTF-8") from exc
+    _refuse_one_json_value(p, text)
     problems: list[str] = []
     questions: list[Question] = []
     seen_ids: dict[str, int] = {}
@@ -101,6 +102,25 @@ def load_questions(path: str | Path) -> list[Question]:
                                           if len(problems) > MAX_LISTED else [])
         raise UsageError(f"{len(problems)} problem(s) in questions file {p}:\n  " + "\n  ".join(listed))
     return questions
+
+
+def _refuse_one_json_value(p: Path, text: str) -> None:
+    """A .json file (one array, or one object over several lines) is not JSON Lines: say so and how to
+    convert it, rather than call each of its lines invalid JSON."""
+    stripped = text.strip()
+    if not stripped.startswith(("[", "{")) or (stripped.startswith("{") and "\n" not in stripped):
+        return  # not JSON at all, or one JSON Lines record
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return  # JSON Lines (several values), or broken: the line-by-line problems say where
+    lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) else []
+    what = "one JSON array" if isinstance(value, list) else "one JSON object over several lines"
+    select = ".[]" if isinstance(value, list) else f".{lists[0]}[]" if len(lists) == 1 else "."
+    target = p.with_suffix(".jsonl") if p.suffix != ".jsonl" else p.with_name(f"{p.stem}-lines.jsonl")
+    fix = f"jq -c '{select}' {p} > {target}"
+    raise UsageError(f"questions file {p} is {what}, not JSON Lines: write one question object a line "
+                     f"(e.g. {fix}); {FORMAT_HINT}")
 
 
 def _parse(rec: dict[str, Any], where: str, lineno: int, problems: list[str]) -> Question | None:

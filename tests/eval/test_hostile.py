@@ -44,3 +44,22 @@ def test_a_file_that_is_not_jsonl_gets_a_short_message(tmp_path: Path, tiny_llam
     msg = json.loads(out)["error"]
     assert msg.startswith(f"5000 problem(s) in questions file {q}:\n  {q}:1: not valid JSON")
     assert msg.count("not valid JSON") == 20 and msg.endswith("\n  ... and 4980 more") and len(msg) < 3000
+
+
+@pytest.mark.parametrize("name, value, fix", [
+    ("q.json", [{"question": "How many remote days?", "answer": "2 days"}] * 2, "jq -c '.[]' {q} > {d}/q.jsonl"),
+    ("q.jsonl", {"questions": [{"question": "How many remote days?", "answer": "2 days"}]},
+     "jq -c '.questions[]' {q} > {d}/q-lines.jsonl"),
+])
+def test_a_json_file_is_named_as_one_with_the_conversion(name: str, value: object, fix: str, tmp_path: Path,
+                                                         tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an indented .json file given for the JSONL: each line was called invalid JSON ('[', '{', ...)
+    q = tmp_path / name
+    q.write_text(json.dumps(value, indent=2), encoding="utf-8")
+    rc = main(["eval", "--questions", str(q), "--modes", "base", "--out", str(tmp_path / "ev"),
+               f"model.path={tiny_llama}", "--engine", "transformers"])
+    err = capsys.readouterr().err
+    what = "one JSON array" if isinstance(value, list) else "one JSON object over several lines"
+    assert rc == 2 and f"questions file {q} is {what}, not JSON Lines: write one question object a line " \
+                       f"(e.g. {fix.format(q=q, d=tmp_path)})" in err, err
+    assert "not valid JSON" not in err

@@ -114,7 +114,8 @@ def _refuse_one_json_value(p: Path, text: str) -> None:
         value = json.loads(stripped)
     except ValueError:
         return  # JSON Lines (several values), or broken: the line-by-line problems say where
-    lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) else []
+    record = isinstance(value, dict) and bool({"question", "messages"} & value.keys())  # one record, indented
+    lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) and not record else []
     what = "one JSON array" if isinstance(value, list) else "one JSON object over several lines"
     select = ".[]" if isinstance(value, list) else f".{lists[0]}[]" if len(lists) == 1 else "."
     target = p.with_suffix(".jsonl") if p.suffix != ".jsonl" else p.with_name(f"{p.stem}-lines.jsonl")

@@ -50,6 +50,8 @@ def test_a_file_that_is_not_jsonl_gets_a_short_message(tmp_path: Path, tiny_llam
     ("q.json", [{"question": "How many remote days?", "answer": "2 days"}] * 2, "jq -c '.[]' {q} > {d}/q.jsonl"),
     ("q.jsonl", {"questions": [{"question": "How many remote days?", "answer": "2 days"}]},
      "jq -c '.questions[]' {q} > {d}/q-lines.jsonl"),
+    ("chat.json", {"messages": [{"role": "user", "content": "How many remote days?"},
+                                {"role": "assistant", "content": "2 days"}]}, "jq -c '.' {q} > {d}/chat.jsonl"),
 ])
 def test_a_json_file_is_named_as_one_with_the_conversion(name: str, value: object, fix: str, tmp_path: Path,
                                                          tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:

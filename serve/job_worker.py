@@ -11,9 +11,11 @@ SIGTERM stops the training at once (between two torch operations): with the job'
 present the job ends cancelled, without it failed (the server stopped). The adapter folder is
 written whole at the very end (temp + rename) and a stop before then leaves none; a stop while the
 folder is being written removes the unfinished copy. When the server process dies, the worker
-notices within a second and stops the same way. A finished run leaves its result in the state's
-private block and exits; the server adds the model to what it serves and only then marks the job
-succeeded, so a client that sees `succeeded` can use `fine_tuned_model` at once.
+notices within a second and stops the same way; should that stop not begin within STOP_GRACE_S
+(20 s; env RAGTUNE_WORKER_STOP_GRACE_S), the job is marked failed from the watchdog thread and the
+process ends. A finished run leaves its result in the state's private block and exits; the server
+adds the model to what it serves and only then marks the job succeeded, so a client that sees
+`succeeded` can use `fine_tuned_model` at once.
 """
 
 from __future__ import annotations
@@ -45,7 +47,22 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Stopped()
 
 
-STOP_GRACE_S = 20.0
+GRACE_ENV = "RAGTUNE_WORKER_STOP_GRACE_S"
+
+
+def _stop_grace() -> float:
+    """STOP_GRACE_S: 20 s, or env RAGTUNE_WORKER_STOP_GRACE_S (seconds; tests shorten it)."""
+    try:
+        grace = float(os.environ.get(GRACE_ENV) or 20.0)
+    except ValueError:
+        grace = -1.0
+    if not 0 < grace < float("inf"):
+        log.warning("%s=%r is not a positive number of seconds: using 20", GRACE_ENV, os.environ.get(GRACE_ENV))
+        return 20.0
+    return grace
+
+
+STOP_GRACE_S = _stop_grace()
 _STOPPING = threading.Event()  # set where the main thread begins its clean-up after Stopped
 
 

@@ -299,20 +299,21 @@ def test_jobs_need_the_api_key_and_fine_tuning_on(tmp_path: Path, trainable_llam
         off.stop()
 
 
-def test_a_server_killed_mid_job_stops_its_worker_and_the_next_server_reports_it(
-        tmp_path: Path, trainable_llama: Path, ragtune_home: Path) -> None:  # noqa: F811
+def serve_process_with_a_running_job(tmp_path: Path, base: Path, ragtune_home: Path, launch: list[str] | None = None,
+                                     env: dict[str, str] | None = None) -> tuple[Any, str]:
+    """`ragtune serve` in a process of its own (`launch` runs before its argv), with a long job running."""
     import subprocess
     import sys
 
     import httpx
 
     f = tmp_path / "serve.yaml"
-    f.write_text(f"model:\n  path: {trainable_llama}\ntrain:\n  learning_rate: 0.01\n  batch_size: 2\n  threads: 1\n"
+    f.write_text(f"model:\n  path: {base}\ntrain:\n  learning_rate: 0.01\n  batch_size: 2\n  threads: 1\n"
                  f"serve:\n  api_key: {KEY}\n  fine_tuning: true\n  deployments:\n    - {{name: base}}\n")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ragtune", "serve", "--config", str(f), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "RAGTUNE_HOME": str(ragtune_home), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([*(launch or [sys.executable, "-m", "ragtune"]), "serve", "--config", str(f), "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "RAGTUNE_HOME": str(ragtune_home), "OMP_NUM_THREADS": "1", **(env or {})})
     try:
         url = f"http://127.0.0.1:{port}/v1"
         deadline = time.time() + 120
@@ -330,10 +331,19 @@ def test_a_server_killed_mid_job_stops_its_worker_and_the_next_server_reports_it
         job = client.fine_tuning.jobs.create(training_file=upload(client, records(FACTS)).id, model="base",
                                              hyperparameters={"n_epochs": 1000})
         wait_for(client, job.id, ("running",), timeout=120)
-    finally:
-        proc.kill()  # no shutdown: the worker is left without its server
+    except BaseException:
+        proc.kill()
         proc.wait()
-    state = ragtune_home / "jobs" / job.id / "job.json"
+        raise
+    return proc, job.id
+
+
+def test_a_server_killed_mid_job_stops_its_worker_and_the_next_server_reports_it(
+        tmp_path: Path, trainable_llama: Path, ragtune_home: Path) -> None:  # noqa: F811
+    proc, job_id = serve_process_with_a_running_job(tmp_path, trainable_llama, ragtune_home)
+    proc.kill()  # no shutdown: the worker is left without its server
+    proc.wait()
+    state = ragtune_home / "jobs" / job_id / "job.json"
     pid = json.loads(state.read_text())["ragtune"]["worker_pid"]
     deadline = time.time() + 60
     while running(pid):
@@ -341,11 +351,50 @@ def test_a_server_killed_mid_job_stops_its_worker_and_the_next_server_reports_it
         time.sleep(0.2)
     s = Server(tmp_path, trainable_llama)
     try:
-        was = s.client().fine_tuning.jobs.retrieve(job.id)
+        was = s.client().fine_tuning.jobs.retrieve(job_id)
         assert was.status == "failed" and was.error.code == "server_stopped"
-        assert not (ragtune_home / "jobs" / job.id / "run" / "adapter_config.json").exists()
+        assert not (ragtune_home / "jobs" / job_id / "run" / "adapter_config.json").exists()
     finally:
         s.stop()
+
+
+def test_a_worker_whose_stop_is_lost_still_ends_within_the_grace_after_its_server_dies(
+        tmp_path: Path, trainable_llama: Path, ragtune_home: Path) -> None:  # noqa: F811
+    """The watchdog's last resort (serve/job_worker.py, STOP_GRACE_S): the server dies and the SIGTERM the
+    worker sends itself never arrives (blocked here, as a stop swallowed by a library or a main thread stuck
+    in native code is lost); the worker still marks the job failed and exits, rather than train on."""
+    import sys
+
+    from ragtune.serve.job_worker import GRACE_ENV
+
+    grace = 3.0
+    block = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "  # inherited
+             "os.execv(sys.executable, [sys.executable, '-m', 'ragtune', *sys.argv[1:]])")
+    proc, job_id = serve_process_with_a_running_job(tmp_path, trainable_llama, ragtune_home,
+                                                    launch=[sys.executable, "-c", block], env={GRACE_ENV: str(grace)})
+    job_dir = ragtune_home / "jobs" / job_id
+    pid = json.loads((job_dir / "job.json").read_text())["ragtune"]["worker_pid"]
+    try:
+        blocked = int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("SigBlk:")).split()[1], 16)
+        assert blocked & (1 << (signal.SIGTERM - 1)), "the worker's SIGTERM is not blocked: this test tests nothing"
+    finally:
+        t0 = time.time()
+        proc.kill()  # no shutdown, and the worker's own stop is lost
+        proc.wait()
+    try:
+        while running(pid):
+            assert time.time() - t0 < grace + 30, "the worker trained on after its server died and its stop was lost"
+            time.sleep(0.1)
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+    took = time.time() - t0
+    log = (job_dir / "worker.log").read_text(errors="replace")
+    assert took >= grace and f"did not stop within {grace:.0f} s" in log, (took, log[-2000:])
+    state = json.loads((job_dir / "job.json").read_text())
+    assert state["status"] == "failed" and state["error"]["code"] == "server_stopped", state
+    assert not (job_dir / "run" / "adapter_config.json").exists()
 
 
 def test_openai_model_names_kept_through_serve_model_aliases(tmp_path: Path, trainable_llama: Path) -> None:  # noqa: F811

@@ -19,6 +19,7 @@ from ragtune.eval.questions import Question, load_questions
 log = logging.getLogger(__name__)
 
 AdapterSpecs = str | Sequence[str] | Mapping[str, str] | None
+REPORT_FILES = ("report.json", "report.md", "report.png")  # what write_report puts in the folder
 
 
 @dataclass
@@ -98,6 +99,10 @@ def check_out_dir(out: Path) -> Path:
     if above is not None and not above.is_dir():
         raise UsageError(f"{flag} '{out}': '{above}' is a file, so no folder can be made under it; "
                          "name a folder elsewhere")
+    in_the_way = [name for name in REPORT_FILES if (out / name).is_dir()] if exists(out) else []
+    if in_the_way:
+        raise UsageError(f"{flag} '{out}' holds a folder named {in_the_way[0]}, where the report writes that file; "
+                         "move it away or name another folder")
     where = out if exists(out) else above
     if where is None:
         return out

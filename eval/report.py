@@ -22,6 +22,7 @@ be imported from this module.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import secrets
@@ -129,6 +130,9 @@ def _replace_as_set(out: Path, files: Mapping[str, tuple[str, bytes]]) -> dict[s
     try:
         for name, data in files.values():
             staged.append((_write_temp(out / name, data), out / name))
+        for _, dst in staged:  # a rename onto a folder would fail midway through the set
+            if dst.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "a folder is where the report writes a file", str(dst))
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
@@ -140,6 +144,10 @@ def _replace_as_set(out: Path, files: Mapping[str, tuple[str, bytes]]) -> dict[s
         for tmp, dst in staged:
             if tmp.exists():
                 os.replace(tmp, dst)
+        raise
+    except BaseException:  # a rename refused (a folder where a file goes): no temp files left behind
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(out)
     return {key: out / name for key, (name, _) in files.items()}

@@ -41,3 +41,17 @@ def test_an_unwritable_out_is_refused_before_any_answer(where: str, tmp_path: Pa
     else:
         assert "is 300 bytes, longer than the 255 this file system allows; name a shorter folder" in err
     assert "question" not in captured.err  # nothing was answered
+
+
+def test_a_folder_where_a_report_file_goes_is_refused_before_any_answer(tmp_path: Path, tiny_llama: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # before: every question was answered, then the rename onto report.png failed (exit 1) and the new
+    # report.json, already renamed in, sat beside no png; the temp files stayed behind
+    out = tmp_path / "ev"
+    (out / "report.png").mkdir(parents=True)
+    q = _questions(tmp_path / "q.jsonl")
+    rc = main(["eval", "--questions", str(q), "--modes", "base", "--out", str(out), "--no-progress",
+               *_overrides(tiny_llama)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--out '{out}' holds a folder named report.png, where the report writes that file" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["report.png"]

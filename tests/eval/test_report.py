@@ -227,3 +227,17 @@ def test_a_failure_between_the_report_files_leaves_the_old_set(tmp_path: Path) -
     assert json.loads((out / "report.json").read_text(encoding="utf-8"))["meta"]["model"] == "new"
     assert "- model: new" in (out / "report.md").read_text(encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
+
+
+def test_a_folder_in_place_of_a_report_file_changes_nothing(tmp_path: Path) -> None:
+    # before: report.json was renamed in, the rename onto the report.png folder failed, and the md and png
+    # temp files stayed behind; now the set is checked before the first rename
+    out = tmp_path / "out"
+    write_report(out, questions(), runs(), k=K, meta={"model": "old"}, n_boot=50)
+    (out / "report.png").unlink()
+    (out / "report.png").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(IsADirectoryError, match="a folder is where the report writes a file"):
+        write_report(out, questions(), runs(), k=K, meta={"model": "new"}, n_boot=50)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]

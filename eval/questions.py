@@ -80,7 +80,7 @@ def load_questions(path: str | Path) -> list[Question]:
             continue
         where = f"{p}:{lineno}"
         try:
-            rec = json.loads(raw)
+            rec = json.loads(raw, parse_constant=_no_constant)
         except ValueError as exc:
             problems.append(f"{where}: not valid JSON ({exc.args[0] if exc.args else exc})")
             continue
@@ -102,6 +102,11 @@ def load_questions(path: str | Path) -> list[Question]:
                                           if len(problems) > MAX_LISTED else [])
         raise UsageError(f"{len(problems)} problem(s) in questions file {p}:\n  " + "\n  ".join(listed))
     return questions
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: Python reads them, but they would make report.json unreadable elsewhere."""
+    raise ValueError(f"{name} is not JSON (write null or a number)")
 
 
 def _refuse_one_json_value(p: Path, text: str) -> None:

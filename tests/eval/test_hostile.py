@@ -65,3 +65,18 @@ def test_a_json_file_is_named_as_one_with_the_conversion(name: str, value: objec
     assert rc == 2 and f"questions file {q} is {what}, not JSON Lines: write one question object a line " \
                        f"(e.g. {fix.format(q=q, d=tmp_path)})" in err, err
     assert "not valid JSON" not in err
+
+
+def test_nan_in_a_question_is_refused_not_copied_into_report_json(tmp_path: Path, tiny_llama: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Python's json reads NaN; it went into the question's meta and report.json then held NaN, which
+    # jq, JavaScript and strict parsers reject
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": "a", "question": "How many remote days?", "answer": "2 days", "weight": NaN}\n',
+                 encoding="utf-8")
+    rc = main(["eval", "--questions", str(q), "--modes", "base", "--out", str(tmp_path / "ev"), "--no-progress",
+               f"model.path={tiny_llama}", "model.device=cpu", "eval.engine=transformers", "eval.max_new_tokens=2",
+               "eval.bootstrap=10"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{q}:1: not valid JSON (NaN is not JSON (write null or a number))" in err, err
+    assert not (tmp_path / "ev").exists()

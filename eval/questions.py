@@ -62,7 +62,7 @@ def load_questions(path: str | Path) -> list[Question]:
         found = sorted(x.name for x in p.glob("*.jsonl"))[:3]
         raise UsageError(f"questions file '{p}' is a folder; pass the JSONL file itself"
                          + (f", e.g. --questions {p / found[0]}" if found else ""))
-    if not p.is_file():
+    if not p.exists():  # a pipe (`--questions <(jq -c ... q.json)`, /dev/stdin) is read like a file
         raise UsageError(
             f"questions file '{p}' not found; pass --questions FILE.jsonl "
             "(for the demo: examples/policies/questions.jsonl)"

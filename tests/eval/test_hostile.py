@@ -80,3 +80,22 @@ def test_nan_in_a_question_is_refused_not_copied_into_report_json(tmp_path: Path
     err = capsys.readouterr().err
     assert rc == 2 and f"{q}:1: not valid JSON (NaN is not JSON (write null or a number))" in err, err
     assert not (tmp_path / "ev").exists()
+
+
+def test_questions_from_a_pipe_are_read(tmp_path: Path, tiny_llama: Path) -> None:
+    # `--questions <(jq -c '.[]' q.json)` gives a /dev/fd path, which is no regular file: it was refused as
+    # "not found"; it is read like a file now
+    import os
+    import subprocess
+    import sys
+
+    line = json.dumps({"id": "a", "question": "How many remote days?", "answer": "2 days"})
+    out = tmp_path / "ev"
+    p = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m ragtune eval --questions <(echo '{line}') --modes base --out {out} "
+                       f"--no-progress --json model.path={tiny_llama} model.device=cpu eval.engine=transformers "
+                       "eval.max_new_tokens=2 eval.bootstrap=10"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert [q["id"] for q in rep["questions"]] == ["a"] and rep["meta"]["questions"].startswith("/dev/fd/")

@@ -166,7 +166,20 @@ class Retriever:
         self.store = store
         self._set_meta(meta)
         self._checked = time.monotonic()
+        self._warn_incomplete()
         return self
+
+    def _warn_incomplete(self) -> None:
+        """Once, when the index is opened: documents an interrupted add or sync left cut short."""
+        from ragtune.retrieval.index_health import incomplete_warning
+
+        try:
+            said = incomplete_warning(self.store, self.name)
+        except Exception as exc:  # noqa: BLE001 - a check that fails must not stop the search it warns about
+            log.debug("could not check index '%s' for incomplete documents: %s", self.name, exc)
+            return
+        if said:
+            log.warning("%s", said)
 
     def close(self) -> None:
         with self._store_lock:

@@ -228,3 +228,63 @@ def test_a_filter_with_an_empty_value_is_refused_not_an_empty_answer(cfg: Config
     assert main(["search", "badges", "--filter", "source=", *args]) == 2  # --filter source=$DOC, DOC unset
     assert "--filter 'source=': the value is empty (an unset shell variable?)" in capsys.readouterr().err
     assert parse_filters(["meta.dept="]) == {"meta.dept": ""}  # metadata may hold an empty string
+
+
+def test_search_over_documents_an_interrupted_add_left_incomplete_warns_once_naming_them_and_the_fix(
+        cfg: Config, tmp_path: Path, ragtune_home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An add killed midway leaves a document with fewer chunks than it was cut into: `ragtune search`
+    says so once on stderr, naming it and the sync that finishes it; --json output keeps its shape (a list
+    of hits). After that sync, no warning."""
+    import logging
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = tmp_path / "my docs"
+    root.mkdir()
+    for i in range(6):
+        (root / f"page{i}.md").write_text(f"# Page {i}\n\n" + f"Paragraph {i} about topic {i}. " * 60,
+                                          encoding="utf-8")
+    repo = Path(__file__).resolve().parents[2]
+    script = textwrap.dedent(f"""
+        import os, signal
+        from ragtune.cli import main
+        from ragtune.retrieval import ingest_write
+        from ragtune.retrieval.store import EdgeStore
+        ingest_write.EMBED_GROUP = 3  # several embedding groups a document: the kill lands inside one
+        calls, real = [0], EdgeStore.upsert
+        def upsert(self, points):
+            real(self, points)
+            if points and points[0].dense is not None:
+                calls[0] += 1
+                if calls[0] == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        EdgeStore.upsert = upsert
+        main(["index", "add", {str(root)!r}, "embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--no-progress"])
+    """)
+    env = dict(os.environ, RAGTUNE_HOME=str(ragtune_home))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    from ragtune.retrieval.ingest import list_documents
+
+    cut = sorted(d["source"] for d in list_documents(cfg) if not d["complete"])
+    assert cut, list_documents(cfg)
+
+    search = [sys.executable, "-m", "ragtune", "search", "topic", "--json", f"embedder.path={cfg.embedder.path}",
+              "embedder.device=cpu"]
+    proc = subprocess.run(search, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert isinstance(json.loads(proc.stdout), list)  # the --json shape is unchanged
+    warned = [line for line in proc.stderr.splitlines() if "incomplete" in line]
+    assert len(warned) == 1 and warned[0].startswith("WARNING "), proc.stderr
+    assert f"index 'default' holds {len(cut)} incomplete document" in warned[0]
+    assert f"({', '.join(cut)})" in warned[0]
+    assert f"run 'ragtune index sync '{root}' --index default'" in warned[0]  # quoted: the folder has a space
+
+    assert main(["-q", "index", "sync", str(root), f"embedder.path={cfg.embedder.path}", "embedder.device=cpu",
+                 "--no-progress"]) == 0
+    with caplog.at_level(logging.WARNING, logger="ragtune.retrieval"):
+        with Retriever(cfg) as r:
+            assert r.search("topic")
+    assert "incomplete" not in caplog.text

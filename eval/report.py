@@ -22,10 +22,7 @@ be imported from this module.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import json
-import os
-import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,6 +40,7 @@ from ragtune.eval.report_numbers import (
     summarize,
 )
 from ragtune.eval.scoring import METRICS, AnswerRecord
+from ragtune.io import atomic_write_set
 
 __all__ = [
     "CHART_METRICS", "DIFF_METRICS", "GROUP_STR_KEYS", "MAX_CELL", "MIN_N_CLEAR", "SCHEMA_VERSION", "SPEED_COLUMNS",
@@ -113,79 +111,11 @@ def write_report(
     k = options["k"]
     md = render_markdown(questions, runs, report, cost, k=k, meta=options.get("meta"), notes=options.get("notes", ()))
     png = render_chart(report, k=k)
-    return _replace_as_set(out, {
-        "json": ("report.json", (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8")),
-        "png": ("report.png", png),
-        "md": ("report.md", md.encode("utf-8")),
-    })
-
-
-def _replace_as_set(out: Path, files: Mapping[str, tuple[str, bytes]]) -> dict[str, Path]:
-    """Write every file in full to a temp name in `out` (fsynced) and only then rename them over the old
-    ones, one right after another: a failure or interruption while writing (a full disk, Ctrl-C) leaves
-    the previous set as it was, never a new report.json beside an old report.md. A Ctrl-C that lands
-    between the renames finishes them before it is raised."""
     out.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for name, data in files.values():
-            staged.append((_write_temp(out / name, data), out / name))
-        for _, dst in staged:  # a rename onto a folder would fail midway through the set
-            if dst.is_dir():
-                raise IsADirectoryError(errno.EISDIR, "a folder is where the report writes a file", str(dst))
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    try:
-        for tmp, dst in staged:
-            os.replace(tmp, dst)
-    except KeyboardInterrupt:  # the temps are complete: finish the set, then stop
-        for tmp, dst in staged:
-            if tmp.exists():
-                os.replace(tmp, dst)
-        raise
-    except BaseException:  # a rename refused (a folder where a file goes): no temp files left behind
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(out)
-    return {key: out / name for key, (name, _) in files.items()}
-
-
-def _write_temp(dst: Path, data: bytes) -> Path:
-    """`data` in a new file beside `dst`, fsynced, with the mode `dst` has (or a plain open()'s)."""
-    for _ in range(100):
-        tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"no free temp name beside {dst}")
-    try:
-        if dst.exists():
-            os.fchmod(fd, dst.stat().st_mode & 0o7777)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable (best effort: some file systems cannot open a folder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    paths = {"json": out / "report.json", "png": out / "report.png", "md": out / "report.md"}
+    atomic_write_set({  # replaced as a set: never a new report.json beside an old report.md
+        paths["json"]: (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
+        paths["png"]: png,
+        paths["md"]: md.encode("utf-8"),
+    })
+    return paths

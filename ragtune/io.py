@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,8 +27,8 @@ def _umask() -> int:
     return 0o022
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    p = Path(path)
+def _write_temp(p: Path, data: bytes) -> Path:
+    """`data` in full in a new temp file beside `p`, fsynced, with the mode `p` has (or a plain open()'s)."""
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
@@ -38,11 +39,63 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    p = Path(path)
+    tmp = _write_temp(p, data)
+    try:
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return p
+
+
+def atomic_write_set(files: dict[Path, bytes]) -> list[Path]:
+    """Replace several files as a set: every one is written in full to a temp name first, and only then
+    are they renamed in, one right after another. A failure while writing (a full disk) or a Ctrl-C leaves
+    the old set as it was, never a new file beside an old one; a Ctrl-C during the renames finishes them
+    before it is raised. (A crash between two renames can still mix the sets: rename is atomic per file.)"""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for dst, data in files.items():
+            staged.append((_write_temp(Path(dst), data), Path(dst)))
+        for _, dst in staged:  # a rename onto a folder would fail midway through the set
+            if dst.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "a folder is where a file of the set goes", str(dst))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    try:
+        for tmp, dst in staged:
+            os.replace(tmp, dst)
+    except KeyboardInterrupt:  # the temps are complete: finish the set, then stop
+        for tmp, dst in staged:
+            if tmp.exists():
+                os.replace(tmp, dst)
+        raise
+    except BaseException:  # a rename refused: no temp files left behind
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for folder in {dst.parent for _, dst in staged}:  # make the renames durable (best effort)
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return [dst for _, dst in staged]
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.io import atomic_dir, atomic_write_json, atomic_write_text
+from ragtune.io import atomic_dir, atomic_write_json, atomic_write_set, atomic_write_text
 
 
 def _mode(p: Path) -> int:
@@ -73,3 +73,16 @@ def test_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path, monkeypatc
         atomic_write_json(p, {"new": 1})
     assert p.read_text() == "precious"
     assert [q.name for q in tmp_path.iterdir()] == ["keep.json"]
+
+
+def test_a_set_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.md"
+    atomic_write_set({a: b"old a", b: b"old b"})
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, so nothing can be created under it")
+    with pytest.raises(OSError):  # the third file cannot be written: the first two stay old
+        atomic_write_set({a: b"new a", b: b"new b", blocker / "c.png": b"new c"})
+    assert (a.read_bytes(), b.read_bytes()) == (b"old a", b"old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.md", "blocker"]  # no temp files left
+    assert atomic_write_set({a: b"new a", b: b"new b"}) == [a, b]
+    assert (a.read_bytes(), b.read_bytes()) == (b"new a", b"new b")

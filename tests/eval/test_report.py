@@ -237,7 +237,7 @@ def test_a_folder_in_place_of_a_report_file_changes_nothing(tmp_path: Path) -> N
     (out / "report.png").unlink()
     (out / "report.png").mkdir()
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    with pytest.raises(IsADirectoryError, match="a folder is where the report writes a file"):
+    with pytest.raises(IsADirectoryError, match="a folder is where a file of the set goes"):
         write_report(out, questions(), runs(), k=K, meta={"model": "new"}, n_boot=50)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]

@@ -132,6 +132,9 @@ def load_cost_file(path: str | Path) -> list[CostRow]:
     {"what", "seconds", "detail"} rows measured some other way."""
     p = Path(path)
     if p.is_dir():
+        if not (p / "ragtune.json").is_file():
+            raise UsageError(f"--cost '{path}': a folder without a run card (ragtune.json); give a training output "
+                             "folder, a run card or saved 'ragtune index sync --json' output")
         p = p / "ragtune.json"
     if not p.is_file():
         raise UsageError(f"--cost '{path}': file not found; give a run card (ragtune.json) or saved "

@@ -34,7 +34,14 @@ def run_card_costs(plan: Plan, cost_files: Sequence[str | Path]) -> tuple[list[C
         note = _seen_in_training(a, plan.questions)
         if note:
             notes.append(note)
+    counted = {(Path(a.path) / "ragtune.json").resolve(): f"adapter '{a.name}'" for a in plan.adapters.values()}
     for f in cost_files:
+        key = Path(f).resolve()
+        key = key / "ragtune.json" if key.is_dir() else key
+        if key in counted:  # a file given twice, or an adapter's own run card: its rows would count twice
+            log.warning("--cost '%s': already counted (as %s); skipped", f, counted[key])
+            continue
+        counted[key] = f"--cost '{f}'"
         cost += load_cost_file(f)
     return cost, notes
 

@@ -242,3 +242,24 @@ def test_cost_helpers(tmp_path: Path) -> None:
         rows.write_text(json.dumps(data))
         with pytest.raises(UsageError, match=said):
             load_cost_file(rows)
+
+
+def test_a_cost_file_given_twice_or_an_adapters_own_card_counts_once(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(None, ["rag.top_k=2", "eval.max_new_tokens=16", "eval.bootstrap=50"])
+    sync = tmp_path / "sync.json"
+    sync.write_text(json.dumps({"index": "p", "added": [], "replaced": ["remote_work.md"],
+                                "deleted": [], "unchanged": 7, "chunks_written": 3, "seconds": 1.25}))
+    adapter = make_adapter(tmp_path)
+    res = run_eval(cfg, questions=write_questions(tmp_path / "q.jsonl"), adapter=str(adapter),
+                   out_dir=tmp_path / "out", cost_files=[sync, tmp_path / "." / "sync.json", adapter],
+                   progress=False, generator=ScriptedGenerator(TABLE), retriever=TableRetriever(HITS))
+    whats = [c["what"] for c in res.report["cost"]]
+    assert sum(w.startswith("absorb a changed document: re-sync") for w in whats) == 1
+    assert sum(w.startswith("train: LoRA fine-tune") for w in whats) == 1
+    assert "already counted (as adapter 'ft')" in caplog.text and "already counted (as --cost" in caplog.text
+
+
+def test_a_cost_folder_without_a_run_card_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="a folder without a run card"):
+        load_cost_file(tmp_path)

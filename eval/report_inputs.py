@@ -61,7 +61,10 @@ def report_notes(plan: Plan) -> list[str]:
         "Training time grows with the training set and epochs; re-syncing grows only with the changed "
         "documents, so the gap in 'absorb a changed document' widens as the corpus grows.",
         "Latency and tokens/s depend on this machine and engine; compare modes within one report.",
-    ]
+    ] + ([f"No question names its gold documents ('sources' in {plan.questions_path}), so the retrieval metrics "
+          "(recall@k, MRR, nDCG, citation accuracy) are shown as '–': add \"sources\": [\"file.md\"] to the "
+          "answerable questions to measure retrieval."]
+         if plan.needs_rag and not any(q.sources for q in plan.questions) else [])
 
 
 def refused_notes(plan: Plan, generator: Any) -> list[str]:

@@ -263,3 +263,17 @@ def test_a_cost_file_given_twice_or_an_adapters_own_card_counts_once(tmp_path: P
 def test_a_cost_folder_without_a_run_card_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="a folder without a run card"):
         load_cost_file(tmp_path)
+
+
+def test_rag_modes_without_gold_sources_say_why_retrieval_metrics_are_blank(tmp_path: Path) -> None:
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps(r) + "\n" for r in [{"id": "remote", "question": "Remote days?", "answer": "3 days"},
+                                                         {"id": "meals", "question": "Meal limit?", "answer": "$60"}]))
+    cfg = load_config(None, ["rag.top_k=2", "eval.max_new_tokens=16", "eval.bootstrap=50"])
+    run = lambda modes, out: run_eval(cfg, questions=q, modes=modes, out_dir=tmp_path / out,  # noqa: E731
+                                      progress=False, generator=ScriptedGenerator(TABLE), retriever=TableRetriever(HITS))
+    res = run("base,rag", "rag")
+    assert res.report["summary"]["rag"]["mrr"] is None  # shown as "–"
+    assert any("No question names its gold documents ('sources' in" in n for n in res.report["notes"])
+    assert "add \"sources\": [\"file.md\"]" in res.paths["md"].read_text(encoding="utf-8")
+    assert not any("gold documents" in n for n in run("base", "base").report["notes"])  # no rag mode: nothing to say

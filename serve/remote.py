@@ -11,50 +11,36 @@ The messages sent are the ones a local engine would render (the retrieval system
 numbered sources from `ragtune.chat.rag_messages`), so citations and abstention behave the same;
 abstention never calls the remote server. Errors from the remote server come back as RagtuneError
 naming the URL and its status: RemoteFailed (a 502 from `ragtune serve`) where the remote is down or
-failed, a plain RagtuneError (the request's 400) where it refused the request. Token counts are the remote server's `usage` (a stream from a server
-that sends none counts its content chunks as tokens and leaves prompt tokens at 0).
+failed, a plain RagtuneError (the request's 400) where it refused the request. Token counts are the
+remote server's `usage` (a stream from a server that sends none counts its content chunks as tokens
+and leaves prompt tokens at 0).
 
 `response_format`, `tools`, `tool_choice` and `parallel_tool_calls` are forwarded as they are; the
 remote's `tool_calls` come back in `RemoteAnswer.tool_calls`. A server that rejects OpenAI's
 `{"type": "json_schema"}` (llama-cpp-python's `llama_cpp.server` takes `{"type": "json_object",
 "schema": ...}`) gets the schema in that form, and this generator keeps using it. ask, chat and eval
 take the remote from `generation.url/model/api_key` (`remote_generator(cfg)`).
+
+Here: RemoteGenerator (retrieval, the requests, the answers), check_remote and remote_generator. The
+request body and what a refusal means: serve/remote_wire.py; reading a streamed answer:
+serve/remote_stream.py (RemoteStream, RemoteAsyncStream).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, Sequence
 
-from ragtune.errors import RagtuneError, UsageError
+from ragtune.errors import UsageError
 from ragtune.serve.generator import Answer
+from ragtune.serve.remote_stream import RemoteAsyncStream, RemoteStream
+from ragtune.serve.remote_wire import (RemoteFailed, checked_passed, may_refuse_schema, refusal, request_body,
+                                       schema_as_json_object, wire_message)
 
 KEY_ENV = "RAGTUNE_ENGINE_API_KEY"  # the remote's key when generation.api_key is empty
-
-
-class RemoteFailed(RagtuneError):
-    """The remote engine is down, broke off, or refused for a reason of this server's (its key, its model
-    name, a 5xx): `ragtune serve` answers 502, a server error a client may retry, not the client's 400.
-    A remote's 429 stays a 429; its other 4xx (a prompt over its context, ...) stay the request's 400."""
-
-    def __init__(self, message: str, status: int = 502, code: str = "engine_unavailable"):
-        super().__init__(message)
-        self.api_status, self.api_code = status, code
-
-
-def remote_refusal(url: str, status: int, detail: str) -> RagtuneError:
-    """What a remote's non-200 answer is here (see RemoteFailed)."""
-    message = f"remote engine {url} answered {status}: {detail}"
-    if status == 429:
-        return RemoteFailed(message, 429, "server_busy")
-    if status >= 500 or status in (401, 403, 404):
-        return RemoteFailed(message, 502, "engine_error")
-    return RagtuneError(message)
-PASSED = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # forwarded as they are
 
 
 @dataclass
@@ -146,7 +132,7 @@ class RemoteGenerator:
             raise UsageError(f"engine openai serves '{self.model}' as it is; adapter '{adapter}' cannot be applied "
                              "(merge it with 'ragtune merge' and serve the merged model remotely)")
         rcfg = rag or self.cfg.rag
-        msgs = [_wire(m) for m in messages]
+        msgs = [wire_message(m) for m in messages]
         if not any(m["role"] == "user" for m in msgs):
             raise UsageError("messages need at least one user turn")
         job = {"t0": time.perf_counter(), "mode": "base", "sources": [], "abstained": False, "best": None,
@@ -162,31 +148,8 @@ class RemoteGenerator:
     def _body(self, job: dict[str, Any], max_new_tokens: int | None, temperature: float | None,
               top_p: float | None, seed: int | None, stop: Sequence[str] | None, stream: bool,
               passed: dict[str, Any] | None = None) -> dict[str, Any]:
-        g = self.cfg.generation
-        body: dict[str, Any] = {"model": self.model, "messages": job["messages"], "stream": stream,
-                                "max_tokens": int(g.max_new_tokens if max_new_tokens is None else max_new_tokens),
-                                "temperature": float(g.temperature if temperature is None else temperature)}
-        if top_p is not None:
-            body["top_p"] = top_p
-        if seed is not None:
-            body["seed"] = seed
-        if stop:
-            body["stop"] = list(stop)
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        body.update({k: v for k, v in (passed or {}).items() if k in PASSED and v is not None})
-        if self.schema_form == "json_object":
-            body = self._schema_as_json_object(body)
-        return body
-
-    @staticmethod
-    def _schema_as_json_object(body: dict[str, Any]) -> dict[str, Any]:
-        """OpenAI's json_schema response_format in the form llama-cpp-python's server takes."""
-        rf = body.get("response_format")
-        if not isinstance(rf, dict) or rf.get("type") != "json_schema":
-            return body
-        spec = rf.get("json_schema") or {}
-        return {**body, "response_format": {"type": "json_object", "schema": spec.get("schema", {"type": "object"})}}
+        return request_body(self.model, job["messages"], self.cfg.generation, max_new_tokens, temperature, top_p,
+                            seed, stop, stream, passed, self.schema_form)
 
     def _post(self, body: dict[str, Any]) -> Any:
         """POST /chat/completions (streamed when the body says so); a remote that refuses the json_schema
@@ -197,11 +160,11 @@ class RemoteGenerator:
         try:
             r = self.http.send(self.http.build_request("POST", self.url + "/chat/completions", json=body),
                                stream=stream)
-            if self._may_refuse_schema(body, r):
+            if may_refuse_schema(body, r):
                 r.read()
                 if "response_format" in r.text:
                     r.close()
-                    other = self._schema_as_json_object(body)
+                    other = schema_as_json_object(body)
                     r = self.http.send(self.http.build_request("POST", self.url + "/chat/completions", json=other),
                                        stream=stream)
                     if r.status_code == 200:
@@ -211,7 +174,7 @@ class RemoteGenerator:
         if r.status_code != 200:
             r.read()
             r.close()
-            raise self._fail(r)
+            raise refusal(self.url, r)
         return r
 
     async def _apost(self, body: dict[str, Any]) -> Any:
@@ -222,11 +185,11 @@ class RemoteGenerator:
         try:
             r = await client.send(client.build_request("POST", self.url + "/chat/completions", json=body),
                                   stream=stream)
-            if self._may_refuse_schema(body, r):
+            if may_refuse_schema(body, r):
                 await r.aread()
                 if "response_format" in r.text:
                     await r.aclose()
-                    other = self._schema_as_json_object(body)
+                    other = schema_as_json_object(body)
                     r = await client.send(client.build_request("POST", self.url + "/chat/completions", json=other),
                                           stream=stream)
                     if r.status_code == 200:
@@ -236,13 +199,8 @@ class RemoteGenerator:
         if r.status_code != 200:
             await r.aread()
             await r.aclose()
-            raise self._fail(r)
+            raise refusal(self.url, r)
         return r
-
-    @staticmethod
-    def _may_refuse_schema(body: dict[str, Any], r: Any) -> bool:
-        # llama_cpp.server answers its validation error with a 500 that names response_format.type
-        return r.status_code in (400, 422, 500) and (body.get("response_format") or {}).get("type") == "json_schema"
 
     def _async_client(self) -> Any:
         """One httpx.AsyncClient per event loop (a server has one), so its connections are kept alive."""
@@ -275,13 +233,6 @@ class RemoteGenerator:
                       timings={"retrieval_s": round(job["retrieval_s"], 6),
                                "total_s": round(time.perf_counter() - job["t0"], 6)}, best_score=job["best"])
 
-    def _fail(self, r: Any) -> RagtuneError:
-        try:
-            detail = r.json().get("error", {}).get("message") or r.text[:300]
-        except (ValueError, AttributeError):
-            detail = r.text[:300]
-        return remote_refusal(self.url, r.status_code, detail)
-
     def answer(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, retriever: Any = None,
                max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                seed: int | None = None, rag: Any = None, stop: Sequence[str] | None = None,
@@ -290,7 +241,7 @@ class RemoteGenerator:
         job = self._prepare(messages, retriever, rag, adapter)
         if job["abstained"]:
             return self._abstain(job)
-        body = self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, _checked(passed))
+        body = self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, checked_passed(passed))
         return self._whole(job, self._post(body), passed)
 
     async def answer_async(self, messages: Sequence[dict[str, Any]], adapter: str | None = None,
@@ -304,7 +255,7 @@ class RemoteGenerator:
         job = await self._aprepare(messages, retriever, rag, adapter)
         if job["abstained"]:
             return self._abstain(job)
-        body = self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, _checked(passed))
+        body = self._body(job, max_new_tokens, temperature, top_p, seed, stop, False, checked_passed(passed))
         return self._whole(job, await self._apost(body), passed)
 
     async def astream(self, messages: Sequence[dict[str, Any]], adapter: str | None = None, retriever: Any = None,
@@ -315,7 +266,7 @@ class RemoteGenerator:
         woken per token."""
         job = await self._aprepare(messages, retriever, rag, adapter)
         return RemoteAsyncStream(self, job, self._body(job, max_new_tokens, temperature, top_p, seed, stop, True,
-                                                       _checked(passed)))
+                                                       checked_passed(passed)))
 
     async def _aprepare(self, messages: Sequence[dict[str, Any]], retriever: Any, rag: Any,
                         adapter: str | None) -> dict[str, Any]:
@@ -344,170 +295,4 @@ class RemoteGenerator:
                **passed: Any) -> "RemoteStream":
         job = self._prepare(messages, retriever, rag, adapter)
         return RemoteStream(self, job, self._body(job, max_new_tokens, temperature, top_p, seed, stop, True,
-                                                  _checked(passed)))
-
-
-def _checked(passed: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(passed) - set(PASSED))
-    if unknown:
-        raise TypeError(f"RemoteGenerator got unexpected keyword argument(s) {', '.join(unknown)}")
-    return passed
-
-
-def _wire(m: dict[str, Any]) -> dict[str, Any]:
-    """A message in OpenAI's request shape (tool-call arguments as a JSON string, as the API sends them)."""
-    out: dict[str, Any] = {"role": m["role"], "content": m.get("content")}
-    if m.get("tool_calls"):
-        out["tool_calls"] = [{"id": c.get("id") or "", "type": "function", "function": {
-            "name": c["function"]["name"],
-            "arguments": a if isinstance(a := c["function"].get("arguments", "{}"), str) else json.dumps(a)}}
-            for c in m["tool_calls"]]
-    for k in ("tool_call_id", "name"):
-        if m.get(k):
-            out[k] = m[k]
-    return out
-
-
-class RemoteStream:
-    """Text deltas from the remote server's SSE stream; `.sources` from the start, `.answer` at the end."""
-
-    def __init__(self, gen: RemoteGenerator, job: dict[str, Any], body: dict[str, Any]):
-        self.gen, self.job, self.body = gen, job, body
-        self.sources = job["sources"]
-        self.abstained = job["abstained"]
-        self.answer: Any = None
-        self._closed = threading.Event()
-        self._it = self._run()
-
-    def __iter__(self) -> "RemoteStream":
-        return self
-
-    def __next__(self) -> str:
-        return next(self._it)
-
-    def close(self) -> None:
-        self._closed.set()
-        try:
-            self._it.close()
-        except ValueError:  # being iterated in another thread: the flag ends it at the next event
-            pass
-
-    def _run(self) -> Iterator[str]:
-        import httpx
-
-        gen, job = self.gen, self.job
-        if job["abstained"]:
-            self.answer = gen._abstain(job)
-            yield self.answer.text
-            return
-        events = _Events(gen.url)
-        try:
-            r = gen._post(self.body)
-            try:
-                for line in r.iter_lines():
-                    if self._closed.is_set():
-                        return
-                    yield from events.add(line)
-                    if events.done:
-                        break
-            finally:
-                r.close()
-        except httpx.HTTPError as exc:
-            raise RemoteFailed(f"remote engine {gen.url} failed: {exc}") from exc
-        self.answer = events.answer(gen, job, self.body)
-
-
-class RemoteAsyncStream:
-    """`RemoteStream` read on the caller's event loop (`RemoteGenerator.astream`): `async for` the text
-    deltas; `.sources` from the start, `.answer` at the end; `await aclose()` closes the remote stream."""
-
-    def __init__(self, gen: RemoteGenerator, job: dict[str, Any], body: dict[str, Any]):
-        self.gen, self.job, self.body = gen, job, body
-        self.sources = job["sources"]
-        self.abstained = job["abstained"]
-        self.answer: Any = None
-        self._it = self._run()
-
-    def __aiter__(self) -> "RemoteAsyncStream":
-        return self
-
-    async def __anext__(self) -> str:
-        return await self._it.__anext__()
-
-    async def aclose(self) -> None:
-        await self._it.aclose()
-
-    async def _run(self) -> AsyncIterator[str]:
-        import httpx
-
-        gen, job = self.gen, self.job
-        if job["abstained"]:
-            self.answer = gen._abstain(job)
-            yield self.answer.text
-            return
-        events = _Events(gen.url)
-        try:
-            r = await gen._apost(self.body)
-            try:
-                async for line in r.aiter_lines():
-                    for delta in events.add(line):
-                        yield delta
-                    if events.done:
-                        break
-            finally:
-                await r.aclose()
-        except httpx.HTTPError as exc:
-            raise RemoteFailed(f"remote engine {gen.url} failed: {exc}") from exc
-        self.answer = events.answer(gen, job, self.body)
-
-
-class _Events:
-    """What a remote's SSE lines add up to: text deltas as they come, tool-call pieces merged by index,
-    the finish reason and the usage."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.parts: list[str] = []
-        self.calls: dict[int, dict[str, Any]] = {}
-        self.finish, self.usage, self.t_first, self.done = "stop", {}, None, False
-
-    def add(self, line: str) -> list[str]:
-        """The text deltas of one SSE line (none for comments, keep-alives and `[DONE]`)."""
-        if not line.startswith("data:"):
-            return []
-        data = line[5:].strip()
-        if data == "[DONE]":
-            self.done = True
-            return []
-        event = json.loads(data)
-        if "error" in event:
-            raise RemoteFailed(f"remote engine {self.url}: {event['error'].get('message')}", code="engine_error")
-        self.usage = event.get("usage") or self.usage
-        out = []
-        for choice in event.get("choices") or []:
-            d = choice.get("delta") or {}
-            self.finish = choice.get("finish_reason") or self.finish
-            for c in d.get("tool_calls") or []:
-                _merge_call(self.calls, c)
-            if d.get("content"):
-                self.t_first = self.t_first or time.perf_counter()
-                self.parts.append(d["content"])
-                out.append(d["content"])
-        return out
-
-    def answer(self, gen: RemoteGenerator, job: dict[str, Any], body: dict[str, Any]) -> RemoteAnswer:
-        usage = self.usage
-        if not usage:  # a server that ignores stream_options (llama_cpp.server): one chunk per token
-            usage = {"completion_tokens": len(self.parts) + len(self.calls)}
-        return gen._answer(job, "".join(self.parts), self.finish, usage, self.t_first,
-                           [self.calls[k] for k in sorted(self.calls)], bool(body.get("tools")))
-
-
-def _merge_call(calls: dict[int, dict[str, Any]], c: dict[str, Any]) -> None:
-    """One streamed tool_calls delta into the whole call: id, type and name once, arguments in pieces."""
-    call = calls.setdefault(int(c.get("index") or 0), {"id": "", "type": "function",
-                                                        "function": {"name": "", "arguments": ""}})
-    call["id"] = c.get("id") or call["id"]
-    fn = c.get("function") or {}
-    call["function"]["name"] = fn.get("name") or call["function"]["name"]
-    call["function"]["arguments"] += fn.get("arguments") or ""
+                                                  checked_passed(passed)))

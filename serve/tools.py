@@ -285,8 +285,8 @@ def parse_calls(text: str, plan: ToolPlan | None, cut: bool = False) -> tuple[li
     return calls, content or None
 
 
-PARTIAL_RE = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(.*)\Z',
-                        re.DOTALL)
+PARTIAL_RE = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,'  # a call cut after its name
+                        r'\s*"(?:arguments|parameters)"\s*:\s*(.*)\Z', re.DOTALL)
 
 
 def cut_call(partial: str, plan: ToolPlan) -> dict[str, Any] | None:
@@ -317,4 +317,5 @@ def cut_call(partial: str, plan: ToolPlan) -> dict[str, Any] | None:
 
 
 def _call(name: str, arguments: str) -> dict[str, Any]:
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+            "function": {"name": name, "arguments": arguments}}

@@ -5,7 +5,8 @@
     req.wait()                                   # req.ids, req.finish, req.t_first, ... once done
     sched.close()
 
-One thread owns the llama.cpp context. Each step it (1) retires cancelled sequences, (2) admits
+One thread owns the llama.cpp context. Each step it (1) retires cancelled sequences (and ends
+cancelled waiting requests, which never take a slot or a prefill), (2) admits
 waiting requests into free sequence slots (`engine.n_seq`, from `serve.max_batch`), reusing the
 longest cached prefix a slot holds for the same adapter — its own, or a running sequence's, whose
 cells the new one then shares (llama.cpp's `seq_cp`: RAG prompts with the same sources, or one long
@@ -251,6 +252,17 @@ class StepThread:
         """Every running request, then every waiting one, ends with `exc`."""
         raise NotImplementedError
 
+    def _end_cancelled_waiting(self, t: float) -> None:
+        """Waiting requests whose caller has gone (cancel set: a client that hung up while queued) end now,
+        "cancelled", without taking a slot or prefilling their prompt."""
+        with self._cv:
+            gone = [r for r in self._waiting if r.cancel is not None and r.cancel.is_set()]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            r.finish, r.t_admit, r.t_end = "cancelled", t, t
+            r.done.set()
+
     def _fail_waiting(self, exc: BaseException, t: float) -> None:
         with self._cv:
             waiting = list(self._waiting)
@@ -290,6 +302,7 @@ class Scheduler(StepThread):
         for s in list(self._running):
             if s.req.cancel is not None and s.req.cancel.is_set():
                 self._retire(s, "cancelled", now)
+        self._end_cancelled_waiting(now)
         self._admit(now)
         batch = self._choose_group()
         if not batch:

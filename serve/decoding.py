@@ -7,7 +7,8 @@
 state `Generator.__init__` and `load` set). `_run` picks the path: llama.cpp's batch scheduler, the
 transformers batch scheduler (`gen.batcher`, `ragtune.serve.tf_batching`), the CUDA static-cache
 greedy decoder (`ragtune.serve.static_decode`), or transformers' `generate` under the lock. Each hands
-`on_token` every new id and stops at `cancel`, an end-of-sequence id, a stop string or the budget.
+`on_token` every new id and stops at `cancel`, an end-of-sequence id, a stop string or the budget; a
+request cancelled while it waited for the model (its client gone) ends without a prefill.
 """
 
 from __future__ import annotations
@@ -143,6 +144,8 @@ class GeneratorDecoding:
         t_wait = time.perf_counter()
         with self.lock:
             t0 = time.perf_counter()
+            if cancel is not None and cancel.is_set():  # gone while waiting for the model: no prefill
+                return _run_stats(t_wait, t0, t0, t0, 0, "cancelled")
             if job.seed is not None:
                 torch.manual_seed(job.seed)
             ids = torch.tensor([job.input_ids], device=self.model.device)
@@ -178,6 +181,8 @@ class GeneratorDecoding:
         t_wait = time.perf_counter()
         with self.lock:
             t0 = time.perf_counter()
+            if cancel is not None and cancel.is_set():  # gone while waiting for the model: no prefill
+                return _run_stats(t_wait, t0, t0, t0, 0, "cancelled")
             dec = getattr(self, "_static", None)
             if dec is None or dec.model is not self.model:  # adapters loaded since: a decoder for the new model
                 dec = self._static = StaticGreedy(self.model, compile=True,

@@ -9,7 +9,8 @@ Dynamic padded batches with a `DynamicCache` whose layers append each token into
 end of a buffer (transformers' own layer copies the whole cache per token), one thread owning the
 model. Each step it
 
-1. retires cancelled sequences (a prompt being prefilled included);
+1. retires cancelled sequences (a prompt being prefilled included) and ends cancelled waiting
+   requests, which never take a slot or a prefill;
 2. admits waiting requests into free slots (`max_batch`, from `serve.max_batch`; a request whose
    prompt is being prefilled holds its slot);
 3. prefills admitted prompts, each alone into its own cache: whole when nothing is decoding (exactly
@@ -162,6 +163,7 @@ class TfScheduler(StepThread):
             self._retire(g, gone, "cancelled", now)
         for p in [p for p in self._prefilling if p.req.cancel is not None and p.req.cancel.is_set()]:
             self._drop_prefill(p, "cancelled", now)
+        self._end_cancelled_waiting(now)
         self._admit()
         self._prefill()
         group = self._choose_group()

@@ -218,6 +218,42 @@ def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(tiny_f16: dict[str
         eng.close()
 
 
+def test_a_request_cancelled_while_waiting_ends_without_a_slot_or_a_prefill(tiny_f16: dict[str, Any]) -> None:
+    """A client that hangs up while its request is queued: the request ends at the next step, while the slot's
+    answer still runs, and its prompt is never prefilled (it was admitted when the slot came free, its prompt
+    prefilled, and only then retired)."""
+    from ragtune.serve.batching import SeqRequest
+    from ragtune.serve.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(tiny_f16["path"], n_threads=1, n_ctx=1024, max_batch=1).load()
+    try:
+        real, fed = eng.decode, []
+        eng.decode = lambda items: (fed.append([len(it[1]) for it in items]), real(items))[1]
+        waiting = SeqRequest(prompt=eng.tokenize(chat(" ".join(QUESTIONS))), budget=4, cancel=threading.Event())
+        seen: dict[str, Any] = {}
+
+        def on_token(_tok: int) -> None:  # in the scheduler thread, between two steps
+            n = len(running.ids)
+            if n == 2:
+                eng.scheduler.submit(waiting)
+            elif n == 3:
+                seen["queued"] = (eng.scheduler.waiting, eng.scheduler.active)
+                waiting.cancel.set()  # what the server does when the queued request's client hangs up
+            elif n == 5:
+                seen["ended"] = waiting.done.is_set()
+
+        running = SeqRequest(prompt=eng.tokenize(chat(QUESTIONS[0])), budget=12, on_token=on_token)
+        eng.scheduler.submit(running)
+        assert running.wait() and waiting.done.wait(30)
+        assert seen == {"queued": (1, 1), "ended": True}  # ended while the one slot was still taken
+        assert waiting.finish == "cancelled" and waiting.ids == [] and waiting.error is None
+        assert sum(1 for step in fed for n in step if n > 1) == 1, fed  # the running prompt's prefill only
+        assert running.finish == "length" and len(running.ids) == 12
+        assert eng.scheduler.active == 0 and eng.scheduler.waiting == 0
+    finally:
+        eng.close()
+
+
 def test_requests_on_different_adapters_are_never_in_one_batch(engine: Any, monkeypatch: pytest.MonkeyPatch,
                                                                tiny_smol: Path, lora_dir: Path) -> None:
     sched = engine.scheduler

@@ -354,6 +354,74 @@ def test_cancelling_a_request_mid_prefill_frees_its_slot(sharp_llama: Path) -> N
     assert sched.active == 0 and sched.waiting == 0 and sched._prefilling == []
 
 
+def test_a_request_cancelled_while_waiting_ends_without_a_slot_or_a_prefill(sharp_llama: Path) -> None:
+    """A client that hangs up while its request is queued: the request ends at the next step, while both slots
+    are still answering, and its prompt is never prefilled (it waited for a slot, was prefilled whole, and only
+    then retired)."""
+    from ragtune.serve.tf_batching import SeqRequest
+
+    sched = generator(sharp_llama, 2).batcher
+    waiting = SeqRequest(prompt=long_prompt(sched), budget=4, cancel=threading.Event())
+    seen: dict[str, Any] = {}
+
+    def on_token(_tok: int) -> None:  # in the scheduler thread, between two steps
+        n = len(running[0].ids)
+        if n == 2:
+            sched.submit(waiting)
+        elif n == 3:
+            seen["queued"] = (sched.waiting, sched.active)
+            waiting.cancel.set()  # what the server does when the queued request's client hangs up
+        elif n == 5:
+            seen["ended"] = waiting.done.is_set()
+
+    running = [SeqRequest(prompt=[5, 9, 13, 17, 21, 25], budget=12, on_token=on_token),
+               SeqRequest(prompt=[7, 11, 19, 23], budget=12)]
+    pieces = sched.prefill_forwards
+    with sched.hold():  # both admitted at one step
+        for r in running:
+            sched.submit(r)
+    for r in [*running, waiting]:
+        assert r.done.wait(120)
+    assert seen == {"queued": (1, 2), "ended": True}  # ended while both slots were still taken
+    assert waiting.finish == "cancelled" and waiting.ids == [] and waiting.error is None
+    assert sched.prefill_forwards - pieces == 2  # the running prompts' prefills only
+    assert [len(r.ids) for r in running] == [12, 12] and sched.active == 0 and sched.waiting == 0
+
+
+def test_a_request_whose_client_left_while_it_waited_for_the_model_is_not_prefilled(sharp_llama: Path) -> None:
+    """serve.max_batch 1 (transformers' generate under the model lock): a request whose stream is closed while
+    another holds the model ends "cancelled" when it gets the lock, with no forward of its prompt (it ran its
+    prefill and one token first)."""
+    gen = generator(sharp_llama, 1)
+    queued = [{"role": "user", "content": " ".join(QUESTIONS)}]
+    n_queued = len(gen.prepare(queued, max_new_tokens=4, temperature=0.0).input_ids)
+    widths: list[int] = []
+    hook = gen.model.register_forward_pre_hook(
+        lambda mod, args, kw: widths.append((kw.get("input_ids") if "input_ids" in kw else args[0]).shape[1]),
+        with_kwargs=True)
+    try:
+        s = gen.stream(queued, max_new_tokens=4, temperature=0.0)
+        out: list[str] = []
+        before = {t for t in threading.enumerate() if t.name == "ragtune-generate"}
+        reader = threading.Thread(target=lambda: out.extend(s))
+        with gen.lock:  # another request holds the model
+            reader.start()
+            deadline = time.time() + 30
+            while not {t for t in threading.enumerate() if t.name == "ragtune-generate"} - before:
+                assert time.time() < deadline, "the stream's worker did not start"
+                time.sleep(0.01)
+            time.sleep(0.1)  # the worker now waits for the lock
+            s.close()  # its client hung up while it waited
+        reader.join(60)
+        assert not reader.is_alive()
+        assert s.answer.finish_reason == "cancelled" and s.answer.completion_tokens == 0 and out == []
+        assert widths == [], widths  # its prompt never went through the model
+        assert gen.answer(queued, max_new_tokens=2, temperature=0.0).completion_tokens == 2
+        assert widths[0] == n_queued  # (the hook sees a prefill when there is one)
+    finally:
+        hook.remove()
+
+
 def test_batch_answering_prefills_a_long_prompt_whole_even_beside_running_answers(sharp_llama: Path) -> None:
     """Inside throughput() (Generator.answer_all: eval, ask --questions) nobody watches the running answers'
     tokens, so prefill_chunk does not split prompts there."""

@@ -12,9 +12,10 @@ end-of-turn token, so the model learns to stop; everything else is context.
 
 Some templates render an earlier turn differently once a later turn exists, so A_i is not a
 prefix of the whole conversation: Qwen3 gives only the last answer an empty <think></think>
-block, Mistral's newer templates move the system prompt into the last user turn. For such a turn
-the answer is located in the whole rendering instead: its content, followed by the end-of-turn
-text that follows it in A_i, searched after the previous turns. A template that rewrites the
+block, Mistral's newer templates move the system prompt into the last user turn, Phi-3's ends only
+the whole conversation with its eos token. For such a turn the answer is located in the whole
+rendering instead: its content, searched after the previous turns, followed by the end-of-turn text
+that follows it both in A_i and there. A template that rewrites the
 content itself is refused with the fix. The template is used unchanged, so the one saved with
 the adapter is exactly the one serving renders prompts with.
 """
@@ -79,20 +80,40 @@ def spans(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str) -> 
 
 
 def _locate(full: str, upto: str, content: str, cursor: int) -> tuple[int, int]:
-    """Span of an assistant turn in `full` when the template renders it differently there than in `upto`."""
+    """Span of an assistant turn in `full` when the template renders it differently there than in `upto`.
+
+    The answer is its content, found after the previous turns, and as much of the end-of-turn text that
+    follows it in `upto` as follows it in `full` too: Phi-3's template ends a conversation with the eos
+    token, so an earlier answer ends "<|end|>\n<|endoftext|>" in `upto` but "<|end|>\n<|user|>" in `full`."""
     text = content.strip()
     at = upto.rfind(text) if text else -1
-    found = -1
     if at >= 0:
-        turn = text + upto[at + len(text):].rstrip()  # the answer and its end-of-turn text
-        found = full.find(turn, cursor)
-    if found < 0:
-        raise UsageError(
-            "the chat template is not prefix-preserving (an assistant turn renders differently once a later "
-            "turn exists) and changes the answer's text, so ragtune cannot tell which tokens are the answer; "
-            "give a template that renders earlier answers as they are with train.chat_template=FILE.jinja"
-        )
-    return found, found + len(turn)
+        tail = upto[at + len(text):].rstrip()  # the end-of-turn text after the answer
+        found = full.find(text, cursor)
+        while found >= 0:
+            end = found + len(text)
+            ending = tail[:_common_prefix(tail, full[end:])].rstrip()
+            if ending or not tail:
+                return found, end + len(ending)
+            found = full.find(text, found + 1)
+    raise UsageError(
+        "the chat template is not prefix-preserving (an assistant turn renders differently once a later "
+        "turn exists) and changes the answer's text, so ragtune cannot tell which tokens are the answer; "
+        "give a template that renders earlier answers as they are with train.chat_template=FILE.jinja"
+    )
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of `a` and `b` made of whole pieces: tags such as <|end|> and
+    the text between them ("<|endoftext|>" and "<|user|>" share nothing, not "<|")."""
+    import re
+
+    n = 0
+    for x, y in zip(re.findall(r"<[^<>]*>|[^<]+|<", a), re.findall(r"<[^<>]*>|[^<]+|<", b)):
+        if x != y:
+            break
+        n += len(x)
+    return n
 
 
 def _render_empty(tokenizer: Any, template: str) -> str:

@@ -123,3 +123,42 @@ def test_model_without_template_is_refused(no_marker_llama: Path) -> None:
     tok.chat_template = None
     with pytest.raises(UsageError, match="no chat template"):
         template_of(tok)
+
+
+# Phi-3's logic: the whole conversation (not each turn) ends with the eos token when no generation prompt
+# follows, so an earlier answer ends "<|im_end|>\n<|endoftext|>" alone but "<|im_end|>\n<|im_start|>" later
+PHI3_LIKE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}"
+)
+
+
+def test_template_that_ends_the_conversation_with_eos_trains_every_answer(
+        no_marker_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each answer of a multi-turn record is trained with its own end-of-turn token; before, a Phi-3-style
+    template's records were refused as 'not prefix-preserving', or, when two answers were equal, the earlier
+    one was located at the later one's place and only the last was trained."""
+    import json
+    import shutil
+
+    from ragtune.cli import main
+    from ragtune.modeling import load_tokenizer
+    from tests.train.conftest import write_jsonl
+
+    model = tmp_path / "phi3-like"
+    shutil.copytree(no_marker_llama, model)
+    (model / "chat_template.jinja").write_text(PHI3_LIKE)
+    tok = load_tokenizer(model)
+    n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for first, second in [("Code 1 means bread.", "Yes, bread."), ("Code 1 means bread.", "Code 1 means bread.")]:
+        rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is code 1?"},
+                              {"role": "assistant", "content": first}, {"role": "user", "content": "Again?"},
+                              {"role": "assistant", "content": second}]}]
+        data = write_jsonl(tmp_path / "multi.jsonl", rows)
+        assert main(["data", "check", str(data), "--model", str(model), "--json"]) == 0
+        stats = json.loads(capsys.readouterr().out)["stats"]
+        assert stats["trained_tokens_per_epoch"] == n(first + "<|im_end|>") + n(second + "<|im_end|>\n<|endoftext|>")
+    from ragtune.train.template import tokenize_conversation
+
+    enc = tokenize_conversation(tok, CONV, PHI3_LIKE)
+    assert _trained_text(tok, enc) == "Paris.<|im_end|>한국의 수도.<|im_end|>\n<|endoftext|>"

@@ -3,6 +3,9 @@
     build_tiny_llama(dir)     LlamaConfig model + BPE tokenizer trained here + a chat template
                               with {% generation %} markers (for assistant-only loss)
     build_tiny_smol(dir, tok) a random Llama with SmolLM2's tokenizer (llama.cpp's converter takes it)
+    build_tiny_sentencepiece(arch, dir, template)
+                              a random model whose vocabulary is a SentencePiece tokenizer.model trained
+                              here (beside its tokenizer.json), as Gemma, Gemma 2 and Phi-3 ship it
     build_tiny_embedder(dir)  sentence-transformers model: tiny BERT + WordPiece + mean pooling
 """
 
@@ -145,6 +148,42 @@ def build_tiny_causal_lm(arch: str, out: str | Path, tokenizer_dir: str | Path, 
         arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def build_tiny_sentencepiece(arch: str, out: str | Path, template: str, specials: tuple[str, ...] = (),
+                             seed: int = 0, **config: Any) -> Path:
+    """A tiny random model of `arch` (gemma2, phi3, ...) whose tokenizer is a SentencePiece BPE trained here on
+    CORPUS: tokenizer.model (what llama.cpp's converter reads for Gemma and Phi-3) and the tokenizer.json
+    transformers makes of it. <bos> <eos> <pad> <unk> and `specials` are its special tokens."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 4), model_writer=model, vocab_size=700, model_type="bpe",
+        user_defined_symbols=list(specials), pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", byte_fallback=True, character_coverage=1.0,
+        add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    tok.chat_template = template
+    tok.save_pretrained(str(out))  # tokenizer.json and the template; tokenizer.model stays
+    cfg = AutoConfig.for_model(
+        arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out), safe_serialization=True)
     return out

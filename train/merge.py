@@ -4,7 +4,8 @@
     ragtune merge runs/adapter --out runs/merged --base /models/smollm2   # the base has moved since training
 
 The base comes from the adapter's run card and must still hash the same; the merged folder
-carries the tokenizer (with the pad token used in training) and the chat template trained with,
+carries the tokenizer (with the pad token used in training, and the base's tokenizer.model, which
+llama.cpp's converter needs for Gemma and Phi-3) and the chat template trained with,
 and the export is recorded in the run card's "exports".
 """
 
@@ -59,6 +60,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
+        _copy_vocab_files(base, tmp)
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         (tmp / "ragtune-model.json").write_text(json.dumps({
             "merged_from": {"adapter": str(adapter), "base": str(base), "base_hash": card["base_model"]["hash"]},
@@ -70,6 +72,20 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     update_runcard(adapter, exports=exports)
     log.info("merged %s into %s -> %s in %.1fs", adapter, base, out, time.time() - t0)
     return out
+
+
+# Tokenizer files save_pretrained does not write back (transformers 5 writes tokenizer.json only), which
+# llama.cpp's converter reads: Gemma, Gemma 2 and Phi-3 take their vocabulary from tokenizer.model alone.
+VOCAB_FILES = ("tokenizer.model",)
+
+
+def _copy_vocab_files(base: Path, out: Path) -> None:
+    """The base's sentencepiece model beside the merged tokenizer (training adds no token to the vocabulary)."""
+    import shutil
+
+    for name in VOCAB_FILES:
+        if (base / name).is_file() and not (out / name).exists():
+            shutil.copyfile(base / name, out / name)
 
 
 def _base_of(adapter: Path, base_dir: str | Path) -> tuple[dict[str, Any], Path]:

@@ -257,7 +257,8 @@ def _refuse_emptying(name: str, roots: list[str], files: list[tuple[Path, Path]]
     """`index sync` of a folder that holds no documents at all would delete every document the index
     has from it: refused, since an unmounted share or a mistyped path looks exactly like that."""
     found = {str(root) for root, _ in files}
-    empty = [r for r in roots if r not in found]
+    # a folder given inside another given one has its files under the outer root (collect)
+    empty = [r for r in roots if r not in found and not any(f.is_relative_to(r) for _, f in files)]
     doomed = [st for st in plan.removed if any(Path(state_file(st) or "").is_relative_to(r) for r in empty)]
     if doomed:
         where = " and ".join(f"'{r}'" for r in empty)

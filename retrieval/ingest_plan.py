@@ -146,7 +146,17 @@ def collect(paths: Iterable[str | Path], follow_links: bool = False, unlisted: l
                                                  "citations must be: not read; rename it"))
                     continue
                 out.append((p, f))
-    return out, [(_shown(path), _shown(why)) for path, why in skipped]
+    return _once(out), [(_shown(path), _shown(why)) for path, why in skipped]
+
+
+def _once(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """Each file once, under the outermost of the given folders that holds it (`add docs docs/sub`, or a
+    path given twice): under two roots it would be two documents, and each run would move it to the other."""
+    root_of: dict[Path, Path] = {}
+    for root, f in found:
+        if f not in root_of or len(root.parts) < len(root_of[f].parts):
+            root_of[f] = root
+    return [(root_of.pop(f), f) for _root, f in found if f in root_of]
 
 
 _LOOP = "symbolic link loop (a link that leads back to itself): not followed; fix or delete the link"

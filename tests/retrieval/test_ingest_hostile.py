@@ -453,3 +453,36 @@ def test_sync_dry_run_reports_the_files_the_sync_would_skip_not_as_documents_to_
     rc_dry, dry = sync("--dry-run")  # over the index the sync made: still skipped, not "add"
     assert rc_dry == 3 and dry["added"] == [] and dry["unchanged"] == 1
     assert {s["path"]: s["reason"] for s in dry["skipped"]} == skipped
+
+
+def test_a_folder_given_with_a_folder_inside_it_indexes_each_file_once_and_syncs_to_a_no_op(
+        cfg: Config, tmp_path: Path, capsys) -> None:
+    """`index add docs/sub docs` (or a path given twice): each file is one document, under the outer
+    folder, whatever the order; the same sync again changes nothing, and a file deleted from the inner
+    folder is deleted, not refused as an emptied folder."""
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "b.txt").write_text("Lunch is served at noon in the canteen.", encoding="utf-8")
+    (root / "sub" / "a.txt").write_text("The parking garage closes at midnight.", encoding="utf-8")
+    (root / "sub" / "faq.jsonl").write_text('{"id": "x", "text": "Badges are issued by reception."}\n'
+                                             '{"id": "y", "text": "The library opens at nine."}\n', encoding="utf-8")
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--json", "--no-progress"]
+
+    def run(cmd: str, *paths: Path, extra: tuple[str, ...] = ()) -> dict:
+        rc = main(["-q", "index", cmd, *map(str, paths), *args, *extra])
+        out = json.loads(capsys.readouterr().out)
+        assert rc == 0, out
+        return out
+
+    want = {"b.txt", "sub/a.txt", "sub/faq.jsonl#x", "sub/faq.jsonl#y"}
+    dry = run("sync", root / "sub", root, root, extra=("--dry-run",))
+    assert sorted(dry["added"]) == sorted(want)  # each once
+    first = run("add", root / "sub", root, root / "b.txt")
+    assert sorted(first["added"]) == sorted(want)
+    assert sorted(sources(snapshot())) == sorted(want) and set(sources(snapshot()).values()) == {1}
+    again = run("sync", root, root / "sub")
+    assert (again["added"], again["replaced"], again["unchanged"], again["chunks_written"]) == ([], [], 4, 0)
+    (root / "sub" / "a.txt").unlink()
+    gone = run("sync", root, root / "sub")
+    assert gone["deleted"] == ["sub/a.txt"] and gone["unchanged"] == 3
+    assert set(sources(snapshot())) == want - {"sub/a.txt"}

@@ -65,6 +65,7 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
     `f16_gguf` is an f16 export of this very source, already checked: it is quantized instead of
     converting again (the cache uses it).
     """
+    from ragtune.export.convert import require_convertible
     from ragtune.export.pin import converter_dir
     from ragtune.export.quantize import require_llama_cpp
 
@@ -72,6 +73,10 @@ def export_gguf(source: str | Path, out: str | Path, type: str = "f16", *, lora:
     out, src = _check_request(source, out, type, lora, force, modelfile, base_gguf)
     require_llama_cpp()
     converter_dir()  # fails early, with the fix, when the pinned sdist is missing
+    if src.kind == "adapter":  # before the merge
+        require_convertible(src.base_dir, f"adapter '{src.path}': its base ")
+    else:
+        require_convertible(src.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     template = src.card.get("chat_template", {}).get("template") if src.kind == "adapter" else None
 

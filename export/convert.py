@@ -3,6 +3,7 @@
     from ragtune.export.convert import convert_model, convert_lora
     convert_model(model_dir, tmp / "f16.gguf")                     # a transformers model dir -> f16 GGUF
     convert_lora(adapter_dir, base_dir, tmp / "lora.gguf")         # a peft adapter -> llama.cpp LoRA GGUF
+    require_convertible(model_dir)                                 # refuses an architecture it lacks, at once
 
 A subprocess because the converter imports its own `gguf-py`, which must not shadow the installed
 `gguf` package in this process; its last lines of output become the error when it fails.
@@ -16,9 +17,62 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ragtune.errors import RagtuneError
+from ragtune.errors import RagtuneError, UsageError
 
 log = logging.getLogger(__name__)
+
+
+# families users bring most, named (when the converter has them) in the refusal of one it lacks
+FAMILIAR = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM", "Phi3ForCausalLM")
+
+
+def converter_architectures() -> set[str]:
+    """The config.json architectures the pinned converter registers (`@ModelBase.register(...)`), read from
+    its source without importing it."""
+    import re
+
+    from ragtune.export.pin import converter_dir
+
+    conv = converter_dir()
+    names: set[str] = set()
+    for f in [conv / "convert_hf_to_gguf.py", *sorted((conv / "conversion").glob("*.py"))]:
+        if f.is_file():
+            for args in re.findall(r"@ModelBase\.register\(([^)]*)\)", f.read_text(encoding="utf-8")):
+                names.update(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", args))
+    return names
+
+
+def architecture_of(model_dir: Path) -> str | None:
+    """The architecture the converter picks from config.json: its text_config's, else its own first."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    for arches in (text.get("architectures"), cfg.get("architectures")):
+        if isinstance(arches, list) and arches and isinstance(arches[0], str):
+            return arches[0]
+    return None
+
+
+def require_convertible(model_dir: Path, what: str = "") -> None:
+    """Refuse, before any merge or conversion, a model whose architecture the converter does not register
+    (`what` names the model: "the adapter's base ")."""
+    from ragtune.export.pin import converter_version
+
+    arch = architecture_of(model_dir)
+    known = converter_architectures()
+    if arch is None or not known or arch in known:  # no list to go by: the converter itself decides
+        return
+    some = ", ".join(a for a in FAMILIAR if a in known)
+    raise UsageError(
+        f"{what}'{model_dir}' has the architecture {arch} (config.json \"architectures\"), which llama.cpp's converter "
+        f"({converter_version()}) cannot convert to GGUF; it converts {len(known)} others, among them {some}. "
+        "Answer with this model on the transformers engine (generation.engine=transformers), or merge an adapter "
+        "into it for vLLM with 'ragtune merge'")
 
 
 def _run_converter(args: list[str], what: str) -> None:

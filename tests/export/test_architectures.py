@@ -39,3 +39,21 @@ def test_sentencepiece_model_adapter_merges_and_exports(tmp_path: Path, llama_ho
 
     meta = gguf_metadata(out, ["general.architecture", "tokenizer.ggml.model"])
     assert meta == {"general.architecture": "gemma2", "tokenizer.ggml.model": "llama"}
+
+
+@NEEDS_LLAMA_CPP
+def test_architecture_the_converter_lacks_is_refused_before_the_merge(tiny_llama: Path, tmp_path: Path,
+                                                                      llama_home: Path, capsys) -> None:
+    """An OPT adapter is refused at once, naming OPTForCausalLM and what to use instead; before, it was merged
+    first and then failed in the converter with its log and an exit code of 1."""
+    from tests.tinymodels import build_tiny_causal_lm
+
+    base = build_tiny_causal_lm("opt", tmp_path / "opt", tiny_llama)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    for source in (adapter, base):
+        assert main(["export", "gguf", str(source), "--out", str(tmp_path / "opt.gguf"), "--no-check"]) == 2
+        err = capsys.readouterr().err
+        assert "has the architecture OPTForCausalLM" in err and "cannot convert to GGUF" in err, err
+        assert "LlamaForCausalLM" in err and "generation.engine=transformers" in err
+        assert "hf-to-gguf" not in err  # the converter never ran
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".ragtune-export-*"))

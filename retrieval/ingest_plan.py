@@ -99,7 +99,10 @@ def collect(paths: Iterable[str | Path], follow_links: bool = False, unlisted: l
             raise UsageError(f"path '{raw}' is {kind}, not a file or folder of documents; give files or folders "
                              "of documents to index")
         if p.is_file():
-            out.append((p.parent, p))
+            if _has_control(p.name):
+                skipped.append((_escaped(p.name), _CONTROL))
+            else:
+                out.append((p.parent, p))
             continue
         seen_dirs = {p}
 
@@ -145,6 +148,9 @@ def collect(paths: Iterable[str | Path], follow_links: bool = False, unlisted: l
                     skipped.append((_shown(rel), "its name is not valid UTF-8, which sources in an index and "
                                                  "citations must be: not read; rename it"))
                     continue
+                if _has_control(rel):
+                    skipped.append((_escaped(rel), _CONTROL))
+                    continue
                 out.append((p, f))
     return _once(out), [(_shown(path), _shown(why)) for path, why in skipped]
 
@@ -160,6 +166,19 @@ def _once(found: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
 
 
 _LOOP = "symbolic link loop (a link that leads back to itself): not followed; fix or delete the link"
+
+
+_CONTROL = ("its name has a control character (shown as \\xNN), which would break every listing, citation and "
+            "prompt that names it: not read; rename it")
+
+
+def _has_control(name: str) -> bool:
+    """A newline, tab, escape or other control character in a name (a terminal escape sequence too)."""
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name)
+
+
+def _escaped(name: str) -> str:
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in _shown(name))
 
 
 def _utf8(name: str) -> bool:

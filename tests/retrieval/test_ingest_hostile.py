@@ -486,3 +486,24 @@ def test_a_folder_given_with_a_folder_inside_it_indexes_each_file_once_and_syncs
     gone = run("sync", root, root / "sub")
     assert gone["deleted"] == ["sub/a.txt"] and gone["unchanged"] == 3
     assert set(sources(snapshot())) == want - {"sub/a.txt"}
+
+
+def test_a_file_whose_name_has_a_control_character_is_skipped_and_shown_escaped(cfg: Config, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """A newline or a terminal escape in a file's name would break every listing, citation and prompt
+    that names it (and an escape sequence would reach the terminal): skipped, named with \\xNN, asked to
+    be renamed. Given by name, too."""
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "ok.txt").write_text("Lunch is served at noon in the canteen.", encoding="utf-8")
+    (root / "new\nline.txt").write_text("The parking garage closes at midnight.", encoding="utf-8")
+    (root / "red\x1b[31m.md").write_text("# Red\n\nBadges are issued by reception.\n", encoding="utf-8")
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--no-progress"]
+    assert main(["-q", "index", "add", str(root), *args]) == 3
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "new\nline" not in out
+    assert "  new\\x0aline.txt: its name has a control character" in out and "rename it" in out
+    assert "  red\\x1b[31m.md: its name has a control character" in out
+    assert set(sources(snapshot())) == {"ok.txt"}
+    assert main(["-q", "index", "add", str(root / "new\nline.txt"), *args, "--json"]) == 2  # nothing else to add
+    assert "new\\x0aline.txt" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""The chat page at / in headless Chromium (Playwright, pointed at Debian's chromium) against a real uvicorn
+server on the tiny model: what a user sees when the server goes away, when they stop or retry an answer."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from ragtune.config import load_config
+from ragtune.serve.server import create_app
+from tests.conftest import free_port
+from tests.serve.conftest import FakeRetriever
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+HTML_HIT = {"source": "evil/<b>x</b>.md", "title": "<img src=x onerror=\"document.title='pwned'\">",
+            "page": None, "heading": "<script>document.title='pwned2'</script>", "score": 0.03,
+            "dense_score": 0.9, "chunk_id": "e1", "text": "Remote work <img src=y onerror=\"document.title='pwned3'\">"}
+
+
+class Server:
+    """A real uvicorn server in a thread on a fixed loopback port, so a test can stop it and start it again."""
+
+    def __init__(self, app: Any, port: int):
+        self.app, self.port = app, port
+        self.server: Any = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> "Server":
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the page tests drive Chromium)")
+    if CHROMIUM is None:
+        pytest.skip("no chromium: apt-get install chromium (the page tests drive it headless)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def page_cfg(tmp: Path, tiny_llama: Path, *extra: str) -> Any:
+    f = tmp / "serve.yaml"
+    f.write_text(f"model:\n  path: {tiny_llama}\n"
+                 "generation:\n  max_new_tokens: 24\n"
+                 "serve:\n  max_tokens_limit: 900\n  deployments:\n"
+                 "    - {name: base}\n"
+                 "    - {name: base+rag, index: docs}\n")
+    return load_config(f, list(extra))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, loaded_gen: Any) -> Iterator[Server]:
+    cfg = page_cfg(tmp_path_factory.mktemp("page"), tiny_llama)
+    app = create_app(cfg, generator=loaded_gen, retrievers={"docs": FakeRetriever([HTML_HIT])})
+    s = Server(app, free_port()).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def page(browser: Any, server: Server) -> Iterator[Any]:
+    pg = browser.new_page(viewport={"width": 900, "height": 700})
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(server.url)
+    pg.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    yield pg
+    pg.close()
+    assert not errors, errors
+
+
+def send(pg: Any, text: str) -> None:
+    pg.fill("#q", text)
+    pg.press("#q", "Enter")
+
+
+def idle(pg: Any) -> None:
+    """Wait until no answer is in flight (the Send button is back)."""
+    pg.wait_for_selector("#send:not([disabled]):not([hidden])", timeout=30000)
+
+
+def test_server_gone_keeps_the_question_and_retry_answers_once_it_is_back(page: Any, server: Server) -> None:
+    """The page used to say 'error: Failed to fetch', drop the question from the box and offer nothing; now it says
+    the server cannot be reached, puts the question back, and Retry asks again once the server is back."""
+    send(page, "first question")
+    idle(page)
+    server.stop()
+    try:
+        send(page, "what about Tuesdays?")
+        idle(page)
+        err = page.inner_text(".turn.error")
+        assert "cannot reach the server" in err, err
+        assert page.input_value("#q") == "what about Tuesdays?"
+    finally:
+        server.start()
+    page.fill("#q", "")
+    page.click(".turn.error button.retry")
+    idle(page)
+    assert page.locator(".turn.error").count() == 0
+    users = page.locator(".turn.user").all_inner_texts()
+    assert users == ["first question", "what about Tuesdays?"]
+    assert page.evaluate("history.map(m => m.role)") == ["user", "assistant", "user", "assistant"]

@@ -125,3 +125,43 @@ def test_server_gone_keeps_the_question_and_retry_answers_once_it_is_back(page: 
     users = page.locator(".turn.user").all_inner_texts()
     assert users == ["first question", "what about Tuesdays?"]
     assert page.evaluate("history.map(m => m.role)") == ["user", "assistant", "user", "assistant"]
+
+
+def slow_network(pg: Any, bytes_per_s: int = 1500) -> None:
+    """Chromium's own throttling (DevTools): the tiny model's answer arrives over seconds, as on a slow link."""
+    cdp = pg.context.new_cdp_session(pg)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": bytes_per_s,
+                                                  "uploadThroughput": -1})
+
+
+def answering(pg: Any) -> None:
+    """Wait until part of the answer is on the page."""
+    pg.wait_for_function("(document.querySelector('.turn.assistant span') || {}).textContent")
+
+
+def test_stop_keeps_the_partial_answer_and_enter_waits_while_answering(page: Any) -> None:
+    """There was no way to stop an answer, and Enter during one sent a second request into the same
+    conversation; now Stop (or Esc) ends it keeping what came, and Enter does nothing until it ends."""
+    slow_network(page)
+    send(page, "tell me everything")
+    answering(page)
+    page.fill("#q", "next question")
+    page.press("#q", "Enter")
+    assert page.locator(".turn").count() == 2 and page.input_value("#q") == "next question"
+    page.click("#stop")
+    idle(page)
+    partial = page.inner_text(".turn.assistant span")
+    assert partial and "stopped" in page.inner_text(".turn.assistant .meta")
+    assert page.evaluate("history") == [{"role": "user", "content": "tell me everything"},
+                                        {"role": "assistant", "content": partial}]
+
+
+def test_new_chat_during_an_answer_ends_it_and_keeps_it_out_of_the_new_chat(page: Any) -> None:
+    slow_network(page)
+    send(page, "tell me everything")
+    answering(page)
+    page.click("#reset")
+    idle(page)
+    page.wait_for_timeout(500)
+    assert page.inner_text("#log") == "" and page.evaluate("history") == []

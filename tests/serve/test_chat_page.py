@@ -165,3 +165,19 @@ def test_new_chat_during_an_answer_ends_it_and_keeps_it_out_of_the_new_chat(page
     idle(page)
     page.wait_for_timeout(500)
     assert page.inner_text("#log") == "" and page.evaluate("history") == []
+
+
+def test_enter_that_ends_a_korean_composition_does_not_send(page: Any) -> None:
+    """With a Korean (or any) input method, the Enter that commits the syllable being composed sent the
+    half-typed question; now it only commits, and the next Enter sends the whole text."""
+    page.fill("#q", "재택근무는 며칠")
+    page.focus("#q")
+    page.keyboard.press("End")
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Input.imeSetComposition", {"text": "까", "selectionStart": 1, "selectionEnd": 1})
+    page.keyboard.press("Enter")
+    assert page.locator(".turn").count() == 0
+    cdp.send("Input.insertText", {"text": "까"})  # the input method commits the syllable
+    page.keyboard.press("Enter")
+    idle(page)
+    assert [t.strip() for t in page.locator(".turn.user").all_inner_texts()] == ["재택근무는 며칠까"]

@@ -271,8 +271,18 @@ def update_lexical_stats(store: Store, stemmer: str, weighed_with: float | None 
 
 
 def read_docs(path: Path, refs: list[DocRef]) -> list[tuple[DocRef, Document]]:
-    """The documents of one planned file (its JSONL lines were parsed while planning); raises Skip."""
+    """The documents of one planned file (its JSONL lines were parsed while planning); raises Skip, also
+    for a file whose bytes are no longer those the plan hashed: written, its new text would be stored
+    under the old version's identity, which a later sync would take for unchanged."""
+    import hashlib
+
     if all(r.document is not None for r in refs):  # JSONL lines, parsed while planning
         return [(r, r.document) for r in refs]  # type: ignore[misc]
-    docs = load_file(path, refs[0].source)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise Skip(f"cannot read: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != refs[0].doc_hash:
+        raise Skip("changed while it was being indexed: not written; run the command again to index it")
+    docs = load_file(path, refs[0].source, data)
     return [(refs[0], docs[0])]

@@ -507,3 +507,38 @@ def test_a_file_whose_name_has_a_control_character_is_skipped_and_shown_escaped(
     assert set(sources(snapshot())) == {"ok.txt"}
     assert main(["-q", "index", "add", str(root / "new\nline.txt"), *args, "--json"]) == 2  # nothing else to add
     assert "new\\x0aline.txt" in capsys.readouterr().err
+
+
+def test_a_file_changed_while_it_is_indexed_is_skipped_not_stored_under_its_old_identity(
+        cfg: Config, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A file saved again between the plan (which hashes its bytes) and its write: before, its new text
+    was stored under the old bytes' identity, so once the file was back to those bytes a sync kept the
+    other text for good. Now it is skipped, said, and the next run indexes what the file holds."""
+    from ragtune.retrieval import ingest as ing
+    from ragtune.retrieval.store import EdgeStore
+
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "a.txt").write_text("The parking garage closes at midnight.", encoding="utf-8")
+    (root / "b.txt").write_text("Lunch is served at noon in the canteen.", encoding="utf-8")
+    real_plan = ing.plan_ingest
+
+    def plan_then_edit(*a, **kw):  # an editor saves a.txt while the run is under way
+        plan = real_plan(*a, **kw)
+        (root / "a.txt").write_text("The parking garage closes at ten.", encoding="utf-8")
+        return plan
+
+    monkeypatch.setattr(ing, "plan_ingest", plan_then_edit)
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--no-progress", "--json"]
+    assert main(["-q", "index", "sync", str(root), *args]) == 3
+    out = json.loads(capsys.readouterr().out)
+    assert out["added"] == ["b.txt"]
+    assert out["skipped"] == [{"path": "a.txt", "reason": "changed while it was being indexed: not written; "
+                                                           "run the command again to index it"}]
+    monkeypatch.setattr(ing, "plan_ingest", real_plan)
+    (root / "a.txt").write_text("The parking garage closes at midnight.", encoding="utf-8")  # saved back
+    assert main(["-q", "index", "sync", str(root), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["added"] == ["a.txt"]
+    with EdgeStore("default").open() as s:
+        texts = {p["source"]: p["text"] for _pid, p, _ in s.scroll({"kind": "chunk"}, ["source", "text"], False)}
+    assert texts["a.txt"] == "The parking garage closes at midnight."

@@ -181,3 +181,39 @@ def test_enter_that_ends_a_korean_composition_does_not_send(page: Any) -> None:
     page.keyboard.press("Enter")
     idle(page)
     assert [t.strip() for t in page.locator(".turn.user").all_inner_texts()] == ["재택근무는 며칠까"]
+
+
+@pytest.fixture
+def keyed_page(browser: Any, tmp_path: Path, tiny_llama: Path, loaded_gen: Any) -> Iterator[Any]:
+    s = Server(create_app(page_cfg(tmp_path, tiny_llama, "serve.api_key=sekret"), generator=loaded_gen,
+                            retrievers={"docs": FakeRetriever()}), free_port())
+    s.start()
+    pg = browser.new_page()
+    try:
+        pg.goto(s.url)
+        yield pg
+    finally:
+        pg.close()
+        s.stop()
+
+
+def test_a_server_with_an_api_key_asks_for_it_in_the_page(keyed_page: Any) -> None:
+    """It said 'models: missing API key: send 'Authorization: Bearer <key>' ...', header talk a page user cannot
+    act on; now it points at the API key box (outlined), says when the key is wrong, and works once it is typed."""
+    pg = keyed_page
+    pg.wait_for_function("document.getElementById('status').textContent")
+    assert "type it in the API key box" in pg.inner_text("#status")
+    assert "wanted" in pg.get_attribute("#key", "class")
+    pg.fill("#key", "wrong")
+    pg.press("#key", "Enter")
+    pg.wait_for_function("document.getElementById('status').textContent.includes('did not accept')")
+    send(pg, "hello")
+    idle(pg)
+    assert "did not accept this API key" in pg.inner_text(".turn.error")
+    pg.fill("#key", "sekret")
+    pg.press("#key", "Tab")
+    pg.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    assert pg.inner_text("#status") == "" and "wanted" not in (pg.get_attribute("#key", "class") or "")
+    pg.click(".turn.error button.retry")
+    idle(pg)
+    assert pg.locator(".turn.error").count() == 0 and pg.locator(".turn.assistant .meta").count() == 1

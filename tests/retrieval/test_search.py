@@ -288,3 +288,13 @@ def test_search_over_documents_an_interrupted_add_left_incomplete_warns_once_nam
         with Retriever(cfg) as r:
             assert r.search("topic")
     assert "incomplete" not in caplog.text
+
+
+def test_cli_metadata_filter_written_as_the_help_says(cfg: Config, docs: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--filter=meta.dept=finance`, the form `search --help` gives for a metadata filter, filters on JSONL
+    metadata (a bare `meta.dept=finance` word is a config override to the command line)."""
+    ingest(cfg, [str(docs)], progress=False)
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--json"]
+    assert main(["-q", "search", "expense reports", "--filter=meta.dept=finance", *args]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["source"] for h in hits] == ["faq.jsonl#expenses"]

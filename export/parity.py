@@ -41,8 +41,11 @@ class ChatRenderer:
     eos: list[str]
 
     def __call__(self, messages: list[dict[str, str]], gen: bool) -> str:
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen,
-                                                  chat_template=self.template)
+        from ragtune.chat_roles import fit_roles
+
+        template = self.template or getattr(self.tokenizer, "chat_template", None)
+        return self.tokenizer.apply_chat_template(fit_roles(messages, template), tokenize=False,
+                                                  add_generation_prompt=gen, chat_template=self.template)
 
     def ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -59,8 +59,12 @@ def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_pr
             "this model has no chat template; use an instruct/chat model or train one with a template "
             "(the run card of an adapter carries the template it was trained with)"
         )
+    from ragtune.chat_roles import fit_roles
+
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    msgs = fit_roles(messages, template if isinstance(template, str) else None)  # Gemma: no system turn
     return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+        msgs, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
     )
 
 

@@ -30,9 +30,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ragtune.chat_roles import fit_roles, template_environment
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: system turns folded for templates without a system role (checks of 1 are redone)
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 CHECK_CONVERSATIONS: tuple[tuple[dict[str, str], ...], ...] = (
     ({"role": "user", "content": "What is the capital of France?"},),
@@ -60,69 +62,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _environment() -> Any:
-    """transformers' chat-template environment (utils/chat_template_utils.py), rebuilt with jinja2 alone."""
-    from datetime import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` (assistant-only-loss markers): renders its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller: Any) -> str:
-            return caller()
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    class TemplateDict:
-        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - jinja's signature trick
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name: str, value: Any) -> None:
-            TemplateNamespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name: Any) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
-                       namespace=TemplateNamespace)
-    return env
 
 
 class LightTokenizer:
@@ -180,9 +119,9 @@ class LightTokenizer:
             raise ValueError("this model has no chat template")
         if template not in self._compiled:
             if self._env is None:
-                self._env = _environment()
+                self._env = template_environment()
             self._compiled[template] = self._env.from_string(template)
-        chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]
+        chat = [{k: v for k, v in dict(m).items() if v is not None} for m in fit_roles(messages, template)]
         return self._compiled[template].render(messages=chat, tools=tools, documents=None,
                                                add_generation_prompt=add_generation_prompt,
                                                **self.special_tokens_map)
@@ -256,7 +195,8 @@ def check(hf_tokenizer: Any, model_dir: str | Path) -> dict[str, Any]:
             problems.append(name)
     for n, conv in enumerate(CHECK_CONVERSATIONS):
         try:
-            want = hf_tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
+            want = hf_tokenizer.apply_chat_template(fit_roles(conv, light.chat_template), tokenize=False,
+                                                    add_generation_prompt=True)
         except Exception:  # noqa: BLE001 - a template that refuses this conversation must refuse both ways
             want = None
         try:

@@ -200,8 +200,10 @@ def render_with_tools(tokenizer: Any, messages: Sequence[dict[str, Any]], plan: 
         for m in msgs:
             if m.get("role") == "assistant" and m.get("tool_calls") and m.get("content") is None:
                 m["content"] = ""
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template,
-                                             tools=tools), "template"
+        from ragtune.chat_roles import fit_roles
+
+        return tokenizer.apply_chat_template(fit_roles(msgs, tpl), tokenize=False, add_generation_prompt=True,
+                                             chat_template=template, tools=tools), "template"
     from ragtune.chat import render
 
     return render(tokenizer, generic_messages(msgs, plan if tools else None), chat_template=template), "generic"

@@ -165,7 +165,9 @@ def choose_pad_token(tokenizer: Any, template: str) -> str:
 def template_text_sample(tokenizer: Any, template: str) -> str:
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     try:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template)
+        from ragtune.chat_roles import fit_roles
+
+        return tokenizer.apply_chat_template(fit_roles(msgs, template), tokenize=False, chat_template=template)
     except Exception:  # noqa: BLE001 - only a heuristic
         return ""
 

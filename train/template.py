@@ -49,7 +49,9 @@ def template_of(tokenizer: Any, override: str | None = None) -> str:
 def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str, gen: bool) -> str:
     from jinja2 import TemplateError
 
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    from ragtune.chat_roles import fit_roles
+
+    msgs = fit_roles([{"role": m["role"], "content": m["content"]} for m in messages], template)
     try:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, chat_template=template)
     except (TemplateError, TypeError, ValueError, IndexError, KeyError) as exc:

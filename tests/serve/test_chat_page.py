@@ -217,3 +217,11 @@ def test_a_server_with_an_api_key_asks_for_it_in_the_page(keyed_page: Any) -> No
     pg.click(".turn.error button.retry")
     idle(pg)
     assert pg.locator(".turn.error").count() == 0 and pg.locator(".turn.assistant .meta").count() == 1
+
+
+def test_an_answer_cut_by_the_token_limit_says_so(page: Any) -> None:
+    """An answer that ran into max_new_tokens (24 here) ended mid-sentence with nothing to tell it from a whole one."""
+    send(page, "hello")
+    idle(page)
+    meta = page.inner_text(".turn.assistant .meta")
+    assert "24 answer tokens" in meta and "cut off" in meta and "max_new_tokens" in meta, meta

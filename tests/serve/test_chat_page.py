@@ -225,3 +225,20 @@ def test_an_answer_cut_by_the_token_limit_says_so(page: Any) -> None:
     idle(page)
     meta = page.inner_text(".turn.assistant .meta")
     assert "24 answer tokens" in meta and "cut off" in meta and "max_new_tokens" in meta, meta
+
+
+def test_a_conversation_past_the_context_says_start_a_new_chat_and_one_does(page: Any) -> None:
+    """A conversation that outgrew the context got the server's 'shorten the conversation', which a page user
+    cannot do; now it says 'new chat' starts a new one, the long text goes back into the box, and new chat works."""
+    send(page, "hello")
+    idle(page)
+    long = "word " * 3000
+    send(page, long)
+    idle(page)
+    err = page.inner_text(".turn.error")
+    assert "context" in err and "'new chat' starts a new conversation" in err, err
+    assert page.input_value("#q") == long.strip()
+    page.click("#reset")
+    send(page, "hello again")
+    idle(page)
+    assert page.evaluate("history.map(m => m.role)") == ["user", "assistant"]

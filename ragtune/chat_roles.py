@@ -85,20 +85,26 @@ def template_environment() -> Any:
 
 @lru_cache(maxsize=32)
 def takes_system(template: str | None) -> bool:
-    """Whether `template` renders a system turn's text: False where it raises (Gemma) or drops it."""
+    """Whether `template` renders a system turn's text, both as a prompt and in a trained conversation: False
+    where it raises (Gemma) or drops it (Mistral v0.3's writes it into the last message only when that is
+    the user's, so a training record, which ends with the answer, would lose it)."""
     if not template:
         return True  # no template: nothing renders, and the caller says so
     import jinja2
 
+    compiled = template_environment().from_string(template)
+    system, user = {"role": "system", "content": _PROBE}, {"role": "user", "content": "u"}
     try:
-        text = template_environment().from_string(template).render(
-            messages=[{"role": "system", "content": _PROBE}, {"role": "user", "content": "u"}],
-            add_generation_prompt=True, bos_token="", eos_token="", tools=None, documents=None)
+        for msgs, gen in (([system, user], True), ([system, user, {"role": "assistant", "content": "a"}], False)):
+            text = compiled.render(messages=msgs, add_generation_prompt=gen, bos_token="", eos_token="", tools=None,
+                                   documents=None)
+            if _PROBE not in text:
+                return False
     except jinja2.exceptions.TemplateError:
         return False
     except Exception:  # noqa: BLE001 - a template that fails for other reasons fails where it is rendered for real
         return True
-    return _PROBE in text
+    return True
 
 
 def fit_roles(messages: Sequence[dict[str, Any]], template: str | None) -> list[dict[str, Any]]:

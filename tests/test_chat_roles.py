@@ -19,6 +19,15 @@ GEMMA2_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
 DROPS_SYSTEM = "{% for m in messages %}{% if m['role'] != 'system' %}[{{ m['role'] }}] {{ m['content'] }}\n{% endif %}{% endfor %}"
+# Mistral v0.3's: the system text goes into the last message only if that is the user's (a prompt, not a record)
+MISTRAL_V03 = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}{{- bos_token }}"
+    "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token}}{%- endif %}{%- endfor %}"
+)
 
 
 def test_fit_roles_folds_the_system_turn_only_where_the_template_takes_none(tiny_llama: Path) -> None:
@@ -28,7 +37,7 @@ def test_fit_roles_folds_the_system_turn_only_where_the_template_takes_none(tiny
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And?"}]
     assert takes_system(own) and fit_roles(msgs, own) == msgs
-    for template in (GEMMA2_TEMPLATE, DROPS_SYSTEM):  # refused with an exception; dropped without a word
+    for template in (GEMMA2_TEMPLATE, DROPS_SYSTEM, MISTRAL_V03):  # refused; dropped; dropped from records
         assert not takes_system(template)
         assert fit_roles(msgs, template) == [{"role": "user", "content": "Be brief.\n\nHi?"}, *msgs[2:]]
     assert fit_roles([{"role": "system", "content": "S"}], GEMMA2_TEMPLATE) == [{"role": "user", "content": "S"}]

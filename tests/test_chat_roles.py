@@ -9,15 +9,8 @@ from pathlib import Path
 from ragtune.chat import rag_messages, render
 from ragtune.chat_roles import fit_roles, takes_system
 from ragtune.cli import main
+from tests.tinymodels import GEMMA2_TEMPLATE
 
-# Gemma 2's own template: no system role, the assistant is "model", turns end with <end_of_turn>
-GEMMA2_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
-)
 DROPS_SYSTEM = "{% for m in messages %}{% if m['role'] != 'system' %}[{{ m['role'] }}] {{ m['content'] }}\n{% endif %}{% endfor %}"
 # Mistral v0.3's: the system text goes into the last message only if that is the user's (a prompt, not a record)
 MISTRAL_V03 = (

@@ -8,15 +8,7 @@ import pytest
 
 from ragtune.cli import main
 from tests.export.conftest import NEEDS_LLAMA_CPP, make_adapter
-
-# Gemma 2's own template: <bos>, no system role, the assistant is "model", turns end with <end_of_turn>
-GEMMA2_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
-    "{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
-)
+from tests.tinymodels import GEMMA2_TEMPLATE
 
 
 @NEEDS_LLAMA_CPP

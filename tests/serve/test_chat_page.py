@@ -242,3 +242,18 @@ def test_a_conversation_past_the_context_says_start_a_new_chat_and_one_does(page
     send(page, "hello again")
     idle(page)
     assert page.evaluate("history.map(m => m.role)") == ["user", "assistant"]
+
+
+def test_a_long_unbroken_line_does_not_widen_the_page_on_a_phone(browser: Any, server: Server) -> None:
+    """A long URL in a question, answer or source made the page ~2000 px wide on a 375 px phone: everything
+    shrank to fit or needed sideways scrolling; now such a line breaks inside its turn."""
+    pg = browser.new_page(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    try:
+        pg.goto(server.url)
+        pg.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        pg.select_option("#model", "base+rag")
+        send(pg, "see https://example.com/" + "averyverylongpathsegment" * 10)
+        idle(pg)
+        assert pg.evaluate("document.documentElement.scrollWidth") <= 375
+    finally:
+        pg.close()

@@ -177,9 +177,13 @@ def add_info_routes(app: Any, runtime: Runtime, key: str) -> None:
         return {"status": "ok", "version": __version__, "deployments": list(runtime.deployments),
                 "queued": runtime.pending, "auth": bool(key)}
 
+    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    page_headers = {"Content-Security-Policy": page_policy(html), "X-Content-Type-Options": "nosniff",
+                    "Referrer-Policy": "no-referrer"}
+
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page() -> Any:
-        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(html, headers=page_headers)
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])  # HEAD as GET, as /health: probes and SDK checks
     async def models() -> Any:
@@ -191,6 +195,20 @@ def add_info_routes(app: Any, runtime: Runtime, key: str) -> None:
         if d is None:
             raise unknown_model(name, runtime)
         return {**model_card(d, created), "id": name}
+
+
+def page_policy(html: str) -> str:
+    """The chat page's Content-Security-Policy: its own inline script (by hash) and nothing else runs, so text
+    from a model or a document that ever reached the page as markup could not run script; it calls only
+    this server and cannot be framed by another site (clickjacking with the stored API key)."""
+    import base64
+    import hashlib
+    import re
+
+    hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(m.encode()).digest()).decode() + "'"
+                      for m in re.findall(r"<script>(.*?)</script>", html, flags=re.S))
+    return (f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def model_card(d: Deployment, created: int) -> dict[str, Any]:

@@ -88,10 +88,19 @@ def page(browser: Any, server: Server) -> Iterator[Any]:
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.goto(server.url)
-    pg.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    until(pg, "document.querySelectorAll('#model option').length > 0")
     yield pg
     pg.close()
     assert not errors, errors
+
+
+def until(pg: Any, js: str, timeout: float = 30) -> None:
+    """Wait until `js` is truthy in the page (Playwright's wait_for_function evaluates strings, which the
+    page's Content-Security-Policy forbids)."""
+    deadline = time.time() + timeout
+    while not pg.evaluate(js):
+        assert time.time() < deadline, f"timed out waiting for {js}"
+        time.sleep(0.05)
 
 
 def send(pg: Any, text: str) -> None:
@@ -137,7 +146,7 @@ def slow_network(pg: Any, bytes_per_s: int = 1500) -> None:
 
 def answering(pg: Any) -> None:
     """Wait until part of the answer is on the page."""
-    pg.wait_for_function("(document.querySelector('.turn.assistant span') || {}).textContent")
+    until(pg, "(document.querySelector('.turn.assistant span') || {}).textContent")
 
 
 def test_stop_keeps_the_partial_answer_and_enter_waits_while_answering(page: Any) -> None:
@@ -201,18 +210,18 @@ def test_a_server_with_an_api_key_asks_for_it_in_the_page(keyed_page: Any) -> No
     """It said 'models: missing API key: send 'Authorization: Bearer <key>' ...', header talk a page user cannot
     act on; now it points at the API key box (outlined), says when the key is wrong, and works once it is typed."""
     pg = keyed_page
-    pg.wait_for_function("document.getElementById('status').textContent")
+    until(pg, "document.getElementById('status').textContent")
     assert "type it in the API key box" in pg.inner_text("#status")
     assert "wanted" in pg.get_attribute("#key", "class")
     pg.fill("#key", "wrong")
     pg.press("#key", "Enter")
-    pg.wait_for_function("document.getElementById('status').textContent.includes('did not accept')")
+    until(pg, "document.getElementById('status').textContent.includes('did not accept')")
     send(pg, "hello")
     idle(pg)
     assert "did not accept this API key" in pg.inner_text(".turn.error")
     pg.fill("#key", "sekret")
     pg.press("#key", "Tab")
-    pg.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    until(pg, "document.querySelectorAll('#model option').length > 0")
     assert pg.inner_text("#status") == "" and "wanted" not in (pg.get_attribute("#key", "class") or "")
     pg.click(".turn.error button.retry")
     idle(pg)
@@ -250,10 +259,25 @@ def test_a_long_unbroken_line_does_not_widen_the_page_on_a_phone(browser: Any, s
     pg = browser.new_page(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
     try:
         pg.goto(server.url)
-        pg.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        until(pg, "document.querySelectorAll('#model option').length > 0")
         pg.select_option("#model", "base+rag")
         send(pg, "see https://example.com/" + "averyverylongpathsegment" * 10)
         idle(pg)
         assert pg.evaluate("document.documentElement.scrollWidth") <= 375
     finally:
         pg.close()
+
+
+def test_markup_from_documents_never_runs_and_the_page_forbids_inline_handlers(page: Any) -> None:
+    """Sources and questions carrying <img onerror>/<script> are shown as text; and the page is served with a
+    Content-Security-Policy allowing only its own script, so markup that ever reached the DOM would not run
+    (before: no policy, an injected onerror handler ran)."""
+    page.select_option("#model", "base+rag")
+    send(page, "<img src=z onerror=\"document.title='pwned0'\"> remote work?")
+    idle(page)
+    assert page.locator(".turn img, .turn script, .turn b").count() == 0
+    assert "<script>document.title='pwned2'</script>" in page.inner_text(".sources")
+    page.evaluate("document.body.insertAdjacentHTML('beforeend', '<img src=x onerror=\"document.title=1\">')")
+    page.wait_for_timeout(300)
+    assert page.title() == "ragtune chat"
+    assert page.evaluate("history.length") == 2  # the page's own script still runs under the policy

@@ -3,9 +3,11 @@
     ragtune chat --adapter runs/adapter --index default
 
 Commands: /sources (the last answer's sources), /rag on|off, /reset (forget the conversation),
-/help, /exit (or Ctrl-D); case does not matter, and "//" at the start asks a question that begins
-with "/". Ctrl-C stops an answer, before or after its first token. With retrieval on, each question
-searches with the recent user turns (so follow-ups keep their topic) and the answer cites [n].
+/help, /exit (or /bye, or Ctrl-D); case does not matter, and "//" at the start asks a question that
+begins with "/". A message of several lines (a pasted paragraph) goes between \"\"\" and \"\"\", as in
+Ollama: line by line, each line would be a question of its own. Ctrl-C stops an answer, before or
+after its first token. With retrieval on, each question searches with the recent user turns (so
+follow-ups keep their topic) and the answer cites [n].
 Bytes that are not UTF-8 (a Latin-1 terminal) are replaced by U+FFFD, never passed on as surrogates.
 """
 
@@ -18,7 +20,7 @@ from typing import Any, Callable, TextIO
 from ragtune.errors import PromptTooLong, RagtuneError
 from ragtune.serve.answer import source_label
 
-HELP = "commands: /sources  /rag on|off  /reset  /help  /exit"
+HELP = 'commands: /sources  /rag on|off  /reset  /help  /exit;  """ starts and ends a message of several lines'
 
 
 class ChatSession:
@@ -54,7 +56,7 @@ class ChatSession:
         """Handle a /command; False means exit."""
         cmd, _, arg = line.partition(" ")
         cmd, arg = cmd.lower(), arg.strip().lower()
-        if cmd in ("/exit", "/quit"):
+        if cmd in ("/exit", "/quit", "/bye"):
             return False
         if cmd in ("/reset", "/sources", "/help") and arg:
             self.say(f"({cmd} takes nothing after it; {HELP})")
@@ -136,15 +138,16 @@ class ChatSession:
                 self.err.write(f"system prompt (the adapter was trained with it; --system replaces it): {trained}\n")
         while True:
             try:
-                line = input("you> ") if interactive else inp.readline()
-            except EOFError:  # Ctrl-D
-                self.out.write("\n")
+                line = read_line(inp, interactive, "you> ")
+                if line.lstrip().startswith(MULTILINE):
+                    line = read_block(line.lstrip()[len(MULTILINE):], inp, interactive)
+            except EOFError:  # Ctrl-D, or the end of piped input
+                if interactive:
+                    self.out.write("\n")
                 return 0
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # at the prompt (or inside a multi-line block, which it drops)
                 self.out.write("\n")
                 continue
-            if not interactive and line == "":  # end of piped input
-                return 0
             line = well_formed(line.strip())
             if not line:
                 continue
@@ -155,6 +158,32 @@ class ChatSession:
                     return 0
                 continue
             self.ask(line)
+
+
+MULTILINE = '"""'
+
+
+def read_line(inp: TextIO, interactive: bool, prompt: str) -> str:
+    """One line without its newline; EOFError at Ctrl-D or the end of piped input."""
+    if interactive:
+        return input(prompt)
+    line = inp.readline()
+    if line == "":
+        raise EOFError
+    return line.rstrip("\r\n")
+
+
+def read_block(first: str, inp: TextIO, interactive: bool) -> str:
+    """The lines of a \"\"\" block up to the line that ends with \"\"\" (the end of input ends it too)."""
+    lines, line = [], first
+    while not line.rstrip().endswith(MULTILINE):
+        lines.append(line)
+        try:
+            line = read_line(inp, interactive, "... ")
+        except EOFError:
+            return "\n".join(lines)
+    lines.append(line.rstrip()[:-len(MULTILINE)])
+    return "\n".join(lines)
 
 
 def well_formed(text: str) -> str:

@@ -59,7 +59,9 @@ def register(sub: Any, ask_only: bool = False) -> None:
 
     p = sub.add_parser(
         "chat", help="interactive multi-turn chat",
-        description="Interactive chat with streamed tokens. Commands: /sources, /rag on|off, /reset, /exit.",
+        description="Interactive chat with streamed tokens. Commands: /sources, /rag on|off, /reset, /help, "
+                    "/exit (or /bye, Ctrl-D); a message of several lines goes between \"\"\" lines. Ctrl-C "
+                    "stops an answer.",
     )
     _answer_flags(p)
     p.add_argument("--model", metavar="NAME", default="",

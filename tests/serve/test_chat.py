@@ -76,3 +76,14 @@ def test_chat_takes_any_bytes_and_says_what_a_command_takes(loaded_gen: Any) -> 
     assert QA[0][1] in text.splitlines() and s.history[-2]["content"] == QA[0][0]
     assert "/etc/hosts is what?" in [m["content"] for m in s.history]
     assert all(m["content"].encode("utf-8") for m in s.history)  # every turn is valid Unicode
+
+
+def test_chat_takes_a_pasted_paragraph_between_triple_quotes_and_bye_exits(loaded_gen: Any) -> None:
+    """A pasted paragraph was asked line by line, one question (and one answer) per line; between \"\"\" lines it
+    is one message, as in Ollama. /bye (Ollama's exit) was an unknown command."""
+    out, err = io.StringIO(), io.StringIO()
+    s = ChatSession(loaded_gen, adapter="policies", out=out, err=err)
+    s.loop(io.StringIO('"""Summarise this:\nline two\n\nline four"""\n"""\nalone\n"""\n/bye\nnever asked\n'))
+    assert [m["content"] for m in s.history if m["role"] == "user"] == ["Summarise this:\nline two\n\nline four",
+                                                                       "alone"]
+    assert not err.getvalue() and "never asked" not in [m["content"] for m in s.history]

@@ -119,6 +119,8 @@ class ChatSession:
         ans = stream.answer
         self.last_answer = ans
         self.last_sources = ans.sources
+        if ans.finish_reason == "length":
+            self.say(f"(cut off at {ans.completion_tokens} tokens; --max-new-tokens N allows longer answers)")
         if ans.sources:
             self.say("sources: " + "  ".join(f"[{s['n']}] {s.get('title') or s.get('source')}" for s in ans.sources))
         self.history.append({"role": "assistant", "content": ans.text})

@@ -157,6 +157,9 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
         sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     else:
         sys.stdout.write(str(out["answer"]).strip() + "\n")
+        if out.get("finish_reason") == "length":  # plain output alone cannot tell a cut answer from a whole one
+            sys.stderr.write(f"note: the answer was cut off at {out.get('completion_tokens')} tokens; "
+                             "--max-new-tokens N allows a longer one\n")
     return 0
 
 

@@ -94,3 +94,12 @@ def test_ask_text_that_is_not_unicode_exits_2_before_loading(tiny_llama: Path, a
     rc = main([*argv, "--no-rag", f"model.path={tiny_llama}"])
     out, err = capsys.readouterr()
     assert rc == 2 and out == "" and message in err and "Traceback" not in err, err
+
+
+def test_ask_says_on_stderr_when_the_answer_was_cut_off(tiny_llama: Path, capsys) -> None:
+    """Plain output of an answer cut by --max-new-tokens looked like a whole answer; now stderr says so (stdout
+    stays the answer alone)."""
+    rc = main(["-q", "ask", "hello", f"model.path={tiny_llama}", "--no-rag", "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "cut off at 3 tokens; --max-new-tokens N allows" in err, err
+    assert "cut off" not in out

@@ -87,3 +87,11 @@ def test_chat_takes_a_pasted_paragraph_between_triple_quotes_and_bye_exits(loade
     assert [m["content"] for m in s.history if m["role"] == "user"] == ["Summarise this:\nline two\n\nline four",
                                                                        "alone"]
     assert not err.getvalue() and "never asked" not in [m["content"] for m in s.history]
+
+
+def test_chat_says_when_an_answer_was_cut_off(loaded_gen: Any) -> None:
+    out = io.StringIO()
+    s = ChatSession(loaded_gen, out=out, err=io.StringIO())
+    s.loop(io.StringIO("hello\n"))
+    assert s.last_answer.finish_reason == "length"
+    assert f"(cut off at {s.last_answer.completion_tokens} tokens; --max-new-tokens N" in out.getvalue()

@@ -54,9 +54,13 @@ class Server:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the page tests drive Chromium)")
+    try:  # the test extra installs playwright and scripts/test.sh the Debian chromium: missing is a failure
+        from playwright import sync_api
+    except ImportError:
+        pytest.fail("playwright is missing: pip install -e '.[test]' (./scripts/setup.sh does it)")
     if CHROMIUM is None:
-        pytest.skip("no chromium: apt-get install chromium (the page tests drive it headless)")
+        pytest.fail("no chromium: apt-get install chromium (./scripts/test.sh does it where it can); "
+                    "the page tests drive it headless")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b

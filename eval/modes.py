@@ -144,6 +144,8 @@ def training_recipe(card: Mapping[str, Any]) -> str:
         parts.append("target cites [n]" if rag["cite"] else "no [n] in the target")
     if rag.get("order") == "shuffled":
         parts.append("sources in shuffled order")
+    if rag.get("question_first"):
+        parts.append("question above the sources")
     if rag.get("prompt_format") is not None:
         parts.append(f"prompt format {rag['prompt_format']}")
     return "trained with retrieval (sources in its prompts" + (": " + ", ".join(parts) if parts else "") + ")"

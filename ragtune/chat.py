@@ -39,10 +39,15 @@ def rag_messages(
     messages: Sequence[dict[str, str]],
     sources: Sequence[dict[str, Any]],
     system_prompt: str = "",
+    question_first: bool = False,
 ) -> list[dict[str, str]]:
-    """Prepend an instruction + numbered sources as the system turn (merged with any given one)."""
+    """Prepend an instruction + numbered sources as the system turn (merged with any given one); with
+    `question_first` (rag.question_first) the last user turn is also written above the sources."""
     msgs = [dict(m) for m in messages]
     instruction = system_prompt or DEFAULT_RAG_SYSTEM
+    users = [m.get("content") for m in msgs if m.get("role") == "user"]
+    if question_first and users and isinstance(users[-1], str):
+        instruction += f"\n\nQuestion: {users[-1]}"
     context = f"{instruction}\n\nSources:\n{format_sources(sources)}"
     if msgs and msgs[0].get("role") == "system":
         msgs[0]["content"] = f"{msgs[0]['content']}\n\n{context}"

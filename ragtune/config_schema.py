@@ -194,6 +194,10 @@ class RagConfig:
     min_score: float = 0.0
     not_found_message: str = "I could not find this in the documents."
     system_prompt: str = ""  # "" = ragtune's default instruction to answer from sources and cite [n]
+    # the question also written above the sources ("Question: ..."), so a small model reads them knowing what
+    # it looks for (docs/serving.md: better answers from readers not trained on sources; questions no longer
+    # share the sources as a prompt prefix). Training with data.rag records it; serving warns on a mismatch.
+    question_first: bool = False
 
 
 @dataclass(frozen=True)

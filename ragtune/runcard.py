@@ -80,7 +80,8 @@ def describe_recipe(card: dict[str, Any]) -> str:
         withheld += " (answered with the not-found message)"
     return (f"trained on retrieved sources: index '{rag.get('index')}', {rag.get('distractors', 0)} distractor(s) beside "
             f"the gold source (top_k {rag.get('top_k')}){withheld}{', cites [n]' if rag.get('cite') else ''}"
-            f"{', sources shuffled' if rag.get('order') == 'shuffled' else ''}, "
+            f"{', sources shuffled' if rag.get('order') == 'shuffled' else ''}"
+            f"{', question above the sources' if rag.get('question_first') else ''}, "
             f"prompt format {rag.get('prompt_format')}")
 
 

@@ -72,11 +72,24 @@ from ragtune.serve.stops import cut_at_stop, held_back
 from ragtune.serve.streaming import AnswerStream
 
 __all__ = ["Answer", "AnswerStream", "EngineUnavailable", "Generator", "check_engine", "cut_at_stop", "held_back",
-           "warn_rag_trained_without_index"]
+           "warn_rag_layout_differs", "warn_rag_trained_without_index"]
 
 log = logging.getLogger(__name__)
 
-_RAG_WARNED: set[str] = set()
+_RAG_WARNED: set[Any] = set()
+
+
+def warn_rag_layout_differs(card: dict[str, Any], name: str, question_first: bool) -> None:
+    """One warning per adapter trained on retrieval-built prompts laid out otherwise than it is served
+    (rag.question_first on one side only): it reads best in the layout it learned."""
+    rag = card.get("rag") if isinstance(card, dict) else None
+    trained = bool((rag or {}).get("question_first", False))
+    if not rag or trained == question_first or ("layout", name) in _RAG_WARNED:
+        return
+    _RAG_WARNED.add(("layout", name))
+    log.warning("adapter '%s' was trained with rag.question_first=%s but is served with rag.question_first=%s; "
+                "set rag.question_first=%s for the prompt layout it was trained on", name, str(trained).lower(),
+                str(question_first).lower(), str(trained).lower())
 
 
 def warn_rag_trained_without_index(card: dict[str, Any], name: str) -> None:
@@ -285,6 +298,8 @@ class Generator(GeneratorLoading, GeneratorDecoding):
             msgs.insert(0, {"role": "system", "content": self.adapters[name].system_prompt})
         if name and retriever is None:
             warn_rag_trained_without_index(self.adapters[name].card, name)
+        elif name and retriever is not None:
+            warn_rag_layout_differs(self.adapters[name].card, name, rcfg.question_first)
         sources: list[dict[str, Any]] = []
         abstained, best, retrieval_s = False, None, 0.0
         if retriever is not None:
@@ -293,7 +308,7 @@ class Generator(GeneratorLoading, GeneratorDecoding):
                 got = retrieve(retriever, msgs, rcfg.top_k, rcfg.min_score)
             sources, abstained, best, retrieval_s = got.sources, got.abstain, got.best_score, got.seconds
             if not abstained:
-                msgs = rag_messages(msgs, sources, rcfg.system_prompt)
+                msgs = rag_messages(msgs, sources, rcfg.system_prompt, rcfg.question_first)
         template = self.adapters[name].template if name else None
         rendering = None
         masked, plan, typed = mask_typed(self.tokenizer, msgs, tools)  # typed <|im_start|> stays text (prompt_ids.py)

@@ -142,7 +142,7 @@ class RemoteGenerator:
             job.update(mode="rag", sources=got.sources, abstained=got.abstain, best=got.best_score,
                        retrieval_s=got.seconds)
             if not got.abstain:
-                job["messages"] = rag_messages(msgs, got.sources, rcfg.system_prompt)
+                job["messages"] = rag_messages(msgs, got.sources, rcfg.system_prompt, rcfg.question_first)
         return job
 
     def _body(self, job: dict[str, Any], max_new_tokens: int | None, temperature: float | None,

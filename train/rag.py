@@ -141,6 +141,8 @@ def resolve_settings(cfg: Any) -> dict[str, Any]:
     extra = {"withheld_answer": "not_found", "not_found_message": cfg.rag.not_found_message} if not_found else {}
     if rc.order != "retrieval":  # absent at the default, so runs and caches built before the setting still match
         extra["order"] = rc.order
+    if cfg.rag.question_first:  # absent at the default, as order
+        extra["question_first"] = True
     return {
         "top_k": top_k,
         "distractors": rc.distractors if rc.distractors >= 0 else top_k - 1,
@@ -361,7 +363,8 @@ def build_rag(cfg: Any, records: Sequence[Any], retriever: Any = None, cache: st
             if settings["cite"]:
                 answer = cite(answer, info["n"])
         info["withheld"] = i in withheld
-        msgs = rag_messages(history, sources, settings["system_prompt"]) + [{**answer_turn, "content": answer}]
+        msgs = rag_messages(history, sources, settings["system_prompt"], settings.get("question_first", False)) + [
+            {**answer_turn, "content": answer}]
         out_records.append(replace(r, messages=msgs, enc=None))
         gold_info[r.line] = info
         if not info.get("how"):

@@ -68,8 +68,9 @@ def _data(tmp_path: Path) -> Path:
     ])
 
 
+@pytest.mark.parametrize("question_first", [False, True])
 def test_training_prompts_equal_the_served_prompts_byte_for_byte(tmp_path: Path, tiny_llama: Path,
-                                                                  tiny_embedder: Path) -> None:
+                                                                  tiny_embedder: Path, question_first: bool) -> None:
     from ragtune.serve.answer import open_retriever
     from ragtune.serve.generator import Generator
     from ragtune.train.recipe import prepare
@@ -78,9 +79,10 @@ def test_training_prompts_equal_the_served_prompts_byte_for_byte(tmp_path: Path,
     _, emb = _index(tmp_path, tiny_embedder)
     data = _data(tmp_path)
     cfg = load_config(None, [f"model.path={tiny_llama}", f"data.train_file={data}", "data.rag.index=pol",
-                             "rag.top_k=2", "rag.min_score=-1", *emb])
+                             "rag.top_k=2", "rag.min_score=-1", f"rag.question_first={question_first}", *emb])
     prep = prepare(cfg)
     assert prep.rag.block()["gold_found"] == 2 and prep.rag.missing == [3]
+    assert prep.rag.block().get("question_first", False) is question_first  # recorded only when set
     assert prep.rag.gold[2]["how"] == "sources" and prep.rag.gold[1]["how"] == "match"
     gen = Generator(cfg).load()
     retriever = open_retriever(cfg, "pol")
@@ -93,6 +95,7 @@ def test_training_prompts_equal_the_served_prompts_byte_for_byte(tmp_path: Path,
             answer = rec.messages[-1]["content"]
             assert text[len(served.prompt):].startswith(answer)
             assert len(served.sources) == 2 and "Sources:\n[1] " in served.prompt
+            assert (f"Question: {question[-1]['content']}\n\nSources:\n" in served.prompt) is question_first
     finally:
         retriever.close()
 
@@ -164,6 +167,23 @@ def test_describe_recipe_names_the_retrieval_settings() -> None:
                                      "(top_k 3), gold withheld for 20%, cites [n], prompt format 1")
     card["rag"]["withheld_answer"] = "not_found"
     assert "gold withheld for 20% (answered with the not-found message), cites" in describe_recipe(card)
+    card["rag"]["question_first"] = True
+    assert describe_recipe(card).endswith("cites [n], question above the sources, prompt format 1")
+
+
+def test_an_adapter_served_in_another_source_layout_than_it_learned_is_warned_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from ragtune.serve.generator import warn_rag_layout_differs
+
+    card = {"rag": {"index": "pol", "question_first": True, "prompt_format": 1}}
+    warn_rag_layout_differs(card, "qf", True)
+    warn_rag_layout_differs({"rag": {"index": "pol"}}, "plainlayout", False)
+    warn_rag_layout_differs({}, "notrag", True)
+    assert "question_first" not in caplog.text
+    warn_rag_layout_differs(card, "qf", False)
+    warn_rag_layout_differs(card, "qf", False)
+    assert caplog.text.count("adapter 'qf' was trained with rag.question_first=true but is served with "
+                             "rag.question_first=false; set rag.question_first=true") == 1
 
 
 @pytest.mark.parametrize("target", ["keep", "not_found"])

@@ -1,6 +1,7 @@
 """Argument parsers for `ragtune ask`, `ragtune chat`, `ragtune serve` (imports stay light).
 
     ragtune ask "How many remote days?" --adapter runs/adapter --json
+    ragtune ask "How many remote days?" --stream | tee answer.txt   streamed on a pipe too (default: on a terminal)
     ragtune ask --questions questions.jsonl          one JSON line per question, in order (exit 3: some failed)
     ragtune ask "How many remote days?" --server http://127.0.0.1:8000 [--api-key KEY]
     ragtune ask "How many remote days?" --engine openai --url http://gpu-box:8000/v1 --model policies-merged
@@ -50,6 +51,9 @@ def register(sub: Any, ask_only: bool = False) -> None:
     p.add_argument("--api-key", metavar="KEY", default=None,
                    help="the server's API key (default: env RAGTUNE_API_KEY); with --engine openai the remote "
                         "server's (default: generation.api_key, else env RAGTUNE_ENGINE_API_KEY)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print the answer as it is decoded (default: when stdout is a terminal and neither --json "
+                        "nor --questions is given); the text is the same either way")
     p.add_argument("--schema", metavar="FILE.json", default=None,
                    help="answer with JSON that validates against this JSON schema (grammar-constrained decoding); "
                         "prints the JSON")

@@ -6,7 +6,8 @@
     ragtune ask "How many days?" --server http://127.0.0.1:8000 --api-key KEY   # a running server answers
     ragtune ask "How many days?" --engine openai --url http://gpu-box:8000/v1 --model policies-merged
 
-Plain output is the answer only (stdout); --json gives answer, sources, mode, token counts and
+Plain output is the answer only (stdout), printed as it is decoded when stdout is a terminal
+(--stream/--no-stream decide; the text is the same); --json gives answer, sources, mode, token counts and
 timings. Errors go to stderr with exit code 2 (usage) or 1; a batch exits 3 when some lines failed.
 With --server (or RAGTUNE_SERVER) nothing heavy is imported: the question goes to the server's
 /v1/chat/completions and its answer is printed in the same shapes. With --engine openai (or
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Iterable, TextIO
 
 from ragtune.errors import EXIT_PARTIAL, RagtuneError, UsageError
 
@@ -137,6 +138,7 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
     if (args.question is None) == (args.questions is None):
         raise UsageError("give one QUESTION or --questions FILE (JSONL with a \"question\" field, or one question "
                          "a line; '-' reads stdin)")
+    stream = wants_stream(args, args.questions is not None)
     url = server_url(getattr(args, "server", None))
     # checked before any model loads; in a .jsonl file every line must be a {"question": ...} object
     batch = read_batch(args.questions, "question", jsonl=True) if args.questions is not None else None
@@ -146,21 +148,67 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
     cfg = generation_overrides(cfg, args)
     schema = getattr(args, "schema", None)
     args.response_format = schema_format(schema) if schema else None
+    if url and stream:  # ragtune.client reads a server's answer whole
+        if args.stream:
+            raise UsageError("--stream: ask --server prints the server's answer once it is complete; drop --stream, "
+                             "or stream with --engine openai --url URL/v1 --model NAME")
+        stream = False
     asker = _RemoteAsk(args, url) if url else _LocalAsk(args, cfg)
     try:
         if batch is not None:
             return _ask_batch(asker, batch, args)
-        out = asker.ask(question, args.system)
+        out = asker.ask_streamed(question, args.system, sys.stdout) if stream else asker.ask(question, args.system)
     finally:
         asker.close()
     if args.json:
         sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     else:
-        sys.stdout.write(str(out["answer"]).strip() + "\n")
+        if not stream:
+            sys.stdout.write(str(out["answer"]).strip() + "\n")
         if out.get("finish_reason") == "length":  # plain output alone cannot tell a cut answer from a whole one
             sys.stderr.write(f"note: the answer was cut off at {out.get('completion_tokens')} tokens; "
                              "--max-new-tokens N allows a longer one\n")
     return 0
+
+
+def wants_stream(args: argparse.Namespace, batch: bool) -> bool:
+    """--stream/--no-stream; by default stream where someone watches (stdout a terminal, as Ollama does) and
+    one plain answer is printed (--json and --questions print whole JSON objects)."""
+    flag = getattr(args, "stream", None)
+    if flag and (args.json or batch):
+        other = "--json" if args.json else "--questions"
+        raise UsageError(f"--stream prints one plain answer as it is decoded; {other} prints whole JSON objects: "
+                         "drop --stream")
+    if flag is not None:
+        return bool(flag)
+    return not args.json and not batch and sys.stdout.isatty()
+
+
+def print_stream(deltas: Iterable[str], out: TextIO) -> None:
+    """Write an answer's deltas as they come, exactly as the whole answer prints (stripped, then a newline):
+    leading whitespace is skipped and trailing whitespace held until more text follows it. Ctrl-C keeps
+    what was printed and ends its line."""
+    started, held = False, ""
+    try:
+        for delta in deltas:
+            if not started:
+                delta = delta.lstrip()
+                if not delta:
+                    continue
+                started = True
+            text = held + delta
+            body = text.rstrip()
+            held = text[len(body):]
+            if body:
+                out.write(body)
+                out.flush()
+    except KeyboardInterrupt:
+        if started:
+            out.write("\n")
+            out.flush()
+        raise
+    out.write("\n")
+    out.flush()
 
 
 def schema_format(path: str) -> dict[str, Any]:
@@ -265,6 +313,16 @@ class _LocalAsk:
         ans = self.gen.answer(_messages(question, system), adapter=self.adapter, retriever=self.retriever,
                               **self.extra)
         return self._dict(ans)
+
+    def ask_streamed(self, question: str, system: str, out: TextIO) -> dict[str, Any]:
+        """`ask`, with the answer written to `out` as the engine decodes it (the generator's stream)."""
+        stream = self.gen.stream(_messages(question, system), adapter=self.adapter, retriever=self.retriever,
+                                 **self.extra)
+        try:
+            print_stream(stream, out)
+        finally:
+            stream.close()  # stops the worker at its next token when Ctrl-C (or a closed pipe) ended the loop
+        return self._dict(stream.answer)
 
     def wave(self) -> int:
         """Lines answered together: 4 batches' worth where the engine batches, else 1 (one by one)."""

@@ -45,6 +45,7 @@ def test_ask_reads_stdin_and_gives_json(tiny_llama: Path, tiny_adapter: Path, ca
     (["ask", "q", "--index", "nosuch"], "nosuch"),
     (["ask", "q", "--engine", "vllm"], "invalid choice"),
     (["ask", "q", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["ask", "--questions", "q.jsonl", "--stream"], "--questions prints whole JSON objects: drop --stream"),
 ])
 def test_ask_errors_exit_2_with_the_reason_on_stderr(tiny_llama: Path, argv, message, capsys) -> None:
     rc = main([*argv, f"model.path={tiny_llama}"])
@@ -103,3 +104,49 @@ def test_ask_says_on_stderr_when_the_answer_was_cut_off(tiny_llama: Path, capsys
     out, err = capsys.readouterr()
     assert rc == 0 and "cut off at 3 tokens; --max-new-tokens N allows" in err, err
     assert "cut off" not in out
+
+
+class _Stdout(io.StringIO):
+    """stdout that keeps each write apart, is a terminal or a pipe, and can take Ctrl-C at its Nth write."""
+
+    def __init__(self, tty: bool, interrupt_at: int = 0) -> None:
+        super().__init__()
+        self.tty, self.interrupt_at, self.writes = tty, interrupt_at, []
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> int:
+        n = super().write(s)
+        self.writes.append(s)
+        if len(self.writes) == self.interrupt_at:
+            raise KeyboardInterrupt
+        return n
+
+
+@pytest.mark.parametrize("flags, tty, streamed", [
+    (["--stream"], False, True),   # forced on a pipe
+    (["--no-stream"], True, False),
+    ([], False, False),            # default on a pipe: the whole answer at once
+    ([], True, True),              # default on a terminal: token by token
+])
+def test_ask_streams_the_same_answer_on_a_terminal_or_when_asked(tiny_llama: Path, tiny_adapter: Path, flags, tty,
+                                                                 streamed, capsys, monkeypatch) -> None:
+    """Plain ask printed nothing until the whole answer was decoded; now it streams where someone watches,
+    and the streamed text is the whole answer's, byte for byte."""
+    out = _Stdout(tty)
+    monkeypatch.setattr("sys.stdout", out)
+    rc = main(["-q", "ask", QA[0][0], f"model.path={tiny_llama}", "--adapter", str(tiny_adapter), *flags])
+    assert rc == 0, capsys.readouterr().err
+    assert out.getvalue() == QA[0][1] + "\n"
+    assert (len([w for w in out.writes if w.strip()]) > 2) == streamed, out.writes
+
+
+def test_ask_stream_interrupted_keeps_what_was_printed_and_exits_130(tiny_llama: Path, tiny_adapter: Path, capsys,
+                                                                    monkeypatch) -> None:
+    out = _Stdout(tty=True, interrupt_at=2)
+    monkeypatch.setattr("sys.stdout", out)
+    rc = main(["-q", "ask", QA[0][0], f"model.path={tiny_llama}", "--adapter", str(tiny_adapter)])
+    printed = out.getvalue()
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    assert printed.endswith("\n") and QA[0][1].startswith(printed[:-1]) and len(printed) < len(QA[0][1]), printed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +272,23 @@ def test_ask_questions_line_that_is_not_unicode_is_reported_in_its_place(tiny_ll
     assert lines[0]["answer"] == QA[0][1] and lines[3]["answer"] == QA[1][1]
     assert lines[1]["error"].startswith('line 2: "question" is not valid text: character 1 is a lone surrogate')
     assert lines[2]["error"].startswith('line 3: "system" is not valid text: character 1 is a lone surrogate')
+
+
+def test_ask_engine_openai_streams_the_remote_answer(server: Any, capsys, monkeypatch) -> None:
+    """With --engine openai the answer streams from the remote's SSE chunks, the same text as unstreamed;
+    `ask --server` (whose client reads the answer whole) refuses --stream rather than ignore it."""
+    from tests.serve.test_ask import _Stdout
+
+    url, _ = server
+    argv = ["-q", "ask", QA[0][0], "--engine", "openai", "--url", f"{url}/v1", "--model", "policies", "--api-key",
+            KEY, "--no-rag", "--temperature", "0", "--max-new-tokens", "12"]
+    outs = {}
+    for flag in ("--stream", "--no-stream"):
+        monkeypatch.setattr("sys.stdout", _Stdout(tty=False))
+        assert main([*argv, flag]) == 0, capsys.readouterr().err
+        outs[flag] = sys.stdout
+    assert outs["--stream"].getvalue() == outs["--no-stream"].getvalue() == QA[0][1] + "\n"
+    assert len(outs["--no-stream"].writes) == 1 and len([w for w in outs["--stream"].writes if w.strip()]) > 1
+    monkeypatch.undo()
+    assert main(["ask", QA[0][0], "--server", url, "--api-key", KEY, "--stream"]) == 2
+    assert "drop --stream" in capsys.readouterr().err

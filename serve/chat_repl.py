@@ -6,8 +6,9 @@ Commands: /sources (the last answer's sources), /rag on|off, /reset (forget the 
 /help, /exit (or /bye, or Ctrl-D); case does not matter, and "//" at the start asks a question that
 begins with "/". A message of several lines (a pasted paragraph) goes between \"\"\" and \"\"\", as in
 Ollama: line by line, each line would be a question of its own. Ctrl-C stops an answer, before or
-after its first token. With retrieval on, each question searches with the recent user turns (so
-follow-ups keep their topic) and the answer cites [n].
+after its first token; as the web page's Stop, the words so far stay in the conversation. With
+retrieval on, each question searches with the recent user turns (so follow-ups keep their topic) and
+the answer cites [n].
 Bytes that are not UTF-8 (a Latin-1 terminal) are replaced by U+FFFD, never passed on as surrogates.
 """
 
@@ -102,14 +103,15 @@ class ChatSession:
             hint = "; /reset starts a new conversation" if isinstance(exc, PromptTooLong) and self.history else ""
             self.err.write(f"error: {exc}{hint}\n")
             return
+        printed: list[str] = []
         try:
             for delta in stream:
+                printed.append(delta)
                 self.out.write(delta)
                 self.out.flush()
         except KeyboardInterrupt:
             stream.close()
-            self.history.pop()
-            self.say("\n(stopped)")
+            self.stopped("".join(printed), stream.sources)
             return
         except RagtuneError as exc:
             self.history.pop()
@@ -122,8 +124,20 @@ class ChatSession:
         if ans.finish_reason == "length":
             self.say(f"(cut off at {ans.completion_tokens} tokens; --max-new-tokens N allows longer answers)")
         if ans.sources:
-            self.say("sources: " + "  ".join(f"[{s['n']}] {s.get('title') or s.get('source')}" for s in ans.sources))
+            self.say(sources_line(ans.sources))
         self.history.append({"role": "assistant", "content": ans.text})
+
+    def stopped(self, partial: str, sources: list[dict[str, Any]]) -> None:
+        """Ctrl-C during an answer, as the web page's Stop: the words so far stay the answer (the next
+        question sees them); stopped before a word, the question is dropped as if never asked."""
+        self.say("\n(stopped)")
+        if not partial.strip():
+            self.history.pop()
+            return
+        self.history.append({"role": "assistant", "content": partial})
+        self.last_answer, self.last_sources = None, sources
+        if sources:
+            self.say(sources_line(sources))
 
     def loop(self, inp: TextIO | None = None) -> int:
         inp = inp or sys.stdin
@@ -163,6 +177,10 @@ class ChatSession:
 
 
 MULTILINE = '"""'
+
+
+def sources_line(sources: list[dict[str, Any]]) -> str:
+    return "sources: " + "  ".join(f"[{s['n']}] {s.get('title') or s.get('source')}" for s in sources)
 
 
 def read_line(inp: TextIO, interactive: bool, prompt: str) -> str:

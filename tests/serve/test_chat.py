@@ -95,3 +95,29 @@ def test_chat_says_when_an_answer_was_cut_off(loaded_gen: Any) -> None:
     s.loop(io.StringIO("hello\n"))
     assert s.last_answer.finish_reason == "length"
     assert f"(cut off at {s.last_answer.completion_tokens} tokens; --max-new-tokens N" in out.getvalue()
+
+
+class _CtrlCAt(io.StringIO):
+    """Output that takes Ctrl-C at its Nth flush (the REPL flushes after each streamed delta)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.flushes = at, 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        if self.flushes == self.at:
+            raise KeyboardInterrupt
+
+
+def test_chat_ctrl_c_keeps_the_partial_answer_in_the_conversation(loaded_gen: Any) -> None:
+    """Ctrl-C mid-answer dropped the question and the words so far, so the next question lost that context
+    (the web page's Stop keeps them). Now they stay, marked (stopped), and the session goes on."""
+    out = _CtrlCAt(2)
+    s = ChatSession(loaded_gen, adapter="policies", out=out, err=io.StringIO())
+    s.loop(io.StringIO(f"{QA[0][0]}\n{QA[1][0]}\n"))
+    partial = out.getvalue().split("\n(stopped)\n")[0]
+    assert partial and QA[0][1].startswith(partial) and partial != QA[0][1], out.getvalue()
+    assert s.history == [{"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": partial},
+                         {"role": "user", "content": QA[1][0]}, {"role": "assistant", "content": s.last_answer.text}]
+    assert partial in s.last_answer.prompt  # the next question was asked with it

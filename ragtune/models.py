@@ -11,13 +11,15 @@ check that its logits equal the GGUF-loaded ones. The embedder ships in `gt-all-
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ragtune.errors import ModelPathError, RagtuneError
 from ragtune.modeling import (
@@ -25,6 +27,7 @@ from ragtune.modeling import (
     count_parameters,
     default_chat_model_dir,
     file_sha256,
+    quiet_libraries,
     ragtune_home,
 )
 
@@ -103,7 +106,10 @@ def import_gguf(
 
     src, out = _check_import(gguf_file, out_dir, force)
     t0 = time.perf_counter()
-    tok, gguf_model = _read_gguf(src)
+    quiet = not log.isEnabledFor(logging.INFO)  # -q
+    if quiet:
+        quiet_libraries()  # transformers' "Loading weights" and "Writing model shards" bars
+    tok, gguf_model = _read_gguf(src, quiet)
     n_params = sum(p.numel() for p in gguf_model.parameters())
     if dtype == "auto":
         dtype = "float32" if n_params < 1_000_000_000 else "bfloat16"
@@ -162,7 +168,7 @@ def _check_import(gguf_file: str | Path, out_dir: str | Path, force: bool) -> tu
     return src, out
 
 
-def _read_gguf(src: Path) -> tuple[Any, Any]:
+def _read_gguf(src: Path, quiet: bool = False) -> tuple[Any, Any]:
     """The tokenizer and the (dequantized, float32) model transformers reads from the GGUF file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,13 +177,34 @@ def _read_gguf(src: Path) -> tuple[Any, Any]:
     log.info("reading %s", src)
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
+        with _gguf_reader_bar(enabled=not quiet):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                         local_files_only=True)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise RagtuneError(
             f"transformers cannot read '{src}': {exc}. Its architecture must be one transformers "
             "supports for GGUF (llama, mistral, qwen2, qwen3, gemma, phi3, ...)"
         ) from exc
     return tok, model.eval()
+
+
+@contextmanager
+def _gguf_reader_bar(enabled: bool) -> Iterator[None]:
+    """transformers' GGUF reader draws its "de-quantizing" bar with a plain tqdm, which its
+    disable_progress_bar does not reach: switched off here while the file is read."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:  # pragma: no cover - another transformers layout
+        reader = None
+    bar = getattr(reader, "tqdm", None)
+    if enabled or bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def _without_quantization(gguf_model: Any, target_dtype: Any) -> Any:

@@ -207,3 +207,35 @@ def test_import_never_replaces_the_folder_holding_the_gguf(tmp_path: Path, capsy
     gguf.write_bytes(b"GGUF")
     assert main(["models", "import", str(gguf), "--out", str(tmp_path), "--force"]) == 2
     assert "holds the GGUF file" in capsys.readouterr().err and gguf.is_file()
+
+
+# --- importing other families: GGUF files made by llama.cpp's converter from tiny random models ------------
+
+
+@pytest.fixture(scope="module")
+def gemma2_gguf(converter_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Gemma 2 (head_dim 16, so query_pre_attn_scalar 16, not transformers' default 256) whose chat
+    turns end with <end_of_turn> while its eos is <eos>, and the f32 GGUF llama.cpp's converter makes of it."""
+    from ragtune.export.convert import convert_model
+    from tests.tinymodels import GEMMA2_TEMPLATE, build_tiny_sentencepiece
+
+    d = tmp_path_factory.mktemp("gemma2")
+    model = build_tiny_sentencepiece("gemma2", d / "hf", GEMMA2_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"),
+                                     query_pre_attn_scalar=16)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAGTUNE_HOME", str(converter_home))
+    try:
+        gguf = convert_model(model, d / "gemma2.gguf", "f32")
+    finally:
+        mp.undo()
+    return {"hf": model, "gguf": gguf}
+
+
+def test_quiet_import_prints_no_progress_bars(gemma2_gguf: dict[str, Path], tmp_path: Path,
+                                              capfd: pytest.CaptureFixture[str]) -> None:
+    """-q: stderr stays empty; before, transformers' "Loading weights", "Writing model shards" and the GGUF
+    reader's "Converting and de-quantizing GGUF tensors" bars were drawn there."""
+    capfd.readouterr()
+    assert main(["-q", "models", "import", str(gemma2_gguf["gguf"]), "--out", str(tmp_path / "out")]) == 0
+    out, err = capfd.readouterr()
+    assert err == "" and out.startswith("imported ")

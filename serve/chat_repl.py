@@ -10,13 +10,17 @@ after its first token; as the web page's Stop, the words so far stay in the conv
 retrieval on, each question searches with the recent user turns (so follow-ups keep their topic) and
 the answer cites [n].
 Bytes that are not UTF-8 (a Latin-1 terminal) are replaced by U+FFFD, never passed on as surrogates.
+While the session runs, ragtune's INFO log lines are held back (warnings and errors still show); an
+answer that abstained says so in a "(not found in the documents: ...)" note.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from ragtune.errors import PromptTooLong, RagtuneError
 from ragtune.serve.answer import source_label
@@ -123,6 +127,10 @@ class ChatSession:
         self.last_sources = ans.sources
         if ans.finish_reason == "length":
             self.say(f"(cut off at {ans.completion_tokens} tokens; --max-new-tokens N allows longer answers)")
+        if ans.abstained:  # what retrieval's INFO log line says, as a note of the chat's own
+            why = ("the search found nothing" if ans.best_score is None
+                   else f"the best relevance, {ans.best_score:.2f}, is below rag.min_score")
+            self.say(f"(not found in the documents: {why})")
         if ans.sources:
             self.say(sources_line(ans.sources))
         self.history.append({"role": "assistant", "content": ans.text})
@@ -152,31 +160,46 @@ class ChatSession:
             trained = self.trained_system_prompt()
             if trained and not self.system:
                 self.err.write(f"system prompt (the adapter was trained with it; --system replaces it): {trained}\n")
-        while True:
-            try:
-                line = read_line(inp, interactive, "you> ")
-                if line.lstrip().startswith(MULTILINE):
-                    line = read_block(line.lstrip()[len(MULTILINE):], inp, interactive)
-            except EOFError:  # Ctrl-D, or the end of piped input
-                if interactive:
-                    self.out.write("\n")
-                return 0
-            except KeyboardInterrupt:  # at the prompt (or inside a multi-line block, which it drops)
-                self.out.write("\n")
-                continue
-            line = well_formed(line.strip())
-            if not line:
-                continue
-            if line.startswith("//"):  # a question that begins with "/"
-                line = line[1:]
-            elif line.startswith("/"):
-                if not self.command(line):
+        with quiet_info_logs():  # the conversation stays clean: routine INFO lines become notes
+            while True:
+                try:
+                    line = read_line(inp, interactive, "you> ")
+                    if line.lstrip().startswith(MULTILINE):
+                        line = read_block(line.lstrip()[len(MULTILINE):], inp, interactive)
+                except EOFError:  # Ctrl-D, or the end of piped input
+                    if interactive:
+                        self.out.write("\n")
                     return 0
-                continue
-            self.ask(line)
+                except KeyboardInterrupt:  # at the prompt (or inside a multi-line block, which it drops)
+                    self.out.write("\n")
+                    continue
+                line = well_formed(line.strip())
+                if not line:
+                    continue
+                if line.startswith("//"):  # a question that begins with "/"
+                    line = line[1:]
+                elif line.startswith("/"):
+                    if not self.command(line):
+                        return 0
+                    continue
+                self.ask(line)
 
 
 MULTILINE = '"""'
+
+
+@contextlib.contextmanager
+def quiet_info_logs() -> Iterator[None]:
+    """ragtune's INFO log lines (e.g. retrieval abstaining) at WARNING while the REPL runs, so they do not land
+    in the middle of the conversation; warnings and errors still show, and -v (DEBUG) keeps everything."""
+    logger = logging.getLogger("ragtune")
+    level = logger.level
+    if logger.getEffectiveLevel() == logging.INFO:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def sources_line(sources: list[dict[str, Any]]) -> str:

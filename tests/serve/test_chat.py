@@ -121,3 +121,19 @@ def test_chat_ctrl_c_keeps_the_partial_answer_in_the_conversation(loaded_gen: An
     assert s.history == [{"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": partial},
                          {"role": "user", "content": QA[1][0]}, {"role": "assistant", "content": s.last_answer.text}]
     assert partial in s.last_answer.prompt  # the next question was asked with it
+
+
+def test_chat_keeps_info_log_lines_out_of_the_conversation(loaded_gen: Any, caplog) -> None:
+    """Without -q, retrieval's INFO line ('... abstaining') landed between the question and the answer; in the
+    REPL it is now a note of the chat's own, and ragtune's log level is back to INFO once the session ends."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ragtune")
+    r = FakeRetriever([{"source": "pets.md", "title": "Pets", "heading": "", "page": None, "score": 0.01,
+                        "dense_score": 0.05, "chunk_id": "p1", "text": "Dogs are allowed on Fridays."}])
+    out = io.StringIO()
+    s = ChatSession(loaded_gen, adapter="policies", retriever=r, out=out, err=io.StringIO())
+    s.loop(io.StringIO("can I bring my dog?\n"))
+    assert s.last_answer.abstained and "abstaining" not in caplog.text, caplog.text
+    assert "(not found in the documents: the best relevance, 0.05, is below rag.min_score)" in out.getvalue()
+    assert logging.getLogger("ragtune").level == logging.INFO

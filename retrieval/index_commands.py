@@ -223,9 +223,33 @@ def _print_ingest(res: Any) -> None:
                 reasons[why] = reasons.get(why, 0) + 1
             print("re-read unchanged files: " + ", ".join(f"{why} ({n})" for why, n in sorted(reasons.items())))
     if res.skipped:
-        print(f"skipped {len(res.skipped)} files:")
-        for path, reason in res.skipped:
+        _print_skipped(res.skipped)
+
+
+UNSUPPORTED_LISTED = 10  # more files of types ragtune does not read are counted by type, not listed
+
+
+def _print_skipped(skipped: list[tuple[str, str]]) -> None:
+    """Each skipped file with its reason; past UNSUPPORTED_LISTED, files of unsupported types (a folder
+    like /usr/share/doc holds thousands of .gz and copyright files) are counted by type after the rest,
+    so the skips that need a fix are not buried (--json still lists every one)."""
+    import re
+    from collections import Counter
+
+    kinds = [re.fullmatch(r"unsupported file type '(.*)'", reason) for _path, reason in skipped]
+    many = sum(1 for k in kinds if k) > UNSUPPORTED_LISTED
+    print(f"skipped {len(skipped)} files:")
+    for (path, reason), kind in zip(skipped, kinds):
+        if not (many and kind):
             print(f"  {path}: {reason}")
+    if many:
+        from ragtune.retrieval.loaders import SUPPORTED
+
+        counts = Counter(k.group(1) for k in kinds if k).most_common()
+        shown = ", ".join(f"{t} ({n})" for t, n in counts[:8])
+        more = f" and {len(counts) - 8} more types" if len(counts) > 8 else ""
+        print(f"  {sum(n for _t, n in counts)} files of types ragtune does not read: {shown}{more} "
+              f"(it reads {', '.join(sorted(SUPPORTED))}; --json lists each file)")
 
 
 def _reused(res: Any) -> str:

@@ -542,3 +542,28 @@ def test_a_file_changed_while_it_is_indexed_is_skipped_not_stored_under_its_old_
     with EdgeStore("default").open() as s:
         texts = {p["source"]: p["text"] for _pid, p, _ in s.scroll({"kind": "chunk"}, ["source", "text"], False)}
     assert texts["a.txt"] == "The parking garage closes at midnight."
+
+
+def test_many_files_of_unsupported_types_are_counted_by_type_so_the_skips_to_fix_stand_out(
+        cfg: Config, tmp_path: Path, capsys) -> None:
+    """A folder like /usr/share/doc holds thousands of .gz and copyright files: past ten, the summary counts
+    them by type after the skips that need a fix (here a broken link) instead of a line each; --json
+    still lists every file."""
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "a.txt").write_text("Lunch is served at noon in the canteen.", encoding="utf-8")
+    for i in range(7):
+        (root / f"changelog{i}.gz").write_bytes(b"\x1f\x8b")
+    for i in range(5):
+        (root / f"logo{i}.png").write_bytes(b"\x89PNG")
+    (root / "gone.md").symlink_to(tmp_path / "nowhere.md")
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--no-progress"]
+    assert main(["-q", "index", "add", str(root), *args]) == 3
+    out = capsys.readouterr().out
+    assert "skipped 13 files:\n  gone.md: broken symbolic link" in out
+    assert "\n  12 files of types ragtune does not read: .gz (7), .png (5) (it reads .docx," in out
+    assert "changelog0.gz" not in out and "logo0.png" not in out
+    assert main(["-q", "index", "sync", str(root), *args, "--dry-run"]) == 3
+    assert "12 files of types ragtune does not read" in capsys.readouterr().out
+    assert main(["-q", "index", "add", str(root), *args, "--json"]) == 3
+    assert len(json.loads(capsys.readouterr().out)["skipped"]) == 13

@@ -27,6 +27,10 @@ config: --config FILE.yaml plus key.sub=value overrides, e.g. train.epochs=2 mod
 ragtune never sends telemetry and never downloads models: everything loads from local paths."""
 
 
+# options whose value is written key.sub=value like a config override (search's metadata filters)
+VALUE_LOOKS_LIKE_OVERRIDE = ("--filter",)
+
+
 def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
     """Pull --config FILE and key.sub=value items out of argv, wherever they are; -q/-v after the
     command are moved before it, where argparse takes them."""
@@ -53,6 +57,9 @@ def _split_globals(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
             config = a.split("=", 1)[1]
         elif a == "--config":  # the last word, with no file after it
             raise UsageError("--config needs a file: --config FILE.yaml (before or after the command)")
+        elif a in VALUE_LOOKS_LIKE_OVERRIDE and i + 1 < len(argv):  # `--filter meta.dept=finance`: the option's
+            rest += [a, argv[i + 1]]                                   # value, not a config override
+            i += 1
         elif OVERRIDE_RE.match(a):
             overrides.append(a)
         elif a in ("--set", "-s") and i + 1 < len(argv) and OVERRIDE_RE.match(argv[i + 1]):

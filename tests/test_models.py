@@ -222,6 +222,13 @@ def gemma2_gguf(converter_home: Path, tmp_path_factory: pytest.TempPathFactory) 
     d = tmp_path_factory.mktemp("gemma2")
     model = build_tiny_sentencepiece("gemma2", d / "hf", GEMMA2_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"),
                                      query_pre_attn_scalar=16)
+    # as Google's Gemma repositories ship it (transformers 5 no longer writes it): the converter reads the
+    # turn tokens' special flag from here and marks them CONTROL in the GGUF, as in published Gemma GGUFs
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"] = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                            "single_word": False, "special": True}
+                                   for i, t in ((4, "<start_of_turn>"), (5, "<end_of_turn>"))}
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
     mp = pytest.MonkeyPatch()
     mp.setenv("RAGTUNE_HOME", str(converter_home))
     try:
@@ -329,3 +336,19 @@ def test_import_refuses_a_gguf_whose_config_it_cannot_carry(converter_home: Path
     err = capsys.readouterr().err
     assert "gemma3.rope.scaling.type = yarn, but the config has rope_parameters rope_type = default" in err, err
     assert "nothing was written" in err and "Traceback" not in err and not out.exists()
+
+
+def test_import_stops_generation_at_the_templates_end_of_turn(gemma2_gguf: dict[str, Path], tmp_path: Path) -> None:
+    """Gemma's turns end with <end_of_turn>, its GGUF's eos is <eos>: both end an answer now. Before, the
+    generation config held <eos> alone, so an imported Gemma answered on past the end of its turn."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from ragtune.modeling import eos_token_ids
+
+    out = tmp_path / "out"
+    assert main(["-q", "models", "import", str(gemma2_gguf["gguf"]), "--out", str(out)]) == 0
+    tok = AutoTokenizer.from_pretrained(str(out))
+    want = tok.convert_tokens_to_ids(["<eos>", "<end_of_turn>"])
+    assert GenerationConfig.from_pretrained(str(out)).eos_token_id == want
+    assert eos_token_ids(tok, model_dir=out) == want  # what serving stops at
+    assert json.loads((out / MODEL_CARD).read_text())["eos_token_ids"] == want

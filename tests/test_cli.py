@@ -339,3 +339,12 @@ def test_help_and_version_under_json_print_no_error(capsys: pytest.CaptureFixtur
     assert capsys.readouterr().out.startswith("usage: ragtune eval")
     assert main(["--version", "eval", "--json"]) == 0
     assert capsys.readouterr().out.strip() == f"ragtune {__version__}"
+
+
+def test_table_cells_show_control_characters_escaped_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # a stored title or file name with a newline or a terminal escape (clear screen) once reached the terminal
+    from ragtune.cli import print_table
+
+    print_table([{"source": "a\nb.md", "title": "Policy\x1b[2J", "chunks": 3}], ["source", "chunks", "title"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[1] == "a\\x0ab.md  3       Policy\\x1b[2J" and "\x1b" not in out

@@ -10,6 +10,8 @@ after its first token; as the web page's Stop, the words so far stay in the conv
 retrieval on, each question searches with the recent user turns (so follow-ups keep their topic) and
 the answer cites [n].
 Bytes that are not UTF-8 (a Latin-1 terminal) are replaced by U+FFFD, never passed on as surrogates.
+On a terminal the up arrow recalls earlier questions, this session's and earlier ones' ($RAGTUNE_HOME/
+chat_history, the last 1000 lines, readable by you only; RAGTUNE_CHAT_HISTORY=0 keeps none).
 While the session runs, ragtune's INFO log lines are held back (warnings and errors still show); an
 answer that abstained says so in a "(not found in the documents: ...)" note.
 """
@@ -150,11 +152,12 @@ class ChatSession:
     def loop(self, inp: TextIO | None = None) -> int:
         inp = inp or sys.stdin
         interactive = inp.isatty()
+        history = kept_history() if interactive else contextlib.nullcontext()
+        with history:
+            return self._loop(inp, interactive)
+
+    def _loop(self, inp: TextIO, interactive: bool) -> int:
         if interactive:
-            try:
-                import readline  # noqa: F401  (line editing and history for input())
-            except ImportError:  # pragma: no cover
-                pass
             mode = ("ft" if self.adapter else "base") + ("+rag" if self.rag else "")
             self.err.write(f"ragtune chat ({mode}); {HELP}\n")
             trained = self.trained_system_prompt()
@@ -186,6 +189,47 @@ class ChatSession:
 
 
 MULTILINE = '"""'
+HISTORY_LINES = 1000
+
+
+@contextlib.contextmanager
+def kept_history(path: Any = None) -> Iterator[None]:
+    """Line editing, and the questions of earlier sessions under the up arrow (as Ollama keeps them):
+    $RAGTUNE_HOME/chat_history, the last HISTORY_LINES lines, written back when the session ends.
+    RAGTUNE_CHAT_HISTORY=0 keeps nothing on disk."""
+    import os
+    from pathlib import Path
+
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - no readline (Windows): input() without editing
+        yield
+        return
+    if os.environ.get("RAGTUNE_CHAT_HISTORY", "1") == "0":
+        yield
+        return
+    if path is None:
+        from ragtune.modeling import ragtune_home
+
+        path = ragtune_home() / "chat_history"
+    path = Path(path)
+    readline.clear_history()
+    try:
+        readline.read_history_file(path)
+    except OSError:  # none yet, or unreadable: start empty
+        pass
+    try:
+        yield
+    finally:
+        readline.set_history_length(HISTORY_LINES)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # questions can be private: yours only
+            os.chmod(path, 0o600)
+            readline.write_history_file(path)
+        except OSError as exc:
+            logging.getLogger(__name__).warning("chat history not kept: cannot write %s (%s)", path,
+                                                exc.strerror or exc)
 
 
 @contextlib.contextmanager

@@ -137,3 +137,27 @@ def test_chat_keeps_info_log_lines_out_of_the_conversation(loaded_gen: Any, capl
     assert s.last_answer.abstained and "abstaining" not in caplog.text, caplog.text
     assert "(not found in the documents: the best relevance, 0.05, is below rag.min_score)" in out.getvalue()
     assert logging.getLogger("ragtune").level == logging.INFO
+
+
+def test_questions_are_kept_for_the_next_session_readable_by_their_owner_only(tmp_path, monkeypatch) -> None:
+    import readline
+    import stat
+
+    from ragtune.serve.chat_repl import kept_history
+
+    path = tmp_path / "home" / "chat_history"
+    with kept_history(path):
+        readline.add_history("How many remote days?")
+    assert path.read_text().splitlines()[-1] == "How many remote days?"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    readline.clear_history()
+    with kept_history(path):  # the next session: the up arrow recalls it
+        n = readline.get_current_history_length()
+        assert n >= 1 and readline.get_history_item(n) == "How many remote days?"
+        readline.add_history("And the office day?")
+    assert path.read_text().splitlines()[-2:] == ["How many remote days?", "And the office day?"]
+    monkeypatch.setenv("RAGTUNE_CHAT_HISTORY", "0")
+    other = tmp_path / "off"
+    with kept_history(other):
+        readline.add_history("private")
+    assert not other.exists()

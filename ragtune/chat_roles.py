@@ -111,6 +111,8 @@ def fit_roles(messages: Sequence[dict[str, Any]], template: str | None) -> list[
     """`messages` with their system turns folded into the first user turn after them, where `template`
     takes no system turn; otherwise a copy as given."""
     msgs = [dict(m) for m in messages]
+    if not isinstance(template, str):  # none, or a tokenizer's dict of named templates: rendered as given
+        return msgs
     if not any(m.get("role") == "system" for m in msgs) or takes_system(template):
         return msgs
     system = "\n\n".join(str(m.get("content") or "") for m in msgs if m.get("role") == "system")

@@ -68,3 +68,9 @@ def test_a_model_without_a_system_role_trains_serves_and_reads_sources(tiny_llam
     trained, _ = spans(tok, msgs + [{"role": "assistant", "content": "Answer 1."}], GEMMA2_TEMPLATE)
     assert trained.startswith(served)  # the training prompt is the served one, byte for byte
     assert LightTokenizer(base).apply_chat_template(msgs, add_generation_prompt=True) == served
+
+
+def test_a_dict_of_named_templates_or_none_renders_the_turns_as_given() -> None:
+    # tokenizers may hold {"default": ..., "tool_use": ...}: not hashable, so it used to raise a TypeError
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert fit_roles(msgs, {"default": GEMMA2_TEMPLATE}) == msgs and fit_roles(msgs, None) == msgs

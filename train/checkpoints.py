@@ -46,6 +46,10 @@ def run_settings(cfg: Any, prep: Any) -> dict[str, Any]:
     flat["train.chat_template"] = "sha256:" + text_sha256(prep.template)
     if prep.rag is not None:  # the sources the prompts were built from: a changed index is a changed input
         flat["data.rag.index_identity"] = prep.rag.index["identity"]
+        # rag.* settings that shape the built prompts (recorded only when set, so older checkpoints still match)
+        for key, value in (("rag.question_first", cfg.rag.question_first), ("rag.system_prompt", cfg.rag.system_prompt)):
+            if value:
+                flat[key] = value
     return json.loads(json.dumps(flat))
 
 

@@ -46,10 +46,10 @@ def run_settings(cfg: Any, prep: Any) -> dict[str, Any]:
     flat["train.chat_template"] = "sha256:" + text_sha256(prep.template)
     if prep.rag is not None:  # the sources the prompts were built from: a changed index is a changed input
         flat["data.rag.index_identity"] = prep.rag.index["identity"]
-        # rag.* settings that shape the built prompts (recorded only when set, so older checkpoints still match)
-        for key, value in (("rag.question_first", cfg.rag.question_first), ("rag.system_prompt", cfg.rag.system_prompt)):
-            if value:
-                flat[key] = value
+        # the rag.* settings that shape the built prompts (checkpoints from before they were recorded: not compared)
+        flat.update({"rag.question_first": cfg.rag.question_first, "rag.system_prompt": cfg.rag.system_prompt})
+        if not cfg.data.rag.top_k:  # the sources per prompt come from rag.top_k
+            flat["rag.top_k"] = cfg.rag.top_k
     return json.loads(json.dumps(flat))
 
 
@@ -70,7 +70,8 @@ def check_resume_settings(ckpt_dir: Path, now: dict[str, Any]) -> None:
     show = lambda v: "(none)" if v is None else (v[:19] + "..." if isinstance(v, str) and v.startswith("sha256:")  # noqa: E731
                                                 else json.dumps(v, ensure_ascii=False))
     diffs = [f"{k}: {show(then.get(k))} in the checkpoints, {show(now.get(k))} now"
-             for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+             for k in sorted(set(then) | set(now))
+             if then.get(k) != now.get(k) and not (k.startswith("rag.") and k not in then)]
     if diffs:
         raise UsageError(
             f"--resume: the checkpoints in '{ckpt_dir}' belong to a run with other settings:\n  " + "\n  ".join(diffs)

@@ -108,3 +108,16 @@ def test_an_output_dir_holding_other_files_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="is a file"):
         _resume_point(tmp_path / "afile", tmp_path / "afile" / "checkpoints", resume=False, overwrite=True)
     assert _resume_point(tmp_path / "new", tmp_path / "new" / "checkpoints", resume=False, overwrite=False) is None
+
+
+def test_checkpoints_from_before_the_rag_settings_were_recorded_still_resume(tmp_path: Path) -> None:
+    from ragtune.errors import UsageError
+    from ragtune.train.checkpoints import RUN_SETTINGS, check_resume_settings
+
+    then = {"train.learning_rate": 0.001, "data.rag.index_identity": "sha256:abc"}
+    (tmp_path / RUN_SETTINGS).write_text(json.dumps(then))
+    now = {**then, "rag.question_first": False, "rag.system_prompt": "", "rag.top_k": 2}
+    check_resume_settings(tmp_path, now)  # recorded since: not compared against checkpoints that lack them
+    (tmp_path / RUN_SETTINGS).write_text(json.dumps({**then, "rag.question_first": True}))
+    with pytest.raises(UsageError, match="rag.question_first: true in the checkpoints, false now"):
+        check_resume_settings(tmp_path, now)

@@ -79,15 +79,10 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def _cell(value: Any) -> str:
-    """A table cell on one line: control characters (a newline or a terminal escape in a stored file name or
-    title) shown as \\xNN, never sent to the terminal."""
-    text = "" if value is None else str(value)
-    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
-
-
 def print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    from ragtune.text import escape_controls  # a newline or terminal escape in a stored name never reaches the tty
+
+    cells = [[escape_controls("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
     for row in cells:

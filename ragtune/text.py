@@ -24,6 +24,16 @@ MAX_CHAOS = 0.2  # charset-normalizer's mess ratio above which a decoding is noi
 TIE = 0.05  # candidates this close to the least messy one are told apart by `plausibility`
 
 
+def is_control(c: str) -> bool:
+    """A C0 or C1 control character (newline, tab, escape, ...): what breaks a listing or drives a terminal."""
+    return ord(c) < 32 or 127 <= ord(c) < 160
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters shown as \\xNN, on one line and inert on a terminal."""
+    return "".join(f"\\x{ord(c):02x}" if is_control(c) else c for c in text)
+
+
 def is_binary(data: bytes) -> bool:
     """NUL bytes near the start, outside UTF-16: not a text file."""
     return b"\x00" in data[:8192] and not data.startswith(UTF16_BOMS)

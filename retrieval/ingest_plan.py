@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from ragtune.errors import UsageError
 from ragtune.retrieval import loaders
 from ragtune.retrieval.loaders import Document, is_supported, iter_jsonl, reader_format
+from ragtune.text import escape_controls, is_control
 
 CHUNK_NS = uuid.UUID("6f1c9a52-3b7e-4c8e-9d51-2a7f0e4b8c11")
 
@@ -174,11 +175,11 @@ _CONTROL = ("its name has a control character (shown as \\xNN), which would brea
 
 def _has_control(name: str) -> bool:
     """A newline, tab, escape or other control character in a name (a terminal escape sequence too)."""
-    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name)
+    return any(map(is_control, name))
 
 
 def _escaped(name: str) -> str:
-    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in _shown(name))
+    return escape_controls(_shown(name))
 
 
 def _utf8(name: str) -> bool:

@@ -270,9 +270,11 @@ def parse_calls(text: str, plan: ToolPlan | None, cut: bool = False) -> tuple[li
     tail = text[last:]
     if cut and (plan.parallel or not calls):
         start = tail.rfind("<tool_call>")
-        if start < 0:  # cut inside the opening tag itself
-            start = next((len(tail) - k for k in range(len("<tool_call>") - 1, 0, -1)
-                          if tail.endswith("<tool_call>"[:k])), -1)
+        if start < 0:  # cut inside the opening tag itself: the tag's beginning the tail ends with
+            from ragtune.serve.stops import held_back
+
+            opened = held_back(tail, ["<tool_call>"])
+            start = len(tail) - opened if opened else -1
         call = cut_call(tail[start:], plan) if start >= 0 and "</tool_call>" not in tail[start:] else None
         if call is not None:
             calls.append(call)

@@ -94,11 +94,15 @@ def _run_converter(args: list[str], what: str) -> None:
 
 
 def convert_model(model_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
+    """A model folder saved by transformers 5 is converted through a folder of links to its files with the added
+    tokens' types written back (ragtune/tokenizer_files.py), so that its chat markers stay control tokens."""
     from ragtune.export.pin import converter_dir
+    from ragtune.tokenizer_files import with_token_types
 
     conv = converter_dir()
-    _run_converter([str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file),
-                    "--outtype", outtype], f"model '{model_dir}'")
+    with with_token_types(model_dir, out_file.parent) as src:
+        _run_converter([str(conv / "convert_hf_to_gguf.py"), str(src), "--outfile", str(out_file),
+                        "--outtype", outtype], f"model '{model_dir}'")
     return out_file
 
 

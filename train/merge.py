@@ -4,8 +4,9 @@
     ragtune merge runs/adapter --out runs/merged --base /models/smollm2   # the base has moved since training
 
 The base comes from the adapter's run card and must still hash the same; the merged folder
-carries the tokenizer (with the pad token used in training, and the base's tokenizer.model, which
-llama.cpp's converter needs for Gemma and Phi-3) and the chat template trained with,
+carries the tokenizer (with the pad token used in training, the base's tokenizer.model, which
+llama.cpp's converter needs for Gemma and Phi-3, and the added tokens' types in tokenizer_config.json,
+which it reads there: ragtune/tokenizer_files.py) and the chat template trained with,
 and the export is recorded in the run card's "exports".
 """
 
@@ -33,6 +34,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
     from ragtune.io import atomic_dir, check_output_dir
     from ragtune.modeling import check_adapter_dir, check_memory, text_sha256
     from ragtune.runcard import update_runcard
+    from ragtune.tokenizer_files import write_token_types
 
     adapter = check_adapter_dir(Path(adapter_dir).expanduser())
     card, base = _base_of(adapter, base_dir)
@@ -61,6 +63,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, force: bool = Fa
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         _copy_vocab_files(base, tmp)
+        write_token_types(tmp)
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         (tmp / "ragtune-model.json").write_text(json.dumps({
             "merged_from": {"adapter": str(adapter), "base": str(base), "base_hash": card["base_model"]["hash"]},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,43 @@ def test_sentencepiece_model_adapter_merges_and_exports(tmp_path: Path, llama_ho
 
     meta = gguf_metadata(out, ["general.architecture", "tokenizer.ggml.model"])
     assert meta == {"general.architecture": "gemma2", "tokenizer.ggml.model": "llama"}
+    # the chat markers keep their added-token types: transformers 5 no longer writes tokenizer_config.json's
+    # "added_tokens_decoder", the only place the converter reads them from, and they came out ordinary (1), which
+    # llama.cpp's tokenizer spells out of pieces (this fixture declares them added but not special, as user-defined)
+    assert _token_types(out, "<start_of_turn>", "<end_of_turn>", "<eos>", "<mask>") == [USER, USER, CONTROL, CONTROL]
+    merged_cfg = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())
+    assert merged_cfg["added_tokens_decoder"]["4"] == {"content": "<start_of_turn>", "lstrip": False,
+                                                       "normalized": False, "rstrip": False, "single_word": False,
+                                                       "special": False}
+
+
+CONTROL, USER = 3, 4  # llama.cpp's token types of a control (special) and a user-defined token; 1 is ordinary
+
+
+def _token_types(gguf_file: Path, *names: str) -> list[int]:
+    import gguf
+
+    r = gguf.GGUFReader(str(gguf_file))
+    toks, types = r.fields["tokenizer.ggml.tokens"], r.fields["tokenizer.ggml.token_type"]
+    ids = {bytes(toks.parts[i]).decode(): n for n, i in enumerate(toks.data)}
+    return [int(types.parts[types.data[ids[name]]][0]) for name in names]
+
+
+@NEEDS_LLAMA_CPP
+def test_model_folder_saved_by_transformers_5_keeps_its_control_tokens(tmp_path: Path, llama_home: Path) -> None:
+    """A user's Gemma 2 folder whose tokenizer_config.json lacks "added_tokens_decoder" (as transformers 5 saves
+    it) converts with `<start_of_turn>` an added token, not an ordinary one, and the folder is not written to."""
+    from tests.tinymodels import build_tiny_sentencepiece
+
+    base = build_tiny_sentencepiece("gemma2", tmp_path / "gemma2", GEMMA2_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"),
+                                    query_pre_attn_scalar=16)
+    cfg_before = (base / "tokenizer_config.json").read_bytes()
+    assert "added_tokens_decoder" not in json.loads(cfg_before)
+    out = tmp_path / "gemma2.gguf"
+    assert main(["-q", "export", "gguf", str(base), "--out", str(out), "--no-check", "--threads", "1"]) == 0
+    assert _token_types(out, "<start_of_turn>", "<end_of_turn>", "<mask>") == [USER, USER, CONTROL]
+    assert (base / "tokenizer_config.json").read_bytes() == cfg_before
+    assert not list(tmp_path.rglob("converter-input")) and not list(tmp_path.glob(".ragtune-export-*"))
 
 
 @NEEDS_LLAMA_CPP

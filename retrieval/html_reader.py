@@ -1,5 +1,5 @@
 """The HTML reader: text blocks under their heading path, without navigation, sidebars, headers,
-footers, scripts and styles (Sphinx, DocBook and plain pages).
+footers, scripts and styles (Sphinx, DocBook, GNU Texinfo and plain pages).
 
     from ragtune.retrieval.html_reader import load_html
 
@@ -24,8 +24,10 @@ class _HTMLText(HTMLParser):
     HEADINGS = {"h1": 1, "h2": 2, "h3": 3, "h4": 4, "h5": 5, "h6": 6}
     SKIP = {"script", "style", "nav", "header", "footer", "aside", "noscript", "template", "svg", "head", "button"}
     SKIP_CLASSES = ("sphinxsidebar", "related", "headerlink", "navigation", "sidebar", "breadcrumb")
-    # whole class names only: DocBook's page navigation and tables of contents, Sphinx's footer div
-    SKIP_CLASS_NAMES = {"navheader", "navfooter", "toc", "footer"}
+    # whole class names only: DocBook's page navigation and tables of contents, Sphinx's footer div, GNU
+    # Texinfo's "Next: ..., Previous: ..., Up: ..." line (header before Texinfo 7, nav-panel since), Doxygen's
+    # page header
+    SKIP_CLASS_NAMES = {"navheader", "navfooter", "toc", "footer", "header", "nav-panel"}
     VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "source", "wbr", "param", "track"}
 
     def __init__(self) -> None:

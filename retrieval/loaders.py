@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 # document of that format other text, and `index sync`/`add` re-read the documents an older reader
 # read (retrieval/ingest_plan.py); only chunks whose text changed are embedded again (ingest_write).
 # pdf/html 2: PDFium and the clean-up; docx 2: tables in place; text/markdown/jsonl 2: clean_chars
-# (ligatures, invisible characters); html 3: the text after a heading that is never closed.
-READER_VERSIONS = {"text": 2, "markdown": 2, "html": 3, "pdf": 2, "docx": 2, "jsonl": 2}
+# (ligatures, invisible characters); html 3: the text after a heading that is never closed; html 4: GNU
+# Texinfo's navigation line dropped.
+READER_VERSIONS = {"text": 2, "markdown": 2, "html": 4, "pdf": 2, "docx": 2, "jsonl": 2}
 READER_NAMES = {"text": "plain text", "markdown": "Markdown", "html": "HTML", "pdf": "PDF", "docx": "DOCX",
                 "jsonl": "JSONL"}
 

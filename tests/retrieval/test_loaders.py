@@ -240,6 +240,26 @@ def test_html_docbook_navigation_toc_footer_skipped_declared_charset_and_heading
     assert doc.title == "Calibre"
 
 
+# a page of a GNU manual (makeinfo 6.8, as libffi's in Debian's libffi8), and the same in makeinfo 7's markup
+TEXINFO_HTML = """<html><head><title>Thread Safety (libffi)</title></head><body lang="en">
+<div class="section" id="Thread-Safety">
+<div class="header"><p>Previous: <a href="Closure-Example.html">Closure Example</a>, Up: <a href="Using-libffi.html">Using
+libffi</a> &nbsp; [<a href="Index.html">Index</a>]</p></div><hr>
+<h3 class="section">2.7 Thread Safety</h3>
+<p><code>libffi</code> is not completely thread-safe.</p>
+</div></body></html>"""
+
+
+@pytest.mark.parametrize("nav", ["header", "nav-panel"])
+def test_html_texinfo_navigation_line_skipped(tmp_path: Path, nav: str) -> None:
+    """The "Previous: Closure Example, Up: Using libffi [Index]" line was indexed as a chunk of its own, and it
+    ranked first for questions about closures on every page near the closure pages."""
+    p = tmp_path / "Thread-Safety.html"
+    p.write_text(TEXINFO_HTML.replace('class="header"', f'class="{nav}"'), encoding="utf-8")
+    doc = _one(p)
+    assert [(b.heading, b.text) for b in doc.blocks] == [(("2.7 Thread Safety",), "libffi is not completely thread-safe.")]
+
+
 def test_docx_tables_in_document_order_under_their_heading(tmp_path: Path) -> None:
     import docx
 

@@ -29,9 +29,13 @@ class ConfigError(UsageError):
 
 class PromptTooLong(UsageError):
     """A prompt (with its sources) that does not fit the model's context; the server answers it with
-    OpenAI's code for it, chat with a pointer to /reset."""
+    OpenAI's code for it. `prompt_tokens` and `context` give the sizes where known (0 otherwise)."""
 
     api_code = "context_length_exceeded"
+
+    def __init__(self, message: str, prompt_tokens: int = 0, context: int = 0):
+        super().__init__(message)
+        self.prompt_tokens, self.context = prompt_tokens, context
 
 
 class ModelPathError(UsageError):

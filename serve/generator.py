@@ -203,6 +203,12 @@ class Generator(GeneratorLoading, GeneratorDecoding):
             return getattr(self.engine_impl, "scheduler", None)
         return self.batcher
 
+    @property
+    def context_length(self) -> int:
+        """Tokens a prompt and its answer share: llama.cpp's n_ctx, else the model's max_position_embeddings
+        (0: unknown, nothing checked)."""
+        return self._max_positions
+
     def answer_all(self, requests: Sequence[tuple[Sequence[dict[str, str]], Any]], adapter: str | None = None,
                    max_new_tokens: int | None = None, temperature: float | None = None, seed: int | None = None,
                    wave: int = 256, on_done: Any = None) -> list[Answer | RagtuneError]:
@@ -330,7 +336,7 @@ class Generator(GeneratorLoading, GeneratorDecoding):
                 fix = f" or lower rag.top_k ({rcfg.top_k})" if sources else ""
                 raise PromptTooLong(
                     f"the prompt is {len(ids)} tokens but the model's context is {self._max_positions}; "
-                    f"shorten the conversation{fix}"
+                    f"shorten the conversation{fix}", prompt_tokens=len(ids), context=self._max_positions
                 )
             new = min(new, self._max_positions - len(ids))
         temp = float(gcfg.temperature if temperature is None else temperature)

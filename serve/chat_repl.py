@@ -9,6 +9,11 @@ Ollama: line by line, each line would be a question of its own. Ctrl-C stops an 
 after its first token; as the web page's Stop, the words so far stay in the conversation. With
 retrieval on, each question searches with the recent user turns (so follow-ups keep their topic) and
 the answer cites [n].
+A conversation that outgrows the model's context (its prompt plus --max-new-tokens, counted by the
+engine's own tokenizer through the chat template) loses its oldest questions and answers, with a note;
+the system prompt and the question are always sent, and a question too long on its own is refused with
+the sizes and what to change (`fit_to_context`). Over a remote server (engine openai) the server's own
+limit holds.
 Bytes that are not UTF-8 (a Latin-1 terminal) are replaced by U+FFFD, never passed on as surrogates.
 On a terminal the up arrow recalls earlier questions, this session's and earlier ones' ($RAGTUNE_HOME/
 chat_history, the last 1000 lines, readable by you only; RAGTUNE_CHAT_HISTORY=0 keeps none).
@@ -95,19 +100,35 @@ class ChatSession:
             self.say(f"(unknown command '{line}'; {HELP})")
         return True
 
+    def start(self) -> Any:
+        """The answer's stream for the conversation so far, once it fits the model's context: the oldest
+        exchanges that leave no room for the answer leave the history, with a note."""
+        retriever = self.retriever if self.rag else None
+        if not getattr(self.gen, "context_length", 0) or not hasattr(self.gen, "prepare"):  # a remote server
+            return self.gen.stream(self.messages(), adapter=self.adapter, retriever=retriever)
+        from ragtune.serve.streaming import AnswerStream
+
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        job, start = fit_to_context(self.gen, system, self.history, self.adapter, retriever)
+        if start:
+            dropped = sum(m["role"] == "user" for m in self.history[:start])
+            del self.history[:start]
+            self.say(drop_note(dropped, self.gen.context_length, int(self.gen.cfg.generation.max_new_tokens)))
+        return AnswerStream(self.gen, job)
+
     def ask(self, question: str) -> None:
         self.history.append({"role": "user", "content": question})
         try:  # preparing (tokenizing, retrieving, reranking) can take a while: Ctrl-C stops it too
-            stream = self.gen.stream(self.messages(), adapter=self.adapter,
-                                     retriever=self.retriever if self.rag else None)
+            stream = self.start()
         except KeyboardInterrupt:
             self.history.pop()
             self.say("\n(stopped)")
             return
         except RagtuneError as exc:
             self.history.pop()
-            hint = "; /reset starts a new conversation" if isinstance(exc, PromptTooLong) and self.history else ""
-            self.err.write(f"error: {exc}{hint}\n")
+            # a remote server's refusal of the conversation (a local one is fitted: see start)
+            reset = isinstance(exc, PromptTooLong) and not isinstance(exc, QuestionTooLong) and self.history
+            self.err.write(f"error: {exc}{'; /reset starts a new conversation' if reset else ''}\n")
             return
         printed: list[str] = []
         try:
@@ -186,6 +207,95 @@ class ChatSession:
                         return 0
                     continue
                 self.ask(line)
+
+
+class QuestionTooLong(PromptTooLong):
+    """The question (with the system prompt and its sources) leaves no room for the answer on its own."""
+
+
+def fit_to_context(gen: Any, system: list[dict[str, str]], history: list[dict[str, str]], adapter: str | None = None,
+                   retriever: Any = None) -> tuple[Any, int]:
+    """The generator's prepared job for the longest recent part of `history` (from one of its user turns on;
+    the last user turn is the question) whose prompt leaves generation.max_new_tokens of the model's
+    context free, and the index in `history` where that part starts.
+
+    Each try renders and tokenizes as the answer will (`Generator.prepare`: chat template, system prompt,
+    sources), ~11 ms for 8k tokens; a conversation that fits takes the one try it always took. Then come
+    one exchange dropped (a conversation growing turn by turn), the question alone, and a binary search
+    between, so a long paste after many turns takes a few tries, not one per exchange. Retrieval runs
+    once per query however many tries (`SearchOnce`); the query is the last three user turns, so only
+    the last two tries can change the sources. Failure: QuestionTooLong, with the sizes and the fixes,
+    when the question alone does not fit."""
+    ctx, room = gen.context_length, int(gen.cfg.generation.max_new_tokens)
+    if retriever is not None:
+        retriever = SearchOnce(retriever)
+    starts = [i for i, m in enumerate(history) if m["role"] == "user"]
+    tried: dict[int, tuple[Any, int]] = {}
+
+    def fits(k: int) -> bool:
+        """Whether the conversation from its k-th user turn on leaves room for the answer."""
+        if k not in tried:
+            try:
+                job = gen.prepare(system + history[starts[k]:], adapter, retriever)
+                tried[k] = (job, len(job.input_ids))
+            except PromptTooLong as exc:
+                if not exc.prompt_tokens:
+                    raise
+                tried[k] = (None, exc.prompt_tokens)
+        job, n = tried[k]
+        return job is not None and (job.abstained or n + room <= ctx)
+
+    last = len(starts) - 1
+    for k in range(min(2, last + 1)):  # all of it; then one exchange less (a conversation growing turn by turn)
+        if fits(k):
+            return tried[k][0], starts[k]
+    if not fits(last):
+        n = tried[last][1]
+        raise QuestionTooLong(too_long_message(n, room, ctx, retriever is not None, gen.cfg.rag.top_k), n, ctx)
+    lo, k = 1, last  # lo does not fit, k does
+    while k - lo > 1:
+        mid = (lo + k) // 2
+        lo, k = (lo, mid) if fits(mid) else (mid, k)
+    return tried[k][0], starts[k]
+
+
+def drop_note(questions: int, ctx: int, room: int) -> str:
+    which = ("its oldest question and answer are" if questions == 1
+             else f"its {questions} oldest questions and their answers are")
+    return (f"(the conversation outgrew the model's {ctx}-token context with {room} kept for the answer: "
+            f"{which} no longer sent; /reset starts over)")
+
+
+def too_long_message(n: int, room: int, ctx: int, rag: bool, top_k: int) -> str:
+    fixes = ["ask a shorter question"]
+    if rag:
+        fixes.append(f"retrieve fewer sources (rag.top_k, now {top_k})")
+    if n < ctx:
+        fixes.append(f"allow a shorter answer (--max-new-tokens {ctx - n} or less)")
+    fixes.append("use a model with a longer context")
+    return (f"this question makes a prompt of {n} tokens{' with its sources' if rag else ''} and its answer may "
+            f"take {room} more, but the model's context is {ctx} tokens; " + ", ".join(fixes[:-1])
+            + f" or {fixes[-1]}")
+
+
+class SearchOnce:
+    """A retriever that searches each query once: fitting a question to the context may prepare it
+    several times."""
+
+    def __init__(self, retriever: Any):
+        self.retriever = retriever
+        self.found: dict[str, list[dict[str, Any]]] = {}
+
+    def search(self, query: str, **kw: Any) -> list[dict[str, Any]]:
+        key = repr((query, sorted(kw.items())))
+        if key not in self.found:
+            self.found[key] = self.retriever.search(query, **kw)
+        return [dict(h) for h in self.found[key]]
+
+    def __getattr__(self, name: str) -> Any:  # default_min_score and the like
+        if name == "retriever":  # not set yet (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.retriever, name)
 
 
 MULTILINE = '"""'

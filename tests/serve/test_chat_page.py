@@ -126,14 +126,16 @@ def idle(pg: Any) -> None:
 
 class Say:
     """What the model says next: `parts`, the ids of each part after the one before it has gone out and
-    `go()` was called (so a test can look at the page mid-answer)."""
+    `go()` was called (so a test can look at the page mid-answer); a part that is an exception is raised
+    there, as a model run that fails mid-answer."""
 
     def __init__(self, gen: Any):
         self.gen = gen
         self.gates: list[threading.Event] = []
 
-    def __call__(self, *parts: str) -> "Say":
-        self.parts = [self.gen.tokenizer(p, add_special_tokens=False)["input_ids"] for p in parts]
+    def __call__(self, *parts: str | Exception) -> "Say":
+        self.parts = [p if isinstance(p, Exception) else self.gen.tokenizer(p, add_special_tokens=False)["input_ids"]
+                      for p in parts]
         self.gates = [threading.Event() for _ in parts[1:]]
         return self
 
@@ -149,6 +151,8 @@ class Say:
                 while not self.gates[k - 1].wait(0.05):
                     if cancel is not None and cancel.is_set():
                         break
+            if isinstance(ids, Exception):
+                raise ids
             for tid in ids:
                 if (cancel is not None and cancel.is_set()) or count >= job.max_new_tokens:
                     break
@@ -477,6 +481,19 @@ def test_stopping_inside_a_code_fence_keeps_a_code_block(md_page: Any, say: Say)
     assert md_page.locator(".turn.assistant .md pre code").text_content() == "ragtune serve"
     assert "stopped" in md_page.inner_text(".turn.assistant .meta")
     assert md_page.evaluate("history[1].content") == "Run:\n\n```sh\nragtune serve"
+
+
+def test_an_answer_that_fails_midway_keeps_its_markdown_with_its_citations_as_text(md_page: Any, say: Say) -> None:
+    """The partial answer of a failed turn stays, rendered; its sources are not shown, so [1] stays text."""
+    say("**Three** days [1] and", RuntimeError("the model fell over"))
+    send(md_page, "remote?")
+    until(md_page, "(document.querySelector('.turn.assistant .md strong') || {}).textContent === 'Three'")
+    say.go()
+    idle(md_page)
+    assert "the model fell over" in md_page.inner_text(".turn.error .meta")
+    assert md_page.inner_text(".turn.error .md") == "Three days [1] and"
+    assert md_page.locator(".turn.error .md button.cite").count() == 0
+    assert md_page.input_value("#q") == "remote?"
 
 
 def test_copy_copies_the_markdown(md_page: Any, say: Say) -> None:

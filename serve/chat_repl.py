@@ -220,9 +220,9 @@ def fit_to_context(gen: Any, system: list[dict[str, str]], history: list[dict[st
     context free, and the index in `history` where that part starts.
 
     Each try renders and tokenizes as the answer will (`Generator.prepare`: chat template, system prompt,
-    sources), ~11 ms for 8k tokens; a conversation that fits takes the one try it always took. Then come
-    one exchange dropped (a conversation growing turn by turn), the question alone, and a binary search
-    between, so a long paste after many turns takes a few tries, not one per exchange. Retrieval runs
+    sources), 11-35 ms for 8k tokens on 2 CPU cores; a conversation that fits takes the one try it always
+    took. Then come one exchange dropped (a conversation growing turn by turn), the question alone, and a
+    binary search between, so a long paste after many turns takes a few tries, not one per exchange. Retrieval runs
     once per query however many tries (`SearchOnce`); the query is the last three user turns, so only
     the last two tries can change the sources. Failure: QuestionTooLong, with the sizes and the fixes,
     when the question alone does not fit."""

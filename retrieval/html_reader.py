@@ -28,6 +28,8 @@ class _HTMLText(HTMLParser):
     # Texinfo's "Next: ..., Previous: ..., Up: ..." line (header before Texinfo 7, nav-panel since), Doxygen's
     # page header
     SKIP_CLASS_NAMES = {"navheader", "navfooter", "toc", "footer", "header", "nav-panel"}
+    # a heading's link to itself, shown as a symbol (Node.js's "#", Sphinx's pilcrow, "§"): not part of its name
+    SELF_LINK_TEXT = {"#", "\u00b6", "\u00a7", "\U0001f517", ""}
     VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "source", "wbr", "param", "track"}
 
     def __init__(self) -> None:
@@ -44,6 +46,7 @@ class _HTMLText(HTMLParser):
         self.in_title = False
         self.first_h1 = ""
         self.first_heading = ""  # the title of a page with no <h1> and no <title> (a DocBook part)
+        self.self_link_at: int | None = None  # where in heading_buf an <a href="#..."> inside a heading began
 
     def _flush(self) -> None:
         text = "".join(self.buf)
@@ -69,6 +72,8 @@ class _HTMLText(HTMLParser):
                 or not self.SKIP_CLASS_NAMES.isdisjoint(cls.split())):
             self.skip_depth = len(self.stack)
             return
+        if tag == "a" and self.heading_level and (a.get("href") or "").startswith("#"):
+            self.self_link_at = len(self.heading_buf)
         if tag in self.HEADINGS:
             self.end_open_heading()
             self._flush()
@@ -84,6 +89,10 @@ class _HTMLText(HTMLParser):
             self.in_title = False
         if tag in self.VOID or tag not in self.stack:
             return
+        if tag == "a" and self.self_link_at is not None:
+            if "".join(self.heading_buf[self.self_link_at:]).strip() in self.SELF_LINK_TEXT:
+                del self.heading_buf[self.self_link_at:]
+            self.self_link_at = None
         while self.stack:
             open_tag = self.stack.pop()
             depth = len(self.stack) + 1

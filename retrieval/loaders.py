@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 # read (retrieval/ingest_plan.py); only chunks whose text changed are embedded again (ingest_write).
 # pdf/html 2: PDFium and the clean-up; docx 2: tables in place; text/markdown/jsonl 2: clean_chars
 # (ligatures, invisible characters); html 3: the text after a heading that is never closed; html 4: GNU
-# Texinfo's navigation line dropped.
+# Texinfo's navigation line dropped, a heading's link to itself ("#") left out of its name.
 READER_VERSIONS = {"text": 2, "markdown": 2, "html": 4, "pdf": 2, "docx": 2, "jsonl": 2}
 READER_NAMES = {"text": "plain text", "markdown": "Markdown", "html": "HTML", "pdf": "PDF", "docx": "DOCX",
                 "jsonl": "JSONL"}

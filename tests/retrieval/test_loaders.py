@@ -260,6 +260,17 @@ def test_html_texinfo_navigation_line_skipped(tmp_path: Path, nav: str) -> None:
     assert [(b.heading, b.text) for b in doc.blocks] == [(("2.7 Thread Safety",), "libffi is not completely thread-safe.")]
 
 
+def test_html_heading_self_links_are_not_part_of_the_heading(tmp_path: Path) -> None:
+    """Node.js's API pages end every heading with a "#" link to itself: the heading path read 'Readline# >
+    Example: Read file stream line-by-Line#'. A heading that is a link, or names C#, keeps its text."""
+    p = tmp_path / "readline.html"
+    p.write_text('<h2>Readline<span><a class="mark" href="#readline" id="readline">#</a></span>'
+                 '<a aria-hidden="true" class="legacy" id="readline_readline"></a></h2>'
+                 '<h3>Using C# <a href="#c">from here</a><a class="anchor" href="#use">\u00a7</a></h3><p>Text.</p>',
+                 encoding="utf-8")
+    assert [b.heading for b in _one(p).blocks] == [("Readline", "Using C# from here")]
+
+
 def test_docx_tables_in_document_order_under_their_heading(tmp_path: Path) -> None:
     import docx
 

@@ -158,6 +158,10 @@ class SearchConfig:
     sparse_weight: float = 1.0  # fusion weight of the lexical (BM25) channel
     stemmer: str = "english"  # lexical stemming for new indexes (Snowball name or none); an index keeps its own
     hnsw_ef: int = 128  # HNSW search breadth; 0 = the store's default (recall@10 0.98 vs 0.99 at 128, same speed)
+    # a hit whose text equals a better-ranked hit's is left out, its place going to the next one
+    # (the same page kept as .html and inside an all-in-one page, a file copied to two folders); the kept hit
+    # names the others in "duplicates"
+    dedupe: bool = True
 
 
 GgufType = Literal["f16", "bf16", "q8_0", "q4_k_m"]  # the GGUF types ragtune writes (ragtune.export.quantize.TYPES)

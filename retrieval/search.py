@@ -61,6 +61,26 @@ def _canonical(hits: list[Any]) -> list[Any]:
                                        h.payload.get("start") or 0))
 
 
+def _distinct(items: list[Any], text_of: Any, limit: int) -> list[tuple[Any, list[Any]]]:
+    """The first `limit` items whose text no better-ranked item has, each with the items of the same text
+    (its duplicates, in rank order; the whole list is scanned for them: a dict lookup each)."""
+    kept: list[tuple[Any, list[Any]]] = []
+    at: dict[str, int] = {}
+    for it in items:
+        key = text_of(it).strip()
+        if key in at:
+            kept[at[key]][1].append(it)
+        elif len(kept) < limit:
+            at[key] = len(kept)
+            kept.append((it, []))
+    return kept
+
+
+def _duplicate(h: Any) -> dict[str, Any]:
+    p = h.payload
+    return {"source": p.get("source"), "page": p.get("page"), "heading": p.get("heading") or ""}
+
+
 def _cosine(q: Any, vec: Any) -> float | None:
     import numpy as np
 
@@ -217,6 +237,7 @@ class Retriever:
         q = self.embedder.embed_query(query)
         sparse_q = self.sparse.query(query) if mode != "dense" else None
         limit = max(top_k, s.rerank_candidates) if self.reranker is not None else top_k
+        fetch = limit * 2 + 4 if s.dedupe else limit  # spare hits for the places duplicates leave
         if (self.read_copy and time.monotonic() - self._checked >= self.REFRESH_EVERY_S
                 and self._refresh_lock.acquire(blocking=False)):  # one thread refreshes, the others search on
             try:
@@ -227,7 +248,7 @@ class Retriever:
         hybrid = mode == "hybrid" and bool(sparse_q and sparse_q[0])  # a query of stop-words alone: dense
         with self._store_lock:
             if hybrid:
-                n = max(s.candidates, limit)
+                n = max(s.candidates, fetch)
                 dense_hits = _canonical(self.store.query(dense=q, mode="dense", limit=n, filters=filters,
                                                          hnsw_ef=s.hnsw_ef))
                 sparse_hits = _canonical(self.store.query(sparse=sparse_q, mode="sparse", limit=n, filters=filters))
@@ -235,13 +256,18 @@ class Retriever:
             else:
                 single = _canonical(self.store.query(
                     dense=q if mode != "sparse" else None, sparse=sparse_q if mode == "sparse" else None,
-                    mode="sparse" if mode == "sparse" else "dense", limit=limit, filters=filters,
+                    mode="sparse" if mode == "sparse" else "dense", limit=fetch, filters=filters,
                     hnsw_ef=s.hnsw_ef, with_vector=mode == "sparse",
                 ))
         if not hybrid:
             out = []
-            for rank, h in enumerate(single, 1):
+            ranked = list(enumerate(single, 1))
+            kept = (_distinct(ranked, lambda rh: rh[1].payload.get("text", ""), limit) if s.dedupe
+                    else [(rh, []) for rh in ranked[:limit]])
+            for (rank, h), dups in kept:
                 o = _source(h)
+                if dups:
+                    o["duplicates"] = [_duplicate(d) for _, d in dups]
                 if mode == "sparse":
                     o["dense_score"] = _cosine(q, h.vector)
                     o.update(sparse_rank=rank, sparse_score=float(h.score), dense_rank=None)
@@ -265,8 +291,12 @@ class Retriever:
         s = self.cfg.search
         by_id = {h.id: h for h in sparse_hits}
         by_id.update({h.id: h for h in dense_hits})
-        fused = fuse([(h.id, h.score) for h in dense_hits], [(h.id, h.score) for h in sparse_hits],
-                     method=s.fusion, k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight))[:limit]
+        ranked = fuse([(h.id, h.score) for h in dense_hits], [(h.id, h.score) for h in sparse_hits],
+                      method=s.fusion, k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight))
+        kept = (_distinct(ranked, lambda r: by_id[r[0]].payload.get("text", ""), limit) if s.dedupe
+                else [(r, []) for r in ranked[:limit]])
+        fused = [r for r, _ in kept]
+        dups = {r[0]: [_duplicate(by_id[d[0]]) for d in ds] for r, ds in kept if ds}
         # the cosine of the few lexical-only hits that made the cut: their vectors, fetched by id
         # (cheaper than returning every lexical candidate's vector); called under the store lock
         missing = [cid for cid, row in fused if row["dense_score"] is None]
@@ -279,6 +309,8 @@ class Retriever:
             o["score"] = o["fused_score"] = row["fused"]
             o["dense_score"] = row["dense_score"] if row["dense_score"] is not None else _cosine(q, h.vector)
             o.update(dense_rank=row["dense_rank"], sparse_rank=row["sparse_rank"], sparse_score=row["sparse_score"])
+            if cid in dups:
+                o["duplicates"] = dups[cid]
             out.append(o)
         return out
 

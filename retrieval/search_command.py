@@ -183,3 +183,6 @@ def _print_hits(hits: list[dict[str, Any]], as_json: bool, explain: bool = False
         if explain:
             print(f"    why: {h['explain']['why']}")
         print(f"    {text[:200]}{'...' if len(text) > 200 else ''}")
+        if h.get("duplicates"):
+            print("    the same text in: " + ", ".join(
+                str(d["source"]) + (f" p.{d['page']}" if d.get("page") else "") for d in h["duplicates"]))

@@ -237,7 +237,7 @@ class Retriever:
         q = self.embedder.embed_query(query)
         sparse_q = self.sparse.query(query) if mode != "dense" else None
         limit = max(top_k, s.rerank_candidates) if self.reranker is not None else top_k
-        fetch = limit * 2 + 4 if s.dedupe else limit  # spare hits for the places duplicates leave
+        fetch = limit * 2 + 4 if s.dedupe else limit  # one channel: spare hits for the places duplicates leave
         if (self.read_copy and time.monotonic() - self._checked >= self.REFRESH_EVERY_S
                 and self._refresh_lock.acquire(blocking=False)):  # one thread refreshes, the others search on
             try:
@@ -248,7 +248,7 @@ class Retriever:
         hybrid = mode == "hybrid" and bool(sparse_q and sparse_q[0])  # a query of stop-words alone: dense
         with self._store_lock:
             if hybrid:
-                n = max(s.candidates, fetch)
+                n = max(s.candidates, limit)  # the channels' depth, which DBSF's scaling depends on
                 dense_hits = _canonical(self.store.query(dense=q, mode="dense", limit=n, filters=filters,
                                                          hnsw_ef=s.hnsw_ef))
                 sparse_hits = _canonical(self.store.query(sparse=sparse_q, mode="sparse", limit=n, filters=filters))

@@ -50,6 +50,8 @@ def run_settings(cfg: Any, prep: Any) -> dict[str, Any]:
         flat.update({"rag.question_first": cfg.rag.question_first, "rag.system_prompt": cfg.rag.system_prompt})
         if not cfg.data.rag.top_k:  # the sources per prompt come from rag.top_k
             flat["rag.top_k"] = cfg.rag.top_k
+        # and the search that chose them (mode, fusion, reranker, dedupe, ...): the same rule
+        flat.update({k: v for k, v in flat_settings(cfg).items() if k.startswith("search.")})
     return json.loads(json.dumps(flat))
 
 
@@ -71,7 +73,7 @@ def check_resume_settings(ckpt_dir: Path, now: dict[str, Any]) -> None:
                                                 else json.dumps(v, ensure_ascii=False))
     diffs = [f"{k}: {show(then.get(k))} in the checkpoints, {show(now.get(k))} now"
              for k in sorted(set(then) | set(now))
-             if then.get(k) != now.get(k) and not (k.startswith("rag.") and k not in then)]
+             if then.get(k) != now.get(k) and not (k.startswith(("rag.", "search.")) and k not in then)]
     if diffs:
         raise UsageError(
             f"--resume: the checkpoints in '{ckpt_dir}' belong to a run with other settings:\n  " + "\n  ".join(diffs)

@@ -143,6 +143,8 @@ def resolve_settings(cfg: Any) -> dict[str, Any]:
         extra["order"] = rc.order
     if cfg.rag.question_first:  # absent at the default, as order
         extra["question_first"] = True
+    if not cfg.search.dedupe:  # absent at the default (runs from before it differ only over repeated texts)
+        extra["dedupe"] = False
     return {
         "top_k": top_k,
         "distractors": rc.distractors if rc.distractors >= 0 else top_k - 1,

@@ -116,8 +116,13 @@ def test_checkpoints_from_before_the_rag_settings_were_recorded_still_resume(tmp
 
     then = {"train.learning_rate": 0.001, "data.rag.index_identity": "sha256:abc"}
     (tmp_path / RUN_SETTINGS).write_text(json.dumps(then))
-    now = {**then, "rag.question_first": False, "rag.system_prompt": "", "rag.top_k": 2}
+    now = {**then, "rag.question_first": False, "rag.system_prompt": "", "rag.top_k": 2, "search.mode": "hybrid",
+           "search.dedupe": True}
     check_resume_settings(tmp_path, now)  # recorded since: not compared against checkpoints that lack them
     (tmp_path / RUN_SETTINGS).write_text(json.dumps({**then, "rag.question_first": True}))
     with pytest.raises(UsageError, match="rag.question_first: true in the checkpoints, false now"):
+        check_resume_settings(tmp_path, now)
+    # the search that chose the sources: compared once recorded (a changed mode or dedupe builds other prompts)
+    (tmp_path / RUN_SETTINGS).write_text(json.dumps({**now, "search.dedupe": False}))
+    with pytest.raises(UsageError, match="search.dedupe: false in the checkpoints, true now"):
         check_resume_settings(tmp_path, now)

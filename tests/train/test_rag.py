@@ -138,8 +138,10 @@ def test_run_card_records_the_retrieval_and_resume_refuses_a_changed_index(
     more = [x for x in over if not x.startswith("train.max_steps")] + ["train.max_steps=3"]
     with pytest.raises(UsageError, match="data.rag.index_identity"):
         run_train(load_config(None, more), resume=True)
-    # the prompts' layout, instruction or source count changes: none may continue either (they were not compared)
-    for setting, was in (("rag.question_first=true", "false"), ("rag.system_prompt=Answer from the sources.", '""')):
+    # the prompts' layout, instruction, source count or the search that chose the sources changes: none may
+    # continue either (they were not compared)
+    for setting, was in (("rag.question_first=true", "false"), ("rag.system_prompt=Answer from the sources.", '""'),
+                         ("search.mode=dense", '"hybrid"'), ("search.dedupe=false", "true")):
         with pytest.raises(UsageError, match=setting.split("=")[0] + f": {was} in the checkpoints"):
             run_train(load_config(None, more + [setting]), resume=True)
     with pytest.raises(UsageError) as refused:  # data.rag.top_k=3 decides the sources here, not rag.top_k

@@ -50,8 +50,9 @@ def run_settings(cfg: Any, prep: Any) -> dict[str, Any]:
         flat.update({"rag.question_first": cfg.rag.question_first, "rag.system_prompt": cfg.rag.system_prompt})
         if not cfg.data.rag.top_k:  # the sources per prompt come from rag.top_k
             flat["rag.top_k"] = cfg.rag.top_k
-        # and the search that chose them (mode, fusion, reranker, dedupe, ...): the same rule
-        flat.update({k: v for k, v in flat_settings(cfg).items() if k.startswith("search.")})
+        # and the search that chose them (mode, fusion, reranker, dedupe, ...; not search.top_k, which the
+        # training's retrieval does not read): the same rule
+        flat.update({k: v for k, v in flat_settings(cfg).items() if k.startswith("search.") and k != "search.top_k"})
     return json.loads(json.dumps(flat))
 
 

@@ -10,7 +10,8 @@ Plain output is the answer only (stdout), printed as it is decoded when stdout i
 (--stream/--no-stream decide; the text is the same); --json gives answer, sources, mode, token counts and
 timings. Errors go to stderr with exit code 2 (usage) or 1; a batch exits 3 when some lines failed.
 With --server (or RAGTUNE_SERVER) nothing heavy is imported: the question goes to the server's
-/v1/chat/completions and its answer is printed in the same shapes. With --engine openai (or
+/v1/chat/completions and its answer is printed in the same shapes (streamed from its server-sent events
+by the same rule). With --engine openai (or
 generation.engine: openai) retrieval, the prompt and the sources stay here and any OpenAI-compatible
 server (generation.url/model/api_key, or --url/--model/--api-key) generates.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 from ragtune.errors import EXIT_PARTIAL, RagtuneError, UsageError
 
@@ -148,11 +149,6 @@ def run_ask(args: argparse.Namespace, cfg: Any) -> int:
     cfg = generation_overrides(cfg, args)
     schema = getattr(args, "schema", None)
     args.response_format = schema_format(schema) if schema else None
-    if url and stream:  # ragtune.client reads a server's answer whole
-        if args.stream:
-            raise UsageError("--stream: ask --server prints the server's answer once it is complete; drop --stream, "
-                             "or stream with --engine openai --url URL/v1 --model NAME")
-        stream = False
     asker = _RemoteAsk(args, url) if url else _LocalAsk(args, cfg)
     try:
         if batch is not None:
@@ -374,6 +370,48 @@ class _RemoteAsk:
     def ask(self, question: str, system: str) -> dict[str, Any]:
         from ragtune.client import post_json
 
+        return _remote_dict(post_json(self.url, "/v1/chat/completions", self._body(question, system), self.key))
+
+    def ask_streamed(self, question: str, system: str, out: TextIO) -> dict[str, Any]:
+        """`ask`, with the answer written to `out` from the server's SSE chunks as they come. Ctrl-C (or a
+        closed pipe) hangs up, which stops the server's decode; an error once text is printed ends its
+        line first, then raises."""
+        from ragtune.client import EventStream
+
+        body = {**self._body(question, system), "stream": True, "stream_options": {"include_usage": True}}
+        events = EventStream(self.url, "/v1/chat/completions", body, self.key)
+        last: dict[str, Any] = {}  # the latest of each top-level field (sources, ragtune, usage, model)
+        text: list[str] = []
+        finish: list[Any] = [None]
+        failed: list[RagtuneError] = []
+
+        def deltas() -> Iterator[str]:
+            printed = False
+            try:
+                for event in events:
+                    last.update({k: v for k, v in event.items() if v is not None and k != "choices"})
+                    for choice in event.get("choices") or []:
+                        finish[0] = choice.get("finish_reason") or finish[0]
+                        delta = (choice.get("delta") or {}).get("content") or ""
+                        if delta:
+                            text.append(delta)
+                            printed = printed or bool(delta.strip())
+                            yield delta
+            except RagtuneError as exc:
+                if not printed:  # nothing on stdout yet: the error alone, as unstreamed
+                    raise
+                failed.append(exc)  # print_stream ends the printed line; the error follows on stderr
+
+        try:
+            print_stream(deltas(), out)
+        finally:
+            events.close()
+        if failed:
+            raise failed[0]
+        return _remote_dict({**last, "choices": [{"message": {"content": "".join(text)},
+                                                  "finish_reason": finish[0]}]})
+
+    def _body(self, question: str, system: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": _messages(question, system)}
         if self.max_new_tokens is not None:
             body["max_tokens"] = self.max_new_tokens
@@ -381,16 +419,20 @@ class _RemoteAsk:
             body["temperature"] = self.temperature
         if self.response_format:
             body["response_format"] = self.response_format
-        r = post_json(self.url, "/v1/chat/completions", body, self.key)
-        meta = r.get("ragtune") or {}
-        usage = r.get("usage") or {}
-        choice = (r.get("choices") or [{}])[0]
-        return {"answer": (choice.get("message") or {}).get("content") or "", "sources": r.get("sources") or [],
-                "mode": meta.get("mode"), "prompt_tokens": usage.get("prompt_tokens", 0),
-                "completion_tokens": usage.get("completion_tokens", 0), "abstained": bool(meta.get("abstained")),
-                "finish_reason": choice.get("finish_reason"), "timings": meta.get("timings") or {},
-                "adapter": meta.get("adapter"), "best_score": meta.get("best_score"), "model": r.get("model"),
-                "engine": meta.get("engine"), "index": meta.get("index"), "tool_rendering": meta.get("tool_rendering")}
+        return body
 
     def close(self) -> None:
         pass
+
+
+def _remote_dict(r: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion from a ragtune server (whole, or put together from its chunks) in ask's --json shape."""
+    meta = r.get("ragtune") or {}
+    usage = r.get("usage") or {}
+    choice = (r.get("choices") or [{}])[0]
+    return {"answer": (choice.get("message") or {}).get("content") or "", "sources": r.get("sources") or [],
+            "mode": meta.get("mode"), "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0), "abstained": bool(meta.get("abstained")),
+            "finish_reason": choice.get("finish_reason"), "timings": meta.get("timings") or {},
+            "adapter": meta.get("adapter"), "best_score": meta.get("best_score"), "model": r.get("model"),
+            "engine": meta.get("engine"), "index": meta.get("index"), "tool_rendering": meta.get("tool_rendering")}

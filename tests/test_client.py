@@ -1,18 +1,21 @@
 """ragtune/client.py's own HTTP/1.1 over a socket (plain http to a local server), against a real
 http.server: Content-Length, chunked transfer coding, errors with the server's message, no server;
-and read_batch, the --questions/--queries file reader."""
+EventStream (server-sent events read as they arrive, split anywhere, errors in-band and a stream cut
+short); and read_batch, the --questions/--queries file reader."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from ragtune.client import get_json, post_json, read_batch
+from ragtune.client import EventStream, _dechunked, _EndedEarly, get_json, post_json, read_batch
 from ragtune.errors import RagtuneError, UsageError
 from tests.conftest import free_port
 
@@ -45,9 +48,46 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.startswith("/sse"):
+            return self._sse(body)
         if body.get("bad"):
             return self._send(422, {"error": {"message": "field 'bad' is not allowed"}})
+        if body.get("small"):
+            return self._send(200, {"ok": True})
         self._send(200, {"echo": body, "text": "한국어 ✓ " * 500}, chunked=True)
+
+
+    def _sse(self, body: dict[str, Any]) -> None:
+        """SSE_WIRE (or body["wire"]), chunked, written `piece` bytes at a time (each its own TCP segment)."""
+        wire = body.get("wire", SSE_WIRE).encode()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        framed = b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in _split(wire, 11))
+        framed += b"" if body.get("cut") else b"0\r\n\r\n"
+        try:
+            for i in range(0, len(framed), body["piece"]):
+                self.wfile.write(framed[i:i + body["piece"]])
+                self.wfile.flush()
+                time.sleep(0.0005)
+        except OSError:  # the client hung up (it stops reading at an error event)
+            self.close_connection = True
+
+
+def _split(b: bytes, n: int) -> list[bytes]:
+    return [b[i:i + n] for i in range(0, len(b), n)]
+
+
+# what an OpenAI-compatible server may send: a comment, CRLF line ends, "data:" without its space, an event
+# of two data lines, a field that is not data, UTF-8 characters split by any read
+EVENTS = [{"n": 1, "text": "재택근무 ✓"}, {"n": 2, "text": "line\nbreak"}, {"n": 3, "text": "a b"}]
+SSE_WIRE = (": keep-alive\n\n"
+            f"data: {json.dumps(EVENTS[0], ensure_ascii=False)}\r\n\r\n"
+            f"event: chunk\ndata:{json.dumps(EVENTS[1])}\n\n"
+            'data: {"n": 3,\ndata: "text": "a b"}\n\n'
+            "data: [DONE]\n\n")
 
 
 @pytest.fixture
@@ -103,3 +143,85 @@ def test_read_batch_lenient_and_jsonl_modes(tmp_path: Path) -> None:
         read_batch(str(tmp_path / "bad.jsonl"), "question", jsonl=True)
     with pytest.raises(UsageError, match="--questions file '.*nope.jsonl' does not exist"):
         read_batch(str(tmp_path / "nope.jsonl"), "question", jsonl=True)
+
+
+def test_dechunked_whatever_the_reads_boundaries() -> None:
+    data = "재택근무 days ✓\n".encode() * 5
+    framed = b"".join(f"{len(p):x};ext=1\r\n".encode() + p + b"\r\n" for p in _split(data, 7)) + b"0\r\n\r\n"
+    for cut in range(len(framed) + 1):
+        reads = [r for r in (framed[:cut], framed[cut:]) if r]  # a read is never empty but at the end
+        assert b"".join(_dechunked(iter(reads))) == data, cut
+    assert b"".join(_dechunked(iter(_split(framed, 1)))) == data
+    with pytest.raises(_EndedEarly):
+        b"".join(_dechunked(iter([framed[:-7]])))
+
+
+class _Pieces:
+    """A response whose body arrives in the given reads."""
+
+    def __init__(self, reads: list[bytes]) -> None:
+        self.reads = [r for r in reads if r]  # a read is never empty but at the end
+
+    def read(self) -> bytes:
+        return self.reads.pop(0) if self.reads else b""
+
+    def close(self) -> None:
+        pass
+
+
+def _events(reads: list[bytes]) -> list[Any]:
+    es = EventStream.__new__(EventStream)
+    es.url, es.path, es._resp = "http://server", "/sse", _Pieces(reads)
+    return list(es)
+
+
+def test_event_stream_events_split_anywhere() -> None:
+    """Every place a read can end (inside a line, a CRLF, a UTF-8 character) gives the same events."""
+    wire = SSE_WIRE.encode()
+    for cut in range(len(wire) + 1):
+        assert _events([wire[:cut], wire[cut:]]) == EVENTS, cut
+    assert _events(_split(wire, 1)) == EVENTS
+
+
+@pytest.mark.parametrize("via", ["socket", "urllib"])
+def test_event_stream_in_small_pieces(url: str, via: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over ragtune's own socket client, and through urllib (its path for https and proxies)."""
+    if via == "urllib":  # a proxy that 127.0.0.1 bypasses: urllib's path, straight to the test server
+        monkeypatch.setattr("ragtune.client._LOOPBACK", ())
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+    for piece in (1, 3, 64):
+        with EventStream(url, "/sse", {"piece": piece}, "k") as events:
+            assert list(events) == EVENTS, piece
+    with pytest.raises(RagtuneError, match="closed the connection before the answer was complete"):
+        list(EventStream(url, "/sse", {"piece": 5, "wire": SSE_WIRE[:-15], "cut": True}))
+    with pytest.raises(UsageError, match=r"answered /v1/x with 422: field 'bad' is not allowed"):
+        EventStream(url, "/v1/x", {"bad": True}, "k")
+
+
+def test_event_stream_errors_name_the_server(url: str) -> None:
+    """An error event (the request's fault: UsageError; the server's: RagtuneError), a stream cut inside a
+    chunk or between events, an event that is not JSON, and an HTTP error before the stream."""
+    first = f"data: {json.dumps(EVENTS[0], ensure_ascii=False)}\n\n"
+    bad = 'data: {"error": {"message": "grammar too complex", "type": "invalid_request_error"}}\n\ndata: [DONE]\n\n'
+    got: list[Any] = []
+    with pytest.raises(UsageError, match=f"^the server at {url} ended the answer with an error: grammar too complex$"):
+        for event in EventStream(url, "/sse", {"piece": 5, "wire": first + bad}):
+            got.append(event)
+    assert got == EVENTS[:1]  # what came before the error was read
+    with pytest.raises(RagtuneError, match="ended the answer with an error: boom") as exc:
+        list(EventStream(url, "/sse", {"piece": 5, "wire": 'data: {"error": {"message": "boom", "type": '
+                                                             '"server_error"}}\n\n'}))
+    assert not isinstance(exc.value, UsageError)
+    cut = f"^the server at {url} closed the connection before the answer was complete .*only part of the answer$"
+    for wire, chunked_cut in ((first, False), (first, True), (first + "data: {\"n\"", True)):
+        with pytest.raises(RagtuneError, match=cut):
+            list(EventStream(url, "/sse", {"piece": 5, "wire": wire, "cut": chunked_cut}))
+    with pytest.raises(RagtuneError, match=r"sent an event on /sse that is not JSON: 'oops'"):
+        list(EventStream(url, "/sse", {"piece": 5, "wire": "data: oops\n\n"}))
+    with pytest.raises(UsageError, match=r"answered /v1/x with 422: field 'bad' is not allowed"):
+        EventStream(url, "/v1/x", {"bad": True}, "k")
+    with pytest.raises(RagtuneError, match=r"answered /v1/x with application/json, not a stream of server-sent"):
+        EventStream(url, "/v1/x", {"small": True}, "k")  # a server that ignored "stream": true
+    with pytest.raises(RagtuneError, match="no ragtune server answers at"):
+        EventStream(f"http://127.0.0.1:{free_port()}", "/sse", {})

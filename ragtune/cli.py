@@ -333,11 +333,21 @@ def _remote(args_list: list[str]) -> int | None:
         return int(exc.code or 0)
     except RagtuneError as exc:
         return _fail(args, str(exc), exc.exit_code)
+    except BrokenPipeError:  # `... | head`: stdout's reader has gone (the client turns socket errors into messages)
+        return _quiet_broken_pipe()
     except OSError as exc:
         return _fail(args, os_error_message(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_broken_pipe() -> int:
+    """End quietly, as a SIGPIPE'd tool does, with no second error when Python flushes stdout at exit."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 def _settings_without_value(words: list[str]) -> list[str]:
@@ -455,11 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args, cfg) or 0)
     except RagtuneError as exc:
         return _fail(args, str(exc), exc.exit_code)
-    except BrokenPipeError:  # `ragtune ... | head`: the reader has gone; end quietly, as a SIGPIPE'd tool does
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
-        return 141
+    except BrokenPipeError:  # `ragtune ... | head`: the reader has gone
+        return _quiet_broken_pipe()
     except OSError as exc:  # unwritable folder, full disk, a file where a folder belongs...
         return _fail(args, os_error_message(exc), EXIT_FAILED)
     except Terminated:

@@ -326,3 +326,21 @@ def test_ask_server_ctrl_c_keeps_the_text_hangs_up_and_exits_130(server: Any, lo
         time.sleep(0.05)
     assert runs and runs[0]["finish_reason"] == "cancelled" and runs[0]["tokens"] < 300, runs
     assert app.state.runtime.pending == 0  # the request has left the server's queue
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_ask_server_into_a_reader_that_has_gone_ends_quietly_141(server: Any, tmp_path: Path, stream: str) -> None:
+    """`ragtune ask --server URL ... | head -c 1`: the pipe's reader leaves early. The fast path printed
+    "error: [Errno 32] Broken pipe" and exited 1; it now ends as the full CLI does (and a SIGPIPE'd tool):
+    exit 141, nothing on stderr."""
+    url, _ = server
+    env = {k: v for k, v in os.environ.items() if k not in ("RAGTUNE_SERVER", "RAGTUNE_API_KEY")}
+    argv = _ask(url, QUESTION, "--model", "base", "--max-new-tokens", "300", stream, *_schema(tmp_path, LONG))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first word
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ragtune", *argv], stdout=write, stderr=subprocess.PIPE,
+                              env={**env, "PYTHONPATH": str(ROOT)}, timeout=120)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr.decode()) == (141, "")

@@ -200,7 +200,7 @@ def run_set(name: str, root: Path, minilm: str, rerank: str, skip_tutorial: bool
     results: dict[str, dict[str, float]] = row["results"]  # type: ignore[assignment]
 
     def report(label: str, ranked: list[list[str]], extra: dict[str, float] | None = None) -> None:
-        m = {k: round(v, 3) for k, v in metrics(ranked, gold).items()}
+        m = {k: round(v, 4) for k, v in metrics(ranked, gold).items()}
         results[label] = {**m, **(extra or {})}
         print(f"{name:11s} {label:34s} " + " ".join(f"{k}={v}" for k, v in results[label].items()), flush=True)
 

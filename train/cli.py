@@ -139,7 +139,10 @@ def _run_train(args: argparse.Namespace, cfg: Any) -> int:
         if first_process():
             _print_plan(plan, cfg, args.json)
         return EXIT_OK
-    out = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        out = run_train(cfg, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        _leave_process_group()
     if not first_process():
         return EXIT_OK  # under accelerate launch / torchrun, the first process reports for all
     card = read_runcard(out)
@@ -151,6 +154,17 @@ def _run_train(args: argparse.Namespace, cfg: Any) -> int:
         print(f"adapter: {out} ({m['steps']} steps, train loss {m['train_loss']:.4f}{ev}, "
               f"{m['tokens_per_second']:.0f} tokens/s, {m['wall_seconds']:.0f}s)")
     return EXIT_OK
+
+
+def _leave_process_group() -> None:
+    """Under accelerate launch / torchrun, end the process group before the interpreter does: left to exit,
+    a rank's gloo threads were sometimes torn down while joinable ('terminate called without an active
+    exception', exit -6), failing a run whose adapter was already written."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _print_plan(plan: dict[str, Any], cfg: Any, as_json: bool) -> None:

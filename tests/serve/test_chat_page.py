@@ -4,6 +4,8 @@ how an answer's Markdown and [n] citations are shown (the model made to say a gi
 
 from __future__ import annotations
 
+import contextlib
+
 import shutil
 import statistics
 import threading
@@ -88,16 +90,23 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, loaded_ge
     s.stop()
 
 
-@pytest.fixture
-def page(browser: Any, server: Server) -> Iterator[Any]:
+@contextlib.contextmanager
+def opened(browser: Any, url: str) -> Iterator[Any]:
+    """The page at `url` once its model list has loaded; no script error may happen while it is used."""
     pg = browser.new_page(viewport={"width": 900, "height": 700})
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(server.url)
+    pg.goto(url)
     until(pg, "document.querySelectorAll('#model option').length > 0")
     yield pg
     pg.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser: Any, server: Server) -> Iterator[Any]:
+    with opened(browser, server.url) as pg:
+        yield pg
 
 
 def until(pg: Any, js: str, timeout: float = 30) -> None:
@@ -346,15 +355,9 @@ def md_server(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, loaded
 
 @pytest.fixture
 def md_page(browser: Any, md_server: Server) -> Iterator[Any]:
-    pg = browser.new_page(viewport={"width": 900, "height": 700})
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(md_server.url)
-    until(pg, "document.querySelectorAll('#model option').length > 0")
-    pg.select_option("#model", "base+rag")
-    yield pg
-    pg.close()
-    assert not errors, errors
+    with opened(browser, md_server.url) as pg:
+        pg.select_option("#model", "base+rag")
+        yield pg
 
 
 # --- Markdown answers and citations ------------------------------------------------------------------------

@@ -297,21 +297,43 @@ def test_an_answer_cut_by_the_token_limit_says_so(page: Any) -> None:
     assert "24 answer tokens" in meta and "cut off" in meta and "max_new_tokens" in meta, meta
 
 
-def test_a_conversation_past_the_context_says_start_a_new_chat_and_one_does(page: Any) -> None:
-    """A conversation that outgrew the context got the server's 'shorten the conversation', which a page user
-    cannot do; now it says 'new chat' starts a new one, the long text goes back into the box, and new chat works."""
+def test_a_question_too_long_on_its_own_is_refused_and_the_conversation_kept(page: Any) -> None:
+    """A question past the model's context on its own got the server's 'shorten the conversation', which a page user
+    cannot do; now it says to shorten the question, the text goes back into the box, the conversation before it is
+    kept whole (nothing dropped: dropping cannot help), and the next question is answered in it."""
     send(page, "hello")
     idle(page)
     long = "word " * 3000
     send(page, long)
     idle(page)
     err = page.inner_text(".turn.error")
-    assert "context" in err and "'new chat' starts a new conversation" in err, err
+    assert "context" in err and "this question is too long for the model on its own: shorten it" in err, err
     assert page.input_value("#q") == long.strip()
-    page.click("#reset")
+    assert page.locator(".turn.dropped").count() == 0
+    page.fill("#q", "")
     send(page, "hello again")
     idle(page)
-    assert page.evaluate("history.map(m => m.role)") == ["user", "assistant"]
+    assert page.evaluate("history.map(m => m.role)") == ["user", "assistant", "user", "assistant"]
+    assert page.evaluate("history.filter(m => m.role === 'user').map(m => m.content)") == ["hello", "hello again"]
+
+
+def test_a_conversation_past_the_context_drops_its_oldest_exchanges_and_answers(page: Any) -> None:
+    """A conversation that outgrew the context was refused on every further question until 'new chat'; now, as
+    `ragtune chat` (and Ollama) do, the fewest oldest exchanges that make it fit are no longer sent: they stay on
+    the page greyed, the answer says so, and the conversation goes on."""
+    questions = [f"question {i}: " + "remote work days " * 60 for i in range(6)]
+    for q in questions:
+        send(page, q)
+        idle(page)
+    assert page.locator(".turn.error").count() == 0
+    sent = page.evaluate("history.filter(m => m.role === 'user').map(m => m.content)")
+    assert sent[-1] == questions[-1].strip() and len(sent) < len(questions)
+    assert sent == [q.strip() for q in questions[len(questions) - len(sent):]]  # the oldest went
+    greyed = page.locator(".turn.user.dropped").all_inner_texts()
+    assert [t.strip() for t in greyed] == [q.strip() for q in questions[:len(questions) - len(sent)]]
+    assert page.locator(".turn.assistant.dropped").count() == len(greyed)
+    notes = [m for m in page.locator(".turn.assistant .meta").all_inner_texts() if "outgrew" in m]
+    assert notes and "no longer sent" in notes[0], notes
 
 
 def test_a_long_unbroken_line_does_not_widen_the_page_on_a_phone(browser: Any, server: Server) -> None:

@@ -3,7 +3,7 @@ really are (`sniff`), and decoding of text and HTML in UTF-8, UTF-16 or a legacy
 
     from ragtune.retrieval.file_formats import SUPPORTED, decode_html, decode_text, is_supported, sniff
 
-    is_supported(Path("notes.md"))           # by suffix: SUPPORTED
+    is_supported(Path("notes.md"))           # by suffix: SUPPORTED, or none at all (README, LICENSE: plain text)
     sniff(data, ".txt")                      # ".html" for a web page saved as .txt, ".pdf" for %PDF- bytes
     decode_text(data)                        # str, or Skip with the reason (binary, unknown encoding)
     decode_html(data)                        # UTF-8, else the charset the page declares, else as decode_text
@@ -23,7 +23,20 @@ SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx"
 
 
 def is_supported(path: Path) -> bool:
-    return path.suffix.lower() in SUPPORTED
+    """A suffix ragtune reads, or a name without one (README, LICENSE, NOTES, Debian's copyright), read as plain
+    text when its bytes are text (`peek_binary` tells before the whole file is read)."""
+    return path.suffix.lower() in SUPPORTED or not path.suffix
+
+
+def peek_binary(path: Path) -> bool:
+    """Whether a file without a suffix starts as binary (an executable, an image): NUL bytes in its first 8 KB,
+    read without reading the rest."""
+    from ragtune import text
+
+    if path.suffix:
+        return False
+    with open(path, "rb") as f:
+        return text.is_binary(f.read(8192))
 
 
 def decode_text(data: bytes, what: str = "file") -> str:
@@ -76,11 +89,11 @@ def sniff(data: bytes, suffix: str) -> str:
         if b"word/" in data[:65536]:
             return ".docx"
         raise Skip("a ZIP archive (an office file other than .docx?), not "
-                   f"{_KIND_NAMES.get(suffix, suffix)}; save it as .docx, .pdf or text")
+                   f"{_KIND_NAMES.get(suffix, suffix or 'text')}; save it as .docx, .pdf or text")
     if suffix == ".pdf" and b"%PDF-" not in head:
         what = "an HTML page (a failed download?)" if _HTML_START.match(head) else "no %PDF- header"
         raise Skip(f"not a PDF: {what}; get the PDF again or give the file its real extension")
-    if suffix in TEXT_SUFFIXES and _HTML_START.match(head.lstrip(b"\xef\xbb\xbf")):
+    if (suffix in TEXT_SUFFIXES or not suffix) and _HTML_START.match(head.lstrip(b"\xef\xbb\xbf")):
         return ".html"
     return suffix
 

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 
 from ragtune.errors import UsageError
 from ragtune.retrieval import loaders
+from ragtune.retrieval.file_formats import peek_binary
 from ragtune.retrieval.loaders import Document, is_supported, iter_jsonl, reader_format
 from ragtune.text import escape_controls, is_control
 
@@ -269,6 +270,10 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
             continue
         kept_old = KEPT_OLD if by_file.get(abs_file) else ""
         try:
+            if peek_binary(path):  # a name without a suffix is read as text: a program or image is not read whole
+                plan.skipped.append((rel, f"binary content in a file without an extension (NUL bytes); not a text "
+                                          f"file{kept_old}"))
+                continue
             data = path.read_bytes()
         except OSError as exc:
             plan.skipped.append((rel, f"cannot read: {exc.strerror or exc}{kept_old}"))

@@ -61,8 +61,9 @@ READER_NAMES = {"text": "plain text", "markdown": "Markdown", "html": "HTML", "p
 def load_file(path: Path, source: str, data: bytes | None = None) -> list[Document]:
     """Read one file into documents (JSONL: one per line). Raises Skip with the reason."""
     suffix = path.suffix.lower()
-    if suffix not in SUPPORTED:
-        raise Skip(f"unsupported file type '{suffix or path.name}' (supported: {', '.join(sorted(SUPPORTED))})")
+    if suffix and suffix not in SUPPORTED:
+        raise Skip(f"unsupported file type '{suffix}' (supported: {', '.join(sorted(SUPPORTED))}, and names without "
+                   "an extension as text)")
     if data is None:
         try:
             data = path.read_bytes()
@@ -72,10 +73,11 @@ def load_file(path: Path, source: str, data: bytes | None = None) -> list[Docume
         raise Skip("empty file")
     kind = sniff(data, suffix)
     if kind != suffix:
-        log.warning("%s: its content is %s, not %s; read as %s", source, _KIND_NAMES[kind],
-                    _KIND_NAMES.get(suffix, suffix), _KIND_NAMES[kind])
+        if suffix:  # a name without a suffix claims no format: read as what its bytes are, unremarked
+            log.warning("%s: its content is %s, not %s; read as %s", source, _KIND_NAMES[kind],
+                        _KIND_NAMES.get(suffix, suffix), _KIND_NAMES[kind])
         suffix = kind
-    if suffix in TEXT_SUFFIXES:
+    if suffix in TEXT_SUFFIXES or not suffix:  # a name without a suffix: plain text, or refused as binary
         docs = [load_text(decode_text(data), source, path.stem)]
     elif suffix in MARKDOWN_SUFFIXES:
         docs = [load_markdown(decode_text(data), source, path.stem)]
@@ -102,7 +104,7 @@ def reader_format(path: Path, data: bytes) -> str:
         suffix = sniff(data, path.suffix.lower())
     except Skip:
         suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
+    if suffix in TEXT_SUFFIXES or not suffix:
         return "text"
     if suffix in MARKDOWN_SUFFIXES:
         return "markdown"

@@ -567,3 +567,35 @@ def test_many_files_of_unsupported_types_are_counted_by_type_so_the_skips_to_fix
     assert "12 files of types ragtune does not read" in capsys.readouterr().out
     assert main(["-q", "index", "add", str(root), *args, "--json"]) == 3
     assert len(json.loads(capsys.readouterr().out)["skipped"]) == 13
+
+
+def test_files_without_an_extension_are_read_as_text_and_binaries_among_them_are_not(
+        cfg: Config, tmp_path: Path, capsys) -> None:
+    """README, LICENSE, NOTES and Debian's copyright files hold plain text under a name without an extension; they
+    were skipped as 'unsupported file type', as LlamaIndex's and LangChain's directory loaders do not. Now they are
+    read as text (an HTML or PDF one as what its bytes are), while a program without an extension is skipped from
+    its first bytes (never read whole, never embedded) and a hidden .env stays out."""
+    from ragtune.retrieval.search import Retriever
+    from tests.retrieval.conftest import make_cfg
+
+    root = tmp_path / "docs"
+    (root / "tool").mkdir(parents=True)
+    (root / "README").write_text("Badges are collected at the front desk on your first day.\n", encoding="utf-8")
+    (root / "tool" / "copyright").write_text("Files: *\nCopyright: 2024 Northwind Robotics\nLicense: MIT\n",
+                                             encoding="utf-8")
+    (root / "NOTES").write_text("<!DOCTYPE html><html><body><h1>Parking</h1><p>Park in the north lot.</p>"
+                                "</body></html>", encoding="utf-8")
+    (root / "tool" / "runner").write_bytes(b"\x7fELF\x02\x01\x01\x00" + b"\x00" * 64 + b"Badges front desk" * 4)
+    (root / ".env").write_text("API_KEY=secret\n", encoding="utf-8")
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--no-progress", "--index", "noext"]
+    assert main(["-q", "index", "add", str(root), *args]) == 3  # partial: the program was skipped
+    out = capsys.readouterr().out
+    assert "added 3," in out and ("skipped 1 files:\n  tool/runner: binary content in a file without an extension"
+                                  in out), out
+    with Retriever(make_cfg(cfg.embedder.path, "index.name=noext")) as r:
+        hits = {h["source"]: h for h in r.search("badges, the copyright, and a lot to park in", top_k=5,
+                                                  mode="sparse")}
+    assert set(hits) == {"README", "tool/copyright", "NOTES"}
+    assert hits["NOTES"]["heading"] == "Parking" and "<h1>" not in hits["NOTES"]["text"]  # read as the HTML it is
+    assert main(["-q", "index", "sync", str(root), *args]) == 3
+    assert "unchanged 3 documents" in capsys.readouterr().out

@@ -3,7 +3,7 @@ really are (`sniff`), and decoding of text and HTML in UTF-8, UTF-16 or a legacy
 
     from ragtune.retrieval.file_formats import SUPPORTED, decode_html, decode_text, is_supported, sniff
 
-    is_supported(Path("notes.md"))           # by suffix: SUPPORTED, or none at all (README, LICENSE: plain text)
+    is_supported(Path("notes.md"))           # by suffix: SUPPORTED, none at all (README: plain text), or .gz of either
     sniff(data, ".txt")                      # ".html" for a web page saved as .txt, ".pdf" for %PDF- bytes
     decode_text(data)                        # str, or Skip with the reason (binary, unknown encoding)
     decode_html(data)                        # UTF-8, else the charset the page declares, else as decode_text
@@ -22,10 +22,46 @@ HTML_SUFFIXES = {".html", ".htm"}
 SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx", ".jsonl"}
 
 
+GZ_MAX = 256 << 20  # bytes a .gz document may decompress to (a gzip bomb is refused, not read into memory)
+
+
 def is_supported(path: Path) -> bool:
     """A suffix ragtune reads, or a name without one (README, LICENSE, NOTES, Debian's copyright), read as plain
-    text when its bytes are text (`peek_binary` tells before the whole file is read)."""
-    return path.suffix.lower() in SUPPORTED or not path.suffix
+    text when its bytes are text (`peek_binary` tells before the whole file is read), or either gzip-compressed
+    (README.md.gz, FAQ.gz: how Debian ships /usr/share/doc)."""
+    return path.suffix.lower() in SUPPORTED or not path.suffix or inner_name(path) is not None
+
+
+def inner_name(path: Path) -> Path | None:
+    """The name a .gz document had before it was compressed (README.md for README.md.gz), when ragtune reads that
+    kind of file (not .jsonl, whose lines are planned before reading); else None."""
+    if path.suffix.lower() != ".gz":
+        return None
+    inner = Path(path.stem)
+    return inner if not inner.suffix or inner.suffix.lower() in SUPPORTED - {".jsonl"} else None
+
+
+def file_type(path: Path) -> str:
+    """The type a skipped file is counted under: its suffix ('.Debian.gz' for changelog.Debian.gz), else its name."""
+    if path.suffix.lower() == ".gz" and len(path.suffixes) > 1:
+        return "".join(path.suffixes[-2:])
+    return path.suffix or path.name
+
+
+def gunzip(data: bytes) -> bytes:
+    """A .gz document's bytes; Skip for a corrupt file or one that decompresses past GZ_MAX."""
+    import gzip
+    import io
+    import zlib
+
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            out = f.read(GZ_MAX + 1)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise Skip(f"a corrupt or cut gzip file ({exc}); get the file again") from None
+    if len(out) > GZ_MAX:
+        raise Skip(f"decompresses to more than {GZ_MAX >> 20} MB; decompress it yourself if it is a document")
+    return out
 
 
 def peek_binary(path: Path) -> bool:

@@ -212,8 +212,8 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                     why = f" ({len(res.skipped)} skipped, the first {first})"
                 done = f"nothing was added to index '{name}'" if exists else f"index '{name}' was not created"
                 raise UsageError(f"no documents to index in {' '.join(str(p) for p in paths)}{why}; {done} "
-                                 f"(ragtune reads {', '.join(sorted(SUPPORTED))} files, and names without an "
-                                 "extension as text)")
+                                 f"(ragtune reads {', '.join(sorted(SUPPORTED))} files, names without an "
+                                 "extension as text, and either gzip-compressed)")
             stemmer = _stemmer(cfg)  # checked before anything is written
             if not exists:
                 size = _fit_chunk_size(cfg, embedder.load().max_tokens, None)

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from ragtune.errors import UsageError
 from ragtune.retrieval import loaders
-from ragtune.retrieval.file_formats import peek_binary
+from ragtune.retrieval.file_formats import file_type, peek_binary
 from ragtune.retrieval.loaders import Document, is_supported, iter_jsonl, reader_format
 from ragtune.text import escape_controls, is_control
 
@@ -266,7 +266,7 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
         seen_files.add(abs_file)
         rel = path.relative_to(root).as_posix()
         if not is_supported(path):
-            plan.skipped.append((rel, f"unsupported file type '{path.suffix or path.name}'"))
+            plan.skipped.append((rel, f"unsupported file type '{file_type(path)}'"))
             continue
         kept_old = KEPT_OLD if by_file.get(abs_file) else ""
         try:

@@ -32,6 +32,9 @@ from ragtune.retrieval.file_formats import (
     TEXT_SUFFIXES,
     decode_html,
     decode_text,
+    file_type,
+    gunzip,
+    inner_name,
     is_supported,
     sniff,
 )
@@ -60,10 +63,18 @@ READER_NAMES = {"text": "plain text", "markdown": "Markdown", "html": "HTML", "p
 
 def load_file(path: Path, source: str, data: bytes | None = None) -> list[Document]:
     """Read one file into documents (JSONL: one per line). Raises Skip with the reason."""
+    inner = inner_name(path)
+    if inner is not None:  # README.md.gz: read as README.md once decompressed
+        if data is None:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise Skip(f"cannot read: {exc.strerror or exc}") from None
+        return load_file(inner, source, gunzip(data))
     suffix = path.suffix.lower()
     if suffix and suffix not in SUPPORTED:
-        raise Skip(f"unsupported file type '{suffix}' (supported: {', '.join(sorted(SUPPORTED))}, and names without "
-                   "an extension as text)")
+        raise Skip(f"unsupported file type '{file_type(path)}' (supported: {', '.join(sorted(SUPPORTED))}, names "
+                   "without an extension as text, and either gzip-compressed)")
     if data is None:
         try:
             data = path.read_bytes()
@@ -100,6 +111,12 @@ def load_file(path: Path, source: str, data: bytes | None = None) -> list[Docume
 
 def reader_format(path: Path, data: bytes) -> str:
     """The READER_VERSIONS key of the reader `load_file` gives these bytes (what `sniff` says they are)."""
+    inner = inner_name(path)
+    if inner is not None:
+        try:
+            return reader_format(inner, gunzip(data))
+        except Skip:
+            return reader_format(inner, b"")
     try:
         suffix = sniff(data, path.suffix.lower())
     except Skip:

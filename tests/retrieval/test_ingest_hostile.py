@@ -553,7 +553,7 @@ def test_many_files_of_unsupported_types_are_counted_by_type_so_the_skips_to_fix
     root.mkdir()
     (root / "a.txt").write_text("Lunch is served at noon in the canteen.", encoding="utf-8")
     for i in range(7):
-        (root / f"changelog{i}.gz").write_bytes(b"\x1f\x8b")
+        (root / f"changelog{i}.Debian.gz").write_bytes(b"\x1f\x8b")
     for i in range(5):
         (root / f"logo{i}.png").write_bytes(b"\x89PNG")
     (root / "gone.md").symlink_to(tmp_path / "nowhere.md")
@@ -561,8 +561,8 @@ def test_many_files_of_unsupported_types_are_counted_by_type_so_the_skips_to_fix
     assert main(["-q", "index", "add", str(root), *args]) == 3
     out = capsys.readouterr().out
     assert "skipped 13 files:\n  gone.md: broken symbolic link" in out
-    assert "\n  12 files of types ragtune does not read: .gz (7), .png (5) (it reads .docx," in out
-    assert "changelog0.gz" not in out and "logo0.png" not in out
+    assert "\n  12 files of types ragtune does not read: .Debian.gz (7), .png (5) (it reads .docx," in out
+    assert "changelog0.Debian.gz" not in out and "logo0.png" not in out
     assert main(["-q", "index", "sync", str(root), *args, "--dry-run"]) == 3
     assert "12 files of types ragtune does not read" in capsys.readouterr().out
     assert main(["-q", "index", "add", str(root), *args, "--json"]) == 3
@@ -599,3 +599,37 @@ def test_files_without_an_extension_are_read_as_text_and_binaries_among_them_are
     assert hits["NOTES"]["heading"] == "Parking" and "<h1>" not in hits["NOTES"]["text"]  # read as the HTML it is
     assert main(["-q", "index", "sync", str(root), *args]) == 3
     assert "unchanged 3 documents" in capsys.readouterr().out
+
+
+def test_gzip_compressed_documents_are_read_as_the_file_they_hold(cfg: Config, tmp_path: Path, capsys,
+                                                                  monkeypatch) -> None:
+    """Debian ships /usr/share/doc compressed (README.md.gz, FAQ.gz), and they were all skipped as '.gz': now each
+    is read as the file it holds (Markdown headings and all), a corrupt one is skipped saying so, one that would
+    decompress past the cap is refused without being held in memory, and a compressed type ragtune does not
+    read is counted under its own type (.Debian.gz)."""
+    import gzip
+
+    from ragtune.retrieval import file_formats
+    from ragtune.retrieval.search import Retriever
+    from tests.retrieval.conftest import make_cfg
+
+    root = tmp_path / "doc"
+    root.mkdir()
+    (root / "README.md.gz").write_bytes(gzip.compress(b"# Badges\n\nCollect your badge at the front desk.\n"))
+    (root / "FAQ.gz").write_bytes(gzip.compress(b"Q: Where do I park?\nA: In the north lot.\n"))
+    (root / "NEWS.gz").write_bytes(gzip.compress(b"Version 2 adds parking rules.\n" * 50)[:40])  # cut short
+    (root / "BIG.txt.gz").write_bytes(gzip.compress(b"a line of text\n" * 400))
+    (root / "changelog.Debian.gz").write_bytes(gzip.compress(b"pkg (1.0) unstable; urgency=low\n"))
+    monkeypatch.setattr(file_formats, "GZ_MAX", 5000)  # BIG.txt.gz holds 6000 bytes
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--no-progress", "--index", "gz"]
+    assert main(["-q", "index", "add", str(root), *args]) == 3
+    out = capsys.readouterr().out
+    assert "added 2," in out, out
+    assert "NEWS.gz: a corrupt or cut gzip file" in out and "BIG.txt.gz: decompresses to more than" in out, out
+    assert "changelog.Debian.gz: unsupported file type '.Debian.gz'" in out, out
+    with Retriever(make_cfg(cfg.embedder.path, "index.name=gz")) as r:
+        hits = {h["source"]: h for h in r.search("badge front desk, where to park", top_k=5, mode="sparse")}
+    assert set(hits) == {"README.md.gz", "FAQ.gz"}
+    assert hits["README.md.gz"]["heading"] == "Badges" and "#" not in hits["README.md.gz"]["text"]
+    assert main(["-q", "index", "sync", str(root), *args]) == 3
+    assert "unchanged 2 documents" in capsys.readouterr().out

@@ -19,7 +19,8 @@ from ragtune.retrieval.documents import Skip
 TEXT_SUFFIXES = {".txt", ".text"}
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 HTML_SUFFIXES = {".html", ".htm"}
-SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx", ".jsonl"}
+SECTION_SUFFIXES = {".rst": ".rst", ".adoc": ".adoc", ".asciidoc": ".adoc"}  # -> text_readers.load_sections' kind
+SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES | set(SECTION_SUFFIXES) | {".pdf", ".docx", ".jsonl"}
 
 
 GZ_MAX = 256 << 20  # bytes a .gz document may decompress to (a gzip bomb is refused, not read into memory)
@@ -111,7 +112,8 @@ def _bomless_utf16(data: bytes) -> str | None:
 
 
 _KIND_NAMES = {".pdf": "PDF", ".docx": "DOCX", ".html": "HTML", ".htm": "HTML", ".txt": "plain text",
-               ".text": "plain text", ".md": "Markdown", ".markdown": "Markdown", ".jsonl": "JSONL"}
+               ".text": "plain text", ".md": "Markdown", ".markdown": "Markdown", ".jsonl": "JSONL",
+               ".rst": "reStructuredText", ".adoc": "AsciiDoc", ".asciidoc": "AsciiDoc"}
 _HTML_START = re.compile(rb"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html[\s>])", re.I | re.S)
 
 

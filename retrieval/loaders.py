@@ -28,6 +28,7 @@ from ragtune.retrieval.file_formats import (
     _KIND_NAMES,
     HTML_SUFFIXES,
     MARKDOWN_SUFFIXES,
+    SECTION_SUFFIXES,
     SUPPORTED,
     TEXT_SUFFIXES,
     decode_html,
@@ -40,7 +41,7 @@ from ragtune.retrieval.file_formats import (
 )
 from ragtune.retrieval.html_reader import load_html
 from ragtune.retrieval.pdf_reader import load_pdf, pdf_pages
-from ragtune.retrieval.text_readers import iter_jsonl, load_markdown, load_text
+from ragtune.retrieval.text_readers import iter_jsonl, load_markdown, load_sections, load_text
 
 __all__ = [
     "HTML_SUFFIXES", "MARKDOWN_SUFFIXES", "READER_NAMES", "READER_VERSIONS", "SUPPORTED", "TEXT_SUFFIXES", "Block",
@@ -56,9 +57,9 @@ log = logging.getLogger(__name__)
 # pdf/html 2: PDFium and the clean-up; docx 2: tables in place; text/markdown/jsonl 2: clean_chars
 # (ligatures, invisible characters); html 3: the text after a heading that is never closed; html 4: GNU
 # Texinfo's navigation line dropped, a heading's link to itself ("#") left out of its name.
-READER_VERSIONS = {"text": 2, "markdown": 2, "html": 4, "pdf": 2, "docx": 2, "jsonl": 2}
+READER_VERSIONS = {"text": 2, "markdown": 2, "html": 4, "pdf": 2, "docx": 2, "jsonl": 2, "rst": 1, "asciidoc": 1}
 READER_NAMES = {"text": "plain text", "markdown": "Markdown", "html": "HTML", "pdf": "PDF", "docx": "DOCX",
-                "jsonl": "JSONL"}
+                "jsonl": "JSONL", "rst": "reStructuredText", "asciidoc": "AsciiDoc"}
 
 
 def load_file(path: Path, source: str, data: bytes | None = None) -> list[Document]:
@@ -92,6 +93,8 @@ def load_file(path: Path, source: str, data: bytes | None = None) -> list[Docume
         docs = [load_text(decode_text(data), source, path.stem)]
     elif suffix in MARKDOWN_SUFFIXES:
         docs = [load_markdown(decode_text(data), source, path.stem)]
+    elif suffix in SECTION_SUFFIXES:
+        docs = [load_sections(decode_text(data), source, path.stem, SECTION_SUFFIXES[suffix])]
     elif suffix in HTML_SUFFIXES:
         docs = [load_html(decode_html(data), source, path.stem)]
     elif suffix == ".pdf":
@@ -125,6 +128,8 @@ def reader_format(path: Path, data: bytes) -> str:
         return "text"
     if suffix in MARKDOWN_SUFFIXES:
         return "markdown"
+    if suffix in SECTION_SUFFIXES:
+        return {".rst": "rst", ".adoc": "asciidoc"}[SECTION_SUFFIXES[suffix]]
     if suffix in HTML_SUFFIXES:
         return "html"
     return suffix.lstrip(".")

@@ -1,16 +1,20 @@
 """Readers of the text formats: plain text (blocks at blank lines), Markdown (CommonMark blocks under
-their heading path) and JSONL (one document per line).
+their heading path), reStructuredText and AsciiDoc (paragraphs under their section titles) and JSONL
+(one document per line).
 
-    from ragtune.retrieval.text_readers import iter_jsonl, load_markdown, load_text
+    from ragtune.retrieval.text_readers import iter_jsonl, load_markdown, load_sections, load_text
 
     doc = load_text(text, "notes.txt", "notes")          # one block per paragraph (blank-line separated)
     doc = load_markdown(text, "hr.md", "hr")             # title: the first # heading, else "hr"
+    doc = load_sections(text, "guide.rst", "guide", ".rst")   # section titles as the heading path
     good, problems = iter_jsonl(data, "data.jsonl")      # [(line bytes, Document)], ["line 3: ..."]
 """
 
 from __future__ import annotations
 
 import json
+
+import re
 
 from ragtune.retrieval.cleaning import clean_chars
 from ragtune.retrieval.documents import _PARA_SPLIT, Document, Skip, _Builder
@@ -22,6 +26,64 @@ def load_text(text: str, source: str, title: str) -> Document:
     for para in _PARA_SPLIT.split(text):
         b.add(para)
     return b.document(source, title)
+
+
+# reStructuredText: a title underlined (and perhaps overlined) with one punctuation character repeated (as long as
+# it, or docutils warns, but still reads a title); levels come from the order the styles first appear, as docutils
+# assigns them
+_RST_ADORNMENT = re.compile(r"^([=\-`:'\"~^_*+#<>.])\1{2,}\s*$")
+# AsciiDoc: "= Document title", "== Section" ... (a line of "=" alone is a block delimiter, not a title)
+_ADOC_TITLE = re.compile(r"^(={1,6})\s+(\S.*?)\s*$")
+
+
+def load_sections(text: str, source: str, title: str, kind: str) -> Document:
+    """A reStructuredText (`kind` ".rst") or AsciiDoc (".adoc") document: paragraphs (blank-line separated) under
+    the path of section titles above them; the document title is the first section title, else `title`.
+    Directives, roles and other markup stay as written (the text around them is what a search needs)."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    b = _Builder()
+    path: list[tuple[int, str]] = []
+    styles: list[tuple[str, bool]] = []
+    para: list[str] = []
+    first = ""
+
+    def flush() -> None:
+        for chunk in _PARA_SPLIT.split("\n".join(para)):
+            if not _RST_ADORNMENT.match(chunk.strip()):  # an RST transition (a line of ----) is no text
+                b.add(chunk, tuple(h for _, h in path))
+        para.clear()
+
+    i = 0
+    while i < len(lines):
+        line, found = lines[i], None
+        if kind == ".rst":
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            over = bool(_RST_ADORNMENT.match(line)) and i + 2 < len(lines) and lines[i + 2].rstrip() == line.rstrip()
+            name_line = lines[i + 1] if over else line
+            under = lines[i + 2] if over else nxt
+            m = _RST_ADORNMENT.match(under)
+            if (m and name_line.strip() and not _RST_ADORNMENT.match(name_line)
+                    and (over or (not name_line[:1].isspace()
+                                  and len(under.rstrip()) >= min(len(name_line.strip()), 4)))):
+                style = (m.group(1), over)
+                if style not in styles:
+                    styles.append(style)
+                found, skip = (styles.index(style) + 1, name_line.strip()), 3 if over else 2
+        else:
+            m = _ADOC_TITLE.match(line)
+            if m:
+                found, skip = (len(m.group(1)), m.group(2)), 1
+        if found is None:
+            para.append(line)
+            i += 1
+            continue
+        flush()
+        level, name = found[0], clean_chars(found[1])
+        first = first or name
+        path = [(lv, h) for lv, h in path if lv < level] + [(level, name)]
+        i += skip
+    flush()
+    return b.document(source, first or title)
 
 
 def load_markdown(text: str, source: str, title: str) -> Document:

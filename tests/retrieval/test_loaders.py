@@ -271,6 +271,71 @@ def test_html_heading_self_links_are_not_part_of_the_heading(tmp_path: Path) -> 
     assert [b.heading for b in _one(p).blocks] == [("Readline", "Using C# from here")]
 
 
+RST = """==========
+User guide
+==========
+
+Intro paragraph.
+
+Installing
+----------
+
+Run the installer.
+
+.. code-block:: sh
+
+   ./install.sh
+
+Options
+~~~~~~~
+
+Pass --quiet.
+
+----
+
+Removing
+--------
+
+Delete the folder.
+"""
+
+ADOC = """= Parking Guide
+:toc:
+
+== Where to park
+
+Use the north lot.
+
+=== Permits
+
+Ask reception.
+
+----
+a listing, not a title
+----
+"""
+
+
+def test_rst_and_asciidoc_sections_give_the_heading_path(tmp_path: Path) -> None:
+    """Sphinx sources (.rst) and AsciiDoc manuals were skipped as unsupported types; their section titles are now
+    the heading path (RST levels in the order the adornment styles first appear, as docutils assigns them), a
+    transition or an AsciiDoc block delimiter is not a title, and directives stay as text."""
+    (tmp_path / "guide.rst").write_text(RST, encoding="utf-8")
+    doc = _one(tmp_path / "guide.rst")
+    assert doc.title == "User guide"
+    assert [(b.heading, b.text) for b in doc.blocks] == [
+        (("User guide",), "Intro paragraph."), (("User guide", "Installing"), "Run the installer."),
+        (("User guide", "Installing"), ".. code-block:: sh"), (("User guide", "Installing"), "./install.sh"),
+        (("User guide", "Installing", "Options"), "Pass --quiet."), (("User guide", "Removing"), "Delete the folder.")]
+    (tmp_path / "parking.asciidoc").write_text(ADOC, encoding="utf-8")
+    doc = _one(tmp_path / "parking.asciidoc")
+    assert doc.title == "Parking Guide"
+    assert [(b.heading, b.text) for b in doc.blocks] == [
+        (("Parking Guide",), ":toc:"), (("Parking Guide", "Where to park"), "Use the north lot."),
+        (("Parking Guide", "Where to park", "Permits"), "Ask reception."),
+        (("Parking Guide", "Where to park", "Permits"), "----\na listing, not a title\n----")]
+
+
 def test_docx_tables_in_document_order_under_their_heading(tmp_path: Path) -> None:
     import docx
 

@@ -561,7 +561,7 @@ def test_many_files_of_unsupported_types_are_counted_by_type_so_the_skips_to_fix
     assert main(["-q", "index", "add", str(root), *args]) == 3
     out = capsys.readouterr().out
     assert "skipped 13 files:\n  gone.md: broken symbolic link" in out
-    assert "\n  12 files of types ragtune does not read: .Debian.gz (7), .png (5) (it reads .docx," in out
+    assert "\n  12 files of types ragtune does not read: .Debian.gz (7), .png (5) (it reads .adoc," in out
     assert "changelog0.Debian.gz" not in out and "logo0.png" not in out
     assert main(["-q", "index", "sync", str(root), *args, "--dry-run"]) == 3
     assert "12 files of types ragtune does not read" in capsys.readouterr().out

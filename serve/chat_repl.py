@@ -109,12 +109,22 @@ class ChatSession:
         from ragtune.serve.streaming import AnswerStream
 
         system = [{"role": "system", "content": self.system}] if self.system else []
-        job, start = fit_to_context(self.gen, system, self.history, self.adapter, retriever)
+        job, start = fit_to_context(self.gen, system, self.history, self.adapter, retriever,
+                                    after_drop=self.after_drop())
         if start:
             dropped = sum(m["role"] == "user" for m in self.history[:start])
             del self.history[:start]
             self.say(drop_note(dropped, self.gen.context_length, int(self.gen.cfg.generation.max_new_tokens)))
         return AnswerStream(self.gen, job)
+
+    def after_drop(self) -> int | None:
+        """The prompt size a conversation that must lose exchanges is brought down to: on llama.cpp, which keeps
+        the prompt's KV cache from turn to turn and loses all of it when the conversation's start moves, half
+        the room (as Ollama and llama.cpp's context shift do), so that the turns after reuse the cache instead
+        of each prefilling the whole conversation; elsewhere None (the fewest drops that fit)."""
+        if getattr(self.gen, "engine", "") != "llama.cpp":
+            return None
+        return (self.gen.context_length - int(self.gen.cfg.generation.max_new_tokens)) // 2
 
     def ask(self, question: str) -> None:
         self.history.append({"role": "user", "content": question})
@@ -214,7 +224,7 @@ class QuestionTooLong(PromptTooLong):
 
 
 def fit_to_context(gen: Any, system: list[dict[str, str]], history: list[dict[str, str]], adapter: str | None = None,
-                   retriever: Any = None) -> tuple[Any, int]:
+                   retriever: Any = None, after_drop: int | None = None) -> tuple[Any, int]:
     """The generator's prepared job for the longest recent part of `history` (from one of its user turns on;
     the last user turn is the question) whose prompt leaves generation.max_new_tokens of the model's
     context free, and the index in `history` where that part starts.
@@ -225,15 +235,19 @@ def fit_to_context(gen: Any, system: list[dict[str, str]], history: list[dict[st
     binary search between, so a long paste after many turns takes a few tries, not one per exchange. Retrieval runs
     once per query however many tries (`SearchOnce`); the query is the last three user turns, so only
     the last two tries can change the sources. Failure: QuestionTooLong, with the sizes and the fixes,
-    when the question alone does not fit."""
+    when the question alone does not fit. With `after_drop`, a conversation that has to lose exchanges loses
+    the fewest that bring its prompt down to that many tokens (where the question alone allows), not merely
+    under the context: the llama.cpp engine keeps the prompt cached between turns, and each drop costs a
+    prefill of the whole conversation."""
     ctx, room = gen.context_length, int(gen.cfg.generation.max_new_tokens)
     if retriever is not None:
         retriever = SearchOnce(retriever)
     starts = [i for i, m in enumerate(history) if m["role"] == "user"]
     tried: dict[int, tuple[Any, int]] = {}
 
-    def fits(k: int) -> bool:
-        """Whether the conversation from its k-th user turn on leaves room for the answer."""
+    def fits(k: int, bound: int = ctx - room) -> bool:
+        """Whether the conversation from its k-th user turn on makes a prompt of at most `bound` tokens (by
+        default: one that leaves room for the answer)."""
         if k not in tried:
             try:
                 job = gen.prepare(system + history[starts[k]:], adapter, retriever)
@@ -243,19 +257,25 @@ def fit_to_context(gen: Any, system: list[dict[str, str]], history: list[dict[st
                     raise
                 tried[k] = (None, exc.prompt_tokens)
         job, n = tried[k]
-        return job is not None and (job.abstained or n + room <= ctx)
+        return job is not None and (job.abstained or n <= bound)
 
     last = len(starts) - 1
-    for k in range(min(2, last + 1)):  # all of it; then one exchange less (a conversation growing turn by turn)
-        if fits(k):
-            return tried[k][0], starts[k]
+    if fits(0):  # all of it
+        return tried[0][0], starts[0]
+    bound = ctx - room if after_drop is None else min(after_drop, ctx - room)
+    if last >= 1 and fits(1, bound):  # one exchange less: a conversation growing turn by turn
+        return tried[1][0], starts[1]
     if not fits(last):
         n = tried[last][1]
         raise QuestionTooLong(too_long_message(n, room, ctx, retriever is not None, gen.cfg.rag.top_k), n, ctx)
-    lo, k = 1, last  # lo does not fit, k does
+    if not fits(last, bound):  # the question alone is past `after_drop`: the fewest drops that fit, then
+        bound = ctx - room
+        if fits(1):
+            return tried[1][0], starts[1]
+    lo, k = 1, last  # lo does not fit the bound, k does
     while k - lo > 1:
         mid = (lo + k) // 2
-        lo, k = (lo, mid) if fits(mid) else (mid, k)
+        lo, k = (lo, mid) if fits(mid, bound) else (mid, k)
     return tried[k][0], starts[k]
 
 

@@ -71,6 +71,13 @@ class AnswerRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _ranked_source(hit: dict[str, Any], gold: Sequence[str]) -> str:
+    """The document a hit stands for in the retrieval metrics: a gold one among the copies of its text that
+    search.dedupe folded into it (`duplicates`), else its own."""
+    names = [str(hit.get("source", ""))] + [str(d.get("source", "")) for d in hit.get("duplicates") or []]
+    return next((n for n in names if any(M.same_source(n, g) for g in gold)), names[0])
+
+
 def score_answer(
     q: Question,
     text: str,
@@ -112,7 +119,7 @@ def score_answer(
         s["correct"] = float(did_abstain)
     hits = sources if retrieved is None else retrieved
     if hits and q.sources:
-        ranked = [str(x.get("source", "")) for x in hits]
+        ranked = [_ranked_source(x, q.sources) for x in hits]
         s["recall_at_k"] = M.recall_at_k(ranked, q.sources, k)
         s["mrr"] = M.mrr(ranked, q.sources)
         s["ndcg_at_k"] = M.ndcg_at_k(ranked, q.sources, k)

@@ -76,6 +76,15 @@ def _distinct(items: list[Any], text_of: Any, limit: int) -> list[tuple[Any, lis
     return kept
 
 
+def _specific(first: Any, others: list[Any]) -> tuple[Any, list[Any]]:
+    """Of store hits with one text, the one shown and the others: the hit of the document with the fewest chunks
+    (Node.js's readline.html rather than all.html, which holds every page), the better-ranked among equals.
+    Their scores are the same, as their text is."""
+    group = [first, *others]
+    best = min(range(len(group)), key=lambda i: (group[i].payload.get("n_chunks") or float("inf"), i))
+    return group[best], group[:best] + group[best + 1:]
+
+
 def _duplicate(h: Any) -> dict[str, Any]:
     p = h.payload
     return {"source": p.get("source"), "page": p.get("page"), "heading": p.get("heading") or ""}
@@ -264,10 +273,11 @@ class Retriever:
             ranked = list(enumerate(single, 1))
             kept = (_distinct(ranked, lambda rh: rh[1].payload.get("text", ""), limit) if s.dedupe
                     else [(rh, []) for rh in ranked[:limit]])
-            for (rank, h), dups in kept:
+            for (rank, first), same in kept:
+                h, dups = _specific(first, [d for _, d in same])
                 o = _source(h)
                 if dups:
-                    o["duplicates"] = [_duplicate(d) for _, d in dups]
+                    o["duplicates"] = [_duplicate(d) for d in dups]
                 if mode == "sparse":
                     o["dense_score"] = _cosine(q, h.vector)
                     o.update(sparse_rank=rank, sparse_score=float(h.score), dense_rank=None)
@@ -296,7 +306,7 @@ class Retriever:
         kept = (_distinct(ranked, lambda r: by_id[r[0]].payload.get("text", ""), limit) if s.dedupe
                 else [(r, []) for r in ranked[:limit]])
         fused = [r for r, _ in kept]
-        dups = {r[0]: [_duplicate(by_id[d[0]]) for d in ds] for r, ds in kept if ds}
+        shown = {r[0]: _specific(by_id[r[0]], [by_id[d[0]] for d in ds]) for r, ds in kept if ds}
         # the cosine of the few lexical-only hits that made the cut: their vectors, fetched by id
         # (cheaper than returning every lexical candidate's vector); called under the store lock
         missing = [cid for cid, row in fused if row["dense_score"] is None]
@@ -304,13 +314,14 @@ class Retriever:
             by_id.update({h.id: h for h in self.store.retrieve(missing, with_vector=True)})
         out = []
         for cid, row in fused:
-            h = by_id[cid]
+            h, dups = shown.get(cid, (by_id[cid], []))
             o = _source(h)
             o["score"] = o["fused_score"] = row["fused"]
-            o["dense_score"] = row["dense_score"] if row["dense_score"] is not None else _cosine(q, h.vector)
+            o["dense_score"] = (row["dense_score"] if row["dense_score"] is not None
+                                else _cosine(q, by_id[cid].vector))  # the copies' vectors are the same
             o.update(dense_rank=row["dense_rank"], sparse_rank=row["sparse_rank"], sparse_score=row["sparse_score"])
-            if cid in dups:
-                o["duplicates"] = dups[cid]
+            if dups:
+                o["duplicates"] = [_duplicate(d) for d in dups]
             out.append(o)
         return out
 

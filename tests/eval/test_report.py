@@ -241,3 +241,17 @@ def test_a_folder_in_place_of_a_report_file_changes_nothing(tmp_path: Path) -> N
         write_report(out, questions(), runs(), k=K, meta={"model": "new"}, n_boot=50)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
+
+
+def test_a_gold_document_folded_into_a_hit_as_a_copy_counts_as_retrieved() -> None:
+    """search.dedupe shows one document for text several hold (the page, not the all-in-one page that holds it
+    too); when the question's gold is one of the copies, retrieval found it: recall and MRR count it at that
+    place, as they did before the copies were folded."""
+    q = Question("remote", "How many remote days?", "3 days", ("all.md",))
+    folded = {**src(1, "remote.md"), "duplicates": [{"source": "docs/all.md", "page": None, "heading": "Remote"}]}
+    got = score_answer(q, "3 days [1].", [src(1, "remote.md")], retrieved=[src(1, "travel.md"), folded],
+                       not_found_message=NOT_FOUND, k=K)
+    assert (got.scores["recall_at_k"], got.scores["mrr"]) == (1.0, 0.5)
+    plain = score_answer(q, "3 days [1].", [src(1, "remote.md")], retrieved=[src(1, "travel.md"), src(2, "remote.md")],
+                         not_found_message=NOT_FOUND, k=K)
+    assert (plain.scores["recall_at_k"], plain.scores["mrr"]) == (0.0, 0.0)

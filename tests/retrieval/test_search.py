@@ -214,13 +214,16 @@ def test_equal_scores_rank_by_source_wherever_the_folder_lies(cfg: Config, tmp_p
 def test_copies_of_one_text_take_one_place_and_name_the_others(cfg: Config, tmp_path: Path, mode: str,
                                                               capsys: pytest.CaptureFixture) -> None:
     """A page kept twice (Node.js's readline.html and all.html, a file copied to two folders) filled two of the
-    top places with one text, and two of a RAG prompt's sources; now the first stands for all and names the
-    others, and the next distinct text takes the place. `search.dedupe=false` keeps every copy."""
+    top places with one text, and two of a RAG prompt's sources; now one stands for all and names the others,
+    and the next distinct text takes the place. The one shown is the most specific document (fewest chunks:
+    the page, not the all-in-one page that sorts first). `search.dedupe=false` keeps every copy."""
     root = tmp_path / "docs"
     (root / "b").mkdir(parents=True)
-    badge = "Visitors sign in at the front desk and wear a badge.\n"
+    badge = "Visitors sign in at the front desk and wear a badge."
     for where in ("a.md", "b/a.md", "c.md"):
-        (root / where).write_text(badge, encoding="utf-8")
+        (root / where).write_text(badge + "\n", encoding="utf-8")
+    (root / "0-all.md").write_text(f"# Visitors\n\n{badge}\n\n# Expenses\n\nReports are due monthly.\n",
+                                   encoding="utf-8")
     (root / "other.md").write_text("Visitors park in the north lot and sign in at the gate.\n", encoding="utf-8")
     (root / "far.md").write_text("Expense reports are due on the fifth working day.\n", encoding="utf-8")
     c = make_cfg(cfg.embedder.path, "index.name=dups")
@@ -228,21 +231,21 @@ def test_copies_of_one_text_take_one_place_and_name_the_others(cfg: Config, tmp_
     query = "where do visitors sign in and wear a badge"
     with Retriever(c) as r:
         hits = r.search(query, top_k=3, mode=mode)
-    if mode == "sparse":  # "expense reports" shares no word with the query
-        assert [h["source"] for h in hits] == ["a.md", "other.md"]
-    else:
-        assert sorted(h["source"] for h in hits) == ["a.md", "far.md", "other.md"]
+    texts = [h["text"] for h in hits]
+    assert len(set(texts)) == len(texts) == (2 if mode == "sparse" else 3)  # sparse: nothing else shares a word
     assert [h["n"] for h in hits] == list(range(1, len(hits) + 1))
-    (first,) = [h for h in hits if h["source"] == "a.md"]
-    assert [d["source"] for d in first["duplicates"]] == ["b/a.md", "c.md"]
+    (first,) = [h for h in hits if h["text"] == badge]
+    assert first["source"] == "a.md"  # of the four copies: one of the 1-chunk files, not 0-all.md (2 chunks)
+    assert [d["source"] for d in first["duplicates"]] == ["0-all.md", "b/a.md", "c.md"]
+    assert first["duplicates"][0]["heading"] == "Visitors"
     assert not any("duplicates" in h for h in hits if h is not first)
     with Retriever(make_cfg(cfg.embedder.path, "index.name=dups", "search.dedupe=false")) as r:
-        every = [h["source"] for h in r.search(query, top_k=5, mode=mode)]
-    at = every.index("a.md")
-    assert every[at:at + 3] == ["a.md", "b/a.md", "c.md"]
+        every = [h["source"] for h in r.search(query, top_k=8, mode=mode)]
+    at = every.index("0-all.md")
+    assert every[at:at + 4] == ["0-all.md", "a.md", "b/a.md", "c.md"]
     assert main(["search", query, "--index", "dups", "--top-k", "3", "--mode", mode,
                  f"embedder.path={cfg.embedder.path}", "embedder.device=cpu"]) == 0
-    assert "    the same text in: b/a.md, c.md\n" in capsys.readouterr().out
+    assert "    the same text in: 0-all.md, b/a.md, c.md\n" in capsys.readouterr().out
 
 
 def test_a_query_that_is_not_utf8_is_refused_not_a_tokenizer_traceback(cfg: Config, docs: Path, capsys) -> None:

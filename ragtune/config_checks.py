@@ -143,6 +143,14 @@ def check_together(cfg: Config, given: set[str], where: str, problems: list[str]
     check(("train.lora.target_modules",), bool(targets) and ("all-linear" not in targets or len(targets) == 1),
           "must name the modules LoRA adapts (q_proj,v_proj) or be all-linear alone (every linear layer but the "
           f"output head), got {list(targets)!r}")
+    if cfg.index.text_suffixes:  # (the formats' module only when they are set: config loads on every command)
+        from ragtune.retrieval.file_formats import SUPPORTED
+
+        bad = [x for x in cfg.index.text_suffixes
+               if not re.fullmatch(r"\.[A-Za-z0-9_+-]{1,16}", x) or x.lower() in SUPPORTED | {".gz"}]
+        check(("index.text_suffixes",), not bad,
+              f"each must be a suffix with its dot (\".py\", \".log\") that ragtune does not already read as "
+              f"its own format ({', '.join(sorted(SUPPORTED))}, .gz), got {bad!r}")
     c = cfg.chunk
     # judged when both are set: an unset overlap (the index's own, or 128) is cut to half of a smaller size, as
     # documented, and an overlap set alone is judged at ingest against the index's size (retrieval/ingest.py)

@@ -140,6 +140,8 @@ class StoreConfig:
 class IndexConfig:
     name: str = "default"
     follow_links: bool = False  # index what symbolic links outside the given folder point to
+    # more suffixes read as plain text, e.g. [".py", ".yaml", ".log"] (code, config and logs are skipped otherwise)
+    text_suffixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Iterable
 
 from ragtune.retrieval.documents import Skip
 
@@ -26,11 +27,13 @@ SUPPORTED = TEXT_SUFFIXES | MARKDOWN_SUFFIXES | HTML_SUFFIXES | set(SECTION_SUFF
 GZ_MAX = 256 << 20  # bytes a .gz document may decompress to (a gzip bomb is refused, not read into memory)
 
 
-def is_supported(path: Path) -> bool:
+def is_supported(path: Path, text_suffixes: Iterable[str] = ()) -> bool:
     """A suffix ragtune reads, or a name without one (README, LICENSE, NOTES, Debian's copyright), read as plain
     text when its bytes are text (`peek_binary` tells before the whole file is read), or either gzip-compressed
-    (README.md.gz, FAQ.gz: how Debian ships /usr/share/doc)."""
-    return path.suffix.lower() in SUPPORTED or not path.suffix or inner_name(path) is not None
+    (README.md.gz, FAQ.gz: how Debian ships /usr/share/doc); or one of `text_suffixes` (index.text_suffixes)."""
+    suffix = path.suffix.lower()
+    return (suffix in SUPPORTED or not suffix or inner_name(path) is not None
+            or suffix in {x.lower() for x in text_suffixes})
 
 
 def inner_name(path: Path) -> Path | None:

@@ -191,7 +191,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
             # a new index has no stored chunks for the plan to compare a chunking with: "?" until it is known
             sig = chunker_signature(size, overlap) if exists else "?"
             plan = plan_ingest(states, files, sig, SPARSE_VERSION,
-                               [Path(r) for r in roots] if delete_missing else None)
+                               [Path(r) for r in roots] if delete_missing else None, cfg.index.text_suffixes)
             plan.removed = [st for st in plan.removed
                             if not any(Path(state_file(st) or "").is_relative_to(d) for d in unlisted)]
             if exists and sig != "?":

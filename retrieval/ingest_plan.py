@@ -252,7 +252,7 @@ KEPT_OLD = "; the index keeps its previous version"  # said of a skipped file wh
 
 
 def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path, Path]], chunker_sig: str,
-                sparse_version: int, sync_roots: list[Path] | None = None) -> Plan:
+                sparse_version: int, sync_roots: list[Path] | None = None, text_suffixes: Iterable[str] = ()) -> Plan:
     plan = Plan()
     current_ids: set[str] = set()
     by_file: dict[str, list[dict[str, Any]]] = {}
@@ -265,7 +265,7 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
         abs_file = str(path)
         seen_files.add(abs_file)
         rel = path.relative_to(root).as_posix()
-        if not is_supported(path):
+        if not is_supported(path, text_suffixes):
             plan.skipped.append((rel, f"unsupported file type '{file_type(path)}'"))
             continue
         kept_old = KEPT_OLD if by_file.get(abs_file) else ""
@@ -282,7 +282,7 @@ def plan_ingest(store_states: dict[str, dict[str, Any]], files: list[tuple[Path,
             plan.skipped.append((rel, f"empty file{kept_old}"))
             continue
         refs: list[DocRef] = []
-        reader = reader_format(path, data)
+        reader = reader_format(path, data, text_suffixes)
         if path.suffix.lower() == ".jsonl" and data.strip():
             good, problems = iter_jsonl(data, rel)  # bad lines are reported, the good ones indexed
             plan.skipped.extend((rel, problem) for problem in problems)

@@ -284,5 +284,5 @@ def read_docs(path: Path, refs: list[DocRef]) -> list[tuple[DocRef, Document]]:
         raise Skip(f"cannot read: {exc.strerror or exc}") from None
     if hashlib.sha256(data).hexdigest() != refs[0].doc_hash:
         raise Skip("changed while it was being indexed: not written; run the command again to index it")
-    docs = load_file(path, refs[0].source, data)
+    docs = load_file(path, refs[0].source, data, as_text=refs[0].reader == "text")  # index.text_suffixes too
     return [(refs[0], docs[0])]

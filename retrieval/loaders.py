@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Iterable
 
 from ragtune.retrieval.documents import Block, Document, Skip
 from ragtune.retrieval.docx_reader import load_docx
@@ -62,8 +63,11 @@ READER_NAMES = {"text": "plain text", "markdown": "Markdown", "html": "HTML", "p
                 "jsonl": "JSONL", "rst": "reStructuredText", "asciidoc": "AsciiDoc"}
 
 
-def load_file(path: Path, source: str, data: bytes | None = None) -> list[Document]:
-    """Read one file into documents (JSONL: one per line). Raises Skip with the reason."""
+def load_file(path: Path, source: str, data: bytes | None = None, as_text: bool = False) -> list[Document]:
+    """Read one file into documents (JSONL: one per line). Raises Skip with the reason. `as_text`: a suffix
+    ragtune has no reader for is read as plain text (index.text_suffixes: .py, .log)."""
+    if as_text and path.suffix and path.suffix.lower() not in SUPPORTED | {".gz"}:
+        path = path.with_suffix(".txt")
     inner = inner_name(path)
     if inner is not None:  # README.md.gz: read as README.md once decompressed
         if data is None:
@@ -112,8 +116,10 @@ def load_file(path: Path, source: str, data: bytes | None = None) -> list[Docume
     return docs
 
 
-def reader_format(path: Path, data: bytes) -> str:
+def reader_format(path: Path, data: bytes, text_suffixes: Iterable[str] = ()) -> str:
     """The READER_VERSIONS key of the reader `load_file` gives these bytes (what `sniff` says they are)."""
+    if path.suffix.lower() in {x.lower() for x in text_suffixes}:
+        path = path.with_suffix(".txt")
     inner = inner_name(path)
     if inner is not None:
         try:

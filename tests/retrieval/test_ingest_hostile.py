@@ -633,3 +633,31 @@ def test_gzip_compressed_documents_are_read_as_the_file_they_hold(cfg: Config, t
     assert hits["README.md.gz"]["heading"] == "Badges" and "#" not in hits["README.md.gz"]["text"]
     assert main(["-q", "index", "sync", str(root), *args]) == 3
     assert "unchanged 2 documents" in capsys.readouterr().out
+
+
+def test_index_text_suffixes_reads_code_and_logs_as_text(cfg: Config, tmp_path: Path, capsys) -> None:
+    """Code, config and log files are skipped as types ragtune has no reader for, with no way to index them
+    (LlamaIndex reads any file as text); `index.text_suffixes` names the ones to read as plain text. A suffix
+    ragtune reads as its own format, or one without its dot, is refused naming the key."""
+    from ragtune.retrieval.search import Retriever
+    from tests.retrieval.conftest import make_cfg
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "deploy.py").write_text("# restart the badge printer service after each deploy\nprint('ok')\n",
+                                    encoding="utf-8")
+    (root / "settings.yaml").write_text("printer: the badge printer at the front desk\n", encoding="utf-8")
+    (root / "notes.md").write_text("# Notes\n\nThe badge printer sits at the front desk.\n", encoding="utf-8")
+    args = [f"embedder.path={cfg.embedder.path}", "embedder.device=cpu", "--no-progress", "--index", "code"]
+    assert main(["-q", "index", "add", str(root), *args]) == 3
+    out = capsys.readouterr().out
+    assert "deploy.py: unsupported file type '.py'" in out and "settings.yaml: unsupported file type '.yaml'" in out
+    assert main(["-q", "index", "add", str(root), *args, "index.text_suffixes=[.py, .YAML]"]) == 0
+    assert "added 2," in capsys.readouterr().out
+    with Retriever(make_cfg(cfg.embedder.path, "index.name=code")) as r:
+        hits = {h["source"]: h["text"] for h in r.search("badge printer", top_k=5, mode="sparse")}
+    assert set(hits) == {"deploy.py", "settings.yaml", "notes.md"}
+    assert hits["deploy.py"].startswith("# restart the badge printer")  # plain text: no Markdown heading made of it
+    for bad in ("[py]", "[.md]", "[.gz]"):
+        assert main(["-q", "index", "add", str(root), *args, f"index.text_suffixes={bad}"]) == 2
+        assert "key 'index.text_suffixes': each must be a suffix with its dot" in capsys.readouterr().err

@@ -250,7 +250,7 @@ def _print_skipped(skipped: list[tuple[str, str]]) -> None:
         more = f" and {len(counts) - 8} more types" if len(counts) > 8 else ""
         print(f"  {sum(n for _t, n in counts)} files of types ragtune does not read: {shown}{more} "
               f"(it reads {', '.join(sorted(SUPPORTED))}, names without an extension as text, and either "
-              "gzip-compressed; --json lists each file)")
+              "gzip-compressed; index.text_suffixes=[.py,.log] reads more as text; --json lists each file)")
 
 
 def _reused(res: Any) -> str:

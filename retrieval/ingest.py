@@ -213,7 +213,8 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                 done = f"nothing was added to index '{name}'" if exists else f"index '{name}' was not created"
                 raise UsageError(f"no documents to index in {' '.join(str(p) for p in paths)}{why}; {done} "
                                  f"(ragtune reads {', '.join(sorted(SUPPORTED))} files, names without an "
-                                 "extension as text, and either gzip-compressed)")
+                                 "extension as text, and either gzip-compressed; index.text_suffixes=[.py,.log] "
+                                 "reads more as text)")
             stemmer = _stemmer(cfg)  # checked before anything is written
             if not exists:
                 size = _fit_chunk_size(cfg, embedder.load().max_tokens, None)

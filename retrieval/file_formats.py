@@ -36,6 +36,11 @@ def is_supported(path: Path, text_suffixes: Iterable[str] = ()) -> bool:
             or suffix in {x.lower() for x in text_suffixes})
 
 
+def readable() -> str:
+    """What ragtune reads, as the messages about skipped or missing documents say it."""
+    return f"{', '.join(sorted(SUPPORTED))}, names without an extension as text, and either gzip-compressed"
+
+
 def inner_name(path: Path) -> Path | None:
     """The name a .gz document had before it was compressed (README.md for README.md.gz), when ragtune reads that
     kind of file (not .jsonl, whose lines are planned before reading); else None."""
@@ -52,18 +57,19 @@ def file_type(path: Path) -> str:
     return path.suffix or path.name
 
 
-def gunzip(data: bytes) -> bytes:
-    """A .gz document's bytes; Skip for a corrupt file or one that decompresses past GZ_MAX."""
+def gunzip(data: bytes, head: int = 0) -> bytes:
+    """A .gz document's bytes (only its first `head` when given, enough to tell its format, with no check of the
+    rest); Skip for a corrupt file or one that decompresses past GZ_MAX."""
     import gzip
     import io
     import zlib
 
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
-            out = f.read(GZ_MAX + 1)
+            out = f.read(head or GZ_MAX + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise Skip(f"a corrupt or cut gzip file ({exc}); get the file again") from None
-    if len(out) > GZ_MAX:
+    if not head and len(out) > GZ_MAX:
         raise Skip(f"decompresses to more than {GZ_MAX >> 20} MB; decompress it yourself if it is a document")
     return out
 
@@ -120,6 +126,9 @@ _KIND_NAMES = {".pdf": "PDF", ".docx": "DOCX", ".html": "HTML", ".htm": "HTML", 
 _HTML_START = re.compile(rb"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html[\s>])", re.I | re.S)
 
 
+SNIFF_BYTES = 65536  # what `sniff` looks at: a DOCX's "word/" entry within the first 64 KB
+
+
 def sniff(data: bytes, suffix: str) -> str:
     """The suffix of the format `data` really is: a PDF or DOCX by its magic bytes whatever the name
     says, an HTML page saved as .txt by its opening tag; otherwise `suffix` itself."""
@@ -127,7 +136,7 @@ def sniff(data: bytes, suffix: str) -> str:
     if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"%PDF-"):
         return ".pdf"
     if data.startswith(b"PK\x03\x04") and suffix != ".docx":
-        if b"word/" in data[:65536]:
+        if b"word/" in data[:SNIFF_BYTES]:
             return ".docx"
         raise Skip("a ZIP archive (an office file other than .docx?), not "
                    f"{_KIND_NAMES.get(suffix, suffix or 'text')}; save it as .docx, .pdf or text")

@@ -243,14 +243,13 @@ def _print_skipped(skipped: list[tuple[str, str]]) -> None:
         if not (many and kind):
             print(f"  {path}: {reason}")
     if many:
-        from ragtune.retrieval.loaders import SUPPORTED
+        from ragtune.retrieval.file_formats import readable
 
         counts = Counter(k.group(1) for k in kinds if k).most_common()
         shown = ", ".join(f"{t} ({n})" for t, n in counts[:8])
         more = f" and {len(counts) - 8} more types" if len(counts) > 8 else ""
         print(f"  {sum(n for _t, n in counts)} files of types ragtune does not read: {shown}{more} "
-              f"(it reads {', '.join(sorted(SUPPORTED))}, names without an extension as text, and either "
-              "gzip-compressed; index.text_suffixes=[.py,.log] reads more as text; --json lists each file)")
+              f"(it reads {readable()}; index.text_suffixes=[.py,.log] reads more as text; --json lists each file)")
 
 
 def _reused(res: Any) -> str:

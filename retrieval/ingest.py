@@ -204,7 +204,7 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                 _fill_dry_run(res, plan)
                 return res
             if not plan.add and (not exists or not (delete_missing or plan.unchanged)):
-                from ragtune.retrieval.loaders import SUPPORTED
+                from ragtune.retrieval.file_formats import readable
 
                 why = ""
                 if res.skipped:
@@ -212,9 +212,8 @@ def ingest(cfg: Config, paths: list[str], index: str | None = None, delete_missi
                     why = f" ({len(res.skipped)} skipped, the first {first})"
                 done = f"nothing was added to index '{name}'" if exists else f"index '{name}' was not created"
                 raise UsageError(f"no documents to index in {' '.join(str(p) for p in paths)}{why}; {done} "
-                                 f"(ragtune reads {', '.join(sorted(SUPPORTED))} files, names without an "
-                                 "extension as text, and either gzip-compressed; index.text_suffixes=[.py,.log] "
-                                 "reads more as text)")
+                                 f"(ragtune reads {readable()}; index.text_suffixes=[.py,.log] reads more as "
+                                 "text)")
             stemmer = _stemmer(cfg)  # checked before anything is written
             if not exists:
                 size = _fit_chunk_size(cfg, embedder.load().max_tokens, None)

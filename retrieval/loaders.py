@@ -30,6 +30,7 @@ from ragtune.retrieval.file_formats import (
     HTML_SUFFIXES,
     MARKDOWN_SUFFIXES,
     SECTION_SUFFIXES,
+    SNIFF_BYTES,
     SUPPORTED,
     TEXT_SUFFIXES,
     decode_html,
@@ -38,6 +39,7 @@ from ragtune.retrieval.file_formats import (
     gunzip,
     inner_name,
     is_supported,
+    readable,
     sniff,
 )
 from ragtune.retrieval.html_reader import load_html
@@ -78,8 +80,7 @@ def load_file(path: Path, source: str, data: bytes | None = None, as_text: bool 
         return load_file(inner, source, gunzip(data))
     suffix = path.suffix.lower()
     if suffix and suffix not in SUPPORTED:
-        raise Skip(f"unsupported file type '{file_type(path)}' (supported: {', '.join(sorted(SUPPORTED))}, names "
-                   "without an extension as text, and either gzip-compressed)")
+        raise Skip(f"unsupported file type '{file_type(path)}' (supported: {readable()})")
     if data is None:
         try:
             data = path.read_bytes()
@@ -122,8 +123,8 @@ def reader_format(path: Path, data: bytes, text_suffixes: Iterable[str] = ()) ->
         path = path.with_suffix(".txt")
     inner = inner_name(path)
     if inner is not None:
-        try:
-            return reader_format(inner, gunzip(data))
+        try:  # the head tells the format: the whole file is decompressed once, when it is read
+            return reader_format(inner, gunzip(data, head=SNIFF_BYTES))
         except Skip:
             return reader_format(inner, b"")
     try:

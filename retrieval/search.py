@@ -61,9 +61,12 @@ def _canonical(hits: list[Any]) -> list[Any]:
                                        h.payload.get("start") or 0))
 
 
-def _distinct(items: list[Any], text_of: Any, limit: int) -> list[tuple[Any, list[Any]]]:
+def _distinct(items: list[Any], text_of: Any, limit: int, on: bool = True) -> list[tuple[Any, list[Any]]]:
     """The first `limit` items whose text no better-ranked item has, each with the items of the same text
-    (its duplicates, in rank order; the whole list is scanned for them: a dict lookup each)."""
+    (its duplicates, in rank order; the whole list is scanned for them: a dict lookup each). `on` false
+    (search.dedupe: false): the first `limit` items, none folded."""
+    if not on:
+        return [(it, []) for it in items[:limit]]
     kept: list[tuple[Any, list[Any]]] = []
     at: dict[str, int] = {}
     for it in items:
@@ -271,8 +274,7 @@ class Retriever:
         if not hybrid:
             out = []
             ranked = list(enumerate(single, 1))
-            kept = (_distinct(ranked, lambda rh: rh[1].payload.get("text", ""), limit) if s.dedupe
-                    else [(rh, []) for rh in ranked[:limit]])
+            kept = _distinct(ranked, lambda rh: rh[1].payload.get("text", ""), limit, s.dedupe)
             for (rank, first), same in kept:
                 h, dups = _specific(first, [d for _, d in same])
                 o = _source(h)
@@ -303,8 +305,7 @@ class Retriever:
         by_id.update({h.id: h for h in dense_hits})
         ranked = fuse([(h.id, h.score) for h in dense_hits], [(h.id, h.score) for h in sparse_hits],
                       method=s.fusion, k=s.rrf_k, weights=(s.dense_weight, s.sparse_weight))
-        kept = (_distinct(ranked, lambda r: by_id[r[0]].payload.get("text", ""), limit) if s.dedupe
-                else [(r, []) for r in ranked[:limit]])
+        kept = _distinct(ranked, lambda r: by_id[r[0]].payload.get("text", ""), limit, s.dedupe)
         fused = [r for r, _ in kept]
         shown = {r[0]: _specific(by_id[r[0]], [by_id[d[0]] for d in ds]) for r, ds in kept if ds}
         # the cosine of the few lexical-only hits that made the cut: their vectors, fetched by id

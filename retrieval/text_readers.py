@@ -13,7 +13,6 @@ their heading path), reStructuredText and AsciiDoc (paragraphs under their secti
 from __future__ import annotations
 
 import json
-
 import re
 
 from ragtune.retrieval.cleaning import clean_chars

@@ -153,32 +153,22 @@ def synthetic(n: int, dim: int, seed: int, latent: int = 32):  # noqa: ANN201
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def hybrid_like_retriever(store, q, sp, ef: int, n: int = 50, top_k: int = 10) -> list:  # noqa: ANN001
-    """Retriever.search's hybrid path without the embedder: two channel queries, fusion, cosines."""
-    import numpy as np
+def hybrid_like_retriever(retr, q, sp, ef: int, n: int = 50, top_k: int = 10) -> list:  # noqa: ANN001
+    """Retriever.search's hybrid path without the embedder: its two channel queries (ordered as it orders them)
+    and its own fusion, `Retriever._fused` (DBSF 3:1, copies of one text folded, the lexical-only hits'
+    cosines), on the store `retr` holds."""
+    from ragtune.retrieval.search import _canonical
 
-    from ragtune.config import SearchConfig
-    from ragtune.retrieval.fusion import fuse
-
-    s = SearchConfig()
-    dense = store.query(dense=q, mode="dense", limit=n, hnsw_ef=ef)
-    sparse = store.query(sparse=sp, mode="sparse", limit=n)
-    by_id = {h.id: h for h in sparse}
-    by_id.update({h.id: h for h in dense})
-    fused = fuse([(h.id, h.score) for h in dense], [(h.id, h.score) for h in sparse], method=s.fusion, k=s.rrf_k,
-                 weights=(s.dense_weight, s.sparse_weight))[:top_k]
-    missing = [cid for cid, row in fused if row["dense_score"] is None]
-    if missing:
-        by_id.update({h.id: h for h in store.retrieve(missing, with_vector=True)})
-    for cid, row in fused:
-        if row["dense_score"] is None and by_id[cid].vector is not None:
-            row["dense_score"] = float(np.dot(q, np.asarray(by_id[cid].vector, dtype=np.float32)))
-    return [by_id[cid] for cid, _ in fused]
+    dense = _canonical(retr.store.query(dense=q, mode="dense", limit=n, hnsw_ef=ef))
+    sparse = _canonical(retr.store.query(sparse=sp, mode="sparse", limit=n))
+    return retr._fused(q, dense, sparse, top_k)
 
 
 def bench_queries(args, workdir: Path) -> dict:  # noqa: ANN001
     import numpy as np
 
+    from ragtune.config import load_config
+    from ragtune.retrieval.search import Retriever
     from ragtune.retrieval.store import EdgeStore, PointData, ServerStore
 
     n, dim = args.points, 384
@@ -208,10 +198,12 @@ def bench_queries(args, workdir: Path) -> dict:  # noqa: ANN001
         t_opt = time.perf_counter() - t0
         print(f"{label}: optimized in {t_opt:.1f}s", flush=True)
         res: dict = {"upsert_s": round(t_up, 1), "optimize_s": round(t_opt, 1)}
+        retr = Retriever(load_config(None, []), "bench-q")  # the default search settings, on this store
+        retr.store = s
         nq = len(queries) if label == "edge" else min(len(queries), args.local_queries)  # local: brute force
         res["queries"] = nq
         # "hybrid": the engine's own RRF (reference); "hybrid_ragtune": what Retriever.search does (both
-        # channels' top 50, sparse with vectors for their cosines, fused here with the default DBSF 3:1)
+        # channels' top 50, fused by Retriever._fused itself with the default settings)
         runs = [("dense", 0), ("hybrid", 0), ("hybrid_ragtune", 128)] + (
             [("dense", ef) for ef in args.hnsw_ef] if label == "edge" else [])
         for mode, ef in runs:
@@ -220,7 +212,7 @@ def bench_queries(args, workdir: Path) -> dict:  # noqa: ANN001
                 sp = (q_sparse[qi][0], [1.0] * len(q_sparse[qi][0]))
                 t0 = time.perf_counter()
                 if mode == "hybrid_ragtune":
-                    hits = hybrid_like_retriever(s, q, sp, ef)
+                    hits = hybrid_like_retriever(retr, q, sp, ef)
                 else:
                     hits = s.query(dense=q, sparse=sp, mode=mode, limit=10, candidates=50, hnsw_ef=ef)
                 lat.append((time.perf_counter() - t0) * 1000)
